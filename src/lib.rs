@@ -1,0 +1,14 @@
+//! kimi-hybrid: an inference runtime for the Kimi K2 / DeepSeek-V3 model family.
+//!
+//! Layers, from the bottom: `config` (what the checkpoint says), `weights` (mapped
+//! tensors in their stored formats), `backend` (the operations a device provides),
+//! `model` (the maths), `generate` (one sequence's decode loop), `inspect` (what a
+//! checkpoint holds).
+
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod generate;
+pub mod inspect;
+pub mod model;
+pub mod weights;

@@ -1,0 +1,460 @@
+//! The DeepSeek-V3 / Kimi K2 text model, written as plain maths against the `Backend`
+//! trait. One token's path: embedding -> per layer [RMSNorm -> MLA -> residual ->
+//! RMSNorm -> dense MLP or MoE -> residual] -> final RMSNorm -> lm_head.
+//!
+//! MLA keeps a latent cache of `kv_lora_rank + qk_rope_head_dim` values per token per
+//! layer (the normalised `c_kv` and the rotated shared `k_pe`). Two equivalent forms read
+//! it: the naive form expands every cached latent through `kv_b_proj` into per-head keys
+//! and values (cheap for a batch of new tokens), the absorbed form folds `W_UK` into the
+//! query and `W_UV` into the output so attention runs directly over the latents (cheap
+//! for one new token over a long context).
+
+pub mod rope;
+pub mod router;
+
+use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
+use crate::config::{ModelConfig, TopkMethod};
+use crate::weights::{Checkpoint, LinearWeight, WeightLoader, WeightsError};
+use rope::Rope;
+use std::collections::BTreeSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("token id {token} is outside the vocabulary (vocab_size {vocab})")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("sequence of {needed} tokens exceeds the context limit of {limit}")]
+    ContextFull { needed: usize, limit: usize },
+    #[error("no input tokens")]
+    Empty,
+}
+
+/// Which MLA form a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionForm {
+    /// Naive for several new tokens (prefill), absorbed for one (decode).
+    Auto,
+    Naive,
+    Absorbed,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+pub enum QueryProj {
+    /// `q_b(RMSNorm(q_a(x)))`
+    LowRank {
+        a: LinearWeight,
+        norm: Vec<f32>,
+        b: LinearWeight,
+    },
+    /// `q_proj(x)` (q_lora_rank null)
+    Full(LinearWeight),
+}
+
+pub struct Attention {
+    pub q: QueryProj,
+    pub kv_a: LinearWeight,
+    pub kv_a_norm: Vec<f32>,
+    pub kv_b: LinearWeight,
+    pub o: LinearWeight,
+}
+
+pub struct Moe {
+    pub router: LinearWeight,
+    pub correction_bias: Option<Vec<f32>>,
+    pub experts: Vec<FfnWeights>,
+    pub shared: Option<FfnWeights>,
+}
+
+pub enum Ffn {
+    Dense(FfnWeights),
+    Moe(Moe),
+}
+
+pub struct Layer {
+    pub input_norm: Vec<f32>,
+    pub attn: Attention,
+    pub post_attn_norm: Vec<f32>,
+    pub ffn: Ffn,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: LinearWeight,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    pub lm_head: LinearWeight,
+    pub rope: Rope,
+    /// Every checkpoint tensor the model uses (with prefix); the rest is reported by `inspect`.
+    pub used_tensors: BTreeSet<String>,
+}
+
+/// The latent KV cache of one sequence: per layer, `width` values per token.
+pub struct KvCache {
+    width: usize,
+    layers: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig) -> Self {
+        KvCache {
+            width: config.latent_cache_width(),
+            layers: vec![Vec::new(); config.num_hidden_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Model {
+    /// Maps every tensor the text model needs, checking names, shapes and dtypes.
+    pub fn load(ckpt: &Checkpoint) -> Result<Self, ModelError> {
+        let cfg = ckpt.config.clone();
+        let w = WeightLoader::new(ckpt);
+        let h = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let q = match cfg.q_lora_rank {
+                Some(rank) => QueryProj::LowRank {
+                    a: w.linear(&format!("{p}.self_attn.q_a_proj"), rank, h)?,
+                    norm: w.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), rank)?,
+                    b: w.linear(&format!("{p}.self_attn.q_b_proj"), heads * cfg.qk_head_dim(), rank)?,
+                },
+                None => QueryProj::Full(w.linear(&format!("{p}.self_attn.q_proj"), heads * cfg.qk_head_dim(), h)?),
+            };
+            let attn = Attention {
+                q,
+                kv_a: w.linear(&format!("{p}.self_attn.kv_a_proj_with_mqa"), cfg.latent_cache_width(), h)?,
+                kv_a_norm: w.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), cfg.kv_lora_rank)?,
+                kv_b: w.linear(
+                    &format!("{p}.self_attn.kv_b_proj"),
+                    heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                    cfg.kv_lora_rank,
+                )?,
+                o: w.linear(&format!("{p}.self_attn.o_proj"), h, heads * cfg.v_head_dim)?,
+            };
+            let ffn_weights = |module: &str, inter: usize| -> Result<FfnWeights, WeightsError> {
+                Ok(FfnWeights {
+                    gate: w.linear(&format!("{module}.gate_proj"), inter, h)?,
+                    up: w.linear(&format!("{module}.up_proj"), inter, h)?,
+                    down: w.linear(&format!("{module}.down_proj"), h, inter)?,
+                })
+            };
+            let ffn = if cfg.is_moe_layer(l) {
+                let n = cfg.n_routed_experts;
+                let correction_bias = match cfg.topk_method {
+                    TopkMethod::NoauxTc => Some(w.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), n)?),
+                    _ => None,
+                };
+                let experts = (0..n)
+                    .map(|e| ffn_weights(&format!("{p}.mlp.experts.{e}"), cfg.moe_intermediate_size))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let shared = if cfg.n_shared_experts > 0 {
+                    Some(ffn_weights(
+                        &format!("{p}.mlp.shared_experts"),
+                        cfg.moe_intermediate_size * cfg.n_shared_experts,
+                    )?)
+                } else {
+                    None
+                };
+                Ffn::Moe(Moe {
+                    router: w.dense_matrix(&format!("{p}.mlp.gate.weight"), n, h)?,
+                    correction_bias,
+                    experts,
+                    shared,
+                })
+            } else {
+                Ffn::Dense(ffn_weights(&format!("{p}.mlp"), cfg.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: w.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn,
+                post_attn_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                ffn,
+            });
+        }
+        let embed = w.dense_matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            w.linear("lm_head", cfg.vocab_size, h)?
+        };
+        let norm = w.vector("model.norm.weight", h)?;
+        Ok(Model {
+            rope: Rope::new(&cfg),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            used_tensors: w.used(),
+            config: cfg,
+        })
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the model, appending their
+    /// latents to `cache`. Returns logits `[n, vocab]` (`Logits::All`) or `[vocab]` for
+    /// the last token.
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        form: AttentionForm,
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::Empty);
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                token: bad,
+                vocab: cfg.vocab_size,
+            });
+        }
+        let needed = cache.len + n;
+        if needed > cfg.max_position_embeddings {
+            return Err(ModelError::ContextFull {
+                needed,
+                limit: cfg.max_position_embeddings,
+            });
+        }
+        let h = cfg.hidden_size;
+        let positions: Vec<usize> = (cache.len..cache.len + n).collect();
+        let form = match form {
+            AttentionForm::Auto if n == 1 => AttentionForm::Absorbed,
+            AttentionForm::Auto => AttentionForm::Naive,
+            f => f,
+        };
+
+        let mut x = vec![0.0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            self.embed.decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps);
+            let attn = self.attention(backend, l, &xn, &positions, cache, form);
+            add_in_place(&mut x, &attn);
+            let xn = rms_norm(&x, &layer.post_attn_norm, cfg.rms_norm_eps);
+            let ffn = self.ffn(backend, &layer.ffn, &xn);
+            add_in_place(&mut x, &ffn);
+        }
+        cache.len += n;
+
+        let (rows, first) = match logits {
+            Logits::All => (n, 0),
+            Logits::Last => (1, n - 1),
+        };
+        let xn = rms_norm(&x[first * h..], &self.norm, cfg.rms_norm_eps);
+        let mut out = vec![0.0f32; rows * cfg.vocab_size];
+        backend.linear(&self.lm_head, 0..cfg.vocab_size, &xn, &mut out);
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        backend: &dyn Backend,
+        layer: usize,
+        x: &[f32],
+        positions: &[usize],
+        cache: &mut KvCache,
+        form: AttentionForm,
+    ) -> Vec<f32> {
+        let cfg = &self.config;
+        let a = &self.layers[layer].attn;
+        let n = positions.len();
+        let heads = cfg.num_attention_heads;
+        let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let dq = dn + dr;
+
+        // Queries [n, heads, dn + dr], rope on the last dr of each head.
+        let mut q = vec![0.0f32; n * heads * dq];
+        match &a.q {
+            QueryProj::LowRank { a: qa, norm, b } => {
+                let mut lat = vec![0.0f32; n * qa.rows()];
+                backend.linear(qa, 0..qa.rows(), x, &mut lat);
+                let lat = rms_norm(&lat, norm, cfg.rms_norm_eps);
+                backend.linear(b, 0..b.rows(), &lat, &mut q);
+            }
+            QueryProj::Full(w) => backend.linear(w, 0..w.rows(), x, &mut q),
+        }
+        for (i, &pos) in positions.iter().enumerate() {
+            for hd in 0..heads {
+                let start = (i * heads + hd) * dq + dn;
+                self.rope.apply(&mut q[start..start + dr], pos);
+            }
+        }
+
+        // New latents: normalised c_kv and rotated k_pe, appended to the cache.
+        let width = cache.width;
+        let mut kv = vec![0.0f32; n * width];
+        backend.linear(&a.kv_a, 0..width, x, &mut kv);
+        for (i, &pos) in positions.iter().enumerate() {
+            let row = &mut kv[i * width..(i + 1) * width];
+            let normed = rms_norm(&row[..c], &a.kv_a_norm, cfg.rms_norm_eps);
+            row[..c].copy_from_slice(&normed);
+            self.rope.apply(&mut row[c..], pos);
+        }
+        let latents = &mut cache.layers[layer];
+        latents.truncate(cache.len * width);
+        latents.extend_from_slice(&kv);
+        let total = cache.len + n;
+        let latents = &cache.layers[layer][..total * width];
+
+        let scale = cfg.softmax_scale();
+        let kv_b_rows = dn + dv;
+        let mut heads_out = vec![0.0f32; n * heads * dv];
+        match form {
+            AttentionForm::Naive | AttentionForm::Auto => {
+                // Expand every cached latent into per-head keys [nope | rope] and values.
+                let mut c_kv = Vec::with_capacity(total * c);
+                for t in 0..total {
+                    c_kv.extend_from_slice(&latents[t * width..t * width + c]);
+                }
+                let mut expanded = vec![0.0f32; total * heads * kv_b_rows];
+                backend.linear(&a.kv_b, 0..heads * kv_b_rows, &c_kv, &mut expanded);
+                let mut keys = vec![0.0f32; total * heads * dq];
+                for t in 0..total {
+                    for hd in 0..heads {
+                        let src = (t * heads + hd) * kv_b_rows;
+                        let dst = (t * heads + hd) * dq;
+                        keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
+                        keys[dst + dn..dst + dq].copy_from_slice(&latents[t * width + c..(t + 1) * width]);
+                    }
+                }
+                backend.attention(
+                    &q,
+                    KvView { data: &keys, token_stride: heads * dq, head_stride: dq, offset: 0 },
+                    KvView { data: &expanded, token_stride: heads * kv_b_rows, head_stride: kv_b_rows, offset: dn },
+                    AttentionShape { heads, kv_heads: heads, qk_dim: dq, v_dim: dv },
+                    positions,
+                    scale,
+                    &mut heads_out,
+                );
+            }
+            AttentionForm::Absorbed => {
+                // q~_h = q_nope_h W_UK_h (c values), followed by q_pe_h: one MQA query of
+                // width c + dr against the latent cache; values are the c_kv latents.
+                let mut q_lat = vec![0.0f32; n * heads * width];
+                let mut q_nope = vec![0.0f32; n * dn];
+                let mut folded = vec![0.0f32; n * c];
+                for hd in 0..heads {
+                    for i in 0..n {
+                        let src = (i * heads + hd) * dq;
+                        q_nope[i * dn..(i + 1) * dn].copy_from_slice(&q[src..src + dn]);
+                    }
+                    let uk = hd * kv_b_rows..hd * kv_b_rows + dn;
+                    backend.linear_transposed(&a.kv_b, uk, &q_nope, &mut folded);
+                    for i in 0..n {
+                        let dst = (i * heads + hd) * width;
+                        q_lat[dst..dst + c].copy_from_slice(&folded[i * c..(i + 1) * c]);
+                        let src = (i * heads + hd) * dq + dn;
+                        q_lat[dst + c..dst + width].copy_from_slice(&q[src..src + dr]);
+                    }
+                }
+                let mut o_lat = vec![0.0f32; n * heads * c];
+                backend.attention(
+                    &q_lat,
+                    KvView { data: latents, token_stride: width, head_stride: 0, offset: 0 },
+                    KvView { data: latents, token_stride: width, head_stride: 0, offset: 0 },
+                    AttentionShape { heads, kv_heads: 1, qk_dim: width, v_dim: c },
+                    positions,
+                    scale,
+                    &mut o_lat,
+                );
+                // o_h = W_UV_h o_lat_h
+                let mut lat_h = vec![0.0f32; n * c];
+                let mut v_h = vec![0.0f32; n * dv];
+                for hd in 0..heads {
+                    for i in 0..n {
+                        let src = (i * heads + hd) * c;
+                        lat_h[i * c..(i + 1) * c].copy_from_slice(&o_lat[src..src + c]);
+                    }
+                    let uv = hd * kv_b_rows + dn..(hd + 1) * kv_b_rows;
+                    backend.linear(&a.kv_b, uv, &lat_h, &mut v_h);
+                    for i in 0..n {
+                        let dst = (i * heads + hd) * dv;
+                        heads_out[dst..dst + dv].copy_from_slice(&v_h[i * dv..(i + 1) * dv]);
+                    }
+                }
+            }
+        }
+        let mut out = vec![0.0f32; n * cfg.hidden_size];
+        backend.linear(&a.o, 0..cfg.hidden_size, &heads_out, &mut out);
+        out
+    }
+
+    fn ffn(&self, backend: &dyn Backend, ffn: &Ffn, x: &[f32]) -> Vec<f32> {
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        let n = x.len() / h;
+        let mut out = vec![0.0f32; n * h];
+        match ffn {
+            Ffn::Dense(w) => {
+                let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+                backend.ffn_accumulate(w, x, &all, &mut out);
+            }
+            Ffn::Moe(moe) => {
+                let e = cfg.n_routed_experts;
+                let mut router_logits = vec![0.0f32; n * e];
+                backend.linear(&moe.router, 0..e, x, &mut router_logits);
+                // Group tokens by expert so each expert's weights are read once.
+                let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+                for t in 0..n {
+                    let routes = router::route(cfg, &router_logits[t * e..(t + 1) * e], moe.correction_bias.as_deref());
+                    for (expert, weight) in routes {
+                        per_expert[expert].push((t, weight));
+                    }
+                }
+                for (expert, tokens) in per_expert.iter().enumerate() {
+                    if !tokens.is_empty() {
+                        backend.ffn_accumulate(&moe.experts[expert], x, tokens, &mut out);
+                    }
+                }
+                if let Some(shared) = &moe.shared {
+                    let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+                    backend.ffn_accumulate(shared, x, &all, &mut out);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// RMSNorm over rows of `w.len()` values: `x * rsqrt(mean(x^2) + eps) * w`, in f32.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0f32; x.len()];
+    for (row, o) in x.chunks(d).zip(out.chunks_mut(d)) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+    out
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

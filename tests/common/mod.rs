@@ -1,0 +1,54 @@
+//! Shared helpers for the integration tests: fixture paths and golden files.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub const FIXTURES: &[&str] = &[
+    "kimi-bf16-yarn32",
+    "kimi-int4",
+    "deepseek-groups",
+    "fp8-block",
+    "kimi-k25-wrapper",
+    "kimi-real-heads",
+];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
+}
+
+pub struct Golden {
+    pub prompt_ids: Vec<u32>,
+    /// [prompt_len, vocab]
+    pub logits: Vec<f32>,
+    pub greedy_ids: Vec<u32>,
+}
+
+pub fn golden(name: &str) -> Golden {
+    let bytes = std::fs::read(fixture(name).join("golden.safetensors")).expect("golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden parses");
+    let ids = |t: &str| -> Vec<u32> {
+        st.tensor(t)
+            .expect(t)
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect()
+    };
+    let logits = st
+        .tensor("logits")
+        .expect("logits")
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Golden {
+        prompt_ids: ids("prompt_ids"),
+        logits,
+        greedy_ids: ids("greedy_ids"),
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
