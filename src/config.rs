@@ -77,7 +77,9 @@ pub struct PackQuantized {
 pub enum Quantization {
     PackQuantized(PackQuantized),
     /// FP8 E4M3 weights with F32 `weight_scale_inv` per `block` = [rows, cols].
-    Fp8Block { block: [usize; 2] },
+    Fp8Block {
+        block: [usize; 2],
+    },
 }
 
 /// The text model's configuration (what `DeepseekV3ForCausalLM` reads).
@@ -171,7 +173,12 @@ impl ModelConfig {
         if wrapped {
             let text_cfg = top
                 .get("text_config")
-                .ok_or_else(|| field_err("text_config", "missing (required by KimiK25ForConditionalGeneration)"))?
+                .ok_or_else(|| {
+                    field_err(
+                        "text_config",
+                        "missing (required by KimiK25ForConditionalGeneration)",
+                    )
+                })?
                 .as_object()
                 .ok_or_else(|| field_err("text_config", "must be an object"))?;
             let reader = Fields {
@@ -192,7 +199,10 @@ impl ModelConfig {
                     ))
                 }
             }
-            let reader = Fields { obj: top, prefix: "" };
+            let reader = Fields {
+                obj: top,
+                prefix: "",
+            };
             parse_text(&reader, architecture, model_type)
         }
     }
@@ -259,10 +269,12 @@ impl Fields<'_> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| field_err(&self.name(key), format!("expected a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                field_err(
+                    &self.name(key),
+                    format!("expected a non-negative integer, got {v}"),
+                )
+            }),
         }
     }
 
@@ -297,10 +309,9 @@ impl Fields<'_> {
     fn bool_opt(&self, key: &str) -> Result<Option<bool>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| field_err(&self.name(key), format!("expected true or false, got {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                field_err(&self.name(key), format!("expected true or false, got {v}"))
+            }),
         }
     }
 
@@ -316,12 +327,21 @@ impl Fields<'_> {
 
     /// An id or a list of ids (`eos_token_id` is either).
     fn ids(&self, key: &str) -> Result<Vec<u32>, ConfigError> {
-        let bad = |v: &Value| field_err(&self.name(key), format!("expected a token id or a list of ids, got {v}"));
+        let bad = |v: &Value| {
+            field_err(
+                &self.name(key),
+                format!("expected a token id or a list of ids, got {v}"),
+            )
+        };
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|i| i.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(i)))
+                .map(|i| {
+                    i.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad(i))
+                })
                 .collect(),
             Some(v) => Ok(vec![v
                 .as_u64()
@@ -331,7 +351,11 @@ impl Fields<'_> {
     }
 }
 
-fn parse_text(f: &Fields, architecture: String, model_type: String) -> Result<ModelConfig, ConfigError> {
+fn parse_text(
+    f: &Fields,
+    architecture: String,
+    model_type: String,
+) -> Result<ModelConfig, ConfigError> {
     let hidden_size = f.positive("hidden_size")?;
     let num_attention_heads = f.positive("num_attention_heads")?;
     let n_routed_experts = f.usize_opt("n_routed_experts")?.unwrap_or(0);
@@ -339,16 +363,27 @@ fn parse_text(f: &Fields, architecture: String, model_type: String) -> Result<Mo
 
     let hidden_act = f.str_opt("hidden_act")?.unwrap_or("silu");
     if hidden_act != "silu" {
-        return Err(field_err(&f.name("hidden_act"), format!("unsupported activation {hidden_act:?}; only \"silu\"")));
+        return Err(field_err(
+            &f.name("hidden_act"),
+            format!("unsupported activation {hidden_act:?}; only \"silu\""),
+        ));
     }
     if f.bool_opt("attention_bias")?.unwrap_or(false) {
-        return Err(field_err(&f.name("attention_bias"), "true is not supported (no Kimi or DeepSeek-V3 checkpoint uses attention biases)"));
+        return Err(field_err(
+            &f.name("attention_bias"),
+            "true is not supported (no Kimi or DeepSeek-V3 checkpoint uses attention biases)",
+        ));
     }
 
     let scoring_func = match f.str_opt("scoring_func")?.unwrap_or("softmax") {
         "sigmoid" => ScoringFunc::Sigmoid,
         "softmax" => ScoringFunc::Softmax,
-        other => return Err(field_err(&f.name("scoring_func"), format!("unknown value {other:?}; expected \"sigmoid\" or \"softmax\""))),
+        other => {
+            return Err(field_err(
+                &f.name("scoring_func"),
+                format!("unknown value {other:?}; expected \"sigmoid\" or \"softmax\""),
+            ))
+        }
     };
     let topk_method = match f.str_opt("topk_method")?.unwrap_or("greedy") {
         "noaux_tc" => TopkMethod::NoauxTc,
@@ -357,7 +392,15 @@ fn parse_text(f: &Fields, architecture: String, model_type: String) -> Result<Mo
         other => return Err(field_err(&f.name("topk_method"), format!("unknown value {other:?}; expected \"noaux_tc\", \"greedy\" or \"group_limited_greedy\""))),
     };
 
-    let (moe_intermediate_size, num_experts_per_tok, n_group, topk_group, routed_scaling_factor, norm_topk_prob, n_shared_experts) = if moe {
+    let (
+        moe_intermediate_size,
+        num_experts_per_tok,
+        n_group,
+        topk_group,
+        routed_scaling_factor,
+        norm_topk_prob,
+        n_shared_experts,
+    ) = if moe {
         (
             f.positive("moe_intermediate_size")?,
             f.positive("num_experts_per_tok")?,
@@ -382,7 +425,9 @@ fn parse_text(f: &Fields, architecture: String, model_type: String) -> Result<Mo
         moe_intermediate_size,
         num_hidden_layers: f.positive("num_hidden_layers")?,
         num_attention_heads,
-        num_key_value_heads: f.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads),
+        num_key_value_heads: f
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads),
         n_routed_experts,
         n_shared_experts,
         num_experts_per_tok,
@@ -415,49 +460,108 @@ fn parse_text(f: &Fields, architecture: String, model_type: String) -> Result<Mo
 
 fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
     if c.q_lora_rank == Some(0) {
-        return Err(field_err(&f.name("q_lora_rank"), "must be null or greater than 0"));
+        return Err(field_err(
+            &f.name("q_lora_rank"),
+            "must be null or greater than 0",
+        ));
     }
     if c.qk_rope_head_dim % 2 != 0 {
-        return Err(field_err(&f.name("qk_rope_head_dim"), format!("{} is odd; rotary pairs need an even width", c.qk_rope_head_dim)));
+        return Err(field_err(
+            &f.name("qk_rope_head_dim"),
+            format!(
+                "{} is odd; rotary pairs need an even width",
+                c.qk_rope_head_dim
+            ),
+        ));
     }
     if c.rope_theta <= 0.0 {
         return Err(field_err(&f.name("rope_theta"), "must be positive"));
     }
-    if !(c.rms_norm_eps > 0.0) {
+    if c.rms_norm_eps.is_nan() || c.rms_norm_eps <= 0.0 {
         return Err(field_err(&f.name("rms_norm_eps"), "must be positive"));
     }
     if c.moe_layer_freq == 0 {
-        return Err(field_err(&f.name("moe_layer_freq"), "must be greater than 0"));
+        return Err(field_err(
+            &f.name("moe_layer_freq"),
+            "must be greater than 0",
+        ));
     }
     if c.first_k_dense_replace > c.num_hidden_layers {
-        return Err(field_err(&f.name("first_k_dense_replace"), format!("{} exceeds num_hidden_layers {}", c.first_k_dense_replace, c.num_hidden_layers)));
+        return Err(field_err(
+            &f.name("first_k_dense_replace"),
+            format!(
+                "{} exceeds num_hidden_layers {}",
+                c.first_k_dense_replace, c.num_hidden_layers
+            ),
+        ));
     }
     if c.n_routed_experts > 0 {
         if c.num_experts_per_tok > c.n_routed_experts {
-            return Err(field_err(&f.name("num_experts_per_tok"), format!("{} exceeds n_routed_experts {}", c.num_experts_per_tok, c.n_routed_experts)));
+            return Err(field_err(
+                &f.name("num_experts_per_tok"),
+                format!(
+                    "{} exceeds n_routed_experts {}",
+                    c.num_experts_per_tok, c.n_routed_experts
+                ),
+            ));
         }
         if c.n_group == 0 || c.n_routed_experts % c.n_group != 0 {
-            return Err(field_err(&f.name("n_group"), format!("{} does not divide n_routed_experts {}", c.n_group, c.n_routed_experts)));
+            return Err(field_err(
+                &f.name("n_group"),
+                format!(
+                    "{} does not divide n_routed_experts {}",
+                    c.n_group, c.n_routed_experts
+                ),
+            ));
         }
         if c.topk_group == 0 || c.topk_group > c.n_group {
-            return Err(field_err(&f.name("topk_group"), format!("{} must be between 1 and n_group {}", c.topk_group, c.n_group)));
+            return Err(field_err(
+                &f.name("topk_group"),
+                format!(
+                    "{} must be between 1 and n_group {}",
+                    c.topk_group, c.n_group
+                ),
+            ));
         }
         let grouped = c.n_group > 1 && c.topk_method != TopkMethod::Greedy;
         if grouped && c.num_experts_per_tok > c.topk_group * c.experts_per_group() {
-            return Err(field_err(&f.name("num_experts_per_tok"), format!("{} exceeds the {} experts in the topk_group {} kept groups", c.num_experts_per_tok, c.topk_group * c.experts_per_group(), c.topk_group)));
+            return Err(field_err(
+                &f.name("num_experts_per_tok"),
+                format!(
+                    "{} exceeds the {} experts in the topk_group {} kept groups",
+                    c.num_experts_per_tok,
+                    c.topk_group * c.experts_per_group(),
+                    c.topk_group
+                ),
+            ));
         }
         if c.topk_method == TopkMethod::NoauxTc && c.n_group > 1 && c.experts_per_group() < 2 {
-            return Err(field_err(&f.name("n_group"), "noaux_tc scores a group by its two best experts; groups need at least 2 experts"));
+            return Err(field_err(
+                &f.name("n_group"),
+                "noaux_tc scores a group by its two best experts; groups need at least 2 experts",
+            ));
         }
     }
     if let Some(y) = &c.rope_scaling {
         if c.max_position_embeddings < y.original_max_position_embeddings {
-            return Err(field_err(&f.name("max_position_embeddings"), format!("{} is below rope_scaling.original_max_position_embeddings {}", c.max_position_embeddings, y.original_max_position_embeddings)));
+            return Err(field_err(
+                &f.name("max_position_embeddings"),
+                format!(
+                    "{} is below rope_scaling.original_max_position_embeddings {}",
+                    c.max_position_embeddings, y.original_max_position_embeddings
+                ),
+            ));
         }
     }
     if let Some(Quantization::PackQuantized(q)) = &c.quantization {
         if c.moe_intermediate_size % q.group_size != 0 && c.n_routed_experts > 0 {
-            return Err(field_err(&f.name("quantization_config.config_groups.weights.group_size"), format!("{} does not divide moe_intermediate_size {}", q.group_size, c.moe_intermediate_size)));
+            return Err(field_err(
+                &f.name("quantization_config.config_groups.weights.group_size"),
+                format!(
+                    "{} does not divide moe_intermediate_size {}",
+                    q.group_size, c.moe_intermediate_size
+                ),
+            ));
         }
     }
     Ok(())
@@ -471,7 +575,10 @@ fn parse_rope_scaling(f: &Fields) -> Result<Option<Yarn>, ConfigError> {
         .as_object()
         .ok_or_else(|| field_err(&f.name("rope_scaling"), "must be an object or null"))?;
     let prefix = f.name("rope_scaling.");
-    let r = Fields { obj, prefix: &prefix };
+    let r = Fields {
+        obj,
+        prefix: &prefix,
+    };
     let kind = match (r.str_opt("type")?, r.str_opt("rope_type")?) {
         (Some(t), _) | (None, Some(t)) => t,
         (None, None) => return Err(field_err(&r.name("type"), "missing (expected \"yarn\")")),
@@ -479,7 +586,12 @@ fn parse_rope_scaling(f: &Fields) -> Result<Option<Yarn>, ConfigError> {
     match kind {
         "yarn" => {}
         "default" | "none" => return Ok(None),
-        other => return Err(field_err(&r.name("type"), format!("unsupported rope scaling {other:?}; only \"yarn\" (or none)"))),
+        other => {
+            return Err(field_err(
+                &r.name("type"),
+                format!("unsupported rope scaling {other:?}; only \"yarn\" (or none)"),
+            ))
+        }
     }
     let factor = r.f64_req("factor")?;
     if factor < 1.0 {
@@ -496,7 +608,10 @@ fn parse_rope_scaling(f: &Fields) -> Result<Option<Yarn>, ConfigError> {
         mscale_all_dim: r.f64_opt("mscale_all_dim")?.unwrap_or(0.0),
     };
     if y.beta_fast <= 0.0 || y.beta_slow <= 0.0 {
-        return Err(field_err(&r.name("beta_fast"), "beta_fast and beta_slow must be positive"));
+        return Err(field_err(
+            &r.name("beta_fast"),
+            "beta_fast and beta_slow must be positive",
+        ));
     }
     Ok(Some(y))
 }
@@ -509,13 +624,19 @@ fn parse_quantization(f: &Fields) -> Result<Option<Quantization>, ConfigError> {
         .as_object()
         .ok_or_else(|| field_err(&f.name("quantization_config"), "must be an object"))?;
     let prefix = f.name("quantization_config.");
-    let q = Fields { obj, prefix: &prefix };
+    let q = Fields {
+        obj,
+        prefix: &prefix,
+    };
     match q.str_opt("quant_method")? {
         Some("compressed-tensors") => parse_compressed_tensors(&q).map(Some),
         Some("fp8") => {
             if let Some(fmt) = q.str_opt("fmt")? {
                 if fmt != "e4m3" {
-                    return Err(field_err(&q.name("fmt"), format!("unsupported FP8 format {fmt:?}; only \"e4m3\"")));
+                    return Err(field_err(
+                        &q.name("fmt"),
+                        format!("unsupported FP8 format {fmt:?}; only \"e4m3\""),
+                    ));
                 }
             }
             let block = match q.get("weight_block_size") {
@@ -526,15 +647,28 @@ fn parse_quantization(f: &Fields) -> Result<Option<Quantization>, ConfigError> {
                             .as_u64()
                             .filter(|&n| n > 0)
                             .map(|n| n as usize)
-                            .ok_or_else(|| field_err(&q.name("weight_block_size"), "expected two positive integers"))
+                            .ok_or_else(|| {
+                                field_err(
+                                    &q.name("weight_block_size"),
+                                    "expected two positive integers",
+                                )
+                            })
                     };
                     [dim(0)?, dim(1)?]
                 }
-                Some(_) => return Err(field_err(&q.name("weight_block_size"), "expected two positive integers")),
+                Some(_) => {
+                    return Err(field_err(
+                        &q.name("weight_block_size"),
+                        "expected two positive integers",
+                    ))
+                }
             };
             Ok(Some(Quantization::Fp8Block { block }))
         }
-        Some(other) => Err(field_err(&q.name("quant_method"), format!("unsupported {other:?}; expected \"compressed-tensors\" or \"fp8\""))),
+        Some(other) => Err(field_err(
+            &q.name("quant_method"),
+            format!("unsupported {other:?}; expected \"compressed-tensors\" or \"fp8\""),
+        )),
         None => Err(field_err(&q.name("quant_method"), "missing")),
     }
 }
@@ -542,52 +676,93 @@ fn parse_quantization(f: &Fields) -> Result<Option<Quantization>, ConfigError> {
 fn parse_compressed_tensors(q: &Fields) -> Result<Quantization, ConfigError> {
     let format = q.str_opt("format")?.unwrap_or("");
     if format != "pack-quantized" {
-        return Err(field_err(&q.name("format"), format!("unsupported compressed-tensors format {format:?}; only \"pack-quantized\"")));
+        return Err(field_err(
+            &q.name("format"),
+            format!("unsupported compressed-tensors format {format:?}; only \"pack-quantized\""),
+        ));
     }
     let groups = q
         .get("config_groups")
         .and_then(|g| g.as_object())
         .ok_or_else(|| field_err(&q.name("config_groups"), "missing or not an object"))?;
     if groups.len() != 1 {
-        return Err(field_err(&q.name("config_groups"), format!("{} groups; exactly one weight scheme is supported", groups.len())));
+        return Err(field_err(
+            &q.name("config_groups"),
+            format!(
+                "{} groups; exactly one weight scheme is supported",
+                groups.len()
+            ),
+        ));
     }
-    let (group_name, group) = groups.iter().next().ok_or_else(|| field_err(&q.name("config_groups"), "empty"))?;
+    let (group_name, group) = groups
+        .iter()
+        .next()
+        .ok_or_else(|| field_err(&q.name("config_groups"), "empty"))?;
     let group_prefix = q.name(&format!("config_groups.{group_name}."));
     let group_obj = group
         .as_object()
         .ok_or_else(|| field_err(&group_prefix, "must be an object"))?;
-    let g = Fields { obj: group_obj, prefix: &group_prefix };
+    let g = Fields {
+        obj: group_obj,
+        prefix: &group_prefix,
+    };
     let weights_prefix = g.name("weights.");
     let w_obj = g
         .get("weights")
         .and_then(|w| w.as_object())
         .ok_or_else(|| field_err(&g.name("weights"), "missing or not an object"))?;
-    let w = Fields { obj: w_obj, prefix: &weights_prefix };
+    let w = Fields {
+        obj: w_obj,
+        prefix: &weights_prefix,
+    };
     let num_bits = w.positive("num_bits")?;
     if num_bits != 4 {
-        return Err(field_err(&w.name("num_bits"), format!("{num_bits}-bit weights are not supported; only 4")));
+        return Err(field_err(
+            &w.name("num_bits"),
+            format!("{num_bits}-bit weights are not supported; only 4"),
+        ));
     }
     match w.str_opt("type")? {
         Some("int") => {}
-        other => return Err(field_err(&w.name("type"), format!("{other:?} is not supported; only \"int\""))),
+        other => {
+            return Err(field_err(
+                &w.name("type"),
+                format!("{other:?} is not supported; only \"int\""),
+            ))
+        }
     }
     if w.bool_opt("symmetric")? != Some(true) {
-        return Err(field_err(&w.name("symmetric"), "only symmetric quantization (no zero point) is supported"));
+        return Err(field_err(
+            &w.name("symmetric"),
+            "only symmetric quantization (no zero point) is supported",
+        ));
     }
     match w.str_opt("strategy")? {
         Some("group") => {}
-        other => return Err(field_err(&w.name("strategy"), format!("{other:?} is not supported; only \"group\""))),
+        other => {
+            return Err(field_err(
+                &w.name("strategy"),
+                format!("{other:?} is not supported; only \"group\""),
+            ))
+        }
     }
     let group_size = w.positive("group_size")?;
     if group_size % 8 != 0 {
-        return Err(field_err(&w.name("group_size"), format!("{group_size} is not a multiple of 8 (one packed word)")));
+        return Err(field_err(
+            &w.name("group_size"),
+            format!("{group_size} is not a multiple of 8 (one packed word)"),
+        ));
     }
     let strings = |key: &str| -> Result<Vec<String>, ConfigError> {
         match q.obj.get(key).or_else(|| group_obj.get(key)) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|i| i.as_str().map(str::to_string).ok_or_else(|| field_err(&q.name(key), "expected a list of strings")))
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| field_err(&q.name(key), "expected a list of strings"))
+                })
                 .collect(),
             Some(_) => Err(field_err(&q.name(key), "expected a list of strings")),
         }
@@ -595,13 +770,18 @@ fn parse_compressed_tensors(q: &Fields) -> Result<Quantization, ConfigError> {
     let targets = match group_obj.get("targets") {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| i.as_str().map(str::to_string).ok_or_else(|| field_err(&g.name("targets"), "expected a list of strings")))
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| field_err(&g.name("targets"), "expected a list of strings"))
+            })
             .collect::<Result<_, _>>()?,
         _ => vec!["Linear".to_string()],
     };
     for pattern in strings("ignore")? {
         if let Some(re) = pattern.strip_prefix("re:") {
-            regex::Regex::new(re).map_err(|e| field_err(&q.name("ignore"), format!("bad regex {pattern:?}: {e}")))?;
+            regex::Regex::new(re)
+                .map_err(|e| field_err(&q.name("ignore"), format!("bad regex {pattern:?}: {e}")))?;
         }
     }
     Ok(Quantization::PackQuantized(PackQuantized {
@@ -616,10 +796,14 @@ impl PackQuantized {
     /// Whether the `ignore` list exempts the module `name` (compressed-tensors semantics:
     /// `re:` patterns match from the start of the name, other entries match exactly).
     pub fn is_ignored(&self, name: &str) -> bool {
-        self.ignore.iter().any(|pattern| match pattern.strip_prefix("re:") {
-            Some(re) => regex::Regex::new(&format!("^(?:{re})")).is_ok_and(|r| r.is_match(name)),
-            None => pattern == name,
-        })
+        self.ignore
+            .iter()
+            .any(|pattern| match pattern.strip_prefix("re:") {
+                Some(re) => {
+                    regex::Regex::new(&format!("^(?:{re})")).is_ok_and(|r| r.is_match(name))
+                }
+                None => pattern == name,
+            })
     }
 }
 
@@ -675,24 +859,42 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        let e = err_text(k26_with(|v| v["text_config"]["scoring_func"] = "relu".into()));
-        assert!(e.contains("text_config.scoring_func") && e.contains("relu"), "{e}");
-        let e = err_text(k26_with(|v| v["text_config"]["topk_method"] = "best".into()));
+        let e = err_text(k26_with(|v| {
+            v["text_config"]["scoring_func"] = "relu".into()
+        }));
+        assert!(
+            e.contains("text_config.scoring_func") && e.contains("relu"),
+            "{e}"
+        );
+        let e = err_text(k26_with(|v| {
+            v["text_config"]["topk_method"] = "best".into()
+        }));
         assert!(e.contains("text_config.topk_method"), "{e}");
         let e = err_text(k26_with(|v| v["text_config"]["n_group"] = 5.into()));
         assert!(e.contains("text_config.n_group"), "{e}");
-        let e = err_text(k26_with(|v| v["text_config"]["num_experts_per_tok"] = 400.into()));
+        let e = err_text(k26_with(|v| {
+            v["text_config"]["num_experts_per_tok"] = 400.into()
+        }));
         assert!(e.contains("num_experts_per_tok"), "{e}");
-        let e = err_text(k26_with(|v| v["text_config"]["rope_scaling"]["type"] = "longrope".into()));
+        let e = err_text(k26_with(|v| {
+            v["text_config"]["rope_scaling"]["type"] = "longrope".into()
+        }));
         assert!(e.contains("rope_scaling.type"), "{e}");
         let e = err_text(k26_with(|v| {
-            v["text_config"]["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8.into()
+            v["text_config"]["quantization_config"]["config_groups"]["group_0"]["weights"]
+                ["num_bits"] = 8.into()
         }));
         assert!(e.contains("num_bits"), "{e}");
         let e = err_text(k26_with(|v| {
-            v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+            v["text_config"]
+                .as_object_mut()
+                .unwrap()
+                .remove("hidden_size");
         }));
-        assert!(e.contains("text_config.hidden_size") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("text_config.hidden_size") && e.contains("missing"),
+            "{e}"
+        );
         let e = err_text(k26_with(|v| v["text_config"]["hidden_size"] = "big".into()));
         assert!(e.contains("text_config.hidden_size"), "{e}");
         let e = err_text(k26_with(|v| {
@@ -738,7 +940,10 @@ mod tests {
         }"#;
         let c = ModelConfig::from_json_str(text).unwrap();
         assert_eq!((c.n_group, c.topk_group, c.experts_per_group()), (8, 4, 32));
-        assert_eq!(c.quantization, Some(Quantization::Fp8Block { block: [128, 128] }));
+        assert_eq!(
+            c.quantization,
+            Some(Quantization::Fp8Block { block: [128, 128] })
+        );
         assert_eq!(c.eos_token_ids, vec![1]);
         assert!(!c.is_moe_layer(2) && c.is_moe_layer(3));
     }

@@ -6,15 +6,27 @@
 use std::path::{Path, PathBuf};
 
 const FILES: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../tests/fixtures/kimi-int4/config.json")),
-    ("generation_config.json", include_bytes!("../tests/fixtures/kimi-int4/generation_config.json")),
-    ("model.safetensors", include_bytes!("../tests/fixtures/kimi-int4/model.safetensors")),
+    (
+        "config.json",
+        include_bytes!("../tests/fixtures/kimi-int4/config.json"),
+    ),
+    (
+        "generation_config.json",
+        include_bytes!("../tests/fixtures/kimi-int4/generation_config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../tests/fixtures/kimi-int4/model.safetensors"),
+    ),
 ];
 
 /// Returns the directory of the demo checkpoint, writing it on first use.
 pub fn demo_checkpoint_dir() -> std::io::Result<PathBuf> {
     let dir = cache_root().join(format!("demo-kimi-int4-{:016x}", content_hash()));
-    if FILES.iter().all(|(name, bytes)| file_matches(&dir.join(name), bytes.len())) {
+    if FILES
+        .iter()
+        .all(|(name, bytes)| file_matches(&dir.join(name), bytes.len()))
+    {
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir)?;

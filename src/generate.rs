@@ -54,10 +54,18 @@ pub struct GenerateRequest<'a> {
     pub keep_prompt_logits: bool,
 }
 
-pub fn generate(model: &Model, backend: &dyn Backend, req: &GenerateRequest) -> Result<Generation, ModelError> {
+pub fn generate(
+    model: &Model,
+    backend: &dyn Backend,
+    req: &GenerateRequest,
+) -> Result<Generation, ModelError> {
     let mut cache = KvCache::new(&model.config);
     let vocab = model.config.vocab_size;
-    let mode = if req.keep_prompt_logits { Logits::All } else { Logits::Last };
+    let mode = if req.keep_prompt_logits {
+        Logits::All
+    } else {
+        Logits::Last
+    };
     let logits = model.forward(backend, req.prompt, &mut cache, AttentionForm::Auto, mode)?;
     let mut last = logits[logits.len() - vocab..].to_vec();
     let prompt_logits = req.keep_prompt_logits.then_some(logits);
@@ -79,7 +87,13 @@ pub fn generate(model: &Model, backend: &dyn Backend, req: &GenerateRequest) -> 
             finish = FinishReason::ContextFull;
             break;
         }
-        last = model.forward(backend, &[next], &mut cache, AttentionForm::Auto, Logits::Last)?;
+        last = model.forward(
+            backend,
+            &[next],
+            &mut cache,
+            AttentionForm::Auto,
+            Logits::Last,
+        )?;
     }
     Ok(Generation {
         generated_ids: generated,
@@ -152,20 +166,34 @@ mod tests {
     #[test]
     fn sampling_respects_top_k_and_seed() {
         let logits = [0.0, 5.0, 4.9, -2.0];
-        let params = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 7 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
         let mut rng = StdRng::seed_from_u64(7);
-        let draws: Vec<u32> = (0..200).map(|_| sample(&logits, &params, &mut rng)).collect();
+        let draws: Vec<u32> = (0..200)
+            .map(|_| sample(&logits, &params, &mut rng))
+            .collect();
         assert!(draws.iter().all(|&t| t == 1 || t == 2));
         assert!(draws.contains(&1) && draws.contains(&2));
         let mut rng2 = StdRng::seed_from_u64(7);
-        let again: Vec<u32> = (0..200).map(|_| sample(&logits, &params, &mut rng2)).collect();
+        let again: Vec<u32> = (0..200)
+            .map(|_| sample(&logits, &params, &mut rng2))
+            .collect();
         assert_eq!(draws, again);
     }
 
     #[test]
     fn top_p_keeps_the_nucleus() {
         let logits = [10.0, 0.0, 0.0];
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 1 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 1,
+        };
         let mut rng = StdRng::seed_from_u64(1);
         assert!((0..50).all(|_| sample(&logits, &params, &mut rng) == 0));
     }

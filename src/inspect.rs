@@ -41,31 +41,74 @@ fn key_config(c: &ModelConfig) -> BTreeMap<String, String> {
     put("hidden_size", c.hidden_size.to_string());
     put("num_hidden_layers", c.num_hidden_layers.to_string());
     put("vocab_size", c.vocab_size.to_string());
-    put("attention", format!(
-        "MLA heads {} q_lora {:?} kv_lora {} nope/rope/v {}/{}/{}",
-        c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    ));
-    put("experts", format!(
-        "{} routed (top {}), {} shared, intermediate {}, first {} layers dense",
-        c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts, c.moe_intermediate_size, c.first_k_dense_replace
-    ));
-    put("routing", format!(
-        "{:?} {:?} n_group {} topk_group {} scale {} norm {}",
-        c.scoring_func, c.topk_method, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob
-    ));
-    put("rope", match &c.rope_scaling {
-        Some(y) => format!(
-            "theta {} yarn factor {} original {} beta {}/{} mscale {}/{}",
-            c.rope_theta, y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+    put(
+        "attention",
+        format!(
+            "MLA heads {} q_lora {:?} kv_lora {} nope/rope/v {}/{}/{}",
+            c.num_attention_heads,
+            c.q_lora_rank,
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim
         ),
-        None => format!("theta {} (no scaling)", c.rope_theta),
-    });
-    put("max_position_embeddings", c.max_position_embeddings.to_string());
-    put("quantization", match &c.quantization {
-        Some(Quantization::PackQuantized(q)) => format!("compressed-tensors pack-quantized int{} group {}", q.num_bits, q.group_size),
-        Some(Quantization::Fp8Block { block }) => format!("fp8 e4m3 blocks {}x{}", block[0], block[1]),
-        None => "none".into(),
-    });
+    );
+    put(
+        "experts",
+        format!(
+            "{} routed (top {}), {} shared, intermediate {}, first {} layers dense",
+            c.n_routed_experts,
+            c.num_experts_per_tok,
+            c.n_shared_experts,
+            c.moe_intermediate_size,
+            c.first_k_dense_replace
+        ),
+    );
+    put(
+        "routing",
+        format!(
+            "{:?} {:?} n_group {} topk_group {} scale {} norm {}",
+            c.scoring_func,
+            c.topk_method,
+            c.n_group,
+            c.topk_group,
+            c.routed_scaling_factor,
+            c.norm_topk_prob
+        ),
+    );
+    put(
+        "rope",
+        match &c.rope_scaling {
+            Some(y) => format!(
+                "theta {} yarn factor {} original {} beta {}/{} mscale {}/{}",
+                c.rope_theta,
+                y.factor,
+                y.original_max_position_embeddings,
+                y.beta_fast,
+                y.beta_slow,
+                y.mscale,
+                y.mscale_all_dim
+            ),
+            None => format!("theta {} (no scaling)", c.rope_theta),
+        },
+    );
+    put(
+        "max_position_embeddings",
+        c.max_position_embeddings.to_string(),
+    );
+    put(
+        "quantization",
+        match &c.quantization {
+            Some(Quantization::PackQuantized(q)) => format!(
+                "compressed-tensors pack-quantized int{} group {}",
+                q.num_bits, q.group_size
+            ),
+            Some(Quantization::Fp8Block { block }) => {
+                format!("fp8 e4m3 blocks {}x{}", block[0], block[1])
+            }
+            None => "none".into(),
+        },
+    );
     put("eos_token_ids", format!("{:?}", c.eos_token_ids));
     m
 }
@@ -119,7 +162,9 @@ fn module_formats(model: &Model) -> BTreeMap<String, ModuleFormats> {
     let mut add = |group: &str, w: &LinearWeight| {
         let g = groups
             .entry(group.to_string())
-            .or_insert_with(|| ModuleFormats { formats: BTreeMap::new() });
+            .or_insert_with(|| ModuleFormats {
+                formats: BTreeMap::new(),
+            });
         let e = g.formats.entry(w.format_name().to_string()).or_default();
         e.0 += 1;
         e.1 += w.stored_bytes();
@@ -139,14 +184,20 @@ fn module_formats(model: &Model) -> BTreeMap<String, ModuleFormats> {
             add("attention", w);
         }
         match &layer.ffn {
-            Ffn::Dense(f) => [&f.gate, &f.up, &f.down].iter().for_each(|w| add("dense mlp", w)),
+            Ffn::Dense(f) => [&f.gate, &f.up, &f.down]
+                .iter()
+                .for_each(|w| add("dense mlp", w)),
             Ffn::Moe(m) => {
                 add("router", &m.router);
                 for e in &m.experts {
-                    [&e.gate, &e.up, &e.down].iter().for_each(|w| add("routed experts", w));
+                    [&e.gate, &e.up, &e.down]
+                        .iter()
+                        .for_each(|w| add("routed experts", w));
                 }
                 if let Some(s) = &m.shared {
-                    [&s.gate, &s.up, &s.down].iter().for_each(|w| add("shared experts", w));
+                    [&s.gate, &s.up, &s.down]
+                        .iter()
+                        .for_each(|w| add("shared experts", w));
                 }
             }
         }
@@ -165,11 +216,20 @@ fn gb(bytes: usize) -> String {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "checkpoint   {}", self.dir)?;
-        writeln!(f, "architecture {} (model_type {})", self.architecture, self.model_type)?;
+        writeln!(
+            f,
+            "architecture {} (model_type {})",
+            self.architecture, self.model_type
+        )?;
         for (k, v) in &self.config {
             writeln!(f, "  {k:<24} {v}")?;
         }
-        writeln!(f, "files        {} shard(s), {}", self.shards, gb(self.file_bytes))?;
+        writeln!(
+            f,
+            "files        {} shard(s), {}",
+            self.shards,
+            gb(self.file_bytes)
+        )?;
         writeln!(f, "tensors      {}", self.tensor_count)?;
         for (dtype, (count, bytes)) in &self.dtypes {
             writeln!(f, "  {dtype:<10} {count:>7} tensors  {:>12}", gb(*bytes))?;
@@ -184,7 +244,12 @@ impl std::fmt::Display for Report {
             writeln!(f, "  {group:<16} {}", parts.join(", "))?;
         }
         if self.vision_tensors > 0 {
-            writeln!(f, "vision       {} tensors, {} (vision tower and projector; not used for text)", self.vision_tensors, gb(self.vision_bytes))?;
+            writeln!(
+                f,
+                "vision       {} tensors, {} (vision tower and projector; not used for text)",
+                self.vision_tensors,
+                gb(self.vision_bytes)
+            )?;
         }
         if self.unrecognised.is_empty() {
             writeln!(f, "unrecognised none")?;

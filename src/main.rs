@@ -9,7 +9,11 @@ use kimi_hybrid::weights::Checkpoint;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "kimi-hybrid", version, about = "Kimi K2 / DeepSeek-V3 inference runtime")]
+#[command(
+    name = "kimi-hybrid",
+    version,
+    about = "Kimi K2 / DeepSeek-V3 inference runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,7 +76,8 @@ fn main() -> Result<()> {
 fn model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
     match model {
         Some(dir) => Ok(dir),
-        None => kimi_hybrid::demo::demo_checkpoint_dir().context("cannot write the bundled demo checkpoint to the cache directory"),
+        None => kimi_hybrid::demo::demo_checkpoint_dir()
+            .context("cannot write the bundled demo checkpoint to the cache directory"),
     }
 }
 
@@ -81,16 +86,21 @@ fn open(dir: &Path) -> Result<Checkpoint> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature must be 0 or more, got {}", args.temperature);
     }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     let dir = model_dir(args.model)?;
     let ckpt = open(&dir)?;
-    let model = Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let stop_ids = if args.ignore_eos { Vec::new() } else { stop_ids(&dir, &model) };
+    let model =
+        Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let stop_ids = if args.ignore_eos {
+        Vec::new()
+    } else {
+        stop_ids(&dir, &model)
+    };
     let req = GenerateRequest {
         prompt: &args.prompt_ids,
         max_new_tokens: args.max_new_tokens,
@@ -126,7 +136,9 @@ fn stop_ids(dir: &Path, model: &Model) -> Vec<u32> {
     if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
             match v.get("eos_token_id") {
-                Some(serde_json::Value::Array(items)) => ids.extend(items.iter().filter_map(|i| i.as_u64()).map(|i| i as u32)),
+                Some(serde_json::Value::Array(items)) => {
+                    ids.extend(items.iter().filter_map(|i| i.as_u64()).map(|i| i as u32))
+                }
                 Some(x) => ids.extend(x.as_u64().map(|i| i as u32)),
                 None => {}
             }
@@ -139,8 +151,9 @@ fn stop_ids(dir: &Path, model: &Model) -> Vec<u32> {
 
 fn write_logits(path: &Path, logits: &[f32], rows: usize, vocab: usize) -> Result<()> {
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, vocab], &bytes)
-        .context("building the logits tensor")?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, vocab], &bytes)
+            .context("building the logits tensor")?;
     safetensors::serialize_to_file([("logits", view)], None, path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{golden, fixture, max_abs_diff, FIXTURES};
+use common::{fixture, golden, max_abs_diff, FIXTURES};
 use kimi_hybrid::backend::ReferenceBackend;
 use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
@@ -23,7 +23,11 @@ fn logits_in_chunks(model: &Model, ids: &[u32], chunk: usize, form: AttentionFor
     let mut cache = KvCache::new(&model.config);
     let mut out = Vec::new();
     for part in ids.chunks(chunk) {
-        out.extend(model.forward(&ReferenceBackend, part, &mut cache, form, Logits::All).unwrap());
+        out.extend(
+            model
+                .forward(&ReferenceBackend, part, &mut cache, form, Logits::All)
+                .unwrap(),
+        );
     }
     out
 }
@@ -35,7 +39,13 @@ fn prefill_logits_match_transformers() {
         let g = golden(name);
         let mut cache = KvCache::new(&model.config);
         let logits = model
-            .forward(&ReferenceBackend, &g.prompt_ids, &mut cache, AttentionForm::Naive, Logits::All)
+            .forward(
+                &ReferenceBackend,
+                &g.prompt_ids,
+                &mut cache,
+                AttentionForm::Naive,
+                Logits::All,
+            )
             .unwrap();
         let diff = max_abs_diff(&logits, &g.logits);
         println!("{name}: prefill logits max abs diff vs transformers {diff:.3e}");
@@ -60,7 +70,10 @@ fn greedy_continuations_match_transformers() {
             },
         )
         .unwrap();
-        assert_eq!(out.generated_ids, g.greedy_ids, "{name}: greedy continuation");
+        assert_eq!(
+            out.generated_ids, g.greedy_ids,
+            "{name}: greedy continuation"
+        );
     }
 }
 
@@ -69,14 +82,25 @@ fn incremental_decode_equals_full_prefill() {
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
-        let full = logits_in_chunks(&model, &g.prompt_ids, g.prompt_ids.len(), AttentionForm::Naive);
+        let full = logits_in_chunks(
+            &model,
+            &g.prompt_ids,
+            g.prompt_ids.len(),
+            AttentionForm::Naive,
+        );
         let one_by_one = logits_in_chunks(&model, &g.prompt_ids, 1, AttentionForm::Auto);
         let chunked = logits_in_chunks(&model, &g.prompt_ids, 5, AttentionForm::Auto);
         let d1 = max_abs_diff(&full, &one_by_one);
         let d2 = max_abs_diff(&full, &chunked);
         println!("{name}: decode vs prefill {d1:.3e}, chunked prefill vs prefill {d2:.3e}");
-        assert!(d1 <= FORM_TOLERANCE, "{name}: incremental decode differs by {d1}");
-        assert!(d2 <= FORM_TOLERANCE, "{name}: chunked prefill differs by {d2}");
+        assert!(
+            d1 <= FORM_TOLERANCE,
+            "{name}: incremental decode differs by {d1}"
+        );
+        assert!(
+            d2 <= FORM_TOLERANCE,
+            "{name}: chunked prefill differs by {d2}"
+        );
     }
 }
 
@@ -86,13 +110,26 @@ fn absorbed_mla_equals_naive_mla() {
         let model = load(name);
         let g = golden(name);
         // Same token schedule, only the attention form changes: whole prompt, then 1 at a time.
-        let naive = logits_in_chunks(&model, &g.prompt_ids, g.prompt_ids.len(), AttentionForm::Naive);
-        let absorbed = logits_in_chunks(&model, &g.prompt_ids, g.prompt_ids.len(), AttentionForm::Absorbed);
+        let naive = logits_in_chunks(
+            &model,
+            &g.prompt_ids,
+            g.prompt_ids.len(),
+            AttentionForm::Naive,
+        );
+        let absorbed = logits_in_chunks(
+            &model,
+            &g.prompt_ids,
+            g.prompt_ids.len(),
+            AttentionForm::Absorbed,
+        );
         let d = max_abs_diff(&naive, &absorbed);
         let naive1 = logits_in_chunks(&model, &g.prompt_ids, 1, AttentionForm::Naive);
         let absorbed1 = logits_in_chunks(&model, &g.prompt_ids, 1, AttentionForm::Absorbed);
         let d1 = max_abs_diff(&naive1, &absorbed1);
         println!("{name}: absorbed vs naive MLA {d:.3e} (prefill), {d1:.3e} (decode)");
-        assert!(d <= FORM_TOLERANCE && d1 <= FORM_TOLERANCE, "{name}: absorbed MLA differs by {d} / {d1}");
+        assert!(
+            d <= FORM_TOLERANCE && d1 <= FORM_TOLERANCE,
+            "{name}: absorbed MLA differs by {d} / {d1}"
+        );
     }
 }

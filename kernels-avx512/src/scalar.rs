@@ -13,7 +13,12 @@ fn u16_at(bytes: &[u8], i: usize) -> u16 {
 
 #[inline(always)]
 fn u32_at(bytes: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+    u32::from_le_bytes([
+        bytes[4 * i],
+        bytes[4 * i + 1],
+        bytes[4 * i + 2],
+        bytes[4 * i + 3],
+    ])
 }
 
 /// Decodes `out.len()` BF16 values.

@@ -32,7 +32,9 @@ impl Backend for ReferenceBackend {
                 || vec![0.0f32; cols],
                 |buf, row| {
                     w.decode_row(row, buf);
-                    (0..n).map(|t| dot(buf, &x[t * cols..(t + 1) * cols])).collect()
+                    (0..n)
+                        .map(|t| dot(buf, &x[t * cols..(t + 1) * cols]))
+                        .collect()
                 },
             )
             .collect();
@@ -61,7 +63,13 @@ impl Backend for ReferenceBackend {
         }
     }
 
-    fn ffn_accumulate(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)], out: &mut [f32]) {
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &[f32],
+        tokens: &[(usize, f32)],
+        out: &mut [f32],
+    ) {
         let hidden = ffn.gate.cols();
         let inter = ffn.gate.rows();
         let m = tokens.len();
@@ -79,7 +87,10 @@ impl Backend for ReferenceBackend {
         let mut down = vec![0.0; m * hidden];
         self.linear(&ffn.down, 0..hidden, &gate, &mut down);
         for (j, &(t, weight)) in tokens.iter().enumerate() {
-            for (o, d) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(&down[j * hidden..(j + 1) * hidden]) {
+            for (o, d) in out[t * hidden..(t + 1) * hidden]
+                .iter_mut()
+                .zip(&down[j * hidden..(j + 1) * hidden])
+            {
                 *o += weight * d;
             }
         }
@@ -95,7 +106,12 @@ impl Backend for ReferenceBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        let AttentionShape { heads, kv_heads, qk_dim, v_dim } = shape;
+        let AttentionShape {
+            heads,
+            kv_heads,
+            qk_dim,
+            v_dim,
+        } = shape;
         let group = heads / kv_heads;
         out.par_chunks_mut(v_dim).enumerate().for_each(|(idx, o)| {
             let (i, h) = (idx / heads, idx % heads);

@@ -135,14 +135,29 @@ impl Model {
                 Some(rank) => QueryProj::LowRank {
                     a: w.linear(&format!("{p}.self_attn.q_a_proj"), rank, h)?,
                     norm: w.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), rank)?,
-                    b: w.linear(&format!("{p}.self_attn.q_b_proj"), heads * cfg.qk_head_dim(), rank)?,
+                    b: w.linear(
+                        &format!("{p}.self_attn.q_b_proj"),
+                        heads * cfg.qk_head_dim(),
+                        rank,
+                    )?,
                 },
-                None => QueryProj::Full(w.linear(&format!("{p}.self_attn.q_proj"), heads * cfg.qk_head_dim(), h)?),
+                None => QueryProj::Full(w.linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    heads * cfg.qk_head_dim(),
+                    h,
+                )?),
             };
             let attn = Attention {
                 q,
-                kv_a: w.linear(&format!("{p}.self_attn.kv_a_proj_with_mqa"), cfg.latent_cache_width(), h)?,
-                kv_a_norm: w.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), cfg.kv_lora_rank)?,
+                kv_a: w.linear(
+                    &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                    cfg.latent_cache_width(),
+                    h,
+                )?,
+                kv_a_norm: w.vector(
+                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                    cfg.kv_lora_rank,
+                )?,
                 kv_b: w.linear(
                     &format!("{p}.self_attn.kv_b_proj"),
                     heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
@@ -160,11 +175,15 @@ impl Model {
             let ffn = if cfg.is_moe_layer(l) {
                 let n = cfg.n_routed_experts;
                 let correction_bias = match cfg.topk_method {
-                    TopkMethod::NoauxTc => Some(w.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), n)?),
+                    TopkMethod::NoauxTc => {
+                        Some(w.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), n)?)
+                    }
                     _ => None,
                 };
                 let experts = (0..n)
-                    .map(|e| ffn_weights(&format!("{p}.mlp.experts.{e}"), cfg.moe_intermediate_size))
+                    .map(|e| {
+                        ffn_weights(&format!("{p}.mlp.experts.{e}"), cfg.moe_intermediate_size)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 let shared = if cfg.n_shared_experts > 0 {
                     Some(ffn_weights(
@@ -247,7 +266,8 @@ impl Model {
 
         let mut x = vec![0.0f32; n * h];
         for (t, &id) in tokens.iter().enumerate() {
-            self.embed.decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
+            self.embed
+                .decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps);
@@ -282,7 +302,12 @@ impl Model {
         let a = &self.layers[layer].attn;
         let n = positions.len();
         let heads = cfg.num_attention_heads;
-        let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let (dn, dr, dv, c) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
         let dq = dn + dr;
 
         // Queries [n, heads, dn + dr], rope on the last dr of each head.
@@ -337,14 +362,30 @@ impl Model {
                         let src = (t * heads + hd) * kv_b_rows;
                         let dst = (t * heads + hd) * dq;
                         keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
-                        keys[dst + dn..dst + dq].copy_from_slice(&latents[t * width + c..(t + 1) * width]);
+                        keys[dst + dn..dst + dq]
+                            .copy_from_slice(&latents[t * width + c..(t + 1) * width]);
                     }
                 }
                 backend.attention(
                     &q,
-                    KvView { data: &keys, token_stride: heads * dq, head_stride: dq, offset: 0 },
-                    KvView { data: &expanded, token_stride: heads * kv_b_rows, head_stride: kv_b_rows, offset: dn },
-                    AttentionShape { heads, kv_heads: heads, qk_dim: dq, v_dim: dv },
+                    KvView {
+                        data: &keys,
+                        token_stride: heads * dq,
+                        head_stride: dq,
+                        offset: 0,
+                    },
+                    KvView {
+                        data: &expanded,
+                        token_stride: heads * kv_b_rows,
+                        head_stride: kv_b_rows,
+                        offset: dn,
+                    },
+                    AttentionShape {
+                        heads,
+                        kv_heads: heads,
+                        qk_dim: dq,
+                        v_dim: dv,
+                    },
                     positions,
                     scale,
                     &mut heads_out,
@@ -373,9 +414,24 @@ impl Model {
                 let mut o_lat = vec![0.0f32; n * heads * c];
                 backend.attention(
                     &q_lat,
-                    KvView { data: latents, token_stride: width, head_stride: 0, offset: 0 },
-                    KvView { data: latents, token_stride: width, head_stride: 0, offset: 0 },
-                    AttentionShape { heads, kv_heads: 1, qk_dim: width, v_dim: c },
+                    KvView {
+                        data: latents,
+                        token_stride: width,
+                        head_stride: 0,
+                        offset: 0,
+                    },
+                    KvView {
+                        data: latents,
+                        token_stride: width,
+                        head_stride: 0,
+                        offset: 0,
+                    },
+                    AttentionShape {
+                        heads,
+                        kv_heads: 1,
+                        qk_dim: width,
+                        v_dim: c,
+                    },
                     positions,
                     scale,
                     &mut o_lat,
@@ -419,7 +475,11 @@ impl Model {
                 // Group tokens by expert so each expert's weights are read once.
                 let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
                 for t in 0..n {
-                    let routes = router::route(cfg, &router_logits[t * e..(t + 1) * e], moe.correction_bias.as_deref());
+                    let routes = router::route(
+                        cfg,
+                        &router_logits[t * e..(t + 1) * e],
+                        moe.correction_bias.as_deref(),
+                    );
                     for (expert, weight) in routes {
                         per_expert[expert].push((t, weight));
                     }

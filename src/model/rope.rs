@@ -16,7 +16,9 @@ impl Rope {
         let base = cfg.rope_theta;
         let half = dim / 2;
         // f_i = base^(-2i/dim)
-        let freq: Vec<f64> = (0..half).map(|i| base.powf(-(2.0 * i as f64) / dim as f64)).collect();
+        let freq: Vec<f64> = (0..half)
+            .map(|i| base.powf(-(2.0 * i as f64) / dim as f64))
+            .collect();
         let Some(y) = &cfg.rope_scaling else {
             return Rope {
                 inv_freq: freq.iter().map(|&f| f as f32).collect(),
@@ -26,7 +28,10 @@ impl Rope {
         // Dimension index at which a wavelength completes `rotations` turns over the
         // original context: corr(r) = dim * ln(L / (2 pi r)) / (2 ln base).
         let corr = |rotations: f64| {
-            dim as f64 * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            dim as f64
+                * (y.original_max_position_embeddings as f64
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
                 / (2.0 * base.ln())
         };
         let low = corr(y.beta_fast).floor().max(0.0);
@@ -45,8 +50,12 @@ impl Rope {
                 (f / y.factor as f32) * ramp + f * (1.0 - ramp)
             })
             .collect();
-        let magnitude = (yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)) as f32;
-        Rope { inv_freq, magnitude }
+        let magnitude = (yarn_get_mscale(y.factor, y.mscale)
+            / yarn_get_mscale(y.factor, y.mscale_all_dim)) as f32;
+        Rope {
+            inv_freq,
+            magnitude,
+        }
     }
 
     pub fn inv_freq(&self) -> &[f32] {

@@ -50,21 +50,34 @@ pub enum LinearWeight {
 impl LinearWeight {
     pub fn rows(&self) -> usize {
         match self {
-            LinearWeight::Dense { rows, .. } | LinearWeight::Int4 { rows, .. } | LinearWeight::Fp8 { rows, .. } => *rows,
+            LinearWeight::Dense { rows, .. }
+            | LinearWeight::Int4 { rows, .. }
+            | LinearWeight::Fp8 { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            LinearWeight::Dense { cols, .. } | LinearWeight::Int4 { cols, .. } | LinearWeight::Fp8 { cols, .. } => *cols,
+            LinearWeight::Dense { cols, .. }
+            | LinearWeight::Int4 { cols, .. }
+            | LinearWeight::Fp8 { cols, .. } => *cols,
         }
     }
 
     pub fn format_name(&self) -> &'static str {
         match self {
-            LinearWeight::Dense { dtype: DenseDtype::Bf16, .. } => "BF16",
-            LinearWeight::Dense { dtype: DenseDtype::F16, .. } => "F16",
-            LinearWeight::Dense { dtype: DenseDtype::F32, .. } => "F32",
+            LinearWeight::Dense {
+                dtype: DenseDtype::Bf16,
+                ..
+            } => "BF16",
+            LinearWeight::Dense {
+                dtype: DenseDtype::F16,
+                ..
+            } => "F16",
+            LinearWeight::Dense {
+                dtype: DenseDtype::F32,
+                ..
+            } => "F32",
             LinearWeight::Int4 { .. } => "INT4",
             LinearWeight::Fp8 { .. } => "FP8",
         }
@@ -74,15 +87,21 @@ impl LinearWeight {
     pub fn stored_bytes(&self) -> usize {
         match self {
             LinearWeight::Dense { data, .. } => data.bytes().len(),
-            LinearWeight::Int4 { packed, scales, .. } => packed.bytes().len() + scales.bytes().len(),
-            LinearWeight::Fp8 { data, scale_inv, .. } => data.bytes().len() + scale_inv.bytes().len(),
+            LinearWeight::Int4 { packed, scales, .. } => {
+                packed.bytes().len() + scales.bytes().len()
+            }
+            LinearWeight::Fp8 {
+                data, scale_inv, ..
+            } => data.bytes().len() + scale_inv.bytes().len(),
         }
     }
 
     /// Decodes row `r` into `out` (length `cols`) with the scalar reference decoders.
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         match self {
-            LinearWeight::Dense { dtype, data, cols, .. } => {
+            LinearWeight::Dense {
+                dtype, data, cols, ..
+            } => {
                 let width = cols * dtype.bytes();
                 let bytes = &data.bytes()[r * width..(r + 1) * width];
                 match dtype {
@@ -91,7 +110,13 @@ impl LinearWeight {
                     DenseDtype::F32 => scalar::decode_f32(bytes, out),
                 }
             }
-            LinearWeight::Int4 { packed, scales, cols, group, .. } => {
+            LinearWeight::Int4 {
+                packed,
+                scales,
+                cols,
+                group,
+                ..
+            } => {
                 let pw = cols / 8 * 4;
                 let sw = cols / group * 2;
                 scalar::decode_int4_row(
@@ -101,12 +126,19 @@ impl LinearWeight {
                     out,
                 );
             }
-            LinearWeight::Fp8 { data, scale_inv, cols, block, .. } => {
+            LinearWeight::Fp8 {
+                data,
+                scale_inv,
+                cols,
+                block,
+                ..
+            } => {
                 let scale_cols = cols.div_ceil(block[1]);
                 let block_row = r / block[0];
                 scalar::decode_fp8_row(
                     &data.bytes()[r * cols..(r + 1) * cols],
-                    &scale_inv.bytes()[block_row * scale_cols * 4..(block_row + 1) * scale_cols * 4],
+                    &scale_inv.bytes()
+                        [block_row * scale_cols * 4..(block_row + 1) * scale_cols * 4],
                     block[1],
                     out,
                 );

@@ -102,12 +102,22 @@ impl<'a> WeightLoader<'a> {
 
     /// A dense float matrix kept in place (embeddings, router): `name` is the full
     /// tensor name including `.weight`.
-    pub fn dense_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<LinearWeight, WeightsError> {
+    pub fn dense_matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight, WeightsError> {
         let info = self.required(name)?;
         self.dense_from(info, rows, cols)
     }
 
-    fn dense_from(&self, info: &TensorInfo, rows: usize, cols: usize) -> Result<LinearWeight, WeightsError> {
+    fn dense_from(
+        &self,
+        info: &TensorInfo,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight, WeightsError> {
         self.expect_dtype(info, &[Dtype::Bf16, Dtype::F16, Dtype::F32])?;
         self.expect_shape(info, &[rows, cols])?;
         let dtype = match info.dtype {
@@ -126,12 +136,20 @@ impl<'a> WeightLoader<'a> {
     /// A linear module's weight (`module` without `.weight`), in whichever stored form:
     /// `weight_packed` (INT4 pack-quantized), `weight` F8_E4M3 + `weight_scale_inv`, or a
     /// dense `weight`.
-    pub fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<LinearWeight, WeightsError> {
+    pub fn linear(
+        &self,
+        module: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight, WeightsError> {
         if let Some(packed) = self.find(&format!("{module}.weight_packed")) {
             return self.int4(module, packed, rows, cols);
         }
         let Some(weight) = self.find(&format!("{module}.weight")) else {
-            return Err(self.missing(&format!("{module}.weight"), " (nor a pack-quantized .weight_packed)"));
+            return Err(self.missing(
+                &format!("{module}.weight"),
+                " (nor a pack-quantized .weight_packed)",
+            ));
         };
         if weight.dtype == Dtype::F8E4M3 {
             return self.fp8(module, weight, rows, cols);
@@ -139,7 +157,13 @@ impl<'a> WeightLoader<'a> {
         self.dense_from(weight, rows, cols)
     }
 
-    fn int4(&self, module: &str, packed: &TensorInfo, rows: usize, cols: usize) -> Result<LinearWeight, WeightsError> {
+    fn int4(
+        &self,
+        module: &str,
+        packed: &TensorInfo,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight, WeightsError> {
         let inconsistent = |info: &TensorInfo, reason: String| WeightsError::Inconsistent {
             tensor: info.name.clone(),
             path: self.path(info),
@@ -147,12 +171,11 @@ impl<'a> WeightLoader<'a> {
         };
         let q = match &self.ckpt.config.quantization {
             Some(Quantization::PackQuantized(q)) => q,
-            _ => {
-                return Err(inconsistent(
-                    packed,
-                    "is pack-quantized but config.json has no compressed-tensors quantization_config".into(),
-                ))
-            }
+            _ => return Err(inconsistent(
+                packed,
+                "is pack-quantized but config.json has no compressed-tensors quantization_config"
+                    .into(),
+            )),
         };
         let full_module = self.full_name(module);
         if q.is_ignored(&full_module) || q.is_ignored(module) {
@@ -164,7 +187,10 @@ impl<'a> WeightLoader<'a> {
         if cols % q.group_size != 0 {
             return Err(inconsistent(
                 packed,
-                format!("input width {cols} is not a multiple of group_size {}", q.group_size),
+                format!(
+                    "input width {cols} is not a multiple of group_size {}",
+                    q.group_size
+                ),
             ));
         }
         self.expect_dtype(packed, &[Dtype::I32])?;
@@ -178,14 +204,20 @@ impl<'a> WeightLoader<'a> {
             let bytes = self.ckpt.data(shape);
             let b = bytes.bytes();
             let stored: Vec<i64> = match shape.dtype {
-                Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+                Dtype::I32 => b
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                    .collect(),
                 _ => b
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                     .collect(),
             };
             if stored != [rows as i64, cols as i64] {
-                return Err(inconsistent(shape, format!("records shape {stored:?}, expected [{rows}, {cols}]")));
+                return Err(inconsistent(
+                    shape,
+                    format!("records shape {stored:?}, expected [{rows}, {cols}]"),
+                ));
             }
         }
         Ok(LinearWeight::Int4 {
@@ -197,7 +229,13 @@ impl<'a> WeightLoader<'a> {
         })
     }
 
-    fn fp8(&self, module: &str, weight: &TensorInfo, rows: usize, cols: usize) -> Result<LinearWeight, WeightsError> {
+    fn fp8(
+        &self,
+        module: &str,
+        weight: &TensorInfo,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight, WeightsError> {
         let block = match &self.ckpt.config.quantization {
             Some(Quantization::Fp8Block { block }) => *block,
             _ => [128, 128],

@@ -205,24 +205,36 @@ impl Checkpoint {
                 if file.contains('/') || file.contains('\\') || file == ".." {
                     return Err(WeightsError::BadIndex {
                         path: index_path.display().to_string(),
-                        reason: format!("shard name {file:?} must be a file in the checkpoint directory"),
+                        reason: format!(
+                            "shard name {file:?} must be a file in the checkpoint directory"
+                        ),
                     });
                 }
                 ckpt.add_shard(&dir.join(file))?;
             }
             for (tensor, file) in &weight_map {
                 match ckpt.tensors.get(tensor) {
-                    Some(info) if ckpt.shards[info.shard].path.file_name().and_then(|f| f.to_str()) == Some(file.as_str()) => {}
+                    Some(info)
+                        if ckpt.shards[info.shard]
+                            .path
+                            .file_name()
+                            .and_then(|f| f.to_str())
+                            == Some(file.as_str()) => {}
                     Some(info) => {
                         return Err(WeightsError::BadIndex {
                             path: index_path.display().to_string(),
-                            reason: format!("tensor {tensor} is listed in {file} but stored in {}", ckpt.shards[info.shard].path.display()),
+                            reason: format!(
+                                "tensor {tensor} is listed in {file} but stored in {}",
+                                ckpt.shards[info.shard].path.display()
+                            ),
                         })
                     }
                     None => {
                         return Err(WeightsError::BadIndex {
                             path: index_path.display().to_string(),
-                            reason: format!("tensor {tensor} is listed in {file} but that file does not contain it"),
+                            reason: format!(
+                            "tensor {tensor} is listed in {file} but that file does not contain it"
+                        ),
                         })
                     }
                 }
@@ -251,9 +263,16 @@ impl Checkpoint {
             reason,
         };
         if map.len() < 8 {
-            return Err(bad(format!("file is {} bytes, shorter than the 8-byte header length", map.len())));
+            return Err(bad(format!(
+                "file is {} bytes, shorter than the 8-byte header length",
+                map.len()
+            )));
         }
-        let header_len = u64::from_le_bytes(map[..8].try_into().map_err(|_| bad("short header".into()))?) as usize;
+        let header_len = u64::from_le_bytes(
+            map[..8]
+                .try_into()
+                .map_err(|_| bad("short header".into()))?,
+        ) as usize;
         if header_len > map.len() - 8 {
             return Err(WeightsError::Truncated {
                 path: path.display().to_string(),
@@ -262,10 +281,27 @@ impl Checkpoint {
                 available: map.len(),
             });
         }
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
         let data_start = 8 + header_len;
+        let metadata = match safetensors::SafeTensors::read_metadata(&map[..]) {
+            Ok((_, metadata)) => metadata,
+            Err(e) => {
+                // The crate refuses a file whose data does not exactly cover the header's
+                // offsets; say which tensor a truncated file cut off.
+                if let Some((tensor, needed)) =
+                    first_tensor_past_end(&map[8..data_start], data_start, map.len())
+                {
+                    return Err(WeightsError::Truncated {
+                        path: path.display().to_string(),
+                        tensor,
+                        needed,
+                        available: map.len(),
+                    });
+                }
+                return Err(bad(e.to_string()));
+            }
+        };
         let shard = self.shards.len();
-        let mut infos: Vec<TensorInfo> = metadata
+        let infos: Vec<TensorInfo> = metadata
             .tensors()
             .into_iter()
             .map(|(name, info)| TensorInfo {
@@ -277,18 +313,6 @@ impl Checkpoint {
                 end: data_start + info.data_offsets.1,
             })
             .collect();
-        infos.sort_by_key(|i| i.end);
-        if let Some(last) = infos.last() {
-            if last.end > map.len() {
-                let first_cut = infos.iter().find(|i| i.end > map.len()).unwrap_or(last);
-                return Err(WeightsError::Truncated {
-                    path: path.display().to_string(),
-                    tensor: first_cut.name.clone(),
-                    needed: first_cut.end,
-                    available: map.len(),
-                });
-            }
-        }
         for info in infos {
             if let Some(previous) = self.tensors.get(&info.name) {
                 return Err(bad(format!(
@@ -336,6 +360,25 @@ impl Checkpoint {
     }
 }
 
+/// For a header whose tensors claim bytes past the end of the file, the first such
+/// tensor (by end offset) and the file length it needs.
+fn first_tensor_past_end(
+    header: &[u8],
+    data_start: usize,
+    file_len: usize,
+) -> Option<(String, usize)> {
+    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
+    value
+        .as_object()?
+        .iter()
+        .filter_map(|(name, info)| {
+            let end = info.get("data_offsets")?.as_array()?.get(1)?.as_u64()? as usize;
+            Some((name.clone(), data_start.saturating_add(end)))
+        })
+        .filter(|(_, end)| *end > file_len)
+        .min_by_key(|(_, end)| *end)
+}
+
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
     let bad = |reason: String| WeightsError::BadIndex {
         path: path.display().to_string(),
@@ -345,7 +388,8 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
         path: path.display().to_string(),
         source,
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -199,7 +199,7 @@ FIXTURES = {
 
 LARGE = (
     dict(
-        vocab_size=32768,
+        vocab_size=65536,
         hidden_size=2048,
         intermediate_size=4096,
         moe_intermediate_size=1024,

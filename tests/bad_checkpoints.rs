@@ -1,0 +1,296 @@
+//! Broken checkpoints are refused at load time with an error naming the problem
+//! (file, tensor, field), never a panic and never mid-generation.
+
+mod common;
+
+use common::fixture;
+use kimi_hybrid::model::Model;
+use kimi_hybrid::weights::Checkpoint;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+/// Loads checkpoint and model; returns the error text (test fails if loading succeeds).
+fn load_error(dir: &Path) -> String {
+    match Checkpoint::open(dir) {
+        Err(e) => e.to_string(),
+        Ok(ckpt) => match Model::load(&ckpt) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} loaded although it is broken", dir.display()),
+        },
+    }
+}
+
+/// Rewrites a safetensors file, letting `edit` drop a tensor (None) or change its dtype/shape.
+fn rewrite(path: &Path, edit: impl Fn(&str, Dtype, Vec<usize>) -> Option<(Dtype, Vec<usize>)>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some((dtype, shape)) = edit(&name, view.dtype(), view.shape().to_vec()) {
+            tensors.push((
+                name.clone(),
+                TensorView::new(dtype, shape, view.data()).unwrap(),
+            ));
+        }
+    }
+    safetensors::serialize_to_file(tensors, None, path).unwrap();
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let victim = "model.layers.2.mlp.experts.5.down_proj.weight_scale";
+    rewrite(&dir.join("model.safetensors"), |n, d, s| {
+        (n != victim).then_some((d, s))
+    });
+    let e = load_error(&dir);
+    assert!(e.contains(victim) && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn missing_linear_weight_is_named() {
+    let (_tmp, dir) = copy_fixture("kimi-bf16-yarn32");
+    let victim = "model.layers.1.self_attn.kv_b_proj.weight";
+    rewrite(&dir.join("model.safetensors"), |n, d, s| {
+        (n != victim).then_some((d, s))
+    });
+    let e = load_error(&dir);
+    assert!(e.contains(victim), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named_with_file() {
+    let (_tmp, dir) = copy_fixture("kimi-bf16-yarn32");
+    let victim = "model.layers.0.mlp.down_proj.weight";
+    rewrite(&dir.join("model.safetensors"), |n, d, s| {
+        Some(if n == victim {
+            (d, vec![s[1], s[0]])
+        } else {
+            (d, s)
+        })
+    });
+    let e = load_error(&dir);
+    assert!(
+        e.contains(victim) && e.contains("shape") && e.contains("model.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_dtype_is_named() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let victim = "model.layers.1.mlp.experts.0.gate_proj.weight_packed";
+    rewrite(&dir.join("model.safetensors"), |n, d, s| {
+        Some(if n == victim { (Dtype::F32, s) } else { (d, s) })
+    });
+    let e = load_error(&dir);
+    assert!(
+        e.contains(victim) && e.contains("dtype") && e.contains("I32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn int4_weight_shape_record_must_agree() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let victim = "model.layers.1.mlp.experts.3.up_proj.weight_shape";
+    // Reinterpret the I64 [2] record as I32 [4]: the values no longer read [out, in].
+    rewrite(&dir.join("model.safetensors"), |n, d, s| {
+        Some(if n == victim {
+            (Dtype::I32, vec![4])
+        } else {
+            (d, s)
+        })
+    });
+    let e = load_error(&dir);
+    assert!(e.contains(victim), "{e}");
+}
+
+#[test]
+fn truncated_shard_is_found_at_open() {
+    let (_tmp, dir) = copy_fixture("kimi-k25-wrapper");
+    let shard = dir.join("model-00002-of-00003.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    file.set_len(len - 100).unwrap();
+    let e = Checkpoint::open(&dir)
+        .err()
+        .expect("truncated shard must fail to open")
+        .to_string();
+    assert!(
+        e.contains("model-00002-of-00003.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn corrupt_header_length_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn garbage_header_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..20].copy_from_slice(b"not json at!");
+    std::fs::write(&path, bytes).unwrap();
+    let e = load_error(&dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("header"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_config_json_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+}
+
+#[test]
+fn config_value_inconsistent_with_weights_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["kv_lora_rank"] = 40.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = load_error(&dir);
+    assert!(
+        e.contains("kv_a_proj_with_mqa") || e.contains("kv_a_layernorm"),
+        "{e}"
+    );
+}
+
+#[test]
+fn index_listing_the_wrong_shard_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-k25-wrapper");
+    let path = dir.join("model.safetensors.index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let map = v["weight_map"].as_object_mut().unwrap();
+    let (name, file) = map
+        .iter()
+        .next()
+        .map(|(k, f)| (k.clone(), f.as_str().unwrap().to_string()))
+        .unwrap();
+    let other = if file.contains("00001") {
+        "model-00002-of-00003.safetensors"
+    } else {
+        "model-00001-of-00003.safetensors"
+    };
+    map.insert(name.clone(), other.into());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains(&name) && e.contains("index"), "{e}");
+}
+
+#[test]
+fn index_naming_a_missing_shard_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-k25-wrapper");
+    std::fs::remove_file(dir.join("model-00003-of-00003.safetensors")).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("model-00003-of-00003.safetensors"), "{e}");
+}
+
+#[test]
+fn malformed_index_is_reported() {
+    let (_tmp, dir) = copy_fixture("kimi-k25-wrapper");
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        "{\"weight_map\": 3}",
+    )
+    .unwrap();
+    let e = load_error(&dir);
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("weight_map"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_directory_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = load_error(tmp.path());
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::copy(
+        fixture("kimi-int4").join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let e = load_error(tmp.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn packed_module_listed_in_ignore_is_inconsistent() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["quantization_config"]["ignore"]
+        .as_array_mut()
+        .unwrap()
+        .push("re:.*experts.*".into());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("ignore") && e.contains("weight_packed"), "{e}");
+}
+
+#[test]
+fn packed_weights_without_quantization_config_are_inconsistent() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("quantization_config"), "{e}");
+}
+
+#[test]
+fn out_of_vocabulary_token_is_an_error() {
+    let ckpt = Checkpoint::open(&fixture("kimi-int4")).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let mut cache = kimi_hybrid::model::KvCache::new(&model.config);
+    let e = model
+        .forward(
+            &kimi_hybrid::backend::ReferenceBackend,
+            &[1, 100_000],
+            &mut cache,
+            kimi_hybrid::model::AttentionForm::Auto,
+            kimi_hybrid::model::Logits::Last,
+        )
+        .expect_err("token 100000 is outside a 512-token vocabulary");
+    assert!(e.to_string().contains("100000"), "{e}");
+    assert_eq!(
+        cache.len(),
+        0,
+        "a rejected request leaves the cache untouched"
+    );
+}

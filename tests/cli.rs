@@ -1,0 +1,195 @@
+//! The `kimi-hybrid` binary end to end: `run` and `inspect` on the fixtures and on the
+//! bundled demo checkpoint.
+
+mod common;
+
+use common::{fixture, golden, max_abs_diff};
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kimi-hybrid"));
+    // Keep the demo checkpoint extraction inside the build tree.
+    cmd.env(
+        "XDG_CACHE_HOME",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cache"),
+    );
+    cmd
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn run_json_gives_the_golden_greedy_continuation_and_logits() {
+    let name = "kimi-k25-wrapper";
+    let g = golden(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let logits_path = tmp.path().join("logits.safetensors");
+    let out = bin()
+        .args(["run", "--model"])
+        .arg(fixture(name))
+        .args(["--prompt-ids", &ids_arg(&g.prompt_ids)])
+        .args(["--max-new-tokens", &g.greedy_ids.len().to_string()])
+        .args([
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+            "--logits-out",
+        ])
+        .arg(&logits_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, g.greedy_ids);
+
+    let bytes = std::fs::read(&logits_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    assert_eq!(t.shape(), &[g.prompt_ids.len(), 512]);
+    let logits: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(max_abs_diff(&logits, &g.logits) <= 2e-3);
+}
+
+#[test]
+fn run_without_model_uses_the_bundled_demo() {
+    let g = golden("kimi-int4");
+    let out = bin()
+        .args([
+            "run",
+            "--prompt-ids",
+            &ids_arg(&g.prompt_ids),
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, g.greedy_ids);
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let run = |seed: &str| {
+        let out = bin()
+            .args([
+                "run",
+                "--prompt-ids",
+                "5,6,7",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "1.0",
+            ])
+            .args(["--top-p", "0.95", "--seed", seed, "--ignore-eos", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("42"), run("42"));
+    assert_ne!(run("42"), run("43"));
+}
+
+#[test]
+fn inspect_reports_formats_and_vision_tensors() {
+    let out = bin()
+        .args(["inspect", "--model"])
+        .arg(fixture("kimi-k25-wrapper"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("KimiK25ForConditionalGeneration"), "{text}");
+    assert!(text.contains("routed experts   INT4 x48"), "{text}");
+    assert!(text.contains("attention        BF16"), "{text}");
+    assert!(text.contains("vision       3 tensors"), "{text}");
+    assert!(text.contains("3 shard(s)"), "{text}");
+    assert!(text.contains("unrecognised none"), "{text}");
+
+    let out = bin()
+        .args(["inspect", "--json", "--model"])
+        .arg(fixture("fp8-block"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["modules"]["routed experts"]["formats"]["FP8"].is_array(),
+        "{v}"
+    );
+    assert!(v["modules"]["router"]["formats"]["BF16"].is_array(), "{v}");
+    assert!(v["dtypes"]["F8_E4M3"].is_array(), "{v}");
+}
+
+#[test]
+fn bad_input_exits_with_a_message_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["run", "--prompt-ids", "1,2", "--model"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.json") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let out = bin()
+        .args(["run", "--prompt-ids", "1,99999"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("99999") && err.contains("vocab") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let out = bin()
+        .args(["run", "--prompt-ids", "1,2", "--top-p", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
+}
