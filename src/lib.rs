@@ -11,4 +11,5 @@ pub mod demo;
 pub mod generate;
 pub mod inspect;
 pub mod model;
+pub mod tokenizer;
 pub mod weights;

@@ -15,8 +15,15 @@ use std::path::PathBuf;
 
 fn rss_anon_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).expect("RssAnon line");
-    let kib: usize = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("RssAnon value");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .expect("RssAnon line");
+    let kib: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon value");
     kib * 1024
 }
 
@@ -24,7 +31,11 @@ fn rss_anon_bytes() -> usize {
 #[ignore = "needs the large fixture: python3 tests/reference/make_fixtures.py --only none --large"]
 fn large_checkpoint_is_mapped_not_copied_and_matches_transformers() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures-large/large-int4");
-    assert!(dir.exists(), "{} is missing; generate it with tests/reference/make_fixtures.py --large", dir.display());
+    assert!(
+        dir.exists(),
+        "{} is missing; generate it with tests/reference/make_fixtures.py --large",
+        dir.display()
+    );
 
     let before = rss_anon_bytes();
     let ckpt = Checkpoint::open(&dir).unwrap();
@@ -40,7 +51,10 @@ fn large_checkpoint_is_mapped_not_copied_and_matches_transformers() {
         after as f64 / (1 << 20) as f64,
         grew as f64 / (1 << 20) as f64,
     );
-    assert!(share < 5.0, "loading grew anonymous memory by {share:.2}% of the checkpoint");
+    assert!(
+        share < 5.0,
+        "loading grew anonymous memory by {share:.2}% of the checkpoint"
+    );
 
     let g = {
         let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
@@ -52,12 +66,25 @@ fn large_checkpoint_is_mapped_not_copied_and_matches_transformers() {
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
             .collect();
-        let logits: Vec<f32> =
-            st.tensor("logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let logits: Vec<f32> = st
+            .tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (prompt, logits)
     };
     let mut cache = KvCache::new(&model.config);
-    let logits = model.forward(&ReferenceBackend, &g.0, &mut cache, AttentionForm::Naive, Logits::All).unwrap();
+    let logits = model
+        .forward(
+            &ReferenceBackend,
+            &g.0,
+            &mut cache,
+            AttentionForm::Naive,
+            Logits::All,
+        )
+        .unwrap();
     let diff = max_abs_diff(&logits, &g.1);
     println!("large-int4: prefill logits max abs diff vs transformers {diff:.3e}");
     assert!(diff <= 2e-3);

@@ -206,7 +206,7 @@ LARGE = (
         num_hidden_layers=4,
         num_attention_heads=16,
         num_key_value_heads=16,
-        n_routed_experts=64,
+        n_routed_experts=100,
         num_experts_per_tok=8,
         q_lora_rank=512,
         kv_lora_rank=512,
@@ -216,7 +216,8 @@ LARGE = (
         rope_scaling=yarn(64, 32, 1),
         quantization_config=INT4_QUANT,
     ),
-    dict(seed=21, shards=4),
+    # Only its logits are compared (the greedy check is for the committed fixtures).
+    dict(seed=21, shards=4, check_margin=False),
 )
 
 
@@ -435,7 +436,7 @@ def make(name, overrides, opts, out_dir):
     init_weights(model, text_cfg, gen)
     sd = build_state(model, text_cfg, quant, opts.get("weight_shape_dtype", torch.int64))
     prompt, logits, greedy, margin = golden(model, text_cfg["vocab_size"], gen)
-    if margin < MIN_MARGIN:
+    if margin < MIN_MARGIN and opts.get("check_margin", True):
         sys.exit(f"{name}: greedy top-2 margin {margin:.4f} below {MIN_MARGIN}; pick another seed")
     path = os.path.join(out_dir, name)
     shutil.rmtree(path, ignore_errors=True)
