@@ -1,7 +1,7 @@
 //! The demo checkpoint bundled in the binary: the `kimi-int4` golden fixture (Kimi
-//! layout, INT4 pack-quantized routed experts, YaRN 64). `run` and `inspect` use it when
-//! no `--model` is given. It is written once to the user's cache directory because the
-//! loader memory-maps files.
+//! layout, INT4 pack-quantized routed experts, YaRN 64, a small Kimi tokenizer). `run`,
+//! `inspect` and the text commands use it when no `--model` is given. It is written once
+//! to the user's cache directory because the loader memory-maps files.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,14 @@ const FILES: &[(&str, &[u8])] = &[
     (
         "model.safetensors",
         include_bytes!("../tests/fixtures/kimi-int4/model.safetensors"),
+    ),
+    (
+        "tiktoken.model",
+        include_bytes!("../tests/fixtures/kimi-int4/tiktoken.model"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../tests/fixtures/kimi-int4/tokenizer_config.json"),
     ),
 ];
 

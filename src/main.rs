@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use kimi_hybrid::backend::ReferenceBackend;
 use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
 use kimi_hybrid::model::Model;
+use kimi_hybrid::tokenizer::chat_template::ChatTemplate;
+use kimi_hybrid::tokenizer::{Specials, Tokenizer};
 use kimi_hybrid::weights::Checkpoint;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,45 @@ struct Cli {
 enum Command {
     /// Generate tokens from prompt token ids.
     Run(RunArgs),
+    /// Encode text to token ids with a checkpoint's tokenizer.
+    Tokenize {
+        /// Checkpoint directory (default: the bundled demo checkpoint).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        text: Option<String>,
+        /// Read the text from a file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Treat special-token text (e.g. `<|im_end|>`) as ordinary text.
+        #[arg(long)]
+        plain: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode token ids to text.
+    Detokenize {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        ids: Vec<u32>,
+    },
+    /// Render a conversation with the checkpoint's chat template (printed exactly, no newline added).
+    ChatTemplate {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// JSON file with the messages array.
+        #[arg(long)]
+        messages: PathBuf,
+        /// JSON file with the tools array.
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        #[arg(long)]
+        add_generation_prompt: bool,
+        /// Extra template variables as a JSON object, e.g. '{"thinking": false}'.
+        #[arg(long)]
+        kwargs: Option<String>,
+    },
     /// Describe a checkpoint: architecture, config, tensors, formats, anything unrecognised.
     Inspect {
         /// Checkpoint directory (default: the bundled demo checkpoint).
@@ -40,8 +81,17 @@ struct RunArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3.
-    #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+    #[arg(long, value_delimiter = ',', num_args = 1.., required_unless_present = "prompt", conflicts_with = "prompt")]
     prompt_ids: Vec<u32>,
+    /// Prompt as text (tokenized with the checkpoint's tokenizer); the output is printed as text.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Wrap --prompt in the chat template as one user message, with the generation prompt.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// Extra chat-template variables as a JSON object, e.g. '{"thinking": false}'.
+    #[arg(long, requires = "chat")]
+    chat_kwargs: Option<String>,
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
     /// 0 = greedy.
@@ -70,6 +120,27 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { model, json } => inspect(model, json),
+        Command::Tokenize {
+            model,
+            text,
+            file,
+            plain,
+            json,
+        } => tokenize(model, text, file, plain, json),
+        Command::Detokenize { model, ids } => detokenize(model, &ids),
+        Command::ChatTemplate {
+            model,
+            messages,
+            tools,
+            add_generation_prompt,
+            kwargs,
+        } => chat_template(
+            model,
+            &messages,
+            tools.as_deref(),
+            add_generation_prompt,
+            kwargs.as_deref(),
+        ),
     }
 }
 
@@ -96,13 +167,34 @@ fn run(args: RunArgs) -> Result<()> {
     let ckpt = open(&dir)?;
     let model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let stop_ids = if args.ignore_eos {
-        Vec::new()
-    } else {
-        stop_ids(&dir, &model)
+    let tokenizer = match &args.prompt {
+        Some(_) => Some(load_tokenizer(&dir)?),
+        None => None,
     };
+    let prompt_ids = match (&args.prompt, &tokenizer) {
+        (Some(text), Some(tok)) => {
+            let text = if args.chat {
+                let messages = serde_json::json!([{"role": "user", "content": text}]);
+                let kwargs = parse_kwargs(args.chat_kwargs.as_deref())?;
+                render_chat(&dir, tok, &messages, None, true, &kwargs)?
+            } else {
+                text.clone()
+            };
+            tok.encode(&text, Specials::Recognise)
+        }
+        _ => args.prompt_ids.clone(),
+    };
+    let mut stop_ids = stop_ids(&dir, &model);
+    if let Some(tok) = &tokenizer {
+        stop_ids.extend_from_slice(tok.stop_ids());
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+    }
+    if args.ignore_eos {
+        stop_ids.clear();
+    }
     let req = GenerateRequest {
-        prompt: &args.prompt_ids,
+        prompt: &prompt_ids,
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -115,14 +207,24 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let out = generate(&model, &ReferenceBackend, &req)?;
     if let (Some(path), Some(logits)) = (&args.logits_out, &out.prompt_logits) {
-        write_logits(path, logits, args.prompt_ids.len(), model.config.vocab_size)?;
+        write_logits(path, logits, prompt_ids.len(), model.config.vocab_size)?;
     }
+    let text = match &tokenizer {
+        Some(tok) => Some(tok.decode(&out.generated_ids)?),
+        None => None,
+    };
     if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "generated_ids": out.generated_ids,
             "finish_reason": format!("{:?}", out.finish_reason).to_lowercase(),
         });
+        if let Some(text) = &text {
+            value["prompt_ids"] = serde_json::json!(prompt_ids);
+            value["text"] = serde_json::json!(text);
+        }
         println!("{value}");
+    } else if let Some(text) = text {
+        println!("{text}");
     } else {
         let ids: Vec<String> = out.generated_ids.iter().map(u32::to_string).collect();
         println!("{}", ids.join(","));
@@ -171,5 +273,114 @@ fn inspect(model: Option<PathBuf>, json: bool) -> Result<()> {
     if let Some(problem) = report.problem {
         bail!("checkpoint {} cannot be loaded: {problem}", dir.display());
     }
+    Ok(())
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_dir(dir)
+        .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))
+}
+
+fn parse_kwargs(text: Option<&str>) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match text {
+        None => Ok(Default::default()),
+        Some(t) => match serde_json::from_str(t) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(_) => bail!("--kwargs must be a JSON object"),
+            Err(e) => bail!("--kwargs is not valid JSON: {e}"),
+        },
+    }
+}
+
+fn read_json_file(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// The checkpoint's chat template with its tokenizer's BOS/EOS text.
+fn render_chat(
+    dir: &Path,
+    tok: &Tokenizer,
+    messages: &serde_json::Value,
+    tools: Option<&serde_json::Value>,
+    add_generation_prompt: bool,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String> {
+    let template = ChatTemplate::from_dir(dir)?;
+    let template = if template.source_name().starts_with("built-in") {
+        ChatTemplate::builtin(
+            tok.bos_token().map(str::to_string),
+            tok.eos_token().map(str::to_string),
+        )?
+    } else {
+        template
+    };
+    Ok(template.render(messages, tools, add_generation_prompt, kwargs)?)
+}
+
+fn tokenize(
+    model: Option<PathBuf>,
+    text: Option<String>,
+    file: Option<PathBuf>,
+    plain: bool,
+    json: bool,
+) -> Result<()> {
+    let dir = model_dir(model)?;
+    let tok = load_tokenizer(&dir)?;
+    let text = match (text, file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => {
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => bail!("give --text or --file"),
+    };
+    let ids = tok.encode(
+        &text,
+        if plain {
+            Specials::AsText
+        } else {
+            Specials::Recognise
+        },
+    );
+    if json {
+        println!("{}", serde_json::json!({ "ids": ids, "count": ids.len() }));
+    } else {
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(())
+}
+
+fn detokenize(model: Option<PathBuf>, ids: &[u32]) -> Result<()> {
+    let dir = model_dir(model)?;
+    let tok = load_tokenizer(&dir)?;
+    print!("{}", tok.decode(ids)?);
+    Ok(())
+}
+
+fn chat_template(
+    model: Option<PathBuf>,
+    messages: &Path,
+    tools: Option<&Path>,
+    add_generation_prompt: bool,
+    kwargs: Option<&str>,
+) -> Result<()> {
+    let dir = model_dir(model)?;
+    let tok = load_tokenizer(&dir)?;
+    let messages = read_json_file(messages)?;
+    let tools = tools.map(read_json_file).transpose()?;
+    let kwargs = parse_kwargs(kwargs)?;
+    let text = render_chat(
+        &dir,
+        &tok,
+        &messages,
+        tools.as_ref(),
+        add_generation_prompt,
+        &kwargs,
+    )?;
+    print!("{text}");
     Ok(())
 }

@@ -193,3 +193,107 @@ fn bad_input_exits_with_a_message_not_a_panic() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
 }
+
+#[test]
+fn text_commands_on_the_demo_checkpoint() {
+    let out = bin()
+        .args(["tokenize", "--json", "--text", "Hello <|im_end|>"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(
+        *ids.last().unwrap(),
+        1026,
+        "<|im_end|> is special id base+2 in the demo tokenizer"
+    );
+
+    let out = bin()
+        .args(["tokenize", "--plain", "--text", "<|im_end|>"])
+        .output()
+        .unwrap();
+    let plain = String::from_utf8(out.stdout).unwrap();
+    assert!(!plain.contains("1026"), "{plain}");
+
+    let out = bin()
+        .args(["detokenize", "--ids", &ids_arg(&ids)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "Hello <|im_end|>");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(&messages, r#"[{"role": "user", "content": "hi"}]"#).unwrap();
+    let out = bin()
+        .args([
+            "chat-template",
+            "--add-generation-prompt",
+            "--kwargs",
+            r#"{"thinking": false}"#,
+            "--messages",
+        ])
+        .arg(&messages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>"
+    );
+
+    let out = bin()
+        .args([
+            "run",
+            "--prompt",
+            "Hello",
+            "--chat",
+            "--max-new-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
+    assert!(v["text"].is_string());
+    let prompt: Vec<u64> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        prompt.first(),
+        Some(&(1024 + 10)),
+        "the chat prompt starts with <|im_system|>"
+    );
+
+    let out = bin()
+        .args(["chat-template", "--messages"])
+        .arg(tmp.path().join("missing.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.json"));
+}

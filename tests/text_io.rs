@@ -451,3 +451,35 @@ fn several_markers_in_one_delta() {
     assert_eq!(names, vec!["a", "b"]);
     assert_eq!(out.tool_calls[1].arguments, "[1]");
 }
+
+#[test]
+fn hf_tokenizer_json_matches_the_tokenizers_package() {
+    let dir = root().join("tests/fixtures/tokenizer-hf");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let golden = read_json("tests/fixtures/tokenizer-hf/golden.json");
+    let samples = golden["samples"].as_array().unwrap();
+    for s in samples {
+        let text = s["text"].as_str().unwrap();
+        let expected = ids(&s["ids"]);
+        assert_eq!(tok.encode(text, Specials::Recognise), expected, "{text:?}");
+        assert_eq!(tok.decode(&expected).unwrap(), text);
+        let mut d = IncrementalDecoder::new();
+        let streamed: String = expected
+            .iter()
+            .map(|&i| d.push(&tok, i).unwrap())
+            .collect::<String>()
+            + &d.finish();
+        assert_eq!(streamed, text);
+    }
+    let eos = tok.token_id("<｜end▁of▁sentence｜>").unwrap();
+    assert_eq!(tok.eos_id(), Some(eos));
+    assert!(tok.stop_ids().contains(&eos));
+    // Untrusted text: special-token text stays ordinary text.
+    let plain = tok.encode("<｜User｜>", Specials::AsText);
+    assert!(!plain.contains(&tok.token_id("<｜User｜>").unwrap()));
+    assert_eq!(tok.decode(&plain).unwrap(), "<｜User｜>");
+    println!(
+        "hf tokenizer: {} samples identical to the tokenizers package",
+        samples.len()
+    );
+}

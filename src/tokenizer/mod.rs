@@ -59,7 +59,7 @@ pub enum Specials {
 }
 
 enum Engine {
-    Tiktoken(tiktoken::KimiBpe),
+    Tiktoken(Box<tiktoken::KimiBpe>),
     Hf {
         normal: Box<tokenizers::Tokenizer>,
         plain: Box<tokenizers::Tokenizer>,
@@ -96,7 +96,7 @@ impl Tokenizer {
             })?;
             let bpe = tiktoken::KimiBpe::load(&dir.join("tiktoken.model"), config, &config_path)?;
             let specials = bpe.specials().clone();
-            (Engine::Tiktoken(bpe), specials)
+            (Engine::Tiktoken(Box::new(bpe)), specials)
         } else if dir.join("tokenizer.json").exists() {
             let path = dir.join("tokenizer.json");
             let normal = tokenizers::Tokenizer::from_file(&path)

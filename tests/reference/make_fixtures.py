@@ -28,6 +28,9 @@ import shutil
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kimi_tokenizer  # noqa: E402
 from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -131,14 +134,19 @@ FP8_QUANT = {
     "weight_block_size": [128, 128],
 }
 
+DEMO_RANKS = 1024
+
 # name -> (text config overrides, options)
 FIXTURES = {
     # K2-Instruct style routing and rope (n_group 1, YaRN 32 with beta 1/1), all bf16.
     "kimi-bf16-yarn32": (dict(rope_scaling=yarn(32, 1, 1), rms_norm_eps=1e-6, max_position_embeddings=131072), dict(seed=11)),
     # K2.6 style: YaRN 64 beta 32/1, INT4 pack-quantized routed experts. Bundled demo.
+    # Ships a Kimi tokenizer (first 1024 o200k ranks + 256 special ids) so the demo can
+    # take text and chat messages.
     "kimi-int4": (
-        dict(rope_scaling=yarn(64, 32, 1), quantization_config=INT4_QUANT),
-        dict(seed=12),
+        dict(rope_scaling=yarn(64, 32, 1), quantization_config=INT4_QUANT,
+             vocab_size=DEMO_RANKS + 256, bos_token_id=DEMO_RANKS, eos_token_id=DEMO_RANKS + 2),
+        dict(seed=12, tokenizer_ranks=DEMO_RANKS),
     ),
     # DeepSeek-V3 style group-limited routing, no q LoRA, no rope scaling, bf16.
     "deepseek-groups": (
@@ -441,6 +449,8 @@ def make(name, overrides, opts, out_dir):
     path = os.path.join(out_dir, name)
     shutil.rmtree(path, ignore_errors=True)
     write_checkpoint(path, text_cfg, sd, opts)
+    if opts.get("tokenizer_ranks"):
+        kimi_tokenizer.write_tokenizer_dir(path, opts["tokenizer_ranks"])
     save_file(
         {"prompt_ids": prompt.to(torch.int64), "logits": logits.contiguous(), "greedy_ids": greedy.to(torch.int64)},
         os.path.join(path, "golden.safetensors"),

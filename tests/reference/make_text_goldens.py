@@ -89,6 +89,34 @@ def tokenizer_goldens():
     print(f"tokenizer: {len(SAMPLES)} samples, {len(LONG)} long inputs")
 
 
+def hf_tokenizer_goldens():
+    """A DeepSeek-style HF tokenizer.json (byte-level BPE with added special tokens),
+    trained on the samples by the `tokenizers` package; ids from the same package."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = os.path.join(FIX, "tokenizer-hf")
+    os.makedirs(path, exist_ok=True)
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SAMPLES * 3, trainer=trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": {"content": specials[0]}, "eos_token": {"content": specials[1]},
+                   "tokenizer_class": "LlamaTokenizerFast"}, f, ensure_ascii=False, indent=2)
+    texts = SAMPLES + ["<｜User｜>hi<｜Assistant｜><think>x</think>y<｜end▁of▁sentence｜>"]
+    out = {"samples": []}
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        out["samples"].append({"text": text, "ids": ids})
+    with open(os.path.join(path, "golden.json"), "w") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+    print(f"hf tokenizer: {len(texts)} samples")
+
+
 WEATHER = {
     "type": "function",
     "function": {
@@ -213,4 +241,5 @@ def template_goldens():
 
 if __name__ == "__main__":
     tokenizer_goldens()
+    hf_tokenizer_goldens()
     template_goldens()
