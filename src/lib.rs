@@ -11,5 +11,6 @@ pub mod demo;
 pub mod generate;
 pub mod inspect;
 pub mod model;
+pub mod placement;
 pub mod tokenizer;
 pub mod weights;

@@ -64,6 +64,22 @@ enum Command {
         #[arg(long)]
         kwargs: Option<String>,
     },
+    /// Plan where every tensor and routed expert lives on a hardware profile, with a speed estimate.
+    Plan(PlanArgs),
+    /// Run prompts through a model and record how often each (layer, expert) is routed to.
+    Calibrate {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Text file: each non-empty line is one prompt.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Where to write the statistics (JSON, read by `plan --stats`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also generate this many tokens per prompt (greedy), counting their routing too.
+        #[arg(long, default_value_t = 0)]
+        generate: usize,
+    },
     /// Describe a checkpoint: architecture, config, tensors, formats, anything unrecognised.
     Inspect {
         /// Checkpoint directory (default: the bundled demo checkpoint).
@@ -73,6 +89,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// A built-in profile name, a path to a profile TOML file, or `auto`.
+    #[arg(long)]
+    profile: String,
+    /// Plan for this checkpoint (exact tensor sizes); default: the bundled Kimi K2.6 INT4 config.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Expert activation statistics from `kimi-hybrid calibrate`.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Tokens per sequence (default: the profile's workload).
+    #[arg(long)]
+    context: Option<u64>,
+    /// Sequences at once (default: the profile's workload).
+    #[arg(long)]
+    concurrency: Option<u64>,
+    /// Print the full plan as JSON (schema kimi-hybrid-plan/1).
+    #[arg(long)]
+    json: bool,
+    /// List the expert ids on every tier.
+    #[arg(long)]
+    detail: bool,
+    /// Print the equivalent vLLM or SGLang command (all-GPU plans).
+    #[arg(long, value_parser = ["vllm", "sglang"])]
+    emit: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -120,6 +164,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { model, json } => inspect(model, json),
+        Command::Plan(args) => plan(args),
+        Command::Calibrate { model, prompts, out, generate } => calibrate(model, &prompts, &out, generate),
         Command::Tokenize {
             model,
             text,
@@ -382,5 +428,88 @@ fn chat_template(
         &kwargs,
     )?;
     print!("{text}");
+    Ok(())
+}
+
+fn plan(args: PlanArgs) -> Result<()> {
+    use kimi_hybrid::placement::{self, ExpertStats, ModelDesc, Profile};
+    let profile = Profile::resolve(&args.profile)?;
+    let (desc, model_path) = match &args.model {
+        Some(dir) => (ModelDesc::from_checkpoint(&open(dir)?), dir.display().to_string()),
+        None => (
+            ModelDesc::from_config(&kimi_hybrid::config::ModelConfig::kimi_k26(), "Kimi K2.6 (bundled config, INT4)"),
+            "moonshotai/Kimi-K2.6".to_string(),
+        ),
+    };
+    let stats = match &args.stats {
+        Some(path) => {
+            let s = ExpertStats::load(path)?;
+            s.validate(&desc, &path.display().to_string())?;
+            Some(s)
+        }
+        None => None,
+    };
+    let mut workload = profile.workload.clone();
+    if let Some(c) = args.context {
+        if c == 0 {
+            bail!("--context must be at least 1");
+        }
+        workload.context = c;
+    }
+    if let Some(c) = args.concurrency {
+        if c == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        workload.concurrency = c;
+    }
+    let plan = placement::plan(&desc, &profile, &workload, stats.as_ref());
+    if let Some(engine) = &args.emit {
+        println!("{}", placement::report::emit(&plan, engine, &model_path).map_err(anyhow::Error::msg)?);
+    } else if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", placement::report::render(&plan, args.detail));
+    }
+    Ok(())
+}
+
+fn calibrate(model: Option<PathBuf>, prompts: &Path, out: &Path, generate_tokens: usize) -> Result<()> {
+    use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
+    use kimi_hybrid::placement::ExpertStats;
+    let dir = model_dir(model)?;
+    let ckpt = open(&dir)?;
+    let model = Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let tok = load_tokenizer(&dir)?;
+    let text = std::fs::read_to_string(prompts).with_context(|| format!("cannot read {}", prompts.display()))?;
+    let experts = model.config.n_routed_experts;
+    let mut stats = ExpertStats::new(&dir.display().to_string(), model.config.num_experts_per_tok);
+    let mut observed = 0usize;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let ids = tok.encode(line, Specials::AsText);
+        if ids.is_empty() {
+            continue;
+        }
+        let mut cache = KvCache::new(&model.config);
+        let mut record = |layer: usize, routes: &[(usize, f32)]| {
+            for &(e, _) in routes {
+                stats.record(layer, e, experts);
+            }
+        };
+        let mut logits = model
+            .forward_observed(&ReferenceBackend, &ids, &mut cache, AttentionForm::Auto, Logits::Last, &mut record)
+            .with_context(|| format!("{} line {}", prompts.display(), n + 1))?;
+        observed += ids.len();
+        for _ in 0..generate_tokens {
+            let next = kimi_hybrid::generate::argmax(&logits);
+            logits = model.forward_observed(&ReferenceBackend, &[next], &mut cache, AttentionForm::Auto, Logits::Last, &mut record)?;
+            observed += 1;
+        }
+    }
+    if observed == 0 {
+        bail!("{} holds no prompt", prompts.display());
+    }
+    stats.tokens = observed as u64;
+    std::fs::write(out, serde_json::to_string_pretty(&stats)?).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("recorded routing of {observed} tokens to {}", out.display());
     Ok(())
 }

@@ -238,6 +238,20 @@ impl Model {
         form: AttentionForm,
         logits: Logits,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_observed(backend, tokens, cache, form, logits, &mut |_, _| {})
+    }
+
+    /// `forward`, calling `on_route(layer, experts)` with every token's routed experts
+    /// (used to collect activation statistics).
+    pub fn forward_observed(
+        &self,
+        backend: &dyn Backend,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        form: AttentionForm,
+        logits: Logits,
+        on_route: &mut dyn FnMut(usize, &[(usize, f32)]),
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let n = tokens.len();
         if n == 0 {
@@ -274,7 +288,7 @@ impl Model {
             let attn = self.attention(backend, l, &xn, &positions, cache, form);
             add_in_place(&mut x, &attn);
             let xn = rms_norm(&x, &layer.post_attn_norm, cfg.rms_norm_eps);
-            let ffn = self.ffn(backend, &layer.ffn, &xn);
+            let ffn = self.ffn(backend, l, &layer.ffn, &xn, on_route);
             add_in_place(&mut x, &ffn);
         }
         cache.len += n;
@@ -458,7 +472,14 @@ impl Model {
         out
     }
 
-    fn ffn(&self, backend: &dyn Backend, ffn: &Ffn, x: &[f32]) -> Vec<f32> {
+    fn ffn(
+        &self,
+        backend: &dyn Backend,
+        layer: usize,
+        ffn: &Ffn,
+        x: &[f32],
+        on_route: &mut dyn FnMut(usize, &[(usize, f32)]),
+    ) -> Vec<f32> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
         let n = x.len() / h;
@@ -480,6 +501,7 @@ impl Model {
                         &router_logits[t * e..(t + 1) * e],
                         moe.correction_bias.as_deref(),
                     );
+                    on_route(layer, &routes);
                     for (expert, weight) in routes {
                         per_expert[expert].push((t, weight));
                     }

@@ -38,11 +38,21 @@ fn isa() -> Vec<String> {
         if is_x86_feature_detected!("avx512bf16") {
             v.push("avx512_bf16".to_string());
         }
-        if is_x86_feature_detected!("amx-tile") {
+        if amx_tile() {
             v.push("amx".to_string());
         }
     }
     v
+}
+
+/// AMX-TILE: CPUID leaf 7 sub-leaf 0, EDX bit 24 (the stable `is_x86_feature_detected!`
+/// does not know AMX yet).
+#[cfg(target_arch = "x86_64")]
+fn amx_tile() -> bool {
+    // SAFETY: CPUID leaf 7 exists on every x86_64 CPU that reports max leaf >= 7.
+    #[allow(unused_unsafe)]
+    let (max_leaf, edx) = unsafe { (core::arch::x86_64::__cpuid(0).eax, core::arch::x86_64::__cpuid_count(7, 0).edx) };
+    max_leaf >= 7 && edx & (1 << 24) != 0
 }
 
 /// The NUMA nodes under /sys (cores, memory GiB); one node with everything when absent.

@@ -190,9 +190,6 @@ impl Profile {
                 return Err(bad("gpu.name", "missing".into()));
             }
         }
-        if self.gpu.count == 0 && matches!(self.layout, Layout::AllGpu | Layout::Hybrid) {
-            return Err(bad("layout", format!("{:?} needs GPUs but gpu.count is 0", self.layout)));
-        }
         positive("host.ram_gib", self.host.ram_gib)?;
         if self.host.numa.is_empty() {
             return Err(bad("host.numa", "at least one NUMA node is needed".into()));
