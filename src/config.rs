@@ -70,7 +70,50 @@ pub struct PackQuantized {
     /// Module targets of the quantization group ("Linear", names or `re:` patterns).
     pub targets: Vec<String>,
     /// Modules left unquantized: exact names or `re:` patterns (matched at the start).
-    pub ignore: Vec<String>,
+    pub ignore: IgnoreList,
+}
+
+/// compressed-tensors' `ignore` entries, with the `re:` patterns compiled once.
+#[derive(Debug, Clone)]
+pub struct IgnoreList {
+    entries: Vec<String>,
+    /// `Some(regex)` for `re:` entries, anchored at the start as `re.match` is.
+    compiled: Vec<Option<regex::Regex>>,
+}
+
+impl IgnoreList {
+    fn new(entries: Vec<String>, field: &str) -> Result<Self, ConfigError> {
+        let compiled = entries
+            .iter()
+            .map(|pattern| match pattern.strip_prefix("re:") {
+                Some(re) => regex::Regex::new(&format!("^(?:{re})"))
+                    .map(Some)
+                    .map_err(|e| field_err(field, format!("bad regex {pattern:?}: {e}"))),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(IgnoreList { entries, compiled })
+    }
+
+    pub fn entries(&self) -> &[String] {
+        &self.entries
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.entries
+            .iter()
+            .zip(&self.compiled)
+            .any(|(entry, re)| match re {
+                Some(re) => re.is_match(name),
+                None => entry == name,
+            })
+    }
+}
+
+impl PartialEq for IgnoreList {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -778,17 +821,12 @@ fn parse_compressed_tensors(q: &Fields) -> Result<Quantization, ConfigError> {
             .collect::<Result<_, _>>()?,
         _ => vec!["Linear".to_string()],
     };
-    for pattern in strings("ignore")? {
-        if let Some(re) = pattern.strip_prefix("re:") {
-            regex::Regex::new(re)
-                .map_err(|e| field_err(&q.name("ignore"), format!("bad regex {pattern:?}: {e}")))?;
-        }
-    }
+    let ignore = IgnoreList::new(strings("ignore")?, &q.name("ignore"))?;
     Ok(Quantization::PackQuantized(PackQuantized {
         num_bits,
         group_size,
         targets,
-        ignore: strings("ignore")?,
+        ignore,
     }))
 }
 
@@ -796,14 +834,7 @@ impl PackQuantized {
     /// Whether the `ignore` list exempts the module `name` (compressed-tensors semantics:
     /// `re:` patterns match from the start of the name, other entries match exactly).
     pub fn is_ignored(&self, name: &str) -> bool {
-        self.ignore
-            .iter()
-            .any(|pattern| match pattern.strip_prefix("re:") {
-                Some(re) => {
-                    regex::Regex::new(&format!("^(?:{re})")).is_ok_and(|r| r.is_match(name))
-                }
-                None => pattern == name,
-            })
+        self.ignore.matches(name)
     }
 }
 

@@ -165,7 +165,12 @@ fn main() -> Result<()> {
         Command::Run(args) => run(args),
         Command::Inspect { model, json } => inspect(model, json),
         Command::Plan(args) => plan(args),
-        Command::Calibrate { model, prompts, out, generate } => calibrate(model, &prompts, &out, generate),
+        Command::Calibrate {
+            model,
+            prompts,
+            out,
+            generate,
+        } => calibrate(model, &prompts, &out, generate),
         Command::Tokenize {
             model,
             text,
@@ -435,9 +440,15 @@ fn plan(args: PlanArgs) -> Result<()> {
     use kimi_hybrid::placement::{self, ExpertStats, ModelDesc, Profile};
     let profile = Profile::resolve(&args.profile)?;
     let (desc, model_path) = match &args.model {
-        Some(dir) => (ModelDesc::from_checkpoint(&open(dir)?), dir.display().to_string()),
+        Some(dir) => (
+            ModelDesc::from_checkpoint(&open(dir)?),
+            dir.display().to_string(),
+        ),
         None => (
-            ModelDesc::from_config(&kimi_hybrid::config::ModelConfig::kimi_k26(), "Kimi K2.6 (bundled config, INT4)"),
+            ModelDesc::from_config(
+                &kimi_hybrid::config::ModelConfig::kimi_k26(),
+                "Kimi K2.6 (bundled config, INT4)",
+            ),
             "moonshotai/Kimi-K2.6".to_string(),
         ),
     };
@@ -464,7 +475,10 @@ fn plan(args: PlanArgs) -> Result<()> {
     }
     let plan = placement::plan(&desc, &profile, &workload, stats.as_ref());
     if let Some(engine) = &args.emit {
-        println!("{}", placement::report::emit(&plan, engine, &model_path).map_err(anyhow::Error::msg)?);
+        println!(
+            "{}",
+            placement::report::emit(&plan, engine, &model_path).map_err(anyhow::Error::msg)?
+        );
     } else if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -473,18 +487,29 @@ fn plan(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-fn calibrate(model: Option<PathBuf>, prompts: &Path, out: &Path, generate_tokens: usize) -> Result<()> {
+fn calibrate(
+    model: Option<PathBuf>,
+    prompts: &Path,
+    out: &Path,
+    generate_tokens: usize,
+) -> Result<()> {
     use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
     use kimi_hybrid::placement::ExpertStats;
     let dir = model_dir(model)?;
     let ckpt = open(&dir)?;
-    let model = Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let model =
+        Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let tok = load_tokenizer(&dir)?;
-    let text = std::fs::read_to_string(prompts).with_context(|| format!("cannot read {}", prompts.display()))?;
+    let text = std::fs::read_to_string(prompts)
+        .with_context(|| format!("cannot read {}", prompts.display()))?;
     let experts = model.config.n_routed_experts;
     let mut stats = ExpertStats::new(&dir.display().to_string(), model.config.num_experts_per_tok);
     let mut observed = 0usize;
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let ids = tok.encode(line, Specials::AsText);
         if ids.is_empty() {
             continue;
@@ -496,12 +521,26 @@ fn calibrate(model: Option<PathBuf>, prompts: &Path, out: &Path, generate_tokens
             }
         };
         let mut logits = model
-            .forward_observed(&ReferenceBackend, &ids, &mut cache, AttentionForm::Auto, Logits::Last, &mut record)
+            .forward_observed(
+                &ReferenceBackend,
+                &ids,
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::Last,
+                &mut record,
+            )
             .with_context(|| format!("{} line {}", prompts.display(), n + 1))?;
         observed += ids.len();
         for _ in 0..generate_tokens {
             let next = kimi_hybrid::generate::argmax(&logits);
-            logits = model.forward_observed(&ReferenceBackend, &[next], &mut cache, AttentionForm::Auto, Logits::Last, &mut record)?;
+            logits = model.forward_observed(
+                &ReferenceBackend,
+                &[next],
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::Last,
+                &mut record,
+            )?;
             observed += 1;
         }
     }
@@ -509,7 +548,8 @@ fn calibrate(model: Option<PathBuf>, prompts: &Path, out: &Path, generate_tokens
         bail!("{} holds no prompt", prompts.display());
     }
     stats.tokens = observed as u64;
-    std::fs::write(out, serde_json::to_string_pretty(&stats)?).with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::write(out, serde_json::to_string_pretty(&stats)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("recorded routing of {observed} tokens to {}", out.display());
     Ok(())
 }

@@ -297,3 +297,161 @@ fn text_commands_on_the_demo_checkpoint() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.json"));
 }
+
+#[test]
+fn plan_command_prints_tables_json_and_launch_commands() {
+    let out = bin()
+        .args(["plan", "--profile", "1xH100+512GB"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("hybrid layout") && text.contains("570.76 GB") && text.contains("24.77 MB"),
+        "{text}"
+    );
+    assert!(text.contains("decode, 1 sequence"), "{text}");
+
+    let out = bin()
+        .args(["plan", "--profile", "b200x8", "--emit", "vllm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cmd = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        cmd.starts_with("vllm serve") && cmd.contains("--enable-expert-parallel"),
+        "{cmd}"
+    );
+    let out = bin()
+        .args([
+            "plan",
+            "--profile",
+            "8xH200",
+            "--concurrency",
+            "1",
+            "--emit",
+            "sglang",
+        ])
+        .output()
+        .unwrap();
+    let cmd = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        cmd.contains("--tp 8 --ep 8") && !cmd.contains("dp-attention"),
+        "{cmd}"
+    );
+
+    let out = bin()
+        .args(["plan", "--profile", "1xH100+512GB", "--emit", "vllm"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("all-GPU"));
+
+    let out = bin()
+        .args([
+            "plan",
+            "--profile",
+            "cpu-only",
+            "--json",
+            "--context",
+            "4096",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], "kimi-hybrid-plan/1");
+    assert_eq!(v["workload"]["context"], 4096);
+
+    let out = bin().args(["plan", "--profile", "auto"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nlayout = \"auto\"\n[gpu]\ncount = \"one\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["plan", "--profile"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("count") && err.contains("line 4"),
+        "{err}"
+    );
+    let out = bin()
+        .args(["plan", "--profile", "no-such-box"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1xH100+512GB"));
+}
+
+#[test]
+fn calibrate_then_plan_with_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "Hello there, how are you?\n\nWrite a function that adds two numbers.\n",
+    )
+    .unwrap();
+    let stats = tmp.path().join("stats.json");
+    let model = fixture("kimi-int4");
+    let out = bin()
+        .args(["calibrate", "--generate", "2", "--model"])
+        .arg(&model)
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(v["format"], "kimi-hybrid-expert-stats/1");
+    let tokens = v["tokens"].as_u64().unwrap();
+    for layer in ["1", "2"] {
+        let counts: u64 = v["layers"][layer]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            counts,
+            tokens * 2,
+            "layer {layer}: top-2 routing of every token"
+        );
+    }
+    let out = bin()
+        .args(["plan", "--profile", "cpu-only", "--json", "--model"])
+        .arg(&model)
+        .arg("--stats")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["workload"]["stats"], true);
+}

@@ -30,6 +30,9 @@ pub enum ModelError {
     Empty,
 }
 
+/// Called with (layer, the token's routed (expert, weight) pairs) for every token.
+pub type RouteObserver<'a> = dyn FnMut(usize, &[(usize, f32)]) + 'a;
+
 /// Which MLA form a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionForm {
@@ -250,7 +253,7 @@ impl Model {
         cache: &mut KvCache,
         form: AttentionForm,
         logits: Logits,
-        on_route: &mut dyn FnMut(usize, &[(usize, f32)]),
+        on_route: &mut RouteObserver,
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let n = tokens.len();
@@ -478,7 +481,7 @@ impl Model {
         layer: usize,
         ffn: &Ffn,
         x: &[f32],
-        on_route: &mut dyn FnMut(usize, &[(usize, f32)]),
+        on_route: &mut RouteObserver,
     ) -> Vec<f32> {
         let cfg = &self.config;
         let h = cfg.hidden_size;

@@ -3,7 +3,9 @@
 //! Bandwidths and throughputs cannot be read from the system; they are conservative
 //! estimates, and the description says so.
 
-use super::profile::{AttentionParallel, Disk, Gpu, Host, KvDtype, Layout, NumaNode, Profile, Reserves, Workload};
+use super::profile::{
+    AttentionParallel, Disk, Gpu, Host, KvDtype, Layout, NumaNode, Profile, Reserves, Workload,
+};
 
 fn meminfo_gib(text: &str, key: &str) -> Option<f64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
@@ -16,7 +18,12 @@ fn count_cpulist(list: &str) -> usize {
         .split(',')
         .filter(|r| !r.is_empty())
         .map(|r| match r.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .unwrap_or(0)
+                    .saturating_sub(a.parse().unwrap_or(0))
+                    + 1
+            }
             None => 1,
         })
         .sum()
@@ -51,7 +58,12 @@ fn isa() -> Vec<String> {
 fn amx_tile() -> bool {
     // SAFETY: CPUID leaf 7 exists on every x86_64 CPU that reports max leaf >= 7.
     #[allow(unused_unsafe)]
-    let (max_leaf, edx) = unsafe { (core::arch::x86_64::__cpuid(0).eax, core::arch::x86_64::__cpuid_count(7, 0).edx) };
+    let (max_leaf, edx) = unsafe {
+        (
+            core::arch::x86_64::__cpuid(0).eax,
+            core::arch::x86_64::__cpuid_count(7, 0).edx,
+        )
+    };
     max_leaf >= 7 && edx & (1 << 24) != 0
 }
 
@@ -61,15 +73,26 @@ fn numa_nodes(total_gib: f64, cores: usize) -> Vec<(usize, f64)> {
     if let Ok(entries) = std::fs::read_dir("/sys/devices/system/node") {
         let mut dirs: Vec<_> = entries
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().strip_prefix("node").is_some_and(|n| n.parse::<u32>().is_ok()))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("node")
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
             .map(|e| e.path())
             .collect();
         dirs.sort();
         for d in dirs {
-            let cpus = std::fs::read_to_string(d.join("cpulist")).map(|l| count_cpulist(&l)).unwrap_or(0);
+            let cpus = std::fs::read_to_string(d.join("cpulist"))
+                .map(|l| count_cpulist(&l))
+                .unwrap_or(0);
             let mem = std::fs::read_to_string(d.join("meminfo"))
                 .ok()
-                .and_then(|t| t.lines().find(|l| l.contains("MemTotal")).and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok()))
+                .and_then(|t| {
+                    t.lines()
+                        .find(|l| l.contains("MemTotal"))
+                        .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+                })
                 .map(|kib| kib / 1024.0 / 1024.0)
                 .unwrap_or(0.0);
             if cpus > 0 && mem > 0.0 {
@@ -88,12 +111,25 @@ fn numa_nodes(total_gib: f64, cores: usize) -> Vec<(usize, f64)> {
 pub fn this_machine() -> Profile {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let ram = meminfo_gib(&meminfo, "MemTotal:").unwrap_or(8.0);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let isa = isa();
-    let per_core_tflops = if isa.iter().any(|i| i == "amx") { 0.5 } else if isa.iter().any(|i| i == "avx512") { 0.1 } else { 0.05 };
+    let per_core_tflops = if isa.iter().any(|i| i == "amx") {
+        0.5
+    } else if isa.iter().any(|i| i == "avx512") {
+        0.1
+    } else {
+        0.05
+    };
     let numa: Vec<NumaNode> = numa_nodes(ram, cores)
         .into_iter()
-        .map(|(c, mem)| NumaNode { cores: c, memory_gib: mem, dram_bandwidth_gbs: (8.0 * c as f64).min(300.0), matmul_tflops: per_core_tflops * c as f64 })
+        .map(|(c, mem)| NumaNode {
+            cores: c,
+            memory_gib: mem,
+            dram_bandwidth_gbs: (8.0 * c as f64).min(300.0),
+            matmul_tflops: per_core_tflops * c as f64,
+        })
         .collect();
     let ram_total: f64 = numa.iter().map(|n| n.memory_gib).sum();
     let gpu_note = match kernels_cuda::driver_library_present() {

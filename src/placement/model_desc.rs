@@ -68,7 +68,11 @@ impl ModelDesc {
 
     /// Bytes of the text model (everything the plan places).
     pub fn text_model_bytes(&self) -> u64 {
-        self.routed_expert_bytes() + self.layers.iter().map(LayerBytes::total).sum::<u64>() + self.embed_bytes + self.lm_head_bytes + self.final_norm_bytes
+        self.routed_expert_bytes()
+            + self.layers.iter().map(LayerBytes::total).sum::<u64>()
+            + self.embed_bytes
+            + self.lm_head_bytes
+            + self.final_norm_bytes
     }
 
     pub fn moe_index(&self, layer: usize) -> Option<usize> {
@@ -88,30 +92,71 @@ impl ModelDesc {
             let p = format!("model.layers.{l}");
             let qk = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) as u64;
             let q = match cfg.q_lora_rank {
-                Some(r) => linear(&format!("{p}.self_attn.q_a_proj"), r as u64, h) + norm(r as u64) + linear(&format!("{p}.self_attn.q_b_proj"), heads * qk, r as u64),
+                Some(r) => {
+                    linear(&format!("{p}.self_attn.q_a_proj"), r as u64, h)
+                        + norm(r as u64)
+                        + linear(&format!("{p}.self_attn.q_b_proj"), heads * qk, r as u64)
+                }
                 None => linear(&format!("{p}.self_attn.q_proj"), heads * qk, h),
             };
             let c = cfg.kv_lora_rank as u64;
-            let kv_a = linear(&format!("{p}.self_attn.kv_a_proj_with_mqa"), c + cfg.qk_rope_head_dim as u64, h) + norm(c);
+            let kv_a = linear(
+                &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                c + cfg.qk_rope_head_dim as u64,
+                h,
+            ) + norm(c);
             let attention_replicated = kv_a
                 + match cfg.q_lora_rank {
-                    Some(r) => linear(&format!("{p}.self_attn.q_a_proj"), r as u64, h) + norm(r as u64),
+                    Some(r) => {
+                        linear(&format!("{p}.self_attn.q_a_proj"), r as u64, h) + norm(r as u64)
+                    }
                     None => 0,
                 };
-            let attention = q
-                + linear(&format!("{p}.self_attn.kv_a_proj_with_mqa"), c + cfg.qk_rope_head_dim as u64, h)
-                + norm(c)
-                + linear(&format!("{p}.self_attn.kv_b_proj"), heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) as u64, c)
-                + linear(&format!("{p}.self_attn.o_proj"), h, heads * cfg.v_head_dim as u64);
-            let ffn = |module: &str, inter: u64| linear(&format!("{module}.gate_proj"), inter, h) + linear(&format!("{module}.up_proj"), inter, h) + linear(&format!("{module}.down_proj"), h, inter);
-            let mut lb = LayerBytes { attention, attention_replicated, norms: 2 * norm(h), ..Default::default() };
+            let attention =
+                q + linear(
+                    &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                    c + cfg.qk_rope_head_dim as u64,
+                    h,
+                ) + norm(c)
+                    + linear(
+                        &format!("{p}.self_attn.kv_b_proj"),
+                        heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) as u64,
+                        c,
+                    )
+                    + linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        h,
+                        heads * cfg.v_head_dim as u64,
+                    );
+            let ffn = |module: &str, inter: u64| {
+                linear(&format!("{module}.gate_proj"), inter, h)
+                    + linear(&format!("{module}.up_proj"), inter, h)
+                    + linear(&format!("{module}.down_proj"), h, inter)
+            };
+            let mut lb = LayerBytes {
+                attention,
+                attention_replicated,
+                norms: 2 * norm(h),
+                ..Default::default()
+            };
             if cfg.is_moe_layer(l) {
                 let e = cfg.n_routed_experts as u64;
                 lb.router = e * h * 2 + e * 4;
                 let inter = cfg.moe_intermediate_size as u64;
-                lb.shared_experts = if cfg.n_shared_experts > 0 { ffn(&format!("{p}.mlp.shared_experts"), inter * cfg.n_shared_experts as u64) } else { 0 };
+                lb.shared_experts = if cfg.n_shared_experts > 0 {
+                    ffn(
+                        &format!("{p}.mlp.shared_experts"),
+                        inter * cfg.n_shared_experts as u64,
+                    )
+                } else {
+                    0
+                };
                 moe_layers.push(l);
-                expert_bytes.push((0..cfg.n_routed_experts).map(|x| ffn(&format!("{p}.mlp.experts.{x}"), inter)).collect());
+                expert_bytes.push(
+                    (0..cfg.n_routed_experts)
+                        .map(|x| ffn(&format!("{p}.mlp.experts.{x}"), inter))
+                        .collect(),
+                );
             } else {
                 lb.dense_mlp = ffn(&format!("{p}.mlp"), cfg.intermediate_size as u64);
             }
@@ -123,7 +168,11 @@ impl ModelDesc {
         d.moe_layers = moe_layers;
         d.expert_bytes = expert_bytes;
         d.embed_bytes = vocab * h * 2;
-        d.lm_head_bytes = if cfg.tie_word_embeddings { 0 } else { vocab * h * 2 };
+        d.lm_head_bytes = if cfg.tie_word_embeddings {
+            0
+        } else {
+            vocab * h * 2
+        };
         d.final_norm_bytes = norm(h);
         d
     }
@@ -133,7 +182,9 @@ impl ModelDesc {
         let cfg = &ckpt.config;
         let mut d = Self::skeleton(cfg, &ckpt.dir.display().to_string());
         d.layers = vec![LayerBytes::default(); cfg.num_hidden_layers];
-        d.moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+        d.moe_layers = (0..cfg.num_hidden_layers)
+            .filter(|&l| cfg.is_moe_layer(l))
+            .collect();
         d.expert_bytes = vec![vec![0; cfg.n_routed_experts]; d.moe_layers.len()];
         for t in ckpt.tensors() {
             let bytes = t.byte_len() as u64;
@@ -164,7 +215,9 @@ impl ModelDesc {
         if let Some(rest) = sub.strip_prefix("mlp.experts.") {
             let expert = rest.split('.').next().and_then(|e| e.parse::<usize>().ok());
             match (self.moe_index(layer), expert) {
-                (Some(i), Some(e)) if e < self.experts_per_layer => self.expert_bytes[i][e] += bytes,
+                (Some(i), Some(e)) if e < self.experts_per_layer => {
+                    self.expert_bytes[i][e] += bytes
+                }
                 _ => self.unused_bytes += bytes,
             }
         } else if sub.starts_with("mlp.shared_experts.") {
@@ -195,8 +248,13 @@ impl ModelDesc {
             Some(r) => r as u64 * h + heads * qk * r as u64,
             None => heads * qk * h,
         };
-        let attn_params = q_params + (c + cfg.qk_rope_head_dim as u64) * h + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) as u64 * c + h * heads * cfg.v_head_dim as u64;
-        let moe_count = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as u64;
+        let attn_params = q_params
+            + (c + cfg.qk_rope_head_dim as u64) * h
+            + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) as u64 * c
+            + h * heads * cfg.v_head_dim as u64;
+        let moe_count = (0..cfg.num_hidden_layers)
+            .filter(|&l| cfg.is_moe_layer(l))
+            .count() as u64;
         let dense_count = cfg.num_hidden_layers as u64 - moe_count;
         let shared = 3 * h * cfg.moe_intermediate_size as u64 * cfg.n_shared_experts as u64;
         let dense_params = cfg.num_hidden_layers as u64 * attn_params
@@ -229,12 +287,17 @@ impl ModelDesc {
 /// Stored bytes of linear module `module` [out, in] under the config's quantization.
 fn linear_bytes(cfg: &ModelConfig, module: &str, out: u64, inp: u64) -> u64 {
     match &cfg.quantization {
-        Some(Quantization::PackQuantized(q)) if !q.is_ignored(module) && !q.is_ignored(&format!("{}{module}", cfg.tensor_prefix)) => {
+        Some(Quantization::PackQuantized(q))
+            if !q.is_ignored(module)
+                && !q.is_ignored(&format!("{}{module}", cfg.tensor_prefix)) =>
+        {
             let g = q.group_size as u64;
             // weight_packed I32 [out, in/8] + weight_scale BF16 [out, in/g] + weight_shape I64 [2]
             out * inp / 8 * 4 + out * inp.div_ceil(g) * 2 + 16
         }
-        Some(Quantization::Fp8Block { block }) if !module.ends_with("lm_head") => out * inp + out.div_ceil(block[0] as u64) * inp.div_ceil(block[1] as u64) * 4,
+        Some(Quantization::Fp8Block { block }) if !module.ends_with("lm_head") => {
+            out * inp + out.div_ceil(block[0] as u64) * inp.div_ceil(block[1] as u64) * 4
+        }
         _ => out * inp * 2,
     }
 }
@@ -247,7 +310,10 @@ mod tests {
     fn k26_int4_sizes_match_the_spec() {
         let d = ModelDesc::from_config(&ModelConfig::kimi_k26(), "K2.6");
         assert_eq!(d.moe_layers.len(), 60);
-        assert_eq!(d.expert_bytes[0][0], 24_772_656, "one INT4 expert: 3 x (packed 7.34 MB + scales 0.92 MB + shape)");
+        assert_eq!(
+            d.expert_bytes[0][0], 24_772_656,
+            "one INT4 expert: 3 x (packed 7.34 MB + scales 0.92 MB + shape)"
+        );
         let routed = d.routed_expert_bytes();
         assert_eq!(routed, 24_772_656 * 384 * 60);
         assert!((routed as f64 / 1e9 - 570.8).abs() < 0.05, "{routed}");

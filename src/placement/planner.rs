@@ -196,13 +196,21 @@ fn gb(bytes: u64) -> String {
     format!("{:.2} GB", bytes as f64 / 1e9)
 }
 
-pub fn plan(model: &ModelDesc, profile: &Profile, workload: &Workload, stats: Option<&ExpertStats>) -> Plan {
+pub fn plan(
+    model: &ModelDesc,
+    profile: &Profile,
+    workload: &Workload,
+    stats: Option<&ExpertStats>,
+) -> Plan {
     let heat: Vec<Vec<f64>> = model
         .moe_layers
         .iter()
         .map(|&l| match stats {
             Some(s) => s.visit_probability(l, model.experts_per_layer, model.top_k),
-            None => vec![model.top_k as f64 / model.experts_per_layer.max(1) as f64; model.experts_per_layer],
+            None => vec![
+                model.top_k as f64 / model.experts_per_layer.max(1) as f64;
+                model.experts_per_layer
+            ],
         })
         .collect();
     let mut layout = resolve_layout(model, profile, workload);
@@ -221,7 +229,15 @@ pub fn plan(model: &ModelDesc, profile: &Profile, workload: &Workload, stats: Op
         .numa
         .iter()
         .enumerate()
-        .map(|(i, n)| NumaPlan { node: i, capacity_bytes: (n.memory_gib * GIB) as u64, budget_bytes: numa_budget[i], holds: Vec::new(), experts: BTreeMap::new(), expert_count: 0, used_bytes: 0 })
+        .map(|(i, n)| NumaPlan {
+            node: i,
+            capacity_bytes: (n.memory_gib * GIB) as u64,
+            budget_bytes: numa_budget[i],
+            holds: Vec::new(),
+            experts: BTreeMap::new(),
+            expert_count: 0,
+            used_bytes: 0,
+        })
         .collect();
     let mut b = Builder {
         model,
@@ -255,7 +271,9 @@ fn resolve_layout(model: &ModelDesc, profile: &Profile, workload: &Workload) -> 
         Layout::Auto if profile.gpu.count == 0 => Layout::Cpu,
         Layout::Auto => {
             let kv = kv_bytes_per_token(model, workload) * workload.context * workload.concurrency;
-            if model.text_model_bytes() + kv <= profile.gpu_budget_bytes() * profile.gpu.count as u64 {
+            if model.text_model_bytes() + kv
+                <= profile.gpu_budget_bytes() * profile.gpu.count as u64
+            {
                 Layout::AllGpu
             } else {
                 Layout::Hybrid
@@ -297,18 +315,31 @@ impl Builder<'_> {
             gpu.holds.push(Item { what, bytes });
             return true;
         }
-        self.warnings.push(format!("{what} ({}) does not fit on GPU {g}; kept in host RAM", gb(bytes)));
+        self.warnings.push(format!(
+            "{what} ({}) does not fit on GPU {g}; kept in host RAM",
+            gb(bytes)
+        ));
         self.place_ram(what, bytes);
         false
     }
 
     fn place_ram(&mut self, what: String, bytes: u64) {
-        let node = (0..self.numa.len()).max_by_key(|&n| self.numa[n].budget_bytes.saturating_sub(self.numa[n].used_bytes)).unwrap_or(0);
+        let node = (0..self.numa.len())
+            .max_by_key(|&n| {
+                self.numa[n]
+                    .budget_bytes
+                    .saturating_sub(self.numa[n].used_bytes)
+            })
+            .unwrap_or(0);
         let n = &mut self.numa[node];
         n.used_bytes += bytes;
         n.holds.push(Item { what, bytes });
         if n.used_bytes > n.budget_bytes {
-            self.problems.push(format!("host RAM: NUMA node {node} needs {} for non-expert weights but has {}", gb(n.used_bytes), gb(n.budget_bytes)));
+            self.problems.push(format!(
+                "host RAM: NUMA node {node} needs {} for non-expert weights but has {}",
+                gb(n.used_bytes),
+                gb(n.budget_bytes)
+            ));
         }
     }
 
@@ -318,7 +349,12 @@ impl Builder<'_> {
             .filter(|&i| filter(self.model.moe_layers[i]))
             .flat_map(|i| (0..self.model.experts_per_layer).map(move |e| (i, e)))
             .collect();
-        order.sort_by(|a, b| self.heat[b.0][b.1].total_cmp(&self.heat[a.0][a.1]).then(a.1.cmp(&b.1)).then(a.0.cmp(&b.0)));
+        order.sort_by(|a, b| {
+            self.heat[b.0][b.1]
+                .total_cmp(&self.heat[a.0][a.1])
+                .then(a.1.cmp(&b.1))
+                .then(a.0.cmp(&b.0))
+        });
         order
     }
 
@@ -327,7 +363,10 @@ impl Builder<'_> {
         let n_gpu = self.profile.gpu.count;
         let per = m.num_layers.div_ceil(n_gpu);
         for g in 0..n_gpu {
-            let layers = [(g * per).min(m.num_layers), ((g + 1) * per).min(m.num_layers)];
+            let layers = [
+                (g * per).min(m.num_layers),
+                ((g + 1) * per).min(m.num_layers),
+            ];
             self.gpus.push(self.new_gpu(g, layers));
         }
         let kv_per_layer_token = m.kv_width as u64 * self.workload.kv_dtype.bytes();
@@ -337,7 +376,11 @@ impl Builder<'_> {
             let [a, b] = self.gpus[g].layers;
             for l in a..b {
                 let lb = &m.layers[l];
-                self.place_gpu_or_spill(g, format!("layer {l} attention+norms+router"), lb.attention + lb.norms + lb.router);
+                self.place_gpu_or_spill(
+                    g,
+                    format!("layer {l} attention+norms+router"),
+                    lb.attention + lb.norms + lb.router,
+                );
             }
             let kv = kv_per_layer_token * tokens * (b - a) as u64;
             let gpu = &mut self.gpus[g];
@@ -350,18 +393,30 @@ impl Builder<'_> {
             }
             gpu.used_bytes += kv;
             gpu.kv_tokens = tokens;
-            gpu.holds.push(Item { what: format!("latent KV cache, layers {a}..{b}, {tokens} tokens"), bytes: kv });
+            gpu.holds.push(Item {
+                what: format!("latent KV cache, layers {a}..{b}, {tokens} tokens"),
+                bytes: kv,
+            });
             for l in a..b {
                 let lb = m.layers[l].clone();
                 self.place_gpu_or_spill(g, format!("layer {l} shared experts"), lb.shared_experts);
                 self.place_gpu_or_spill(g, format!("layer {l} dense MLP"), lb.dense_mlp);
             }
         }
-        self.place_gpu_or_spill(n_gpu - 1, "lm_head + final norm".into(), m.lm_head_bytes + m.final_norm_bytes);
+        self.place_gpu_or_spill(
+            n_gpu - 1,
+            "lm_head + final norm".into(),
+            m.lm_head_bytes + m.final_norm_bytes,
+        );
         self.place_gpu_or_spill(0, "embeddings".into(), m.embed_bytes);
         for g in 0..n_gpu {
-            let left = self.gpus[g].budget_bytes.saturating_sub(self.gpus[g].used_bytes);
-            self.gpus[g].kv_capacity_tokens = tokens + left / (kv_per_layer_token * (self.gpus[g].layers[1] - self.gpus[g].layers[0]).max(1) as u64);
+            let left = self.gpus[g]
+                .budget_bytes
+                .saturating_sub(self.gpus[g].used_bytes);
+            self.gpus[g].kv_capacity_tokens = tokens
+                + left
+                    / (kv_per_layer_token
+                        * (self.gpus[g].layers[1] - self.gpus[g].layers[0]).max(1) as u64);
         }
         // Hot experts: each GPU takes the hottest experts of its own layers.
         for g in 0..n_gpu {
@@ -382,11 +437,25 @@ impl Builder<'_> {
         let m = self.model;
         for l in 0..m.num_layers {
             let lb = &m.layers[l];
-            self.place_ram(format!("layer {l} attention+norms+router+shared+dense"), lb.total());
+            self.place_ram(
+                format!("layer {l} attention+norms+router+shared+dense"),
+                lb.total(),
+            );
         }
-        self.place_ram("embeddings + lm_head + final norm".into(), m.embed_bytes + m.lm_head_bytes + m.final_norm_bytes);
-        let kv = kv_bytes_per_token(m, self.workload) * self.workload.context * self.workload.concurrency;
-        self.place_ram(format!("latent KV cache, {} tokens", self.workload.context * self.workload.concurrency), kv);
+        self.place_ram(
+            "embeddings + lm_head + final norm".into(),
+            m.embed_bytes + m.lm_head_bytes + m.final_norm_bytes,
+        );
+        let kv = kv_bytes_per_token(m, self.workload)
+            * self.workload.context
+            * self.workload.concurrency;
+        self.place_ram(
+            format!(
+                "latent KV cache, {} tokens",
+                self.workload.context * self.workload.concurrency
+            ),
+            kv,
+        );
         self.experts_to_ram();
     }
 
@@ -394,9 +463,17 @@ impl Builder<'_> {
     /// layer over the nodes in proportion to their budgets; the rest to disk.
     fn experts_to_ram(&mut self) {
         let m = self.model;
-        let mut free: Vec<u64> = self.numa.iter().map(|n| n.budget_bytes.saturating_sub(n.used_bytes)).collect();
+        let mut free: Vec<u64> = self
+            .numa
+            .iter()
+            .map(|n| n.budget_bytes.saturating_sub(n.used_bytes))
+            .collect();
         let mut ram_left: u64 = free.iter().sum();
-        let order: Vec<(usize, usize)> = self.heat_order(|_| true).into_iter().filter(|&(i, e)| !matches!(self.tiers[i][e], Tier::Gpu(_))).collect();
+        let order: Vec<(usize, usize)> = self
+            .heat_order(|_| true)
+            .into_iter()
+            .filter(|&(i, e)| !matches!(self.tiers[i][e], Tier::Gpu(_)))
+            .collect();
         let mut in_ram = vec![Vec::new(); m.moe_layers.len()];
         for (i, e) in order {
             let bytes = m.expert_bytes[i][e];
@@ -405,23 +482,34 @@ impl Builder<'_> {
                 in_ram[i].push(e);
             }
         }
+        // Per layer, each node takes a contiguous block of ids sized by its share of the
+        // RAM budget, so every node's threads work on every layer from local memory.
         let weights: Vec<f64> = self.numa.iter().map(|n| n.budget_bytes as f64).collect();
         let total_weight: f64 = weights.iter().sum::<f64>().max(1.0);
         for (i, experts) in in_ram.iter_mut().enumerate() {
             experts.sort_unstable();
-            let mut assigned = vec![0usize; self.numa.len()];
+            let targets = proportional_counts(experts.len(), &weights, total_weight);
+            let mut node = 0;
+            let mut taken = 0;
             for &e in experts.iter() {
                 let bytes = m.expert_bytes[i][e];
-                // The node furthest below its share of this layer, among those with room.
-                let node = (0..self.numa.len())
-                    .filter(|&n| free[n] >= bytes)
-                    .min_by(|&a, &b| (assigned[a] as f64 * total_weight / weights[a]).total_cmp(&(assigned[b] as f64 * total_weight / weights[b])).then(a.cmp(&b)));
-                if let Some(n) = node {
-                    free[n] -= bytes;
-                    assigned[n] += 1;
-                    self.numa[n].used_bytes += bytes;
-                    self.tiers[i][e] = Tier::Numa(n);
+                while node < self.numa.len() && (taken >= targets[node] || free[node] < bytes) {
+                    node += 1;
+                    taken = 0;
                 }
+                // Shares used up or rounded away: any node with room.
+                let n = if node < self.numa.len() {
+                    node
+                } else {
+                    match (0..self.numa.len()).find(|&n| free[n] >= bytes) {
+                        Some(n) => n,
+                        None => continue,
+                    }
+                };
+                free[n] -= bytes;
+                taken += 1;
+                self.numa[n].used_bytes += bytes;
+                self.tiers[i][e] = Tier::Numa(n);
             }
         }
     }
@@ -441,23 +529,53 @@ impl Builder<'_> {
             let mut gpu = self.new_gpu(g, [0, m.num_layers]);
             let attention: u64 = m.layers.iter().map(|l| l.attention).sum();
             let replicated: u64 = m.layers.iter().map(|l| l.attention_replicated).sum();
-            let attn_bytes = if dp { attention } else { replicated + (attention - replicated).div_ceil(n as u64) };
+            let attn_bytes = if dp {
+                attention
+            } else {
+                replicated + (attention - replicated).div_ceil(n as u64)
+            };
             let norms_router: u64 = m.layers.iter().map(|l| l.norms + l.router).sum();
-            let shared_dense: u64 = m.layers.iter().map(|l| l.shared_experts + l.dense_mlp).sum();
-            let vocab_parallel = (m.embed_bytes + m.lm_head_bytes).div_ceil(n as u64) + m.final_norm_bytes;
+            let shared_dense: u64 = m
+                .layers
+                .iter()
+                .map(|l| l.shared_experts + l.dense_mlp)
+                .sum();
+            let vocab_parallel =
+                (m.embed_bytes + m.lm_head_bytes).div_ceil(n as u64) + m.final_norm_bytes;
             let mut expert_bytes = 0u64;
             for (i, layer_bytes) in m.expert_bytes.iter().enumerate() {
-                for (e, &bytes) in layer_bytes.iter().enumerate().skip(g * per_gpu_experts).take(per_gpu_experts) {
+                for (e, &bytes) in layer_bytes
+                    .iter()
+                    .enumerate()
+                    .skip(g * per_gpu_experts)
+                    .take(per_gpu_experts)
+                {
                     expert_bytes += bytes;
                     self.tiers[i][e] = Tier::Gpu(g);
                 }
             }
             let items = [
-                (if dp { "attention (data-parallel, full copy)".to_string() } else { format!("attention (tensor-parallel, 1/{n} of heads)") }, attn_bytes),
+                (
+                    if dp {
+                        "attention (data-parallel, full copy)".to_string()
+                    } else {
+                        format!("attention (tensor-parallel, 1/{n} of heads)")
+                    },
+                    attn_bytes,
+                ),
                 ("norms + routers".into(), norms_router),
-                ("shared experts + dense MLP (replicated)".into(), shared_dense),
-                (format!("embeddings + lm_head (1/{n} of vocabulary)"), vocab_parallel),
-                (format!("routed experts ({per_gpu_experts} per layer)"), expert_bytes),
+                (
+                    "shared experts + dense MLP (replicated)".into(),
+                    shared_dense,
+                ),
+                (
+                    format!("embeddings + lm_head (1/{n} of vocabulary)"),
+                    vocab_parallel,
+                ),
+                (
+                    format!("routed experts ({per_gpu_experts} per layer)"),
+                    expert_bytes,
+                ),
             ];
             for (what, bytes) in items {
                 gpu.used_bytes += bytes;
@@ -465,7 +583,11 @@ impl Builder<'_> {
             }
             // KV: TP replicates every sequence's latents on every GPU; DP splits sequences.
             let kv_token = kv_bytes_per_token(m, self.workload);
-            let seqs = if dp { self.workload.concurrency.div_ceil(n as u64) } else { self.workload.concurrency };
+            let seqs = if dp {
+                self.workload.concurrency.div_ceil(n as u64)
+            } else {
+                self.workload.concurrency
+            };
             let kv_tokens = seqs * self.workload.context;
             let kv = kv_token * kv_tokens;
             let left = gpu.budget_bytes.saturating_sub(gpu.used_bytes);
@@ -478,9 +600,16 @@ impl Builder<'_> {
             }
             gpu.used_bytes += kv;
             gpu.kv_tokens = kv_tokens;
-            gpu.holds.push(Item { what: format!("latent KV cache, {kv_tokens} tokens"), bytes: kv });
+            gpu.holds.push(Item {
+                what: format!("latent KV cache, {kv_tokens} tokens"),
+                bytes: kv,
+            });
             if gpu.used_bytes > gpu.budget_bytes && kv <= left {
-                self.problems.push(format!("GPU {g}: weights need {} but the budget is {}", gb(gpu.used_bytes), gb(gpu.budget_bytes)));
+                self.problems.push(format!(
+                    "GPU {g}: weights need {} but the budget is {}",
+                    gb(gpu.used_bytes),
+                    gb(gpu.budget_bytes)
+                ));
             }
             self.gpus.push(gpu);
         }
@@ -489,12 +618,22 @@ impl Builder<'_> {
 
     fn finish(mut self, layout: Layout, attention: Option<String>, has_stats: bool) -> Plan {
         let m = self.model;
-        let mut disk = DiskPlan { experts: BTreeMap::new(), expert_count: 0, bytes: 0, ram_shortfall_bytes: 0 };
+        let mut disk = DiskPlan {
+            experts: BTreeMap::new(),
+            expert_count: 0,
+            bytes: 0,
+            ram_shortfall_bytes: 0,
+        };
         let mut per_layer = Vec::new();
         let mut sets: BTreeMap<Tier, ExpertSets> = BTreeMap::new();
         for (i, tiers) in self.tiers.iter().enumerate() {
             let layer = m.moe_layers[i];
-            let mut counts = LayerTiers { layer, gpu: 0, cpu: 0, disk: 0 };
+            let mut counts = LayerTiers {
+                layer,
+                gpu: 0,
+                cpu: 0,
+                disk: 0,
+            };
             for (e, &t) in tiers.iter().enumerate() {
                 match t {
                     Tier::Gpu(_) => counts.gpu += 1,
@@ -513,17 +652,37 @@ impl Builder<'_> {
             match tier {
                 Tier::Gpu(g) => {
                     let gpu = &mut self.gpus[g];
-                    let bytes: u64 = set.iter().flat_map(|(l, rs)| rs.iter().flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))).map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e]).sum();
+                    let bytes: u64 = set
+                        .iter()
+                        .flat_map(|(l, rs)| {
+                            rs.iter()
+                                .flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))
+                        })
+                        .map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e])
+                        .sum();
                     if layout == Layout::Hybrid {
-                        gpu.holds.push(Item { what: format!("hot routed experts ({count})"), bytes });
+                        gpu.holds.push(Item {
+                            what: format!("hot routed experts ({count})"),
+                            bytes,
+                        });
                     }
                     gpu.experts = set;
                     gpu.expert_count = count;
                 }
                 Tier::Numa(n) => {
                     let node = &mut self.numa[n];
-                    let bytes: u64 = set.iter().flat_map(|(l, rs)| rs.iter().flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))).map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e]).sum();
-                    node.holds.push(Item { what: format!("routed experts ({count})"), bytes });
+                    let bytes: u64 = set
+                        .iter()
+                        .flat_map(|(l, rs)| {
+                            rs.iter()
+                                .flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))
+                        })
+                        .map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e])
+                        .sum();
+                    node.holds.push(Item {
+                        what: format!("routed experts ({count})"),
+                        bytes,
+                    });
                     node.experts = set;
                     node.expert_count = count;
                 }
@@ -543,13 +702,29 @@ impl Builder<'_> {
         let on_disk_total = m.text_model_bytes() + m.vision_bytes + m.unused_bytes;
         let disk_capacity = (self.profile.disk.capacity_gib * GIB) as u64;
         if on_disk_total > disk_capacity {
-            self.problems.push(format!("disk: the checkpoint needs {} but the disk holds {} ({} short)", gb(on_disk_total), gb(disk_capacity), gb(on_disk_total - disk_capacity)));
+            self.problems.push(format!(
+                "disk: the checkpoint needs {} but the disk holds {} ({} short)",
+                gb(on_disk_total),
+                gb(disk_capacity),
+                gb(on_disk_total - disk_capacity)
+            ));
         }
-        if layout == Layout::Cpu && !self.profile.host.isa.iter().any(|i| i == "avx512" || i == "avx2") {
-            self.warnings.push("no AVX2/AVX-512 in host.isa: CPU kernels fall back to scalar code".into());
+        if layout == Layout::Cpu
+            && !self
+                .profile
+                .host
+                .isa
+                .iter()
+                .any(|i| i == "avx512" || i == "avx2")
+        {
+            self.warnings
+                .push("no AVX2/AVX-512 in host.isa: CPU kernels fall back to scalar code".into());
         }
         if m.vision_bytes > 0 {
-            self.warnings.push(format!("vision tower ({}) is not placed: image input is not supported yet", gb(m.vision_bytes)));
+            self.warnings.push(format!(
+                "vision tower ({}) is not placed: image input is not supported yet",
+                gb(m.vision_bytes)
+            ));
         }
         let estimate = estimate(&self, layout);
         let non_expert = m.text_model_bytes() - m.routed_expert_bytes();
@@ -610,6 +785,23 @@ impl Ord for Tier {
         };
         key(self).cmp(&key(other))
     }
+}
+
+/// Splits `count` items over weights by largest remainder (the counts add up to `count`).
+fn proportional_counts(count: usize, weights: &[f64], total: f64) -> Vec<usize> {
+    let exact: Vec<f64> = weights.iter().map(|w| count as f64 * w / total).collect();
+    let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
+    let assigned: usize = counts.iter().sum();
+    for &k in order.iter().take(count.saturating_sub(assigned)) {
+        counts[k] += 1;
+    }
+    counts
 }
 
 /// Appends expert id `e` (ids arrive in increasing order) to a list of ranges.
@@ -673,7 +865,14 @@ struct Bandwidths {
 fn bandwidths(p: &Profile) -> Bandwidths {
     Bandwidths {
         gpu: p.gpu.memory_bandwidth_gbs * 1e9 * GPU_BW_EFFICIENCY,
-        cpu: p.host.numa.iter().map(|n| n.dram_bandwidth_gbs).sum::<f64>() * 1e9 * CPU_BW_EFFICIENCY,
+        cpu: p
+            .host
+            .numa
+            .iter()
+            .map(|n| n.dram_bandwidth_gbs)
+            .sum::<f64>()
+            * 1e9
+            * CPU_BW_EFFICIENCY,
         disk: p.disk.read_gbs * 1e9,
         pcie: p.gpu.pcie_gbs * 1e9,
     }
@@ -697,8 +896,14 @@ fn touched_bytes(b: &Builder, i: usize, tokens: u64) -> (Vec<f64>, f64, f64) {
 fn decode_step(b: &Builder, layout: Layout, c: u64) -> TierTimes {
     let m = b.model;
     let bw = bandwidths(b.profile);
-    let kv_layer = (m.kv_width as u64 * b.workload.kv_dtype.bytes() * b.workload.context * c) as f64;
-    let mut t = TierTimes { gpu_s: 0.0, cpu_s: 0.0, disk_s: 0.0, transfer_s: 0.0 };
+    let kv_layer =
+        (m.kv_width as u64 * b.workload.kv_dtype.bytes() * b.workload.context * c) as f64;
+    let mut t = TierTimes {
+        gpu_s: 0.0,
+        cpu_s: 0.0,
+        disk_s: 0.0,
+        transfer_s: 0.0,
+    };
     let n = b.profile.gpu.count.max(1) as f64;
     for l in 0..m.num_layers {
         let lb = &m.layers[l];
@@ -715,24 +920,41 @@ fn decode_step(b: &Builder, layout: Layout, c: u64) -> TierTimes {
                 }
             }
             Layout::AllGpu => {
-                let attn = if b.attention_dp { attn_bytes + kv_layer / n } else { (lb.attention_replicated as f64) + (lb.attention - lb.attention_replicated) as f64 / n + (lb.norms + lb.router) as f64 + kv_layer };
+                let attn = if b.attention_dp {
+                    attn_bytes + kv_layer / n
+                } else {
+                    (lb.attention_replicated as f64)
+                        + (lb.attention - lb.attention_replicated) as f64 / n
+                        + (lb.norms + lb.router) as f64
+                        + kv_layer
+                };
                 t.gpu_s += (attn + dense_bytes) / bw.gpu;
                 if let Some(i) = moe {
                     let (gpu, _, _) = touched_bytes(b, i, c);
                     let busiest = gpu.iter().cloned().fold(0.0, f64::max);
                     t.gpu_s += busiest / bw.gpu;
-                    let a2a = 2.0 * (c as f64 * m.hidden_size as f64 * 2.0 * m.top_k as f64) / (b.profile.gpu.interconnect_gbs.max(1.0) * 1e9);
+                    let a2a = 2.0 * (c as f64 * m.hidden_size as f64 * 2.0 * m.top_k as f64)
+                        / (b.profile.gpu.interconnect_gbs.max(1.0) * 1e9);
                     t.transfer_s += 2.0 * ALL_TO_ALL_LATENCY_S + a2a;
                 }
             }
             _ => {
-                let gpu_of_layer = b.gpus.iter().position(|g| l >= g.layers[0] && l < g.layers[1]).unwrap_or(0);
+                let gpu_of_layer = b
+                    .gpus
+                    .iter()
+                    .position(|g| l >= g.layers[0] && l < g.layers[1])
+                    .unwrap_or(0);
                 t.gpu_s += (attn_bytes + kv_layer) / bw.gpu;
                 match moe {
                     Some(i) => {
                         let (gpu, cpu, disk) = touched_bytes(b, i, c);
                         let gpu_side = (gpu[gpu_of_layer] + dense_bytes) / bw.gpu;
-                        let handoff = if cpu + disk > 0.0 { HANDOFF_LATENCY_S + 2.0 * (c as f64 * m.hidden_size as f64 * 4.0) / bw.pcie } else { 0.0 };
+                        let handoff = if cpu + disk > 0.0 {
+                            HANDOFF_LATENCY_S
+                                + 2.0 * (c as f64 * m.hidden_size as f64 * 4.0) / bw.pcie
+                        } else {
+                            0.0
+                        };
                         let cpu_side = handoff + cpu / bw.cpu + disk / bw.disk;
                         // Attribute the overlapped time to whichever side is longer.
                         if gpu_side >= cpu_side {
@@ -762,11 +984,28 @@ fn prefill_token(b: &Builder, layout: Layout) -> TierTimes {
     let bw = bandwidths(b.profile);
     let chunk = PREFILL_CHUNK as f64;
     let n = b.profile.gpu.count.max(1) as f64;
-    let gpu_flops = b.profile.gpu.bf16_tflops * 1e12 * GPU_FLOP_EFFICIENCY * if layout == Layout::AllGpu { n } else { 1.0 };
-    let cpu_flops: f64 = b.profile.host.numa.iter().map(|x| x.matmul_tflops).sum::<f64>() * 1e12;
-    let attn_flops = m.attention_flops_per_position as f64 * (b.workload.context as f64 / 2.0) * m.num_layers as f64;
+    let gpu_flops = b.profile.gpu.bf16_tflops
+        * 1e12
+        * GPU_FLOP_EFFICIENCY
+        * if layout == Layout::AllGpu { n } else { 1.0 };
+    let cpu_flops: f64 = b
+        .profile
+        .host
+        .numa
+        .iter()
+        .map(|x| x.matmul_tflops)
+        .sum::<f64>()
+        * 1e12;
+    let attn_flops = m.attention_flops_per_position as f64
+        * (b.workload.context as f64 / 2.0)
+        * m.num_layers as f64;
     let dense_flops = 2.0 * m.dense_params_per_token as f64 + attn_flops;
-    let mut t = TierTimes { gpu_s: 0.0, cpu_s: 0.0, disk_s: 0.0, transfer_s: 0.0 };
+    let mut t = TierTimes {
+        gpu_s: 0.0,
+        cpu_s: 0.0,
+        disk_s: 0.0,
+        transfer_s: 0.0,
+    };
     let (mut gpu_expert_p, mut cpu_expert_p, mut cpu_bytes, mut disk_bytes) = (0.0, 0.0, 0.0, 0.0);
     for (i, tiers) in b.tiers.iter().enumerate() {
         for (e, &tier) in tiers.iter().enumerate() {
@@ -787,12 +1026,16 @@ fn prefill_token(b: &Builder, layout: Layout) -> TierTimes {
     }
     let expert_flops = 2.0 * m.expert_params as f64;
     match layout {
-        Layout::Cpu => t.cpu_s = (dense_flops + expert_flops * (gpu_expert_p + cpu_expert_p)) / cpu_flops + cpu_bytes / bw.cpu / chunk,
+        Layout::Cpu => {
+            t.cpu_s = (dense_flops + expert_flops * (gpu_expert_p + cpu_expert_p)) / cpu_flops
+                + cpu_bytes / bw.cpu / chunk
+        }
         _ => {
             t.gpu_s = (dense_flops + expert_flops * gpu_expert_p) / gpu_flops;
             t.cpu_s = expert_flops * cpu_expert_p / cpu_flops + cpu_bytes / bw.cpu / chunk;
             if layout == Layout::Hybrid && cpu_expert_p > 0.0 {
-                t.transfer_s = 2.0 * m.hidden_size as f64 * 4.0 * m.moe_layers.len() as f64 / bw.pcie;
+                t.transfer_s =
+                    2.0 * m.hidden_size as f64 * 4.0 * m.moe_layers.len() as f64 / bw.pcie;
             }
         }
     }

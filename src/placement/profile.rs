@@ -10,11 +10,21 @@ pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error("cannot read profile {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("profile {source_name}: {message}")]
-    Parse { source_name: String, message: String },
+    Parse {
+        source_name: String,
+        message: String,
+    },
     #[error("profile {source_name}: field `{field}`: {reason}")]
-    Field { source_name: String, field: String, reason: String },
+    Field {
+        source_name: String,
+        field: String,
+        reason: String,
+    },
     #[error("unknown profile {name:?}; built-in profiles: {known}; or give a path to a .toml file, or `auto`")]
     Unknown { name: String, known: String },
 }
@@ -141,13 +151,34 @@ pub struct Profile {
 
 /// The profiles shipped in `placement-profiles/`, built into the binary.
 pub const BUILTIN: &[(&str, &str)] = &[
-    ("1xH100+512GB", include_str!("../../placement-profiles/1xH100+512GB.toml")),
-    ("b200x8", include_str!("../../placement-profiles/b200x8.toml")),
-    ("8xH200", include_str!("../../placement-profiles/8xH200.toml")),
-    ("4xH100", include_str!("../../placement-profiles/4xH100.toml")),
-    ("1x4090+384GB", include_str!("../../placement-profiles/1x4090+384GB.toml")),
-    ("2xRTX6000Pro+768GB", include_str!("../../placement-profiles/2xRTX6000Pro+768GB.toml")),
-    ("cpu-only", include_str!("../../placement-profiles/cpu-only.toml")),
+    (
+        "1xH100+512GB",
+        include_str!("../../placement-profiles/1xH100+512GB.toml"),
+    ),
+    (
+        "b200x8",
+        include_str!("../../placement-profiles/b200x8.toml"),
+    ),
+    (
+        "8xH200",
+        include_str!("../../placement-profiles/8xH200.toml"),
+    ),
+    (
+        "4xH100",
+        include_str!("../../placement-profiles/4xH100.toml"),
+    ),
+    (
+        "1x4090+384GB",
+        include_str!("../../placement-profiles/1x4090+384GB.toml"),
+    ),
+    (
+        "2xRTX6000Pro+768GB",
+        include_str!("../../placement-profiles/2xRTX6000Pro+768GB.toml"),
+    ),
+    (
+        "cpu-only",
+        include_str!("../../placement-profiles/cpu-only.toml"),
+    ),
 ];
 
 const KNOWN_ISA: &[&str] = &["avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"];
@@ -163,24 +194,44 @@ impl Profile {
         }
         let path = Path::new(name_or_path);
         if path.exists() || name_or_path.ends_with(".toml") {
-            let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: name_or_path.to_string(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+                path: name_or_path.to_string(),
+                source,
+            })?;
             return Self::from_toml(&text, name_or_path);
         }
         Err(ProfileError::Unknown {
             name: name_or_path.to_string(),
-            known: BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            known: BUILTIN
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ProfileError> {
-        let profile: Profile = toml::from_str(text).map_err(|e| ProfileError::Parse { source_name: source_name.to_string(), message: e.to_string().trim_end().to_string() })?;
+        let profile: Profile = toml::from_str(text).map_err(|e| ProfileError::Parse {
+            source_name: source_name.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
         profile.validate(source_name)?;
         Ok(profile)
     }
 
     fn validate(&self, source_name: &str) -> Result<(), ProfileError> {
-        let bad = |field: &str, reason: String| ProfileError::Field { source_name: source_name.to_string(), field: field.to_string(), reason };
-        let positive = |field: &str, v: f64| if v.is_finite() && v > 0.0 { Ok(()) } else { Err(bad(field, format!("must be a positive number, got {v}"))) };
+        let bad = |field: &str, reason: String| ProfileError::Field {
+            source_name: source_name.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a positive number, got {v}")))
+            }
+        };
         if self.gpu.count > 0 {
             positive("gpu.memory_gib", self.gpu.memory_gib)?;
             positive("gpu.memory_bandwidth_gbs", self.gpu.memory_bandwidth_gbs)?;
@@ -196,28 +247,55 @@ impl Profile {
         }
         for (i, n) in self.host.numa.iter().enumerate() {
             if n.cores == 0 {
-                return Err(bad(&format!("host.numa[{i}].cores"), "must be at least 1".into()));
+                return Err(bad(
+                    &format!("host.numa[{i}].cores"),
+                    "must be at least 1".into(),
+                ));
             }
             positive(&format!("host.numa[{i}].memory_gib"), n.memory_gib)?;
-            positive(&format!("host.numa[{i}].dram_bandwidth_gbs"), n.dram_bandwidth_gbs)?;
+            positive(
+                &format!("host.numa[{i}].dram_bandwidth_gbs"),
+                n.dram_bandwidth_gbs,
+            )?;
             positive(&format!("host.numa[{i}].matmul_tflops"), n.matmul_tflops)?;
         }
         let numa_total: f64 = self.host.numa.iter().map(|n| n.memory_gib).sum();
         if (numa_total - self.host.ram_gib).abs() > 0.5 {
-            return Err(bad("host.numa", format!("node memories add up to {numa_total} GiB but host.ram_gib is {}", self.host.ram_gib)));
+            return Err(bad(
+                "host.numa",
+                format!(
+                    "node memories add up to {numa_total} GiB but host.ram_gib is {}",
+                    self.host.ram_gib
+                ),
+            ));
         }
         for isa in &self.host.isa {
             if !KNOWN_ISA.contains(&isa.as_str()) {
-                return Err(bad("host.isa", format!("unknown feature {isa:?}; known: {}", KNOWN_ISA.join(", "))));
+                return Err(bad(
+                    "host.isa",
+                    format!("unknown feature {isa:?}; known: {}", KNOWN_ISA.join(", ")),
+                ));
             }
         }
         positive("disk.read_gbs", self.disk.read_gbs)?;
         positive("disk.capacity_gib", self.disk.capacity_gib)?;
         if self.reserves.os_ram_gib < 0.0 || self.reserves.os_ram_gib >= self.host.ram_gib {
-            return Err(bad("reserves.os_ram_gib", format!("{} must be between 0 and host.ram_gib", self.reserves.os_ram_gib)));
+            return Err(bad(
+                "reserves.os_ram_gib",
+                format!(
+                    "{} must be between 0 and host.ram_gib",
+                    self.reserves.os_ram_gib
+                ),
+            ));
         }
-        if self.gpu.count > 0 && self.reserves.gpu_context_gib + self.reserves.gpu_workspace_gib >= self.gpu.memory_gib {
-            return Err(bad("reserves.gpu_workspace_gib", "GPU reserves exceed the GPU's memory".into()));
+        if self.gpu.count > 0
+            && self.reserves.gpu_context_gib + self.reserves.gpu_workspace_gib
+                >= self.gpu.memory_gib
+        {
+            return Err(bad(
+                "reserves.gpu_workspace_gib",
+                "GPU reserves exceed the GPU's memory".into(),
+            ));
         }
         if self.workload.context == 0 {
             return Err(bad("workload.context", "must be at least 1".into()));
@@ -230,13 +308,18 @@ impl Profile {
 
     /// Usable bytes per GPU after the context and workspace reserves.
     pub fn gpu_budget_bytes(&self) -> u64 {
-        ((self.gpu.memory_gib - self.reserves.gpu_context_gib - self.reserves.gpu_workspace_gib) * GIB) as u64
+        ((self.gpu.memory_gib - self.reserves.gpu_context_gib - self.reserves.gpu_workspace_gib)
+            * GIB) as u64
     }
 
     /// Usable host RAM after the OS reserve, per NUMA node (reserve split by node size).
     pub fn numa_budget_bytes(&self) -> Vec<u64> {
         let share = 1.0 - self.reserves.os_ram_gib / self.host.ram_gib;
-        self.host.numa.iter().map(|n| (n.memory_gib * share * GIB) as u64).collect()
+        self.host
+            .numa
+            .iter()
+            .map(|n| (n.memory_gib * share * GIB) as u64)
+            .collect()
     }
 }
 
@@ -255,15 +338,31 @@ mod tests {
     #[test]
     fn bad_profiles_name_the_field() {
         let text = BUILTIN[0].1;
-        let e = Profile::from_toml(&text.replace("memory_gib = 79.6", "memory_gib = -1"), "x.toml").unwrap_err().to_string();
+        let e = Profile::from_toml(
+            &text.replace("memory_gib = 79.6", "memory_gib = -1"),
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("gpu.memory_gib") && e.contains("x.toml"), "{e}");
-        let e = Profile::from_toml(&text.replace("read_gbs = 7", "read_gbz = 7"), "x.toml").unwrap_err().to_string();
+        let e = Profile::from_toml(&text.replace("read_gbs = 7", "read_gbz = 7"), "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("read_gbz"), "{e}");
-        let e = Profile::from_toml(&text.replace("kv_dtype = \"bf16\"", "kv_dtype = \"int3\""), "x.toml").unwrap_err().to_string();
+        let e = Profile::from_toml(
+            &text.replace("kv_dtype = \"bf16\"", "kv_dtype = \"int3\""),
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("int3") && e.contains("line"), "{e}");
-        let e = Profile::from_toml(&text.replace("\"amx\"]", "\"sse9\"]"), "x.toml").unwrap_err().to_string();
+        let e = Profile::from_toml(&text.replace("\"amx\"]", "\"sse9\"]"), "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("host.isa") && e.contains("sse9"), "{e}");
-        let e = Profile::from_toml(&text.replace("ram_gib = 512", "ram_gib = 600"), "x.toml").unwrap_err().to_string();
+        let e = Profile::from_toml(&text.replace("ram_gib = 512", "ram_gib = 600"), "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("host.numa"), "{e}");
         let e = Profile::resolve("no-such-profile").unwrap_err().to_string();
         assert!(e.contains("b200x8"), "{e}");

@@ -34,11 +34,18 @@ fn grouped(holds: &[Item]) -> Vec<(String, u64)> {
     let mut sums: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for item in holds {
         let kind = match item.what.strip_prefix("layer ") {
-            Some(rest) => rest.split_once(' ').map(|(_, k)| k.to_string()).unwrap_or_else(|| item.what.clone()),
+            Some(rest) => rest
+                .split_once(' ')
+                .map(|(_, k)| k.to_string())
+                .unwrap_or_else(|| item.what.clone()),
             None => item.what.clone(),
         };
         let per_layer = item.what.starts_with("layer ");
-        let key = if per_layer { format!("{kind} (# layers)") } else { kind };
+        let key = if per_layer {
+            format!("{kind} (# layers)")
+        } else {
+            kind
+        };
         if !sums.contains_key(&key) {
             order.push(key.clone());
         }
@@ -61,7 +68,12 @@ fn share(t: &TierTimes) -> String {
         return String::new();
     }
     let mut parts = Vec::new();
-    for (name, v) in [("GPU", t.gpu_s), ("CPU", t.cpu_s), ("disk", t.disk_s), ("transfer", t.transfer_s)] {
+    for (name, v) in [
+        ("GPU", t.gpu_s),
+        ("CPU", t.cpu_s),
+        ("disk", t.disk_s),
+        ("transfer", t.transfer_s),
+    ] {
         if v > 0.0 {
             parts.push(format!("{name} {:.0}%", v / total * 100.0));
         }
@@ -70,15 +82,39 @@ fn share(t: &TierTimes) -> String {
 }
 
 fn ranges(r: &[[usize; 2]]) -> String {
-    r.iter().map(|[a, b]| if b - a == 1 { a.to_string() } else { format!("{a}-{}", b - 1) }).collect::<Vec<_>>().join(",")
+    r.iter()
+        .map(|[a, b]| {
+            if b - a == 1 {
+                a.to_string()
+            } else {
+                format!("{a}-{}", b - 1)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The default text output.
 pub fn render(plan: &Plan, detail: bool) -> String {
     let mut s = String::new();
     let m = &plan.model;
-    let _ = writeln!(s, "plan for {} on {} ({} layout){}", m.name, plan.profile, plan.layout, if plan.feasible { "" } else { "  ** INFEASIBLE **" });
-    let expert_each = if m.routed_expert_count > 0 { m.routed_expert_bytes as f64 / m.routed_expert_count as f64 / 1e6 } else { 0.0 };
+    let _ = writeln!(
+        s,
+        "plan for {} on {} ({} layout){}",
+        m.name,
+        plan.profile,
+        plan.layout,
+        if plan.feasible {
+            ""
+        } else {
+            "  ** INFEASIBLE **"
+        }
+    );
+    let expert_each = if m.routed_expert_count > 0 {
+        m.routed_expert_bytes as f64 / m.routed_expert_count as f64 / 1e6
+    } else {
+        0.0
+    };
     let _ = writeln!(
         s,
         "model: {} layers ({} MoE x {} experts, top {}); text model {} GB = routed experts {} GB ({} x {:.2} MB) + other {} GB",
@@ -92,11 +128,25 @@ pub fn render(plan: &Plan, detail: bool) -> String {
         w.concurrency,
         m.kv_bytes_per_token as f64 / 1e3,
         w.kv_dtype,
-        w.attention.as_ref().map(|a| format!(", attention {}", if a == "dp" { "data-parallel" } else { "tensor-parallel" })).unwrap_or_default(),
-        if w.stats { ", experts ranked by measured frequency" } else { ", experts uniform (no statistics)" }
+        w.attention
+            .as_ref()
+            .map(|a| format!(
+                ", attention {}",
+                if a == "dp" {
+                    "data-parallel"
+                } else {
+                    "tensor-parallel"
+                }
+            ))
+            .unwrap_or_default(),
+        if w.stats {
+            ", experts ranked by measured frequency"
+        } else {
+            ", experts uniform (no statistics)"
+        }
     );
     let _ = writeln!(s);
-    let _ = writeln!(s, "{:<26} {:<52} {:>9}  {}", "device", "holds", "GB", "share");
+    let _ = writeln!(s, "{:<26} {:<52} {:>9}  share", "device", "holds", "GB");
     let mut device = |name: String, holds: &[Item], used: u64, budget: u64, capacity: u64| {
         for (i, (what, bytes)) in grouped(holds).into_iter().enumerate() {
             let label = if i == 0 { name.clone() } else { String::new() };
@@ -114,13 +164,31 @@ pub fn render(plan: &Plan, detail: bool) -> String {
         );
     };
     for g in &plan.gpus {
-        device(format!("GPU {} {}", g.index, g.name), &g.holds, g.used_bytes, g.budget_bytes, g.capacity_bytes);
+        device(
+            format!("GPU {} {}", g.index, g.name),
+            &g.holds,
+            g.used_bytes,
+            g.budget_bytes,
+            g.capacity_bytes,
+        );
     }
     for n in &plan.numa {
-        device(format!("NUMA node {}", n.node), &n.holds, n.used_bytes, n.budget_bytes, n.capacity_bytes);
+        device(
+            format!("NUMA node {}", n.node),
+            &n.holds,
+            n.used_bytes,
+            n.budget_bytes,
+            n.capacity_bytes,
+        );
     }
     if plan.disk.expert_count > 0 {
-        let _ = writeln!(s, "{:<26} {:<52} {:>9}", "disk (paged on use)", format!("cold routed experts ({})", plan.disk.expert_count), gb(plan.disk.bytes));
+        let _ = writeln!(
+            s,
+            "{:<26} {:<52} {:>9}",
+            "disk (paged on use)",
+            format!("cold routed experts ({})", plan.disk.expert_count),
+            gb(plan.disk.bytes)
+        );
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "routed experts per layer (GPU / CPU / disk):");
@@ -128,26 +196,56 @@ pub fn render(plan: &Plan, detail: bool) -> String {
     while i < plan.per_layer.len() {
         let cur = &plan.per_layer[i];
         let mut j = i;
-        while j + 1 < plan.per_layer.len() && (plan.per_layer[j + 1].gpu, plan.per_layer[j + 1].cpu, plan.per_layer[j + 1].disk) == (cur.gpu, cur.cpu, cur.disk) {
+        while j + 1 < plan.per_layer.len()
+            && (
+                plan.per_layer[j + 1].gpu,
+                plan.per_layer[j + 1].cpu,
+                plan.per_layer[j + 1].disk,
+            ) == (cur.gpu, cur.cpu, cur.disk)
+        {
             j += 1;
         }
-        let layers = if i == j { format!("layer {}", cur.layer) } else { format!("layers {}-{}", cur.layer, plan.per_layer[j].layer) };
+        let layers = if i == j {
+            format!("layer {}", cur.layer)
+        } else {
+            format!("layers {}-{}", cur.layer, plan.per_layer[j].layer)
+        };
         let _ = writeln!(s, "  {layers:<16} {} / {} / {}", cur.gpu, cur.cpu, cur.disk);
         i = j + 1;
     }
     let e = &plan.estimate;
     let _ = writeln!(s);
     let _ = writeln!(s, "estimate (roofline):");
-    let _ = writeln!(s, "  decode, 1 sequence:   {:>9.1} tokens/s   ({})", e.decode_tokens_per_s_batch1, share(&e.decode_step_batch1));
+    let _ = writeln!(
+        s,
+        "  decode, 1 sequence:   {:>9.1} tokens/s   ({})",
+        e.decode_tokens_per_s_batch1,
+        share(&e.decode_step_batch1)
+    );
     if e.concurrency > 1 {
-        let _ = writeln!(s, "  decode, {:>3} sequences: {:>8.1} tokens/s total ({})", e.concurrency, e.decode_tokens_per_s_aggregate, share(&e.decode_step_aggregate));
+        let _ = writeln!(
+            s,
+            "  decode, {:>3} sequences: {:>8.1} tokens/s total ({})",
+            e.concurrency,
+            e.decode_tokens_per_s_aggregate,
+            share(&e.decode_step_aggregate)
+        );
     }
-    let _ = writeln!(s, "  prefill:              {:>9.1} tokens/s   ({})", e.prefill_tokens_per_s, share(&e.prefill_per_token));
+    let _ = writeln!(
+        s,
+        "  prefill:              {:>9.1} tokens/s   ({})",
+        e.prefill_tokens_per_s,
+        share(&e.prefill_per_token)
+    );
     if let Some(g) = plan.gpus.first() {
         if plan.layout == "hybrid" {
             let _ = writeln!(s, "  latent KV: {} tokens reserved per GPU; up to {} if the GPU held no routed experts", g.kv_tokens, g.kv_capacity_tokens);
         } else {
-            let _ = writeln!(s, "  latent KV: {} tokens per GPU for the workload; room for {} after the weights", g.kv_tokens, g.kv_capacity_tokens);
+            let _ = writeln!(
+                s,
+                "  latent KV: {} tokens per GPU for the workload; room for {} after the weights",
+                g.kv_tokens, g.kv_capacity_tokens
+            );
         }
     }
     for p in &plan.problems {
@@ -178,20 +276,31 @@ pub fn render(plan: &Plan, detail: bool) -> String {
 /// The equivalent vLLM or SGLang launch command for an all-GPU plan.
 pub fn emit(plan: &Plan, engine: &str, model_path: &str) -> Result<String, String> {
     if plan.layout != "all-gpu" {
-        return Err(format!("--emit is for all-GPU plans; this plan's layout is {}", plan.layout));
+        return Err(format!(
+            "--emit is for all-GPU plans; this plan's layout is {}",
+            plan.layout
+        ));
     }
     let n = plan.gpus.len();
     let dp = plan.workload.attention.as_deref() == Some("dp");
     let (ctx, seqs) = (plan.workload.context, plan.workload.concurrency);
     match engine {
         "vllm" => {
-            let parallel = if dp { format!("--data-parallel-size {n} --tensor-parallel-size 1") } else { format!("--tensor-parallel-size {n}") };
+            let parallel = if dp {
+                format!("--data-parallel-size {n} --tensor-parallel-size 1")
+            } else {
+                format!("--tensor-parallel-size {n}")
+            };
             Ok(format!(
                 "vllm serve {model_path} {parallel} --enable-expert-parallel --max-model-len {ctx} --max-num-seqs {seqs} --trust-remote-code --tool-call-parser kimi_k2 --reasoning-parser kimi_k2 --enable-auto-tool-choice"
             ))
         }
         "sglang" => {
-            let dp_flags = if dp { format!(" --enable-dp-attention --dp {n}") } else { String::new() };
+            let dp_flags = if dp {
+                format!(" --enable-dp-attention --dp {n}")
+            } else {
+                String::new()
+            };
             Ok(format!(
                 "python -m sglang.launch_server --model-path {model_path} --tp {n} --ep {n}{dp_flags} --context-length {ctx} --max-running-requests {seqs} --trust-remote-code --tool-call-parser kimi_k2 --reasoning-parser kimi_k2"
             ))
