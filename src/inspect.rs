@@ -27,6 +27,10 @@ pub struct Report {
     pub modules: BTreeMap<String, ModuleFormats>,
     pub vision_tensors: usize,
     pub vision_bytes: usize,
+    /// Multi-token-prediction layers (`model.layers.N` with N >= num_hidden_layers, as in
+    /// DeepSeek-V3): recognised, not used for generation.
+    pub mtp_tensors: usize,
+    pub mtp_bytes: usize,
     /// Tensors that are neither used by the text model nor part of the vision tower.
     pub unrecognised: Vec<String>,
     /// The load error, when the text model cannot be loaded.
@@ -129,11 +133,24 @@ pub fn inspect(ckpt: &Checkpoint) -> Report {
             vision_bytes += t.byte_len();
         }
     }
+    let is_mtp = |name: &str| {
+        name.strip_prefix(&ckpt.config.tensor_prefix)
+            .and_then(|n| n.strip_prefix("model.layers."))
+            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|l| l >= ckpt.config.num_hidden_layers)
+    };
+    let (mtp_tensors, mtp_bytes) = ckpt
+        .tensors()
+        .filter(|t| is_mtp(&t.name))
+        .fold((0, 0), |(n, b), t| (n + 1, b + t.byte_len()));
     let (modules, unrecognised, problem) = match Model::load(ckpt) {
         Ok(model) => {
             let unrecognised = ckpt
                 .tensors()
-                .filter(|t| !model.used_tensors.contains(&t.name) && !is_vision(&t.name))
+                .filter(|t| {
+                    !model.used_tensors.contains(&t.name) && !is_vision(&t.name) && !is_mtp(&t.name)
+                })
                 .map(|t| t.name.clone())
                 .collect();
             (module_formats(&model), unrecognised, None)
@@ -152,6 +169,8 @@ pub fn inspect(ckpt: &Checkpoint) -> Report {
         modules,
         vision_tensors,
         vision_bytes,
+        mtp_tensors,
+        mtp_bytes,
         unrecognised,
         problem,
     }
@@ -249,6 +268,14 @@ impl std::fmt::Display for Report {
                 "vision       {} tensors, {} (vision tower and projector; not used for text)",
                 self.vision_tensors,
                 gb(self.vision_bytes)
+            )?;
+        }
+        if self.mtp_tensors > 0 {
+            writeln!(
+                f,
+                "mtp          {} tensors, {} (multi-token-prediction layers; not used)",
+                self.mtp_tensors,
+                gb(self.mtp_bytes)
             )?;
         }
         if self.unrecognised.is_empty() {

@@ -294,3 +294,27 @@ fn out_of_vocabulary_token_is_an_error() {
         "a rejected request leaves the cache untouched"
     );
 }
+
+#[test]
+fn inspect_separates_mtp_layers_from_unrecognised_tensors() {
+    let (_tmp, dir) = copy_fixture("kimi-bf16-yarn32");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 8];
+    let mut tensors: Vec<(String, TensorView)> = st.tensors();
+    tensors.push((
+        "model.layers.3.eh_proj.weight".into(),
+        TensorView::new(Dtype::BF16, vec![2, 2], &extra).unwrap(),
+    ));
+    tensors.push((
+        "something.else".into(),
+        TensorView::new(Dtype::BF16, vec![4], &extra).unwrap(),
+    ));
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let report = kimi_hybrid::inspect::inspect(&ckpt);
+    assert!(report.problem.is_none(), "{:?}", report.problem);
+    assert_eq!((report.mtp_tensors, report.mtp_bytes), (1, 8));
+    assert_eq!(report.unrecognised, vec!["something.else".to_string()]);
+}
