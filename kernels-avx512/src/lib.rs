@@ -1,11 +1,58 @@
 //! CPU kernels for kimi-hybrid.
 //!
 //! Every kernel has a scalar reference (`scalar` module) that spells out exactly how a
-//! stored weight format decodes. Fast paths (AVX-512 VNNI/BF16, AVX2) are added beside
-//! the references and are tested against them; they are selected at run time by CPUID,
-//! never by `target-cpu=native`.
+//! stored weight format decodes. Fast paths (AVX-512 VNNI, AVX2) sit beside the references,
+//! are tested against them, and are chosen at run time by CPUID (`Isa::detect`), never by
+//! `target-cpu=native`; tests and benches force each path by name.
 
+pub mod bf16;
 pub mod formats;
+pub mod int4;
 pub mod scalar;
 
 pub use formats::{bf16_to_f32, f16_to_f32, fp8_e4m3_to_f32};
+
+/// An instruction-set path of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable code (the integer reference for INT4, plain loops for BF16).
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F/BW with VNNI (`vpdpbusd`).
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// The best path this CPU supports.
+    pub fn detect() -> Isa {
+        [Isa::Avx512Vnni, Isa::Avx2].into_iter().find(|i| i.available()).unwrap_or(Isa::Scalar)
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+}

@@ -1,0 +1,236 @@
+//! INT4 (compressed-tensors pack-quantized, group 32) weights times int8-quantized
+//! activations, read in place from the checkpoint's layout.
+//!
+//! A packed row is `cols / 2` bytes: byte p holds value 2p in its low nibble and value
+//! 2p+1 in its high nibble, each stored as q+8 (0..15). Activations are quantized per
+//! 32-value block to int8 and split the same way (`even[p] = x[2p]`, `odd[p] = x[2p+1]`),
+//! so a byte-wise unsigned x signed dot product (`vpdpbusd`, or `pmaddubsw` on AVX2) of the
+//! low nibbles with `even` plus the high nibbles with `odd` gives sum(nibble * x) over
+//! every 4 bytes (8 values). Subtracting `8 * sum(x)` of those 8 values (precomputed per
+//! lane) removes the +8 offset; each lane then gets its block's weight scale times the
+//! activation block scale.
+
+use crate::formats::bf16_to_f32;
+use crate::Isa;
+
+/// One token's activations, quantized for the INT4 kernels.
+#[derive(Debug, Clone)]
+pub struct Q8Activations {
+    pub cols: usize,
+    /// `even[p] = q(x[2p])`, `odd[p] = q(x[2p+1])`, p < cols/2.
+    pub even: Vec<i8>,
+    pub odd: Vec<i8>,
+    /// Per lane of 8 values (4 bytes of each half): 8 * sum of their quantized values.
+    pub lane_offset: Vec<i32>,
+    /// Per lane of 8 values: the activation scale of the lane's 32-block.
+    pub lane_scale: Vec<f32>,
+}
+
+impl Q8Activations {
+    /// Quantizes `x` (length a multiple of 32) with one scale per 32 values: absmax / 127.
+    pub fn new(x: &[f32]) -> Self {
+        let cols = x.len();
+        assert!(cols % 32 == 0, "INT4 kernels need a multiple of 32 columns");
+        let mut even = vec![0i8; cols / 2];
+        let mut odd = vec![0i8; cols / 2];
+        let mut lane_offset = vec![0i32; cols / 8];
+        let mut lane_scale = vec![0f32; cols / 8];
+        for (b, block) in x.chunks_exact(32).enumerate() {
+            let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = absmax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (j, &v) in block.iter().enumerate() {
+                let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                let p = b * 16 + j / 2;
+                if j % 2 == 0 {
+                    even[p] = q;
+                } else {
+                    odd[p] = q;
+                }
+            }
+            for lane in 0..4 {
+                let l = b * 4 + lane;
+                let sum: i32 = (0..4).map(|i| even[l * 4 + i] as i32 + odd[l * 4 + i] as i32).sum();
+                lane_offset[l] = 8 * sum;
+                lane_scale[l] = scale;
+            }
+        }
+        Q8Activations { cols, even, odd, lane_offset, lane_scale }
+    }
+}
+
+#[inline(always)]
+fn scale_of(scales: &[u8], block: usize) -> f32 {
+    bf16_to_f32(u16::from_le_bytes([scales[2 * block], scales[2 * block + 1]]))
+}
+
+/// Integer reference of the quantized dot product for lanes `from..to` (used for tails).
+fn dot_lanes_portable(packed: &[u8], scales: &[u8], x: &Q8Activations, from: usize, to: usize) -> f32 {
+    let mut total = 0.0f32;
+    for lane in from..to {
+        let mut acc = 0i32;
+        for i in 0..4 {
+            let p = lane * 4 + i;
+            let byte = packed[p];
+            acc += (byte & 0x0f) as i32 * x.even[p] as i32 + (byte >> 4) as i32 * x.odd[p] as i32;
+        }
+        total += (acc - x.lane_offset[lane]) as f32 * scale_of(scales, lane / 4) * x.lane_scale[lane];
+    }
+    total
+}
+
+/// `out[t] = row . x[t]` for one packed row and up to 8 tokens, on the given ISA.
+/// `packed` holds cols/2 bytes, `scales` cols/32 BF16 values.
+pub fn dot_row(isa: Isa, packed: &[u8], scales: &[u8], xs: &[&Q8Activations], out: &mut [f32]) {
+    debug_assert!(xs.len() <= 8 && out.len() == xs.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe { avx512::dot_row(packed, scales, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.available() => unsafe { avx2::dot_row(packed, scales, xs, out) },
+        _ => {
+            let lanes = packed.len() / 4;
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = dot_lanes_portable(packed, scales, x, 0, lanes);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{dot_lanes_portable, Q8Activations};
+    use std::arch::x86_64::*;
+
+    /// 64 packed bytes (128 values, 4 blocks, 16 lanes) per step.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_row(packed: &[u8], scales: &[u8], xs: &[&Q8Activations], out: &mut [f32]) {
+        let bytes = packed.len();
+        let steps = bytes / 64;
+        let nibble = _mm512_set1_epi8(0x0f);
+        // Lane i of a step belongs to block i / 4.
+        let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for s in 0..steps {
+            let w = _mm512_loadu_si512(packed.as_ptr().add(s * 64) as *const _);
+            let lo = _mm512_and_si512(w, nibble);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+            // Four BF16 block scales -> f32, each repeated over the block's 4 lanes.
+            let raw = _mm_loadl_epi64(scales.as_ptr().add(s * 8) as *const _);
+            let ws4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
+            let ws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(ws4));
+            for (t, x) in xs.iter().enumerate() {
+                let xe = _mm512_loadu_si512(x.even.as_ptr().add(s * 64) as *const _);
+                let xo = _mm512_loadu_si512(x.odd.as_ptr().add(s * 64) as *const _);
+                let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe);
+                dot = _mm512_dpbusd_epi32(dot, hi, xo);
+                dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(x.lane_offset.as_ptr().add(s * 16) as *const _));
+                let scale = _mm512_mul_ps(ws, _mm512_loadu_ps(x.lane_scale.as_ptr().add(s * 16)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+            }
+        }
+        let (from, to) = (steps * 16, bytes / 4);
+        for (t, x) in xs.iter().enumerate() {
+            out[t] = _mm512_reduce_add_ps(acc[t]) + dot_lanes_portable(packed, scales, x, from, to);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{dot_lanes_portable, Q8Activations};
+    use std::arch::x86_64::*;
+
+    /// 32 packed bytes (64 values, 2 blocks, 8 lanes) per step.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_row(packed: &[u8], scales: &[u8], xs: &[&Q8Activations], out: &mut [f32]) {
+        let bytes = packed.len();
+        let steps = bytes / 32;
+        let nibble = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for s in 0..steps {
+            let w = _mm256_loadu_si256(packed.as_ptr().add(s * 32) as *const _);
+            let lo = _mm256_and_si256(w, nibble);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+            let raw = _mm_cvtsi32_si128(i32::from_le_bytes([scales[s * 4], scales[s * 4 + 1], scales[s * 4 + 2], scales[s * 4 + 3]]));
+            let ws2 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
+            let ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(ws2), spread);
+            for (t, x) in xs.iter().enumerate() {
+                let xe = _mm256_loadu_si256(x.even.as_ptr().add(s * 32) as *const _);
+                let xo = _mm256_loadu_si256(x.odd.as_ptr().add(s * 32) as *const _);
+                // Nibble x int8 products summed in pairs fit in i16 (2 * 15 * 127 each).
+                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+                let mut dot = _mm256_madd_epi16(pairs, ones);
+                dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.lane_offset.as_ptr().add(s * 8) as *const _));
+                let scale = _mm256_mul_ps(ws, _mm256_loadu_ps(x.lane_scale.as_ptr().add(s * 8)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+            }
+        }
+        let (from, to) = (steps * 8, bytes / 4);
+        for (t, x) in xs.iter().enumerate() {
+            let v = acc[t];
+            let sum128 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
+            let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
+            out[t] = _mm_cvtss_f32(sum32) + dot_lanes_portable(packed, scales, x, from, to);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar::{decode_int4_row, dot};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
+        let packed: Vec<u8> = (0..cols / 2).map(|_| (lcg(seed).to_bits() >> 7) as u8).collect();
+        let scales: Vec<u8> = (0..cols / 32).flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes()).collect();
+        (packed, scales)
+    }
+
+    fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f32 = want.iter().map(|b| b * b).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn every_isa_matches_the_f32_reference() {
+        let mut seed = 7;
+        for cols in [32, 64, 96, 160, 224, 2048, 7168] {
+            let rows = 5;
+            let tokens = 3;
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|_| (0..cols).map(|_| lcg(&mut seed)).collect()).collect();
+            let q: Vec<Q8Activations> = xs.iter().map(|x| Q8Activations::new(x)).collect();
+            let qr: Vec<&Q8Activations> = q.iter().collect();
+            let mut want = vec![];
+            let mut got: Vec<Vec<f32>> = vec![vec![]; 3];
+            let mut w = vec![0.0; cols];
+            for _ in 0..rows {
+                let (packed, scales) = random_row(cols, &mut seed);
+                decode_int4_row(&packed, &scales, 32, &mut w);
+                for x in &xs {
+                    want.push(dot(&w, x));
+                }
+                for (i, isa) in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().enumerate() {
+                    let mut out = vec![0.0; tokens];
+                    dot_row(isa, &packed, &scales, &qr, &mut out);
+                    got[i].extend(out);
+                }
+            }
+            for (i, g) in got.iter().enumerate() {
+                let err = rel_l2(g, &want);
+                assert!(err < 1e-2, "isa {i} cols {cols}: relative L2 error {err}");
+            }
+            // All int8 paths compute the same integers: they agree closely with each other.
+            assert!(rel_l2(&got[1], &got[0]) < 1e-5 && rel_l2(&got[2], &got[0]) < 1e-5, "cols {cols}");
+        }
+    }
+}
