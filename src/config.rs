@@ -254,7 +254,7 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.n_routed_experts > 0
             && layer >= self.first_k_dense_replace
-            && layer % self.moe_layer_freq == 0
+            && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     /// Per-head query/key width: nope + rope.
@@ -508,7 +508,7 @@ fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
             "must be null or greater than 0",
         ));
     }
-    if c.qk_rope_head_dim % 2 != 0 {
+    if !c.qk_rope_head_dim.is_multiple_of(2) {
         return Err(field_err(
             &f.name("qk_rope_head_dim"),
             format!(
@@ -548,7 +548,7 @@ fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
                 ),
             ));
         }
-        if c.n_group == 0 || c.n_routed_experts % c.n_group != 0 {
+        if c.n_group == 0 || !c.n_routed_experts.is_multiple_of(c.n_group) {
             return Err(field_err(
                 &f.name("n_group"),
                 format!(
@@ -597,7 +597,7 @@ fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
         }
     }
     if let Some(Quantization::PackQuantized(q)) = &c.quantization {
-        if c.moe_intermediate_size % q.group_size != 0 && c.n_routed_experts > 0 {
+        if !c.moe_intermediate_size.is_multiple_of(q.group_size) && c.n_routed_experts > 0 {
             return Err(field_err(
                 &f.name("quantization_config.config_groups.weights.group_size"),
                 format!(

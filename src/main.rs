@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kimi_hybrid::backend::ReferenceBackend;
 use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
 use kimi_hybrid::model::Model;
 use kimi_hybrid::tokenizer::chat_template::ChatTemplate;
@@ -79,6 +78,9 @@ enum Command {
         /// Also generate this many tokens per prompt (greedy), counting their routing too.
         #[arg(long, default_value_t = 0)]
         generate: usize,
+        /// Compute backend (see `run --backend`).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
     },
     /// Describe a checkpoint: architecture, config, tensors, formats, anything unrecognised.
     Inspect {
@@ -157,6 +159,10 @@ struct RunArgs {
     /// Print one JSON object with `generated_ids`.
     #[arg(long)]
     json: bool,
+    /// Compute backend: cpu (fast kernels, exact), cpu-int8 (int8 activations for INT4
+    /// weights), reference (scalar); cpu/cpu-int8 take :scalar, :avx2 or :avx512-vnni.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
 }
 
 fn main() -> Result<()> {
@@ -170,7 +176,8 @@ fn main() -> Result<()> {
             prompts,
             out,
             generate,
-        } => calibrate(model, &prompts, &out, generate),
+            backend,
+        } => calibrate(model, &prompts, &out, generate, &backend),
         Command::Tokenize {
             model,
             text,
@@ -256,7 +263,8 @@ fn run(args: RunArgs) -> Result<()> {
         stop_ids: &stop_ids,
         keep_prompt_logits: args.logits_out.is_some(),
     };
-    let out = generate(&model, &ReferenceBackend, &req)?;
+    let backend = kimi_hybrid::backend::by_name(&args.backend).map_err(anyhow::Error::msg)?;
+    let out = generate(&model, backend.as_ref(), &req)?;
     if let (Some(path), Some(logits)) = (&args.logits_out, &out.prompt_logits) {
         write_logits(path, logits, prompt_ids.len(), model.config.vocab_size)?;
     }
@@ -492,8 +500,10 @@ fn calibrate(
     prompts: &Path,
     out: &Path,
     generate_tokens: usize,
+    backend: &str,
 ) -> Result<()> {
     use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
+    let backend = kimi_hybrid::backend::by_name(backend).map_err(anyhow::Error::msg)?;
     use kimi_hybrid::placement::ExpertStats;
     let dir = model_dir(model)?;
     let ckpt = open(&dir)?;
@@ -522,7 +532,7 @@ fn calibrate(
         };
         let mut logits = model
             .forward_observed(
-                &ReferenceBackend,
+                backend.as_ref(),
                 &ids,
                 &mut cache,
                 AttentionForm::Auto,
@@ -534,7 +544,7 @@ fn calibrate(
         for _ in 0..generate_tokens {
             let next = kimi_hybrid::generate::argmax(&logits);
             logits = model.forward_observed(
-                &ReferenceBackend,
+                backend.as_ref(),
                 &[next],
                 &mut cache,
                 AttentionForm::Auto,

@@ -86,11 +86,15 @@ mod tests {
     fn every_isa_matches_the_reference() {
         let mut seed = 3u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         for cols in [1, 7, 8, 15, 16, 33, 100, 2048, 7168] {
-            let row: Vec<u8> = (0..cols).flat_map(|_| ((rnd().to_bits() >> 16) as u16).to_le_bytes()).collect();
+            let row: Vec<u8> = (0..cols)
+                .flat_map(|_| ((rnd().to_bits() >> 16) as u16).to_le_bytes())
+                .collect();
             let xs: Vec<Vec<f32>> = (0..3).map(|_| (0..cols).map(|_| rnd()).collect()).collect();
             let xr: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
             let mut want = vec![0.0; 3];
@@ -99,7 +103,10 @@ mod tests {
                 let mut got = vec![0.0; 3];
                 dot_row(isa, &row, &xr, &mut got);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 2e-3 * w.abs().max(1.0), "{isa:?} cols {cols}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 2e-3 * w.abs().max(1.0),
+                        "{isa:?} cols {cols}: {g} vs {w}"
+                    );
                 }
             }
         }

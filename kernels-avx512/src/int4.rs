@@ -30,7 +30,10 @@ impl Q8Activations {
     /// Quantizes `x` (length a multiple of 32) with one scale per 32 values: absmax / 127.
     pub fn new(x: &[f32]) -> Self {
         let cols = x.len();
-        assert!(cols % 32 == 0, "INT4 kernels need a multiple of 32 columns");
+        assert!(
+            cols.is_multiple_of(32),
+            "INT4 kernels need a multiple of 32 columns"
+        );
         let mut even = vec![0i8; cols / 2];
         let mut odd = vec![0i8; cols / 2];
         let mut lane_offset = vec![0i32; cols / 8];
@@ -50,22 +53,39 @@ impl Q8Activations {
             }
             for lane in 0..4 {
                 let l = b * 4 + lane;
-                let sum: i32 = (0..4).map(|i| even[l * 4 + i] as i32 + odd[l * 4 + i] as i32).sum();
+                let sum: i32 = (0..4)
+                    .map(|i| even[l * 4 + i] as i32 + odd[l * 4 + i] as i32)
+                    .sum();
                 lane_offset[l] = 8 * sum;
                 lane_scale[l] = scale;
             }
         }
-        Q8Activations { cols, even, odd, lane_offset, lane_scale }
+        Q8Activations {
+            cols,
+            even,
+            odd,
+            lane_offset,
+            lane_scale,
+        }
     }
 }
 
 #[inline(always)]
 fn scale_of(scales: &[u8], block: usize) -> f32 {
-    bf16_to_f32(u16::from_le_bytes([scales[2 * block], scales[2 * block + 1]]))
+    bf16_to_f32(u16::from_le_bytes([
+        scales[2 * block],
+        scales[2 * block + 1],
+    ]))
 }
 
 /// Integer reference of the quantized dot product for lanes `from..to` (used for tails).
-fn dot_lanes_portable(packed: &[u8], scales: &[u8], x: &Q8Activations, from: usize, to: usize) -> f32 {
+fn dot_lanes_portable(
+    packed: &[u8],
+    scales: &[u8],
+    x: &Q8Activations,
+    from: usize,
+    to: usize,
+) -> f32 {
     let mut total = 0.0f32;
     for lane in from..to {
         let mut acc = 0i32;
@@ -74,7 +94,8 @@ fn dot_lanes_portable(packed: &[u8], scales: &[u8], x: &Q8Activations, from: usi
             let byte = packed[p];
             acc += (byte & 0x0f) as i32 * x.even[p] as i32 + (byte >> 4) as i32 * x.odd[p] as i32;
         }
-        total += (acc - x.lane_offset[lane]) as f32 * scale_of(scales, lane / 4) * x.lane_scale[lane];
+        total +=
+            (acc - x.lane_offset[lane]) as f32 * scale_of(scales, lane / 4) * x.lane_scale[lane];
     }
     total
 }
@@ -85,13 +106,36 @@ pub fn dot_row(isa: Isa, packed: &[u8], scales: &[u8], xs: &[&Q8Activations], ou
     debug_assert!(xs.len() <= 8 && out.len() == xs.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe { avx512::dot_row(packed, scales, xs, out) },
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe {
+            avx512::dot_row(packed, scales, xs, out)
+        },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if Isa::Avx2.available() => unsafe { avx2::dot_row(packed, scales, xs, out) },
         _ => {
             let lanes = packed.len() / 4;
             for (o, x) in out.iter_mut().zip(xs) {
                 *o = dot_lanes_portable(packed, scales, x, 0, lanes);
+            }
+        }
+    }
+}
+
+/// `out[t] = row . xs[t]` with f32 activations: the nibbles are dequantized in registers
+/// (exact, as the reference decodes them), for up to 8 tokens.
+pub fn dot_row_f32(isa: Isa, packed: &[u8], scales: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    debug_assert!(xs.len() <= 8 && out.len() == xs.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe {
+            avx512::dot_row_f32(packed, scales, xs, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.available() => unsafe { avx2::dot_row_f32(packed, scales, xs, out) },
+        _ => {
+            let mut w = vec![0.0f32; packed.len() * 2];
+            crate::scalar::decode_int4_row(packed, scales, 32, &mut w);
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = crate::scalar::dot(&w, x);
             }
         }
     }
@@ -124,7 +168,10 @@ mod avx512 {
                 let xo = _mm512_loadu_si512(x.odd.as_ptr().add(s * 64) as *const _);
                 let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe);
                 dot = _mm512_dpbusd_epi32(dot, hi, xo);
-                dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(x.lane_offset.as_ptr().add(s * 16) as *const _));
+                dot = _mm512_sub_epi32(
+                    dot,
+                    _mm512_loadu_si512(x.lane_offset.as_ptr().add(s * 16) as *const _),
+                );
                 let scale = _mm512_mul_ps(ws, _mm512_loadu_ps(x.lane_scale.as_ptr().add(s * 16)));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
             }
@@ -132,6 +179,40 @@ mod avx512 {
         let (from, to) = (steps * 16, bytes / 4);
         for (t, x) in xs.iter().enumerate() {
             out[t] = _mm512_reduce_add_ps(acc[t]) + dot_lanes_portable(packed, scales, x, from, to);
+        }
+    }
+
+    /// One 32-value block (16 packed bytes) per step: nibbles -> (q - 8) * scale in f32.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dot_row_f32(packed: &[u8], scales: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let blocks = packed.len() / 16;
+        let nibble = _mm_set1_epi8(0x0f);
+        let eight = _mm512_set1_epi32(8);
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for b in 0..blocks {
+            let w = _mm_loadu_si128(packed.as_ptr().add(b * 16) as *const _);
+            let lo = _mm_and_si128(w, nibble);
+            let hi = _mm_and_si128(_mm_srli_epi16(w, 4), nibble);
+            // Interleave low (even k) and high (odd k) nibbles back into k order.
+            let first = _mm_unpacklo_epi8(lo, hi);
+            let second = _mm_unpackhi_epi8(lo, hi);
+            let scale = _mm512_set1_ps(super::scale_of(scales, b));
+            let w0 = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)),
+                scale,
+            );
+            let w1 = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)),
+                scale,
+            );
+            for (t, x) in xs.iter().enumerate() {
+                let p = x.as_ptr().add(b * 32);
+                acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p), acc[t]);
+                acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p.add(16)), acc[t]);
+            }
+        }
+        for t in 0..xs.len() {
+            out[t] = _mm512_reduce_add_ps(acc[t]);
         }
     }
 }
@@ -154,16 +235,25 @@ mod avx2 {
             let w = _mm256_loadu_si256(packed.as_ptr().add(s * 32) as *const _);
             let lo = _mm256_and_si256(w, nibble);
             let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
-            let raw = _mm_cvtsi32_si128(i32::from_le_bytes([scales[s * 4], scales[s * 4 + 1], scales[s * 4 + 2], scales[s * 4 + 3]]));
+            let raw = _mm_cvtsi32_si128(i32::from_le_bytes([
+                scales[s * 4],
+                scales[s * 4 + 1],
+                scales[s * 4 + 2],
+                scales[s * 4 + 3],
+            ]));
             let ws2 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
             let ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(ws2), spread);
             for (t, x) in xs.iter().enumerate() {
                 let xe = _mm256_loadu_si256(x.even.as_ptr().add(s * 32) as *const _);
                 let xo = _mm256_loadu_si256(x.odd.as_ptr().add(s * 32) as *const _);
                 // Nibble x int8 products summed in pairs fit in i16 (2 * 15 * 127 each).
-                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+                let pairs =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
                 let mut dot = _mm256_madd_epi16(pairs, ones);
-                dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.lane_offset.as_ptr().add(s * 8) as *const _));
+                dot = _mm256_sub_epi32(
+                    dot,
+                    _mm256_loadu_si256(x.lane_offset.as_ptr().add(s * 8) as *const _),
+                );
                 let scale = _mm256_mul_ps(ws, _mm256_loadu_ps(x.lane_scale.as_ptr().add(s * 8)));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
             }
@@ -177,6 +267,49 @@ mod avx2 {
             out[t] = _mm_cvtss_f32(sum32) + dot_lanes_portable(packed, scales, x, from, to);
         }
     }
+
+    /// One 32-value block per step, four 8-wide pieces.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_row_f32(packed: &[u8], scales: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let blocks = packed.len() / 16;
+        let nibble = _mm_set1_epi8(0x0f);
+        let eight = _mm256_set1_epi32(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for b in 0..blocks {
+            let w = _mm_loadu_si128(packed.as_ptr().add(b * 16) as *const _);
+            let lo = _mm_and_si128(w, nibble);
+            let hi = _mm_and_si128(_mm_srli_epi16(w, 4), nibble);
+            let first = _mm_unpacklo_epi8(lo, hi);
+            let second = _mm_unpackhi_epi8(lo, hi);
+            let scale = _mm256_set1_ps(super::scale_of(scales, b));
+            let pieces = [
+                first,
+                _mm_srli_si128(first, 8),
+                second,
+                _mm_srli_si128(second, 8),
+            ];
+            let mut ws = [_mm256_setzero_ps(); 4];
+            for (i, piece) in pieces.iter().enumerate() {
+                ws[i] = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(*piece), eight)),
+                    scale,
+                );
+            }
+            for (t, x) in xs.iter().enumerate() {
+                let p = x.as_ptr().add(b * 32);
+                for (i, w) in ws.iter().enumerate() {
+                    acc[t] = _mm256_fmadd_ps(*w, _mm256_loadu_ps(p.add(8 * i)), acc[t]);
+                }
+            }
+        }
+        for t in 0..xs.len() {
+            let v = acc[t];
+            let sum128 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
+            let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
+            out[t] = _mm_cvtss_f32(sum32);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -185,13 +318,19 @@ mod tests {
     use crate::scalar::{decode_int4_row, dot};
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
-        let packed: Vec<u8> = (0..cols / 2).map(|_| (lcg(seed).to_bits() >> 7) as u8).collect();
-        let scales: Vec<u8> = (0..cols / 32).flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let packed: Vec<u8> = (0..cols / 2)
+            .map(|_| (lcg(seed).to_bits() >> 7) as u8)
+            .collect();
+        let scales: Vec<u8> = (0..cols / 32)
+            .flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
         (packed, scales)
     }
 
@@ -202,12 +341,35 @@ mod tests {
     }
 
     #[test]
+    fn f32_activation_paths_match_the_reference_closely() {
+        let mut seed = 11;
+        for cols in [32, 64, 96, 2048, 7168] {
+            let xs: Vec<Vec<f32>> = (0..3)
+                .map(|_| (0..cols).map(|_| lcg(&mut seed)).collect())
+                .collect();
+            let xr: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let (packed, scales) = random_row(cols, &mut seed);
+            let mut w = vec![0.0; cols];
+            decode_int4_row(&packed, &scales, 32, &mut w);
+            let want: Vec<f32> = xs.iter().map(|x| dot(&w, x)).collect();
+            for isa in Isa::ALL {
+                let mut got = vec![0.0; 3];
+                dot_row_f32(isa, &packed, &scales, &xr, &mut got);
+                let err = rel_l2(&got, &want);
+                assert!(err < 2e-5, "{isa:?} cols {cols}: relative L2 error {err}");
+            }
+        }
+    }
+
+    #[test]
     fn every_isa_matches_the_f32_reference() {
         let mut seed = 7;
         for cols in [32, 64, 96, 160, 224, 2048, 7168] {
             let rows = 5;
             let tokens = 3;
-            let xs: Vec<Vec<f32>> = (0..tokens).map(|_| (0..cols).map(|_| lcg(&mut seed)).collect()).collect();
+            let xs: Vec<Vec<f32>> = (0..tokens)
+                .map(|_| (0..cols).map(|_| lcg(&mut seed)).collect())
+                .collect();
             let q: Vec<Q8Activations> = xs.iter().map(|x| Q8Activations::new(x)).collect();
             let qr: Vec<&Q8Activations> = q.iter().collect();
             let mut want = vec![];
@@ -219,7 +381,10 @@ mod tests {
                 for x in &xs {
                     want.push(dot(&w, x));
                 }
-                for (i, isa) in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().enumerate() {
+                for (i, isa) in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+                    .into_iter()
+                    .enumerate()
+                {
                     let mut out = vec![0.0; tokens];
                     dot_row(isa, &packed, &scales, &qr, &mut out);
                     got[i].extend(out);
@@ -230,7 +395,10 @@ mod tests {
                 assert!(err < 1e-2, "isa {i} cols {cols}: relative L2 error {err}");
             }
             // All int8 paths compute the same integers: they agree closely with each other.
-            assert!(rel_l2(&got[1], &got[0]) < 1e-5 && rel_l2(&got[2], &got[0]) < 1e-5, "cols {cols}");
+            assert!(
+                rel_l2(&got[1], &got[0]) < 1e-5 && rel_l2(&got[2], &got[0]) < 1e-5,
+                "cols {cols}"
+            );
         }
     }
 }

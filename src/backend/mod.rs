@@ -1,8 +1,10 @@
 //! The operations the model's maths needs from a device, behind one trait, so the same
 //! model code runs on the scalar reference, the fast CPU kernels and (later) the GPU.
 
+mod cpu;
 mod reference;
 
+pub use cpu::{Activations, CpuBackend};
 pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;
@@ -73,4 +75,74 @@ pub trait Backend: Send + Sync {
         scale: f32,
         out: &mut [f32],
     );
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The SiLU-gated FFN written once over any backend's `linear`: gather the tokens' rows,
+/// gate and up projections, `silu(gate) * up`, down projection, weighted scatter-add.
+pub fn ffn_accumulate_with(
+    backend: &dyn Backend,
+    ffn: &FfnWeights,
+    x: &[f32],
+    tokens: &[(usize, f32)],
+    out: &mut [f32],
+) {
+    let hidden = ffn.gate.cols();
+    let inter = ffn.gate.rows();
+    let m = tokens.len();
+    let mut xs = Vec::with_capacity(m * hidden);
+    for &(t, _) in tokens {
+        xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+    }
+    let mut gate = vec![0.0; m * inter];
+    let mut up = vec![0.0; m * inter];
+    backend.linear(&ffn.gate, 0..inter, &xs, &mut gate);
+    backend.linear(&ffn.up, 0..inter, &xs, &mut up);
+    for (g, u) in gate.iter_mut().zip(&up) {
+        *g = silu(*g) * u;
+    }
+    let mut down = vec![0.0; m * hidden];
+    backend.linear(&ffn.down, 0..hidden, &gate, &mut down);
+    for (j, &(t, weight)) in tokens.iter().enumerate() {
+        for (o, d) in out[t * hidden..(t + 1) * hidden]
+            .iter_mut()
+            .zip(&down[j * hidden..(j + 1) * hidden])
+        {
+            *o += weight * d;
+        }
+    }
+}
+
+/// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on
+/// the best ISA of this CPU, f32 activations: the reference's numbers) or `cpu-int8`
+/// (INT4 weights against int8-quantized activations: faster, approximate). `:scalar`,
+/// `:avx2` or `:avx512-vnni` after `cpu`/`cpu-int8` forces a kernel path.
+pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
+    if name == "reference" {
+        return Ok(Box::new(ReferenceBackend));
+    }
+    let (family, isa) = name
+        .split_once(':')
+        .map_or((name, None), |(f, i)| (f, Some(i)));
+    let activations = match family {
+        "cpu" => Activations::F32,
+        "cpu-int8" => Activations::Int8,
+        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni)")),
+    };
+    let isa = match isa {
+        None => kernels_avx512::Isa::detect(),
+        Some(i) => match kernels_avx512::Isa::from_name(i) {
+            Some(isa) if isa.available() => isa,
+            Some(isa) => return Err(format!("this CPU cannot run the {} kernels", isa.name())),
+            None => {
+                return Err(format!(
+                    "unknown kernel path {i:?}; expected scalar, avx2 or avx512-vnni"
+                ))
+            }
+        },
+    };
+    Ok(Box::new(CpuBackend::new(isa, activations)))
 }

@@ -11,10 +11,6 @@ use std::ops::Range;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReferenceBackend;
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 impl Backend for ReferenceBackend {
     fn name(&self) -> &'static str {
         "reference"
@@ -70,30 +66,7 @@ impl Backend for ReferenceBackend {
         tokens: &[(usize, f32)],
         out: &mut [f32],
     ) {
-        let hidden = ffn.gate.cols();
-        let inter = ffn.gate.rows();
-        let m = tokens.len();
-        let mut xs = Vec::with_capacity(m * hidden);
-        for &(t, _) in tokens {
-            xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-        }
-        let mut gate = vec![0.0; m * inter];
-        let mut up = vec![0.0; m * inter];
-        self.linear(&ffn.gate, 0..inter, &xs, &mut gate);
-        self.linear(&ffn.up, 0..inter, &xs, &mut up);
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = silu(*g) * u;
-        }
-        let mut down = vec![0.0; m * hidden];
-        self.linear(&ffn.down, 0..hidden, &gate, &mut down);
-        for (j, &(t, weight)) in tokens.iter().enumerate() {
-            for (o, d) in out[t * hidden..(t + 1) * hidden]
-                .iter_mut()
-                .zip(&down[j * hidden..(j + 1) * hidden])
-            {
-                *o += weight * d;
-            }
-        }
+        super::ffn_accumulate_with(self, ffn, x, tokens, out);
     }
 
     fn attention(

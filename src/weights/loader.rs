@@ -184,7 +184,7 @@ impl<'a> WeightLoader<'a> {
                 format!("is pack-quantized but quantization_config.ignore lists {full_module}"),
             ));
         }
-        if cols % q.group_size != 0 {
+        if !cols.is_multiple_of(q.group_size) {
             return Err(inconsistent(
                 packed,
                 format!(

@@ -1,0 +1,168 @@
+//! The fast CPU backend: INT4 and BF16 weights through the `kernels-avx512` row kernels
+//! (read in place from the mmap), rayon across rows. Other formats (FP8, F16, F32) and
+//! attention use the reference code. Each output row is computed by one task in a fixed
+//! order, so results do not depend on the thread count.
+
+use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
+use crate::weights::{DenseDtype, LinearWeight};
+use kernels_avx512::int4::Q8Activations;
+use kernels_avx512::Isa;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Rows per rayon task.
+const ROWS_PER_TASK: usize = 16;
+/// Tokens per kernel call (the kernels keep one accumulator per token).
+const TOKENS_PER_CALL: usize = 8;
+
+/// How INT4 kernels take their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations, nibbles dequantized in registers: the reference's numbers.
+    F32,
+    /// Activations quantized to int8 per 32 values (`vpdpbusd`): faster, approximate.
+    Int8,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CpuBackend {
+    isa: Isa,
+    activations: Activations,
+}
+
+impl CpuBackend {
+    pub fn new(isa: Isa, activations: Activations) -> Self {
+        CpuBackend { isa, activations }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}
+
+/// Computes `y[t, i] = row(rows.start + i) . x[t]` with a per-row kernel, in parallel
+/// over rows; `kernel(row, token_range, out)` fills `out` for those tokens.
+fn rows_parallel(
+    rows: Range<usize>,
+    n: usize,
+    y: &mut [f32],
+    kernel: impl Fn(usize, Range<usize>, &mut [f32]) + Sync,
+) {
+    let r = rows.len();
+    let mut by_row = vec![0.0f32; r * n];
+    by_row
+        .par_chunks_mut(n * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, out)| {
+            for (j, row_out) in out.chunks_mut(n).enumerate() {
+                let row = rows.start + task * ROWS_PER_TASK + j;
+                let mut t = 0;
+                while t < n {
+                    let end = (t + TOKENS_PER_CALL).min(n);
+                    kernel(row, t..end, &mut row_out[t..end]);
+                    t = end;
+                }
+            }
+        });
+    for i in 0..r {
+        for t in 0..n {
+            y[t * r + i] = by_row[i * n + t];
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        match self.activations {
+            Activations::F32 => "cpu",
+            Activations::Int8 => "cpu-int8",
+        }
+    }
+
+    fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        match w {
+            LinearWeight::Int4 {
+                packed,
+                scales,
+                cols,
+                group: 32,
+                ..
+            } => {
+                let n = x.len() / cols;
+                let (packed, scales) = (packed.bytes(), scales.bytes());
+                let (pw, sw) = (cols / 2, cols / 32 * 2);
+                let row_bytes = |row: usize| {
+                    (
+                        &packed[row * pw..(row + 1) * pw],
+                        &scales[row * sw..(row + 1) * sw],
+                    )
+                };
+                match self.activations {
+                    Activations::F32 => rows_parallel(rows, n, y, |row, tokens, out| {
+                        let xs: Vec<&[f32]> =
+                            tokens.map(|t| &x[t * cols..(t + 1) * cols]).collect();
+                        let (p, s) = row_bytes(row);
+                        kernels_avx512::int4::dot_row_f32(self.isa, p, s, &xs, out);
+                    }),
+                    Activations::Int8 => {
+                        // Quantize each token once per call, not once per row.
+                        let q: Vec<Q8Activations> =
+                            x.chunks_exact(*cols).map(Q8Activations::new).collect();
+                        rows_parallel(rows, n, y, |row, tokens, out| {
+                            let xs: Vec<&Q8Activations> = q[tokens].iter().collect();
+                            let (p, s) = row_bytes(row);
+                            kernels_avx512::int4::dot_row(self.isa, p, s, &xs, out);
+                        });
+                    }
+                }
+            }
+            LinearWeight::Dense {
+                dtype: DenseDtype::Bf16,
+                data,
+                cols,
+                ..
+            } => {
+                let n = x.len() / cols;
+                let bytes = data.bytes();
+                let width = cols * 2;
+                rows_parallel(rows, n, y, |row, tokens, out| {
+                    let xs: Vec<&[f32]> = tokens.map(|t| &x[t * cols..(t + 1) * cols]).collect();
+                    kernels_avx512::bf16::dot_row(
+                        self.isa,
+                        &bytes[row * width..(row + 1) * width],
+                        &xs,
+                        out,
+                    );
+                });
+            }
+            _ => ReferenceBackend.linear(w, rows, x, y),
+        }
+    }
+
+    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        ReferenceBackend.linear_transposed(w, rows, x, y)
+    }
+
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &[f32],
+        tokens: &[(usize, f32)],
+        out: &mut [f32],
+    ) {
+        super::ffn_accumulate_with(self, ffn, x, tokens, out);
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        k: KvView,
+        v: KvView,
+        shape: AttentionShape,
+        positions: &[usize],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        ReferenceBackend.attention(q, k, v, shape, positions, scale, out)
+    }
+}
