@@ -6,6 +6,7 @@
 //! checkpoint holds).
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod generate;

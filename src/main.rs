@@ -82,6 +82,17 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         backend: String,
     },
+    /// Benchmarks. `bench kernels`: the CPU expert kernels at Kimi K2 shapes against this
+    /// machine's measured read bandwidth and instruction peak.
+    Bench {
+        /// What to benchmark: `kernels`.
+        what: String,
+        /// Working set of distinct experts, GB (at least 2 so weights come from DRAM).
+        #[arg(long, default_value_t = 2.0)]
+        working_set_gb: f64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Describe a checkpoint: architecture, config, tensors, formats, anything unrecognised.
     Inspect {
         /// Checkpoint directory (default: the bundled demo checkpoint).
@@ -171,6 +182,24 @@ fn main() -> Result<()> {
         Command::Run(args) => run(args),
         Command::Inspect { model, json } => inspect(model, json),
         Command::Plan(args) => plan(args),
+        Command::Bench {
+            what,
+            working_set_gb,
+            repeats,
+        } => {
+            if what != "kernels" {
+                bail!("unknown benchmark {what:?}; available: kernels");
+            }
+            if !(working_set_gb > 0.0 && working_set_gb < 1024.0) {
+                bail!("--working-set-gb must be between 0 and 1024");
+            }
+            let opts = kimi_hybrid::bench::KernelBenchOptions {
+                working_set_bytes: (working_set_gb * 1e9) as usize,
+                repeats,
+            };
+            print!("{}", kimi_hybrid::bench::kernels(&opts)?);
+            Ok(())
+        }
         Command::Calibrate {
             model,
             prompts,

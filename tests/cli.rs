@@ -455,3 +455,45 @@ fn calibrate_then_plan_with_statistics() {
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["workload"]["stats"], true);
 }
+
+#[test]
+fn backends_are_chosen_by_name() {
+    let g = golden("kimi-int4");
+    for backend in ["reference", "cpu", "cpu:scalar", "cpu-int8"] {
+        let out = bin()
+            .args([
+                "run",
+                "--backend",
+                backend,
+                "--prompt-ids",
+                &ids_arg(&g.prompt_ids),
+                "--max-new-tokens",
+                "8",
+                "--ignore-eos",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if backend != "cpu-int8" {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let ids: Vec<u32> = v["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(ids, g.greedy_ids, "{backend}");
+        }
+    }
+    let out = bin()
+        .args(["run", "--backend", "gpu", "--prompt-ids", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
+}

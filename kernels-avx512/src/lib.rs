@@ -9,6 +9,7 @@ pub mod bf16;
 pub mod formats;
 pub mod int4;
 pub mod scalar;
+pub mod stream;
 
 pub use formats::{bf16_to_f32, f16_to_f32, fp8_e4m3_to_f32};
 

@@ -98,20 +98,21 @@ impl Backend for CpuBackend {
                     )
                 };
                 match self.activations {
-                    Activations::F32 => rows_parallel(rows, n, y, |row, tokens, out| {
-                        let xs: Vec<&[f32]> =
-                            tokens.map(|t| &x[t * cols..(t + 1) * cols]).collect();
-                        let (p, s) = row_bytes(row);
-                        kernels_avx512::int4::dot_row_f32(self.isa, p, s, &xs, out);
-                    }),
+                    Activations::F32 => {
+                        let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
+                        rows_parallel(rows, n, y, |row, tokens, out| {
+                            let (p, s) = row_bytes(row);
+                            kernels_avx512::int4::dot_row_f32(self.isa, p, s, &xs[tokens], out);
+                        })
+                    }
                     Activations::Int8 => {
                         // Quantize each token once per call, not once per row.
                         let q: Vec<Q8Activations> =
                             x.chunks_exact(*cols).map(Q8Activations::new).collect();
+                        let xs: Vec<&Q8Activations> = q.iter().collect();
                         rows_parallel(rows, n, y, |row, tokens, out| {
-                            let xs: Vec<&Q8Activations> = q[tokens].iter().collect();
                             let (p, s) = row_bytes(row);
-                            kernels_avx512::int4::dot_row(self.isa, p, s, &xs, out);
+                            kernels_avx512::int4::dot_row(self.isa, p, s, &xs[tokens], out);
                         });
                     }
                 }
@@ -125,12 +126,12 @@ impl Backend for CpuBackend {
                 let n = x.len() / cols;
                 let bytes = data.bytes();
                 let width = cols * 2;
+                let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
                 rows_parallel(rows, n, y, |row, tokens, out| {
-                    let xs: Vec<&[f32]> = tokens.map(|t| &x[t * cols..(t + 1) * cols]).collect();
                     kernels_avx512::bf16::dot_row(
                         self.isa,
                         &bytes[row * width..(row + 1) * width],
-                        &xs,
+                        &xs[tokens],
                         out,
                     );
                 });

@@ -159,6 +159,11 @@ pub struct TensorData {
 }
 
 impl TensorData {
+    /// A view of `map[start..end]` (benchmarks build weights in anonymous maps).
+    pub fn new(map: Arc<Mmap>, start: usize, end: usize) -> Option<Self> {
+        (start <= end && end <= map.len()).then_some(TensorData { map, start, end })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
     }
