@@ -16,6 +16,17 @@ fn bin() -> Command {
     cmd
 }
 
+/// `generated_ids` of `run --json` output.
+fn generated_ids(stdout: &[u8]) -> Vec<u32> {
+    let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -46,13 +57,7 @@ fn run_json_gives_the_golden_greedy_continuation_and_logits() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u32> = v["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_u64().unwrap() as u32)
-        .collect();
+    let ids = generated_ids(&out.stdout);
     assert_eq!(ids, g.greedy_ids);
 
     let bytes = std::fs::read(&logits_path).unwrap();
@@ -88,13 +93,7 @@ fn run_without_model_uses_the_bundled_demo() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u32> = v["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_u64().unwrap() as u32)
-        .collect();
+    let ids = generated_ids(&out.stdout);
     assert_eq!(ids, g.greedy_ids);
 }
 
@@ -480,13 +479,7 @@ fn backends_are_chosen_by_name() {
             String::from_utf8_lossy(&out.stderr)
         );
         if backend != "cpu-int8" {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let ids: Vec<u32> = v["generated_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect();
+            let ids = generated_ids(&out.stdout);
             assert_eq!(ids, g.greedy_ids, "{backend}");
         }
     }

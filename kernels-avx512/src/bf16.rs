@@ -68,11 +68,7 @@ mod avx2 {
             }
         }
         for t in 0..xs.len() {
-            let v = acc[t];
-            let sum128 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
-            let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
-            out[t] = _mm_cvtss_f32(sum32);
+            out[t] = crate::hsum256(acc[t]);
         }
         super::portable(row, xs, out, steps * 8);
     }

@@ -260,11 +260,7 @@ mod avx2 {
         }
         let (from, to) = (steps * 8, bytes / 4);
         for (t, x) in xs.iter().enumerate() {
-            let v = acc[t];
-            let sum128 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
-            let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
-            out[t] = _mm_cvtss_f32(sum32) + dot_lanes_portable(packed, scales, x, from, to);
+            out[t] = crate::hsum256(acc[t]) + dot_lanes_portable(packed, scales, x, from, to);
         }
     }
 
@@ -303,11 +299,7 @@ mod avx2 {
             }
         }
         for t in 0..xs.len() {
-            let v = acc[t];
-            let sum128 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
-            let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
-            out[t] = _mm_cvtss_f32(sum32);
+            out[t] = crate::hsum256(acc[t]);
         }
     }
 }

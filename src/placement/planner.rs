@@ -652,14 +652,7 @@ impl Builder<'_> {
             match tier {
                 Tier::Gpu(g) => {
                     let gpu = &mut self.gpus[g];
-                    let bytes: u64 = set
-                        .iter()
-                        .flat_map(|(l, rs)| {
-                            rs.iter()
-                                .flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))
-                        })
-                        .map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e])
-                        .sum();
+                    let bytes = set_bytes(m, &set);
                     if layout == Layout::Hybrid {
                         gpu.holds.push(Item {
                             what: format!("hot routed experts ({count})"),
@@ -671,14 +664,7 @@ impl Builder<'_> {
                 }
                 Tier::Numa(n) => {
                     let node = &mut self.numa[n];
-                    let bytes: u64 = set
-                        .iter()
-                        .flat_map(|(l, rs)| {
-                            rs.iter()
-                                .flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))
-                        })
-                        .map(|(l, e)| m.expert_bytes[m.moe_index(l).unwrap_or(0)][e])
-                        .sum();
+                    let bytes = set_bytes(m, &set);
                     node.holds.push(Item {
                         what: format!("routed experts ({count})"),
                         bytes,
@@ -802,6 +788,18 @@ fn proportional_counts(count: usize, weights: &[f64], total: f64) -> Vec<usize> 
         counts[k] += 1;
     }
     counts
+}
+
+/// Bytes of the routed experts in `set`.
+fn set_bytes(m: &ModelDesc, set: &ExpertSets) -> u64 {
+    set.iter()
+        .flat_map(|(l, ranges)| {
+            ranges
+                .iter()
+                .flat_map(move |r| (r[0]..r[1]).map(move |e| (*l, e)))
+        })
+        .map(|(l, e)| m.moe_index(l).map_or(0, |i| m.expert_bytes[i][e]))
+        .sum()
 }
 
 /// Appends expert id `e` (ids arrive in increasing order) to a list of ranges.
