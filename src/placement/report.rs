@@ -148,14 +148,15 @@ pub fn render(plan: &Plan, detail: bool) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "{:<26} {:<52} {:>9}  share", "device", "holds", "GB");
     let mut device = |name: String, holds: &[Item], used: u64, budget: u64, capacity: u64| {
-        for (i, (what, bytes)) in grouped(holds).into_iter().enumerate() {
-            let label = if i == 0 { name.clone() } else { String::new() };
-            let _ = writeln!(s, "{label:<26} {what:<52} {:>9}", gb(bytes));
+        let items = grouped(holds);
+        for (i, (what, bytes)) in items.iter().enumerate() {
+            let label = if i == 0 { name.as_str() } else { "" };
+            let _ = writeln!(s, "{label:<26} {what:<52} {:>9}", gb(*bytes));
         }
         let _ = writeln!(
             s,
             "{:<26} {:<52} {:>9}  {:.0}% of {} GB budget ({} GB installed)",
-            "",
+            if items.is_empty() { name.as_str() } else { "" },
             "total",
             gb(used),
             used as f64 / budget.max(1) as f64 * 100.0,
