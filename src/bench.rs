@@ -84,6 +84,7 @@ fn make_experts(count: usize) -> std::io::Result<Vec<FfnWeights>> {
             gate: linear(0, INTER, HIDDEN)?,
             up: linear(one, INTER, HIDDEN)?,
             down: linear(2 * one, HIDDEN, INTER)?,
+            numa_node: None,
         });
     }
     Ok(experts)

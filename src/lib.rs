@@ -14,4 +14,5 @@ pub mod inspect;
 pub mod model;
 pub mod placement;
 pub mod tokenizer;
+pub mod topology;
 pub mod weights;

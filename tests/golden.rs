@@ -212,3 +212,72 @@ fn absorbed_mla_equals_naive_mla() {
         );
     }
 }
+
+#[test]
+fn experts_on_numa_node_pools_give_the_same_logits() {
+    use kimi_hybrid::backend::pool::CpuPools;
+    use kimi_hybrid::backend::{Activations, CpuBackend};
+    use kimi_hybrid::placement::{plan, ModelDesc, Profile};
+    use kimi_hybrid::topology::{NumaNode, Topology};
+    // Two "nodes" over this machine's CPUs (a one-node VM still gets two pinned pools).
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let half = cpus.div_ceil(2);
+    let topology = Topology {
+        nodes: vec![
+            NumaNode {
+                id: 0,
+                cpus: (0..half).collect(),
+                memory_bytes: 1 << 30,
+            },
+            NumaNode {
+                id: 1,
+                cpus: (half.min(cpus - 1)..cpus).collect(),
+                memory_bytes: 1 << 30,
+            },
+        ],
+        memory_bytes: 2 << 30,
+    };
+    let pools = std::sync::Arc::new(CpuPools::new(&topology).unwrap());
+    let backend = CpuBackend::with_pools(kernels_avx512::Isa::detect(), Activations::F32, pools);
+    let profile = Profile::resolve("cpu-only").unwrap();
+    for name in ["kimi-int4", "deepseek-groups"] {
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        let mut model = Model::load(&ckpt).unwrap();
+        let g = golden(name);
+        let before = logits_in_chunks(
+            &model,
+            &backend,
+            &g.prompt_ids,
+            g.prompt_ids.len(),
+            AttentionForm::Naive,
+        );
+        let p = plan(
+            &ModelDesc::from_checkpoint(&ckpt),
+            &profile,
+            &profile.workload,
+            None,
+        );
+        let assigned = model.assign_numa_nodes(&p);
+        assert_eq!(
+            assigned,
+            p.numa.iter().map(|n| n.expert_count).sum::<usize>()
+        );
+        assert!(
+            p.numa.iter().all(|n| n.expert_count > 0),
+            "{name}: both nodes hold experts"
+        );
+        let after = logits_in_chunks(
+            &model,
+            &backend,
+            &g.prompt_ids,
+            g.prompt_ids.len(),
+            AttentionForm::Naive,
+        );
+        assert_eq!(
+            before, after,
+            "{name}: results do not depend on which threads compute an expert"
+        );
+    }
+}

@@ -3,12 +3,14 @@
 //! attention use the reference code. Each output row is computed by one task in a fixed
 //! order, so results do not depend on the thread count.
 
+use super::pool::CpuPools;
 use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_avx512::int4::Q8Activations;
 use kernels_avx512::Isa;
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
@@ -24,15 +26,40 @@ pub enum Activations {
     Int8,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct CpuBackend {
     isa: Isa,
     activations: Activations,
+    /// Pinned worker pools (rayon's global pool when they cannot be started).
+    pools: Option<Arc<CpuPools>>,
 }
 
 impl CpuBackend {
+    /// A backend on this machine's shared, pinned per-NUMA-node pools.
     pub fn new(isa: Isa, activations: Activations) -> Self {
-        CpuBackend { isa, activations }
+        CpuBackend {
+            isa,
+            activations,
+            pools: CpuPools::shared().ok(),
+        }
+    }
+
+    /// A backend on the given pools.
+    pub fn with_pools(isa: Isa, activations: Activations, pools: Arc<CpuPools>) -> Self {
+        CpuBackend {
+            isa,
+            activations,
+            pools: Some(pools),
+        }
+    }
+
+    /// Runs `f` on the all-CPU pool, unless already on a worker thread (then on that pool:
+    /// an expert assigned to a node stays on the node's threads).
+    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pools {
+            Some(p) if rayon::current_thread_index().is_none() => p.all().install(f),
+            _ => f(),
+        }
     }
 
     pub fn isa(&self) -> Isa {
@@ -80,6 +107,45 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        self.on_pool(|| self.linear_here(w, rows, x, y))
+    }
+
+    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        ReferenceBackend.linear_transposed(w, rows, x, y)
+    }
+
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &[f32],
+        tokens: &[(usize, f32)],
+        out: &mut [f32],
+    ) {
+        match (&self.pools, ffn.numa_node) {
+            (Some(p), Some(node)) => p
+                .node(node)
+                .install(|| super::ffn_accumulate_with(self, ffn, x, tokens, out)),
+            _ => super::ffn_accumulate_with(self, ffn, x, tokens, out),
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        k: KvView,
+        v: KvView,
+        shape: AttentionShape,
+        positions: &[usize],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        self.on_pool(|| ReferenceBackend.attention(q, k, v, shape, positions, scale, out))
+    }
+}
+
+impl CpuBackend {
+    /// `linear` on the current thread pool.
+    fn linear_here(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
         match w {
             LinearWeight::Int4 {
                 packed,
@@ -138,33 +204,6 @@ impl Backend for CpuBackend {
             }
             _ => ReferenceBackend.linear(w, rows, x, y),
         }
-    }
-
-    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        ReferenceBackend.linear_transposed(w, rows, x, y)
-    }
-
-    fn ffn_accumulate(
-        &self,
-        ffn: &FfnWeights,
-        x: &[f32],
-        tokens: &[(usize, f32)],
-        out: &mut [f32],
-    ) {
-        super::ffn_accumulate_with(self, ffn, x, tokens, out);
-    }
-
-    fn attention(
-        &self,
-        q: &[f32],
-        k: KvView,
-        v: KvView,
-        shape: AttentionShape,
-        positions: &[usize],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        ReferenceBackend.attention(q, k, v, shape, positions, scale, out)
     }
 }
 

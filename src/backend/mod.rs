@@ -2,6 +2,7 @@
 //! model code runs on the scalar reference, the fast CPU kernels and (later) the GPU.
 
 mod cpu;
+pub mod pool;
 mod reference;
 
 pub use cpu::{Activations, CpuBackend};
@@ -17,6 +18,8 @@ pub struct FfnWeights {
     pub gate: LinearWeight,
     pub up: LinearWeight,
     pub down: LinearWeight,
+    /// The NUMA node whose threads compute this FFN (routed experts placed by a plan).
+    pub numa_node: Option<usize>,
 }
 
 impl FfnWeights {

@@ -173,6 +173,7 @@ impl Model {
                     gate: w.linear(&format!("{module}.gate_proj"), inter, h)?,
                     up: w.linear(&format!("{module}.up_proj"), inter, h)?,
                     down: w.linear(&format!("{module}.down_proj"), h, inter)?,
+                    numa_node: None,
                 })
             };
             let ffn = if cfg.is_moe_layer(l) {
@@ -228,6 +229,31 @@ impl Model {
             used_tensors: w.used(),
             config: cfg,
         })
+    }
+
+    /// Assigns routed experts to NUMA nodes as a plan places them in host RAM; the CPU
+    /// backend then computes each on its node's threads. Returns how many were assigned.
+    pub fn assign_numa_nodes(&mut self, plan: &crate::placement::Plan) -> usize {
+        let mut assigned = 0;
+        for node in &plan.numa {
+            for (&layer, ranges) in &node.experts {
+                let Some(Layer {
+                    ffn: Ffn::Moe(moe), ..
+                }) = self.layers.get_mut(layer)
+                else {
+                    continue;
+                };
+                for r in ranges {
+                    for e in r[0]..r[1] {
+                        if let Some(expert) = moe.experts.get_mut(e) {
+                            expert.numa_node = Some(node.node);
+                            assigned += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assigned
     }
 
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending their

@@ -1,33 +1,11 @@
 //! `--profile auto`: a profile describing the machine this runs on. RAM, cores and NUMA
-//! nodes come from /proc and /sys, the ISA from CPUID, GPUs from the CUDA probe.
+//! nodes come from `topology` (/proc and /sys), the ISA from CPUID, GPUs from the CUDA probe.
 //! Bandwidths and throughputs cannot be read from the system; they are conservative
 //! estimates, and the description says so.
 
 use super::profile::{
     AttentionParallel, Disk, Gpu, Host, KvDtype, Layout, NumaNode, Profile, Reserves, Workload,
 };
-
-fn meminfo_gib(text: &str, key: &str) -> Option<f64> {
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0 / 1024.0)
-}
-
-fn count_cpulist(list: &str) -> usize {
-    list.trim()
-        .split(',')
-        .filter(|r| !r.is_empty())
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => {
-                b.parse::<usize>()
-                    .unwrap_or(0)
-                    .saturating_sub(a.parse().unwrap_or(0))
-                    + 1
-            }
-            None => 1,
-        })
-        .sum()
-}
 
 fn isa() -> Vec<String> {
     let mut v = Vec::new();
@@ -67,53 +45,9 @@ fn amx_tile() -> bool {
     max_leaf >= 7 && edx & (1 << 24) != 0
 }
 
-/// The NUMA nodes under /sys (cores, memory GiB); one node with everything when absent.
-fn numa_nodes(total_gib: f64, cores: usize) -> Vec<(usize, f64)> {
-    let mut nodes = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/sys/devices/system/node") {
-        let mut dirs: Vec<_> = entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .strip_prefix("node")
-                    .is_some_and(|n| n.parse::<u32>().is_ok())
-            })
-            .map(|e| e.path())
-            .collect();
-        dirs.sort();
-        for d in dirs {
-            let cpus = std::fs::read_to_string(d.join("cpulist"))
-                .map(|l| count_cpulist(&l))
-                .unwrap_or(0);
-            let mem = std::fs::read_to_string(d.join("meminfo"))
-                .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .find(|l| l.contains("MemTotal"))
-                        .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
-                })
-                .map(|kib| kib / 1024.0 / 1024.0)
-                .unwrap_or(0.0);
-            if cpus > 0 && mem > 0.0 {
-                nodes.push((cpus, mem));
-            }
-        }
-    }
-    let sum: f64 = nodes.iter().map(|n| n.1).sum();
-    // hwloc and /sys can disagree with /proc/meminfo in VMs; budget from /proc/meminfo.
-    if nodes.is_empty() || (sum - total_gib).abs() > 1.0 {
-        return vec![(cores, total_gib)];
-    }
-    nodes
-}
-
 pub fn this_machine() -> Profile {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let ram = meminfo_gib(&meminfo, "MemTotal:").unwrap_or(8.0);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let topology = crate::topology::Topology::detect();
+    let cores = topology.cpu_count();
     let isa = isa();
     let per_core_tflops = if isa.iter().any(|i| i == "amx") {
         0.5
@@ -122,8 +56,10 @@ pub fn this_machine() -> Profile {
     } else {
         0.05
     };
-    let numa: Vec<NumaNode> = numa_nodes(ram, cores)
-        .into_iter()
+    let numa: Vec<NumaNode> = topology
+        .nodes
+        .iter()
+        .map(|n| (n.cpus.len(), n.memory_bytes as f64 / super::profile::GIB))
         .map(|(c, mem)| NumaNode {
             cores: c,
             memory_gib: mem,
@@ -151,12 +87,6 @@ pub fn this_machine() -> Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpulists_count() {
-        assert_eq!(count_cpulist("0-3,8,10-11\n"), 7);
-        assert_eq!(count_cpulist("0"), 1);
-    }
 
     #[test]
     fn auto_profile_describes_this_machine() {
