@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
+/// Token-expert visits in one MoE layer from which experts run concurrently.
+const PARALLEL_EXPERTS_MIN_VISITS: usize = 64;
 /// Tokens per kernel call (the kernels keep one accumulator per token).
 const TOKENS_PER_CALL: usize = 8;
 
@@ -126,6 +128,32 @@ impl Backend for CpuBackend {
                 .node(node)
                 .install(|| super::ffn_accumulate_with(self, ffn, x, tokens, out)),
             _ => super::ffn_accumulate_with(self, ffn, x, tokens, out),
+        }
+    }
+
+    /// Few tokens: experts one after another, each split by rows over all threads (every
+    /// expert's weights are read once, by all cores). Many tokens: experts concurrently,
+    /// each on its node's pool, outputs added in expert order.
+    fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
+        let visits: usize = work.iter().map(|(_, t)| t.len()).sum();
+        if visits < PARALLEL_EXPERTS_MIN_VISITS || work.len() < 2 {
+            for (ffn, tokens) in work {
+                self.ffn_accumulate(ffn, x, tokens, out);
+            }
+            return;
+        }
+        let contributions: Vec<Vec<f32>> = self.on_pool(|| {
+            work.par_iter()
+                .map(|(ffn, tokens)| match (&self.pools, ffn.numa_node) {
+                    (Some(p), Some(node)) => p
+                        .node(node)
+                        .install(|| super::ffn_contributions(self, ffn, x, tokens)),
+                    _ => super::ffn_contributions(self, ffn, x, tokens),
+                })
+                .collect()
+        });
+        for ((_, tokens), c) in work.iter().zip(&contributions) {
+            super::scatter_add(c, tokens, out);
         }
     }
 

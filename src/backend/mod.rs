@@ -64,6 +64,15 @@ pub trait Backend: Send + Sync {
     /// `out` [n, hidden].
     fn ffn_accumulate(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)], out: &mut [f32]);
 
+    /// The routed experts of one MoE layer: for each `(expert, tokens)`, in order,
+    /// `ffn_accumulate`. Backends may run experts concurrently but must add their outputs
+    /// in this order, so results do not depend on scheduling.
+    fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
+        for (ffn, tokens) in work {
+            self.ffn_accumulate(ffn, x, tokens, out);
+        }
+    }
+
     /// Causal attention: query i (absolute position `positions[i]`) attends to keys
     /// `0..=positions[i]`. `q` is [n, heads, qk_dim], `out` is [n, heads, v_dim]; softmax
     /// in f32.
@@ -85,14 +94,14 @@ fn silu(x: f32) -> f32 {
 }
 
 /// The SiLU-gated FFN written once over any backend's `linear`: gather the tokens' rows,
-/// gate and up projections, `silu(gate) * up`, down projection, weighted scatter-add.
-pub fn ffn_accumulate_with(
+/// gate and up projections, `silu(gate) * up`, down projection; returns each token's
+/// weighted contribution, [tokens.len(), hidden].
+pub fn ffn_contributions(
     backend: &dyn Backend,
     ffn: &FfnWeights,
     x: &[f32],
     tokens: &[(usize, f32)],
-    out: &mut [f32],
-) {
+) -> Vec<f32> {
     let hidden = ffn.gate.cols();
     let inter = ffn.gate.rows();
     let m = tokens.len();
@@ -109,14 +118,37 @@ pub fn ffn_accumulate_with(
     }
     let mut down = vec![0.0; m * hidden];
     backend.linear(&ffn.down, 0..hidden, &gate, &mut down);
-    for (j, &(t, weight)) in tokens.iter().enumerate() {
-        for (o, d) in out[t * hidden..(t + 1) * hidden]
-            .iter_mut()
-            .zip(&down[j * hidden..(j + 1) * hidden])
-        {
-            *o += weight * d;
+    for (j, &(_, weight)) in tokens.iter().enumerate() {
+        for d in &mut down[j * hidden..(j + 1) * hidden] {
+            *d *= weight;
         }
     }
+    down
+}
+
+/// Adds contributions from `ffn_contributions` into `out` at their tokens' rows.
+pub fn scatter_add(contributions: &[f32], tokens: &[(usize, f32)], out: &mut [f32]) {
+    let hidden = contributions.len() / tokens.len().max(1);
+    for (j, &(t, _)) in tokens.iter().enumerate() {
+        for (o, c) in out[t * hidden..(t + 1) * hidden]
+            .iter_mut()
+            .zip(&contributions[j * hidden..(j + 1) * hidden])
+        {
+            *o += c;
+        }
+    }
+}
+
+/// `out[t] += weight * ffn(x[t])` for every `(t, weight)` in `tokens`.
+pub fn ffn_accumulate_with(
+    backend: &dyn Backend,
+    ffn: &FfnWeights,
+    x: &[f32],
+    tokens: &[(usize, f32)],
+    out: &mut [f32],
+) {
+    let contributions = ffn_contributions(backend, ffn, x, tokens);
+    scatter_add(&contributions, tokens, out);
 }
 
 /// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on

@@ -535,11 +535,13 @@ impl Model {
                         per_expert[expert].push((t, weight));
                     }
                 }
-                for (expert, tokens) in per_expert.iter().enumerate() {
-                    if !tokens.is_empty() {
-                        backend.ffn_accumulate(&moe.experts[expert], x, tokens, &mut out);
-                    }
-                }
+                let work: Vec<(&FfnWeights, &[(usize, f32)])> = per_expert
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, tokens)| !tokens.is_empty())
+                    .map(|(e, tokens)| (&moe.experts[e], tokens.as_slice()))
+                    .collect();
+                backend.moe_accumulate(&work, x, &mut out);
                 if let Some(shared) = &moe.shared {
                     let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
                     backend.ffn_accumulate(shared, x, &all, &mut out);
