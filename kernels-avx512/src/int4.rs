@@ -182,29 +182,27 @@ mod avx512 {
         }
     }
 
-    /// One 32-value block (16 packed bytes) per step: nibbles -> (q - 8) * scale in f32.
+    /// One 32-value block (16 packed bytes) per step. A nibble q becomes (q - 8) * scale by
+    /// one table lookup: the 16 possible values of the block, scaled, fill one register and
+    /// `vpermps` picks them by nibble.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dot_row_f32(packed: &[u8], scales: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         let blocks = packed.len() / 16;
         let nibble = _mm_set1_epi8(0x0f);
-        let eight = _mm512_set1_epi32(8);
+        let levels = _mm512_setr_ps(
+            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+        );
         let mut acc = [_mm512_setzero_ps(); 8];
         for b in 0..blocks {
             let w = _mm_loadu_si128(packed.as_ptr().add(b * 16) as *const _);
             let lo = _mm_and_si128(w, nibble);
             let hi = _mm_and_si128(_mm_srli_epi16(w, 4), nibble);
             // Interleave low (even k) and high (odd k) nibbles back into k order.
-            let first = _mm_unpacklo_epi8(lo, hi);
-            let second = _mm_unpackhi_epi8(lo, hi);
-            let scale = _mm512_set1_ps(super::scale_of(scales, b));
-            let w0 = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)),
-                scale,
-            );
-            let w1 = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)),
-                scale,
-            );
+            let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+            let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi));
+            let table = _mm512_mul_ps(levels, _mm512_set1_ps(super::scale_of(scales, b)));
+            let w0 = _mm512_permutexvar_ps(first, table);
+            let w1 = _mm512_permutexvar_ps(second, table);
             for (t, x) in xs.iter().enumerate() {
                 let p = x.as_ptr().add(b * 32);
                 acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p), acc[t]);
