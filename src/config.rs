@@ -95,10 +95,6 @@ impl IgnoreList {
         Ok(IgnoreList { entries, compiled })
     }
 
-    pub fn entries(&self) -> &[String] {
-        &self.entries
-    }
-
     pub fn matches(&self, name: &str) -> bool {
         self.entries
             .iter()

@@ -271,18 +271,17 @@ fn run(args: RunArgs) -> Result<()> {
         }
         _ => args.prompt_ids.clone(),
     };
-    let mut stop_ids = stop_ids(&dir, &model);
-    // The tokenizer knows the end markers (`<|im_end|>` and `[EOS]` for Kimi) even when the
-    // prompt is given as ids; a checkpoint without tokenizer files stops on config ids only.
+    // The tokenizer gathers every end id (tokenizer_config, generation_config, config.json,
+    // and `<|im_end|>`/`[EOS]` for Kimi), also when the prompt is given as ids; a checkpoint
+    // without tokenizer files stops on the configs' ids only.
     let stop_tokenizer = match &tokenizer {
         Some(_) => None,
         None => Tokenizer::from_dir(&dir).ok(),
     };
-    if let Some(tok) = tokenizer.as_ref().or(stop_tokenizer.as_ref()) {
-        stop_ids.extend_from_slice(tok.stop_ids());
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-    }
+    let mut stop_ids = match tokenizer.as_ref().or(stop_tokenizer.as_ref()) {
+        Some(tok) => tok.stop_ids().to_vec(),
+        None => stop_ids(&dir, &model),
+    };
     if args.ignore_eos {
         stop_ids.clear();
     }

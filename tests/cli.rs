@@ -16,6 +16,15 @@ fn bin() -> Command {
     cmd
 }
 
+/// The command succeeded; otherwise fail with its stderr.
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `generated_ids` of `run --json` output.
 fn generated_ids(stdout: &[u8]) -> Vec<u32> {
     let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
@@ -52,11 +61,7 @@ fn run_json_gives_the_golden_greedy_continuation_and_logits() {
         .arg(&logits_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let ids = generated_ids(&out.stdout);
     assert_eq!(ids, g.greedy_ids);
 
@@ -88,11 +93,7 @@ fn run_without_model_uses_the_bundled_demo() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let ids = generated_ids(&out.stdout);
     assert_eq!(ids, g.greedy_ids);
 }
@@ -113,11 +114,7 @@ fn sampling_is_reproducible_with_a_seed() {
             .args(["--top-p", "0.95", "--seed", seed, "--ignore-eos", "--json"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         String::from_utf8(out.stdout).unwrap()
     };
     assert_eq!(run("42"), run("42"));
@@ -131,11 +128,7 @@ fn inspect_reports_formats_and_vision_tensors() {
         .arg(fixture("kimi-k25-wrapper"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("KimiK25ForConditionalGeneration"), "{text}");
     assert!(text.contains("routed experts   INT4 x48"), "{text}");
@@ -199,11 +192,7 @@ fn text_commands_on_the_demo_checkpoint() {
         .args(["tokenize", "--json", "--text", "Hello <|im_end|>"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = v["ids"]
         .as_array()
@@ -245,11 +234,7 @@ fn text_commands_on_the_demo_checkpoint() {
         .arg(&messages)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>"
@@ -268,11 +253,7 @@ fn text_commands_on_the_demo_checkpoint() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
     assert!(v["text"].is_string());
@@ -303,11 +284,7 @@ fn plan_command_prints_tables_json_and_launch_commands() {
         .args(["plan", "--profile", "1xH100+512GB"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains("hybrid layout") && text.contains("570.76 GB") && text.contains("24.77 MB"),
@@ -366,11 +343,7 @@ fn plan_command_prints_tables_json_and_launch_commands() {
     assert_eq!(v["workload"]["context"], 4096);
 
     let out = bin().args(["plan", "--profile", "auto"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.toml");
@@ -417,11 +390,7 @@ fn calibrate_then_plan_with_statistics() {
         .arg(&stats)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert_eq!(v["format"], "kimi-hybrid-expert-stats/1");
@@ -446,11 +415,7 @@ fn calibrate_then_plan_with_statistics() {
         .arg(&stats)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["workload"]["stats"], true);
 }

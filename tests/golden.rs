@@ -38,16 +38,13 @@ fn int8_activation_kernels_stay_close_to_transformers() {
             let Ok(backend) = by_name(backend_name) else {
                 continue;
             };
-            let mut cache = KvCache::new(&model.config);
-            let logits = model
-                .forward(
-                    backend.as_ref(),
-                    &g.prompt_ids,
-                    &mut cache,
-                    AttentionForm::Naive,
-                    Logits::All,
-                )
-                .unwrap();
+            let logits = logits_in_chunks(
+                &model,
+                backend.as_ref(),
+                &g.prompt_ids,
+                g.prompt_ids.len(),
+                AttentionForm::Naive,
+            );
             let diff = max_abs_diff(&logits, &g.logits);
             let request = GenerateRequest {
                 prompt: &g.prompt_ids,
@@ -104,16 +101,13 @@ fn prefill_logits_match_transformers() {
         let model = load(name);
         let g = golden(name);
         for (backend_name, backend, tolerance) in backends() {
-            let mut cache = KvCache::new(&model.config);
-            let logits = model
-                .forward(
-                    backend.as_ref(),
-                    &g.prompt_ids,
-                    &mut cache,
-                    AttentionForm::Naive,
-                    Logits::All,
-                )
-                .unwrap();
+            let logits = logits_in_chunks(
+                &model,
+                backend.as_ref(),
+                &g.prompt_ids,
+                g.prompt_ids.len(),
+                AttentionForm::Naive,
+            );
             let diff = max_abs_diff(&logits, &g.logits);
             println!(
                 "{name} [{backend_name}]: prefill logits max abs diff vs transformers {diff:.3e}"

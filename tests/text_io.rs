@@ -110,14 +110,7 @@ fn incremental_decoding_equals_one_shot_decoding() {
     for s in golden["samples"].as_array().unwrap() {
         for key in ["ids", "ids_plain"] {
             let ids = ids(&s[key]);
-            let mut d = IncrementalDecoder::new();
-            let mut out = String::new();
-            for &id in &ids {
-                let piece = d.push(&tok, id).unwrap();
-                out.push_str(&piece);
-            }
-            out.push_str(&d.finish());
-            assert_eq!(out, s["text"].as_str().unwrap());
+            assert_eq!(stream_decode(&tok, &ids), s["text"].as_str().unwrap());
         }
     }
     // Byte-level tokens that split characters: every emitted delta is valid UTF-8 by type,
@@ -130,13 +123,16 @@ fn incremental_decoding_equals_one_shot_decoding() {
                 .unwrap_or_else(|| byte_token(&tok, b))
         })
         .collect();
-    let mut d = IncrementalDecoder::new();
-    let streamed: String = byte_ids
-        .iter()
-        .map(|&i| d.push(&tok, i).unwrap())
-        .collect::<String>()
-        + &d.finish();
+    let streamed = stream_decode(&tok, &byte_ids);
     assert_eq!(streamed, text);
+}
+
+/// Decodes `ids` one token at a time with the incremental detokenizer.
+fn stream_decode(tok: &Tokenizer, ids: &[u32]) -> String {
+    let mut d = IncrementalDecoder::new();
+    let mut out: String = ids.iter().map(|&i| d.push(tok, i).unwrap()).collect();
+    out.push_str(&d.finish());
+    out
 }
 
 fn byte_token(tok: &Tokenizer, b: u8) -> u32 {
@@ -478,12 +474,7 @@ fn hf_tokenizer_json_matches_the_tokenizers_package() {
         let expected = ids(&s["ids"]);
         assert_eq!(tok.encode(text, Specials::Recognise), expected, "{text:?}");
         assert_eq!(tok.decode(&expected).unwrap(), text);
-        let mut d = IncrementalDecoder::new();
-        let streamed: String = expected
-            .iter()
-            .map(|&i| d.push(&tok, i).unwrap())
-            .collect::<String>()
-            + &d.finish();
+        let streamed = stream_decode(&tok, &expected);
         assert_eq!(streamed, text);
     }
     let eos = tok.token_id("<｜end▁of▁sentence｜>").unwrap();

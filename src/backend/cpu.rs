@@ -63,10 +63,6 @@ impl CpuBackend {
             _ => f(),
         }
     }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
 }
 
 /// Computes `y[t, i] = row(rows.start + i) . x[t]` with a per-row kernel, in parallel

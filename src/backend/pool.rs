@@ -61,8 +61,4 @@ impl CpuPools {
     pub fn all(&self) -> &ThreadPool {
         &self.all
     }
-
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
-    }
 }

@@ -411,8 +411,9 @@ struct JsonStyle {
     ensure_ascii: bool,
 }
 
-/// Serialises like Python's `json.dumps`.
-pub fn python_json_dumps(value: &Json) -> String {
+/// Serialises like Python's `json.dumps` (defaults of transformers' `tojson`).
+#[cfg(test)]
+fn python_json_dumps(value: &Json) -> String {
     let style = JsonStyle {
         indent: None,
         item_sep: ", ".into(),

@@ -13,7 +13,7 @@ pub use incremental::IncrementalDecoder;
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -68,7 +68,6 @@ enum Engine {
 
 pub struct Tokenizer {
     engine: Engine,
-    dir: PathBuf,
     /// Special token text -> id.
     specials: BTreeMap<String, u32>,
     special_names: BTreeMap<u32, String>,
@@ -124,7 +123,6 @@ impl Tokenizer {
         let special_names = specials.iter().map(|(k, v)| (*v, k.clone())).collect();
         let mut tok = Tokenizer {
             engine,
-            dir: dir.to_path_buf(),
             specials,
             special_names,
             bos: None,
@@ -217,10 +215,6 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn encode(&self, text: &str, specials: Specials) -> Vec<u32> {
         match &self.engine {
             Engine::Tiktoken(b) => b.encode(text, specials),
@@ -266,7 +260,7 @@ impl Tokenizer {
                 let piece = normal
                     .id_to_token(id)
                     .ok_or(TokenizerError::UnknownId { id })?;
-                Ok(hf_piece_bytes(normal, &piece))
+                Ok(hf_piece_bytes(normal, id, &piece))
             }
         }
     }
@@ -280,14 +274,6 @@ impl Tokenizer {
             Engine::Tiktoken(b) => b.rank_of(text.as_bytes()),
             Engine::Hf { normal, .. } => normal.token_to_id(text),
         }
-    }
-
-    pub fn is_special(&self, id: u32) -> bool {
-        self.special_names.contains_key(&id)
-    }
-
-    pub fn special_tokens(&self) -> &BTreeMap<String, u32> {
-        &self.specials
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -322,16 +308,16 @@ impl Tokenizer {
 
 /// Bytes of an HF vocabulary piece: byte-level BPE pieces map back through the GPT-2 byte
 /// alphabet; other pieces are decoded by the tokenizer's own decoder.
-fn hf_piece_bytes(t: &tokenizers::Tokenizer, piece: &str) -> Vec<u8> {
-    let table = byte_level_inverse();
-    let mapped: Option<Vec<u8>> = piece.chars().map(|c| table.get(&c).copied()).collect();
-    match mapped {
-        Some(bytes) if is_byte_level(t) => bytes,
-        _ => t
-            .decode(&[t.token_to_id(piece).unwrap_or(0)], false)
-            .map(String::into_bytes)
-            .unwrap_or_else(|_| piece.as_bytes().to_vec()),
+fn hf_piece_bytes(t: &tokenizers::Tokenizer, id: u32, piece: &str) -> Vec<u8> {
+    if is_byte_level(t) {
+        let table = byte_level_inverse();
+        if let Some(bytes) = piece.chars().map(|c| table.get(&c).copied()).collect() {
+            return bytes;
+        }
     }
+    t.decode(&[id], false)
+        .map(String::into_bytes)
+        .unwrap_or_else(|_| piece.as_bytes().to_vec())
 }
 
 fn is_byte_level(t: &tokenizers::Tokenizer) -> bool {
