@@ -242,3 +242,206 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
     );
     Ok(s)
 }
+
+/// `kimi-hybrid bench -p P -n N -c C`: the engine's prompt and generation speed.
+#[derive(Debug, Clone)]
+pub struct EngineBenchOptions {
+    pub model_dir: std::path::PathBuf,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub concurrency: Vec<usize>,
+    pub backend: String,
+}
+
+/// Token arrival times of one request.
+struct Timeline {
+    submitted: Instant,
+    tokens: Vec<Instant>,
+}
+
+/// Deterministic pseudo-random prompt ids in `[0, vocab)`, distinct per request.
+fn bench_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Runs `count` requests at once and returns their timelines.
+fn run_concurrent(
+    engine: &crate::engine::EngineHandle,
+    count: usize,
+    prompt: usize,
+    generate: usize,
+    salt: u64,
+) -> anyhow::Result<Vec<Timeline>> {
+    use crate::engine::{sampling::SamplingConfig, Event, GenRequest};
+    let vocab = engine.model_config.vocab_size;
+    let mut receivers = Vec::with_capacity(count);
+    let submitted = Instant::now();
+    for i in 0..count {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(GenRequest {
+                prompt: bench_prompt(prompt, vocab, salt + i as u64),
+                sampling: SamplingConfig {
+                    temperature: 0.0,
+                    ..SamplingConfig::default()
+                },
+                max_tokens: generate,
+                stop: Vec::new(),
+                stop_token_ids: Vec::new(),
+                ignore_eos: true,
+                skip_special_tokens: true,
+                prompt_logprobs: None,
+                forced: None,
+                events: tx,
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        receivers.push(rx);
+    }
+    let handles: Vec<_> = receivers
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut t = Timeline {
+                    submitted,
+                    tokens: Vec::new(),
+                };
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { .. } => t.tokens.push(Instant::now()),
+                        Event::Finished { .. } => return Ok(t),
+                        Event::Error(e) => return Err(anyhow::anyhow!("{e}")),
+                        Event::PromptLogprobs(_) => {}
+                    }
+                }
+                Err(anyhow::anyhow!("the engine stopped"))
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a benchmark client thread panicked"))?
+        })
+        .collect()
+}
+
+pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
+    use crate::engine::EngineConfig;
+    use anyhow::Context;
+    if opts.prompt_tokens == 0 || opts.gen_tokens < 2 {
+        anyhow::bail!("-p must be at least 1 and -n at least 2");
+    }
+    if opts.concurrency.contains(&0) {
+        anyhow::bail!("-c must be at least 1");
+    }
+    let dir = &opts.model_dir;
+    let ckpt = crate::weights::Checkpoint::open(dir)
+        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let model = crate::model::Model::load(&ckpt)
+        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_dir(dir)
+        .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?;
+    let backend = crate::backend::by_name(&opts.backend).map_err(anyhow::Error::msg)?;
+    let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
+    let len = opts.prompt_tokens + opts.gen_tokens + 1;
+    if len > model.config.max_position_embeddings {
+        anyhow::bail!(
+            "-p + -n = {} exceeds the model's context of {}",
+            len - 1,
+            model.config.max_position_embeddings
+        );
+    }
+    let block_size = 16;
+    let config = EngineConfig {
+        max_num_seqs: max_c,
+        max_waiting: max_c,
+        max_model_len: len,
+        block_size,
+        kv_blocks: max_c * len.div_ceil(block_size) + 1,
+        max_batch_tokens: 512,
+        prefix_caching: false,
+    };
+    let name = model.config.model_type.clone();
+    let layers = model.config.num_hidden_layers;
+    let engine = crate::engine::start(model, backend, Arc::new(tokenizer), config)?;
+    let (p, n) = (opts.prompt_tokens, opts.gen_tokens);
+
+    // Warm-up: one short request, so first-use costs stay out of the figures.
+    run_concurrent(&engine, 1, p.min(8), 2, 999)?;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "model: {} ({name}, {layers} layers), backend {}, threads {}",
+        dir.display(),
+        opts.backend,
+        rayon::current_num_threads()
+    );
+    let pp = run_concurrent(&engine, 1, p, 1, 1)?;
+    let pp_secs = (pp[0].tokens[0] - pp[0].submitted).as_secs_f64();
+    let _ = writeln!(
+        out,
+        "pp{p}: {:.1} tokens/s (prompt of {p} tokens in {:.3} s)",
+        p as f64 / pp_secs,
+        pp_secs
+    );
+    let tg = run_concurrent(&engine, 1, 1, n, 2)?;
+    let tg_secs = (tg[0].tokens[n - 1] - tg[0].tokens[0]).as_secs_f64();
+    let tg_rate = (n - 1) as f64 / tg_secs;
+    let _ = writeln!(
+        out,
+        "tg{n}: {tg_rate:.1} tokens/s ({} tokens after the first in {tg_secs:.3} s)",
+        n - 1
+    );
+    let mut single = None;
+    for &c in &opts.concurrency {
+        let runs = run_concurrent(&engine, c, p, n, 100 + c as u64 * 1000)?;
+        // The window in which every sequence is decoding: after the last first token,
+        // before the first sequence ends.
+        let start = runs
+            .iter()
+            .map(|r| r.tokens[0])
+            .max()
+            .unwrap_or_else(Instant::now);
+        let end = runs
+            .iter()
+            .map(|r| *r.tokens.last().unwrap_or(&start))
+            .min()
+            .unwrap_or(start);
+        let in_window = runs
+            .iter()
+            .flat_map(|r| r.tokens.iter())
+            .filter(|&&t| t > start && t <= end)
+            .count();
+        let window = (end - start).as_secs_f64();
+        let decode = if window > 0.0 {
+            in_window as f64 / window
+        } else {
+            0.0
+        };
+        let wall = runs
+            .iter()
+            .map(|r| *r.tokens.last().unwrap_or(&r.submitted) - r.submitted)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64();
+        let single_rate = *single.get_or_insert(decode);
+        let _ = writeln!(
+            out,
+            "c{c}: aggregate decode {decode:.1} tokens/s ({:.2}x c=1's), {:.1} generated tokens/s over the whole run ({} requests of p{p}/n{n} in {wall:.2} s)",
+            if single_rate > 0.0 { decode / single_rate } else { 0.0 },
+            (c * n) as f64 / wall,
+            c
+        );
+    }
+    Ok(out)
+}

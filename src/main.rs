@@ -83,16 +83,11 @@ enum Command {
         backend: String,
     },
     /// Benchmarks. `bench kernels`: the CPU expert kernels at Kimi K2 shapes against this
-    /// machine's measured read bandwidth and instruction peak.
-    Bench {
-        /// What to benchmark: `kernels`.
-        what: String,
-        /// Working set of distinct experts, GB (at least 2 so weights come from DRAM).
-        #[arg(long, default_value_t = 2.0)]
-        working_set_gb: f64,
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-    },
+    /// machine's measured read bandwidth and instruction peak. `bench -p 512 -n 128 [-c N]`
+    /// (no subject): prompt and generation tokens/s of the engine, like llama-bench.
+    Bench(BenchArgs),
+    /// Serve the OpenAI- and Anthropic-compatible HTTP API.
+    Serve(Box<ServeArgs>),
     /// Describe a checkpoint: architecture, config, tensors, formats, anything unrecognised.
     Inspect {
         /// Checkpoint directory (default: the bundled demo checkpoint).
@@ -102,6 +97,89 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// What to benchmark: `kernels`, or nothing for the engine benchmark.
+    what: Option<String>,
+    /// kernels: working set of distinct experts, GB (at least 2 so weights come from DRAM).
+    #[arg(long, default_value_t = 2.0)]
+    working_set_gb: f64,
+    /// kernels: repetitions per measurement.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Checkpoint directory (default: the bundled demo checkpoint).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt tokens per request.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens per request.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Concurrent requests (comma-separated list runs each).
+    #[arg(short = 'c', long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
+    /// Compute backend (see `run --backend`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Checkpoint directory (default: the bundled demo checkpoint).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Hardware profile to plan for: a built-in name, a TOML path, or `auto`.
+    #[arg(long, conflicts_with = "plan")]
+    profile: Option<String>,
+    /// A plan written by `kimi-hybrid plan --json`.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model name clients use (default: the checkpoint directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`).
+    #[arg(long, env = "KIMI_HYBRID_API_KEY")]
+    api_key: Option<String>,
+    /// Prompt plus output tokens per request (default: what the model and KV cache allow).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Sequences batched together.
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    /// Requests allowed to wait for a slot; more get HTTP 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// KV cache capacity in tokens (default: the plan's workload, else 4 GiB of latents).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Tokens per engine step (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Turn off reuse of cached prompt prefixes.
+    #[arg(long)]
+    no_prefix_caching: bool,
+    /// Compute backend (see `run --backend`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Largest request body accepted, MiB (larger get HTTP 413).
+    #[arg(long, default_value_t = 32)]
+    max_body_mib: usize,
+    /// Seconds running requests may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Test option: accept a `forced_output` request field that replaces sampling.
+    #[arg(long, hide = true)]
+    allow_forced_output: bool,
 }
 
 #[derive(clap::Args)]
@@ -182,24 +260,8 @@ fn main() -> Result<()> {
         Command::Run(args) => run(args),
         Command::Inspect { model, json } => inspect(model, json),
         Command::Plan(args) => plan(args),
-        Command::Bench {
-            what,
-            working_set_gb,
-            repeats,
-        } => {
-            if what != "kernels" {
-                bail!("unknown benchmark {what:?}; available: kernels");
-            }
-            if !(working_set_gb > 0.0 && working_set_gb < 1024.0) {
-                bail!("--working-set-gb must be between 0 and 1024");
-            }
-            let opts = kimi_hybrid::bench::KernelBenchOptions {
-                working_set_bytes: (working_set_gb * 1e9) as usize,
-                repeats,
-            };
-            print!("{}", kimi_hybrid::bench::kernels(&opts)?);
-            Ok(())
-        }
+        Command::Bench(args) => bench(args),
+        Command::Serve(args) => serve(*args),
         Command::Calibrate {
             model,
             prompts,
@@ -229,6 +291,77 @@ fn main() -> Result<()> {
             kwargs.as_deref(),
         ),
     }
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    match args.what.as_deref() {
+        Some("kernels") => {
+            if !(args.working_set_gb > 0.0 && args.working_set_gb < 1024.0) {
+                bail!("--working-set-gb must be between 0 and 1024");
+            }
+            let opts = kimi_hybrid::bench::KernelBenchOptions {
+                working_set_bytes: (args.working_set_gb * 1e9) as usize,
+                repeats: args.repeats,
+            };
+            print!("{}", kimi_hybrid::bench::kernels(&opts)?);
+            Ok(())
+        }
+        Some(other) => {
+            bail!("unknown benchmark {other:?}; available: kernels, or none for the engine")
+        }
+        None => {
+            let dir = model_dir(args.model)?;
+            let opts = kimi_hybrid::bench::EngineBenchOptions {
+                model_dir: dir,
+                prompt_tokens: args.n_prompt,
+                gen_tokens: args.n_gen,
+                concurrency: args.concurrency,
+                backend: args.backend,
+            };
+            print!("{}", kimi_hybrid::bench::engine(&opts)?);
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use kimi_hybrid::server::{self, launch};
+    let served_model_name = args
+        .served_model_name
+        .or_else(|| args.model.is_none().then(|| "kimi-hybrid-demo".to_string()));
+    let opts = launch::LaunchOptions {
+        model_dir: model_dir(args.model)?,
+        profile: args.profile,
+        plan: args.plan,
+        backend: args.backend,
+        served_model_name,
+        api_key: args.api_key,
+        max_model_len: args.max_model_len,
+        max_num_seqs: args.max_num_seqs,
+        max_waiting: args.max_waiting,
+        kv_cache_tokens: args.kv_cache_tokens,
+        block_size: args.block_size,
+        max_batch_tokens: args.max_batch_tokens,
+        prefix_caching: !args.no_prefix_caching,
+        allow_forced_output: args.allow_forced_output,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let state = launch::launch(&opts)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(server::serve(
+        state,
+        server::ServeOptions {
+            host: args.host,
+            port: args.port,
+            body_limit: args.max_body_mib.saturating_mul(1 << 20),
+            drain_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
+        },
+    ))?;
+    Ok(())
 }
 
 fn model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
@@ -400,15 +533,11 @@ fn render_chat(
     add_generation_prompt: bool,
     kwargs: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<String> {
-    let template = ChatTemplate::from_dir(dir)?;
-    let template = if template.source_name().starts_with("built-in") {
-        ChatTemplate::builtin(
-            tok.bos_token().map(str::to_string),
-            tok.eos_token().map(str::to_string),
-        )?
-    } else {
-        template
-    };
+    let template = ChatTemplate::for_checkpoint(
+        dir,
+        tok.bos_token().map(str::to_string),
+        tok.eos_token().map(str::to_string),
+    )?;
     Ok(template.render(messages, tools, add_generation_prompt, kwargs)?)
 }
 

@@ -16,6 +16,7 @@ use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::{ModelConfig, TopkMethod};
 use crate::weights::{Checkpoint, LinearWeight, WeightLoader, WeightsError};
 use rope::Rope;
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,19 @@ pub struct Model {
     pub used_tensors: BTreeSet<String>,
 }
 
-/// The latent KV cache of one sequence: per layer, `width` values per token.
+/// Where the latents of the sequences in a forward pass live. Sequence `seq` is the
+/// index of its entry in the batch; positions are absolute.
+pub trait LatentStore {
+    /// Values per token per layer (`kv_lora_rank + qk_rope_head_dim`).
+    fn width(&self) -> usize;
+    /// Stores the latent of `seq` at `pos` in `layer`. Positions are written in order,
+    /// each once per forward, and every earlier position is already present.
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]);
+    /// The latents of positions `0..len` of `seq` in `layer`, `[len, width]`.
+    fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]>;
+}
+
+/// The latent KV cache of one sequence, contiguous per layer.
 pub struct KvCache {
     width: usize,
     layers: Vec<Vec<f32>>,
@@ -122,6 +135,33 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+impl LatentStore for KvCache {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    fn write(&mut self, _seq: usize, layer: usize, pos: usize, latent: &[f32]) {
+        let rows = &mut self.layers[layer];
+        rows.truncate(pos * self.width);
+        rows.extend_from_slice(latent);
+    }
+
+    fn read(&self, _seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
+        Cow::Borrowed(&self.layers[layer][..len * self.width])
+    }
+}
+
+/// One sequence's part of a batched forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEntry<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the store.
+    pub start: usize,
+    /// Which of its positions get logits (`None`: a prefill chunk that is not the last).
+    pub logits: Option<Logits>,
 }
 
 impl Model {
@@ -281,54 +321,118 @@ impl Model {
         logits: Logits,
         on_route: &mut RouteObserver,
     ) -> Result<Vec<f32>, ModelError> {
+        let entry = BatchEntry {
+            tokens,
+            start: cache.len,
+            logits: Some(logits),
+        };
+        let mut out = self.forward_batch(backend, &[entry], cache, form, on_route)?;
+        cache.len += tokens.len();
+        Ok(out.pop().flatten().unwrap_or_default())
+    }
+
+    /// One forward pass over several sequences at once: every weight is read once for
+    /// all their tokens (each routed expert once for all tokens routed to it), attention
+    /// runs per sequence over its own latents in `store`. Per-token results do not depend
+    /// on what else is in the batch. Returns, per entry, its logits (`[n, vocab]` or
+    /// `[vocab]`) when asked for.
+    pub fn forward_batch(
+        &self,
+        backend: &dyn Backend,
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+        form: AttentionForm,
+        on_route: &mut RouteObserver,
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
         let cfg = &self.config;
-        let n = tokens.len();
-        if n == 0 {
+        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
             return Err(ModelError::Empty);
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::TokenOutOfRange {
-                token: bad,
-                vocab: cfg.vocab_size,
-            });
-        }
-        let needed = cache.len + n;
-        if needed > cfg.max_position_embeddings {
-            return Err(ModelError::ContextFull {
-                needed,
-                limit: cfg.max_position_embeddings,
-            });
+        for e in batch {
+            if let Some(&bad) = e.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            let needed = e.start + e.tokens.len();
+            if needed > cfg.max_position_embeddings {
+                return Err(ModelError::ContextFull {
+                    needed,
+                    limit: cfg.max_position_embeddings,
+                });
+            }
         }
         let h = cfg.hidden_size;
-        let positions: Vec<usize> = (cache.len..cache.len + n).collect();
-        let form = match form {
-            AttentionForm::Auto if n == 1 => AttentionForm::Absorbed,
-            AttentionForm::Auto => AttentionForm::Naive,
-            f => f,
+        let seqs: Vec<SeqSpan> = {
+            let mut offset = 0;
+            batch
+                .iter()
+                .map(|e| {
+                    let span = SeqSpan {
+                        first: offset,
+                        start: e.start,
+                        len: e.tokens.len(),
+                        form: match form {
+                            AttentionForm::Auto if e.tokens.len() == 1 => AttentionForm::Absorbed,
+                            AttentionForm::Auto => AttentionForm::Naive,
+                            f => f,
+                        },
+                    };
+                    offset += e.tokens.len();
+                    span
+                })
+                .collect()
         };
+        let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
 
         let mut x = vec![0.0f32; n * h];
-        for (t, &id) in tokens.iter().enumerate() {
+        for (t, &id) in batch.iter().flat_map(|e| e.tokens).enumerate() {
             self.embed
                 .decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps);
-            let attn = self.attention(backend, l, &xn, &positions, cache, form);
+            let attn = self.attention(backend, l, &xn, &seqs, store);
             add_in_place(&mut x, &attn);
             let xn = rms_norm(&x, &layer.post_attn_norm, cfg.rms_norm_eps);
             let ffn = self.ffn(backend, l, &layer.ffn, &xn, on_route);
             add_in_place(&mut x, &ffn);
         }
-        cache.len += n;
 
-        let (rows, first) = match logits {
-            Logits::All => (n, 0),
-            Logits::Last => (1, n - 1),
-        };
-        let xn = rms_norm(&x[first * h..], &self.norm, cfg.rms_norm_eps);
-        let mut out = vec![0.0f32; rows * cfg.vocab_size];
-        backend.linear(&self.lm_head, 0..cfg.vocab_size, &xn, &mut out);
+        // lm_head once over every row that needs logits.
+        let mut rows = Vec::new();
+        for (e, s) in batch.iter().zip(&seqs) {
+            match e.logits {
+                Some(Logits::All) => rows.extend(s.first..s.first + s.len),
+                Some(Logits::Last) => rows.push(s.first + s.len - 1),
+                None => {}
+            }
+        }
+        let mut picked = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            picked.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let xn = rms_norm(&picked, &self.norm, cfg.rms_norm_eps);
+        let vocab = cfg.vocab_size;
+        let mut all = vec![0.0f32; rows.len() * vocab];
+        if !rows.is_empty() {
+            backend.linear(&self.lm_head, 0..vocab, &xn, &mut all);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut next = 0;
+        for (e, s) in batch.iter().zip(&seqs) {
+            let count = match e.logits {
+                Some(Logits::All) => s.len,
+                Some(Logits::Last) => 1,
+                None => 0,
+            };
+            out.push(
+                e.logits
+                    .map(|_| all[next * vocab..(next + count) * vocab].to_vec()),
+            );
+            next += count;
+        }
         Ok(out)
     }
 
@@ -337,13 +441,12 @@ impl Model {
         backend: &dyn Backend,
         layer: usize,
         x: &[f32],
-        positions: &[usize],
-        cache: &mut KvCache,
-        form: AttentionForm,
+        seqs: &[SeqSpan],
+        store: &mut dyn LatentStore,
     ) -> Vec<f32> {
         let cfg = &self.config;
         let a = &self.layers[layer].attn;
-        let n = positions.len();
+        let n = x.len() / cfg.hidden_size;
         let heads = cfg.num_attention_heads;
         let (dn, dr, dv, c) = (
             cfg.qk_nope_head_dim,
@@ -352,6 +455,7 @@ impl Model {
             cfg.kv_lora_rank,
         );
         let dq = dn + dr;
+        let positions: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.start + s.len).collect();
 
         // Queries [n, heads, dn + dr], rope on the last dr of each head.
         let mut q = vec![0.0f32; n * heads * dq];
@@ -371,8 +475,8 @@ impl Model {
             }
         }
 
-        // New latents: normalised c_kv and rotated k_pe, appended to the cache.
-        let width = cache.width;
+        // New latents: normalised c_kv and rotated k_pe, written to the store.
+        let width = store.width();
         let mut kv = vec![0.0f32; n * width];
         backend.linear(&a.kv_a, 0..width, x, &mut kv);
         for (i, &pos) in positions.iter().enumerate() {
@@ -381,120 +485,140 @@ impl Model {
             row[..c].copy_from_slice(&normed);
             self.rope.apply(&mut row[c..], pos);
         }
-        let latents = &mut cache.layers[layer];
-        latents.truncate(cache.len * width);
-        latents.extend_from_slice(&kv);
-        let total = cache.len + n;
-        let latents = &cache.layers[layer][..total * width];
+        for (s_idx, s) in seqs.iter().enumerate() {
+            for i in 0..s.len {
+                let t = s.first + i;
+                store.write(s_idx, layer, s.start + i, &kv[t * width..(t + 1) * width]);
+            }
+        }
 
         let scale = cfg.softmax_scale();
         let kv_b_rows = dn + dv;
         let mut heads_out = vec![0.0f32; n * heads * dv];
-        match form {
-            AttentionForm::Naive | AttentionForm::Auto => {
-                // Expand every cached latent into per-head keys [nope | rope] and values.
-                let mut c_kv = Vec::with_capacity(total * c);
-                for t in 0..total {
-                    c_kv.extend_from_slice(&latents[t * width..t * width + c]);
+
+        // Absorbed sequences: fold W_UK into their queries together (one read of kv_b for
+        // all of them), attend per sequence over the latents, unfold W_UV together.
+        let absorbed: Vec<(usize, &SeqSpan)> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.form == AttentionForm::Absorbed)
+            .collect();
+        let m: usize = absorbed.iter().map(|(_, s)| s.len).sum();
+        if m > 0 {
+            let rows: Vec<usize> = absorbed
+                .iter()
+                .flat_map(|(_, s)| s.first..s.first + s.len)
+                .collect();
+            // q~_h = q_nope_h W_UK_h (c values), followed by q_pe_h: one MQA query of
+            // width c + dr against the latent cache; values are the c_kv latents.
+            let mut q_lat = vec![0.0f32; m * heads * width];
+            let mut q_nope = vec![0.0f32; m * dn];
+            let mut folded = vec![0.0f32; m * c];
+            for hd in 0..heads {
+                for (i, &t) in rows.iter().enumerate() {
+                    let src = (t * heads + hd) * dq;
+                    q_nope[i * dn..(i + 1) * dn].copy_from_slice(&q[src..src + dn]);
                 }
-                let mut expanded = vec![0.0f32; total * heads * kv_b_rows];
-                backend.linear(&a.kv_b, 0..heads * kv_b_rows, &c_kv, &mut expanded);
-                let mut keys = vec![0.0f32; total * heads * dq];
-                for t in 0..total {
-                    for hd in 0..heads {
-                        let src = (t * heads + hd) * kv_b_rows;
-                        let dst = (t * heads + hd) * dq;
-                        keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
-                        keys[dst + dn..dst + dq]
-                            .copy_from_slice(&latents[t * width + c..(t + 1) * width]);
-                    }
+                let uk = hd * kv_b_rows..hd * kv_b_rows + dn;
+                backend.linear_transposed(&a.kv_b, uk, &q_nope, &mut folded);
+                for (i, &t) in rows.iter().enumerate() {
+                    let dst = (i * heads + hd) * width;
+                    q_lat[dst..dst + c].copy_from_slice(&folded[i * c..(i + 1) * c]);
+                    let src = (t * heads + hd) * dq + dn;
+                    q_lat[dst + c..dst + width].copy_from_slice(&q[src..src + dr]);
                 }
-                backend.attention(
-                    &q,
-                    KvView {
-                        data: &keys,
-                        token_stride: heads * dq,
-                        head_stride: dq,
-                        offset: 0,
-                    },
-                    KvView {
-                        data: &expanded,
-                        token_stride: heads * kv_b_rows,
-                        head_stride: kv_b_rows,
-                        offset: dn,
-                    },
-                    AttentionShape {
-                        heads,
-                        kv_heads: heads,
-                        qk_dim: dq,
-                        v_dim: dv,
-                    },
-                    positions,
-                    scale,
-                    &mut heads_out,
-                );
             }
-            AttentionForm::Absorbed => {
-                // q~_h = q_nope_h W_UK_h (c values), followed by q_pe_h: one MQA query of
-                // width c + dr against the latent cache; values are the c_kv latents.
-                let mut q_lat = vec![0.0f32; n * heads * width];
-                let mut q_nope = vec![0.0f32; n * dn];
-                let mut folded = vec![0.0f32; n * c];
-                for hd in 0..heads {
-                    for i in 0..n {
-                        let src = (i * heads + hd) * dq;
-                        q_nope[i * dn..(i + 1) * dn].copy_from_slice(&q[src..src + dn]);
-                    }
-                    let uk = hd * kv_b_rows..hd * kv_b_rows + dn;
-                    backend.linear_transposed(&a.kv_b, uk, &q_nope, &mut folded);
-                    for i in 0..n {
-                        let dst = (i * heads + hd) * width;
-                        q_lat[dst..dst + c].copy_from_slice(&folded[i * c..(i + 1) * c]);
-                        let src = (i * heads + hd) * dq + dn;
-                        q_lat[dst + c..dst + width].copy_from_slice(&q[src..src + dr]);
-                    }
-                }
-                let mut o_lat = vec![0.0f32; n * heads * c];
+            let mut o_lat = vec![0.0f32; m * heads * c];
+            let mut done = 0;
+            for &(seq, s) in &absorbed {
+                let latents = store.read(seq, layer, s.start + s.len);
+                let view = KvView {
+                    data: &latents,
+                    token_stride: width,
+                    head_stride: 0,
+                    offset: 0,
+                };
                 backend.attention(
-                    &q_lat,
-                    KvView {
-                        data: latents,
-                        token_stride: width,
-                        head_stride: 0,
-                        offset: 0,
-                    },
-                    KvView {
-                        data: latents,
-                        token_stride: width,
-                        head_stride: 0,
-                        offset: 0,
-                    },
+                    &q_lat[done * heads * width..(done + s.len) * heads * width],
+                    view,
+                    view,
                     AttentionShape {
                         heads,
                         kv_heads: 1,
                         qk_dim: width,
                         v_dim: c,
                     },
-                    positions,
+                    &positions[s.first..s.first + s.len],
                     scale,
-                    &mut o_lat,
+                    &mut o_lat[done * heads * c..(done + s.len) * heads * c],
                 );
-                // o_h = W_UV_h o_lat_h
-                let mut lat_h = vec![0.0f32; n * c];
-                let mut v_h = vec![0.0f32; n * dv];
-                for hd in 0..heads {
-                    for i in 0..n {
-                        let src = (i * heads + hd) * c;
-                        lat_h[i * c..(i + 1) * c].copy_from_slice(&o_lat[src..src + c]);
-                    }
-                    let uv = hd * kv_b_rows + dn..(hd + 1) * kv_b_rows;
-                    backend.linear(&a.kv_b, uv, &lat_h, &mut v_h);
-                    for i in 0..n {
-                        let dst = (i * heads + hd) * dv;
-                        heads_out[dst..dst + dv].copy_from_slice(&v_h[i * dv..(i + 1) * dv]);
-                    }
+                done += s.len;
+            }
+            // o_h = W_UV_h o_lat_h
+            let mut lat_h = vec![0.0f32; m * c];
+            let mut v_h = vec![0.0f32; m * dv];
+            for hd in 0..heads {
+                for i in 0..m {
+                    let src = (i * heads + hd) * c;
+                    lat_h[i * c..(i + 1) * c].copy_from_slice(&o_lat[src..src + c]);
+                }
+                let uv = hd * kv_b_rows + dn..(hd + 1) * kv_b_rows;
+                backend.linear(&a.kv_b, uv, &lat_h, &mut v_h);
+                for (i, &t) in rows.iter().enumerate() {
+                    let dst = (t * heads + hd) * dv;
+                    heads_out[dst..dst + dv].copy_from_slice(&v_h[i * dv..(i + 1) * dv]);
                 }
             }
+        }
+
+        // Naive sequences: expand every cached latent into per-head keys [nope | rope]
+        // and values.
+        for (seq, s) in seqs.iter().enumerate() {
+            if s.form == AttentionForm::Absorbed {
+                continue;
+            }
+            let total = s.start + s.len;
+            let latents = store.read(seq, layer, total);
+            let mut c_kv = Vec::with_capacity(total * c);
+            for t in 0..total {
+                c_kv.extend_from_slice(&latents[t * width..t * width + c]);
+            }
+            let mut expanded = vec![0.0f32; total * heads * kv_b_rows];
+            backend.linear(&a.kv_b, 0..heads * kv_b_rows, &c_kv, &mut expanded);
+            let mut keys = vec![0.0f32; total * heads * dq];
+            for t in 0..total {
+                for hd in 0..heads {
+                    let src = (t * heads + hd) * kv_b_rows;
+                    let dst = (t * heads + hd) * dq;
+                    keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
+                    keys[dst + dn..dst + dq]
+                        .copy_from_slice(&latents[t * width + c..(t + 1) * width]);
+                }
+            }
+            backend.attention(
+                &q[s.first * heads * dq..(s.first + s.len) * heads * dq],
+                KvView {
+                    data: &keys,
+                    token_stride: heads * dq,
+                    head_stride: dq,
+                    offset: 0,
+                },
+                KvView {
+                    data: &expanded,
+                    token_stride: heads * kv_b_rows,
+                    head_stride: kv_b_rows,
+                    offset: dn,
+                },
+                AttentionShape {
+                    heads,
+                    kv_heads: heads,
+                    qk_dim: dq,
+                    v_dim: dv,
+                },
+                &positions[s.first..s.first + s.len],
+                scale,
+                &mut heads_out[s.first * heads * dv..(s.first + s.len) * heads * dv],
+            );
         }
         let mut out = vec![0.0f32; n * cfg.hidden_size];
         backend.linear(&a.o, 0..cfg.hidden_size, &heads_out, &mut out);
@@ -564,6 +688,17 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Where one sequence's tokens sit in a batch.
+#[derive(Debug, Clone, Copy)]
+struct SeqSpan {
+    /// Index of its first token among the batch's tokens.
+    first: usize,
+    /// Its position before this pass.
+    start: usize,
+    len: usize,
+    form: AttentionForm,
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

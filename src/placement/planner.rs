@@ -25,7 +25,7 @@
 use super::model_desc::ModelDesc;
 use super::profile::{AttentionParallel, Layout, Profile, Workload, GIB};
 use super::stats::ExpertStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const SCHEMA: &str = "kimi-hybrid-plan/1";
@@ -43,7 +43,7 @@ pub const ALL_TO_ALL_LATENCY_S: f64 = 15e-6;
 pub const PREFILL_CHUNK: u64 = 2048;
 
 /// One thing a device holds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Item {
     pub what: String,
     pub bytes: u64,
@@ -52,7 +52,7 @@ pub struct Item {
 /// Expert ids per MoE layer, as half-open ranges `[start, end)`.
 pub type ExpertSets = BTreeMap<usize, Vec<[usize; 2]>>;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GpuPlan {
     pub index: usize,
     pub name: String,
@@ -72,7 +72,7 @@ pub struct GpuPlan {
     pub used_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NumaPlan {
     pub node: usize,
     pub capacity_bytes: u64,
@@ -84,7 +84,7 @@ pub struct NumaPlan {
     pub used_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DiskPlan {
     pub experts: ExpertSets,
     pub expert_count: usize,
@@ -94,7 +94,7 @@ pub struct DiskPlan {
 }
 
 /// Routed experts of one MoE layer per tier.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LayerTiers {
     pub layer: usize,
     pub gpu: usize,
@@ -102,7 +102,7 @@ pub struct LayerTiers {
     pub disk: usize,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TierTimes {
     pub gpu_s: f64,
     pub cpu_s: f64,
@@ -110,7 +110,7 @@ pub struct TierTimes {
     pub transfer_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Estimate {
     /// Decode tokens/s of one sequence running alone.
     pub decode_tokens_per_s_batch1: f64,
@@ -125,7 +125,7 @@ pub struct Estimate {
     pub formula: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelSummary {
     pub name: String,
     pub layers: usize,
@@ -141,7 +141,7 @@ pub struct ModelSummary {
     pub kv_bytes_per_token: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkloadSummary {
     pub context: u64,
     pub concurrency: u64,
@@ -151,7 +151,7 @@ pub struct WorkloadSummary {
     pub stats: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Plan {
     pub schema: String,
     pub profile: String,

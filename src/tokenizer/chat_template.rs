@@ -99,6 +99,28 @@ impl ChatTemplate {
         Self::builtin(bos, eos)
     }
 
+    /// The checkpoint's own template, or the built-in one (with the tokenizer's BOS/EOS
+    /// text) when it ships none.
+    pub fn for_checkpoint(
+        dir: &Path,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, TemplateError> {
+        let template = Self::from_dir(dir)?;
+        if template.source_name().starts_with("built-in") {
+            Self::builtin(bos_token, eos_token)
+        } else {
+            Ok(template)
+        }
+    }
+
+    /// Whether the template knows the `<think>` reasoning format.
+    pub fn supports_thinking(&self) -> bool {
+        self.env
+            .get_template(TEMPLATE_NAME)
+            .is_ok_and(|t| t.source().contains("<think>"))
+    }
+
     pub fn builtin(
         bos_token: Option<String>,
         eos_token: Option<String>,

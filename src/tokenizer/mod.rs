@@ -296,6 +296,11 @@ impl Tokenizer {
             .map(String::as_str)
     }
 
+    /// Whether `id` is a special token (control markers, not text).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_names.contains_key(&id)
+    }
+
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
     }

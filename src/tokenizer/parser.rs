@@ -23,7 +23,9 @@ const CALL_BEGIN: &str = "<|tool_call_begin|>";
 const ARG_BEGIN: &str = "<|tool_call_argument_begin|>";
 const CALL_END: &str = "<|tool_call_end|>";
 
-const MARKERS: &[&str] = &[
+/// The markers of the output grammar (reasoning and tool calls); special tokens in
+/// Kimi's vocabulary, kept in the text even when other special tokens are skipped.
+pub const MARKERS: &[&str] = &[
     THINK_OPEN,
     THINK_CLOSE,
     SECTION_BEGIN,

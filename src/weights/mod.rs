@@ -359,6 +359,27 @@ impl Checkpoint {
         self.shards.iter().map(|s| s.path.as_path())
     }
 
+    /// Touches every page of every shard so the first requests do not wait on page
+    /// faults; `progress(done_bytes)` is called as it goes. Returns a checksum of the
+    /// bytes read (so the reads are not optimised away).
+    pub fn warm(&self, mut progress: impl FnMut(u64)) -> u64 {
+        const PAGE: usize = 4096;
+        const REPORT: usize = 64 << 20;
+        let mut sum = 0u64;
+        let mut done = 0u64;
+        for shard in &self.shards {
+            for chunk in shard.map.chunks(REPORT) {
+                sum = chunk
+                    .iter()
+                    .step_by(PAGE)
+                    .fold(sum, |s, &b| s.wrapping_add(b as u64));
+                done += chunk.len() as u64;
+                progress(done);
+            }
+        }
+        sum
+    }
+
     /// Bytes of all shard files.
     pub fn file_bytes(&self) -> usize {
         self.shards.iter().map(|s| s.map.len()).sum()

@@ -1,0 +1,270 @@
+//! The paged latent KV cache: fixed-size blocks of `block_size` tokens, a block
+//! allocator, and prefix caching.
+//!
+//! A sequence owns a block table (block ids in position order). A block that is full
+//! of computed latents gets a key: a hash of every token before it plus its own token
+//! ids (compared exactly).
+//! A new sequence whose prompt starts with the same tokens reuses those blocks (shared,
+//! reference counted) instead of recomputing them. Blocks nobody references stay cached
+//! until the allocator needs them, oldest use first (LRU).
+
+use crate::model::LatentStore;
+use rustc_hash::FxHashMap;
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+/// What identifies a full block's contents: the chained hash of all earlier blocks and
+/// its own tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BlockKey {
+    prefix_hash: u64,
+    tokens: Vec<u32>,
+}
+
+/// Chained hash of a prefix: `chain(previous, block tokens)`; SipHash with fixed keys,
+/// so the value is the same in every run.
+fn chain(previous: u64, tokens: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0x6b69_6d69, 0x6879_6272_6964);
+    previous.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+#[derive(Debug, Clone, Default)]
+struct BlockMeta {
+    refs: u32,
+    key: Option<BlockKey>,
+    last_use: u64,
+}
+
+pub struct KvPool {
+    block_size: usize,
+    width: usize,
+    /// Per layer, `[blocks, block_size, width]`.
+    layers: Vec<Vec<f32>>,
+    meta: Vec<BlockMeta>,
+    /// Blocks with no contents worth keeping.
+    free: Vec<u32>,
+    /// Unreferenced blocks that hold a cached prefix, by (last use, id).
+    evictable: BTreeSet<(u64, u32)>,
+    cached: FxHashMap<BlockKey, u32>,
+    tick: u64,
+    pub prefix_hits: u64,
+    pub prefix_queries: u64,
+}
+
+impl KvPool {
+    pub fn new(blocks: usize, block_size: usize, width: usize, layers: usize) -> Self {
+        KvPool {
+            block_size,
+            width,
+            // Zeroed allocations are mapped lazily, so unused capacity costs no memory.
+            layers: (0..layers)
+                .map(|_| vec![0.0f32; blocks * block_size * width])
+                .collect(),
+            meta: vec![BlockMeta::default(); blocks],
+            free: (0..blocks as u32).rev().collect(),
+            evictable: BTreeSet::new(),
+            cached: FxHashMap::default(),
+            tick: 0,
+            prefix_hits: 0,
+            prefix_queries: 0,
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Blocks that can be handed out now (free or evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Blocks referenced by some sequence.
+    pub fn used(&self) -> usize {
+        self.total_blocks() - self.available()
+    }
+
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// The longest run of cached full blocks matching the start of `tokens`, at most
+    /// `max_tokens` tokens long. The blocks are referenced for the caller.
+    pub fn match_prefix(&mut self, tokens: &[u32], max_tokens: usize) -> Vec<u32> {
+        self.prefix_queries += 1;
+        let mut blocks = Vec::new();
+        let mut prefix_hash = 0;
+        for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
+            let key = BlockKey {
+                prefix_hash,
+                tokens: chunk.to_vec(),
+            };
+            let Some(&b) = self.cached.get(&key) else {
+                break;
+            };
+            self.retain(b);
+            blocks.push(b);
+            prefix_hash = chain(prefix_hash, chunk);
+        }
+        if !blocks.is_empty() {
+            self.prefix_hits += 1;
+        }
+        blocks
+    }
+
+    fn retain(&mut self, b: u32) {
+        let m = &mut self.meta[b as usize];
+        if m.refs == 0 {
+            self.evictable.remove(&(m.last_use, b));
+        }
+        m.refs += 1;
+    }
+
+    /// A fresh block, evicting the least recently used cached one if none is free.
+    pub fn allocate(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (tick, b) = self.evictable.pop_first()?;
+                debug_assert_eq!(tick, self.meta[b as usize].last_use);
+                if let Some(key) = self.meta[b as usize].key.take() {
+                    self.cached.remove(&key);
+                }
+                b
+            }
+        };
+        self.meta[b as usize].refs = 1;
+        Some(b)
+    }
+
+    /// Drops one reference to each block; unreferenced blocks with contents stay cached.
+    pub fn release(&mut self, blocks: &[u32]) {
+        for &b in blocks.iter().rev() {
+            self.tick += 1;
+            let tick = self.tick;
+            let m = &mut self.meta[b as usize];
+            m.refs = m.refs.saturating_sub(1);
+            if m.refs > 0 {
+                continue;
+            }
+            m.last_use = tick;
+            if m.key.is_some() {
+                self.evictable.insert((tick, b));
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Records that the first `computed` tokens of a sequence (`tokens`, block table
+    /// `table`) are in the cache, so their full blocks can serve later prompts.
+    /// `chain_hashes` holds the sequence's prefix hash after each block already
+    /// considered; it grows by the blocks registered now.
+    pub fn register_full_blocks(
+        &mut self,
+        tokens: &[u32],
+        table: &[u32],
+        computed: usize,
+        chain_hashes: &mut Vec<u64>,
+    ) {
+        let full = (computed / self.block_size).min(table.len());
+        for i in chain_hashes.len()..full {
+            let block_tokens = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let prefix_hash = chain_hashes.last().copied().unwrap_or(0);
+            chain_hashes.push(chain(prefix_hash, block_tokens));
+            let b = table[i];
+            if self.meta[b as usize].key.is_some() {
+                continue;
+            }
+            let key = BlockKey {
+                prefix_hash,
+                tokens: block_tokens.to_vec(),
+            };
+            // Another sequence computed the same block first: keep that one.
+            if self.cached.contains_key(&key) {
+                continue;
+            }
+            self.cached.insert(key.clone(), b);
+            self.meta[b as usize].key = Some(key);
+        }
+    }
+
+    fn slot(&self, table: &[u32], pos: usize) -> usize {
+        let block = table[pos / self.block_size] as usize;
+        (block * self.block_size + pos % self.block_size) * self.width
+    }
+}
+
+/// The pool seen through the block tables of one batch's sequences.
+pub struct PagedBatch<'a> {
+    pub pool: &'a mut KvPool,
+    pub tables: Vec<&'a [u32]>,
+}
+
+impl LatentStore for PagedBatch<'_> {
+    fn width(&self) -> usize {
+        self.pool.width
+    }
+
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]) {
+        let at = self.pool.slot(self.tables[seq], pos);
+        self.pool.layers[layer][at..at + latent.len()].copy_from_slice(latent);
+    }
+
+    fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
+        let (bs, w) = (self.pool.block_size, self.pool.width);
+        let data = &self.pool.layers[layer];
+        let table = self.tables[seq];
+        // One block: already contiguous.
+        if len <= bs {
+            let at = table[0] as usize * bs * w;
+            return Cow::Borrowed(&data[at..at + len * w]);
+        }
+        let mut out = Vec::with_capacity(len * w);
+        for (i, &b) in table.iter().enumerate() {
+            let take = bs.min(len - i * bs);
+            if take == 0 {
+                break;
+            }
+            let at = b as usize * bs * w;
+            out.extend_from_slice(&data[at..at + take * w]);
+        }
+        Cow::Owned(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_blocks_are_shared_and_evicted_lru() {
+        let mut pool = KvPool::new(4, 2, 1, 1);
+        let prompt = [1, 2, 3, 4, 5];
+        let table: Vec<u32> = (0..3).map(|_| pool.allocate().unwrap()).collect();
+        let mut hashes = Vec::new();
+        pool.register_full_blocks(&prompt, &table, 5, &mut hashes);
+        assert_eq!(hashes.len(), 2);
+        pool.release(&table);
+        assert_eq!(pool.used(), 0);
+        // The same prompt reuses both full blocks; a different second block stops at one.
+        let hit = pool.match_prefix(&prompt, 4);
+        assert_eq!(hit, table[..2].to_vec());
+        pool.release(&hit);
+        assert_eq!(pool.match_prefix(&[1, 2, 9, 9], 4), table[..1].to_vec());
+        pool.release(&table[..1]);
+        // Filling the pool evicts cached blocks (least recently used first).
+        let all: Vec<u32> = (0..4).map(|_| pool.allocate().unwrap()).collect();
+        assert_eq!(all.len(), 4);
+        assert!(pool.allocate().is_none());
+        assert!(pool.match_prefix(&prompt, 4).is_empty());
+    }
+}

@@ -1,0 +1,206 @@
+//! Starting `serve`: load the checkpoint, check the hardware profile or plan against this
+//! machine, warm the mapped weights with a progress bar, size the KV cache, and start
+//! the engine thread.
+
+use super::metrics::Metrics;
+use super::{AppState, Shared};
+use crate::engine::{self, EngineConfig};
+use crate::model::Model;
+use crate::placement::{self, ModelDesc, Plan, Profile};
+use crate::tokenizer::chat_template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Checkpoint;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Default KV cache when neither a flag nor a plan sizes it (f32 latents).
+const DEFAULT_KV_BYTES: usize = 4 << 30;
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub model_dir: PathBuf,
+    pub profile: Option<String>,
+    pub plan: Option<PathBuf>,
+    pub backend: String,
+    pub served_model_name: Option<String>,
+    pub api_key: Option<String>,
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_waiting: usize,
+    pub kv_cache_tokens: Option<usize>,
+    pub block_size: usize,
+    pub max_batch_tokens: usize,
+    pub prefix_caching: bool,
+    pub allow_forced_output: bool,
+    /// Show a progress bar while warming the weights.
+    pub progress: bool,
+}
+
+/// A GPU profile on a machine where the GPU backend cannot run is refused with what to
+/// do instead.
+fn refuse_gpu_layout(what: &str, gpus: usize) -> Result<()> {
+    if gpus == 0 {
+        return Ok(());
+    }
+    let why = match kernels_cuda::driver_library_present() {
+        Err(e) => format!("{e}"),
+        Ok(path) => format!(
+            "a CUDA driver is present ({}), but this build has no GPU backend yet",
+            path.display()
+        ),
+    };
+    bail!(
+        "{what} places weights on {gpus} GPU(s), which cannot be used here: {why}. \
+         Use --profile cpu-only (or --profile auto, which plans for this machine) instead."
+    )
+}
+
+fn read_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a plan written by `kimi-hybrid plan --json`",
+            path.display()
+        )
+    })?;
+    if plan.schema != "kimi-hybrid-plan/1" {
+        bail!(
+            "{}: plan schema {:?} is not kimi-hybrid-plan/1",
+            path.display(),
+            plan.schema
+        );
+    }
+    Ok(plan)
+}
+
+/// Loads everything and starts the engine; returns the state the routes share.
+pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
+    let dir = &opts.model_dir;
+    let ckpt = Checkpoint::open(dir)
+        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_dir(dir)
+        .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?;
+    let template = ChatTemplate::for_checkpoint(
+        dir,
+        tokenizer.bos_token().map(str::to_string),
+        tokenizer.eos_token().map(str::to_string),
+    )?;
+    let mut model =
+        Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+
+    // Placement: a plan file, or one made now for a profile.
+    let plan = match (&opts.plan, &opts.profile) {
+        (Some(path), _) => Some(read_plan(path)?),
+        (None, Some(name)) => {
+            let profile = Profile::resolve(name)?;
+            refuse_gpu_layout(&format!("profile {}", profile.name), profile.gpu.count)?;
+            let desc = ModelDesc::from_checkpoint(&ckpt);
+            Some(placement::plan(&desc, &profile, &profile.workload, None))
+        }
+        (None, None) => None,
+    };
+    if let Some(plan) = &plan {
+        refuse_gpu_layout(&format!("plan for {}", plan.profile), plan.gpus.len())?;
+        if !plan.feasible {
+            bail!(
+                "the plan for {} cannot run: {}",
+                plan.profile,
+                plan.problems.join("; ")
+            );
+        }
+        let assigned = model.assign_numa_nodes(plan);
+        tracing_line(&format!(
+            "placement: {} routed experts assigned to NUMA nodes by the plan for {}",
+            assigned, plan.profile
+        ));
+    }
+
+    warm(&ckpt, opts.progress);
+
+    let cfg = model.config.clone();
+    let bytes_per_token = cfg.latent_cache_width() * cfg.num_hidden_layers * 4;
+    let kv_tokens = match (opts.kv_cache_tokens, &plan) {
+        (Some(t), _) => t,
+        (None, Some(p)) => (p.workload.context * p.workload.concurrency) as usize,
+        (None, None) => DEFAULT_KV_BYTES / bytes_per_token.max(1),
+    };
+    let max_model_len = opts
+        .max_model_len
+        .unwrap_or_else(|| cfg.max_position_embeddings.min(kv_tokens));
+    if max_model_len < 2 {
+        bail!("--max-model-len must be at least 2");
+    }
+    if max_model_len > cfg.max_position_embeddings {
+        bail!(
+            "--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}",
+            cfg.max_position_embeddings
+        );
+    }
+    if kv_tokens < max_model_len {
+        bail!(
+            "the KV cache holds {kv_tokens} tokens, fewer than --max-model-len {max_model_len}; raise --kv-cache-tokens or lower --max-model-len"
+        );
+    }
+    if opts.max_num_seqs == 0 || opts.block_size == 0 || opts.max_batch_tokens == 0 {
+        bail!("--max-num-seqs, --block-size and --max-batch-tokens must be at least 1");
+    }
+    let config = EngineConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_waiting: opts.max_waiting,
+        max_model_len,
+        block_size: opts.block_size,
+        kv_blocks: kv_tokens.div_ceil(opts.block_size),
+        max_batch_tokens: opts.max_batch_tokens,
+        prefix_caching: opts.prefix_caching,
+    };
+    tracing_line(&format!(
+        "KV cache: {} blocks of {} tokens ({} tokens, {:.2} GiB of f32 latents); max model length {}",
+        config.kv_blocks,
+        config.block_size,
+        config.kv_blocks * config.block_size,
+        (config.kv_blocks * config.block_size * bytes_per_token) as f64 / (1u64 << 30) as f64,
+        max_model_len
+    ));
+    let backend = crate::backend::by_name(&opts.backend).map_err(anyhow::Error::msg)?;
+    let served_model_name = opts.served_model_name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "kimi".into())
+    });
+    let handle = engine::start(model, backend, Arc::new(tokenizer), config)
+        .context("cannot start the engine thread")?;
+    Ok(Arc::new(AppState {
+        engine: handle,
+        template,
+        served_model_name,
+        api_key: opts.api_key.clone(),
+        metrics: Metrics::default(),
+        shutting_down: AtomicBool::new(false),
+        allow_forced_output: opts.allow_forced_output,
+        created: super::now_secs(),
+    }))
+}
+
+fn tracing_line(s: &str) {
+    eprintln!("{s}");
+}
+
+fn warm(ckpt: &Checkpoint, progress: bool) {
+    let total = ckpt.file_bytes() as u64;
+    let bar = if progress {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "warming weights {bar:40} {bytes}/{total_bytes} ({binary_bytes_per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    ckpt.warm(|done| bar.set_position(done));
+    bar.finish_and_clear();
+}

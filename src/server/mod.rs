@@ -1,0 +1,335 @@
+//! The HTTP front end (axum on tokio): OpenAI-compatible `/v1/chat/completions`,
+//! `/v1/completions`, `/v1/models`, Anthropic-compatible `/v1/messages`, plus
+//! `/tokenize`, `/detokenize`, `/health` and `/metrics`. Handlers validate and render a
+//! request to token ids, hand it to the engine thread, and turn the engine's events
+//! into responses or server-sent event streams.
+
+mod anthropic;
+pub mod error;
+pub mod launch;
+pub mod metrics;
+mod openai;
+mod params;
+mod prompt;
+
+use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
+use crate::tokenizer::chat_template::ChatTemplate;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::{ApiError, Dialect};
+use metrics::Metrics;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub template: ChatTemplate,
+    pub served_model_name: String,
+    pub api_key: Option<String>,
+    pub metrics: Metrics,
+    pub shutting_down: AtomicBool,
+    /// Accept the test-only `forced_output` request field.
+    pub allow_forced_output: bool,
+    pub created: u64,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Default cap on a request body (prompts of a full 256K context fit well within it).
+pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+pub fn router(state: Shared, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn dialect_of(path: &str) -> Dialect {
+    if path.starts_with("/v1/messages") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    }
+}
+
+/// API key and shutdown checks in front of every route but `/health` and `/metrics`.
+async fn gate(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/health" || path == "/metrics" {
+        return next.run(req).await;
+    }
+    let dialect = dialect_of(&path);
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+        .in_dialect(dialect)
+        .into_response();
+    }
+    if let Some(key) = &state.api_key {
+        if !key_matches(req.headers(), key) {
+            state.metrics.error();
+            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid or missing API key")
+                .in_dialect(dialect)
+                .into_response();
+        }
+    }
+    let response = next.run(req).await;
+    // Errors from the body-size limit come back as axum's plain text; reshape them.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        state.metrics.error();
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the server accepts",
+        )
+        .in_dialect(dialect)
+        .into_response();
+    }
+    response
+}
+
+/// `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic).
+fn key_matches(headers: &HeaderMap, key: &str) -> bool {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    bearer == Some(key) || x_api_key == Some(key)
+}
+
+async fn health(State(state): State<Shared>) -> Response {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Shared>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(&state.engine.stats),
+    )
+        .into_response()
+}
+
+/// The raw body, with the size limit's rejection mapped to our error shape.
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is larger than the server accepts".to_string()
+        } else {
+            format!("cannot read the request body: {e}")
+        };
+        ApiError::new(status, message)
+    })
+}
+
+/// Checks the requested model name against the served one.
+pub(crate) fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.served_model_name => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist."),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A request for the engine, before its event channel is attached.
+pub(crate) struct Pending {
+    pub req: Box<dyn FnOnce(tokio::sync::mpsc::UnboundedSender<Event>) -> GenRequest + Send>,
+}
+
+/// Submits one engine request per choice and merges their events, tagged with the
+/// choice index. Dropping the receiver cancels every choice within one engine step.
+pub(crate) fn submit(
+    state: &AppState,
+    choices: Vec<Pending>,
+) -> Result<UnboundedReceiver<(usize, Event)>, ApiError> {
+    let (merged_tx, merged_rx) = unbounded_channel();
+    for (index, pending) in choices.into_iter().enumerate() {
+        let (tx, mut rx) = unbounded_channel();
+        state
+            .engine
+            .submit((pending.req)(tx))
+            .map_err(|e| match e {
+                SubmitError::QueueFull(_) => {
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+                }
+                SubmitError::Stopped => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                }
+            })?;
+        let merged_tx = merged_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(ev) => {
+                            let end = matches!(ev, Event::Finished { .. } | Event::Error(_));
+                            if merged_tx.send((index, ev)).is_err() || end {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = merged_tx.closed() => break,
+                }
+            }
+        });
+    }
+    Ok(merged_rx)
+}
+
+/// Records latency metrics from the events of one request.
+pub(crate) struct Tracker {
+    started: Instant,
+    last_token: Option<Instant>,
+    state: Shared,
+    finished: bool,
+}
+
+impl Tracker {
+    pub fn new(state: Shared) -> Self {
+        Tracker {
+            started: Instant::now(),
+            last_token: None,
+            state,
+            finished: false,
+        }
+    }
+
+    pub fn on_event(&mut self, ev: &Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Token { .. } => {
+                match self.last_token {
+                    None => self
+                        .state
+                        .metrics
+                        .time_to_first_token((now - self.started).as_secs_f64()),
+                    Some(t) => self.state.metrics.inter_token((now - t).as_secs_f64()),
+                }
+                self.last_token = Some(now);
+            }
+            Event::Finished {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => self.state.metrics.finished(
+                (now - self.started).as_secs_f64(),
+                *prompt_tokens,
+                *completion_tokens,
+            ),
+            Event::Error(_) => self.state.metrics.error(),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+
+    /// Call when every choice has ended.
+    pub fn done(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.metrics.aborted();
+        }
+    }
+}
+
+/// How `serve` runs.
+pub struct ServeOptions {
+    pub host: String,
+    pub port: u16,
+    pub body_limit: usize,
+    /// How long running streams may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// Serves until SIGTERM or Ctrl-C: then new requests get 503 while running ones finish
+/// (up to `drain_timeout`), and the process returns.
+pub async fn serve(state: Shared, opts: ServeOptions) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
+    let addr = listener.local_addr()?;
+    let app = router(state.clone(), opts.body_limit);
+    eprintln!(
+        "kimi-hybrid serving {} at http://{addr}/v1 (OpenAI and Anthropic APIs)",
+        state.served_model_name
+    );
+    let drain = opts.drain_timeout;
+    let shutdown_state = state.clone();
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let drained_signal = drained.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        wait_for_signal().await;
+        shutdown_state.shutting_down.store(true, Ordering::SeqCst);
+        eprintln!("shutting down: refusing new requests, finishing running ones");
+        let deadline = Instant::now() + drain;
+        while shutdown_state.engine.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drained_signal.notify_one();
+    });
+    // Streams still open after the drain deadline are cut when the runtime stops.
+    let cut_off = async move {
+        drained.notified().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        r = server => r,
+        _ = cut_off => Ok(()),
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

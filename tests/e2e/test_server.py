@@ -1,0 +1,386 @@
+"""End-to-end: a real `kimi-hybrid serve` driven by the official openai and anthropic SDKs.
+
+Tool-call and reasoning plumbing is driven by the test-only `forced_output` field
+(the forward pass still runs; the sampled tokens are replaced by the given text's).
+"""
+
+import json
+import signal
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import API_KEY, MODEL, Server
+
+REASONING = "I should check the weather."
+CONTENT = "Let me look."
+ARGS = '{"city": "Paris", "note": "a<b: x\\ny"}'
+TOOL_OUTPUT = (
+    f"{REASONING}</think>{CONTENT}<|tool_calls_section_begin|><|tool_call_begin|>"
+    f"functions.get_weather:0<|tool_call_argument_begin|>{ARGS}<|tool_call_end|>"
+    "<|tool_calls_section_end|>"
+)
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server.base, api_key=API_KEY, max_retries=0)
+
+
+def test_models_lists_the_served_name(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_chat_plain_and_streamed_agree(client):
+    kw = dict(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"thinking": False}})
+    assert full.object == "chat.completion"
+    choice = full.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens >= 1
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    text = ""
+    usage = None
+    finish = None
+    for chunk in client.chat.completions.create(
+        **kw,
+        stream=True, stream_options={"include_usage": True},
+        extra_body={"chat_template_kwargs": {"thinking": False}},
+    ):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == (choice.message.content or "")
+    assert finish == choice.finish_reason
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_token_ids_match_the_golden_continuation(client, golden):
+    out = client.completions.create(
+        model=MODEL, prompt=golden["prompt_ids"], max_tokens=len(golden["greedy_ids"]),
+        temperature=0, logprobs=2,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    lp = out.choices[0].logprobs
+    ids = [int(t.split(":")[1]) for t in lp.tokens]
+    assert ids == golden["greedy_ids"]
+    assert all(v <= 0 for v in lp.token_logprobs)
+    # Greedy picks the most likely token: its log-probability tops the alternatives.
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2
+        assert abs(max(top.values()) - chosen) < 1e-4
+    assert out.usage.prompt_tokens == len(golden["prompt_ids"])
+    assert out.usage.completion_tokens == len(golden["greedy_ids"])
+
+
+def test_completions_echo_with_prompt_logprobs(client, golden):
+    out = client.completions.create(
+        model=MODEL, prompt=golden["prompt_ids"], max_tokens=2, temperature=0, echo=True,
+        logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    lp = out.choices[0].logprobs
+    n = len(golden["prompt_ids"])
+    assert [int(t.split(":")[1]) for t in lp.tokens[:n]] == golden["prompt_ids"]
+    assert lp.token_logprobs[0] is None
+    assert all(v is not None for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == n + 2
+
+
+def test_streamed_completion_matches(client, golden):
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt=golden["prompt_ids"], max_tokens=8, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        ) if c.choices
+    )
+    full = client.completions.create(
+        model=MODEL, prompt=golden["prompt_ids"], max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert text == full.choices[0].text
+
+
+def test_tool_call_and_reasoning_through_openai(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=TOOLS, max_tokens=200,
+        extra_body={"forced_output": TOOL_OUTPUT},
+    )
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert msg.reasoning_content == REASONING
+    assert msg.content == CONTENT
+    assert len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    assert call.id == "functions.get_weather:0"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == json.loads(ARGS)
+
+
+def test_tool_call_and_reasoning_streamed_through_openai(client):
+    reasoning, content, calls, finish = "", "", {}, None
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=USER, tools=TOOLS, max_tokens=200, stream=True,
+        extra_body={"forced_output": TOOL_OUTPUT},
+    ):
+        for c in chunk.choices:
+            d = c.delta
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            content += d.content or ""
+            for tc in d.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": None, "name": None, "args": ""})
+                if tc.id:
+                    entry["id"] = tc.id
+                if tc.function and tc.function.name:
+                    entry["name"] = tc.function.name
+                if tc.function and tc.function.arguments:
+                    entry["args"] += tc.function.arguments
+            finish = c.finish_reason or finish
+    assert reasoning == REASONING
+    assert content == CONTENT
+    assert finish == "tool_calls"
+    assert calls[0]["id"] == "functions.get_weather:0"
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["args"]) == json.loads(ARGS)
+
+
+def test_named_tool_choice_writes_the_call_opening(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=TOOLS, max_tokens=50,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body={"forced_output": '{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|>'},
+    )
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+
+
+def test_stop_strings_are_cut(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=50, stop=["STOP"],
+        extra_body={"forced_output": "hello world STOP more", "chat_template_kwargs": {"thinking": False}},
+    )
+    assert out.choices[0].message.content == "hello world "
+    assert out.choices[0].finish_reason == "stop"
+    text = ""
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=50, stop=["STOP"], stream=True,
+        extra_body={"forced_output": "hello world STOP more", "chat_template_kwargs": {"thinking": False}},
+    ):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    assert text == "hello world "
+
+
+def test_seeds_repeat_and_differ(client, golden):
+    def draw(seed):
+        out = client.completions.create(
+            model=MODEL, prompt=golden["prompt_ids"], max_tokens=16, temperature=1.0, seed=seed,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}, logprobs=0,
+        )
+        return out.choices[0].logprobs.tokens
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_n_choices(client):
+    out = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, n=3, seed=1)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    # Usage counts the tokens of every choice.
+    assert 3 <= out.usage.completion_tokens <= 12
+
+
+def test_anthropic_plain_and_tool_use(claude):
+    msg = claude.messages.create(model=MODEL, max_tokens=8, messages=USER, system="Be brief.")
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+    assert msg.usage.output_tokens >= 1
+    msg = claude.messages.create(
+        model=MODEL, max_tokens=200, messages=USER,
+        tools=[{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
+        extra_body={"forced_output": TOOL_OUTPUT},
+    )
+    kinds = [b.type for b in msg.content]
+    assert kinds == ["thinking", "text", "tool_use"]
+    assert msg.content[0].thinking == REASONING
+    assert msg.content[1].text == CONTENT
+    assert msg.content[2].name == "get_weather"
+    assert msg.content[2].input == json.loads(ARGS)
+    assert msg.stop_reason == "tool_use"
+
+
+def test_anthropic_stream_event_sequence(claude):
+    events = []
+    with claude.messages.stream(
+        model=MODEL, max_tokens=200, messages=USER,
+        tools=[{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
+        extra_body={"forced_output": TOOL_OUTPUT},
+    ) as stream:
+        for ev in stream:
+            events.append(ev)
+        final = stream.get_final_message()
+    types = [e.type for e in events]
+    assert types[0] == "message_start"
+    assert types[-1] == "message_stop"
+    assert "message_delta" in types
+    starts = [e.content_block.type for e in events if e.type == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    deltas = {e.delta.type for e in events if e.type == "content_block_delta"}
+    assert {"thinking_delta", "text_delta", "input_json_delta"} <= deltas
+    assert final.content[2].input == json.loads(ARGS)
+    assert final.content[0].thinking == REASONING
+    assert final.stop_reason == "tool_use"
+
+
+def test_anthropic_tool_result_round_trip_and_count_tokens(claude):
+    messages = USER + [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "functions.get_weather:0", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "functions.get_weather:0", "content": "Sunny"}]},
+    ]
+    count = claude.messages.count_tokens(model=MODEL, messages=messages)
+    assert count.input_tokens > 10
+    msg = claude.messages.create(model=MODEL, max_tokens=64, messages=messages,
+                                 extra_body={"forced_output": "Sunny.</think>It is sunny."})
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[1].text == "It is sunny."
+
+
+# --- errors ---------------------------------------------------------------------------
+
+def test_bad_json_and_bad_parameters(server, client):
+    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
+                   headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=USER, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=USER, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_prompt_longer_than_the_context(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[5] * 600, max_tokens=1)
+    assert "maximum context length is 512" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=100)
+
+
+def test_wrong_api_key_and_unknown_model(server):
+    bad = openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    bad_claude = anthropic.Anthropic(base_url=server.base, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad_claude.messages.create(model=MODEL, max_tokens=4, messages=USER)
+    good = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        good.chat.completions.create(model="no-such-model", messages=USER)
+    good_claude = anthropic.Anthropic(base_url=server.base, api_key=API_KEY, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as e:
+        good_claude.messages.create(model="no-such-model", max_tokens=4, messages=USER)
+    assert e.value.body["type"] == "error"
+
+
+def test_body_too_large(server):
+    body = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)})
+    r = httpx.post(server.base + "/v1/completions", content=body,
+                   headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == 413
+
+
+# --- load and cancellation ------------------------------------------------------------
+
+def test_32_streaming_clients_a_quarter_disconnect(server):
+    results = {}
+
+    def worker(i):
+        c = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        stream = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"client {i}"}], max_tokens=48,
+            stream=True, extra_body={"ignore_eos": True},
+        )
+        n, finish = 0, None
+        for chunk in stream:
+            for ch in chunk.choices:
+                finish = ch.finish_reason or finish
+            n += 1
+            if i % 4 == 0 and n == 5:
+                stream.close()
+                results[i] = "closed"
+                return
+        results[i] = finish
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert len(results) == 32
+    for i, r in results.items():
+        assert r == ("closed" if i % 4 == 0 else "length"), (i, r)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["kimi_hybrid_num_requests_running"] == 0 and m["kimi_hybrid_kv_blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["kimi_hybrid_num_requests_running"] == 0
+    assert m["kimi_hybrid_num_requests_waiting"] == 0
+    assert m["kimi_hybrid_kv_blocks_used"] == 0
+    assert m['kimi_hybrid_requests_total{outcome="aborted"}'] >= 8
+    assert m["kimi_hybrid_time_to_first_token_seconds_count"] >= 32
+
+
+def test_queue_full_then_graceful_shutdown():
+    s = Server("--max-num-seqs", "1", "--max-waiting", "0", "--max-model-len", "4096")
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=600, stream=True,
+                                      extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        assert first.choices
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4)
+        assert e.value.status_code == 503
+        finish = None
+        for chunk in stream:
+            for ch in chunk.choices:
+                finish = ch.finish_reason or finish
+        assert finish == "length"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()
