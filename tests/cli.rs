@@ -455,3 +455,33 @@ fn backends_are_chosen_by_name() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
 }
+
+#[test]
+fn serve_with_a_gpu_profile_refuses_to_start_without_that_gpu() {
+    let out = bin()
+        .args(["serve", "--profile", "1xH100+512GB", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GPU"), "{err}");
+    assert!(err.contains("--profile cpu-only"), "{err}");
+}
+
+#[test]
+fn engine_bench_reports_prompt_and_generation_speed() {
+    let out = bin()
+        .args(["bench", "-p", "16", "-n", "4", "-c", "1,2"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "pp16:",
+        "tg4:",
+        "c1: aggregate decode",
+        "c2: aggregate decode",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,405 @@
+//! Handler tests: the router driven in-process (no sockets) for validation, error
+//! shapes and status codes in both dialects, and the plain response shapes.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use common::fixture;
+use http_body_util::BodyExt;
+use kimi_hybrid::server::launch::{launch, LaunchOptions};
+use kimi_hybrid::server::{router, Shared};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use tower::ServiceExt;
+
+const KEY: &str = "sekret";
+
+fn options() -> LaunchOptions {
+    LaunchOptions {
+        model_dir: fixture("kimi-int4"),
+        profile: None,
+        plan: None,
+        backend: "cpu".into(),
+        served_model_name: Some("m".into()),
+        api_key: Some(KEY.into()),
+        max_model_len: Some(256),
+        max_num_seqs: 4,
+        max_waiting: 4,
+        kv_cache_tokens: Some(1024),
+        block_size: 16,
+        max_batch_tokens: 256,
+        prefix_caching: true,
+        allow_forced_output: true,
+        progress: false,
+    }
+}
+
+fn make_app(opts: &LaunchOptions, body_limit: usize) -> (Shared, Router) {
+    let state = launch(opts).expect("server state");
+    (state.clone(), router(state, body_limit))
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).expect("request"))
+        .await
+        .expect("response");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+fn chat(extra: Value) -> String {
+    let mut body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body.to_string()
+}
+
+#[tokio::test]
+async fn openai_errors_name_the_problem() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), "{oops").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{v}"
+    );
+    assert_eq!(v["error"]["code"], 400);
+
+    for (extra, param) in [
+        (json!({"temperature": 3}), "temperature"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"n": 0}), "n"),
+        (json!({"stop": 5}), "stop"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [{"type": "nope"}]}), "tools"),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "messages",
+        ),
+        (json!({"messages": "hi"}), "messages"),
+        (json!({"max_tokens": 1000}), "max_tokens"),
+        (
+            json!({"top_logprobs": 50, "logprobs": true}),
+            "top_logprobs",
+        ),
+    ] {
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(KEY),
+            &chat(extra.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+        assert_eq!(v["error"]["type"], "BadRequestError");
+    }
+
+    let long: Vec<u32> = vec![5; 300];
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(KEY),
+        &json!({"model": "m", "prompt": long}).to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("maximum context length is 256"),
+        "{v}"
+    );
+
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(KEY),
+        &json!({"model": "m", "prompt": [99999]}).to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "prompt");
+
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        &chat(json!({"model": "other"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["type"], "NotFoundError");
+
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some("wrong"),
+        &chat(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["code"], 401);
+    let (s, _) = call(&app, "GET", "/v1/models", None, "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Health and metrics need no key.
+    let (s, _) = call(&app, "GET", "/health", None, "").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn anthropic_errors_use_anthropic_shape() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    let ok =
+        json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, v) = call(&app, "POST", "/v1/messages", Some("wrong"), &ok.to_string()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let no_max = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let (s, v) = call(&app, "POST", "/v1/messages", Some(KEY), &no_max.to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("max_tokens"));
+    let bad_role =
+        json!({"model": "m", "max_tokens": 4, "messages": [{"role": "system", "content": "hi"}]});
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/v1/messages",
+        Some(KEY),
+        &bad_role.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/messages",
+        Some(KEY),
+        &json!({"model": "x", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["type"], "not_found_error");
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/messages/count_tokens",
+        Some(KEY),
+        &ok.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["input_tokens"].as_u64().unwrap_or(0) > 3);
+}
+
+#[tokio::test]
+async fn body_limit_queue_limit_and_shutdown() {
+    let (state, app) = make_app(&options(), 1024);
+    let big = json!({"model": "m", "prompt": "x".repeat(4096)}).to_string();
+    let (s, v) = call(&app, "POST", "/v1/completions", Some(KEY), &big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"]["code"], 413);
+
+    // Fill every slot and the queue with long streams, then one more is refused.
+    let mut opts = options();
+    opts.max_num_seqs = 1;
+    opts.max_waiting = 1;
+    let (state2, app2) = make_app(&opts, 1 << 20);
+    let long = json!({"model": "m", "prompt": [1, 2, 3], "max_tokens": 100, "stream": true, "ignore_eos": true}).to_string();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("content-type", "application/json")
+            .body(Body::from(long.clone()))
+            .expect("request");
+        let r = app2.clone().oneshot(req).await.expect("response");
+        assert_eq!(r.status(), StatusCode::OK);
+        held.push(r);
+    }
+    let (s, v) = call(&app2, "POST", "/v1/completions", Some(KEY), &long).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["type"], "RateLimitError");
+    drop(held);
+    drop(state2);
+
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        &chat(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["error"]["code"], 503);
+    let (s, _) = call(&app, "GET", "/health", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn chat_tool_calls_reasoning_and_usage() {
+    let (state, app) = make_app(&options(), 1 << 20);
+    let forced = "think first</think>ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{\"a\": 1}<|tool_call_end|><|tool_calls_section_end|>";
+    let tools =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        &chat(json!({"tools": tools, "max_tokens": 100, "forced_output": forced})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["reasoning_content"], "think first");
+    assert_eq!(choice["message"]["content"], "ok");
+    assert_eq!(choice["message"]["tool_calls"][0]["function"]["name"], "f");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        "{\"a\": 1}"
+    );
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap_or(0)
+            + usage["completion_tokens"].as_u64().unwrap_or(0)
+    );
+
+    // Thinking off: all output is content; tools with tool_choice none are not parsed.
+    let (_, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &chat(json!({"tools": tools, "tool_choice": "none", "max_tokens": 100, "forced_output": "plain <|tool_calls_section_begin|>", "chat_template_kwargs": {"thinking": false}}))).await;
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "plain <|tool_calls_section_begin|>"
+    );
+    assert!(v["choices"][0]["message"]["reasoning_content"].is_null());
+
+    // The test hook is refused unless the server allows it.
+    let mut opts = options();
+    opts.allow_forced_output = false;
+    let (_, strict) = app_pair(&opts);
+    let (s, v) = call(
+        &strict,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        &chat(json!({"forced_output": "x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "forced_output");
+
+    let (s, text) = call(&app, "GET", "/metrics", None, "").await;
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap_or("").to_string();
+    for name in [
+        "kimi_hybrid_requests_total{outcome=\"success\"}",
+        "kimi_hybrid_time_to_first_token_seconds_bucket",
+        "kimi_hybrid_inter_token_latency_seconds_count",
+        "kimi_hybrid_num_requests_running",
+        "kimi_hybrid_kv_blocks_used",
+        "kimi_hybrid_generation_tokens_total",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}");
+    }
+    drop(state);
+}
+
+fn app_pair(opts: &LaunchOptions) -> (Shared, Router) {
+    make_app(opts, 1 << 20)
+}
+
+#[tokio::test]
+async fn tokenize_detokenize_and_models() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/tokenize",
+        Some(KEY),
+        &json!({"prompt": "hello"}).to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let tokens = v["tokens"].clone();
+    assert_eq!(v["count"], tokens.as_array().map_or(0, Vec::len));
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/detokenize",
+        Some(KEY),
+        &json!({"tokens": tokens}).to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["prompt"], "hello");
+    let (_, v) = call(&app, "GET", "/v1/models", Some(KEY), "").await;
+    assert_eq!(v["data"][0]["id"], "m");
+    assert_eq!(v["data"][0]["max_model_len"], 256);
+}
+
+#[test]
+fn gpu_profiles_are_refused_with_a_way_out() {
+    let mut opts = options();
+    opts.profile = Some("1xH100+512GB".into());
+    let err = launch(&opts)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(err.contains("GPU"), "{err}");
+    assert!(err.contains("--profile cpu-only"), "{err}");
+    opts.profile = Some("cpu-only".into());
+    opts.kv_cache_tokens = Some(1024);
+    assert!(launch(&opts).is_ok());
+}
