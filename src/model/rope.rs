@@ -58,6 +58,11 @@ impl Rope {
         }
     }
 
+    /// YaRN's attention magnitude factor applied to cos and sin.
+    pub fn magnitude(&self) -> f32 {
+        self.magnitude
+    }
+
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
     }

@@ -1,0 +1,61 @@
+// RMSNorm, YaRN RoPE on interleaved pairs, SiLU-gated product, embedding gather.
+
+// One block per row: out = x * rsqrt(mean(x^2) + eps) * w.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+    __shared__ float scratch[32];
+    const float* row = x + (size_t)blockIdx.x * dim;
+    float* o = out + (size_t)blockIdx.x * dim;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) acc += row[i] * row[i];
+    float total = block_sum(acc, scratch);
+    float inv = rsqrtf(total / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = row[i] * inv * w[i];
+}
+
+// Rotates pairs (2i, 2i+1) of the `2 * half` values at `offset` in every (token, head):
+// element (t, h, d) is x[t * token_stride + h * head_stride + offset + d].
+extern "C" __global__ void rope_yarn(float* x, const int* positions, const float* inv_freq,
+                                     float magnitude, int tokens, int heads, int token_stride,
+                                     int head_stride, int offset, int half) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    int total = tokens * heads * half;
+    if (idx >= total) return;
+    int i = idx % half;
+    int h = (idx / half) % heads;
+    int t = idx / (half * heads);
+    float angle = (float)positions[t] * inv_freq[i];
+    float s, c;
+    sincosf(angle, &s, &c);
+    c *= magnitude;
+    s *= magnitude;
+    float* p = x + (size_t)t * token_stride + (size_t)h * head_stride + offset + 2 * i;
+    float a = p[0], b = p[1];
+    p[0] = a * c - b * s;
+    p[1] = b * c + a * s;
+}
+
+// gate = silu(gate) * up, in place.
+extern "C" __global__ void silu_mul(float* gate, const float* up, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = gate[i];
+    gate[i] = g / (1.0f + expf(-g)) * up[i];
+}
+
+// out[rows[j]] += weight[j] * src[j] for rows of `dim` values (token-ordered scatter-add;
+// one block per j, so rows must be distinct within a launch).
+extern "C" __global__ void scatter_add_rows(float* out, const float* src, const int* rows,
+                                            const float* weight, int dim) {
+    int j = blockIdx.x;
+    float wj = weight[j];
+    float* o = out + (size_t)rows[j] * dim;
+    const float* s = src + (size_t)j * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] += wj * s[i];
+}
+
+// One block per token: out[t] = table[ids[t]] (BF16 rows to f32).
+extern "C" __global__ void embedding_bf16(const u16* table, const int* ids, float* out, int hidden) {
+    const u16* row = table + (size_t)ids[blockIdx.x] * hidden;
+    float* o = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf16_to_f32(row[i]);
+}

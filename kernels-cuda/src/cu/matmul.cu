@@ -1,0 +1,115 @@
+// Quantized matrix products straight from the checkpoint's layouts:
+//   y[t, r] = sum_k W[r, k] * x[t, k],  x: [tokens, cols] f32, y: [tokens, rows] f32.
+// GEMV (decode, up to GEMV_TOKENS tokens per launch): one warp per weight row, so each
+// weight is read once for all the launch's tokens. GEMM (prefill): 64x64 output tiles,
+// weights decoded to f32 in shared memory 32 columns at a time.
+
+#define GEMV_TOKENS 8
+#define TILE 64
+#define KSTEP 32
+
+// ---- weight decoders: 8 consecutive values of row r starting at column k0 ----------
+
+__device__ __forceinline__ void int4_load8(const u32* packed, const u16* scales, int cols,
+                                           int group, int r, int k0, float v[8]) {
+    u32 word = packed[(size_t)r * (cols / 8) + k0 / 8];
+    float s = bf16_to_f32(scales[(size_t)r * (cols / group) + k0 / group]);
+    #pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = (float)((int)((word >> (4 * j)) & 0xf) - 8) * s;
+}
+
+__device__ __forceinline__ void fp8_load8(const u8* data, const float* scale_inv, int cols,
+                                          int block_r, int block_c, int r, int k0, float v[8]) {
+    int scale_cols = (cols + block_c - 1) / block_c;
+    const float* srow = scale_inv + (size_t)(r / block_r) * scale_cols;
+    #pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int k = k0 + j;
+        v[j] = k < cols ? fp8_e4m3_to_f32(data[(size_t)r * cols + k]) * srow[k / block_c] : 0.0f;
+    }
+}
+
+// ---- GEMV ----------------------------------------------------------------------------
+
+#define GEMV_BODY(LOAD)                                                                   \
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
+    int lane = threadIdx.x & 31;                                                          \
+    if (warp >= rows) return;                                                             \
+    float acc[GEMV_TOKENS];                                                               \
+    _Pragma("unroll") for (int t = 0; t < GEMV_TOKENS; t++) acc[t] = 0.0f;               \
+    for (int k0 = lane * 8; k0 < cols; k0 += 32 * 8) {                                    \
+        float v[8];                                                                       \
+        LOAD;                                                                             \
+        for (int t = 0; t < tokens; t++) {                                                \
+            const float* xt = x + (size_t)t * cols + k0;                                  \
+            float a = 0.0f;                                                               \
+            _Pragma("unroll") for (int j = 0; j < 8; j++) a += (k0 + j < cols) ? v[j] * xt[j] : 0.0f; \
+            acc[t] += a;                                                                  \
+        }                                                                                 \
+    }                                                                                     \
+    for (int t = 0; t < tokens; t++) {                                                    \
+        float s = warp_sum(acc[t]);                                                       \
+        if (lane == 0) y[(size_t)t * rows + warp] = s;                                    \
+    }
+
+extern "C" __global__ void int4_gemv(const u32* packed, const u16* scales, const float* x,
+                                     float* y, int rows, int cols, int group, int tokens) {
+    GEMV_BODY(int4_load8(packed, scales, cols, group, warp, k0, v))
+}
+
+extern "C" __global__ void fp8_gemv(const u8* data, const float* scale_inv, const float* x,
+                                    float* y, int rows, int cols, int block_r, int block_c,
+                                    int tokens) {
+    GEMV_BODY(fp8_load8(data, scale_inv, cols, block_r, block_c, warp, k0, v))
+}
+
+// ---- GEMM ----------------------------------------------------------------------------
+// Block (16, 16): thread (tx, ty) computes rows ty*4..+4 and tokens tx*4..+4 of the tile.
+
+#define GEMM_BODY(LOAD)                                                                   \
+    __shared__ float ws[TILE][KSTEP + 1];                                                 \
+    __shared__ float xs[TILE][KSTEP + 1];                                                 \
+    int tid = threadIdx.y * 16 + threadIdx.x;                                             \
+    int row0 = blockIdx.y * TILE, tok0 = blockIdx.x * TILE;                               \
+    float acc[4][4];                                                                      \
+    _Pragma("unroll") for (int i = 0; i < 4; i++)                                         \
+        _Pragma("unroll") for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;                   \
+    for (int kb = 0; kb < cols; kb += KSTEP) {                                            \
+        /* 64 rows x 4 chunks of 8 = 256 loads: one per thread. */                        \
+        int lr = tid / 4, lc = (tid % 4) * 8;                                             \
+        int r = row0 + lr, k0 = kb + lc;                                                  \
+        float v[8];                                                                       \
+        if (r < rows && k0 < cols) { LOAD; }                                              \
+        else { _Pragma("unroll") for (int j = 0; j < 8; j++) v[j] = 0.0f; }              \
+        _Pragma("unroll") for (int j = 0; j < 8; j++) ws[lr][lc + j] = v[j];              \
+        int t = tok0 + lr;                                                                \
+        _Pragma("unroll") for (int j = 0; j < 8; j++)                                     \
+            xs[lr][lc + j] = (t < tokens && k0 + j < cols) ? x[(size_t)t * cols + k0 + j] : 0.0f; \
+        __syncthreads();                                                                  \
+        for (int kk = 0; kk < KSTEP; kk++) {                                              \
+            float a[4], b[4];                                                             \
+            _Pragma("unroll") for (int i = 0; i < 4; i++) a[i] = ws[threadIdx.y * 4 + i][kk]; \
+            _Pragma("unroll") for (int j = 0; j < 4; j++) b[j] = xs[threadIdx.x * 4 + j][kk]; \
+            _Pragma("unroll") for (int i = 0; i < 4; i++)                                 \
+                _Pragma("unroll") for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];   \
+        }                                                                                 \
+        __syncthreads();                                                                  \
+    }                                                                                     \
+    _Pragma("unroll") for (int i = 0; i < 4; i++) {                                       \
+        int r = row0 + threadIdx.y * 4 + i;                                               \
+        _Pragma("unroll") for (int j = 0; j < 4; j++) {                                   \
+            int t = tok0 + threadIdx.x * 4 + j;                                           \
+            if (r < rows && t < tokens) y[(size_t)t * rows + r] = acc[i][j];              \
+        }                                                                                 \
+    }
+
+extern "C" __global__ void int4_gemm(const u32* packed, const u16* scales, const float* x,
+                                     float* y, int rows, int cols, int group, int tokens) {
+    GEMM_BODY(int4_load8(packed, scales, cols, group, r, k0, v))
+}
+
+extern "C" __global__ void fp8_gemm(const u8* data, const float* scale_inv, const float* x,
+                                    float* y, int rows, int cols, int block_r, int block_c,
+                                    int tokens) {
+    GEMM_BODY(fp8_load8(data, scale_inv, cols, block_r, block_c, r, k0, v))
+}

@@ -1,0 +1,138 @@
+// MLA attention.
+//
+// Decode (absorbed form): each sequence's query per head is q~ = [q_nope W_UK | q_pe]
+// (`width` = kv_lora_rank + rope dim values), attending over the sequence's latents in the
+// paged cache (pool [blocks, block_size, width] f32, block table per sequence); values
+// are the first `c` latent values. Long contexts split over chunks of KV blocks
+// (`mla_decode_partial`, grid (heads, splits, seqs)), merged by `mla_decode_combine`.
+//
+// Prefill (naive form): q [n, heads, dq], keys/values expanded per head, causal by
+// absolute position, online softmax over key chunks, one block per (query, head).
+
+#define MAX_CHUNK 256
+
+extern "C" __global__ void mla_decode_partial(const float* q, const float* pool,
+                                              const int* block_tables, const int* seq_lens,
+                                              int max_blocks, int block_size, int width, int c,
+                                              int heads, int chunk, float scale,
+                                              float* part_out, float* part_max, float* part_sum) {
+    __shared__ float scores[MAX_CHUNK];
+    __shared__ float scratch[32];
+    int h = blockIdx.x, split = blockIdx.y, s = blockIdx.z;
+    int splits = gridDim.y;
+    int len = seq_lens[s];
+    int start = split * chunk;
+    int end = min(start + chunk, len);
+    size_t slot = ((size_t)s * heads + h) * splits + split;
+    float* out = part_out + slot * c;
+    if (start >= end) {
+        for (int d = threadIdx.x; d < c; d += blockDim.x) out[d] = 0.0f;
+        if (threadIdx.x == 0) { part_max[slot] = -INFINITY; part_sum[slot] = 0.0f; }
+        return;
+    }
+    const float* qh = q + ((size_t)s * heads + h) * width;
+    const int* table = block_tables + (size_t)s * max_blocks;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int t = start + warp; t < end; t += warps) {
+        const float* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
+        float a = 0.0f;
+        for (int d = lane; d < width; d += 32) a += qh[d] * lat[d];
+        a = warp_sum(a);
+        if (lane == 0) scores[t - start] = a * scale;
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < end - start; i += blockDim.x) m = fmaxf(m, scores[i]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    for (int i = threadIdx.x; i < end - start; i += blockDim.x) {
+        float p = expf(scores[i] - m);
+        scores[i] = p;
+        l += p;
+    }
+    l = block_sum(l, scratch);
+    for (int d = threadIdx.x; d < c; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int t = start; t < end; t++) {
+            const float* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
+            acc += scores[t - start] * lat[d];
+        }
+        out[d] = acc;
+    }
+    if (threadIdx.x == 0) { part_max[slot] = m; part_sum[slot] = l; }
+}
+
+// out[s, h, :] from the splits' partial sums: one block per (head, sequence).
+extern "C" __global__ void mla_decode_combine(const float* part_out, const float* part_max,
+                                              const float* part_sum, float* out, int c,
+                                              int heads, int splits) {
+    int h = blockIdx.x, s = blockIdx.y;
+    size_t base = ((size_t)s * heads + h) * splits;
+    float m = -INFINITY;
+    for (int i = 0; i < splits; i++) m = fmaxf(m, part_max[base + i]);
+    float denom = 0.0f;
+    for (int i = 0; i < splits; i++)
+        if (part_sum[base + i] > 0.0f) denom += expf(part_max[base + i] - m) * part_sum[base + i];
+    float* o = out + ((size_t)s * heads + h) * c;
+    for (int d = threadIdx.x; d < c; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < splits; i++)
+            if (part_sum[base + i] > 0.0f)
+                acc += expf(part_max[base + i] - m) * part_out[(base + i) * c + d];
+        o[d] = acc / denom;
+    }
+}
+
+// Causal attention for prefill: query i (position positions[i]) over keys 0..=positions[i].
+// Element (t, h, d) of k is k[t * k_token_stride + h * k_head_stride + d]; v likewise with
+// v_offset. One block (128 threads) per (query, head); out [n, heads, dv].
+extern "C" __global__ void mla_prefill(const float* q, const float* k, const float* v,
+                                       const int* positions, int heads, int dq, int dv,
+                                       int k_token_stride, int k_head_stride,
+                                       int v_token_stride, int v_head_stride, int v_offset,
+                                       float scale, float* out) {
+    __shared__ float p[128];
+    __shared__ float scratch[32];
+    __shared__ float qs[1024];
+    int i = blockIdx.x, h = blockIdx.y;
+    int last = positions[i];
+    const float* qh = q + ((size_t)i * heads + h) * dq;
+    for (int d = threadIdx.x; d < dq; d += blockDim.x) qs[d] = qh[d];
+    __syncthreads();
+    float m = -INFINITY, l = 0.0f;
+    // Each thread owns output dims d = threadIdx.x + j * blockDim.x (dv <= 512).
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t0 = 0; t0 <= last; t0 += blockDim.x) {
+        int t = t0 + threadIdx.x;
+        float sc = -INFINITY;
+        if (t <= last) {
+            const float* kt = k + (size_t)t * k_token_stride + (size_t)h * k_head_stride;
+            float a = 0.0f;
+            for (int d = 0; d < dq; d++) a += qs[d] * kt[d];
+            sc = a * scale;
+        }
+        float cm = block_max(sc, scratch);
+        float nm = fmaxf(m, cm);
+        float pe = (t <= last) ? expf(sc - nm) : 0.0f;
+        p[threadIdx.x] = pe;
+        float ps = block_sum(pe, scratch);
+        float rescale = expf(m - nm);
+        l = l * rescale + ps;
+        int n = min((int)blockDim.x, last + 1 - t0);
+        for (int j = 0; j < 4; j++) {
+            int d = threadIdx.x + j * blockDim.x;
+            if (d >= dv) break;
+            float a = acc[j] * rescale;
+            for (int u = 0; u < n; u++)
+                a += p[u] * v[(size_t)(t0 + u) * v_token_stride + (size_t)h * v_head_stride + v_offset + d];
+            acc[j] = a;
+        }
+        m = nm;
+        __syncthreads();
+    }
+    float* o = out + ((size_t)i * heads + h) * dv;
+    for (int j = 0; j < 4; j++) {
+        int d = threadIdx.x + j * blockDim.x;
+        if (d < dv) o[d] = acc[j] / l;
+    }
+}

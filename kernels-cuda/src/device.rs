@@ -1,0 +1,100 @@
+//! Opening a GPU: every way it can be missing or unsuitable is an error value with what
+//! to do about it. On success the kernels are compiled for its architecture and loaded.
+
+use crate::nvrtc::{self, arch_for};
+use crate::sources::MODULES;
+use crate::NoCuda;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct GpuDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub arch: &'static str,
+    pub free_bytes: usize,
+    pub total_bytes: usize,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+fn no_cuda(reason: impl Into<String>) -> NoCuda {
+    NoCuda {
+        reason: reason.into(),
+    }
+}
+
+impl GpuDevice {
+    /// Opens device `ordinal`, requiring `min_free_bytes` of free memory.
+    pub fn open(ordinal: usize, min_free_bytes: usize) -> Result<GpuDevice, NoCuda> {
+        crate::driver_library_present()?;
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(no_cuda(
+                "libcuda could not be loaded (is the NVIDIA driver installed?)",
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| no_cuda(format!("the CUDA driver reports an error: {e}")))?;
+        if count <= 0 {
+            return Err(no_cuda("the CUDA driver sees no GPU"));
+        }
+        if ordinal >= count as usize {
+            return Err(no_cuda(format!(
+                "GPU {ordinal} requested but only {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| no_cuda(format!("cannot create a context on GPU {ordinal}: {e}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| no_cuda(format!("cannot read the compute capability: {e}")))?;
+        let arch = arch_for(cc.0, cc.1).ok_or_else(|| {
+            no_cuda(format!(
+                "{name} has compute capability {}.{}, which these kernels do not target \
+                 (sm_80, sm_89, sm_90, sm_100, sm_120)",
+                cc.0, cc.1
+            ))
+        })?;
+        let (free_bytes, total_bytes) = cudarc::driver::result::mem_get_info()
+            .map_err(|e| no_cuda(format!("cannot read GPU memory: {e}")))?;
+        if free_bytes < min_free_bytes {
+            return Err(no_cuda(format!(
+                "{name} has {:.1} GiB free, the plan needs {:.1} GiB",
+                free_bytes as f64 / (1u64 << 30) as f64,
+                min_free_bytes as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let mut functions = HashMap::new();
+        for m in MODULES {
+            let ptx = nvrtc::compile(m, arch).map_err(|e| no_cuda(e.to_string()))?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| no_cuda(format!("cannot load module {}: {e}", m.name)))?;
+            for &k in m.kernels {
+                let f = module
+                    .load_function(k)
+                    .map_err(|e| no_cuda(format!("kernel {k} missing from {}: {e}", m.name)))?;
+                functions.insert(k, f);
+            }
+        }
+        Ok(GpuDevice {
+            stream: ctx.default_stream(),
+            ctx,
+            name,
+            compute_capability: cc,
+            arch,
+            free_bytes,
+            total_bytes,
+            functions,
+        })
+    }
+
+    pub fn function(&self, name: &str) -> Result<&CudaFunction, NoCuda> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| no_cuda(format!("kernel {name} is not loaded")))
+    }
+}

@@ -1,0 +1,367 @@
+//! Host wrappers: one function per kernel, taking device buffers and the shapes, choosing
+//! the launch geometry. Each has a CPU twin in the main crate that its GPU test compares
+//! against.
+
+use crate::device::GpuDevice;
+use crate::NoCuda;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+fn launch_err(kernel: &str, e: impl std::fmt::Display) -> NoCuda {
+    NoCuda {
+        reason: format!("launching {kernel} failed: {e}"),
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks_for(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).max(1) as u32
+}
+
+impl GpuDevice {
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), NoCuda> {
+        let f = self.function("rms_norm")?;
+        let dim_i = dim as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(w).arg(out).arg(&dim_i).arg(&eps);
+        // SAFETY: buffers hold rows * dim values (checked by the callers' shapes).
+        unsafe { b.launch(cfg((rows as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("rms_norm", e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_yarn(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        magnitude: f32,
+        tokens: usize,
+        heads: usize,
+        token_stride: usize,
+        head_stride: usize,
+        offset: usize,
+        half: usize,
+    ) -> Result<(), NoCuda> {
+        let f = self.function("rope_yarn")?;
+        let args = [tokens, heads, token_stride, head_stride, offset, half].map(|v| v as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(positions).arg(inv_freq).arg(&magnitude);
+        for a in &args {
+            b.arg(a);
+        }
+        let n = tokens * heads * half;
+        // SAFETY: every (token, head, pair) index stays inside x as laid out by the strides.
+        unsafe { b.launch(cfg((blocks_for(n, 256), 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("rope_yarn", e))
+    }
+
+    pub fn silu_mul(
+        &self,
+        gate: &mut CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), NoCuda> {
+        let f = self.function("silu_mul")?;
+        let n_i = n as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(gate).arg(up).arg(&n_i);
+        // SAFETY: both buffers hold n values.
+        unsafe { b.launch(cfg((blocks_for(n, 256), 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("silu_mul", e))
+    }
+
+    pub fn embedding_bf16(
+        &self,
+        table: &CudaSlice<u16>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        tokens: usize,
+        hidden: usize,
+    ) -> Result<(), NoCuda> {
+        let f = self.function("embedding_bf16")?;
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(table).arg(ids).arg(out).arg(&h);
+        // SAFETY: ids are checked against the vocabulary before upload.
+        unsafe { b.launch(cfg((tokens as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("embedding_bf16", e))
+    }
+
+    /// Routing parameters of `route_topk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_topk(
+        &self,
+        logits: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        tokens: usize,
+        n_experts: usize,
+        groups: (usize, usize),
+        k: usize,
+        scoring_softmax: bool,
+        method: i32,
+        norm_topk: bool,
+        scaling: f32,
+        ids: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<(), NoCuda> {
+        let f = self.function("route_topk")?;
+        let ints = [
+            n_experts as i32,
+            groups.0 as i32,
+            groups.1 as i32,
+            k as i32,
+            scoring_softmax as i32,
+            method,
+            norm_topk as i32,
+        ];
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(logits);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null),
+        };
+        for a in &ints {
+            b.arg(a);
+        }
+        b.arg(&scaling).arg(ids).arg(weights);
+        // SAFETY: logits hold tokens * n_experts, outputs tokens * k values.
+        unsafe { b.launch(cfg((tokens as u32, 1, 1), (128, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("route_topk", e))
+    }
+
+    /// `y[t, r] = sum_k W[r, k] x[t, k]` for an INT4 pack-quantized weight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn int4_matmul(
+        &self,
+        packed: &CudaSlice<u32>,
+        scales: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        tokens: usize,
+    ) -> Result<(), NoCuda> {
+        let ints = [rows as i32, cols as i32, group as i32, tokens as i32];
+        if tokens <= 8 {
+            let f = self.function("int4_gemv")?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(packed).arg(scales).arg(x).arg(y);
+            for a in &ints {
+                b.arg(a);
+            }
+            // SAFETY: one warp per row; shapes match the buffers.
+            unsafe { b.launch(cfg((blocks_for(rows, 4), 1, 1), (128, 1, 1))) }
+                .map(|_| ())
+                .map_err(|e| launch_err("int4_gemv", e))
+        } else {
+            let f = self.function("int4_gemm")?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(packed).arg(scales).arg(x).arg(y);
+            for a in &ints {
+                b.arg(a);
+            }
+            let grid = (blocks_for(tokens, 64), blocks_for(rows, 64), 1);
+            // SAFETY: 64x64 tiles, bounds checked in the kernel.
+            unsafe { b.launch(cfg(grid, (16, 16, 1))) }
+                .map(|_| ())
+                .map_err(|e| launch_err("int4_gemm", e))
+        }
+    }
+
+    /// `y[t, r] = sum_k W[r, k] x[t, k]` for an FP8 E4M3 block-scaled weight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_matmul(
+        &self,
+        data: &CudaSlice<u8>,
+        scale_inv: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        block: [usize; 2],
+        tokens: usize,
+    ) -> Result<(), NoCuda> {
+        let ints = [
+            rows as i32,
+            cols as i32,
+            block[0] as i32,
+            block[1] as i32,
+            tokens as i32,
+        ];
+        let (name, grid, block_dim) = if tokens <= 8 {
+            ("fp8_gemv", (blocks_for(rows, 4), 1, 1), (128, 1, 1))
+        } else {
+            (
+                "fp8_gemm",
+                (blocks_for(tokens, 64), blocks_for(rows, 64), 1),
+                (16, 16, 1),
+            )
+        };
+        let f = self.function(name)?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(data).arg(scale_inv).arg(x).arg(y);
+        for a in &ints {
+            b.arg(a);
+        }
+        // SAFETY: shapes match the buffers; bounds checked in the kernels.
+        unsafe { b.launch(cfg(grid, block_dim)) }
+            .map(|_| ())
+            .map_err(|e| launch_err(name, e))
+    }
+
+    /// Absorbed MLA decode over the paged latent cache, split over `chunk`-token pieces.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        pool: &CudaSlice<f32>,
+        block_tables: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        max_len: usize,
+        shape: MlaDecodeShape,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), NoCuda> {
+        let s = shape;
+        let chunk = 256usize;
+        let splits = max_len.div_ceil(chunk).max(1);
+        let slots = s.seqs * s.heads * splits;
+        let alloc = |n| {
+            self.stream
+                .alloc_zeros::<f32>(n)
+                .map_err(|e| launch_err("mla_decode (scratch)", e))
+        };
+        let mut part_out = alloc(slots * s.c)?;
+        let mut part_max = alloc(slots)?;
+        let mut part_sum = alloc(slots)?;
+        let f = self.function("mla_decode_partial")?;
+        let ints = [
+            s.max_blocks as i32,
+            s.block_size as i32,
+            s.width as i32,
+            s.c as i32,
+            s.heads as i32,
+            chunk as i32,
+        ];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(q).arg(pool).arg(block_tables).arg(seq_lens);
+        for a in &ints {
+            b.arg(a);
+        }
+        b.arg(&s.scale)
+            .arg(&mut part_out)
+            .arg(&mut part_max)
+            .arg(&mut part_sum);
+        let grid = (s.heads as u32, splits as u32, s.seqs as u32);
+        // SAFETY: tables and lengths describe blocks inside the pool.
+        unsafe { b.launch(cfg(grid, (128, 1, 1))) }
+            .map_err(|e| launch_err("mla_decode_partial", e))?;
+        let f = self.function("mla_decode_combine")?;
+        let ints = [s.c as i32, s.heads as i32, splits as i32];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&part_out).arg(&part_max).arg(&part_sum).arg(out);
+        for a in &ints {
+            b.arg(a);
+        }
+        // SAFETY: out holds seqs * heads * c values.
+        unsafe { b.launch(cfg((s.heads as u32, s.seqs as u32, 1), (128, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("mla_decode_combine", e))
+    }
+}
+
+/// Shapes and strides of one naive MLA prefill call (see `mla_prefill` in mla.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct MlaPrefillShape {
+    pub queries: usize,
+    pub heads: usize,
+    pub dq: usize,
+    pub dv: usize,
+    pub k_token_stride: usize,
+    pub k_head_stride: usize,
+    pub v_token_stride: usize,
+    pub v_head_stride: usize,
+    pub v_offset: usize,
+    pub scale: f32,
+}
+
+impl GpuDevice {
+    /// Causal attention of `queries` new tokens (absolute positions) over expanded keys
+    /// and values.
+    pub fn mla_prefill(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        shape: MlaPrefillShape,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), NoCuda> {
+        let s = shape;
+        if s.dq > 1024 || s.dv > 512 {
+            return Err(NoCuda {
+                reason: format!(
+                    "mla_prefill supports dq <= 1024 and dv <= 512, got {} and {}",
+                    s.dq, s.dv
+                ),
+            });
+        }
+        let f = self.function("mla_prefill")?;
+        let ints = [
+            s.heads,
+            s.dq,
+            s.dv,
+            s.k_token_stride,
+            s.k_head_stride,
+            s.v_token_stride,
+            s.v_head_stride,
+            s.v_offset,
+        ]
+        .map(|v| v as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(q).arg(k).arg(v).arg(positions);
+        for a in &ints {
+            b.arg(a);
+        }
+        b.arg(&s.scale).arg(out);
+        // SAFETY: keys and values cover positions 0..=max(positions).
+        unsafe { b.launch(cfg((s.queries as u32, s.heads as u32, 1), (128, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("mla_prefill", e))
+    }
+}
+
+/// Shapes of one absorbed MLA decode call.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDecodeShape {
+    pub seqs: usize,
+    pub heads: usize,
+    /// kv_lora_rank + qk_rope_head_dim.
+    pub width: usize,
+    /// kv_lora_rank.
+    pub c: usize,
+    pub block_size: usize,
+    pub max_blocks: usize,
+    pub scale: f32,
+}

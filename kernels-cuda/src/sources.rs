@@ -1,0 +1,46 @@
+//! The CUDA C sources, embedded in the binary and compiled by NVRTC at start-up for the
+//! device's architecture. Each module is the shared prelude followed by its own file.
+
+pub const PRELUDE: &str = include_str!("cu/prelude.cuh");
+
+/// A compilation unit and the kernels it defines.
+#[derive(Debug, Clone, Copy)]
+pub struct Module {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+pub const MODULES: &[Module] = &[
+    Module {
+        name: "elementwise",
+        source: include_str!("cu/elementwise.cu"),
+        kernels: &[
+            "rms_norm",
+            "rope_yarn",
+            "silu_mul",
+            "scatter_add_rows",
+            "embedding_bf16",
+        ],
+    },
+    Module {
+        name: "router",
+        source: include_str!("cu/router.cu"),
+        kernels: &["route_topk"],
+    },
+    Module {
+        name: "matmul",
+        source: include_str!("cu/matmul.cu"),
+        kernels: &["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_gemm"],
+    },
+    Module {
+        name: "mla",
+        source: include_str!("cu/mla.cu"),
+        kernels: &["mla_decode_partial", "mla_decode_combine", "mla_prefill"],
+    },
+];
+
+/// The full text NVRTC compiles for a module.
+pub fn full_source(m: &Module) -> String {
+    format!("{PRELUDE}\n// ---- {} ----\n{}", m.name, m.source)
+}

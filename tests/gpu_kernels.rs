@@ -1,0 +1,408 @@
+//! Every CUDA kernel against its CPU twin, on the real Kimi K2 shapes. Each test skips
+//! with a message when no usable GPU exists (no driver, no device, unsupported
+//! architecture); with a GPU present they must pass.
+
+use kernels_avx512::scalar::{decode_fp8_row, decode_int4_row};
+use kernels_cuda::device::GpuDevice;
+use kernels_cuda::ops::{MlaDecodeShape, MlaPrefillShape};
+use kimi_hybrid::backend::{AttentionShape, Backend, KvView, ReferenceBackend};
+use kimi_hybrid::config::ModelConfig;
+use kimi_hybrid::model::rope::Rope;
+use kimi_hybrid::model::{rms_norm, router};
+
+fn gpu(test: &str) -> Option<GpuDevice> {
+    match GpuDevice::open(0, 0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    values(n, seed)
+        .iter()
+        .map(|v| ((v + 1.0) * 127.5) as u8)
+        .collect()
+}
+
+/// Relative L2 error of `got` against `want`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f32 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn rms_norm_rope_silu_and_embedding_match_cpu() {
+    let Some(d) = gpu("rms_norm_rope_silu_and_embedding_match_cpu") else {
+        return;
+    };
+    let s = &d.stream;
+    let (rows, dim) = (5, 7168);
+    let x = values(rows * dim, 1);
+    let w = values(dim, 2);
+    let want = rms_norm(&x, &w, 1e-6);
+    let (gx, gw) = (s.memcpy_stod(&x).unwrap(), s.memcpy_stod(&w).unwrap());
+    let mut out = s.alloc_zeros::<f32>(rows * dim).unwrap();
+    d.rms_norm(&gx, &gw, &mut out, rows, dim, 1e-6).unwrap();
+    assert!(rel_l2(&s.memcpy_dtov(&out).unwrap(), &want) < 1e-5);
+
+    // YaRN RoPE on the rope part of 64 heads of K2 queries (dn 128, dr 64).
+    let cfg = ModelConfig::kimi_k26();
+    let rope = Rope::new(&cfg);
+    let (heads, dq, dn, dr) = (64, 192, 128, 64);
+    let positions: Vec<i32> = vec![0, 1, 4095, 70_000];
+    let mut q = values(positions.len() * heads * dq, 3);
+    let mut gq = s.memcpy_stod(&q).unwrap();
+    let gp = s.memcpy_stod(&positions).unwrap();
+    let gf = s.memcpy_stod(rope.inv_freq()).unwrap();
+    d.rope_yarn(
+        &mut gq,
+        &gp,
+        &gf,
+        rope.magnitude(),
+        positions.len(),
+        heads,
+        heads * dq,
+        dq,
+        dn,
+        dr / 2,
+    )
+    .unwrap();
+    for (t, &p) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let at = (t * heads + h) * dq + dn;
+            rope.apply(&mut q[at..at + dr], p as usize);
+        }
+    }
+    assert!(rel_l2(&s.memcpy_dtov(&gq).unwrap(), &q) < 1e-5);
+
+    let n = 4 * 2048;
+    let (g, u) = (values(n, 4), values(n, 5));
+    let want: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    let mut gg = s.memcpy_stod(&g).unwrap();
+    d.silu_mul(&mut gg, &s.memcpy_stod(&u).unwrap(), n).unwrap();
+    assert!(rel_l2(&s.memcpy_dtov(&gg).unwrap(), &want) < 1e-6);
+
+    let (vocab, hidden) = (1000, 7168);
+    let table: Vec<u16> = values(vocab * hidden, 6)
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect();
+    let ids = [3i32, 999, 0];
+    let mut out = s.alloc_zeros::<f32>(ids.len() * hidden).unwrap();
+    d.embedding_bf16(
+        &s.memcpy_stod(&table).unwrap(),
+        &s.memcpy_stod(&ids[..]).unwrap(),
+        &mut out,
+        ids.len(),
+        hidden,
+    )
+    .unwrap();
+    let got = s.memcpy_dtov(&out).unwrap();
+    for (t, &id) in ids.iter().enumerate() {
+        for k in 0..hidden {
+            let want = half::bf16::from_bits(table[id as usize * hidden + k]).to_f32();
+            assert_eq!(got[t * hidden + k], want);
+        }
+    }
+}
+
+#[test]
+fn router_matches_cpu_on_k2_and_grouped_configs() {
+    let Some(d) = gpu("router_matches_cpu_on_k2_and_grouped_configs") else {
+        return;
+    };
+    let s = &d.stream;
+    let mut grouped = ModelConfig::kimi_k26();
+    grouped.n_routed_experts = 256;
+    grouped.n_group = 8;
+    grouped.topk_group = 4;
+    for cfg in [ModelConfig::kimi_k26(), grouped] {
+        let (tokens, e, k) = (16, cfg.n_routed_experts, cfg.num_experts_per_tok);
+        let logits = values(tokens * e, 7);
+        let bias: Vec<f32> = values(e, 8).iter().map(|v| v * 0.1).collect();
+        let mut ids = s.alloc_zeros::<i32>(tokens * k).unwrap();
+        let mut w = s.alloc_zeros::<f32>(tokens * k).unwrap();
+        let method = 0; // noaux_tc
+        d.route_topk(
+            &s.memcpy_stod(&logits).unwrap(),
+            Some(&s.memcpy_stod(&bias).unwrap()),
+            tokens,
+            e,
+            (cfg.n_group, cfg.topk_group),
+            k,
+            false,
+            method,
+            cfg.norm_topk_prob,
+            cfg.routed_scaling_factor,
+            &mut ids,
+            &mut w,
+        )
+        .unwrap();
+        let (ids, w) = (s.memcpy_dtov(&ids).unwrap(), s.memcpy_dtov(&w).unwrap());
+        for t in 0..tokens {
+            let want = router::route(&cfg, &logits[t * e..(t + 1) * e], Some(&bias));
+            for (j, (we, ww)) in want.iter().enumerate() {
+                assert_eq!(ids[t * k + j] as usize, *we, "token {t} rank {j}");
+                assert!((w[t * k + j] - ww).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
+    let Some(d) = gpu("int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes") else {
+        return;
+    };
+    let s = &d.stream;
+    // gate/up 2048x7168 and down 7168x2048, for decode (1, 8 tokens) and prefill (512).
+    for (rows, cols) in [(2048usize, 7168usize), (7168, 2048)] {
+        let packed_bytes = bytes(rows * cols / 2, 9);
+        let packed: Vec<u32> = packed_bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let scales: Vec<u16> = values(rows * cols / 32, 10)
+            .iter()
+            .map(|v| half::bf16::from_f32(0.01 + v.abs() * 0.01).to_bits())
+            .collect();
+        let scale_bytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut dense = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            decode_int4_row(
+                &packed_bytes[r * cols / 2..(r + 1) * cols / 2],
+                &scale_bytes[r * cols / 32 * 2..(r + 1) * cols / 32 * 2],
+                32,
+                &mut dense[r * cols..(r + 1) * cols],
+            );
+        }
+        let (gp, gs) = (
+            s.memcpy_stod(&packed).unwrap(),
+            s.memcpy_stod(&scales).unwrap(),
+        );
+        for tokens in [1usize, 8, 512] {
+            let x = values(tokens * cols, 11 + tokens as u64);
+            let mut want = vec![0.0f32; tokens * rows];
+            for t in 0..tokens {
+                for r in 0..rows {
+                    want[t * rows + r] = dense[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(&x[t * cols..(t + 1) * cols])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+            }
+            let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+            d.int4_matmul(
+                &gp,
+                &gs,
+                &s.memcpy_stod(&x).unwrap(),
+                &mut y,
+                rows,
+                cols,
+                32,
+                tokens,
+            )
+            .unwrap();
+            let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
+            eprintln!("int4 {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
+            assert!(err < 1e-4);
+        }
+    }
+    // FP8 with partial edge blocks.
+    let (rows, cols) = (300usize, 520usize);
+    let data = bytes(rows * cols, 12)
+        .into_iter()
+        .map(|b| b & 0x77) // finite values only
+        .collect::<Vec<u8>>();
+    let (br, bc) = (rows.div_ceil(128), cols.div_ceil(128));
+    let scale_inv = values(br * bc, 13)
+        .iter()
+        .map(|v| 0.5 + v.abs())
+        .collect::<Vec<f32>>();
+    let scale_bytes: Vec<u8> = scale_inv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    for tokens in [3usize, 100] {
+        let x = values(tokens * cols, 14);
+        let mut want = vec![0.0f32; tokens * rows];
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            let srow = &scale_bytes[(r / 128) * bc * 4..(r / 128 + 1) * bc * 4];
+            decode_fp8_row(&data[r * cols..(r + 1) * cols], srow, 128, &mut row);
+            for t in 0..tokens {
+                want[t * rows + r] = row
+                    .iter()
+                    .zip(&x[t * cols..(t + 1) * cols])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+        }
+        let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+        d.fp8_matmul(
+            &s.memcpy_stod(&data).unwrap(),
+            &s.memcpy_stod(&scale_inv).unwrap(),
+            &s.memcpy_stod(&x).unwrap(),
+            &mut y,
+            rows,
+            cols,
+            [128, 128],
+            tokens,
+        )
+        .unwrap();
+        assert!(rel_l2(&s.memcpy_dtov(&y).unwrap(), &want) < 1e-4);
+    }
+}
+
+#[test]
+fn mla_decode_and_prefill_match_cpu_attention() {
+    let Some(d) = gpu("mla_decode_and_prefill_match_cpu_attention") else {
+        return;
+    };
+    let s = &d.stream;
+    let cpu = ReferenceBackend;
+    // Decode, absorbed form at K2 sizes: 64 heads, width 576, c 512, two sequences with
+    // long and short contexts in a shuffled paged pool.
+    let (heads, width, c, bs) = (64usize, 576usize, 512usize, 16usize);
+    let lens = [1000usize, 37];
+    let max_blocks = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(1);
+    let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+    let pool = values(blocks * bs * width, 15);
+    let mut tables = vec![0i32; lens.len() * max_blocks];
+    let mut next = blocks as i32;
+    for (si, l) in lens.iter().enumerate() {
+        for b in 0..l.div_ceil(bs) {
+            next -= 1;
+            tables[si * max_blocks + b] = next;
+        }
+    }
+    let q = values(lens.len() * heads * width, 16);
+    let scale = 0.07;
+    let mut out = s.alloc_zeros::<f32>(lens.len() * heads * c).unwrap();
+    let seq_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    d.mla_decode(
+        &s.memcpy_stod(&q).unwrap(),
+        &s.memcpy_stod(&pool).unwrap(),
+        &s.memcpy_stod(&tables).unwrap(),
+        &s.memcpy_stod(&seq_lens).unwrap(),
+        lens[0],
+        MlaDecodeShape {
+            seqs: lens.len(),
+            heads,
+            width,
+            c,
+            block_size: bs,
+            max_blocks,
+            scale,
+        },
+        &mut out,
+    )
+    .unwrap();
+    let got = s.memcpy_dtov(&out).unwrap();
+    for (si, &len) in lens.iter().enumerate() {
+        let mut latents = Vec::with_capacity(len * width);
+        for t in 0..len {
+            let b = tables[si * max_blocks + t / bs] as usize;
+            let at = (b * bs + t % bs) * width;
+            latents.extend_from_slice(&pool[at..at + width]);
+        }
+        let view = KvView {
+            data: &latents,
+            token_stride: width,
+            head_stride: 0,
+            offset: 0,
+        };
+        let mut want = vec![0.0f32; heads * c];
+        cpu.attention(
+            &q[si * heads * width..(si + 1) * heads * width],
+            view,
+            view,
+            AttentionShape {
+                heads,
+                kv_heads: 1,
+                qk_dim: width,
+                v_dim: c,
+            },
+            &[len - 1],
+            scale,
+            &mut want,
+        );
+        assert!(rel_l2(&got[si * heads * c..(si + 1) * heads * c], &want) < 1e-4);
+    }
+
+    // Prefill, naive form: 64 heads, dq 192, dv 128, 300 new tokens after 20 cached.
+    let (dq, dv, cached, n) = (192usize, 128usize, 20usize, 300usize);
+    let total = cached + n;
+    let q = values(n * heads * dq, 17);
+    let k = values(total * heads * dq, 18);
+    let v = values(total * heads * (128 + dv), 19);
+    let positions: Vec<usize> = (cached..total).collect();
+    let mut want = vec![0.0f32; n * heads * dv];
+    cpu.attention(
+        &q,
+        KvView {
+            data: &k,
+            token_stride: heads * dq,
+            head_stride: dq,
+            offset: 0,
+        },
+        KvView {
+            data: &v,
+            token_stride: heads * (128 + dv),
+            head_stride: 128 + dv,
+            offset: 128,
+        },
+        AttentionShape {
+            heads,
+            kv_heads: heads,
+            qk_dim: dq,
+            v_dim: dv,
+        },
+        &positions,
+        scale,
+        &mut want,
+    );
+    let pos_i: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    let mut out = s.alloc_zeros::<f32>(n * heads * dv).unwrap();
+    d.mla_prefill(
+        &s.memcpy_stod(&q).unwrap(),
+        &s.memcpy_stod(&k).unwrap(),
+        &s.memcpy_stod(&v).unwrap(),
+        &s.memcpy_stod(&pos_i).unwrap(),
+        MlaPrefillShape {
+            queries: n,
+            heads,
+            dq,
+            dv,
+            k_token_stride: heads * dq,
+            k_head_stride: dq,
+            v_token_stride: heads * (128 + dv),
+            v_head_stride: 128 + dv,
+            v_offset: 128,
+            scale,
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert!(rel_l2(&s.memcpy_dtov(&out).unwrap(), &want) < 1e-4);
+}
