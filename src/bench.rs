@@ -85,6 +85,8 @@ fn make_experts(count: usize) -> std::io::Result<Vec<FfnWeights>> {
             up: linear(one, INTER, HIDDEN)?,
             down: linear(2 * one, HIDDEN, INTER)?,
             numa_node: None,
+            expert: Some((0, e)),
+            gpu: None,
         });
     }
     Ok(experts)

@@ -5,6 +5,7 @@
 //! `model` (the maths), `generate` (one sequence's decode loop), `inspect` (what a
 //! checkpoint holds).
 
+pub mod accel;
 pub mod backend;
 pub mod bench;
 pub mod config;

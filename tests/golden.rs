@@ -253,7 +253,7 @@ fn experts_on_numa_node_pools_give_the_same_logits() {
             &profile.workload,
             None,
         );
-        let assigned = model.assign_numa_nodes(&p);
+        let (_, assigned) = model.apply_plan(&p);
         assert_eq!(
             assigned,
             p.numa.iter().map(|n| n.expert_count).sum::<usize>()

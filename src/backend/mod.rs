@@ -20,6 +20,10 @@ pub struct FfnWeights {
     pub down: LinearWeight,
     /// The NUMA node whose threads compute this FFN (routed experts placed by a plan).
     pub numa_node: Option<usize>,
+    /// (layer, expert) of a routed expert.
+    pub expert: Option<(usize, usize)>,
+    /// The GPU that holds this routed expert, when a plan puts it on one.
+    pub gpu: Option<usize>,
 }
 
 impl FfnWeights {

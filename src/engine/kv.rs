@@ -229,11 +229,8 @@ impl LatentStore for PagedBatch<'_> {
             return Cow::Borrowed(&data[at..at + len * w]);
         }
         let mut out = Vec::with_capacity(len * w);
-        for (i, &b) in table.iter().enumerate() {
+        for (i, &b) in table.iter().take(len.div_ceil(bs)).enumerate() {
             let take = bs.min(len - i * bs);
-            if take == 0 {
-                break;
-            }
             let at = b as usize * bs * w;
             out.extend_from_slice(&data[at..at + take * w]);
         }

@@ -110,8 +110,21 @@ impl Scheduler {
             }
             self.drop_abandoned();
             self.admit();
-            self.step();
+            // A bug in one step must not take every other request (or the server) down:
+            // the sequences in that step fail with an error and the engine goes on.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                self.fail_running("internal error during a forward step; see the server log");
+            }
             self.publish();
+        }
+    }
+
+    fn fail_running(&mut self, message: &str) {
+        for seq in std::mem::take(&mut self.running) {
+            self.pool.release(&seq.table);
+            self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = seq.req.events.send(Event::Error(message.to_string()));
         }
     }
 

@@ -214,6 +214,8 @@ impl Model {
                     up: w.linear(&format!("{module}.up_proj"), inter, h)?,
                     down: w.linear(&format!("{module}.down_proj"), h, inter)?,
                     numa_node: None,
+                    expert: None,
+                    gpu: None,
                 })
             };
             let ffn = if cfg.is_moe_layer(l) {
@@ -226,9 +228,14 @@ impl Model {
                 };
                 let experts = (0..n)
                     .map(|e| {
-                        ffn_weights(&format!("{p}.mlp.experts.{e}"), cfg.moe_intermediate_size)
+                        let mut f = ffn_weights(
+                            &format!("{p}.mlp.experts.{e}"),
+                            cfg.moe_intermediate_size,
+                        )?;
+                        f.expert = Some((l, e));
+                        Ok(f)
                     })
-                    .collect::<Result<Vec<_>, _>>()?;
+                    .collect::<Result<Vec<_>, WeightsError>>()?;
                 let shared = if cfg.n_shared_experts > 0 {
                     Some(ffn_weights(
                         &format!("{p}.mlp.shared_experts"),
@@ -271,12 +278,14 @@ impl Model {
         })
     }
 
-    /// Assigns routed experts to NUMA nodes as a plan places them in host RAM; the CPU
-    /// backend then computes each on its node's threads. Returns how many were assigned.
-    pub fn assign_numa_nodes(&mut self, plan: &crate::placement::Plan) -> usize {
-        let mut assigned = 0;
-        for node in &plan.numa {
-            for (&layer, ranges) in &node.experts {
+    /// Places routed experts as a plan says: on a GPU (`gpu`), or in a NUMA node's RAM
+    /// (`numa_node`, computed by that node's threads). Returns (GPU, NUMA) counts.
+    pub fn apply_plan(&mut self, plan: &crate::placement::Plan) -> (usize, usize) {
+        let mut counts = (0, 0);
+        let mut place = |sets: &crate::placement::planner::ExpertSets,
+                         set: &mut dyn FnMut(&mut FfnWeights)| {
+            let mut n = 0;
+            for (&layer, ranges) in sets {
                 let Some(Layer {
                     ffn: Ffn::Moe(moe), ..
                 }) = self.layers.get_mut(layer)
@@ -286,14 +295,27 @@ impl Model {
                 for r in ranges {
                     for e in r[0]..r[1] {
                         if let Some(expert) = moe.experts.get_mut(e) {
-                            expert.numa_node = Some(node.node);
-                            assigned += 1;
+                            set(expert);
+                            n += 1;
                         }
                     }
                 }
             }
+            n
+        };
+        for g in &plan.gpus {
+            counts.0 += place(&g.experts, &mut |f| {
+                f.gpu = Some(g.index);
+                f.numa_node = None;
+            });
         }
-        assigned
+        for node in &plan.numa {
+            counts.1 += place(&node.experts, &mut |f| {
+                f.numa_node = Some(node.node);
+                f.gpu = None;
+            });
+        }
+        counts
     }
 
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending their

@@ -122,6 +122,10 @@ pub struct Estimate {
     pub decode_step_aggregate: TierTimes,
     pub prefill_tokens_per_s: f64,
     pub prefill_per_token: TierTimes,
+    /// Host<->GPU bytes per token per forward pass (hybrid): every MoE layer with experts
+    /// in host RAM or on disk ships the token's f32 hidden state to the host and its
+    /// result back.
+    pub handoff_bytes_per_token: u64,
     pub formula: String,
 }
 
@@ -835,6 +839,18 @@ fn touched(p: f64, tokens: u64) -> f64 {
 ///
 /// All-GPU: attention per GPU (TP: 1/N of the heads; DP: full weights, own sequences),
 /// experts touched on the busiest GPU, plus two all-to-all exchanges per MoE layer.
+fn handoff_bytes_per_token(b: &Builder, layout: Layout) -> u64 {
+    if layout != Layout::Hybrid {
+        return 0;
+    }
+    let host_layers = b
+        .tiers
+        .iter()
+        .filter(|tiers| tiers.iter().any(|t| !matches!(t, Tier::Gpu(_))))
+        .count() as u64;
+    2 * b.model.hidden_size as u64 * 4 * host_layers
+}
+
 fn estimate(b: &Builder, layout: Layout) -> Estimate {
     let c = b.workload.concurrency;
     let one = decode_step(b, layout, 1);
@@ -849,6 +865,7 @@ fn estimate(b: &Builder, layout: Layout) -> Estimate {
         decode_step_aggregate: many,
         prefill_tokens_per_s: 1.0 / total(&pre).max(1e-12),
         prefill_per_token: pre,
+        handoff_bytes_per_token: handoff_bytes_per_token(b, layout),
         formula: "decode: per MoE layer t = t_attn + max(t_gpu_experts, t_pcie + t_cpu + t_disk), each term bytes read / (bandwidth x efficiency; GPU 0.8, CPU 0.7); experts read once per step if any token visits them; prefill: FLOPs / throughput (GPU bf16 x 0.5, CPU matmul_tflops) + expert bytes once per 2048-token chunk, GPU and CPU times added".into(),
     }
 }

@@ -111,10 +111,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
                 plan.problems.join("; ")
             );
         }
-        let assigned = model.assign_numa_nodes(plan);
+        let (_, on_nodes) = model.apply_plan(plan);
         tracing_line(&format!(
             "placement: {} routed experts assigned to NUMA nodes by the plan for {}",
-            assigned, plan.profile
+            on_nodes, plan.profile
         ));
     }
 

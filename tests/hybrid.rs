@@ -1,0 +1,125 @@
+//! Hybrid execution on the simulated accelerator: every golden fixture runs with a plan
+//! that puts some routed experts on the "GPU" and the rest in host RAM. The logits equal
+//! the CPU-only run, and the bytes moved between host and device per token equal the
+//! planner's figure.
+
+mod common;
+
+use common::{fixture, golden, max_abs_diff, FIXTURES};
+use kimi_hybrid::accel::hybrid::HybridBackend;
+use kimi_hybrid::accel::sim::SimDevice;
+use kimi_hybrid::accel::{AccelError, Accelerator};
+use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
+use kimi_hybrid::placement::profile::Layout;
+use kimi_hybrid::placement::{plan, ModelDesc, Plan, Profile};
+use kimi_hybrid::weights::Checkpoint;
+use std::sync::Arc;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// A one-GPU hybrid plan whose GPU holds the non-expert weights, the KV cache and about
+/// half of the routed experts.
+fn half_on_gpu(ckpt: &Checkpoint) -> Plan {
+    let desc = ModelDesc::from_checkpoint(ckpt);
+    let mut profile = Profile::resolve("1xH100+512GB").expect("profile");
+    profile.layout = Layout::Hybrid;
+    profile.reserves.gpu_context_gib = 0.0;
+    profile.reserves.gpu_workspace_gib = 0.0;
+    profile.workload.context = 64;
+    profile.workload.concurrency = 1;
+    let probe = plan(&desc, &profile, &profile.workload, None);
+    let non_expert = probe.model.non_expert_bytes as f64;
+    let kv = (probe.model.kv_bytes_per_token * 64) as f64;
+    let experts = probe.model.routed_expert_bytes as f64;
+    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / GIB;
+    plan(&desc, &profile, &profile.workload, None)
+}
+
+/// Prefill logits at every prompt position, then three greedy decode steps.
+fn run(model: &Model, backend: &dyn Backend, prompt: &[u32]) -> (Vec<f32>, usize) {
+    let mut cache = KvCache::new(&model.config);
+    let mut all = model
+        .forward(
+            backend,
+            prompt,
+            &mut cache,
+            AttentionForm::Auto,
+            Logits::All,
+        )
+        .expect("prefill");
+    let vocab = model.config.vocab_size;
+    let mut last = all[all.len() - vocab..].to_vec();
+    for _ in 0..3 {
+        let next = kimi_hybrid::generate::argmax(&last);
+        last = model
+            .forward(
+                backend,
+                &[next],
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::Last,
+            )
+            .expect("decode");
+        all.extend_from_slice(&last);
+    }
+    (all, prompt.len() + 3)
+}
+
+#[test]
+fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
+    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = half_on_gpu(&ckpt);
+        assert!(p.feasible, "{name}: {:?}", p.problems);
+        assert_eq!(p.layout, "hybrid");
+        let (gpu_experts, host_experts) = p
+            .per_layer
+            .iter()
+            .fold((0, 0), |(g, h), l| (g + l.gpu, h + l.cpu + l.disk));
+        assert!(
+            gpu_experts > 0 && host_experts > 0,
+            "{name}: {gpu_experts} / {host_experts}"
+        );
+
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let (want, _) = run(&model, cpu.as_ref(), &g.prompt_ids);
+
+        let (on_gpu, on_host) = model.apply_plan(&p);
+        assert_eq!(on_gpu, gpu_experts);
+        assert_eq!(on_host, host_experts);
+        let device = Arc::new(SimDevice::new("sim-gpu0", p.gpus[0].budget_bytes).expect("device"));
+        let hybrid = HybridBackend::new(&model, &p, device.clone(), cpu.clone()).expect("fits");
+        assert!(device.used_bytes() <= device.budget_bytes());
+        let (got, tokens) = run(&model, &hybrid, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        let moved = device.transfers().total();
+        let per_token = moved / tokens as u64;
+        println!(
+            "{name}: {gpu_experts} experts on the device, {host_experts} on the host; max abs diff vs CPU {diff:.1e}; {per_token} B/token moved (plan: {})",
+            p.estimate.handoff_bytes_per_token
+        );
+        assert!(diff <= 1e-4, "{name}: {diff}");
+        assert_eq!(moved % tokens as u64, 0);
+        assert_eq!(per_token, p.estimate.handoff_bytes_per_token, "{name}");
+    }
+}
+
+#[test]
+fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
+    let ckpt = Checkpoint::open(&fixture("kimi-int4")).expect("fixture");
+    let p = half_on_gpu(&ckpt);
+    let mut model = Model::load(&ckpt).expect("model");
+    model.apply_plan(&p);
+    let device = Arc::new(SimDevice::new("tiny", 1000).expect("device"));
+    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
+    match HybridBackend::new(&model, &p, device, cpu) {
+        Err(AccelError::OutOfMemory { what, budget, .. }) => {
+            assert_eq!(budget, 1000);
+            assert!(!what.is_empty());
+        }
+        Ok(_) => panic!("a 1000-byte device cannot hold the plan"),
+    }
+}
