@@ -14,6 +14,10 @@ use crate::weights::LinearWeight;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// A routed expert the device computes: its index in the layer's work list, weights and
+/// tokens.
+type DeviceExpert = (usize, FfnWeights, Vec<(usize, f32)>);
+
 pub struct HybridBackend {
     device: Arc<dyn Accelerator>,
     /// The kernels both sides compute with (the simulated device runs the CPU twins).
@@ -127,7 +131,7 @@ impl Backend for HybridBackend {
             self.device.copy_to_host(bytes);
         }
         // The device starts on its experts...
-        let device_work: Vec<(usize, FfnWeights, Vec<(usize, f32)>)> = work
+        let device_work: Vec<DeviceExpert> = work
             .iter()
             .enumerate()
             .filter(|(_, (f, _))| f.gpu.is_some())
