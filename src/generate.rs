@@ -2,9 +2,8 @@
 //! choosing each token greedily (temperature 0) or by seeded sampling.
 
 use crate::backend::Backend;
+use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::model::{AttentionForm, KvCache, Logits, Model, ModelError};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -69,12 +68,21 @@ pub fn generate(
     let logits = model.forward(backend, req.prompt, &mut cache, AttentionForm::Auto, mode)?;
     let mut last = logits[logits.len() - vocab..].to_vec();
     let prompt_logits = req.keep_prompt_logits.then_some(logits);
-    let mut rng = StdRng::seed_from_u64(req.sampling.seed);
+    let mut sampler = Sampler::new(
+        SamplingConfig {
+            temperature: req.sampling.temperature,
+            top_p: req.sampling.top_p,
+            top_k: req.sampling.top_k,
+            seed: Some(req.sampling.seed),
+            ..SamplingConfig::default()
+        },
+        req.prompt,
+    );
     let mut generated = Vec::with_capacity(req.max_new_tokens);
     let limit = model.config.max_position_embeddings;
     let mut finish = FinishReason::Length;
     while generated.len() < req.max_new_tokens {
-        let next = sample(&last, &req.sampling, &mut rng);
+        let next = sampler.sample(&last);
         generated.push(next);
         if req.stop_ids.contains(&next) {
             finish = FinishReason::Stop;
@@ -102,47 +110,6 @@ pub fn generate(
     })
 }
 
-/// Picks the next token from one position's logits.
-pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> u32 {
-    if params.temperature <= 0.0 {
-        return argmax(logits);
-    }
-    let mut candidates: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l / params.temperature))
-        .collect();
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 {
-        candidates.truncate(params.top_k);
-    }
-    let max = candidates[0].1;
-    let mut probs: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
-    let sum: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if params.top_p < 1.0 {
-        let mut cumulative = 0.0;
-        let keep = probs
-            .iter()
-            .position(|p| {
-                cumulative += p;
-                cumulative >= params.top_p
-            })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(keep);
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-    }
-    let mut draw: f32 = rng.random();
-    for (i, p) in probs.iter().enumerate() {
-        if draw < *p {
-            return candidates[i].0;
-        }
-        draw -= p;
-    }
-    candidates[probs.len() - 1].0
-}
-
 /// Index of the largest logit; ties go to the lowest index.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -161,40 +128,5 @@ mod tests {
     #[test]
     fn greedy_picks_first_maximum() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
-    }
-
-    #[test]
-    fn sampling_respects_top_k_and_seed() {
-        let logits = [0.0, 5.0, 4.9, -2.0];
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-            seed: 7,
-        };
-        let mut rng = StdRng::seed_from_u64(7);
-        let draws: Vec<u32> = (0..200)
-            .map(|_| sample(&logits, &params, &mut rng))
-            .collect();
-        assert!(draws.iter().all(|&t| t == 1 || t == 2));
-        assert!(draws.contains(&1) && draws.contains(&2));
-        let mut rng2 = StdRng::seed_from_u64(7);
-        let again: Vec<u32> = (0..200)
-            .map(|_| sample(&logits, &params, &mut rng2))
-            .collect();
-        assert_eq!(draws, again);
-    }
-
-    #[test]
-    fn top_p_keeps_the_nucleus() {
-        let logits = [10.0, 0.0, 0.0];
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.5,
-            seed: 1,
-        };
-        let mut rng = StdRng::seed_from_u64(1);
-        assert!((0..50).all(|_| sample(&logits, &params, &mut rng) == 0));
     }
 }

@@ -163,40 +163,20 @@ impl Backend for CpuBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        // The reference's algorithm with vector dot products and weighted sums: one task
-        // per (query, head), scores in f32, softmax, values accumulated in f32.
-        let AttentionShape {
-            heads,
-            kv_heads,
-            qk_dim,
-            v_dim,
-        } = shape;
-        let group = heads / kv_heads.max(1);
+        // The reference's algorithm with vector dot products and weighted sums.
         let isa = self.isa;
         self.on_pool(|| {
-            out.par_chunks_mut(v_dim).enumerate().for_each(|(idx, o)| {
-                let (i, h) = (idx / heads, idx % heads);
-                let kvh = h / group;
-                let qh = &q[(i * heads + h) * qk_dim..(i * heads + h + 1) * qk_dim];
-                let visible = positions[i] + 1;
-                let mut scores: Vec<f32> = (0..visible)
-                    .map(|t| {
-                        let base = t * k.token_stride + kvh * k.head_stride + k.offset;
-                        f32ops::dot(isa, qh, &k.data[base..base + qk_dim]) * scale
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                o.fill(0.0);
-                for (t, p) in scores.iter().enumerate() {
-                    let base = t * v.token_stride + kvh * v.head_stride + v.offset;
-                    f32ops::axpy(isa, p / sum, &v.data[base..base + v_dim], o);
-                }
-            })
+            super::attention_with(
+                q,
+                k,
+                v,
+                shape,
+                positions,
+                scale,
+                out,
+                |a, b| f32ops::dot(isa, a, b),
+                |alpha, x, y| f32ops::axpy(isa, alpha, x, y),
+            )
         })
     }
 }

@@ -93,6 +93,54 @@ pub trait Backend: Send + Sync {
     );
 }
 
+/// Causal attention written once, parameterised by the dot product and the weighted sum
+/// (`y += a * x`) the backend computes with: one task per (query, head), scores and
+/// softmax in f32, values accumulated in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &[f32],
+    k: KvView,
+    v: KvView,
+    shape: AttentionShape,
+    positions: &[usize],
+    scale: f32,
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32 + Sync,
+    axpy: impl Fn(f32, &[f32], &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        qk_dim,
+        v_dim,
+    } = shape;
+    let group = heads / kv_heads.max(1);
+    out.par_chunks_mut(v_dim).enumerate().for_each(|(idx, o)| {
+        let (i, h) = (idx / heads, idx % heads);
+        let kvh = h / group;
+        let qh = &q[(i * heads + h) * qk_dim..(i * heads + h + 1) * qk_dim];
+        let visible = positions[i] + 1;
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|t| {
+                let base = t * k.token_stride + kvh * k.head_stride + k.offset;
+                dot(qh, &k.data[base..base + qk_dim]) * scale
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (t, p) in scores.iter().enumerate() {
+            let base = t * v.token_stride + kvh * v.head_stride + v.offset;
+            axpy(p / sum, &v.data[base..base + v_dim], o);
+        }
+    });
+}
+
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }

@@ -79,37 +79,9 @@ impl Backend for ReferenceBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        let AttentionShape {
-            heads,
-            kv_heads,
-            qk_dim,
-            v_dim,
-        } = shape;
-        let group = heads / kv_heads;
-        out.par_chunks_mut(v_dim).enumerate().for_each(|(idx, o)| {
-            let (i, h) = (idx / heads, idx % heads);
-            let kvh = h / group;
-            let qh = &q[(i * heads + h) * qk_dim..(i * heads + h + 1) * qk_dim];
-            let visible = positions[i] + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|t| {
-                    let base = t * k.token_stride + kvh * k.head_stride + k.offset;
-                    dot(qh, &k.data[base..base + qk_dim]) * scale
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (t, p) in scores.iter().enumerate() {
-                let base = t * v.token_stride + kvh * v.head_stride + v.offset;
-                let weight = p / sum;
-                for (od, vd) in o.iter_mut().zip(&v.data[base..base + v_dim]) {
-                    *od += weight * vd;
-                }
+        super::attention_with(q, k, v, shape, positions, scale, out, dot, |a, x, y| {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o += a * v;
             }
         });
     }

@@ -306,6 +306,18 @@ mod tests {
     }
 
     #[test]
+    fn top_p_keeps_the_nucleus() {
+        let mut s = Sampler::new(
+            SamplingConfig {
+                top_p: 0.5,
+                ..config(1.0)
+            },
+            &[],
+        );
+        assert!((0..50).all(|_| s.sample(&[10.0, 0.0, 0.0]) == 0));
+    }
+
+    #[test]
     fn logprobs_are_log_softmax() {
         let lp = logprobs(&[0.0, 0.0f32.ln_1p(), 2.0f32.ln()], 2, 2);
         assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);

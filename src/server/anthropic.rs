@@ -5,9 +5,9 @@
 
 use super::error::{ApiError, Dialect};
 use super::openai::{mode_defaults, pending, request_id, Common};
-use super::params::{self, field, opt_bool, opt_f32, opt_i64, opt_str, opt_u64, Body};
+use super::params::{self, field, opt_bool, opt_f32, opt_i64, opt_u64, Body};
 use super::prompt::{self, ChatPrompt, ToolChoice};
-use super::{body_bytes, check_model, submit, Shared, Tracker};
+use super::{request_body, submit, Shared, Tracker};
 use crate::engine::sampling::SamplingConfig;
 use crate::engine::{Event, FinishReason, StopReason};
 use crate::tokenizer::parser::{OutputParser, ParseEvent};
@@ -279,8 +279,7 @@ pub async fn count_tokens(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = params::parse_body(&body_bytes(body)?)?;
-        check_model(&state, opt_str(&body, "model")?)?;
+        let body = request_body(&state, body)?;
         let p = build_prompt(&state, &body)?;
         Ok(Json(json!({ "input_tokens": p.ids.len() })).into_response())
     };
@@ -301,8 +300,7 @@ async fn message(
     state: &Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = params::parse_body(&body_bytes(body)?)?;
-    check_model(state, opt_str(&body, "model")?)?;
+    let body = request_body(state, body)?;
     let p = build_prompt(state, &body)?;
     let max_tokens = opt_u64(&body, "max_tokens")?
         .ok_or_else(|| ApiError::param("max_tokens", "max_tokens is required"))?;

@@ -153,6 +153,16 @@ pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
     })
 }
 
+/// A request's JSON object, once its size, syntax and `model` are checked.
+pub(crate) fn request_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<params::Body, ApiError> {
+    let body = params::parse_body(&body_bytes(body)?)?;
+    check_model(state, params::opt_str(&body, "model")?)?;
+    Ok(body)
+}
+
 /// Checks the requested model name against the served one.
 pub(crate) fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     match model {

@@ -5,7 +5,7 @@
 use super::error::ApiError;
 use super::params::{self, field, opt_bool, opt_str, opt_u64, Body, SamplingDefaults};
 use super::prompt::{self, ChatPrompt};
-use super::{body_bytes, check_model, now_secs, submit, Pending, Shared, Tracker};
+use super::{now_secs, request_body, submit, Pending, Shared, Tracker};
 use crate::engine::sampling::{SamplingConfig, TokenLogprob};
 use crate::engine::{Event, FinishReason, GenRequest, StopReason};
 use crate::tokenizer::parser::{OutputParser, ParseEvent, ParsedOutput};
@@ -292,8 +292,7 @@ pub async fn chat_completions(
 }
 
 async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = params::parse_body(&body_bytes(body)?)?;
-    check_model(state, opt_str(&body, "model")?)?;
+    let body = request_body(state, body)?;
     let messages = prompt::normalise_messages(
         field(&body, "messages")
             .ok_or_else(|| ApiError::param("messages", "messages is required"))?,
@@ -643,8 +642,7 @@ async fn completion(
     state: &Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = params::parse_body(&body_bytes(body)?)?;
-    check_model(state, opt_str(&body, "model")?)?;
+    let body = request_body(state, body)?;
     let prompts = completion_prompts(
         state,
         field(&body, "prompt").ok_or_else(|| ApiError::param("prompt", "prompt is required"))?,
@@ -958,8 +956,7 @@ pub async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = params::parse_body(&body_bytes(body)?)?;
-        check_model(&state, opt_str(&body, "model")?)?;
+        let body = request_body(&state, body)?;
         let ids = if let Some(messages) = field(&body, "messages") {
             let messages = prompt::normalise_messages(messages)?;
             let kwargs = match field(&body, "chat_template_kwargs") {
@@ -994,8 +991,7 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = params::parse_body(&body_bytes(body)?)?;
-        check_model(&state, opt_str(&body, "model")?)?;
+        let body = request_body(&state, body)?;
         let tokens = field(&body, "tokens")
             .ok_or_else(|| ApiError::param("tokens", "tokens is required"))?;
         let ids = params::token_ids(tokens, "tokens", state.engine.tokenizer.vocab_size())?;
