@@ -110,15 +110,6 @@ impl Metrics {
 
     pub fn render(&self, engine: &EngineStats) -> String {
         let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         let _ = writeln!(
             out,
             "# HELP kimi_hybrid_requests_total Requests by outcome.\n# TYPE kimi_hybrid_requests_total counter"
@@ -134,72 +125,75 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
-        counter(
-            &mut out,
-            "kimi_hybrid_prompt_tokens_total",
-            "Prompt tokens of finished requests.",
-            self.prompt_tokens.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "kimi_hybrid_generation_tokens_total",
-            "Generated tokens of finished requests.",
-            self.generation_tokens.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "kimi_hybrid_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from the prefix cache.",
-            engine.prefix_cached_tokens.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "kimi_hybrid_preemptions_total",
-            "Sequences preempted because the KV cache was full.",
-            engine.preemptions.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "kimi_hybrid_engine_steps_total",
-            "Batched forward passes run.",
-            engine.steps.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
-            "kimi_hybrid_num_requests_running",
-            "Sequences in the running batch.",
-            engine.running.load(Ordering::SeqCst) as f64,
-        );
-        gauge(
-            &mut out,
-            "kimi_hybrid_num_requests_waiting",
-            "Sequences waiting to be admitted.",
-            engine.waiting.load(Ordering::SeqCst) as f64,
-        );
+        let counters = [
+            (
+                "kimi_hybrid_prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                self.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "kimi_hybrid_generation_tokens_total",
+                "Generated tokens of finished requests.",
+                self.generation_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "kimi_hybrid_prefix_cache_hit_tokens_total",
+                "Prompt tokens served from the prefix cache.",
+                engine.prefix_cached_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "kimi_hybrid_preemptions_total",
+                "Sequences preempted because the KV cache was full.",
+                engine.preemptions.load(Ordering::Relaxed),
+            ),
+            (
+                "kimi_hybrid_engine_steps_total",
+                "Batched forward passes run.",
+                engine.steps.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
         let used = engine.kv_blocks_used.load(Ordering::SeqCst);
         let total = engine.kv_blocks_total.load(Ordering::SeqCst);
-        gauge(
-            &mut out,
-            "kimi_hybrid_kv_blocks_used",
-            "KV cache blocks referenced by sequences.",
-            used as f64,
-        );
-        gauge(
-            &mut out,
-            "kimi_hybrid_kv_blocks_total",
-            "KV cache blocks in the pool.",
-            total as f64,
-        );
-        gauge(
-            &mut out,
-            "kimi_hybrid_kv_cache_usage_perc",
-            "Fraction of KV blocks in use.",
-            if total == 0 {
-                0.0
-            } else {
-                used as f64 / total as f64
-            },
-        );
+        let gauges = [
+            (
+                "kimi_hybrid_num_requests_running",
+                "Sequences in the running batch.",
+                engine.running.load(Ordering::SeqCst) as f64,
+            ),
+            (
+                "kimi_hybrid_num_requests_waiting",
+                "Sequences waiting to be admitted.",
+                engine.waiting.load(Ordering::SeqCst) as f64,
+            ),
+            (
+                "kimi_hybrid_kv_blocks_used",
+                "KV cache blocks referenced by sequences.",
+                used as f64,
+            ),
+            (
+                "kimi_hybrid_kv_blocks_total",
+                "KV cache blocks in the pool.",
+                total as f64,
+            ),
+            (
+                "kimi_hybrid_kv_cache_usage_perc",
+                "Fraction of KV blocks in use.",
+                if total == 0 {
+                    0.0
+                } else {
+                    used as f64 / total as f64
+                },
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
         for (h, name, help) in [
             (
                 &self.ttft,
