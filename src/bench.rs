@@ -381,6 +381,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
         kv_blocks: max_c * len.div_ceil(block_size) + 1,
         max_batch_tokens: 512,
         prefix_caching: false,
+        kv_dtype: crate::engine::kv::KvDtype::Bf16,
     };
     let name = model.config.model_type.clone();
     let layers = model.config.num_hidden_layers;

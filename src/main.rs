@@ -168,6 +168,9 @@ struct ServeArgs {
     /// Turn off reuse of cached prompt prefixes.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Latent KV cache precision: auto (BF16, the model's precision), bf16 or f32.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Compute backend (see `run --backend`).
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -343,6 +346,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_batch_tokens: args.max_batch_tokens,
         prefix_caching: !args.no_prefix_caching,
+        kv_cache_dtype: args.kv_cache_dtype,
         allow_forced_output: args.allow_forced_output,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

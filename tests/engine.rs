@@ -151,6 +151,7 @@ fn config(blocks: usize, block_size: usize, batch_tokens: usize) -> EngineConfig
         kv_blocks: blocks,
         max_batch_tokens: batch_tokens,
         prefix_caching: true,
+        kv_dtype: kimi_hybrid::engine::kv::KvDtype::Bf16,
     }
 }
 

@@ -31,6 +31,7 @@ fn options() -> LaunchOptions {
         block_size: 16,
         max_batch_tokens: 256,
         prefix_caching: true,
+        kv_cache_dtype: "auto".into(),
         allow_forced_output: true,
         progress: false,
     }

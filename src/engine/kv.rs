@@ -39,11 +39,41 @@ struct BlockMeta {
     last_use: u64,
 }
 
+/// How latents are stored in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    /// Rounded to BF16 on write (the model's own precision; half the memory).
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "f32" | "float32" => Some(KvDtype::F32),
+            "bf16" | "bfloat16" | "auto" => Some(KvDtype::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// One layer's latents, `[blocks, block_size, width]`.
+enum LayerStore {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
 pub struct KvPool {
     block_size: usize,
     width: usize,
-    /// Per layer, `[blocks, block_size, width]`.
-    layers: Vec<Vec<f32>>,
+    layers: Vec<LayerStore>,
     meta: Vec<BlockMeta>,
     /// Blocks with no contents worth keeping.
     free: Vec<u32>,
@@ -57,12 +87,26 @@ pub struct KvPool {
 
 impl KvPool {
     pub fn new(blocks: usize, block_size: usize, width: usize, layers: usize) -> Self {
+        Self::with_dtype(blocks, block_size, width, layers, KvDtype::F32)
+    }
+
+    pub fn with_dtype(
+        blocks: usize,
+        block_size: usize,
+        width: usize,
+        layers: usize,
+        dtype: KvDtype,
+    ) -> Self {
+        let n = blocks * block_size * width;
         KvPool {
             block_size,
             width,
             // Zeroed allocations are mapped lazily, so unused capacity costs no memory.
             layers: (0..layers)
-                .map(|_| vec![0.0f32; blocks * block_size * width])
+                .map(|_| match dtype {
+                    KvDtype::F32 => LayerStore::F32(vec![0.0f32; n]),
+                    KvDtype::Bf16 => LayerStore::Bf16(vec![half::bf16::ZERO; n]),
+                })
                 .collect(),
             meta: vec![BlockMeta::default(); blocks],
             free: (0..blocks as u32).rev().collect(),
@@ -216,31 +260,75 @@ impl LatentStore for PagedBatch<'_> {
 
     fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]) {
         let at = self.pool.slot(self.tables[seq], pos);
-        self.pool.layers[layer][at..at + latent.len()].copy_from_slice(latent);
+        match &mut self.pool.layers[layer] {
+            LayerStore::F32(d) => d[at..at + latent.len()].copy_from_slice(latent),
+            LayerStore::Bf16(d) => {
+                for (o, v) in d[at..at + latent.len()].iter_mut().zip(latent) {
+                    *o = half::bf16::from_f32(*v);
+                }
+            }
+        }
     }
 
     fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
         let (bs, w) = (self.pool.block_size, self.pool.width);
-        let data = &self.pool.layers[layer];
         let table = self.tables[seq];
-        // One block: already contiguous.
-        if len <= bs {
-            let at = table[0] as usize * bs * w;
-            return Cow::Borrowed(&data[at..at + len * w]);
+        // The blocks' rows in position order.
+        let spans = table
+            .iter()
+            .take(len.div_ceil(bs))
+            .enumerate()
+            .map(|(i, &b)| {
+                let at = b as usize * bs * w;
+                at..at + bs.min(len - i * bs) * w
+            });
+        match &self.pool.layers[layer] {
+            // One block: already contiguous.
+            LayerStore::F32(d) if len <= bs => {
+                let at = table[0] as usize * bs * w;
+                Cow::Borrowed(&d[at..at + len * w])
+            }
+            LayerStore::F32(d) => {
+                let mut out = Vec::with_capacity(len * w);
+                for span in spans {
+                    out.extend_from_slice(&d[span]);
+                }
+                Cow::Owned(out)
+            }
+            LayerStore::Bf16(d) => {
+                let mut out = Vec::with_capacity(len * w);
+                for span in spans {
+                    out.extend(d[span].iter().map(|v| v.to_f32()));
+                }
+                Cow::Owned(out)
+            }
         }
-        let mut out = Vec::with_capacity(len * w);
-        for (i, &b) in table.iter().take(len.div_ceil(bs)).enumerate() {
-            let take = bs.min(len - i * bs);
-            let at = b as usize * bs * w;
-            out.extend_from_slice(&data[at..at + take * w]);
-        }
-        Cow::Owned(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_pool_reads_back_rounded_latents_across_blocks() {
+        let mut pool = KvPool::with_dtype(4, 2, 3, 1, KvDtype::Bf16);
+        let table: Vec<u32> = vec![3, 1, 2];
+        let rows: Vec<f32> = (0..5 * 3).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let mut batch = PagedBatch {
+            pool: &mut pool,
+            tables: vec![&table],
+        };
+        for pos in 0..5 {
+            batch.write(0, 0, pos, &rows[pos * 3..(pos + 1) * 3]);
+        }
+        let back = batch.read(0, 0, 5);
+        let want: Vec<f32> = rows
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect();
+        assert_eq!(back.as_ref(), want.as_slice());
+    }
 
     #[test]
     fn prefix_blocks_are_shared_and_evicted_lru() {

@@ -32,27 +32,7 @@ pub struct EngineConfig {
     /// Tokens per step (decode tokens plus prompt chunks).
     pub max_batch_tokens: usize,
     pub prefix_caching: bool,
-}
-
-impl EngineConfig {
-    /// Defaults sized for `max_model_len`: room for every sequence at full length, capped
-    /// at `kv_budget_tokens` tokens of cache.
-    pub fn sized(max_model_len: usize, max_num_seqs: usize, kv_budget_tokens: usize) -> Self {
-        let block_size = 16;
-        let wanted = max_model_len.saturating_mul(max_num_seqs);
-        let tokens = wanted
-            .min(kv_budget_tokens)
-            .max(max_model_len.min(kv_budget_tokens));
-        EngineConfig {
-            max_num_seqs,
-            max_waiting: 256,
-            max_model_len,
-            block_size,
-            kv_blocks: tokens.div_ceil(block_size).max(1),
-            max_batch_tokens: 512,
-            prefix_caching: true,
-        }
-    }
+    pub kv_dtype: kv::KvDtype,
 }
 
 /// One generation request, already tokenized and validated.

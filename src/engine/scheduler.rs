@@ -63,11 +63,12 @@ impl Scheduler {
         config: Arc<EngineConfig>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        let pool = KvPool::new(
+        let pool = KvPool::with_dtype(
             config.kv_blocks,
             config.block_size,
             model.config.latent_cache_width(),
             model.config.num_hidden_layers,
+            config.kv_dtype,
         );
         stats
             .kv_blocks_total

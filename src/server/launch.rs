@@ -4,6 +4,7 @@
 
 use super::metrics::Metrics;
 use super::{AppState, Shared};
+use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
 use crate::model::Model;
 use crate::placement::{self, ModelDesc, Plan, Profile};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Default KV cache when neither a flag nor a plan sizes it (f32 latents).
+/// Default KV cache when neither a flag nor a plan sizes it.
 const DEFAULT_KV_BYTES: usize = 4 << 30;
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct LaunchOptions {
     pub block_size: usize,
     pub max_batch_tokens: usize,
     pub prefix_caching: bool,
+    /// `auto` (BF16, the model's precision), `bf16` or `f32`.
+    pub kv_cache_dtype: String,
     pub allow_forced_output: bool,
     /// Show a progress bar while warming the weights.
     pub progress: bool,
@@ -121,7 +124,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     warm(&ckpt, opts.progress);
 
     let cfg = model.config.clone();
-    let bytes_per_token = cfg.latent_cache_width() * cfg.num_hidden_layers * 4;
+    let kv_dtype = KvDtype::from_name(&opts.kv_cache_dtype).with_context(|| {
+        format!(
+            "--kv-cache-dtype {:?} is not one of auto, bf16, f32",
+            opts.kv_cache_dtype
+        )
+    })?;
+    let bytes_per_token = cfg.latent_cache_width() * cfg.num_hidden_layers * kv_dtype.bytes();
     let kv_tokens = match (opts.kv_cache_tokens, &plan) {
         (Some(t), _) => t,
         (None, Some(p)) => (p.workload.context * p.workload.concurrency) as usize,
@@ -155,13 +164,15 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         kv_blocks: kv_tokens.div_ceil(opts.block_size),
         max_batch_tokens: opts.max_batch_tokens,
         prefix_caching: opts.prefix_caching,
+        kv_dtype,
     };
     tracing_line(&format!(
-        "KV cache: {} blocks of {} tokens ({} tokens, {:.2} GiB of f32 latents); max model length {}",
+        "KV cache: {} blocks of {} tokens ({} tokens, {:.2} GiB of {:?} latents); max model length {}",
         config.kv_blocks,
         config.block_size,
         config.kv_blocks * config.block_size,
         (config.kv_blocks * config.block_size * bytes_per_token) as f64 / (1u64 << 30) as f64,
+        kv_dtype,
         max_model_len
     ));
     let backend = crate::backend::by_name(&opts.backend).map_err(anyhow::Error::msg)?;
