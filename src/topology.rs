@@ -44,12 +44,50 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 }
 
 impl Topology {
+    /// This machine's NUMA nodes: from hwloc when built with the `hwloc` feature and it
+    /// answers, else from sysfs.
     pub fn detect() -> Self {
         let memory = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|t| kib_field(&t, "MemTotal:"))
             .unwrap_or(0);
+        #[cfg(feature = "hwloc")]
+        if let Some(t) = Self::from_hwloc(memory) {
+            return t;
+        }
         Self::from_sysfs(Path::new("/sys/devices/system/node"), memory)
+    }
+
+    /// NUMA nodes as hwloc reports them (cpus of each node's cpuset, local memory).
+    #[cfg(feature = "hwloc")]
+    pub fn from_hwloc(memory_bytes: u64) -> Option<Self> {
+        use hwlocality::object::attributes::ObjectAttributes;
+        use hwlocality::object::types::ObjectType;
+        let topo = hwlocality::Topology::new().ok()?;
+        let mut nodes = Vec::new();
+        for (i, obj) in topo.objects_with_type(ObjectType::NUMANode).enumerate() {
+            let cpus: Vec<usize> = obj
+                .cpuset()
+                .map(|set| set.iter_set().map(usize::from).collect())
+                .unwrap_or_default();
+            let memory = match obj.attributes() {
+                Some(ObjectAttributes::NUMANode(a)) => a.local_memory().map_or(0, |m| m.get()),
+                _ => 0,
+            };
+            nodes.push(NumaNode {
+                id: obj.os_index().unwrap_or(i),
+                cpus,
+                memory_bytes: memory,
+            });
+        }
+        if nodes.is_empty() || nodes.iter().all(|n| n.cpus.is_empty()) {
+            return None;
+        }
+        nodes.sort_by_key(|n| n.id);
+        Some(Topology {
+            nodes,
+            memory_bytes,
+        })
     }
 
     /// Reads `root/node*/{cpulist,meminfo}`; `memory_bytes` is the machine total.
@@ -140,6 +178,19 @@ mod tests {
         let t = Topology::from_sysfs(&tmp.path().join("missing"), 1 << 30);
         assert_eq!(t.nodes.len(), 1);
         assert!(t.cpu_count() >= 1);
+    }
+
+    /// With `--features hwloc` (needs libhwloc-dev, libudev-dev, pkg-config): hwloc and
+    /// sysfs report the same nodes and cpus.
+    #[cfg(feature = "hwloc")]
+    #[test]
+    fn hwloc_and_sysfs_agree() {
+        let hw = Topology::from_hwloc(0).expect("hwloc reports NUMA nodes");
+        let fs = Topology::from_sysfs(Path::new("/sys/devices/system/node"), 0);
+        let cpus = |t: &Topology| -> Vec<(usize, Vec<usize>)> {
+            t.nodes.iter().map(|n| (n.id, n.cpus.clone())).collect()
+        };
+        assert_eq!(cpus(&hw), cpus(&fs));
     }
 
     #[test]
