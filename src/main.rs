@@ -171,6 +171,10 @@ struct ServeArgs {
     /// Latent KV cache precision: auto (BF16, the model's precision), bf16 or f32.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Expert deferral: per token, add this many of its lowest-weighted host experts one
+    /// layer later (overlaps host and device work; changes the numbers; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    defer_host_experts: usize,
     /// Compute backend (see `run --backend`).
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -347,6 +351,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         prefix_caching: !args.no_prefix_caching,
         kv_cache_dtype: args.kv_cache_dtype,
+        defer_host_experts: args.defer_host_experts,
         allow_forced_output: args.allow_forced_output,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

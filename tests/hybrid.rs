@@ -123,3 +123,67 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
         Ok(_) => panic!("a 1000-byte device cannot hold the plan"),
     }
 }
+
+/// Expert deferral's accuracy cost: prefill logits against transformers' golden and the
+/// greedy continuation, with 0, 1 and 2 host experts per token deferred a layer, under the
+/// half-on-GPU plan. Deferral off must leave the numbers exactly as they were.
+#[test]
+fn expert_deferral_accuracy_cost_on_every_fixture() {
+    use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
+    let cpu = by_name("cpu").expect("cpu backend");
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = half_on_gpu(&ckpt);
+        let mut model = Model::load(&ckpt).expect("model");
+        model.apply_plan(&p);
+        let g = golden(name);
+        let mut baseline = None;
+        for defer in [0usize, 1, 2] {
+            model.defer_host_experts = defer;
+            let mut cache = KvCache::new(&model.config);
+            let logits = model
+                .forward(
+                    cpu.as_ref(),
+                    &g.prompt_ids,
+                    &mut cache,
+                    AttentionForm::Naive,
+                    Logits::All,
+                )
+                .expect("prefill");
+            let diff = max_abs_diff(&logits, &g.logits);
+            let out = generate(
+                &model,
+                cpu.as_ref(),
+                &GenerateRequest {
+                    prompt: &g.prompt_ids,
+                    max_new_tokens: g.greedy_ids.len(),
+                    sampling: SamplingParams::default(),
+                    stop_ids: &[],
+                    keep_prompt_logits: false,
+                },
+            )
+            .expect("generate");
+            let same = out
+                .generated_ids
+                .iter()
+                .zip(&g.greedy_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            println!(
+                "{name}: defer {defer}: prefill logits max abs diff vs golden {diff:.3e}; greedy agrees on {same}/{}",
+                g.greedy_ids.len()
+            );
+            assert!(logits.iter().all(|v| v.is_finite()));
+            if defer == 0 {
+                assert!(diff < 5e-3, "{name}: deferral off must match the golden");
+                assert_eq!(out.generated_ids, g.greedy_ids);
+                baseline = Some(logits);
+            } else if let Some(b) = &baseline {
+                assert!(
+                    max_abs_diff(&logits, b) > 0.0,
+                    "{name}: deferral changes the numbers"
+                );
+            }
+        }
+    }
+}

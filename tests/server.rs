@@ -32,6 +32,7 @@ fn options() -> LaunchOptions {
         max_batch_tokens: 256,
         prefix_caching: true,
         kv_cache_dtype: "auto".into(),
+        defer_host_experts: 0,
         allow_forced_output: true,
         progress: false,
     }

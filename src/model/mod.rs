@@ -97,6 +97,10 @@ pub struct Model {
     pub rope: Rope,
     /// Every checkpoint tensor the model uses (with prefix); the rest is reported by `inspect`.
     pub used_tensors: BTreeSet<String>,
+    /// Expert deferral (off at 0): per token, this many of its host-placed routed experts
+    /// with the lowest weights are added to the hidden state one layer later, so the host
+    /// can compute them while the device runs the next layer. Changes the numbers.
+    pub defer_host_experts: usize,
 }
 
 /// Where the latents of the sequences in a forward pass live. Sequence `seq` is the
@@ -274,6 +278,7 @@ impl Model {
             norm,
             lm_head,
             used_tensors: w.used(),
+            defer_host_experts: 0,
             config: cfg,
         })
     }
@@ -413,13 +418,22 @@ impl Model {
             self.embed
                 .decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
         }
+        // Outputs of experts deferred by the previous layer.
+        let mut deferred: Option<Vec<f32>> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps);
             let attn = self.attention(backend, l, &xn, &seqs, store);
             add_in_place(&mut x, &attn);
             let xn = rms_norm(&x, &layer.post_attn_norm, cfg.rms_norm_eps);
-            let ffn = self.ffn(backend, l, &layer.ffn, &xn, on_route);
+            let (ffn, later) = self.ffn(backend, l, &layer.ffn, &xn, on_route);
             add_in_place(&mut x, &ffn);
+            if let Some(d) = deferred.take() {
+                add_in_place(&mut x, &d);
+            }
+            deferred = later;
+        }
+        if let Some(d) = deferred {
+            add_in_place(&mut x, &d);
         }
 
         // lm_head once over every row that needs logits.
@@ -654,11 +668,12 @@ impl Model {
         ffn: &Ffn,
         x: &[f32],
         on_route: &mut RouteObserver,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let cfg = &self.config;
         let h = cfg.hidden_size;
         let n = x.len() / h;
         let mut out = vec![0.0f32; n * h];
+        let mut later = None;
         match ffn {
             Ffn::Dense(w) => {
                 let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
@@ -670,6 +685,7 @@ impl Model {
                 backend.linear(&moe.router, 0..e, x, &mut router_logits);
                 // Group tokens by expert so each expert's weights are read once.
                 let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+                let mut per_expert_later: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
                 for t in 0..n {
                     let routes = router::route(
                         cfg,
@@ -677,24 +693,47 @@ impl Model {
                         moe.correction_bias.as_deref(),
                     );
                     on_route(layer, &routes);
+                    let deferred = self.deferred_routes(moe, &routes);
                     for (expert, weight) in routes {
-                        per_expert[expert].push((t, weight));
+                        let list = if deferred.contains(&expert) {
+                            &mut per_expert_later
+                        } else {
+                            &mut per_expert
+                        };
+                        list[expert].push((t, weight));
                     }
                 }
-                let work: Vec<(&FfnWeights, &[(usize, f32)])> = per_expert
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, tokens)| !tokens.is_empty())
-                    .map(|(e, tokens)| (&moe.experts[e], tokens.as_slice()))
-                    .collect();
-                backend.moe_accumulate(&work, x, &mut out);
+                let now = expert_work(&moe.experts, &per_expert);
+                backend.moe_accumulate(&now, x, &mut out);
+                let next = expert_work(&moe.experts, &per_expert_later);
+                if !next.is_empty() {
+                    let mut d = vec![0.0f32; n * h];
+                    backend.moe_accumulate(&next, x, &mut d);
+                    later = Some(d);
+                }
                 if let Some(shared) = &moe.shared {
                     let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
                     backend.ffn_accumulate(shared, x, &all, &mut out);
                 }
             }
         }
-        out
+        (out, later)
+    }
+
+    /// The experts of one token's routes whose output waits a layer: its
+    /// `defer_host_experts` lowest-weighted experts among those in host memory.
+    fn deferred_routes(&self, moe: &Moe, routes: &[(usize, f32)]) -> Vec<usize> {
+        if self.defer_host_experts == 0 {
+            return Vec::new();
+        }
+        let mut host: Vec<(usize, f32)> = routes
+            .iter()
+            .copied()
+            .filter(|&(e, _)| moe.experts.get(e).is_some_and(|f| f.gpu.is_none()))
+            .collect();
+        host.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        host.truncate(self.defer_host_experts);
+        host.into_iter().map(|(e, _)| e).collect()
     }
 }
 
@@ -710,6 +749,19 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The (expert, tokens) pairs of the experts some token visits, in expert order.
+fn expert_work<'a>(
+    experts: &'a [FfnWeights],
+    per_expert: &'a [Vec<(usize, f32)>],
+) -> Vec<(&'a FfnWeights, &'a [(usize, f32)])> {
+    per_expert
+        .iter()
+        .enumerate()
+        .filter(|(_, tokens)| !tokens.is_empty())
+        .map(|(e, tokens)| (&experts[e], tokens.as_slice()))
+        .collect()
 }
 
 /// Where one sequence's tokens sit in a batch.

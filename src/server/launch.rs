@@ -36,6 +36,8 @@ pub struct LaunchOptions {
     pub prefix_caching: bool,
     /// `auto` (BF16, the model's precision), `bf16` or `f32`.
     pub kv_cache_dtype: String,
+    /// Expert deferral (see `Model::defer_host_experts`; 0 = off).
+    pub defer_host_experts: usize,
     pub allow_forced_output: bool,
     /// Show a progress bar while warming the weights.
     pub progress: bool,
@@ -121,6 +123,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         ));
     }
 
+    model.defer_host_experts = opts.defer_host_experts;
     warm(&ckpt, opts.progress);
 
     let cfg = model.config.clone();
