@@ -361,7 +361,8 @@ async fn message(
         tokens_as_ids: false,
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
-    let id = request_id("msg");
+    // Anthropic message ids read `msg_...`.
+    let id = request_id("msg").replacen('-', "_", 1);
     if c.stream {
         let (tx, out) = unbounded_channel();
         tokio::spawn(stream_message(state.clone(), rx, tx, id, p));
