@@ -260,7 +260,10 @@ impl Tracker {
                 *prompt_tokens,
                 *completion_tokens,
             ),
-            Event::Error(_) => self.state.metrics.error(),
+            Event::Error(_) => {
+                self.state.metrics.error();
+                self.finished = true;
+            }
             Event::PromptLogprobs(_) => {}
         }
     }
