@@ -259,6 +259,12 @@ struct RunArgs {
     /// weights), reference (scalar); cpu/cpu-int8 take :scalar, :avx2 or :avx512-vnni.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Place experts for a hardware profile (see `plan`); GPU profiles need a GPU.
+    #[arg(long, conflicts_with = "plan")]
+    profile: Option<String>,
+    /// Place experts as a plan written by `kimi-hybrid plan --json` says.
+    #[arg(long)]
+    plan: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -394,8 +400,14 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let dir = model_dir(args.model)?;
     let ckpt = open(&dir)?;
-    let model =
+    let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    kimi_hybrid::server::launch::place(
+        &ckpt,
+        &mut model,
+        args.profile.as_deref(),
+        args.plan.as_deref(),
+    )?;
     let tokenizer = match &args.prompt {
         Some(_) => Some(load_tokenizer(&dir)?),
         None => None,

@@ -457,15 +457,31 @@ fn backends_are_chosen_by_name() {
 }
 
 #[test]
-fn serve_with_a_gpu_profile_refuses_to_start_without_that_gpu() {
+fn serve_and_run_with_a_gpu_profile_refuse_to_start_without_that_gpu() {
+    for args in [
+        vec!["serve", "--profile", "1xH100+512GB", "--port", "0"],
+        vec!["run", "--profile", "b200x8", "--prompt-ids", "1,2"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("GPU"), "{err}");
+        assert!(err.contains("--profile cpu-only"), "{err}");
+    }
+    // A CPU profile places the experts and runs.
     let out = bin()
-        .args(["serve", "--profile", "1xH100+512GB", "--port", "0"])
+        .args([
+            "run",
+            "--profile",
+            "cpu-only",
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("GPU"), "{err}");
-    assert!(err.contains("--profile cpu-only"), "{err}");
+    assert_ok(&out);
 }
 
 #[test]

@@ -81,6 +81,41 @@ fn read_plan(path: &Path) -> Result<Plan> {
     Ok(plan)
 }
 
+/// Places the model as a plan says: the plan file, or one made now for the profile
+/// (`None` when neither is given). A plan that puts weights on GPUs, or cannot run, is
+/// refused with what to do instead.
+pub fn place(
+    ckpt: &Checkpoint,
+    model: &mut Model,
+    profile: Option<&str>,
+    plan_file: Option<&Path>,
+) -> Result<Option<Plan>> {
+    let plan = match (plan_file, profile) {
+        (Some(path), _) => read_plan(path)?,
+        (None, Some(name)) => {
+            let profile = Profile::resolve(name)?;
+            refuse_gpu_layout(&format!("profile {}", profile.name), profile.gpu.count)?;
+            let desc = ModelDesc::from_checkpoint(ckpt);
+            placement::plan(&desc, &profile, &profile.workload, None)
+        }
+        (None, None) => return Ok(None),
+    };
+    refuse_gpu_layout(&format!("plan for {}", plan.profile), plan.gpus.len())?;
+    if !plan.feasible {
+        bail!(
+            "the plan for {} cannot run: {}",
+            plan.profile,
+            plan.problems.join("; ")
+        );
+    }
+    let (_, on_nodes) = model.apply_plan(&plan);
+    tracing_line(&format!(
+        "placement: {} routed experts assigned to NUMA nodes by the plan for {}",
+        on_nodes, plan.profile
+    ));
+    Ok(Some(plan))
+}
+
 /// Loads everything and starts the engine; returns the state the routes share.
 pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     let dir = &opts.model_dir;
@@ -96,32 +131,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
 
-    // Placement: a plan file, or one made now for a profile.
-    let plan = match (&opts.plan, &opts.profile) {
-        (Some(path), _) => Some(read_plan(path)?),
-        (None, Some(name)) => {
-            let profile = Profile::resolve(name)?;
-            refuse_gpu_layout(&format!("profile {}", profile.name), profile.gpu.count)?;
-            let desc = ModelDesc::from_checkpoint(&ckpt);
-            Some(placement::plan(&desc, &profile, &profile.workload, None))
-        }
-        (None, None) => None,
-    };
-    if let Some(plan) = &plan {
-        refuse_gpu_layout(&format!("plan for {}", plan.profile), plan.gpus.len())?;
-        if !plan.feasible {
-            bail!(
-                "the plan for {} cannot run: {}",
-                plan.profile,
-                plan.problems.join("; ")
-            );
-        }
-        let (_, on_nodes) = model.apply_plan(plan);
-        tracing_line(&format!(
-            "placement: {} routed experts assigned to NUMA nodes by the plan for {}",
-            on_nodes, plan.profile
-        ));
-    }
+    let plan = place(
+        &ckpt,
+        &mut model,
+        opts.profile.as_deref(),
+        opts.plan.as_deref(),
+    )?;
 
     model.defer_host_experts = opts.defer_host_experts;
     warm(&ckpt, opts.progress);
