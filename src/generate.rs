@@ -2,30 +2,9 @@
 //! choosing each token greedily (temperature 0) or by seeded sampling.
 
 use crate::backend::Backend;
-use crate::engine::sampling::{Sampler, SamplingConfig};
+use crate::engine::sampling::Sampler;
+pub use crate::engine::sampling::SamplingConfig;
 use crate::model::{AttentionForm, KvCache, Logits, Model, ModelError};
-
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
-    pub top_p: f32,
-    /// Keep the `top_k` most likely tokens (0 = all).
-    pub top_k: usize,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -48,7 +27,7 @@ pub struct Generation {
 pub struct GenerateRequest<'a> {
     pub prompt: &'a [u32],
     pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
+    pub sampling: SamplingConfig,
     pub stop_ids: &'a [u32],
     pub keep_prompt_logits: bool,
 }
@@ -68,16 +47,7 @@ pub fn generate(
     let logits = model.forward(backend, req.prompt, &mut cache, AttentionForm::Auto, mode)?;
     let mut last = logits[logits.len() - vocab..].to_vec();
     let prompt_logits = req.keep_prompt_logits.then_some(logits);
-    let mut sampler = Sampler::new(
-        SamplingConfig {
-            temperature: req.sampling.temperature,
-            top_p: req.sampling.top_p,
-            top_k: req.sampling.top_k,
-            seed: Some(req.sampling.seed),
-            ..SamplingConfig::default()
-        },
-        req.prompt,
-    );
+    let mut sampler = Sampler::new(req.sampling.clone(), req.prompt);
     let mut generated = Vec::with_capacity(req.max_new_tokens);
     let limit = model.config.max_position_embeddings;
     let mut finish = FinishReason::Length;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
+use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
 use kimi_hybrid::model::Model;
 use kimi_hybrid::tokenizer::chat_template::ChatTemplate;
 use kimi_hybrid::tokenizer::{Specials, Tokenizer};
@@ -442,11 +442,12 @@ fn run(args: RunArgs) -> Result<()> {
     let req = GenerateRequest {
         prompt: &prompt_ids,
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
+        sampling: SamplingConfig {
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: args.top_k,
-            seed: args.seed,
+            seed: Some(args.seed),
+            ..SamplingConfig::default()
         },
         stop_ids: &stop_ids,
         keep_prompt_logits: args.logits_out.is_some(),

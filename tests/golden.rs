@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixture, golden, max_abs_diff, FIXTURES};
 use kimi_hybrid::backend::{by_name, Backend};
-use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
+use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
 use kimi_hybrid::weights::Checkpoint;
 
@@ -49,7 +49,7 @@ fn int8_activation_kernels_stay_close_to_transformers() {
             let request = GenerateRequest {
                 prompt: &g.prompt_ids,
                 max_new_tokens: g.greedy_ids.len(),
-                sampling: SamplingParams::default(),
+                sampling: SamplingConfig::greedy(),
                 stop_ids: &[],
                 keep_prompt_logits: false,
             };
@@ -129,7 +129,7 @@ fn greedy_continuations_match_transformers() {
             let request = GenerateRequest {
                 prompt: &g.prompt_ids,
                 max_new_tokens: g.greedy_ids.len(),
-                sampling: SamplingParams::default(),
+                sampling: SamplingConfig::greedy(),
                 stop_ids: &[],
                 keep_prompt_logits: false,
             };

@@ -129,7 +129,7 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
 /// half-on-GPU plan. Deferral off must leave the numbers exactly as they were.
 #[test]
 fn expert_deferral_accuracy_cost_on_every_fixture() {
-    use kimi_hybrid::generate::{generate, GenerateRequest, SamplingParams};
+    use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
     let cpu = by_name("cpu").expect("cpu backend");
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
@@ -157,7 +157,7 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
                 &GenerateRequest {
                     prompt: &g.prompt_ids,
                     max_new_tokens: g.greedy_ids.len(),
-                    sampling: SamplingParams::default(),
+                    sampling: SamplingConfig::greedy(),
                     stop_ids: &[],
                     keep_prompt_logits: false,
                 },

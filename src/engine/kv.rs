@@ -81,8 +81,6 @@ pub struct KvPool {
     evictable: BTreeSet<(u64, u32)>,
     cached: FxHashMap<BlockKey, u32>,
     tick: u64,
-    pub prefix_hits: u64,
-    pub prefix_queries: u64,
 }
 
 impl KvPool {
@@ -113,8 +111,6 @@ impl KvPool {
             evictable: BTreeSet::new(),
             cached: FxHashMap::default(),
             tick: 0,
-            prefix_hits: 0,
-            prefix_queries: 0,
         }
     }
 
@@ -143,7 +139,6 @@ impl KvPool {
     /// The longest run of cached full blocks matching the start of `tokens`, at most
     /// `max_tokens` tokens long. The blocks are referenced for the caller.
     pub fn match_prefix(&mut self, tokens: &[u32], max_tokens: usize) -> Vec<u32> {
-        self.prefix_queries += 1;
         let mut blocks = Vec::new();
         let mut prefix_hash = 0;
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
@@ -157,9 +152,6 @@ impl KvPool {
             self.retain(b);
             blocks.push(b);
             prefix_hash = chain(prefix_hash, chunk);
-        }
-        if !blocks.is_empty() {
-            self.prefix_hits += 1;
         }
         blocks
     }

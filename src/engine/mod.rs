@@ -104,9 +104,7 @@ pub struct EngineStats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub steps: AtomicU64,
-    pub prompt_tokens_computed: AtomicU64,
     pub prefix_cached_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
 }
 

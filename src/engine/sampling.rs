@@ -26,6 +26,16 @@ pub struct SamplingConfig {
     pub logprobs: Option<usize>,
 }
 
+impl SamplingConfig {
+    /// Always the most likely token.
+    pub fn greedy() -> Self {
+        SamplingConfig {
+            temperature: 0.0,
+            ..SamplingConfig::default()
+        }
+    }
+}
+
 impl Default for SamplingConfig {
     fn default() -> Self {
         SamplingConfig {
@@ -97,7 +107,7 @@ impl Sampler {
         self.apply_penalties(&mut l);
         let c = &self.config;
         if c.temperature <= 0.0 {
-            return argmax(&l);
+            return crate::generate::argmax(&l);
         }
         let mut candidates: Vec<(u32, f32)> = l
             .iter()
@@ -106,7 +116,7 @@ impl Sampler {
             .map(|(i, &v)| (i as u32, v / c.temperature))
             .collect();
         if candidates.is_empty() {
-            return argmax(logits);
+            return crate::generate::argmax(logits);
         }
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if c.top_k > 0 {
@@ -215,11 +225,6 @@ pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprob {
         logprob: value(chosen),
         top: best,
     }
-}
-
-/// Index of the largest logit; ties go to the lowest index.
-pub fn argmax(logits: &[f32]) -> u32 {
-    crate::generate::argmax(logits)
 }
 
 #[cfg(test)]

@@ -345,12 +345,6 @@ impl Scheduler {
             let s = &mut self.running[i];
             let start = s.computed;
             s.computed += counts[i];
-            if start < s.prompt_len {
-                self.stats.prompt_tokens_computed.fetch_add(
-                    counts[i].min(s.prompt_len - start) as u64,
-                    Ordering::Relaxed,
-                );
-            }
             if self.config.prefix_caching {
                 self.pool.register_full_blocks(
                     &s.tokens,
@@ -402,7 +396,6 @@ impl Scheduler {
         };
         s.sampler.observe(token);
         s.tokens.push(token);
-        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let logprob = s
             .sampler
             .config()
