@@ -1,11 +1,13 @@
 //! `kimi-hybrid bench kernels`: the CPU expert kernels at the real Kimi K2 shapes
 //! (gate/up 2048x7168, down 7168x2048, INT4 group 32) over a working set of distinct
-//! experts far larger than the last-level cache, so weights stream from DRAM as in real
-//! decode. Every figure is reported next to a reference measured in the same run: the
-//! machine's streaming read bandwidth, the scalar path, the per-core `vpdpbusd` peak.
+//! experts far larger than the last-level cache (a whole 384-expert layer where memory
+//! allows), so weights stream from DRAM as in real decode. Every figure is reported next
+//! to a reference measured in the same run: the machine's streaming read bandwidth over
+//! the same bytes (interleaved with the kernels, best of each), the scalar path, and the
+//! `vpdpwssd` / `vpdpbusd` peak of all threads issuing them at once.
 
 use crate::backend::{Activations, Backend, CpuBackend, FfnWeights};
-use crate::weights::{LinearWeight, TensorData};
+use crate::weights::{DenseDtype, LinearWeight, TensorData};
 use kernels_avx512::Isa;
 use memmap2::MmapMut;
 use rayon::prelude::*;
@@ -23,9 +25,17 @@ pub fn expert_bytes() -> usize {
 
 #[derive(Debug, Clone)]
 pub struct KernelBenchOptions {
-    pub working_set_bytes: usize,
+    /// Bytes of distinct INT4 experts to stream; `None`: a whole K2 layer (384 experts,
+    /// 9.5 GB) where memory allows, else 2 GB.
+    pub working_set_bytes: Option<usize>,
     pub repeats: usize,
 }
+
+/// Experts in one Kimi K2 MoE layer, and how many a token is routed to.
+const K2_EXPERTS: usize = 384;
+const K2_ACTIVE: usize = 8;
+/// Bytes of each dense (BF16, FP8) working set: far beyond the last-level cache.
+const DENSE_SET_BYTES: usize = 2 << 30;
 
 /// Fills `buf` with pseudo-random bytes in parallel (xorshift per 1 MiB chunk).
 fn fill_random(buf: &mut [u8]) {
@@ -42,38 +52,53 @@ fn fill_random(buf: &mut [u8]) {
         });
 }
 
+/// Available memory in bytes (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A read-only anonymous map of `len` bytes prepared by `fill`.
+fn anon_map(len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<Arc<memmap2::Mmap>> {
+    let mut map = MmapMut::map_anon(len)?;
+    fill(&mut map);
+    Ok(Arc::new(map.make_read_only()?))
+}
+
+fn view(map: &Arc<memmap2::Mmap>, start: usize, len: usize) -> std::io::Result<TensorData> {
+    TensorData::new(map.clone(), start, start + len)
+        .ok_or_else(|| std::io::Error::other("bad view"))
+}
+
 /// `count` K2-shaped INT4 experts in one anonymous map: random nibbles, small BF16 scales.
-fn make_experts(count: usize) -> std::io::Result<Vec<FfnWeights>> {
+fn make_experts(count: usize) -> std::io::Result<(Arc<memmap2::Mmap>, Vec<FfnWeights>)> {
     let (gate_packed, gate_scales) = (INTER * HIDDEN / 2, INTER * HIDDEN / 32 * 2);
     let per = expert_bytes();
-    let mut map = MmapMut::map_anon(per * count)?;
-    fill_random(&mut map);
-    // Scales: BF16 0.01 everywhere, so outputs stay finite.
-    for e in 0..count {
-        let base = e * per;
-        for (start, len) in [
-            (gate_packed, gate_scales),
-            (2 * gate_packed + gate_scales, gate_scales),
-            (3 * gate_packed + 2 * gate_scales, gate_scales),
-        ] {
-            for pair in map[base + start..base + start + len].chunks_exact_mut(2) {
-                pair.copy_from_slice(&0x3c24u16.to_le_bytes());
+    let map = anon_map(per * count, |map| {
+        fill_random(map);
+        // Scales: BF16 0.01 everywhere, so outputs stay finite.
+        map.par_chunks_mut(per).for_each(|expert| {
+            for (start, len) in [
+                (gate_packed, gate_scales),
+                (2 * gate_packed + gate_scales, gate_scales),
+                (3 * gate_packed + 2 * gate_scales, gate_scales),
+            ] {
+                for pair in expert[start..start + len].chunks_exact_mut(2) {
+                    pair.copy_from_slice(&0x3c24u16.to_le_bytes());
+                }
             }
-        }
-    }
-    let map = Arc::new(map.make_read_only()?);
-    let view = |start: usize, len: usize| {
-        TensorData::new(map.clone(), start, start + len)
-            .ok_or_else(|| std::io::Error::other("bad view"))
-    };
+        });
+    })?;
     let mut experts = Vec::with_capacity(count);
     for e in 0..count {
         let base = e * per;
         let linear = |offset: usize, rows: usize, cols: usize| -> std::io::Result<LinearWeight> {
             let packed = rows * cols / 2;
             Ok(LinearWeight::Int4 {
-                packed: view(base + offset, packed)?,
-                scales: view(base + offset + packed, rows * cols / 32 * 2)?,
+                packed: view(&map, base + offset, packed)?,
+                scales: view(&map, base + offset + packed, rows * cols / 32 * 2)?,
                 rows,
                 cols,
                 group: 32,
@@ -89,158 +114,356 @@ fn make_experts(count: usize) -> std::io::Result<Vec<FfnWeights>> {
             gpu: None,
         });
     }
-    Ok(experts)
+    Ok((map, experts))
 }
 
-/// Best wall time of `repeats` runs of `f`, in seconds.
-fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
-    (0..repeats.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
-/// Streaming read bandwidth of `buf` on all threads, bytes/s.
-fn read_bandwidth(buf: &[u8], repeats: usize) -> f64 {
-    let isa = Isa::detect();
-    let secs = best_of(repeats, || {
-        let sum: u64 = buf
-            .par_chunks(4 << 20)
-            .map(|c| kernels_avx512::stream::read_sum(isa, c))
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-    });
-    buf.len() as f64 / secs
-}
-
-/// One token through each expert in turn (gate, up, SiLU, down): decode streaming every
-/// expert's weights once. Returns bytes/s of weights.
-fn expert_stream(backend: &dyn Backend, experts: &[FfnWeights], repeats: usize) -> f64 {
-    let x: Vec<f32> = (0..HIDDEN)
-        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-        .collect();
-    let secs = best_of(repeats, || {
-        let mut out = vec![0.0f32; HIDDEN];
-        for e in experts {
-            backend.ffn_accumulate(e, &x, &[(0, 1.0)], &mut out);
+/// BF16 and FP8-block matrices of 2048 x 7168 (a K2 shared expert's gate/up shape) over
+/// one `DENSE_SET_BYTES` map: values in +-[0.0039, 2), block scales 0.01.
+fn make_dense() -> std::io::Result<(Vec<LinearWeight>, Vec<LinearWeight>)> {
+    let (rows, cols) = (INTER, HIDDEN);
+    let map = anon_map(DENSE_SET_BYTES, |m| {
+        fill_random(m);
+        // Keep every BF16 high byte (and so every other FP8 byte) normal and moderate.
+        m.par_chunks_mut(2)
+            .for_each(|pair| pair[1] = 0x3b + (pair[1] & 0x83) % 4);
+    })?;
+    let block_rows = rows.div_ceil(128) * cols.div_ceil(128);
+    let scales = anon_map(block_rows * 4, |m| {
+        for c in m.chunks_exact_mut(4) {
+            c.copy_from_slice(&0.01f32.to_le_bytes());
         }
-        std::hint::black_box(&out);
-    });
-    (experts.len() * expert_bytes()) as f64 / secs
+    })?;
+    let bf16 = (0..DENSE_SET_BYTES / (rows * cols * 2))
+        .map(|i| {
+            Ok(LinearWeight::Dense {
+                dtype: DenseDtype::Bf16,
+                data: view(&map, i * rows * cols * 2, rows * cols * 2)?,
+                rows,
+                cols,
+            })
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let fp8 = (0..DENSE_SET_BYTES / (rows * cols))
+        .map(|i| {
+            Ok(LinearWeight::Fp8 {
+                data: view(&map, i * rows * cols, rows * cols)?,
+                scale_inv: view(&scales, 0, block_rows * 4)?,
+                rows,
+                cols,
+                block: [128, 128],
+            })
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((bf16, fp8))
+}
+
+/// Streaming read of `buf` on all threads; returns seconds.
+fn read_once(buf: &[u8]) -> f64 {
+    let isa = Isa::detect();
+    let t = Instant::now();
+    let sum: u64 = buf
+        .par_chunks(4 << 20)
+        .map(|c| kernels_avx512::stream::read_sum(isa, c))
+        .reduce(|| 0, u64::wrapping_add);
+    std::hint::black_box(sum);
+    t.elapsed().as_secs_f64()
+}
+
+/// One token through each expert in turn (gate, up, SiLU, down), as decode streams every
+/// expert's weights once; returns seconds.
+fn experts_once(backend: &dyn Backend, experts: &[FfnWeights]) -> f64 {
+    let x = probe_activations(HIDDEN, 1);
+    let t = Instant::now();
+    let mut out = vec![0.0f32; HIDDEN];
+    for e in experts {
+        backend.ffn_accumulate(e, &x, &[(0, 1.0)], &mut out);
+    }
+    std::hint::black_box(&out);
+    t.elapsed().as_secs_f64()
+}
+
+/// One token through each matrix; returns seconds.
+fn matrices_once(backend: &dyn Backend, matrices: &[LinearWeight]) -> f64 {
+    let x = probe_activations(HIDDEN, 1);
+    let mut y = vec![0.0f32; INTER];
+    let t = Instant::now();
+    for m in matrices {
+        backend.linear(m, 0..m.rows(), &x, &mut y);
+    }
+    std::hint::black_box(&y);
+    t.elapsed().as_secs_f64()
+}
+
+/// Deterministic activations in [-1, 1] for `tokens` tokens of width `cols`.
+fn probe_activations(cols: usize, tokens: usize) -> Vec<f32> {
+    (0..cols * tokens)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect()
+}
+
+/// Per-instruction peak of all threads at once: each runs the one-core probe
+/// concurrently; the sum, in operations (2 per multiply-accumulate) per second.
+fn peak_all_threads(probe: fn(u64) -> Option<f64>) -> Option<f64> {
+    let per_thread: Vec<Option<f64>> = rayon::broadcast(|_| probe(4_000_000));
+    per_thread
+        .into_iter()
+        .sum::<Option<f64>>()
+        .map(|macs| 2.0 * macs)
+}
+
+/// A figure measured in every round, best kept.
+struct Best {
+    seconds: f64,
+}
+
+impl Best {
+    fn new() -> Self {
+        Best {
+            seconds: f64::INFINITY,
+        }
+    }
+    fn add(&mut self, seconds: f64) {
+        self.seconds = self.seconds.min(seconds);
+    }
+    fn rate(&self, amount: f64) -> f64 {
+        amount / self.seconds
+    }
 }
 
 pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
     let mut s = String::new();
     let threads = rayon::current_num_threads();
     let isa = Isa::detect();
-    let count = opts.working_set_bytes.div_ceil(expert_bytes()).max(2);
+    let layer_bytes = K2_EXPERTS * expert_bytes();
+    let wanted = opts.working_set_bytes.unwrap_or_else(|| {
+        let room = available_memory().unwrap_or(0);
+        if room > layer_bytes + DENSE_SET_BYTES + (3 << 30) {
+            layer_bytes
+        } else {
+            2_000_000_000
+        }
+    });
+    let count = wanted.div_ceil(expert_bytes()).max(2);
+    let repeats = opts.repeats.max(1);
     let _ = writeln!(
         s,
-        "kernels: {} on {threads} threads; working set {count} distinct K2 INT4 experts = {:.2} GB",
+        "kernels: {} on {threads} threads; {count} distinct K2 INT4 experts ({:.2} GB) + {:.2} GB each of BF16 and FP8 matrices; best of {repeats} interleaved rounds",
         isa.name(),
-        (count * expert_bytes()) as f64 / 1e9
+        (count * expert_bytes()) as f64 / 1e9,
+        DENSE_SET_BYTES as f64 / 1e9,
     );
-
-    let mut buf = vec![0u8; count * expert_bytes()];
-    fill_random(&mut buf);
-    let bw = read_bandwidth(&buf, opts.repeats);
-    drop(buf);
-    let _ = writeln!(
-        s,
-        "streaming read (reference)          {:>8.2} GB/s",
-        bw / 1e9
-    );
-
-    let experts = make_experts(count)?;
+    let (expert_map, experts) = make_experts(count)?;
+    let (bf16, fp8) = make_dense()?;
+    let default = CpuBackend::new(isa, Activations::Int16);
     let exact = CpuBackend::new(isa, Activations::F32);
     let int8 = CpuBackend::new(isa, Activations::Int8);
-    let scalar = CpuBackend::new(Isa::Scalar, Activations::F32);
-    let fast = expert_stream(&exact, &experts, opts.repeats);
-    let fast8 = expert_stream(&int8, &experts, opts.repeats);
-    // The scalar path is slow: measure it on a slice still well beyond the caches.
-    let slice = &experts[..experts.len().min(8)];
-    let slow = expert_stream(&scalar, slice, 1);
-    let _ = writeln!(s, "INT4 expert decode, f32 activations {:>8.2} GB/s  {:>5.1}% of read bandwidth  {:>6.1}x scalar", fast / 1e9, fast / bw * 100.0, fast / slow);
-    let _ = writeln!(s, "INT4 expert decode, int8 activations{:>8.2} GB/s  {:>5.1}% of read bandwidth  {:>6.1}x scalar", fast8 / 1e9, fast8 / bw * 100.0, fast8 / slow);
+
+    // Decode: the reference read and every kernel in each round, so all figures share the
+    // machine's state.
+    let (mut read, mut k16, mut kf32, mut k8, mut kbf16, mut kfp8) = (
+        Best::new(),
+        Best::new(),
+        Best::new(),
+        Best::new(),
+        Best::new(),
+        Best::new(),
+    );
+    for _ in 0..repeats {
+        read.add(read_once(&expert_map));
+        k16.add(experts_once(&default, &experts));
+        kf32.add(experts_once(&exact, &experts));
+        k8.add(experts_once(&int8, &experts));
+        kbf16.add(matrices_once(&default, &bf16));
+        kfp8.add(matrices_once(&default, &fp8));
+    }
+    // Scalar paths are slow: a slice still far beyond the caches, measured once.
+    let slice = &experts[..experts.len().min(4)];
+    let scalar16 = experts_once(&CpuBackend::new(Isa::Scalar, Activations::Int16), slice);
+    let scalar_f32 = experts_once(&CpuBackend::new(Isa::Scalar, Activations::F32), slice);
+    let scalar8 = experts_once(&CpuBackend::new(Isa::Scalar, Activations::Int8), slice);
+    let scalar_bf16 = matrices_once(
+        &CpuBackend::new(Isa::Scalar, Activations::Int16),
+        &bf16[..4],
+    );
+    let scalar_fp8 = matrices_once(&CpuBackend::new(Isa::Scalar, Activations::Int16), &fp8[..4]);
+    let slice_bytes = (slice.len() * expert_bytes()) as f64;
+    let matrix = (INTER * HIDDEN) as f64;
+
+    let bw = read.rate(expert_map.len() as f64);
     let _ = writeln!(
         s,
-        "INT4 expert decode, scalar          {:>8.2} GB/s",
-        slow / 1e9
+        "\ndecode, one token, weights streamed from DRAM       GB/s   of read   vs scalar"
+    );
+    let _ = writeln!(
+        s,
+        "  streaming read (reference)                     {:>8.2}    100.0%",
+        bw / 1e9
+    );
+    let mut decode_row = |name: &str, fast: f64, scalar: f64| {
+        let _ = writeln!(
+            s,
+            "  {name:<46} {:>8.2}    {:>5.1}%   {:>6.1}x",
+            fast / 1e9,
+            fast / bw * 100.0,
+            fast / scalar
+        );
+    };
+    let expert_total = (experts.len() * expert_bytes()) as f64;
+    decode_row(
+        "INT4 expert, int16 activations (cpu)",
+        k16.rate(expert_total),
+        slice_bytes / scalar16,
+    );
+    decode_row(
+        "INT4 expert, int8 activations (cpu-int8)",
+        k8.rate(expert_total),
+        slice_bytes / scalar8,
+    );
+    decode_row(
+        "INT4 expert, f32 activations (cpu-f32)",
+        kf32.rate(expert_total),
+        slice_bytes / scalar_f32,
+    );
+    decode_row(
+        "BF16 GEMV 2048x7168",
+        kbf16.rate(bf16.len() as f64 * matrix * 2.0),
+        4.0 * matrix * 2.0 / scalar_bf16,
+    );
+    decode_row(
+        "FP8-block GEMV 2048x7168",
+        kfp8.rate(fp8.len() as f64 * matrix),
+        4.0 * matrix / scalar_fp8,
     );
 
-    // Prefill: one gate matrix times T tokens, int8 path; ops = 2 x rows x cols x T.
-    let peak_core = kernels_avx512::stream::vnni_macs_per_s_one_core(20_000_000 / 8);
+    // Prefill: one gate matrix (2048 x 7168) times T tokens; ops = 2 x rows x cols x T.
+    let peak16 = peak_all_threads(kernels_avx512::stream::vnni16_macs_per_s_one_core);
+    let peak8 = peak_all_threads(kernels_avx512::stream::vnni_macs_per_s_one_core);
+    let _ = writeln!(
+        s,
+        "\nprefill GEMM, INT4 2048x7168, all threads            Tops/s  of peak   vs scalar"
+    );
+    if let (Some(p16), Some(p8)) = (peak16, peak8) {
+        let _ = writeln!(
+            s,
+            "  vpdpwssd peak (measured, all threads)          {:>8.3}",
+            p16 / 1e12
+        );
+        let _ = writeln!(
+            s,
+            "  vpdpbusd peak (measured, all threads)          {:>8.3}",
+            p8 / 1e12
+        );
+    }
     let gate = &experts[0].gate;
+    // The scalar reference on 64 rows x 128 tokens, scaled per operation.
+    let scalar_ops = {
+        let x = probe_activations(HIDDEN, 128);
+        let mut y = vec![0.0f32; 128 * 64];
+        let scalar = CpuBackend::new(Isa::Scalar, Activations::Int16);
+        let t = Instant::now();
+        scalar.linear(gate, 0..64, &x, &mut y);
+        2.0 * (64 * HIDDEN * 128) as f64 / t.elapsed().as_secs_f64()
+    };
     for tokens in [128usize, 512, 2048] {
-        let x: Vec<f32> = (0..tokens * HIDDEN)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 48.0)
-            .collect();
+        let x = probe_activations(HIDDEN, tokens);
         let mut y = vec![0.0f32; tokens * INTER];
-        let secs = best_of(opts.repeats.min(2), || {
-            int8.linear(gate, 0..INTER, &x, &mut y)
-        });
-        let ops = 2.0 * (INTER * HIDDEN * tokens) as f64 / secs;
-        match peak_core {
-            Some(p) => {
-                let peak = 2.0 * p * threads as f64;
-                let _ = writeln!(s, "INT4 prefill GEMM, {tokens:>4} tokens       {:>8.2} Tops/s  {:>5.1}% of vpdpbusd peak ({:.2} Tops/s)", ops / 1e12, ops / peak * 100.0, peak / 1e12);
+        let ops = 2.0 * (INTER * HIDDEN * tokens) as f64;
+        for (name, backend, peak) in [
+            ("int16 activations (cpu)", &default, peak16),
+            ("int8 activations (cpu-int8)", &int8, peak8),
+        ] {
+            let mut best = Best::new();
+            for _ in 0..repeats.min(2) {
+                let t = Instant::now();
+                backend.linear(gate, 0..INTER, &x, &mut y);
+                best.add(t.elapsed().as_secs_f64());
             }
-            None => {
-                let _ = writeln!(s, "INT4 prefill GEMM, {tokens:>4} tokens       {:>8.2} Tops/s  (no AVX-512 VNNI peak on this CPU)", ops / 1e12);
-            }
+            let rate = best.rate(ops);
+            let of_peak = peak.map_or("     -".to_string(), |p| {
+                format!("{:>5.1}%", rate / p * 100.0)
+            });
+            let _ = writeln!(
+                s,
+                "  {tokens:>4} tokens, {name:<34} {:>8.3}    {of_peak}   {:>6.1}x",
+                rate / 1e12,
+                rate / scalar_ops
+            );
         }
     }
 
-    // A MoE layer at K2 routing (8 active experts per token) over the working set.
+    // A whole MoE layer at K2 routing over up to 384 distinct experts, through the
+    // backend's MoE operator as the model calls it.
+    let layer = &experts[..experts.len().min(K2_EXPERTS)];
     let mut seed = 12345u64;
-    let mut pick = |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
+    let mut route = |tokens: usize| -> Vec<Vec<(usize, f32)>> {
+        let mut groups = vec![Vec::new(); layer.len()];
+        for t in 0..tokens {
+            let mut chosen = Vec::with_capacity(K2_ACTIVE);
+            while chosen.len() < K2_ACTIVE.min(layer.len()) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let e = (seed % layer.len() as u64) as usize;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                    groups[e].push((t, 1.0 / K2_ACTIVE as f32));
+                }
+            }
+        }
+        groups
     };
-    let decode_routes: Vec<Vec<usize>> = (0..64)
-        .map(|_| (0..8).map(|_| pick(count)).collect())
-        .collect();
-    let x1: Vec<f32> = (0..HIDDEN)
-        .map(|i| ((i * 13 % 89) as f32 - 44.0) / 44.0)
-        .collect();
-    let secs = best_of(1, || {
-        let mut out = vec![0.0f32; HIDDEN];
-        for route in &decode_routes {
-            for &e in route {
-                exact.ffn_accumulate(&experts[e], &x1, &[(0, 0.125)], &mut out);
-            }
-        }
-        std::hint::black_box(&out);
-    });
-    let _ = writeln!(s, "MoE layer decode (8 of {count} experts)   {:>8.1} tokens/s (one token at a time, f32 activations)", decode_routes.len() as f64 / secs);
-    let prefill_tokens = 512;
-    let xs: Vec<f32> = (0..prefill_tokens * HIDDEN)
-        .map(|i| ((i * 7 % 83) as f32 - 41.0) / 41.0)
-        .collect();
-    let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); count];
-    for t in 0..prefill_tokens {
-        for _ in 0..8 {
-            groups[pick(count)].push((t, 0.125));
-        }
-    }
-    let secs = best_of(1, || {
-        let mut out = vec![0.0f32; prefill_tokens * HIDDEN];
-        for (e, tokens) in groups.iter().enumerate() {
-            if !tokens.is_empty() {
-                int8.ffn_accumulate(&experts[e], &xs, tokens, &mut out);
-            }
-        }
-        std::hint::black_box(&out);
-    });
     let _ = writeln!(
         s,
-        "MoE layer prefill, 512 tokens        {:>8.1} tokens/s (int8 activations)",
-        prefill_tokens as f64 / secs
+        "\nMoE layer, {} experts, {K2_ACTIVE} active per token (cpu backend)         tokens/s",
+        layer.len()
+    );
+    let decode_steps: Vec<Vec<Vec<(usize, f32)>>> = (0..32).map(|_| route(1)).collect();
+    let x1 = probe_activations(HIDDEN, 1);
+    let mut best = Best::new();
+    for _ in 0..repeats.min(2) {
+        let t = Instant::now();
+        for groups in &decode_steps {
+            let work: Vec<(&FfnWeights, &[(usize, f32)])> = layer
+                .iter()
+                .zip(groups)
+                .filter(|(_, g)| !g.is_empty())
+                .map(|(e, g)| (e, g.as_slice()))
+                .collect();
+            let mut out = vec![0.0f32; HIDDEN];
+            default.moe_accumulate(&work, &x1, &mut out);
+            std::hint::black_box(&out);
+        }
+        best.add(t.elapsed().as_secs_f64());
+    }
+    let decode_rate = best.rate(decode_steps.len() as f64);
+    let _ = writeln!(
+        s,
+        "  decode, one token per step                              {:>8.1}   ({:.2} GB/s of expert weights, {:.1}% of read)",
+        decode_rate,
+        decode_rate * (K2_ACTIVE * expert_bytes()) as f64 / 1e9,
+        decode_rate * (K2_ACTIVE * expert_bytes()) as f64 / bw * 100.0
+    );
+    let prefill_tokens = 512;
+    let groups = route(prefill_tokens);
+    let xs = probe_activations(HIDDEN, prefill_tokens);
+    let work: Vec<(&FfnWeights, &[(usize, f32)])> = layer
+        .iter()
+        .zip(&groups)
+        .filter(|(_, g)| !g.is_empty())
+        .map(|(e, g)| (e, g.as_slice()))
+        .collect();
+    let mut best = Best::new();
+    for _ in 0..repeats.min(2) {
+        let t = Instant::now();
+        let mut out = vec![0.0f32; prefill_tokens * HIDDEN];
+        default.moe_accumulate(&work, &xs, &mut out);
+        std::hint::black_box(&out);
+        best.add(t.elapsed().as_secs_f64());
+    }
+    let _ = writeln!(
+        s,
+        "  prefill, {prefill_tokens} tokens                                      {:>8.1}",
+        best.rate(prefill_tokens as f64)
     );
     Ok(s)
 }

@@ -103,9 +103,10 @@ enum Command {
 struct BenchArgs {
     /// What to benchmark: `kernels`, or nothing for the engine benchmark.
     what: Option<String>,
-    /// kernels: working set of distinct experts, GB (at least 2 so weights come from DRAM).
-    #[arg(long, default_value_t = 2.0)]
-    working_set_gb: f64,
+    /// kernels: working set of distinct experts, GB (at least 2 so weights come from DRAM;
+    /// default: a whole 384-expert K2 layer, 9.5 GB, where memory allows, else 2).
+    #[arg(long)]
+    working_set_gb: Option<f64>,
     /// kernels: repetitions per measurement.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -255,8 +256,9 @@ struct RunArgs {
     /// Print one JSON object with `generated_ids`.
     #[arg(long)]
     json: bool,
-    /// Compute backend: cpu (fast kernels, exact), cpu-int8 (int8 activations for INT4
-    /// weights), reference (scalar); cpu/cpu-int8 take :scalar, :avx2 or :avx512-vnni.
+    /// Compute backend: cpu (fast kernels; int16 activations for INT4 weights, within
+    /// rounding of the reference), cpu-f32 (f32 activations), cpu-int8 (int8 activations,
+    /// approximate), reference (scalar); cpu* take :scalar, :avx2 or :avx512-vnni.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Place experts for a hardware profile (see `plan`); GPU profiles need a GPU.
@@ -309,11 +311,13 @@ fn main() -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     match args.what.as_deref() {
         Some("kernels") => {
-            if !(args.working_set_gb > 0.0 && args.working_set_gb < 1024.0) {
-                bail!("--working-set-gb must be between 0 and 1024");
+            if let Some(gb) = args.working_set_gb {
+                if !(gb > 0.0 && gb < 1024.0) {
+                    bail!("--working-set-gb must be between 0 and 1024");
+                }
             }
             let opts = kimi_hybrid::bench::KernelBenchOptions {
-                working_set_bytes: (args.working_set_gb * 1e9) as usize,
+                working_set_bytes: args.working_set_gb.map(|gb| (gb * 1e9) as usize),
                 repeats: args.repeats,
             };
             print!("{}", kimi_hybrid::bench::kernels(&opts)?);

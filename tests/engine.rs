@@ -21,9 +21,20 @@ fn load(name: &str) -> Model {
     Model::load(&Checkpoint::open(&fixture(name)).expect("fixture opens")).expect("model loads")
 }
 
+/// On the exact f32 backend a batch computes bit for bit what each sequence computes alone
+/// (1e-5 allows nothing but reassociation). On the default `cpu` backend a larger batch can
+/// take the tiled GEMM where a lone sequence takes the row kernels: the same integers,
+/// summed in another order, and a last-bit difference can round an int16 activation of
+/// the next layer the other way, so it is held to the transformers bound (2e-3).
 #[test]
 fn batched_forward_equals_each_sequence_alone() {
-    let backend = by_name("cpu").expect("cpu backend");
+    for (backend_name, bound) in [("cpu-f32", 1e-5f32), ("cpu", 2e-3)] {
+        batched_equals_alone(backend_name, bound);
+    }
+}
+
+fn batched_equals_alone(backend_name: &str, bound: f32) {
+    let backend = by_name(backend_name).expect("backend");
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
@@ -123,8 +134,11 @@ fn batched_forward_equals_each_sequence_alone() {
             max_abs_diff(&got(&decode[1]), &b_decode),
         ];
         assert_eq!(a_prefill.len(), vocab);
-        println!("{name}: batched vs alone max abs diff {diffs:?}");
-        assert!(diffs.iter().all(|&d| d <= 1e-5), "{name}: {diffs:?}");
+        println!("{name} [{backend_name}]: batched vs alone max abs diff {diffs:?}");
+        assert!(
+            diffs.iter().all(|&d| d <= bound),
+            "{name} [{backend_name}]: {diffs:?}"
+        );
     }
 }
 

@@ -12,13 +12,40 @@ use kimi_hybrid::weights::Checkpoint;
 
 const FORM_TOLERANCE: f32 = 1e-4;
 
-/// Every exact backend (f32 activations), each forced ISA path this CPU can run included;
-/// all are held to the reference's 2e-3 against transformers.
-fn backends() -> Vec<(String, Box<dyn Backend>, f32)> {
-    let mut out = vec![("reference".to_string(), by_name("reference").unwrap(), 2e-3)];
-    for name in ["cpu", "cpu:scalar", "cpu:avx2", "cpu:avx512-vnni"] {
-        if let Ok(b) = by_name(name) {
-            out.push((name.to_string(), b, 2e-3));
+/// A backend under test and its bounds.
+struct Case {
+    name: String,
+    backend: Box<dyn Backend>,
+    /// Max abs logits difference against transformers.
+    tolerance: f32,
+    /// Max abs logits difference between attention forms and prefill/decode splits.
+    form_tolerance: f32,
+}
+
+/// Every exact backend (f32 or int16 activations), each forced ISA path this CPU can run
+/// included; all are held to the reference's 2e-3 against transformers. The f32 paths
+/// compute the same numbers whichever way the prompt is fed (1e-4). Int16 activation
+/// quantization is a step function: f32 rounding differences between forms can move an
+/// activation across a rounding boundary (one step is 3e-5 of its block's absmax), so
+/// those paths are held to the transformers bound there too.
+fn backends() -> Vec<Case> {
+    let mut out = vec![Case {
+        name: "reference".to_string(),
+        backend: by_name("reference").unwrap(),
+        tolerance: 2e-3,
+        form_tolerance: FORM_TOLERANCE,
+    }];
+    for (family, form_tolerance) in [("cpu", 2e-3), ("cpu-f32", FORM_TOLERANCE)] {
+        for path in ["", ":scalar", ":avx2", ":avx512-vnni"] {
+            let name = format!("{family}{path}");
+            if let Ok(backend) = by_name(&name) {
+                out.push(Case {
+                    name,
+                    backend,
+                    tolerance: 2e-3,
+                    form_tolerance,
+                });
+            }
         }
     }
     out
@@ -100,7 +127,13 @@ fn prefill_logits_match_transformers() {
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
-        for (backend_name, backend, tolerance) in backends() {
+        for Case {
+            name: backend_name,
+            backend,
+            tolerance,
+            ..
+        } in backends()
+        {
             let logits = logits_in_chunks(
                 &model,
                 backend.as_ref(),
@@ -125,7 +158,12 @@ fn greedy_continuations_match_transformers() {
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
-        for (backend_name, backend, _) in backends() {
+        for Case {
+            name: backend_name,
+            backend,
+            ..
+        } in backends()
+        {
             let request = GenerateRequest {
                 prompt: &g.prompt_ids,
                 max_new_tokens: g.greedy_ids.len(),
@@ -147,7 +185,13 @@ fn incremental_decode_equals_full_prefill() {
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
-        for (backend_name, backend, _) in backends() {
+        for Case {
+            name: backend_name,
+            backend,
+            form_tolerance,
+            ..
+        } in backends()
+        {
             let b = backend.as_ref();
             let full = logits_in_chunks(
                 &model,
@@ -162,11 +206,11 @@ fn incremental_decode_equals_full_prefill() {
             let d2 = max_abs_diff(&full, &chunked);
             println!("{name} [{backend_name}]: decode vs prefill {d1:.3e}, chunked prefill vs prefill {d2:.3e}");
             assert!(
-                d1 <= FORM_TOLERANCE,
+                d1 <= form_tolerance,
                 "{name} [{backend_name}]: incremental decode differs by {d1}"
             );
             assert!(
-                d2 <= FORM_TOLERANCE,
+                d2 <= form_tolerance,
                 "{name} [{backend_name}]: chunked prefill differs by {d2}"
             );
         }
@@ -234,7 +278,7 @@ fn experts_on_numa_node_pools_give_the_same_logits() {
         memory_bytes: 2 << 30,
     };
     let pools = std::sync::Arc::new(CpuPools::new(&topology).unwrap());
-    let backend = CpuBackend::with_pools(kernels_avx512::Isa::detect(), Activations::F32, pools);
+    let backend = CpuBackend::with_pools(kernels_avx512::Isa::detect(), Activations::Int16, pools);
     let profile = Profile::resolve("cpu-only").unwrap();
     for name in ["kimi-int4", "deepseek-groups"] {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
@@ -291,7 +335,7 @@ fn many_token_moe_runs_experts_concurrently_with_the_same_results() {
     };
     let single = CpuBackend::with_pools(
         kernels_avx512::Isa::detect(),
-        Activations::F32,
+        Activations::Int16,
         std::sync::Arc::new(CpuPools::new(&one_thread).unwrap()),
     );
     let shared = by_name("cpu").unwrap();
@@ -318,6 +362,6 @@ fn many_token_moe_runs_experts_concurrently_with_the_same_results() {
         );
         assert_eq!(a, b, "{name}: thread count changes nothing");
         let d = max_abs_diff(&a, &r);
-        assert!(d <= 1e-4, "{name}: concurrent experts vs reference {d}");
+        assert!(d <= 2e-3, "{name}: concurrent experts vs reference {d}");
     }
 }

@@ -43,7 +43,7 @@ impl Q8Activations {
             let scale = absmax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             for (j, &v) in block.iter().enumerate() {
-                let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                let q = crate::round_to_i32(v * inv).clamp(-127, 127) as i8;
                 let p = b * 16 + j / 2;
                 if j % 2 == 0 {
                     even[p] = q;
@@ -146,16 +146,43 @@ mod avx512 {
     use super::{dot_lanes_portable, Q8Activations};
     use std::arch::x86_64::*;
 
-    /// 64 packed bytes (128 values, 4 blocks, 16 lanes) per step.
+    /// One copy of the loop per token count, accumulators in registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_row(packed: &[u8], scales: &[u8], xs: &[&Q8Activations], out: &mut [f32]) {
+        match xs.len() {
+            1 => dot_row_n::<1>(packed, scales, xs, out),
+            2 => dot_row_n::<2>(packed, scales, xs, out),
+            3 => dot_row_n::<3>(packed, scales, xs, out),
+            4 => dot_row_n::<4>(packed, scales, xs, out),
+            5 => dot_row_n::<5>(packed, scales, xs, out),
+            6 => dot_row_n::<6>(packed, scales, xs, out),
+            7 => dot_row_n::<7>(packed, scales, xs, out),
+            _ => dot_row_n::<8>(packed, scales, xs, out),
+        }
+    }
+
+    /// 64 packed bytes (128 values, 4 blocks, 16 lanes) per step, `N` tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot_row_n<const N: usize>(
+        packed: &[u8],
+        scales: &[u8],
+        xs: &[&Q8Activations],
+        out: &mut [f32],
+    ) {
+        let xs: [&Q8Activations; N] = std::array::from_fn(|t| xs[t]);
         let bytes = packed.len();
         let steps = bytes / 64;
         let nibble = _mm512_set1_epi8(0x0f);
         // Lane i of a step belongs to block i / 4.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut acc = [_mm512_setzero_ps(); N];
         for s in 0..steps {
+            _mm_prefetch::<_MM_HINT_T0>(
+                packed
+                    .as_ptr()
+                    .wrapping_add(s * 64 + crate::int4_i16::PREFETCH_BYTES)
+                    as *const i8,
+            );
             let w = _mm512_loadu_si512(packed.as_ptr().add(s * 64) as *const _);
             let lo = _mm512_and_si512(w, nibble);
             let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
@@ -166,8 +193,8 @@ mod avx512 {
             for (t, x) in xs.iter().enumerate() {
                 let xe = _mm512_loadu_si512(x.even.as_ptr().add(s * 64) as *const _);
                 let xo = _mm512_loadu_si512(x.odd.as_ptr().add(s * 64) as *const _);
-                let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe);
-                dot = _mm512_dpbusd_epi32(dot, hi, xo);
+                let mut dot = crate::vnni::dpbusd(_mm512_setzero_si512(), lo, xe);
+                dot = crate::vnni::dpbusd(dot, hi, xo);
                 dot = _mm512_sub_epi32(
                     dot,
                     _mm512_loadu_si512(x.lane_offset.as_ptr().add(s * 16) as *const _),
@@ -194,6 +221,14 @@ mod avx512 {
         );
         let mut acc = [_mm512_setzero_ps(); 8];
         for b in 0..blocks {
+            if b % 4 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    packed
+                        .as_ptr()
+                        .wrapping_add(b * 16 + crate::int4_i16::PREFETCH_BYTES)
+                        as *const i8,
+                );
+            }
             let w = _mm_loadu_si128(packed.as_ptr().add(b * 16) as *const _);
             let lo = _mm_and_si128(w, nibble);
             let hi = _mm_and_si128(_mm_srli_epi16(w, 4), nibble);

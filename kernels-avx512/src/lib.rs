@@ -8,7 +8,10 @@
 pub mod bf16;
 pub mod f32ops;
 pub mod formats;
+pub mod fp8;
 pub mod int4;
+pub mod int4_gemm;
+pub mod int4_i16;
 pub mod scalar;
 pub mod stream;
 
@@ -19,9 +22,9 @@ pub use formats::{bf16_to_f32, f16_to_f32, fp8_e4m3_to_f32};
 pub enum Isa {
     /// Portable code (the integer reference for INT4, plain loops for BF16).
     Scalar,
-    /// AVX2 + FMA.
+    /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F/BW with VNNI (`vpdpbusd`).
+    /// AVX-512 F/BW/VL with VNNI (`vpdpbusd`, `vpdpwssd`).
     Avx512Vnni,
 }
 
@@ -41,11 +44,16 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -63,6 +71,50 @@ impl Isa {
 
     pub fn from_name(name: &str) -> Option<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+}
+
+/// `vpdpwssd` and `vpdpbusd` pinned to those instructions. LLVM may rewrite the
+/// intrinsics as `vpmaddwd`/`vpmaddubsw` + `vpaddd` (two instructions where the hardware
+/// has one), which halves the multiply-accumulate rate of the GEMM; inline assembly keeps
+/// the instruction the kernels are written for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni {
+    use std::arch::asm;
+    use std::arch::x86_64::__m512i;
+
+    /// Per 32-bit lane: `acc + a.lo16 * b.lo16 + a.hi16 * b.hi16` (signed).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        let mut acc = acc;
+        asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b, options(pure, nomem, nostack, preserves_flags));
+        acc
+    }
+
+    /// Per 32-bit lane: `acc + sum of 4 (unsigned byte of a) * (signed byte of b)`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn dpbusd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        let mut acc = acc;
+        asm!("vpdpbusd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b, options(pure, nomem, nostack, preserves_flags));
+        acc
+    }
+}
+
+/// `v` rounded to the nearest integer, ties to even. One conversion instruction on x86_64
+/// (SSE2, under the default rounding mode) where `f32::round` is a library call, which
+/// dominated quantizing prefill activations.
+#[inline(always)]
+pub(crate) fn round_to_i32(v: f32) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: SSE2 is part of the x86_64 baseline.
+        unsafe { std::arch::x86_64::_mm_cvtss_si32(std::arch::x86_64::_mm_set_ss(v)) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        v.round_ties_even() as i32
     }
 }
 

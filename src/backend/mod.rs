@@ -204,9 +204,11 @@ pub fn ffn_accumulate_with(
 }
 
 /// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on
-/// the best ISA of this CPU, f32 activations: the reference's numbers) or `cpu-int8`
-/// (INT4 weights against int8-quantized activations: faster, approximate). `:scalar`,
-/// `:avx2` or `:avx512-vnni` after `cpu`/`cpu-int8` forces a kernel path.
+/// the best ISA of this CPU; INT4 weights against int16-quantized activations, within
+/// rounding of the reference), `cpu-f32` (INT4 dequantized to f32 in registers: the
+/// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
+/// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
+/// path.
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
@@ -215,9 +217,10 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
         .split_once(':')
         .map_or((name, None), |(f, i)| (f, Some(i)));
     let activations = match family {
-        "cpu" => Activations::F32,
+        "cpu" => Activations::Int16,
+        "cpu-f32" => Activations::F32,
         "cpu-int8" => Activations::Int8,
-        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni)")),
+        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu, cpu-f32 or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni)")),
     };
     let isa = match isa {
         None => kernels_avx512::Isa::detect(),
