@@ -10,6 +10,7 @@
 //! lane) removes the +8 offset; each lane then gets its block's weight scale times the
 //! activation block scale.
 
+use crate::aligned::AlignedVec;
 use crate::formats::bf16_to_f32;
 use crate::Isa;
 
@@ -18,12 +19,12 @@ use crate::Isa;
 pub struct Q8Activations {
     pub cols: usize,
     /// `even[p] = q(x[2p])`, `odd[p] = q(x[2p+1])`, p < cols/2.
-    pub even: Vec<i8>,
-    pub odd: Vec<i8>,
+    pub even: AlignedVec<i8>,
+    pub odd: AlignedVec<i8>,
     /// Per lane of 8 values (4 bytes of each half): 8 * sum of their quantized values.
-    pub lane_offset: Vec<i32>,
+    pub lane_offset: AlignedVec<i32>,
     /// Per lane of 8 values: the activation scale of the lane's 32-block.
-    pub lane_scale: Vec<f32>,
+    pub lane_scale: AlignedVec<f32>,
 }
 
 impl Q8Activations {
@@ -34,10 +35,10 @@ impl Q8Activations {
             cols.is_multiple_of(32),
             "INT4 kernels need a multiple of 32 columns"
         );
-        let mut even = vec![0i8; cols / 2];
-        let mut odd = vec![0i8; cols / 2];
-        let mut lane_offset = vec![0i32; cols / 8];
-        let mut lane_scale = vec![0f32; cols / 8];
+        let mut even = AlignedVec::<i8>::zeroed(cols / 2);
+        let mut odd = AlignedVec::<i8>::zeroed(cols / 2);
+        let mut lane_offset = AlignedVec::<i32>::zeroed(cols / 8);
+        let mut lane_scale = AlignedVec::<f32>::zeroed(cols / 8);
         for (b, block) in x.chunks_exact(32).enumerate() {
             let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = absmax / 127.0;

@@ -13,6 +13,7 @@
 //! The panel is the only repacked copy of weights: 32 rows at a time, per worker, reused
 //! across every token and discarded after.
 
+use crate::aligned::AlignedVec;
 use crate::int4_i16::QMAX;
 
 /// Rows per panel: two 16-lane vectors.
@@ -32,7 +33,7 @@ pub struct Q16Tokens {
     pub padded_tokens: usize,
     pub tokens: usize,
     /// `[padded_tokens][cols]`.
-    pub values: Vec<i16>,
+    pub values: AlignedVec<i16>,
     /// `[padded_tokens][cols / 32]`.
     pub scales: Vec<f32>,
 }
@@ -64,7 +65,7 @@ impl Q16Tokens {
             cols,
             padded_tokens,
             tokens,
-            values: vec![0; padded_tokens * cols],
+            values: AlignedVec::zeroed(padded_tokens * cols),
             scales: vec![0.0; padded_tokens * cols / 32],
         }
     }
@@ -89,19 +90,40 @@ pub fn quantize_token(x: &[f32], values: &mut [i16], scales: &mut [f32]) {
     }
 }
 
+/// One 64-byte-aligned vector of 16 lanes: panel loads never straddle cache lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(64))]
+struct Line([i32; 16]);
+
 /// A panel of [`PANEL_ROWS`] unpacked weight rows.
 pub struct Panel {
     /// `[block][pair 0..16][row 0..32]`: lane = `(q[2p] - 8) | (q[2p + 1] - 8) << 16`.
-    words: Vec<i32>,
+    words: Vec<Line>,
     /// `[block][row 0..32]` f32 weight scales.
     scales: Vec<f32>,
 }
 
 impl Panel {
+    fn word(&self, i: usize) -> i32 {
+        self.words[i / 16].0[i % 16]
+    }
+
+    fn word_mut(&mut self, i: usize) -> &mut i32 {
+        &mut self.words[i / 16].0[i % 16]
+    }
+
+    fn words_ptr(&self) -> *const i32 {
+        self.words.as_ptr() as *const i32
+    }
+
+    fn words_mut_ptr(&mut self) -> *mut i32 {
+        self.words.as_mut_ptr() as *mut i32
+    }
+
     pub fn new(cols: usize) -> Self {
         let blocks = cols / 32;
         Panel {
-            words: vec![0; blocks * 16 * PANEL_ROWS],
+            words: vec![Line([0; 16]); blocks * 16 * PANEL_ROWS / 16],
             scales: vec![0.0; blocks * PANEL_ROWS],
         }
     }
@@ -131,7 +153,7 @@ impl Panel {
                 for b in 0..blocks {
                     self.scales[b * PANEL_ROWS + r] = 0.0;
                     for p in 0..16 {
-                        self.words[(b * 16 + p) * PANEL_ROWS + r] = 0;
+                        *self.word_mut((b * 16 + p) * PANEL_ROWS + r) = 0;
                     }
                 }
                 continue;
@@ -146,7 +168,7 @@ impl Panel {
                     let byte = bytes[b * 16 + p];
                     let lo = (byte & 0x0f) as i32 - 8;
                     let hi = (byte >> 4) as i32 - 8;
-                    self.words[(b * 16 + p) * PANEL_ROWS + r] = (lo & 0xffff) | (hi << 16);
+                    *self.word_mut((b * 16 + p) * PANEL_ROWS + r) = (lo & 0xffff) | (hi << 16);
                 }
             }
         }
@@ -174,7 +196,7 @@ fn portable(panel: &Panel, x: &Q16Tokens, out: &mut [f32]) {
             for b in 0..blocks {
                 let mut acc = 0i32;
                 for p in 0..16 {
-                    let lane = panel.words[(b * 16 + p) * PANEL_ROWS + r];
+                    let lane = panel.word((b * 16 + p) * PANEL_ROWS + r);
                     let (lo, hi) = (lane as i16 as i32, lane >> 16);
                     acc += lo * xt[b * 32 + 2 * p] as i32 + hi * xt[b * 32 + 2 * p + 1] as i32;
                 }
@@ -230,10 +252,9 @@ mod avx512 {
                 let pairs = transpose16(rows);
                 for (p, v) in pairs.iter().enumerate() {
                     let at = panel
-                        .words
-                        .as_mut_ptr()
+                        .words_mut_ptr()
                         .add((b * 16 + p) * PANEL_ROWS + 16 * half);
-                    _mm512_storeu_si512(at as *mut _, *v);
+                    _mm512_store_si512(at as *mut _, *v);
                 }
             }
         }
@@ -307,19 +328,19 @@ mod avx512 {
         to: usize,
         sum: *mut f32,
     ) {
-        let mut out0 = [_mm512_setzero_ps(); TOKEN_TILE];
-        let mut out1 = [_mm512_setzero_ps(); TOKEN_TILE];
-        for t in 0..TOKEN_TILE {
-            out0[t] = _mm512_loadu_ps(sum.add(t * PANEL_ROWS));
-            out1[t] = _mm512_loadu_ps(sum.add(t * PANEL_ROWS + 16));
+        const RV: usize = PANEL_ROWS / 16;
+        let mut out = [[_mm512_setzero_ps(); TOKEN_TILE]; RV];
+        for (r, out_r) in out.iter_mut().enumerate() {
+            for (t, o) in out_r.iter_mut().enumerate() {
+                *o = _mm512_loadu_ps(sum.add(t * PANEL_ROWS + 16 * r));
+            }
         }
         let cols = x.cols;
         let blocks = cols / 32;
         let xv = x.values.as_ptr().add(t0 * cols) as *const u8;
         for b in from..to {
-            let mut acc0 = [_mm512_setzero_si512(); TOKEN_TILE];
-            let mut acc1 = [_mm512_setzero_si512(); TOKEN_TILE];
-            let words = panel.words.as_ptr().add(b * 16 * PANEL_ROWS);
+            let mut acc = [[_mm512_setzero_si512(); TOKEN_TILE]; RV];
+            let words = panel.words_ptr().add(b * 16 * PANEL_ROWS);
             // Block b of each token, as i32 pairs of values.
             let xt: [*const i32; TOKEN_TILE] =
                 std::array::from_fn(|t| xv.add(2 * (t * cols + b * 32)) as *const i32);
@@ -328,13 +349,15 @@ mod avx512 {
             macro_rules! pair_step {
                 ($p:expr) => {{
                     let p = $p;
-                    let w0 = _mm512_loadu_si512(words.add(p * PANEL_ROWS) as *const _);
-                    let w1 = _mm512_loadu_si512(words.add(p * PANEL_ROWS + 16) as *const _);
+                    let w: [__m512i; RV] = std::array::from_fn(|r| {
+                        _mm512_load_si512(words.add(p * PANEL_ROWS + 16 * r) as *const _)
+                    });
                     for t in 0..TOKEN_TILE {
                         // Values 2p and 2p + 1 of the block, broadcast.
                         let xb = _mm512_set1_epi32(xt[t].add(p).read_unaligned());
-                        acc0[t] = dpwssd(acc0[t], w0, xb);
-                        acc1[t] = dpwssd(acc1[t], w1, xb);
+                        for r in 0..RV {
+                            acc[r][t] = dpwssd(acc[r][t], w[r], xb);
+                        }
                     }
                 }};
             }
@@ -346,20 +369,23 @@ mod avx512 {
                 pair_step!(p + 2);
                 pair_step!(p + 3);
             }
-            let ws0 = _mm512_loadu_ps(panel.scales.as_ptr().add(b * PANEL_ROWS));
-            let ws1 = _mm512_loadu_ps(panel.scales.as_ptr().add(b * PANEL_ROWS + 16));
             let xs = x.scales.as_ptr().add(t0 * blocks + b);
-            for t in 0..TOKEN_TILE {
-                let s = _mm512_set1_ps(*xs.add(t * blocks));
-                out0[t] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc0[t]), _mm512_mul_ps(ws0, s), out0[t]);
-                out1[t] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc1[t]), _mm512_mul_ps(ws1, s), out1[t]);
+            for r in 0..RV {
+                let ws = _mm512_loadu_ps(panel.scales.as_ptr().add(b * PANEL_ROWS + 16 * r));
+                for t in 0..TOKEN_TILE {
+                    let s = _mm512_set1_ps(*xs.add(t * blocks));
+                    out[r][t] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(acc[r][t]),
+                        _mm512_mul_ps(ws, s),
+                        out[r][t],
+                    );
+                }
             }
         }
-        for t in 0..TOKEN_TILE {
-            _mm512_storeu_ps(sum.add(t * PANEL_ROWS), out0[t]);
-            _mm512_storeu_ps(sum.add(t * PANEL_ROWS + 16), out1[t]);
+        for (r, out_r) in out.iter().enumerate() {
+            for (t, o) in out_r.iter().enumerate() {
+                _mm512_storeu_ps(sum.add(t * PANEL_ROWS + 16 * r), *o);
+            }
         }
     }
 }
@@ -386,7 +412,7 @@ mod tests {
             .collect();
         for (first, count) in [(0, 32), (32, 8)] {
             let (mut a, mut b) = (Panel::new(cols), Panel::new(cols));
-            a.words.fill(7);
+            a.words.fill(Line([7; 16]));
             a.fill(&packed, &scales, cols, first, count);
             b.fill_portable(&packed, &scales, cols, first, count);
             assert_eq!(a.words, b.words);

@@ -13,6 +13,7 @@
 //! and high sums; `low + (high << 7)` is the exact integer dot product of every 8 values.
 //! The +8 nibble offset is removed by starting each lane at `-8 * sum(q)` of its 8 values.
 
+use crate::aligned::AlignedVec;
 use crate::formats::bf16_to_f32;
 use crate::Isa;
 
@@ -24,15 +25,15 @@ pub const QMAX: i32 = 16383;
 pub struct Q16Activations {
     pub cols: usize,
     /// Low halves (0..127): `even_low[p]` of value 2p, `odd_low[p]` of value 2p+1.
-    pub even_low: Vec<i8>,
-    pub odd_low: Vec<i8>,
+    pub even_low: AlignedVec<i8>,
+    pub odd_low: AlignedVec<i8>,
     /// High halves (-128..127), same order.
-    pub even_high: Vec<i8>,
-    pub odd_high: Vec<i8>,
+    pub even_high: AlignedVec<i8>,
+    pub odd_high: AlignedVec<i8>,
     /// Per 8-value lane: `-8 * sum` of its quantized values.
-    pub lane_start: Vec<i32>,
+    pub lane_start: AlignedVec<i32>,
     /// Per 8-value lane: the scale of its 32-value block.
-    pub lane_scale: Vec<f32>,
+    pub lane_scale: AlignedVec<f32>,
 }
 
 impl Q16Activations {
@@ -46,12 +47,12 @@ impl Q16Activations {
         let half = cols / 2;
         let mut q = Q16Activations {
             cols,
-            even_low: vec![0; half],
-            odd_low: vec![0; half],
-            even_high: vec![0; half],
-            odd_high: vec![0; half],
-            lane_start: vec![0; cols / 8],
-            lane_scale: vec![0.0; cols / 8],
+            even_low: AlignedVec::zeroed(half),
+            odd_low: AlignedVec::zeroed(half),
+            even_high: AlignedVec::zeroed(half),
+            odd_high: AlignedVec::zeroed(half),
+            lane_start: AlignedVec::zeroed(cols / 8),
+            lane_scale: AlignedVec::zeroed(cols / 8),
         };
         for (b, block) in x.chunks_exact(32).enumerate() {
             let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -146,7 +147,7 @@ pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{dot_lanes_portable, Q16Activations, PREFETCH_BYTES};
+    use super::{dot_lanes_portable, AlignedVec, Q16Activations, PREFETCH_BYTES};
     use crate::vnni::dpbusd;
     use std::arch::x86_64::*;
 
@@ -223,7 +224,8 @@ mod avx512 {
                 let lo = _mm512_and_si512(w, nibble);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
                 for (t, x) in xs.iter().enumerate() {
-                    let at = |v: &Vec<i8>| _mm512_loadu_si512(v.as_ptr().add(s * 64) as *const _);
+                    let at =
+                        |v: &AlignedVec<i8>| _mm512_loadu_si512(v.as_ptr().add(s * 64) as *const _);
                     let start = _mm512_loadu_si512(x.lane_start.as_ptr().add(s * 16) as *const _);
                     let low = dpbusd(dpbusd(start, lo, at(&x.even_low)), hi, at(&x.odd_low));
                     let high = dpbusd(
@@ -248,7 +250,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{dot_lanes_portable, Q16Activations, PREFETCH_BYTES};
+    use super::{dot_lanes_portable, AlignedVec, Q16Activations, PREFETCH_BYTES};
     use std::arch::x86_64::*;
 
     /// 32 packed bytes (64 values, 2 blocks, 8 lanes) per step.
@@ -276,7 +278,8 @@ mod avx2 {
             let ws2 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
             let ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(ws2), spread);
             for (t, x) in xs.iter().enumerate() {
-                let at = |v: &Vec<i8>| _mm256_loadu_si256(v.as_ptr().add(s * 32) as *const _);
+                let at =
+                    |v: &AlignedVec<i8>| _mm256_loadu_si256(v.as_ptr().add(s * 32) as *const _);
                 // Nibble x 7-bit products summed in pairs fit in i16 (2 * 15 * 128).
                 let low = _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo, at(&x.even_low)),

@@ -5,6 +5,7 @@
 //! are tested against them, and are chosen at run time by CPUID (`Isa::detect`), never by
 //! `target-cpu=native`; tests and benches force each path by name.
 
+pub mod aligned;
 pub mod bf16;
 pub mod f32ops;
 pub mod formats;
