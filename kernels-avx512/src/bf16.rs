@@ -39,12 +39,7 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); 8];
         for s in 0..steps {
             if s % 2 == 0 {
-                // A hint only: it may point past the row (into the next one).
-                _mm_prefetch::<_MM_HINT_T0>(
-                    row.as_ptr()
-                        .wrapping_add(s * 32 + crate::int4_i16::PREFETCH_BYTES)
-                        as *const i8,
-                );
+                crate::prefetch_stream(row.as_ptr().wrapping_add(s * 32));
             }
             let raw = _mm256_loadu_si256(row.as_ptr().add(s * 32) as *const _);
             let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));

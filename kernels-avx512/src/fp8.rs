@@ -70,18 +70,22 @@ fn portable(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::block_scale;
-    use crate::int4_i16::PREFETCH_BYTES;
     use std::arch::x86_64::*;
 
-    /// 16 E4M3 bytes -> 16 f32 equal to the FP8 values times 2^-8.
+    /// 32 E4M3 bytes -> 32 f32 (two vectors) equal to the FP8 values times 2^-8.
     #[inline(always)]
-    unsafe fn widen(bytes: *const u8) -> __m512 {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes as *const _));
-        let sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
-        let magnitude = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7);
-        _mm512_cvtph_ps(_mm256_or_si256(sign, magnitude))
+    unsafe fn widen32(bytes: *const u8) -> (__m512, __m512) {
+        let b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes as *const _));
+        let sign = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8);
+        let magnitude = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x7f)), 7);
+        let half = _mm512_or_si512(sign, magnitude);
+        (
+            _mm512_cvtph_ps(_mm512_castsi512_si256(half)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(half)),
+        )
     }
 
+    /// One copy of the loop per token count, accumulators in registers.
     #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
     pub unsafe fn dot_row(
         row: &[u8],
@@ -90,36 +94,74 @@ mod avx512 {
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
+        match xs.len() {
+            1 => dot_row_n::<1>(row, scale_inv_row, block_cols, xs, out),
+            2 => dot_row_n::<2>(row, scale_inv_row, block_cols, xs, out),
+            3 => dot_row_n::<3>(row, scale_inv_row, block_cols, xs, out),
+            4 => dot_row_n::<4>(row, scale_inv_row, block_cols, xs, out),
+            5 => dot_row_n::<5>(row, scale_inv_row, block_cols, xs, out),
+            6 => dot_row_n::<6>(row, scale_inv_row, block_cols, xs, out),
+            7 => dot_row_n::<7>(row, scale_inv_row, block_cols, xs, out),
+            _ => dot_row_n::<8>(row, scale_inv_row, block_cols, xs, out),
+        }
+    }
+
+    /// Whole 32-value steps inside each scale block, then 16-value steps, per block.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    unsafe fn dot_row_n<const N: usize>(
+        row: &[u8],
+        scale_inv_row: &[u8],
+        block_cols: usize,
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let xs: [&[f32]; N] = std::array::from_fn(|t| xs[t]);
         let cols = row.len();
         let whole = cols / 16 * 16;
-        let mut total = [_mm512_setzero_ps(); 8];
+        let mut total = [_mm512_setzero_ps(); N];
         let mut start = 0;
         while start < whole {
             let end = (start + block_cols).min(whole);
-            let mut block = [_mm512_setzero_ps(); 8];
+            let mut block = [_mm512_setzero_ps(); N];
             let mut k = start;
-            while k < end {
+            while k + 32 <= end {
                 if k % 64 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        row.as_ptr().wrapping_add(k + PREFETCH_BYTES) as *const i8
-                    );
+                    crate::prefetch_stream(row.as_ptr().wrapping_add(k));
                 }
-                let w = widen(row.as_ptr().add(k));
+                let (w0, w1) = widen32(row.as_ptr().add(k));
                 for (t, x) in xs.iter().enumerate() {
-                    block[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(k)), block[t]);
+                    block[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(k)), block[t]);
+                    block[t] =
+                        _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.as_ptr().add(k + 16)), block[t]);
                 }
-                k += 16;
+                k += 32;
+            }
+            if k < end {
+                // One 16-value step left in this block.
+                let w0 = widen16(row.as_ptr().add(k));
+                for (t, x) in xs.iter().enumerate() {
+                    block[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(k)), block[t]);
+                }
             }
             let scale = _mm512_set1_ps(block_scale(scale_inv_row, start / block_cols) * 256.0);
-            for t in 0..xs.len() {
+            for t in 0..N {
                 total[t] = _mm512_fmadd_ps(block[t], scale, total[t]);
             }
             start = end;
         }
-        for t in 0..xs.len() {
+        for t in 0..N {
             out[t] = _mm512_reduce_add_ps(total[t]);
         }
-        super::portable(row, scale_inv_row, block_cols, xs, out, whole);
+        super::portable(row, scale_inv_row, block_cols, &xs, out, whole);
+    }
+
+    /// 16 E4M3 bytes -> 16 f32 equal to the FP8 values times 2^-8.
+    #[inline(always)]
+    unsafe fn widen16(bytes: *const u8) -> __m512 {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes as *const _));
+        let sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+        let magnitude = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7);
+        _mm512_cvtph_ps(_mm256_or_si256(sign, magnitude))
     }
 }
 

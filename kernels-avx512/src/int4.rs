@@ -178,12 +178,7 @@ mod avx512 {
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let mut acc = [_mm512_setzero_ps(); N];
         for s in 0..steps {
-            _mm_prefetch::<_MM_HINT_T0>(
-                packed
-                    .as_ptr()
-                    .wrapping_add(s * 64 + crate::int4_i16::PREFETCH_BYTES)
-                    as *const i8,
-            );
+            crate::prefetch_stream(packed.as_ptr().wrapping_add(s * 64));
             let w = _mm512_loadu_si512(packed.as_ptr().add(s * 64) as *const _);
             let lo = _mm512_and_si512(w, nibble);
             let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
@@ -223,12 +218,7 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); 8];
         for b in 0..blocks {
             if b % 4 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    packed
-                        .as_ptr()
-                        .wrapping_add(b * 16 + crate::int4_i16::PREFETCH_BYTES)
-                        as *const i8,
-                );
+                crate::prefetch_stream(packed.as_ptr().wrapping_add(b * 16));
             }
             let w = _mm_loadu_si128(packed.as_ptr().add(b * 16) as *const _);
             let lo = _mm_and_si128(w, nibble);

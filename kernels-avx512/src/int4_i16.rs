@@ -139,15 +139,9 @@ pub fn dot_row(isa: Isa, packed: &[u8], scales: &[u8], xs: &[&Q16Activations], o
     }
 }
 
-/// How far ahead of the current step the fast paths ask for weight bytes. Rows are read
-/// once, front to back, so prefetching well ahead (into the next row) keeps enough reads
-/// in flight for one core to approach its share of DRAM bandwidth.
-#[cfg(target_arch = "x86_64")]
-pub(crate) const PREFETCH_BYTES: usize = 4096;
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{dot_lanes_portable, AlignedVec, Q16Activations, PREFETCH_BYTES};
+    use super::{dot_lanes_portable, AlignedVec, Q16Activations};
     use crate::vnni::dpbusd;
     use std::arch::x86_64::*;
 
@@ -215,10 +209,7 @@ mod avx512 {
             let ws16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
             for (j, spread) in spreads.iter().enumerate().take(count) {
                 let s = group + j;
-                // A hint only: it may point past the row (into the next one), never faults.
-                _mm_prefetch::<_MM_HINT_T0>(
-                    packed.as_ptr().wrapping_add(s * 64 + PREFETCH_BYTES) as *const i8
-                );
+                crate::prefetch_stream(packed.as_ptr().wrapping_add(s * 64));
                 let ws = _mm512_permutexvar_ps(*spread, ws16);
                 let w = _mm512_loadu_si512(packed.as_ptr().add(s * 64) as *const _);
                 let lo = _mm512_and_si512(w, nibble);
@@ -250,7 +241,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{dot_lanes_portable, AlignedVec, Q16Activations, PREFETCH_BYTES};
+    use super::{dot_lanes_portable, AlignedVec, Q16Activations};
     use std::arch::x86_64::*;
 
     /// 32 packed bytes (64 values, 2 blocks, 8 lanes) per step.
@@ -263,9 +254,9 @@ mod avx2 {
         let spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
         let mut acc = [_mm256_setzero_ps(); 8];
         for s in 0..steps {
-            _mm_prefetch::<_MM_HINT_T0>(
-                packed.as_ptr().wrapping_add(s * 32 + PREFETCH_BYTES) as *const i8
-            );
+            if s % 2 == 0 {
+                crate::prefetch_stream(packed.as_ptr().wrapping_add(s * 32));
+            }
             let w = _mm256_loadu_si256(packed.as_ptr().add(s * 32) as *const _);
             let lo = _mm256_and_si256(w, nibble);
             let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);

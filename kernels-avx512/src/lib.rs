@@ -119,6 +119,28 @@ pub(crate) fn round_to_i32(v: f32) -> i32 {
     }
 }
 
+/// Bytes ahead of the current read position that the streaming kernels ask for into L1,
+/// and further ahead into L2. Weight rows are read once, front to back; hints this far
+/// ahead (into the next rows) keep enough reads in flight for one core to approach its
+/// share of DRAM bandwidth while it computes, which the hardware prefetchers alone did
+/// not (measured with `kimi-hybrid bench kernels`).
+pub(crate) const PREFETCH_L1_BYTES: usize = 4096;
+pub(crate) const PREFETCH_L2_BYTES: usize = 16384;
+
+/// Prefetch hints for a stream read at `at`: call once per 64 bytes consumed. Hints never
+/// fault, so they may point past the end of the data.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_stream(at: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+    // SAFETY: prefetch is a hint available on every x86_64 CPU; it does not access memory
+    // architecturally.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_L1_BYTES) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH_L2_BYTES) as *const i8);
+    }
+}
+
 /// Horizontal sum of 8 f32 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
