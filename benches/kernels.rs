@@ -95,7 +95,7 @@ fn int4_gemm(c: &mut Criterion) {
     let mut panel = Panel::new(COLS);
     panel.fill(&packed, &scales, COLS, 0, PANEL_ROWS);
     g.bench_function("panel-gemm", |b| {
-        let mut out = vec![0.0f32; TOKENS * PANEL_ROWS];
+        let mut out = vec![0.0f32; q.padded_tokens * PANEL_ROWS];
         b.iter(|| {
             panel.fill(&packed, &scales, COLS, 0, PANEL_ROWS);
             panel_times_tokens(&panel, &q, &mut out);

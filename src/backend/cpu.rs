@@ -111,6 +111,12 @@ fn rows_parallel(
     }
 }
 
+thread_local! {
+    /// The unpacked weight panel of the INT4 GEMM, kept per worker thread.
+    static PANEL: std::cell::RefCell<Option<kernels_avx512::int4_gemm::Panel>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM: one 32-row panel
 /// per task, unpacked once and used for every token.
 fn int4_gemm(
@@ -130,28 +136,29 @@ fn int4_gemm(
         .zip(q.scales.par_chunks_mut(cols / 32))
         .zip(x.par_chunks(cols))
         .for_each(|((values, scales), row)| quantize_token(row, values, scales));
-    let n = q.tokens;
+    let (n, padded) = (q.tokens, q.padded_tokens);
     let r = rows.len();
-    let tiles: Vec<Vec<f32>> = (0..r.div_ceil(PANEL_ROWS))
-        .into_par_iter()
-        .map_init(
-            || Panel::new(cols),
-            |panel, i| {
-                let first = rows.start + i * PANEL_ROWS;
-                panel.fill(
-                    packed,
-                    scales,
-                    cols,
-                    first,
-                    (rows.end - first).min(PANEL_ROWS),
-                );
-                let mut out = vec![0.0f32; n * PANEL_ROWS];
-                panel_times_tokens(panel, &q, &mut out);
-                out
-            },
-        )
-        .collect();
-    for (i, tile) in tiles.iter().enumerate() {
+    // One output tile per panel, [panel][padded tokens][32 rows], written in parallel.
+    let tile_len = padded * PANEL_ROWS;
+    let mut tiles = vec![0.0f32; r.div_ceil(PANEL_ROWS) * tile_len];
+    tiles
+        .par_chunks_mut(tile_len)
+        .enumerate()
+        .for_each(|(i, tile)| {
+            let first = rows.start + i * PANEL_ROWS;
+            let count = (rows.end - first).min(PANEL_ROWS);
+            // Each worker keeps its panel between calls (half a MiB at K2's widths).
+            PANEL.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let panel = match slot.as_mut() {
+                    Some(p) if p.cols() == cols => p,
+                    _ => slot.insert(Panel::new(cols)),
+                };
+                panel.fill(packed, scales, cols, first, count);
+                panel_times_tokens(panel, &q, tile);
+            });
+        });
+    for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
         let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
         for t in 0..n {
             y[t * r + first..t * r + first + count]
