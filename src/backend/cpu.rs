@@ -158,13 +158,17 @@ fn int4_gemm(
                 panel_times_tokens(panel, &q, tile);
             });
         });
-    for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-        let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
-        for t in 0..n {
-            y[t * r + first..t * r + first + count]
-                .copy_from_slice(&tile[t * PANEL_ROWS..t * PANEL_ROWS + count]);
-        }
-    }
+    // Gathered into token-major order, tokens in parallel.
+    y[..n * r]
+        .par_chunks_mut(r)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
+                out[first..first + count]
+                    .copy_from_slice(&tile[t * PANEL_ROWS..t * PANEL_ROWS + count]);
+            }
+        });
 }
 
 impl Backend for CpuBackend {
