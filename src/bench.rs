@@ -60,6 +60,20 @@ fn available_memory() -> Option<usize> {
     Some(kib * 1024)
 }
 
+/// (steal, total) CPU time in clock ticks since boot (Linux `/proc/stat`), if known: time a
+/// hypervisor gave this machine's CPUs to someone else skews every figure of a run.
+fn cpu_steal_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
+}
+
 /// A read-only anonymous map of `len` bytes prepared by `fill`.
 fn anon_map(len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<Arc<memmap2::Mmap>> {
     let mut map = MmapMut::map_anon(len)?;
@@ -252,6 +266,7 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         (count * expert_bytes()) as f64 / 1e9,
         DENSE_SET_BYTES as f64 / 1e9,
     );
+    let steal_before = cpu_steal_ticks();
     let (expert_map, experts) = make_experts(count)?;
     let (bf16, fp8) = make_dense()?;
     let default = CpuBackend::new(isa, Activations::Int16);
@@ -468,6 +483,13 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         "  prefill, {prefill_tokens} tokens                                      {:>8.1}",
         best.rate(prefill_tokens as f64)
     );
+    if let (Some((steal0, total0)), Some((steal1, total1))) = (steal_before, cpu_steal_ticks()) {
+        let share = (steal1 - steal0) as f64 / (total1 - total0).max(1) as f64 * 100.0;
+        let _ = writeln!(
+            s,
+            "\nCPU time stolen by the hypervisor during the run: {share:.1}% (figures of runs above a few percent are not comparable)"
+        );
+    }
     Ok(s)
 }
 
