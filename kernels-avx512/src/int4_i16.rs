@@ -54,6 +54,18 @@ impl Q16Activations {
             lane_start: AlignedVec::zeroed(cols / 8),
             lane_scale: AlignedVec::zeroed(cols / 8),
         };
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx512Vnni.available() {
+            unsafe { avx512::quantize(x, &mut q) };
+            return q;
+        }
+        q.quantize_portable(x);
+        q
+    }
+
+    /// The scalar quantizer (the definition the vector one matches exactly).
+    fn quantize_portable(&mut self, x: &[f32]) {
+        let q = self;
         for (b, block) in x.chunks_exact(32).enumerate() {
             let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = absmax / QMAX as f32;
@@ -77,7 +89,6 @@ impl Q16Activations {
                 q.lane_scale[b * 4 + i] = scale;
             }
         }
-        q
     }
 
     /// The quantized value of activation `k`.
@@ -144,6 +155,55 @@ mod avx512 {
     use super::{dot_lanes_portable, AlignedVec, Q16Activations};
     use crate::vnni::dpbusd;
     use std::arch::x86_64::*;
+
+    /// [`Q16Activations::new`] 32 values at a time: the same scale, reciprocal and
+    /// round-to-nearest-even conversion as the scalar code, so the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn quantize(x: &[f32], q: &mut Q16Activations) {
+        let limit = _mm512_set1_epi32(super::QMAX);
+        let negative_limit = _mm512_set1_epi32(-super::QMAX);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let seven_bits = _mm512_set1_epi32(127);
+        for b in 0..x.len() / 32 {
+            let v0 = _mm512_loadu_ps(x.as_ptr().add(32 * b));
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(32 * b + 16));
+            let absmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let scale = absmax / super::QMAX as f32;
+            let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // Macros, not closures: closures do not inherit the target features.
+            macro_rules! round {
+                ($v:expr) => {{
+                    let r = _mm512_cvtps_epi32(_mm512_mul_ps($v, inv));
+                    _mm512_max_epi32(_mm512_min_epi32(r, limit), negative_limit)
+                }};
+            }
+            let (q0, q1) = (round!(v0), round!(v1));
+            // Values 2p and 2p + 1 of the block, p = 0..16.
+            let e = _mm512_permutex2var_epi32(q0, even, q1);
+            let o = _mm512_permutex2var_epi32(q0, odd, q1);
+            macro_rules! store {
+                ($dst:expr, $v:expr) => {
+                    _mm_storeu_si128(
+                        $dst.as_mut_ptr().add(16 * b) as *mut _,
+                        _mm512_cvtepi32_epi8($v),
+                    )
+                };
+            }
+            store!(q.even_low, _mm512_and_si512(e, seven_bits));
+            store!(q.odd_low, _mm512_and_si512(o, seven_bits));
+            store!(q.even_high, _mm512_srai_epi32(e, 7));
+            store!(q.odd_high, _mm512_srai_epi32(o, 7));
+            // Sum of each 8 values = each group of 4 pair sums.
+            let mut pairs = [0i32; 16];
+            _mm512_storeu_si512(pairs.as_mut_ptr() as *mut _, _mm512_add_epi32(e, o));
+            for i in 0..4 {
+                let sum: i32 = pairs[4 * i..4 * i + 4].iter().sum();
+                q.lane_start[4 * b + i] = -8 * sum;
+                q.lane_scale[4 * b + i] = scale;
+            }
+        }
+    }
 
     /// Dispatches on the token count so each count gets its own copy of the loop with its
     /// accumulators in registers (a runtime-length array of them lives in memory, which
@@ -359,6 +419,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fast_quantizer_writes_the_scalar_bytes() {
+        let mut seed = 13;
+        let x: Vec<f32> = (0..7168)
+            .map(|i| match i % 101 {
+                0 => lcg(&mut seed) * 500.0,
+                1..=40 if i > 6000 => 0.0,
+                _ => lcg(&mut seed) * 4.0,
+            })
+            .collect();
+        let fast = Q16Activations::new(&x);
+        let mut plain = Q16Activations::new(&x);
+        plain.quantize_portable(&x);
+        assert_eq!(&fast.even_low[..], &plain.even_low[..]);
+        assert_eq!(&fast.odd_low[..], &plain.odd_low[..]);
+        assert_eq!(&fast.even_high[..], &plain.even_high[..]);
+        assert_eq!(&fast.odd_high[..], &plain.odd_high[..]);
+        assert_eq!(&fast.lane_start[..], &plain.lane_start[..]);
+        assert_eq!(&fast.lane_scale[..], &plain.lane_scale[..]);
     }
 
     #[test]
