@@ -7,6 +7,12 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
+/// The `index`-th little-endian BF16 value of `bytes`.
+#[inline(always)]
+pub fn bf16_at(bytes: &[u8], index: usize) -> f32 {
+    bf16_to_f32(u16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]))
+}
+
 /// Decodes a little-endian IEEE half bit pattern.
 #[inline(always)]
 pub fn f16_to_f32(bits: u16) -> f32 {

@@ -94,16 +94,7 @@ mod avx512 {
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
-        match xs.len() {
-            1 => dot_row_n::<1>(row, scale_inv_row, block_cols, xs, out),
-            2 => dot_row_n::<2>(row, scale_inv_row, block_cols, xs, out),
-            3 => dot_row_n::<3>(row, scale_inv_row, block_cols, xs, out),
-            4 => dot_row_n::<4>(row, scale_inv_row, block_cols, xs, out),
-            5 => dot_row_n::<5>(row, scale_inv_row, block_cols, xs, out),
-            6 => dot_row_n::<6>(row, scale_inv_row, block_cols, xs, out),
-            7 => dot_row_n::<7>(row, scale_inv_row, block_cols, xs, out),
-            _ => dot_row_n::<8>(row, scale_inv_row, block_cols, xs, out),
-        }
+        crate::by_token_count!(xs.len(), dot_row_n(row, scale_inv_row, block_cols, xs, out))
     }
 
     /// Whole 32-value steps inside each scale block, then 16-value steps, per block.

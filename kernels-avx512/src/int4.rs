@@ -11,7 +11,6 @@
 //! activation block scale.
 
 use crate::aligned::AlignedVec;
-use crate::formats::bf16_to_f32;
 use crate::Isa;
 
 /// One token's activations, quantized for the INT4 kernels.
@@ -71,14 +70,6 @@ impl Q8Activations {
     }
 }
 
-#[inline(always)]
-fn scale_of(scales: &[u8], block: usize) -> f32 {
-    bf16_to_f32(u16::from_le_bytes([
-        scales[2 * block],
-        scales[2 * block + 1],
-    ]))
-}
-
 /// Integer reference of the quantized dot product for lanes `from..to` (used for tails).
 fn dot_lanes_portable(
     packed: &[u8],
@@ -95,8 +86,9 @@ fn dot_lanes_portable(
             let byte = packed[p];
             acc += (byte & 0x0f) as i32 * x.even[p] as i32 + (byte >> 4) as i32 * x.odd[p] as i32;
         }
-        total +=
-            (acc - x.lane_offset[lane]) as f32 * scale_of(scales, lane / 4) * x.lane_scale[lane];
+        total += (acc - x.lane_offset[lane]) as f32
+            * crate::formats::bf16_at(scales, lane / 4)
+            * x.lane_scale[lane];
     }
     total
 }
@@ -150,16 +142,7 @@ mod avx512 {
     /// One copy of the loop per token count, accumulators in registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_row(packed: &[u8], scales: &[u8], xs: &[&Q8Activations], out: &mut [f32]) {
-        match xs.len() {
-            1 => dot_row_n::<1>(packed, scales, xs, out),
-            2 => dot_row_n::<2>(packed, scales, xs, out),
-            3 => dot_row_n::<3>(packed, scales, xs, out),
-            4 => dot_row_n::<4>(packed, scales, xs, out),
-            5 => dot_row_n::<5>(packed, scales, xs, out),
-            6 => dot_row_n::<6>(packed, scales, xs, out),
-            7 => dot_row_n::<7>(packed, scales, xs, out),
-            _ => dot_row_n::<8>(packed, scales, xs, out),
-        }
+        crate::by_token_count!(xs.len(), dot_row_n(packed, scales, xs, out))
     }
 
     /// 64 packed bytes (128 values, 4 blocks, 16 lanes) per step, `N` tokens.
@@ -226,7 +209,7 @@ mod avx512 {
             // Interleave low (even k) and high (odd k) nibbles back into k order.
             let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
             let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi));
-            let table = _mm512_mul_ps(levels, _mm512_set1_ps(super::scale_of(scales, b)));
+            let table = _mm512_mul_ps(levels, _mm512_set1_ps(crate::formats::bf16_at(scales, b)));
             let w0 = _mm512_permutexvar_ps(first, table);
             let w1 = _mm512_permutexvar_ps(second, table);
             for (t, x) in xs.iter().enumerate() {
@@ -301,7 +284,7 @@ mod avx2 {
             let hi = _mm_and_si128(_mm_srli_epi16(w, 4), nibble);
             let first = _mm_unpacklo_epi8(lo, hi);
             let second = _mm_unpackhi_epi8(lo, hi);
-            let scale = _mm256_set1_ps(super::scale_of(scales, b));
+            let scale = _mm256_set1_ps(crate::formats::bf16_at(scales, b));
             let pieces = [
                 first,
                 _mm_srli_si128(first, 8),
@@ -332,29 +315,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::scalar::{decode_int4_row, dot};
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
-        let packed: Vec<u8> = (0..cols / 2)
-            .map(|_| (lcg(seed).to_bits() >> 7) as u8)
-            .collect();
-        let scales: Vec<u8> = (0..cols / 32)
-            .flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes())
-            .collect();
-        (packed, scales)
-    }
-
-    fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
-        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f32 = want.iter().map(|b| b * b).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
+    use crate::test_support::{lcg, random_row, rel_l2};
 
     #[test]
     fn f32_activation_paths_match_the_reference_closely() {

@@ -177,9 +177,7 @@ impl Panel {
             let row = first + r;
             let bytes = &packed[row * row_bytes..(row + 1) * row_bytes];
             for b in 0..blocks {
-                let s = 2 * (row * blocks + b);
-                self.scales[b * PANEL_ROWS + r] =
-                    crate::bf16_to_f32(u16::from_le_bytes([scales[s], scales[s + 1]]));
+                self.scales[b * PANEL_ROWS + r] = crate::formats::bf16_at(scales, row * blocks + b);
                 for p in 0..16 {
                     let byte = bytes[b * 16 + p];
                     let lo = (byte & 0x0f) as i32 - 8;
@@ -285,9 +283,8 @@ mod avx512 {
                         return _mm512_setzero_si512();
                     }
                     let row = first + r;
-                    let s = 2 * (row * blocks + b);
                     panel.scales[b * PANEL_ROWS + r] =
-                        crate::bf16_to_f32(u16::from_le_bytes([scales[s], scales[s + 1]]));
+                        crate::formats::bf16_at(scales, row * blocks + b);
                     let at = packed.as_ptr().add(row * row_bytes + b * 16);
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(at as *const _));
                     let lo = _mm512_sub_epi32(_mm512_and_si512(v, nibble), eight);

@@ -14,7 +14,6 @@
 //! The +8 nibble offset is removed by starting each lane at `-8 * sum(q)` of its 8 values.
 
 use crate::aligned::AlignedVec;
-use crate::formats::bf16_to_f32;
 use crate::Isa;
 
 /// Largest quantized magnitude: 15 bits, so the high half fits a signed byte.
@@ -102,14 +101,6 @@ impl Q16Activations {
     }
 }
 
-#[inline(always)]
-fn scale_of(scales: &[u8], block: usize) -> f32 {
-    bf16_to_f32(u16::from_le_bytes([
-        scales[2 * block],
-        scales[2 * block + 1],
-    ]))
-}
-
 /// Integer reference for lanes `from..to` (the scalar path and the tails of fast paths).
 fn dot_lanes_portable(
     packed: &[u8],
@@ -125,7 +116,7 @@ fn dot_lanes_portable(
             let nibble = (packed[k / 2] >> (4 * (k % 2))) & 0x0f;
             acc += nibble as i32 * x.value(k);
         }
-        total += acc as f32 * scale_of(scales, lane / 4) * x.lane_scale[lane];
+        total += acc as f32 * crate::formats::bf16_at(scales, lane / 4) * x.lane_scale[lane];
     }
     total
 }
@@ -205,21 +196,10 @@ mod avx512 {
         }
     }
 
-    /// Dispatches on the token count so each count gets its own copy of the loop with its
-    /// accumulators in registers (a runtime-length array of them lives in memory, which
-    /// puts a store-to-load round trip into every step).
+    /// One copy of the loop per token count ([`crate::by_token_count`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_row(packed: &[u8], scales: &[u8], xs: &[&Q16Activations], out: &mut [f32]) {
-        match xs.len() {
-            1 => dot_row_n::<1>(packed, scales, xs, out),
-            2 => dot_row_n::<2>(packed, scales, xs, out),
-            3 => dot_row_n::<3>(packed, scales, xs, out),
-            4 => dot_row_n::<4>(packed, scales, xs, out),
-            5 => dot_row_n::<5>(packed, scales, xs, out),
-            6 => dot_row_n::<6>(packed, scales, xs, out),
-            7 => dot_row_n::<7>(packed, scales, xs, out),
-            _ => dot_row_n::<8>(packed, scales, xs, out),
-        }
+        crate::by_token_count!(xs.len(), dot_row_n(packed, scales, xs, out))
     }
 
     /// 64 packed bytes (128 values, 4 blocks, 16 lanes) per step, `N` tokens; the block
@@ -360,29 +340,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::scalar::{decode_int4_row, dot};
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
-        let packed: Vec<u8> = (0..cols / 2)
-            .map(|_| (lcg(seed).to_bits() >> 7) as u8)
-            .collect();
-        let scales: Vec<u8> = (0..cols / 32)
-            .flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes())
-            .collect();
-        (packed, scales)
-    }
-
-    fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
-        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f32 = want.iter().map(|b| b * b).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
+    use crate::test_support::{lcg, random_row, rel_l2};
 
     /// Real shapes and odd ones (K a multiple of 32 but not of 128 or 256), 1 to 8 tokens:
     /// every path within 1e-4 relative L2 of the f32 reference (15-bit activations carry

@@ -18,6 +18,58 @@ pub mod stream;
 
 pub use formats::{bf16_to_f32, f16_to_f32, fp8_e4m3_to_f32};
 
+/// Helpers shared by the kernel tests: a seeded generator, INT4 rows, relative L2 error.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Pseudo-random f32 in [-1, 1).
+    pub fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// One random pack-quantized INT4 row of `cols` values: packed bytes and BF16 scales.
+    pub fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
+        let packed: Vec<u8> = (0..cols / 2)
+            .map(|_| (lcg(seed).to_bits() >> 7) as u8)
+            .collect();
+        let scales: Vec<u8> = (0..cols / 32)
+            .flat_map(|_| (((0.01 + 0.02 * lcg(seed).abs()).to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        (packed, scales)
+    }
+
+    /// `|got - want| / |want|` in the L2 norm.
+    pub fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f32 = want.iter().map(|b| b * b).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+}
+
+/// Calls `$f::<N>($args)` with the token count `$n` (1..=8) as a constant, so each count
+/// gets its own copy of a row kernel's loop with its accumulators in registers (a
+/// runtime-length array of accumulators lives in memory, which puts a store-to-load round
+/// trip into every step).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_token_count {
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use by_token_count;
+
 /// An instruction-set path of the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Isa {
