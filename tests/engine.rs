@@ -25,10 +25,11 @@ fn load(name: &str) -> Model {
 /// (1e-5 allows nothing but reassociation). On the default `cpu` backend a larger batch can
 /// take the tiled GEMM where a lone sequence takes the row kernels: the same integers,
 /// summed in another order, and a last-bit difference can round an int16 activation of
-/// the next layer the other way, so it is held to the transformers bound (2e-3).
+/// the next layer the other way, so it is held to that backend's bound against
+/// transformers (5e-3, see tests/golden.rs).
 #[test]
 fn batched_forward_equals_each_sequence_alone() {
-    for (backend_name, bound) in [("cpu-f32", 1e-5f32), ("cpu", 2e-3)] {
+    for (backend_name, bound) in [("cpu-f32", 1e-5f32), ("cpu", 5e-3)] {
         batched_equals_alone(backend_name, bound);
     }
 }
