@@ -333,27 +333,20 @@ impl CpuBackend {
                     );
                 });
             }
-            LinearWeight::Fp8 {
-                data,
-                scale_inv,
-                cols,
-                block,
-                ..
-            } => {
+            LinearWeight::Fp8 { cols, .. } => {
                 let n = x.len() / cols;
-                let (bytes, scales) = (data.bytes(), scale_inv.bytes());
-                let scale_row = cols.div_ceil(block[1]) * 4;
                 let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
                 rows_parallel(rows, n, y, |row, tokens, out| {
-                    let s = row / block[0] * scale_row;
-                    kernels_avx512::fp8::dot_row(
-                        self.isa,
-                        &bytes[row * cols..(row + 1) * cols],
-                        &scales[s..s + scale_row],
-                        block[1],
-                        &xs[tokens],
-                        out,
-                    );
+                    if let Some((bytes, scale_inv_row, block_cols)) = w.fp8_row(row) {
+                        kernels_avx512::fp8::dot_row(
+                            self.isa,
+                            bytes,
+                            scale_inv_row,
+                            block_cols,
+                            &xs[tokens],
+                            out,
+                        );
+                    }
                 });
             }
             _ => ReferenceBackend.linear(w, rows, x, y),

@@ -96,6 +96,29 @@ impl LinearWeight {
         }
     }
 
+    /// Row `r` of an FP8-block weight: its E4M3 bytes, the F32 `scale_inv` bytes of its
+    /// block row, and the block width in columns. `None` for other formats.
+    pub fn fp8_row(&self, r: usize) -> Option<(&[u8], &[u8], usize)> {
+        match self {
+            LinearWeight::Fp8 {
+                data,
+                scale_inv,
+                cols,
+                block,
+                ..
+            } => {
+                let scale_row = cols.div_ceil(block[1]) * 4;
+                let block_row = r / block[0];
+                Some((
+                    &data.bytes()[r * cols..(r + 1) * cols],
+                    &scale_inv.bytes()[block_row * scale_row..(block_row + 1) * scale_row],
+                    block[1],
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// Decodes row `r` into `out` (length `cols`) with the scalar reference decoders.
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         match self {
@@ -126,22 +149,10 @@ impl LinearWeight {
                     out,
                 );
             }
-            LinearWeight::Fp8 {
-                data,
-                scale_inv,
-                cols,
-                block,
-                ..
-            } => {
-                let scale_cols = cols.div_ceil(block[1]);
-                let block_row = r / block[0];
-                scalar::decode_fp8_row(
-                    &data.bytes()[r * cols..(r + 1) * cols],
-                    &scale_inv.bytes()
-                        [block_row * scale_cols * 4..(block_row + 1) * scale_cols * 4],
-                    block[1],
-                    out,
-                );
+            LinearWeight::Fp8 { .. } => {
+                if let Some((row, scale_inv_row, block_cols)) = self.fp8_row(r) {
+                    scalar::decode_fp8_row(row, scale_inv_row, block_cols, out);
+                }
             }
         }
     }
