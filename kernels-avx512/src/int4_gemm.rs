@@ -27,7 +27,8 @@ const CHUNK_BLOCKS: usize = 16;
 /// Token tiles per group (see `panel_times_tokens`).
 const TILES_PER_GROUP: usize = 64;
 
-/// Many tokens' activations quantized to int16 per 32 values, natural order.
+/// Many tokens' activations quantized per 32 values to 15-bit integers (stored as int16),
+/// natural order.
 #[derive(Debug, Clone)]
 pub struct Q16Tokens {
     pub cols: usize,

@@ -1,7 +1,8 @@
 //! The fast CPU backend: INT4, BF16 and FP8-block weights through the `kernels-avx512` row
-//! kernels (read in place from the mmap), rayon across rows; attention through the f32
-//! vector kernels. Other formats (F16, F32) use the reference code. Each output row is computed by one task in a fixed
-//! order, so results do not depend on the thread count.
+//! kernels (read in place from the mmap), rayon across rows; batches of tokens times INT4
+//! weights through the tiled GEMM, rayon across 32-row panels; attention through the f32
+//! vector kernels. Other formats (F16, F32) use the reference code. Each output row is
+//! computed by one task in a fixed order, so results do not depend on the thread count.
 
 use super::pool::CpuPools;
 use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
