@@ -55,9 +55,7 @@ fn fill_random(buf: &mut [u8]) {
 /// Available memory in bytes (Linux `MemAvailable`), if known.
 fn available_memory() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::topology::kib_field(&text, "MemAvailable:").map(|b| b as usize)
 }
 
 /// (steal, total) CPU time in clock ticks since boot (Linux `/proc/stat`), if known: time a
@@ -366,13 +364,10 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         default.linear(gate, 0..INTER, x, &mut y[..x.len() / HIDDEN * INTER]);
     }
     let mut gemm: Vec<Best> = token_counts.iter().map(|_| Best::new()).collect();
-    let mut peak = Best::new();
-    let mut peak_known = false;
+    let mut peak16: Option<f64> = None;
     for _ in 0..repeats {
         if let Some(p) = peak_all_threads(kernels_avx512::stream::vnni16_macs_per_s_one_core) {
-            // Stored as seconds per operation so "best" is the highest rate.
-            peak.add(1.0 / p);
-            peak_known = true;
+            peak16 = Some(peak16.map_or(p, |best| best.max(p)));
         }
         for (x, best) in inputs.iter().zip(gemm.iter_mut()) {
             let t = Instant::now();
@@ -380,7 +375,6 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
             best.add(t.elapsed().as_secs_f64());
         }
     }
-    let peak16 = peak_known.then(|| peak.rate(1.0));
     // The scalar reference on 64 rows x 128 tokens, scaled per operation.
     let scalar_ops = {
         let x = &inputs[0];

@@ -36,7 +36,8 @@ pub fn parse_cpulist(list: &str) -> Vec<usize> {
     cpus
 }
 
-fn kib_field(text: &str, key: &str) -> Option<u64> {
+/// The value of a `key ... N kB` line of a meminfo text, in bytes.
+pub(crate) fn kib_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.contains(key))?;
     let mut words = line.split_whitespace();
     words.position(|w| w.starts_with(key))?;
