@@ -21,11 +21,6 @@ pub const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel call: 2 x 6 int32 and 2 x 6 f32 accumulators fit the 32 vector
 /// registers next to the two weight vectors.
 pub const TOKEN_TILE: usize = 6;
-/// Blocks per cache chunk: the panel's slice (16 blocks x 2 KiB) and the token tile's
-/// activations (6 x 1 KiB) stay in L1 while every token tile passes over them.
-const CHUNK_BLOCKS: usize = 16;
-/// Token tiles per group (see `panel_times_tokens`).
-const TILES_PER_GROUP: usize = 64;
 
 /// Many tokens' activations quantized per 32 values to 15-bit integers (stored as int16),
 /// natural order.
@@ -229,7 +224,7 @@ fn portable(panel: &Panel, x: &Q16Tokens, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Panel, Q16Tokens, CHUNK_BLOCKS, PANEL_ROWS, TILES_PER_GROUP, TOKEN_TILE};
+    use super::{Panel, Q16Tokens, PANEL_ROWS, TOKEN_TILE};
     use crate::vnni::dpwssd;
     use std::arch::x86_64::*;
 
@@ -344,49 +339,27 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn panel_times_tokens(panel: &Panel, x: &Q16Tokens, out: &mut [f32]) {
-        let blocks = x.cols / 32;
         let tiles = x.padded_tokens / TOKEN_TILE;
-        // f32 results of every token tile, carried across chunks in `out` itself.
-        let sums = &mut out[..x.padded_tokens * PANEL_ROWS];
-        sums.fill(0.0);
-        // Token tiles in groups whose activations for one chunk of blocks stay in L2
-        // (64 tiles x 6 tokens x 16 blocks x 64 bytes = 384 KiB) while the panel's chunk
-        // stays in L1.
-        for group in (0..tiles).step_by(TILES_PER_GROUP) {
-            let mut chunk = 0;
-            while chunk < blocks {
-                let end = (chunk + CHUNK_BLOCKS).min(blocks);
-                for tile in group..(group + TILES_PER_GROUP).min(tiles) {
-                    let t0 = tile * TOKEN_TILE;
-                    let sum = sums.as_mut_ptr().add(t0 * PANEL_ROWS);
-                    tile_kernel(panel, x, t0, chunk, end, sum);
-                }
-                chunk = end;
-            }
+        // Each token tile runs over the whole row: the panel (at most 2 KiB per block)
+        // streams from L2 in one long sequential pass that the prefetchers keep ahead of,
+        // and the tile's activations pass once. (Blocking K into L1-sized chunks measured
+        // slower: every chunk restarts the streams and reloads the f32 sums.)
+        for tile in 0..tiles {
+            let t0 = tile * TOKEN_TILE;
+            let sum = out.as_mut_ptr().add(t0 * PANEL_ROWS);
+            tile_kernel(panel, x, t0, sum);
         }
     }
 
-    /// Blocks `from..to` of 32 rows x 6 tokens, added to `sum` (`[6][32]` f32).
+    /// All blocks of 32 rows x 6 tokens, written to `sum` (`[6][32]` f32).
     #[inline(always)]
-    unsafe fn tile_kernel(
-        panel: &Panel,
-        x: &Q16Tokens,
-        t0: usize,
-        from: usize,
-        to: usize,
-        sum: *mut f32,
-    ) {
+    unsafe fn tile_kernel(panel: &Panel, x: &Q16Tokens, t0: usize, sum: *mut f32) {
         const RV: usize = PANEL_ROWS / 16;
         let mut out = [[_mm512_setzero_ps(); TOKEN_TILE]; RV];
-        for (r, out_r) in out.iter_mut().enumerate() {
-            for (t, o) in out_r.iter_mut().enumerate() {
-                *o = _mm512_loadu_ps(sum.add(t * PANEL_ROWS + 16 * r));
-            }
-        }
         let cols = x.cols;
         let blocks = cols / 32;
         let xv = x.values.as_ptr().add(t0 * cols) as *const u8;
-        for b in from..to {
+        for b in 0..blocks {
             let mut acc = [[_mm512_setzero_si512(); TOKEN_TILE]; RV];
             let words = panel.words_ptr().add(b * 16 * PANEL_ROWS);
             // Block b of each token, as i32 pairs of values.
