@@ -41,6 +41,17 @@ impl<T: Plain> AlignedVec<T> {
             _element: PhantomData,
         }
     }
+
+    /// Makes the array `len` long, keeping the allocation when it is large enough, so a
+    /// buffer reused across calls costs no fresh pages. Elements that existed keep their
+    /// values; new ones are zero.
+    pub fn set_len(&mut self, len: usize) {
+        let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
+        if self.lines.len() < lines {
+            self.lines.resize(lines, Line([0; 64]));
+        }
+        self.len = len;
+    }
 }
 
 impl<T: Plain> Deref for AlignedVec<T> {
@@ -79,5 +90,10 @@ mod tests {
         assert_eq!(v[36], 2.5);
         let w = v.clone();
         assert_eq!(w[36], 2.5);
+        v.set_len(10);
+        assert_eq!((v.len(), v.as_ptr() as usize % 64), (10, 0));
+        v.set_len(1000);
+        assert_eq!(v.len(), 1000);
+        assert_eq!((v[36], v[999]), (2.5, 0.0));
     }
 }

@@ -54,18 +54,32 @@ impl Q16Tokens {
     /// Room for `tokens` tokens, all zero: fill each token with [`quantize_token`] on its
     /// `values` and `scales` chunks (`cols` and `cols / 32` long), from any thread.
     pub fn zeroed(tokens: usize, cols: usize) -> Self {
+        let mut q = Q16Tokens {
+            cols,
+            padded_tokens: 0,
+            tokens: 0,
+            values: AlignedVec::zeroed(0),
+            scales: Vec::new(),
+        };
+        q.reshape(tokens, cols);
+        q
+    }
+
+    /// Reshapes to room for `tokens` tokens of `cols` values, reusing the buffers (a
+    /// buffer kept between calls costs no fresh pages). The padding tokens are zero; the
+    /// real tokens hold stale values until quantized.
+    pub fn reshape(&mut self, tokens: usize, cols: usize) {
         assert!(
             cols.is_multiple_of(32) && cols > 0,
             "INT4 GEMM needs a multiple of 32 columns"
         );
         let padded_tokens = tokens.div_ceil(TOKEN_TILE) * TOKEN_TILE;
-        Q16Tokens {
-            cols,
-            padded_tokens,
-            tokens,
-            values: AlignedVec::zeroed(padded_tokens * cols),
-            scales: vec![0.0; padded_tokens * cols / 32],
-        }
+        let blocks = cols / 32;
+        (self.cols, self.tokens, self.padded_tokens) = (cols, tokens, padded_tokens);
+        self.values.set_len(padded_tokens * cols);
+        self.values[tokens * cols..].fill(0);
+        self.scales.resize(padded_tokens * blocks, 0.0);
+        self.scales[tokens * blocks..].fill(0.0);
     }
 }
 
@@ -520,6 +534,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_reshaped_buffer_equals_a_fresh_one() {
+        let mut seed = 5;
+        let mut reused = Q16Tokens::zeroed(0, 32);
+        for (tokens, cols) in [(13, 96), (4, 224), (20, 64), (1, 96)] {
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0)
+                .collect();
+            reused.reshape(tokens, cols);
+            for ((values, scales), row) in reused
+                .values
+                .chunks_exact_mut(cols)
+                .zip(reused.scales.chunks_exact_mut(cols / 32))
+                .zip(x.chunks_exact(cols))
+            {
+                quantize_token(row, values, scales);
+            }
+            let fresh = Q16Tokens::new(&x, cols);
+            assert_eq!(reused.padded_tokens, fresh.padded_tokens);
+            assert_eq!(&reused.values[..], &fresh.values[..], "{tokens}x{cols}");
+            assert_eq!(reused.scales, fresh.scales, "{tokens}x{cols}");
         }
     }
 }

@@ -116,6 +116,17 @@ thread_local! {
     /// The unpacked weight panel of the INT4 GEMM, kept per worker thread.
     static PANEL: std::cell::RefCell<Option<kernels_avx512::int4_gemm::Panel>> =
         const { std::cell::RefCell::new(None) };
+    /// The GEMM's quantized activations and output tiles, kept by the thread that calls
+    /// it: at 512 tokens they are 11 MiB, whose fresh pages cost several percent of the
+    /// product when allocated per call.
+    static GEMM_SCRATCH: std::cell::RefCell<GemmScratch> =
+        std::cell::RefCell::new(GemmScratch::default());
+}
+
+#[derive(Default)]
+struct GemmScratch {
+    tokens: Option<kernels_avx512::int4_gemm::Q16Tokens>,
+    tiles: Vec<f32>,
 }
 
 /// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM: one 32-row panel
@@ -131,45 +142,68 @@ fn int4_gemm(
     use kernels_avx512::int4_gemm::{
         panel_times_tokens, quantize_token, Panel, Q16Tokens, PANEL_ROWS,
     };
-    let mut q = Q16Tokens::zeroed(x.len() / cols, cols);
-    q.values
-        .par_chunks_mut(cols)
-        .zip(q.scales.par_chunks_mut(cols / 32))
-        .zip(x.par_chunks(cols))
-        .for_each(|((values, scales), row)| quantize_token(row, values, scales));
-    let (n, padded) = (q.tokens, q.padded_tokens);
+    let n = x.len() / cols;
     let r = rows.len();
-    // One output tile per panel, [panel][padded tokens][32 rows], written in parallel.
-    let tile_len = padded * PANEL_ROWS;
-    let mut tiles = vec![0.0f32; r.div_ceil(PANEL_ROWS) * tile_len];
-    tiles
-        .par_chunks_mut(tile_len)
-        .enumerate()
-        .for_each(|(i, tile)| {
-            let first = rows.start + i * PANEL_ROWS;
-            let count = (rows.end - first).min(PANEL_ROWS);
-            // Each worker keeps its panel between calls (half a MiB at K2's widths).
-            PANEL.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let panel = match slot.as_mut() {
-                    Some(p) if p.cols() == cols => p,
-                    _ => slot.insert(Panel::new(cols)),
-                };
-                panel.fill(packed, scales, cols, first, count);
-                panel_times_tokens(panel, &q, tile);
-            });
-        });
-    // Gathered into token-major order, tokens in parallel.
-    y[..n * r]
-        .par_chunks_mut(r)
-        .enumerate()
-        .for_each(|(t, out)| {
-            for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-                let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
-                out[first..first + count]
-                    .copy_from_slice(&tile[t * PANEL_ROWS..t * PANEL_ROWS + count]);
+    GEMM_SCRATCH.with(|cell| {
+        // A thread that steals a task while it waits (rayon) may call the GEMM again with
+        // the scratch still borrowed: that call gets its own.
+        let mut own = GemmScratch::default();
+        let mut guard = cell.try_borrow_mut();
+        let scratch = match guard.as_mut() {
+            Ok(s) => &mut **s,
+            Err(_) => &mut own,
+        };
+        let q = match &mut scratch.tokens {
+            Some(q) => {
+                q.reshape(n, cols);
+                q
             }
-        });
+            None => scratch.tokens.insert(Q16Tokens::zeroed(n, cols)),
+        };
+        q.values
+            .par_chunks_mut(cols)
+            .zip(q.scales.par_chunks_mut(cols / 32))
+            .zip(x.par_chunks(cols))
+            .for_each(|((values, scales), row)| quantize_token(row, values, scales));
+        let q = &*q;
+        // One output tile per panel, [panel][padded tokens][32 rows], written in parallel
+        // (each tile is overwritten whole, so the reused buffer needs no clearing).
+        let tile_len = q.padded_tokens * PANEL_ROWS;
+        let need = r.div_ceil(PANEL_ROWS) * tile_len;
+        if scratch.tiles.len() < need {
+            scratch.tiles.resize(need, 0.0);
+        }
+        let tiles = &mut scratch.tiles[..need];
+        tiles
+            .par_chunks_mut(tile_len)
+            .enumerate()
+            .for_each(|(i, tile)| {
+                let first = rows.start + i * PANEL_ROWS;
+                let count = (rows.end - first).min(PANEL_ROWS);
+                // Each worker keeps its panel between calls (half a MiB at K2's widths).
+                PANEL.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    let panel = match slot.as_mut() {
+                        Some(p) if p.cols() == cols => p,
+                        _ => slot.insert(Panel::new(cols)),
+                    };
+                    panel.fill(packed, scales, cols, first, count);
+                    panel_times_tokens(panel, q, tile);
+                });
+            });
+        // Gathered into token-major order, tokens in parallel.
+        let tiles = &*tiles;
+        y[..n * r]
+            .par_chunks_mut(r)
+            .enumerate()
+            .for_each(|(t, out)| {
+                for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                    let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
+                    out[first..first + count]
+                        .copy_from_slice(&tile[t * PANEL_ROWS..t * PANEL_ROWS + count]);
+                }
+            });
+    });
 }
 
 impl Backend for CpuBackend {
