@@ -454,6 +454,29 @@ fn backends_are_chosen_by_name() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
+    // The GPU backend: greedy like the others where a GPU exists, a clear refusal where
+    // none does.
+    let out = bin()
+        .args([
+            "run",
+            "--backend",
+            "cuda",
+            "--prompt-ids",
+            &ids_arg(&g.prompt_ids),
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        assert_eq!(generated_ids(&out.stdout), g.greedy_ids, "cuda");
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no CUDA device"), "{err}");
+        assert!(err.contains("--backend cpu"), "{err}");
+    }
 }
 
 #[test]

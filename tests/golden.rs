@@ -52,6 +52,16 @@ fn backends() -> Vec<Case> {
             }
         }
     }
+    // The GPU computes in f32 like the reference, with its own summation order.
+    match by_name("cuda") {
+        Ok(backend) => out.push(Case {
+            name: "cuda".to_string(),
+            backend,
+            tolerance: 2e-3,
+            form_tolerance: 1e-3,
+        }),
+        Err(e) => eprintln!("golden fixtures on the CUDA backend skipped: {e}"),
+    }
     out
 }
 

@@ -392,6 +392,7 @@ fn mla_decode_and_prefill_match_cpu_attention() {
         MlaPrefillShape {
             queries: n,
             heads,
+            group: 1,
             dq,
             dv,
             k_token_stride: heads * dq,
@@ -405,4 +406,152 @@ fn mla_decode_and_prefill_match_cpu_attention() {
     )
     .unwrap();
     assert!(rel_l2(&s.memcpy_dtov(&out).unwrap(), &want) < 1e-4);
+}
+
+/// `y[t, r] = sum_k dense[r, k] x[t, k]` on the host.
+fn host_matmul(dense: &[f32], x: &[f32], rows: usize, cols: usize, tokens: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; tokens * rows];
+    for t in 0..tokens {
+        for r in 0..rows {
+            y[t * rows + r] = dense[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&x[t * cols..(t + 1) * cols])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+    y
+}
+
+#[test]
+fn bf16_f32_band_and_transposed_products_match_cpu() {
+    use kernels_cuda::weights::DeviceWeight;
+    let Some(d) = gpu("bf16_f32_band_and_transposed_products_match_cpu") else {
+        return;
+    };
+    // A BF16 attention projection at K2's q_b shape (1536 -> 64 heads x 192).
+    let (rows, cols) = (12288usize, 1536usize);
+    let bits: Vec<u16> = values(rows * cols, 21)
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect();
+    let dense: Vec<f32> = bits
+        .iter()
+        .map(|b| half::bf16::from_bits(*b).to_f32())
+        .collect();
+    let bf16 = DeviceWeight::Bf16 {
+        data: d.upload("w", &bits).unwrap(),
+        rows,
+        cols,
+    };
+    let f32w = DeviceWeight::F32 {
+        data: d.upload("w", &dense).unwrap(),
+        rows,
+        cols,
+    };
+    for tokens in [1usize, 8, 37] {
+        let x = values(tokens * cols, 22 + tokens as u64);
+        let xd = d.upload("x", &x).unwrap();
+        let want = host_matmul(&dense, &x, rows, cols, tokens);
+        for w in [&bf16, &f32w] {
+            let mut y = d.zeros::<f32>("y", tokens * rows).unwrap();
+            d.matmul(w, &xd, &mut y, tokens).unwrap();
+            let err = rel_l2(&d.download("y", &y).unwrap(), &want);
+            eprintln!("dense {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
+            assert!(err < 1e-5);
+        }
+        // A band of rows that starts off any block boundary, then its transposed product.
+        let band_rows = 100..292;
+        let n = band_rows.len();
+        let mut band = d.zeros::<f32>("band", n * cols).unwrap();
+        d.dequant_rows(&bf16, band_rows.start, n, &mut band)
+            .unwrap();
+        assert_eq!(
+            d.download("band", &band).unwrap(),
+            dense[band_rows.start * cols..band_rows.end * cols].to_vec()
+        );
+        let xt = values(tokens * n, 23);
+        let mut want_t = vec![0.0f32; tokens * cols];
+        for t in 0..tokens {
+            for i in 0..n {
+                let r = band_rows.start + i;
+                for k in 0..cols {
+                    want_t[t * cols + k] += xt[t * n + i] * dense[r * cols + k];
+                }
+            }
+        }
+        let mut yt = d.zeros::<f32>("y", tokens * cols).unwrap();
+        d.f32_matmul_transposed(
+            &band,
+            &d.upload("x", &xt).unwrap(),
+            &mut yt,
+            n,
+            cols,
+            tokens,
+        )
+        .unwrap();
+        assert!(rel_l2(&d.download("y", &yt).unwrap(), &want_t) < 1e-5);
+    }
+    // INT4 and FP8 bands decode exactly as the CPU decoders do.
+    let (rows, cols) = (300usize, 512usize);
+    let packed_bytes = bytes(rows * cols / 2, 24);
+    let scales: Vec<u16> = values(rows * cols / 32, 25)
+        .iter()
+        .map(|v| half::bf16::from_f32(0.01 + v.abs() * 0.01).to_bits())
+        .collect();
+    let scale_bytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let int4 = DeviceWeight::Int4 {
+        packed: d
+            .upload(
+                "packed",
+                &packed_bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect::<Vec<u32>>(),
+            )
+            .unwrap(),
+        scales: d.upload("scales", &scales).unwrap(),
+        rows,
+        cols,
+        group: 32,
+    };
+    let fp8_data: Vec<u8> = bytes(rows * cols, 26)
+        .into_iter()
+        .map(|b| b & 0x77)
+        .collect();
+    let scale_inv: Vec<f32> = values(3 * 4, 27).iter().map(|v| 0.5 + v.abs()).collect();
+    let scale_inv_bytes: Vec<u8> = scale_inv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let fp8 = DeviceWeight::Fp8 {
+        data: d.upload("fp8", &fp8_data).unwrap(),
+        scale_inv: d.upload("scale_inv", &scale_inv).unwrap(),
+        rows,
+        cols,
+        block: [128, 128],
+    };
+    let (first, n) = (77usize, 150usize);
+    let mut want_int4 = vec![0.0f32; n * cols];
+    let mut want_fp8 = vec![0.0f32; n * cols];
+    for i in 0..n {
+        let r = first + i;
+        decode_int4_row(
+            &packed_bytes[r * cols / 2..(r + 1) * cols / 2],
+            &scale_bytes[r * cols / 16..(r + 1) * cols / 16],
+            32,
+            &mut want_int4[i * cols..(i + 1) * cols],
+        );
+        decode_fp8_row(
+            &fp8_data[r * cols..(r + 1) * cols],
+            &scale_inv_bytes[(r / 128) * 16..(r / 128 + 1) * 16],
+            128,
+            &mut want_fp8[i * cols..(i + 1) * cols],
+        );
+    }
+    for (w, want) in [(&int4, &want_int4), (&fp8, &want_fp8)] {
+        let mut band = d.zeros::<f32>("band", n * cols).unwrap();
+        d.dequant_rows(w, first, n, &mut band).unwrap();
+        assert_eq!(&d.download("band", &band).unwrap(), want);
+    }
+    // A band past the last row is an error, not a fault.
+    let mut band = d.zeros::<f32>("band", n * cols).unwrap();
+    assert!(d.dequant_rows(&int4, rows - 10, n, &mut band).is_err());
 }

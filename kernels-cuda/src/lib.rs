@@ -11,6 +11,10 @@ pub mod device;
 pub mod nvrtc;
 pub mod ops;
 pub mod sources;
+pub mod weights;
+
+/// The CUDA driver bindings the wrappers take buffers from.
+pub use cudarc;
 
 /// Why no CUDA device can be used.
 #[derive(Debug, Clone, PartialEq, Eq)]

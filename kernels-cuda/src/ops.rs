@@ -6,13 +6,13 @@ use crate::device::GpuDevice;
 use crate::NoCuda;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-fn launch_err(kernel: &str, e: impl std::fmt::Display) -> NoCuda {
+pub(crate) fn launch_err(kernel: &str, e: impl std::fmt::Display) -> NoCuda {
     NoCuda {
         reason: format!("launching {kernel} failed: {e}"),
     }
 }
 
-fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: block,
@@ -20,7 +20,7 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
     }
 }
 
-fn blocks_for(n: usize, per: usize) -> u32 {
+pub(crate) fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
 
@@ -296,6 +296,8 @@ impl GpuDevice {
 pub struct MlaPrefillShape {
     pub queries: usize,
     pub heads: usize,
+    /// Query heads per key/value head (query head h reads kv head h / group).
+    pub group: usize,
     pub dq: usize,
     pub dv: usize,
     pub k_token_stride: usize,
@@ -330,6 +332,7 @@ impl GpuDevice {
         let f = self.function("mla_prefill")?;
         let ints = [
             s.heads,
+            s.group.max(1),
             s.dq,
             s.dv,
             s.k_token_stride,

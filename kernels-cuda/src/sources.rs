@@ -31,7 +31,20 @@ pub const MODULES: &[Module] = &[
     Module {
         name: "matmul",
         source: include_str!("cu/matmul.cu"),
-        kernels: &["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_gemm"],
+        kernels: &[
+            "int4_gemv",
+            "int4_gemm",
+            "fp8_gemv",
+            "fp8_gemm",
+            "bf16_gemv",
+            "bf16_gemm",
+            "f32_gemv",
+            "f32_gemm",
+            "int4_dequant_rows",
+            "fp8_dequant_rows",
+            "bf16_dequant_rows",
+            "f32_matmul_t",
+        ],
     },
     Module {
         name: "mla",

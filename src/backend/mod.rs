@@ -2,10 +2,12 @@
 //! model code runs on the scalar reference, the fast CPU kernels and (later) the GPU.
 
 mod cpu;
+mod cuda;
 pub mod pool;
 mod reference;
 
 pub use cpu::{Activations, CpuBackend};
+pub use cuda::CudaBackend;
 pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;
@@ -208,10 +210,23 @@ pub fn ffn_accumulate_with(
 /// rounding of the reference), `cpu-f32` (INT4 dequantized to f32 in registers: the
 /// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
 /// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
-/// path.
+/// path. `cuda` (or `cuda:N` for GPU N) runs on a GPU, weights uploaded as they are
+/// first used; a machine without one gets an error saying why.
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
+    }
+    if let Some(ordinal) = name.strip_prefix("cuda") {
+        let ordinal = match ordinal.strip_prefix(':') {
+            None if ordinal.is_empty() => 0,
+            Some(n) => n.parse().map_err(|_| {
+                format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")
+            })?,
+            None => return Err(format!("unknown backend {name:?}")),
+        };
+        return CudaBackend::open(ordinal)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|e| format!("backend {name}: {e}; use --backend cpu on this machine"));
     }
     let (family, isa) = name
         .split_once(':')
@@ -220,7 +235,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
         "cpu" => Activations::Int16,
         "cpu-f32" => Activations::F32,
         "cpu-int8" => Activations::Int8,
-        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu, cpu-f32 or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni)")),
+        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu, cpu-f32 or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni), or cuda[:N]")),
     };
     let isa = match isa {
         None => kernels_avx512::Isa::detect(),

@@ -169,6 +169,36 @@ pub struct BatchEntry<'a> {
 }
 
 impl Model {
+    /// Every matrix the model multiplies by (lm_head included, the embedding table not:
+    /// it is gathered, not multiplied), routed experts only where `routed` says so.
+    pub fn matrices(&self, routed: impl Fn(&FfnWeights) -> bool) -> Vec<&LinearWeight> {
+        fn ffn(f: &FfnWeights) -> [&LinearWeight; 3] {
+            [&f.gate, &f.up, &f.down]
+        }
+        let mut out = vec![&self.lm_head];
+        for layer in &self.layers {
+            let a = &layer.attn;
+            match &a.q {
+                QueryProj::LowRank { a, b, .. } => out.extend([a, b]),
+                QueryProj::Full(w) => out.push(w),
+            }
+            out.extend([&a.kv_a, &a.kv_b, &a.o]);
+            match &layer.ffn {
+                Ffn::Dense(f) => out.extend(ffn(f)),
+                Ffn::Moe(moe) => {
+                    out.push(&moe.router);
+                    if let Some(shared) = &moe.shared {
+                        out.extend(ffn(shared));
+                    }
+                    for e in moe.experts.iter().filter(|e| routed(e)) {
+                        out.extend(ffn(e));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Maps every tensor the text model needs, checking names, shapes and dtypes.
     pub fn load(ckpt: &Checkpoint) -> Result<Self, ModelError> {
         let cfg = ckpt.config.clone();

@@ -29,6 +29,22 @@ __device__ __forceinline__ void fp8_load8(const u8* data, const float* scale_inv
     }
 }
 
+__device__ __forceinline__ void bf16_load8(const u16* w, int cols, int r, int k0, float v[8]) {
+    #pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int k = k0 + j;
+        v[j] = k < cols ? bf16_to_f32(w[(size_t)r * cols + k]) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void f32_load8(const float* w, int cols, int r, int k0, float v[8]) {
+    #pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int k = k0 + j;
+        v[j] = k < cols ? w[(size_t)r * cols + k] : 0.0f;
+    }
+}
+
 // ---- GEMV ----------------------------------------------------------------------------
 
 #define GEMV_BODY(LOAD)                                                                   \
@@ -61,6 +77,16 @@ extern "C" __global__ void fp8_gemv(const u8* data, const float* scale_inv, cons
                                     float* y, int rows, int cols, int block_r, int block_c,
                                     int tokens) {
     GEMV_BODY(fp8_load8(data, scale_inv, cols, block_r, block_c, warp, k0, v))
+}
+
+extern "C" __global__ void bf16_gemv(const u16* w, const float* x, float* y, int rows, int cols,
+                                     int tokens) {
+    GEMV_BODY(bf16_load8(w, cols, warp, k0, v))
+}
+
+extern "C" __global__ void f32_gemv(const float* w, const float* x, float* y, int rows, int cols,
+                                    int tokens) {
+    GEMV_BODY(f32_load8(w, cols, warp, k0, v))
 }
 
 // ---- GEMM ----------------------------------------------------------------------------
@@ -112,4 +138,55 @@ extern "C" __global__ void fp8_gemm(const u8* data, const float* scale_inv, cons
                                     float* y, int rows, int cols, int block_r, int block_c,
                                     int tokens) {
     GEMM_BODY(fp8_load8(data, scale_inv, cols, block_r, block_c, r, k0, v))
+}
+
+extern "C" __global__ void bf16_gemm(const u16* w, const float* x, float* y, int rows, int cols,
+                                     int tokens) {
+    GEMM_BODY(bf16_load8(w, cols, r, k0, v))
+}
+
+extern "C" __global__ void f32_gemm(const float* w, const float* x, float* y, int rows, int cols,
+                                    int tokens) {
+    GEMM_BODY(f32_load8(w, cols, r, k0, v))
+}
+
+// ---- transposed products (absorbed MLA folds queries through a band of kv_b rows) ----
+// A band of `n` rows starting at `row0` decoded to f32 [n, cols], one thread per value;
+// then y[t, k] = sum_i x[t, i] * band[i, k], one thread per (t, k): neighbouring threads
+// read neighbouring columns of a band row.
+
+extern "C" __global__ void int4_dequant_rows(const u32* packed, const u16* scales, float* out,
+                                             int row0, int n, int cols, int group) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * cols) return;
+    int i = (int)(idx / cols), k = (int)(idx % cols), r = row0 + i;
+    u32 word = packed[(size_t)r * (cols / 8) + k / 8];
+    float s = bf16_to_f32(scales[(size_t)r * (cols / group) + k / group]);
+    out[idx] = (float)((int)((word >> (4 * (k % 8))) & 0xf) - 8) * s;
+}
+
+extern "C" __global__ void fp8_dequant_rows(const u8* data, const float* scale_inv, float* out,
+                                            int row0, int n, int cols, int block_r, int block_c) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * cols) return;
+    int i = (int)(idx / cols), k = (int)(idx % cols), r = row0 + i;
+    int scale_cols = (cols + block_c - 1) / block_c;
+    out[idx] = fp8_e4m3_to_f32(data[(size_t)r * cols + k]) *
+               scale_inv[(size_t)(r / block_r) * scale_cols + k / block_c];
+}
+
+extern "C" __global__ void bf16_dequant_rows(const u16* w, float* out, int row0, int n, int cols) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * cols) return;
+    out[idx] = bf16_to_f32(w[(size_t)row0 * cols + idx]);
+}
+
+extern "C" __global__ void f32_matmul_t(const float* band, const float* x, float* y, int n,
+                                        int cols, int tokens) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (k >= cols || t >= tokens) return;
+    const float* xt = x + (size_t)t * n;
+    float acc = 0.0f;
+    for (int i = 0; i < n; i++) acc += xt[i] * band[(size_t)i * cols + k];
+    y[(size_t)t * cols + k] = acc;
 }

@@ -84,17 +84,18 @@ extern "C" __global__ void mla_decode_combine(const float* part_out, const float
 }
 
 // Causal attention for prefill: query i (position positions[i]) over keys 0..=positions[i].
-// Element (t, h, d) of k is k[t * k_token_stride + h * k_head_stride + d]; v likewise with
-// v_offset. One block (128 threads) per (query, head); out [n, heads, dv].
+// Query head h reads kv head g = h / group; element (t, g, d) of k is
+// k[t * k_token_stride + g * k_head_stride + d]; v likewise with v_offset. One block (128
+// threads) per (query, head); out [n, heads, dv].
 extern "C" __global__ void mla_prefill(const float* q, const float* k, const float* v,
-                                       const int* positions, int heads, int dq, int dv,
+                                       const int* positions, int heads, int group, int dq, int dv,
                                        int k_token_stride, int k_head_stride,
                                        int v_token_stride, int v_head_stride, int v_offset,
                                        float scale, float* out) {
     __shared__ float p[128];
     __shared__ float scratch[32];
     __shared__ float qs[1024];
-    int i = blockIdx.x, h = blockIdx.y;
+    int i = blockIdx.x, h = blockIdx.y, g = h / group;
     int last = positions[i];
     const float* qh = q + ((size_t)i * heads + h) * dq;
     for (int d = threadIdx.x; d < dq; d += blockDim.x) qs[d] = qh[d];
@@ -106,7 +107,7 @@ extern "C" __global__ void mla_prefill(const float* q, const float* k, const flo
         int t = t0 + threadIdx.x;
         float sc = -INFINITY;
         if (t <= last) {
-            const float* kt = k + (size_t)t * k_token_stride + (size_t)h * k_head_stride;
+            const float* kt = k + (size_t)t * k_token_stride + (size_t)g * k_head_stride;
             float a = 0.0f;
             for (int d = 0; d < dq; d++) a += qs[d] * kt[d];
             sc = a * scale;
@@ -124,7 +125,7 @@ extern "C" __global__ void mla_prefill(const float* q, const float* k, const flo
             if (d >= dv) break;
             float a = acc[j] * rescale;
             for (int u = 0; u < n; u++)
-                a += p[u] * v[(size_t)(t0 + u) * v_token_stride + (size_t)h * v_head_stride + v_offset + d];
+                a += p[u] * v[(size_t)(t0 + u) * v_token_stride + (size_t)g * v_head_stride + v_offset + d];
             acc[j] = a;
         }
         m = nm;

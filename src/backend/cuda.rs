@@ -1,0 +1,409 @@
+//! The CUDA backend: matrix products, feed-forward blocks and attention on one GPU through
+//! the `kernels-cuda` kernels, weights resident on the device in the checkpoint's own
+//! formats (INT4, FP8-block and BF16 read as stored; F16/F32 widened once).
+//!
+//! It computes at the granularity of the [`Backend`] trait: each call copies its
+//! activations to the device, runs the kernels on the device's stream and copies the
+//! result back, so the model code, the engine and the hybrid schedule are the same ones
+//! every other backend runs and are checked against the same golden fixtures. Weights are
+//! uploaded once ([`CudaBackend::preload`] at start-up, where running out of device
+//! memory is an error value naming the weight), keyed by where their bytes live in the
+//! host's mapping.
+//!
+//! The trait's methods cannot return errors. A device failure after start-up (a lost GPU,
+//! a kernel fault) is not an input problem and there is no sensible partial result, so it
+//! stops the computation with a message naming the operation.
+
+use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
+use crate::weights::{DenseDtype, LinearWeight};
+use kernels_cuda::device::GpuDevice;
+use kernels_cuda::ops::MlaPrefillShape;
+use kernels_cuda::weights::DeviceWeight;
+use kernels_cuda::NoCuda;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// Where a weight's bytes live on the host: its identity for the device copy.
+type WeightKey = (usize, usize);
+
+fn key(w: &LinearWeight) -> WeightKey {
+    let bytes = match w {
+        LinearWeight::Dense { data, .. } => data.bytes(),
+        LinearWeight::Int4 { packed, .. } => packed.bytes(),
+        LinearWeight::Fp8 { data, .. } => data.bytes(),
+    };
+    (bytes.as_ptr() as usize, bytes.len())
+}
+
+/// The largest query and value widths `mla_prefill` takes (its shared-memory query and
+/// per-thread accumulators); wider heads run on the host.
+const MAX_QK_DIM: usize = 1024;
+const MAX_V_DIM: usize = 512;
+
+pub struct CudaBackend {
+    gpu: Arc<GpuDevice>,
+    /// Device copies of the weights; the lock also keeps one caller at a time on the
+    /// device's stream.
+    weights: Mutex<HashMap<WeightKey, Arc<DeviceWeight>>>,
+}
+
+/// Stops on a device failure after start-up (see the module comment).
+fn device<T>(what: &str, r: Result<T, NoCuda>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("GPU failure during {what}: {e}"),
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`; no driver, no device or an unsupported architecture is an
+    /// error naming what is missing.
+    pub fn open(ordinal: usize) -> Result<Self, NoCuda> {
+        Ok(CudaBackend {
+            gpu: Arc::new(GpuDevice::open(ordinal, 0)?),
+            weights: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn gpu(&self) -> &GpuDevice {
+        &self.gpu
+    }
+
+    /// Copies `weights` to the device (those already there are skipped); returns the
+    /// device bytes they hold. Running out of memory is an error naming the weight.
+    pub fn preload(&self, weights: &[&LinearWeight]) -> Result<u64, NoCuda> {
+        let mut map = self.lock();
+        let mut total = 0u64;
+        for w in weights {
+            let k = key(w);
+            let dw = match map.get(&k) {
+                Some(dw) => dw.clone(),
+                None => {
+                    let dw = Arc::new(upload(&self.gpu, w).map_err(|e| NoCuda {
+                        reason: format!(
+                            "a {}x{} {} weight could not be placed on {}: {}",
+                            w.rows(),
+                            w.cols(),
+                            w.format_name(),
+                            self.gpu.name,
+                            e.reason
+                        ),
+                    })?);
+                    map.insert(k, dw.clone());
+                    dw
+                }
+            };
+            total += dw.bytes() as u64;
+        }
+        Ok(total)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WeightKey, Arc<DeviceWeight>>> {
+        // A panic while holding the lock leaves the map consistent (inserts are whole).
+        self.weights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device copy of `w`, uploaded now if [`preload`](Self::preload) did not.
+    fn weight(
+        &self,
+        map: &mut HashMap<WeightKey, Arc<DeviceWeight>>,
+        w: &LinearWeight,
+    ) -> Arc<DeviceWeight> {
+        map.entry(key(w))
+            .or_insert_with(|| Arc::new(device("a weight upload", upload(&self.gpu, w))))
+            .clone()
+    }
+
+    /// `y = x W[rows]ᵀ` on the device, `x` already there.
+    fn linear_on_device(
+        &self,
+        w: &DeviceWeight,
+        rows: Range<usize>,
+        x: &kernels_cuda::cudarc::driver::CudaSlice<f32>,
+        tokens: usize,
+    ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
+        let g = &self.gpu;
+        let mut y = device("an output buffer", g.zeros::<f32>("y", tokens * rows.len()));
+        if rows == (0..w.rows()) {
+            device("a matrix product", g.matmul(w, x, &mut y, tokens));
+        } else {
+            let band = self.band(w, &rows);
+            device(
+                "a band product",
+                g.f32_matmul(&band, x, &mut y, rows.len(), w.cols(), tokens),
+            );
+        }
+        y
+    }
+
+    /// Rows `rows` of `w` decoded to f32 on the device.
+    fn band(
+        &self,
+        w: &DeviceWeight,
+        rows: &Range<usize>,
+    ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
+        let g = &self.gpu;
+        let mut band = device(
+            "a band buffer",
+            g.zeros::<f32>("band", rows.len() * w.cols()),
+        );
+        device(
+            "a band decode",
+            g.dequant_rows(w, rows.start, rows.len(), &mut band),
+        );
+        band
+    }
+}
+
+/// Copies one weight to the device in its own format.
+fn upload(gpu: &GpuDevice, w: &LinearWeight) -> Result<DeviceWeight, NoCuda> {
+    let (rows, cols) = (w.rows(), w.cols());
+    Ok(match w {
+        LinearWeight::Int4 {
+            packed,
+            scales,
+            group,
+            ..
+        } => DeviceWeight::Int4 {
+            packed: gpu.upload("INT4 weights", &words::<u32>(packed.bytes()))?,
+            scales: gpu.upload("INT4 scales", &words::<u16>(scales.bytes()))?,
+            rows,
+            cols,
+            group: *group,
+        },
+        LinearWeight::Fp8 {
+            data,
+            scale_inv,
+            block,
+            ..
+        } => DeviceWeight::Fp8 {
+            data: gpu.upload("FP8 weights", data.bytes())?,
+            scale_inv: gpu.upload("FP8 scales", &words::<f32>(scale_inv.bytes()))?,
+            rows,
+            cols,
+            block: *block,
+        },
+        LinearWeight::Dense {
+            dtype: DenseDtype::Bf16,
+            data,
+            ..
+        } => DeviceWeight::Bf16 {
+            data: gpu.upload("BF16 weights", &words::<u16>(data.bytes()))?,
+            rows,
+            cols,
+        },
+        LinearWeight::Dense { .. } => {
+            let mut f = vec![0.0f32; rows * cols];
+            for (r, row) in f.chunks_exact_mut(cols.max(1)).enumerate() {
+                w.decode_row(r, row);
+            }
+            DeviceWeight::F32 {
+                data: gpu.upload("F32 weights", &f)?,
+                rows,
+                cols,
+            }
+        }
+    })
+}
+
+/// Little-endian values of a byte buffer.
+fn words<T: FromLe>(bytes: &[u8]) -> Vec<T> {
+    bytes.chunks_exact(T::SIZE).map(T::from_le).collect()
+}
+
+trait FromLe: Sized {
+    const SIZE: usize;
+    fn from_le(b: &[u8]) -> Self;
+}
+
+impl FromLe for u16 {
+    const SIZE: usize = 2;
+    fn from_le(b: &[u8]) -> Self {
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl FromLe for u32 {
+    const SIZE: usize = 4;
+    fn from_le(b: &[u8]) -> Self {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl FromLe for f32 {
+    const SIZE: usize = 4;
+    fn from_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+/// Elements `(t, h, 0..dim)` of a strided view for `tokens` tokens and `heads` heads,
+/// packed `[tokens][heads][dim]`.
+fn pack_view(view: &KvView, tokens: usize, heads: usize, dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tokens * heads * dim);
+    for t in 0..tokens {
+        for h in 0..heads {
+            let at = t * view.token_stride + h * view.head_stride + view.offset;
+            out.extend_from_slice(&view.data[at..at + dim]);
+        }
+    }
+    out
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        let n = x.len() / w.cols().max(1);
+        let mut map = self.lock();
+        let dw = self.weight(&mut map, w);
+        let xd = device("an activation upload", self.gpu.upload("x", x));
+        let yd = self.linear_on_device(&dw, rows, &xd, n);
+        y.copy_from_slice(&device("a result download", self.gpu.download("y", &yd)));
+    }
+
+    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        let (n, cols) = (x.len() / rows.len().max(1), w.cols());
+        let mut map = self.lock();
+        let dw = self.weight(&mut map, w);
+        let band = self.band(&dw, &rows);
+        let g = &self.gpu;
+        let xd = device("an activation upload", g.upload("x", x));
+        let mut yd = device("an output buffer", g.zeros::<f32>("y", n * cols));
+        device(
+            "a transposed product",
+            g.f32_matmul_transposed(&band, &xd, &mut yd, rows.len(), cols, n),
+        );
+        y.copy_from_slice(&device("a result download", g.download("y", &yd)));
+    }
+
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &[f32],
+        tokens: &[(usize, f32)],
+        out: &mut [f32],
+    ) {
+        if tokens.is_empty() {
+            return;
+        }
+        let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
+        let mut xs = Vec::with_capacity(m * hidden);
+        for &(t, _) in tokens {
+            xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+        }
+        let mut map = self.lock();
+        let (gate, up, down) = (
+            self.weight(&mut map, &ffn.gate),
+            self.weight(&mut map, &ffn.up),
+            self.weight(&mut map, &ffn.down),
+        );
+        let g = &self.gpu;
+        let xd = device("an activation upload", g.upload("x", &xs));
+        let mut h = self.linear_on_device(&gate, 0..inter, &xd, m);
+        let u = self.linear_on_device(&up, 0..inter, &xd, m);
+        device("silu_mul", g.silu_mul(&mut h, &u, m * inter));
+        let d = self.linear_on_device(&down, 0..hidden, &h, m);
+        let mut contributions = device("a result download", g.download("ffn", &d));
+        drop(map);
+        // Weighted and added on the host, in the order the CPU backends use.
+        for (j, &(_, weight)) in tokens.iter().enumerate() {
+            for v in &mut contributions[j * hidden..(j + 1) * hidden] {
+                *v *= weight;
+            }
+        }
+        super::scatter_add(&contributions, tokens, out);
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        k: KvView,
+        v: KvView,
+        shape: AttentionShape,
+        positions: &[usize],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            qk_dim,
+            v_dim,
+        } = shape;
+        if positions.is_empty() {
+            return;
+        }
+        if qk_dim > MAX_QK_DIM || v_dim > MAX_V_DIM {
+            return ReferenceBackend.attention(q, k, v, shape, positions, scale, out);
+        }
+        let kv_heads = kv_heads.max(1);
+        let keys = positions.iter().max().map_or(0, |p| p + 1);
+        let kp = pack_view(&k, keys, kv_heads, qk_dim);
+        let vp = pack_view(&v, keys, kv_heads, v_dim);
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let _map = self.lock();
+        let g = &self.gpu;
+        let up = |what, data: &[f32]| device("an attention upload", g.upload(what, data));
+        let (qd, kd, vd) = (up("q", q), up("k", &kp), up("v", &vp));
+        let posd = device("an attention upload", g.upload("positions", &pos));
+        let mut od = device("an output buffer", g.zeros::<f32>("out", out.len()));
+        let s = MlaPrefillShape {
+            queries: positions.len(),
+            heads,
+            group: heads / kv_heads,
+            dq: qk_dim,
+            dv: v_dim,
+            k_token_stride: kv_heads * qk_dim,
+            k_head_stride: qk_dim,
+            v_token_stride: kv_heads * v_dim,
+            v_head_stride: v_dim,
+            v_offset: 0,
+            scale,
+        };
+        device("attention", g.mla_prefill(&qd, &kd, &vd, &posd, s, &mut od));
+        out.copy_from_slice(&device("a result download", g.download("out", &od)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn little_endian_words() {
+        assert_eq!(
+            words::<u16>(&[0x34, 0x12, 0x78, 0x56]),
+            vec![0x1234, 0x5678]
+        );
+        assert_eq!(words::<u32>(&[1, 0, 0, 0x80]), vec![0x8000_0001]);
+        assert_eq!(words::<f32>(&1.5f32.to_le_bytes()), vec![1.5]);
+    }
+
+    #[test]
+    fn packed_views_follow_the_strides() {
+        // 2 tokens x 2 heads x 3 values at token stride 8, head stride 4, offset 1.
+        let data: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let view = KvView {
+            data: &data,
+            token_stride: 8,
+            head_stride: 4,
+            offset: 1,
+        };
+        assert_eq!(
+            pack_view(&view, 2, 2, 3),
+            vec![1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 10.0, 11.0, 13.0, 14.0, 15.0]
+        );
+    }
+
+    #[test]
+    fn opening_without_a_gpu_is_an_error_naming_why() {
+        match CudaBackend::open(0) {
+            Ok(b) => eprintln!("GPU present: {}", b.gpu().name),
+            Err(e) => assert!(e.to_string().starts_with("no CUDA device"), "{e}"),
+        }
+    }
+}
