@@ -406,7 +406,7 @@ fn run(args: RunArgs) -> Result<()> {
     let ckpt = open(&dir)?;
     let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    kimi_hybrid::server::launch::place(
+    let placement = kimi_hybrid::server::launch::place(
         &ckpt,
         &mut model,
         args.profile.as_deref(),
@@ -456,7 +456,7 @@ fn run(args: RunArgs) -> Result<()> {
         stop_ids: &stop_ids,
         keep_prompt_logits: args.logits_out.is_some(),
     };
-    let backend = kimi_hybrid::backend::by_name(&args.backend).map_err(anyhow::Error::msg)?;
+    let backend = placement.backend(&model, &args.backend)?;
     let out = generate(&model, backend.as_ref(), &req)?;
     if let (Some(path), Some(logits)) = (&args.logits_out, &out.prompt_logits) {
         write_logits(path, logits, prompt_ids.len(), model.config.vocab_size)?;

@@ -91,7 +91,8 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
         assert_eq!(on_gpu, gpu_experts);
         assert_eq!(on_host, host_experts);
         let device = Arc::new(SimDevice::new("sim-gpu0", p.gpus[0].budget_bytes).expect("device"));
-        let hybrid = HybridBackend::new(&model, &p, device.clone(), cpu.clone()).expect("fits");
+        let hybrid =
+            HybridBackend::new(&model, &p, device.clone(), cpu.clone(), cpu.clone()).expect("fits");
         assert!(device.used_bytes() <= device.budget_bytes());
         let (got, tokens) = run(&model, &hybrid, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
@@ -107,6 +108,43 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
     }
 }
 
+/// The same hybrid plans on a real GPU (skipped with a message where none exists): the
+/// CUDA backend computes the device's share, the exact f32 CPU backend the host experts.
+/// The GPU sums in its own order, so logits are held to 2e-3 of the CPU-only run and to
+/// transformers' golden, and the greedy tokens must agree.
+#[test]
+fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
+    use kimi_hybrid::accel::cuda::hybrid_on_gpu;
+    use kimi_hybrid::backend::CudaBackend;
+    let gpu = match CudaBackend::open(0) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            eprintln!("skipping hybrid_on_a_real_gpu_matches_cpu_on_every_fixture: {e}");
+            return;
+        }
+    };
+    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = half_on_gpu(&ckpt);
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let (want, _) = run(&model, cpu.as_ref(), &g.prompt_ids);
+        model.apply_plan(&p);
+        let hybrid = hybrid_on_gpu(&model, &p, gpu.clone(), cpu.clone()).expect("fits");
+        let (got, _) = run(&model, &hybrid, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        let prefill = got.len() - 3 * model.config.vocab_size;
+        let vs_golden = max_abs_diff(&got[..prefill], &g.logits);
+        println!(
+            "{name} on {}: max abs diff vs CPU {diff:.1e}, vs golden {vs_golden:.1e}",
+            gpu.gpu().name
+        );
+        assert!(diff <= 2e-3, "{name}: {diff}");
+        assert!(vs_golden <= 2e-3, "{name}: {vs_golden}");
+    }
+}
+
 #[test]
 fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
     let ckpt = Checkpoint::open(&fixture("kimi-int4")).expect("fixture");
@@ -115,7 +153,7 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
     model.apply_plan(&p);
     let device = Arc::new(SimDevice::new("tiny", 1000).expect("device"));
     let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
-    match HybridBackend::new(&model, &p, device, cpu) {
+    match HybridBackend::new(&model, &p, device, cpu.clone(), cpu) {
         Err(AccelError::OutOfMemory { what, budget, .. }) => {
             assert_eq!(budget, 1000);
             assert!(!what.is_empty());

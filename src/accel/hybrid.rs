@@ -20,8 +20,11 @@ type DeviceExpert = (usize, FfnWeights, Vec<(usize, f32)>);
 
 pub struct HybridBackend {
     device: Arc<dyn Accelerator>,
-    /// The kernels both sides compute with (the simulated device runs the CPU twins).
+    /// The kernels the device's queue computes with (the CUDA backend on a GPU; the CPU
+    /// twins on the simulated device).
     compute: Arc<dyn Backend>,
+    /// The kernels the host computes its routed experts with.
+    host: Arc<dyn Backend>,
     /// Per decoder layer: whether some of its routed experts live on the host.
     host_layers: Vec<bool>,
 }
@@ -29,12 +32,14 @@ pub struct HybridBackend {
 impl HybridBackend {
     /// Reserves on `device` what the plan puts there (the non-expert weights and KV items
     /// of GPU 0, and the routed experts `model.apply_plan` marked for it) and builds the
-    /// backend. An item that does not fit is an error naming it.
+    /// backend: `compute` runs the device's work, `host` the experts in host RAM. An item
+    /// that does not fit is an error naming it.
     pub fn new(
         model: &Model,
         plan: &Plan,
         device: Arc<dyn Accelerator>,
         compute: Arc<dyn Backend>,
+        host: Arc<dyn Backend>,
     ) -> Result<Self, AccelError> {
         let mut host_layers = vec![false; model.layers.len()];
         let mut device_expert_bytes = 0u64;
@@ -61,6 +66,7 @@ impl HybridBackend {
         Ok(HybridBackend {
             device,
             compute,
+            host,
             host_layers,
         })
     }
@@ -149,7 +155,7 @@ impl Backend for HybridBackend {
         let mut parts: Vec<Option<Vec<f32>>> = vec![None; work.len()];
         for (i, (f, t)) in work.iter().enumerate() {
             if f.gpu.is_none() {
-                parts[i] = Some(ffn_contributions(self.compute.as_ref(), f, x, t));
+                parts[i] = Some(ffn_contributions(self.host.as_ref(), f, x, t));
             }
         }
         if ships {

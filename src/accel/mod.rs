@@ -9,6 +9,7 @@
 //! hybrid schedule (what runs where, what crosses, what overlaps) is exercised and
 //! checked on machines without a GPU.
 
+pub mod cuda;
 pub mod hybrid;
 pub mod sim;
 

@@ -4,6 +4,8 @@
 
 use super::metrics::Metrics;
 use super::{AppState, Shared};
+use crate::accel::cuda::hybrid_on_gpu;
+use crate::backend::{Backend, CudaBackend};
 use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
 use crate::model::Model;
@@ -43,23 +45,50 @@ pub struct LaunchOptions {
     pub progress: bool,
 }
 
-/// A GPU profile on a machine where the GPU backend cannot run is refused with what to
-/// do instead.
-fn refuse_gpu_layout(what: &str, gpus: usize) -> Result<()> {
+/// Opens the GPU a layout needs (`None` for CPU-only layouts). A machine without it is
+/// refused with what to do instead; so is a multi-GPU layout, which this build cannot
+/// run yet (its expert-parallel execution over NCCL is not implemented).
+fn open_gpu_for(what: &str, gpus: usize) -> Result<Option<Arc<CudaBackend>>> {
     if gpus == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    let why = match kernels_cuda::driver_library_present() {
-        Err(e) => format!("{e}"),
-        Ok(path) => format!(
-            "a CUDA driver is present ({}), but this build has no GPU backend yet",
-            path.display()
-        ),
-    };
-    bail!(
-        "{what} places weights on {gpus} GPU(s), which cannot be used here: {why}. \
-         Use --profile cpu-only (or --profile auto, which plans for this machine) instead."
-    )
+    let gpu = CudaBackend::open(0).map_err(|e| {
+        anyhow::anyhow!(
+            "{what} places weights on {gpus} GPU(s), which cannot be used here: {e}. \
+             Use --profile cpu-only (or --profile auto, which plans for this machine) instead."
+        )
+    })?;
+    if gpus > 1 {
+        bail!(
+            "{what} places weights on {gpus} GPUs; this build runs one GPU with host RAM \
+             (multi-GPU expert parallelism is not implemented yet). Use a one-GPU profile \
+             such as 1xH100+512GB, or --profile cpu-only."
+        );
+    }
+    Ok(Some(Arc::new(gpu)))
+}
+
+/// Where the model runs: the plan (if any) and the GPU it uses (if any).
+pub struct Placement {
+    pub plan: Option<Plan>,
+    pub gpu: Option<Arc<CudaBackend>>,
+}
+
+impl Placement {
+    /// The backend to run on: the hybrid GPU + host backend when the plan uses a GPU
+    /// (`host` computing the experts left in host RAM), else `host` alone.
+    pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
+        let host = crate::backend::by_name(host).map_err(anyhow::Error::msg)?;
+        match (&self.plan, &self.gpu) {
+            (Some(plan), Some(gpu)) => Ok(Box::new(hybrid_on_gpu(
+                model,
+                plan,
+                gpu.clone(),
+                Arc::from(host),
+            )?)),
+            _ => Ok(host),
+        }
+    }
 }
 
 fn read_plan(path: &Path) -> Result<Plan> {
@@ -89,18 +118,29 @@ pub fn place(
     model: &mut Model,
     profile: Option<&str>,
     plan_file: Option<&Path>,
-) -> Result<Option<Plan>> {
-    let plan = match (plan_file, profile) {
-        (Some(path), _) => read_plan(path)?,
+) -> Result<Placement> {
+    let (plan, gpu) = match (plan_file, profile) {
+        (Some(path), _) => {
+            let plan = read_plan(path)?;
+            let gpu = open_gpu_for(&format!("plan for {}", plan.profile), plan.gpus.len())?;
+            (plan, gpu)
+        }
         (None, Some(name)) => {
             let profile = Profile::resolve(name)?;
-            refuse_gpu_layout(&format!("profile {}", profile.name), profile.gpu.count)?;
+            let gpu = open_gpu_for(&format!("profile {}", profile.name), profile.gpu.count)?;
             let desc = ModelDesc::from_checkpoint(ckpt);
-            placement::plan(&desc, &profile, &profile.workload, None)
+            (
+                placement::plan(&desc, &profile, &profile.workload, None),
+                gpu,
+            )
         }
-        (None, None) => return Ok(None),
+        (None, None) => {
+            return Ok(Placement {
+                plan: None,
+                gpu: None,
+            })
+        }
     };
-    refuse_gpu_layout(&format!("plan for {}", plan.profile), plan.gpus.len())?;
     if !plan.feasible {
         bail!(
             "the plan for {} cannot run: {}",
@@ -108,12 +148,15 @@ pub fn place(
             plan.problems.join("; ")
         );
     }
-    let (_, on_nodes) = model.apply_plan(&plan);
+    let (on_gpu, on_nodes) = model.apply_plan(&plan);
     tracing_line(&format!(
-        "placement: {} routed experts assigned to NUMA nodes by the plan for {}",
-        on_nodes, plan.profile
+        "placement: {on_gpu} routed experts on the GPU, {on_nodes} assigned to NUMA nodes by the plan for {}",
+        plan.profile
     ));
-    Ok(Some(plan))
+    Ok(Placement {
+        plan: Some(plan),
+        gpu,
+    })
 }
 
 /// Loads everything and starts the engine; returns the state the routes share.
@@ -131,12 +174,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
 
-    let plan = place(
+    let placement = place(
         &ckpt,
         &mut model,
         opts.profile.as_deref(),
         opts.plan.as_deref(),
     )?;
+    let plan = placement.plan.clone();
 
     model.defer_host_experts = opts.defer_host_experts;
     warm(&ckpt, opts.progress);
@@ -193,7 +237,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         kv_dtype,
         max_model_len
     ));
-    let backend = crate::backend::by_name(&opts.backend).map_err(anyhow::Error::msg)?;
+    let backend = placement.backend(&model, &opts.backend)?;
     let served_model_name = opts.served_model_name.clone().unwrap_or_else(|| {
         dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
