@@ -226,7 +226,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
         };
         return CudaBackend::open(ordinal)
             .map(|b| Box::new(b) as Box<dyn Backend>)
-            .map_err(|e| format!("backend {name}: {e}; use --backend cpu on this machine"));
+            .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));
     }
     let (family, isa) = name
         .split_once(':')
