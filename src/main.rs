@@ -107,8 +107,10 @@ struct BenchArgs {
     /// default: a whole 384-expert K2 layer, 9.5 GB, where memory allows, else 2).
     #[arg(long)]
     working_set_gb: Option<f64>,
-    /// kernels: repetitions per measurement.
-    #[arg(long, default_value_t = 3)]
+    /// kernels: interleaved rounds; each figure is its best round (on a shared or noisy
+    /// machine more rounds find the quiet moments for the kernels and the references
+    /// alike).
+    #[arg(long, default_value_t = 10)]
     repeats: usize,
     /// Checkpoint directory (default: the bundled demo checkpoint).
     #[arg(long)]

@@ -7,7 +7,7 @@
 //! result equals the CPU-only run.
 
 use super::{launch, AccelError, Accelerator};
-use crate::backend::{ffn_contributions, scatter_add, AttentionShape, Backend, FfnWeights, KvView};
+use crate::backend::{scatter_add, AttentionShape, Backend, FfnWeights, KvView};
 use crate::model::{Ffn, Model};
 use crate::placement::Plan;
 use crate::weights::LinearWeight;
@@ -124,7 +124,7 @@ impl Backend for HybridBackend {
         out: &mut [f32],
     ) {
         let (f, xs, ts) = (ffn.clone(), x.to_vec(), tokens.to_vec());
-        let contributions = self.on_device(move |b| ffn_contributions(b, &f, &xs, &ts));
+        let contributions = self.on_device(move |b| b.ffn_contributions(&f, &xs, &ts));
         scatter_add(&contributions, tokens, out);
     }
 
@@ -148,14 +148,14 @@ impl Backend for HybridBackend {
         let pending = launch(self.device.as_ref(), move || {
             device_work
                 .into_iter()
-                .map(|(i, f, t)| (i, ffn_contributions(compute.as_ref(), &f, &xs, &t)))
+                .map(|(i, f, t)| (i, compute.ffn_contributions(&f, &xs, &t)))
                 .collect::<Vec<_>>()
         });
         // ...while the host computes the experts in its RAM.
         let mut parts: Vec<Option<Vec<f32>>> = vec![None; work.len()];
         for (i, (f, t)) in work.iter().enumerate() {
             if f.gpu.is_none() {
-                parts[i] = Some(ffn_contributions(self.host.as_ref(), f, x, t));
+                parts[i] = Some(self.host.ffn_contributions(f, x, t));
             }
         }
         if ships {

@@ -223,6 +223,13 @@ impl Backend for CpuBackend {
         ReferenceBackend.linear_transposed(w, rows, x, y)
     }
 
+    fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
+        match self.ffn_fused(ffn, x, tokens) {
+            Some(c) => c,
+            None => super::ffn_composed(self, ffn, x, tokens),
+        }
+    }
+
     fn ffn_accumulate(
         &self,
         ffn: &FfnWeights,
@@ -254,8 +261,8 @@ impl Backend for CpuBackend {
                 .map(|(ffn, tokens)| match (&self.pools, ffn.numa_node) {
                     (Some(p), Some(node)) => p
                         .node(node)
-                        .install(|| super::ffn_contributions(self, ffn, x, tokens)),
-                    _ => super::ffn_contributions(self, ffn, x, tokens),
+                        .install(|| self.ffn_contributions(ffn, x, tokens)),
+                    _ => self.ffn_contributions(ffn, x, tokens),
                 })
                 .collect()
         });
@@ -292,7 +299,127 @@ impl Backend for CpuBackend {
     }
 }
 
+/// An INT4 group-32 matrix's bytes, row by row.
+struct Int4Matrix<'a> {
+    packed: &'a [u8],
+    scales: &'a [u8],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Int4Matrix<'a> {
+    fn of(w: &'a LinearWeight) -> Option<Self> {
+        match w {
+            LinearWeight::Int4 {
+                packed,
+                scales,
+                rows,
+                cols,
+                group: 32,
+            } => Some(Int4Matrix {
+                packed: packed.bytes(),
+                scales: scales.bytes(),
+                rows: *rows,
+                cols: *cols,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Row `r`'s packed values and BF16 scales.
+    fn row(&self, r: usize) -> (&'a [u8], &'a [u8]) {
+        let (pw, sw) = (self.cols / 2, self.cols / 32 * 2);
+        (
+            &self.packed[r * pw..(r + 1) * pw],
+            &self.scales[r * sw..(r + 1) * sw],
+        )
+    }
+}
+
+/// An INT4 row kernel over activations prepared once: `kernel(packed_row, scales_row,
+/// tokens, out)` fills `out` with the row's products with those tokens.
+type Int4Rows<'a> = dyn Fn(&[u8], &[u8], Range<usize>, &mut [f32]) + Sync + 'a;
+
 impl CpuBackend {
+    /// Runs `f` with this backend's INT4 row kernel over `x` (`[n, cols]`), each token
+    /// quantized once (not once per row).
+    fn with_int4_rows<R>(&self, x: &[f32], cols: usize, f: impl FnOnce(&Int4Rows<'_>) -> R) -> R {
+        let isa = self.isa;
+        match self.activations {
+            Activations::F32 => {
+                let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+                f(&|p, s, t, out| kernels_avx512::int4::dot_row_f32(isa, p, s, &xs[t], out))
+            }
+            Activations::Int16 => {
+                let q: Vec<Q16Activations> =
+                    x.chunks_exact(cols).map(Q16Activations::new).collect();
+                let xs: Vec<&Q16Activations> = q.iter().collect();
+                f(&|p, s, t, out| kernels_avx512::int4_i16::dot_row(isa, p, s, &xs[t], out))
+            }
+            Activations::Int8 => {
+                let q: Vec<Q8Activations> = x.chunks_exact(cols).map(Q8Activations::new).collect();
+                let xs: Vec<&Q8Activations> = q.iter().collect();
+                f(&|p, s, t, out| kernels_avx512::int4::dot_row(isa, p, s, &xs[t], out))
+            }
+        }
+    }
+
+    /// The fused INT4 expert FFN for decode-sized batches (those the row kernels take):
+    /// each token is quantized once for gate and up, one pass over the rows computes
+    /// `silu(gate . x) * (up . x)` row by row (both matrices streamed together), then one
+    /// pass the down projection, weighted per token. The same kernels on the same
+    /// quantized values as the composed form, so the same numbers. `None` where it does
+    /// not apply (other formats, batches for the GEMM).
+    fn ffn_fused(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Option<Vec<f32>> {
+        let (gate, up, down) = (
+            Int4Matrix::of(&ffn.gate)?,
+            Int4Matrix::of(&ffn.up)?,
+            Int4Matrix::of(&ffn.down)?,
+        );
+        let (m, hidden, inter) = (tokens.len(), gate.cols, gate.rows);
+        let batched = m >= GEMM_MIN_TOKENS
+            && self.isa == Isa::Avx512Vnni
+            && self.activations != Activations::F32;
+        let shapes_agree =
+            up.rows == inter && up.cols == hidden && down.rows == hidden && down.cols == inter;
+        if m == 0 || batched || !shapes_agree || x.len() < hidden {
+            return None;
+        }
+        let mut xs = Vec::with_capacity(m * hidden);
+        for &(t, _) in tokens {
+            xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+        }
+        Some(self.on_pool(|| {
+            let mut h = vec![0.0f32; m * inter];
+            self.with_int4_rows(&xs, hidden, |kernel| {
+                rows_parallel(0..inter, m, &mut h, |row, t, out| {
+                    let mut u = [0.0f32; TOKENS_PER_CALL];
+                    let u = &mut u[..out.len()];
+                    let (gp, gs) = gate.row(row);
+                    let (up_p, up_s) = up.row(row);
+                    kernel(gp, gs, t.clone(), out);
+                    kernel(up_p, up_s, t, u);
+                    for (g, u) in out.iter_mut().zip(u.iter()) {
+                        *g = super::silu(*g) * u;
+                    }
+                })
+            });
+            let mut d = vec![0.0f32; m * hidden];
+            self.with_int4_rows(&h, inter, |kernel| {
+                rows_parallel(0..hidden, m, &mut d, |row, t, out| {
+                    let (p, s) = down.row(row);
+                    kernel(p, s, t, out)
+                })
+            });
+            for (j, &(_, weight)) in tokens.iter().enumerate() {
+                for v in &mut d[j * hidden..(j + 1) * hidden] {
+                    *v *= weight;
+                }
+            }
+            d
+        }))
+    }
+
     /// `linear` on the current thread pool.
     fn linear_here(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
         match w {
@@ -304,49 +431,21 @@ impl CpuBackend {
                 ..
             } => {
                 let n = x.len() / cols;
-                let (packed, scales) = (packed.bytes(), scales.bytes());
-                let (pw, sw) = (cols / 2, cols / 32 * 2);
-                let row_bytes = |row: usize| {
-                    (
-                        &packed[row * pw..(row + 1) * pw],
-                        &scales[row * sw..(row + 1) * sw],
-                    )
-                };
-                match self.activations {
-                    Activations::F32 => {
-                        let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
-                        rows_parallel(rows, n, y, |row, tokens, out| {
-                            let (p, s) = row_bytes(row);
-                            kernels_avx512::int4::dot_row_f32(self.isa, p, s, &xs[tokens], out);
-                        })
-                    }
+                let batched = n >= GEMM_MIN_TOKENS
+                    && self.isa == Isa::Avx512Vnni
+                    && self.activations != Activations::F32;
+                match Int4Matrix::of(w) {
                     // Batches of tokens take the tiled GEMM on both quantized backends: it is
                     // several times faster than the row kernels there, int8 ones included,
                     // and more accurate than int8.
-                    Activations::Int16 | Activations::Int8
-                        if n >= GEMM_MIN_TOKENS && self.isa == Isa::Avx512Vnni =>
-                    {
-                        int4_gemm(rows, packed, scales, *cols, x, y)
-                    }
-                    Activations::Int16 => {
-                        // Quantize each token once per call, not once per row.
-                        let q: Vec<Q16Activations> =
-                            x.chunks_exact(*cols).map(Q16Activations::new).collect();
-                        let xs: Vec<&Q16Activations> = q.iter().collect();
+                    _ if batched => int4_gemm(rows, packed.bytes(), scales.bytes(), *cols, x, y),
+                    Some(m) => self.with_int4_rows(x, *cols, |kernel| {
                         rows_parallel(rows, n, y, |row, tokens, out| {
-                            let (p, s) = row_bytes(row);
-                            kernels_avx512::int4_i16::dot_row(self.isa, p, s, &xs[tokens], out);
-                        });
-                    }
-                    Activations::Int8 => {
-                        let q: Vec<Q8Activations> =
-                            x.chunks_exact(*cols).map(Q8Activations::new).collect();
-                        let xs: Vec<&Q8Activations> = q.iter().collect();
-                        rows_parallel(rows, n, y, |row, tokens, out| {
-                            let (p, s) = row_bytes(row);
-                            kernels_avx512::int4::dot_row(self.isa, p, s, &xs[tokens], out);
-                        });
-                    }
+                            let (p, s) = m.row(row);
+                            kernel(p, s, tokens, out)
+                        })
+                    }),
+                    None => ReferenceBackend.linear(w, rows, x, y),
                 }
             }
             LinearWeight::Dense {
@@ -500,6 +599,63 @@ mod tests {
                 CpuBackend::new(Isa::detect(), Activations::Int16)
                     .linear(&int4, band, &x, &mut got);
                 assert!(rel_l2(&got, &want) <= 2e-3);
+            }
+        }
+    }
+
+    fn int4_matrix(rows: usize, cols: usize, seed: u64) -> LinearWeight {
+        let packed = map_of(&pseudo(rows * cols / 2, seed));
+        let scale_bytes: Vec<u8> = (0..rows * cols / 32)
+            .flat_map(|i| (0x3c00u16 + ((i as u64 * seed) % 64) as u16).to_le_bytes())
+            .collect();
+        LinearWeight::Int4 {
+            packed: TensorData::new(packed, 0, rows * cols / 2).unwrap(),
+            scales: TensorData::new(map_of(&scale_bytes), 0, rows * cols / 32 * 2).unwrap(),
+            rows,
+            cols,
+            group: 32,
+        }
+    }
+
+    /// The fused expert FFN computes exactly what gate, up, SiLU and down composed from
+    /// `linear` compute, on every ISA and activation type, for every batch it takes.
+    #[test]
+    fn fused_ffn_equals_the_composed_one() {
+        let (hidden, inter) = (96, 160);
+        let ffn = FfnWeights {
+            gate: int4_matrix(inter, hidden, 3),
+            up: int4_matrix(inter, hidden, 5),
+            down: int4_matrix(hidden, inter, 7),
+            numa_node: None,
+            expert: None,
+            gpu: None,
+        };
+        let x: Vec<f32> = pseudo(10 * hidden, 11)
+            .iter()
+            .map(|&b| (b as f32 - 127.5) / 64.0)
+            .collect();
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            for act in [Activations::F32, Activations::Int16, Activations::Int8] {
+                let b = CpuBackend::new(isa, act);
+                for tokens in [
+                    vec![(3, 1.0)],
+                    vec![(0, 0.5), (9, 0.25), (4, 2.0)],
+                    (0..9).map(|t| (t, 0.1 * t as f32)).collect(),
+                ] {
+                    let composed = super::super::ffn_composed(&b, &ffn, &x, &tokens);
+                    match b.ffn_fused(&ffn, &x, &tokens) {
+                        Some(fused) => {
+                            assert_eq!(fused, composed, "{isa:?} {act:?} {}", tokens.len())
+                        }
+                        // Only batches the GEMM takes are left to the composed form.
+                        None => assert!(
+                            tokens.len() >= GEMM_MIN_TOKENS
+                                && isa == Isa::Avx512Vnni
+                                && act != Activations::F32
+                        ),
+                    }
+                    assert_eq!(b.ffn_contributions(&ffn, &x, &tokens), composed);
+                }
             }
         }
     }

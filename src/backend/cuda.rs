@@ -287,8 +287,14 @@ impl Backend for CudaBackend {
         tokens: &[(usize, f32)],
         out: &mut [f32],
     ) {
+        super::ffn_accumulate_with(self, ffn, x, tokens, out)
+    }
+
+    /// Gate, up, SiLU-mul and down on the device, one upload and one download; weighted
+    /// on the host in the order the CPU backends use.
+    fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
         if tokens.is_empty() {
-            return;
+            return Vec::new();
         }
         let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
         let mut xs = Vec::with_capacity(m * hidden);
@@ -309,13 +315,12 @@ impl Backend for CudaBackend {
         let d = self.linear_on_device(&down, 0..hidden, &h, m);
         let mut contributions = device("a result download", g.download("ffn", &d));
         drop(map);
-        // Weighted and added on the host, in the order the CPU backends use.
         for (j, &(_, weight)) in tokens.iter().enumerate() {
             for v in &mut contributions[j * hidden..(j + 1) * hidden] {
                 *v *= weight;
             }
         }
-        super::scatter_add(&contributions, tokens, out);
+        contributions
     }
 
     fn attention(

@@ -70,6 +70,13 @@ pub trait Backend: Send + Sync {
     /// `out` [n, hidden].
     fn ffn_accumulate(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)], out: &mut [f32]);
 
+    /// `weight * ffn(x[t])` for every `(t, weight)` in `tokens`, as `[tokens.len(), hidden]`
+    /// rows in that order. Backends with a fused feed-forward block override it; the
+    /// default composes `linear`.
+    fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
+        ffn_composed(self, ffn, x, tokens)
+    }
+
     /// The routed experts of one MoE layer: for each `(expert, tokens)`, in order,
     /// `ffn_accumulate`. Backends may run experts concurrently but must add their outputs
     /// in this order, so results do not depend on scheduling.
@@ -143,15 +150,15 @@ pub fn attention_with(
     });
 }
 
-fn silu(x: f32) -> f32 {
+pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
 /// The SiLU-gated FFN written once over any backend's `linear`: gather the tokens' rows,
 /// gate and up projections, `silu(gate) * up`, down projection; returns each token's
 /// weighted contribution, [tokens.len(), hidden].
-pub fn ffn_contributions(
-    backend: &dyn Backend,
+pub fn ffn_composed<B: Backend + ?Sized>(
+    backend: &B,
     ffn: &FfnWeights,
     x: &[f32],
     tokens: &[(usize, f32)],
@@ -201,7 +208,7 @@ pub fn ffn_accumulate_with(
     tokens: &[(usize, f32)],
     out: &mut [f32],
 ) {
-    let contributions = ffn_contributions(backend, ffn, x, tokens);
+    let contributions = backend.ffn_contributions(ffn, x, tokens);
     scatter_add(&contributions, tokens, out);
 }
 
