@@ -6,12 +6,14 @@
 //! calls, so the host computes its experts while the GPU works); the budget is the GPU's
 //! free memory when it was opened, and the device's work runs through the CUDA backend.
 
+use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
 use super::sim::SimDevice;
 use super::{AccelError, Accelerator, Job, Transfers};
 use crate::backend::{Backend, CudaBackend};
 use crate::model::Model;
 use crate::placement::Plan;
+use crate::weights::LinearWeight;
 use std::sync::Arc;
 
 pub struct CudaAccelerator {
@@ -77,4 +79,46 @@ pub fn hybrid_on_gpu(
         gpu.gpu().name
     );
     Ok(hybrid)
+}
+
+/// The backend an all-GPU plan over `gpus.len()` GPUs runs on (see
+/// [`ExpertParallel`]): each GPU gets the attention, dense and shared-expert weights, its
+/// band of the lm_head and the routed experts `model.apply_plan` gave it, checked against
+/// its memory as they are uploaded.
+pub fn expert_parallel_on_gpus(
+    model: &Model,
+    gpus: Vec<Arc<CudaBackend>>,
+) -> anyhow::Result<ExpertParallel> {
+    let lm_head = model.lm_head.identity();
+    let shared: Vec<_> = model
+        .matrices(|_| false)
+        .into_iter()
+        .filter(|w| w.identity() != lm_head)
+        .collect();
+    let vocab = model.lm_head.rows();
+    for (g, gpu) in gpus.iter().enumerate() {
+        let mut bytes = gpu
+            .preload(&shared)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        let band = ExpertParallel::lm_head_rows(vocab, gpus.len(), g);
+        bytes += gpu
+            .preload_rows(&model.lm_head, band)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        let experts: Vec<&LinearWeight> = model
+            .routed_experts()
+            .into_iter()
+            .filter(|e| e.gpu == Some(g))
+            .flat_map(|e| [&e.gate, &e.up, &e.down])
+            .collect();
+        bytes += gpu
+            .preload(&experts)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        eprintln!(
+            "expert-parallel: {:.2} GiB of weights on GPU {g} ({})",
+            bytes as f64 / (1u64 << 30) as f64,
+            gpu.gpu().name
+        );
+    }
+    let devices: Vec<Arc<dyn Backend>> = gpus.into_iter().map(|g| g as Arc<dyn Backend>).collect();
+    ExpertParallel::new(devices, model).ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))
 }

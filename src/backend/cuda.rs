@@ -24,16 +24,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-/// Where a weight's bytes live on the host: its identity for the device copy.
-type WeightKey = (usize, usize);
+/// A device copy's identity: where the weight's bytes live on the host, and the band of
+/// rows copied (all of them, or one device's share of a row-split matrix).
+type WeightKey = ((usize, usize), usize, usize);
 
-fn key(w: &LinearWeight) -> WeightKey {
-    let bytes = match w {
-        LinearWeight::Dense { data, .. } => data.bytes(),
-        LinearWeight::Int4 { packed, .. } => packed.bytes(),
-        LinearWeight::Fp8 { data, .. } => data.bytes(),
-    };
-    (bytes.as_ptr() as usize, bytes.len())
+fn key(w: &LinearWeight, rows: &Range<usize>) -> WeightKey {
+    (w.identity(), rows.start, rows.end)
 }
 
 /// The largest query and value widths `mla_prefill` takes (its shared-memory query and
@@ -73,30 +69,41 @@ impl CudaBackend {
     /// Copies `weights` to the device (those already there are skipped); returns the
     /// device bytes they hold. Running out of memory is an error naming the weight.
     pub fn preload(&self, weights: &[&LinearWeight]) -> Result<u64, NoCuda> {
-        let mut map = self.lock();
         let mut total = 0u64;
         for w in weights {
-            let k = key(w);
-            let dw = match map.get(&k) {
-                Some(dw) => dw.clone(),
-                None => {
-                    let dw = Arc::new(upload(&self.gpu, w).map_err(|e| NoCuda {
-                        reason: format!(
-                            "a {}x{} {} weight could not be placed on {}: {}",
-                            w.rows(),
-                            w.cols(),
-                            w.format_name(),
-                            self.gpu.name,
-                            e.reason
-                        ),
-                    })?);
-                    map.insert(k, dw.clone());
-                    dw
-                }
-            };
-            total += dw.bytes() as u64;
+            total += self.preload_rows(w, 0..w.rows())?;
         }
         Ok(total)
+    }
+
+    /// Copies rows `rows` of `w` to the device (this device's share of a matrix split by
+    /// rows); a band the format cannot cut (FP8 rows off a scale block) copies the whole
+    /// matrix. Returns the device bytes held.
+    pub fn preload_rows(&self, w: &LinearWeight, rows: Range<usize>) -> Result<u64, NoCuda> {
+        let rows = if band_of(w, &rows).is_some() {
+            rows
+        } else {
+            0..w.rows()
+        };
+        let mut map = self.lock();
+        if let Some(dw) = map.get(&key(w, &rows)) {
+            return Ok(dw.bytes() as u64);
+        }
+        let dw = upload(&self.gpu, w, rows.clone()).map_err(|e| NoCuda {
+            reason: format!(
+                "rows {}..{} of a {}x{} {} weight could not be placed on {}: {}",
+                rows.start,
+                rows.end,
+                w.rows(),
+                w.cols(),
+                w.format_name(),
+                self.gpu.name,
+                e.reason
+            ),
+        })?;
+        let bytes = dw.bytes() as u64;
+        map.insert(key(w, &rows), Arc::new(dw));
+        Ok(bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WeightKey, Arc<DeviceWeight>>> {
@@ -110,8 +117,9 @@ impl CudaBackend {
         map: &mut HashMap<WeightKey, Arc<DeviceWeight>>,
         w: &LinearWeight,
     ) -> Arc<DeviceWeight> {
-        map.entry(key(w))
-            .or_insert_with(|| Arc::new(device("a weight upload", upload(&self.gpu, w))))
+        let all = 0..w.rows();
+        map.entry(key(w, &all))
+            .or_insert_with(|| Arc::new(device("a weight upload", upload(&self.gpu, w, all))))
             .clone()
     }
 
@@ -156,9 +164,55 @@ impl CudaBackend {
     }
 }
 
-/// Copies one weight to the device in its own format.
-fn upload(gpu: &GpuDevice, w: &LinearWeight) -> Result<DeviceWeight, NoCuda> {
-    let (rows, cols) = (w.rows(), w.cols());
+/// Byte ranges of rows `rows` of `w`: (weights, scales) for the formats whose rows can be
+/// cut (FP8 only at scale-block boundaries); `None` otherwise.
+fn band_of(w: &LinearWeight, rows: &Range<usize>) -> Option<(Range<usize>, Range<usize>)> {
+    if rows.start > rows.end || rows.end > w.rows() {
+        return None;
+    }
+    match w {
+        LinearWeight::Dense { dtype, cols, .. } => {
+            let width = cols * dtype.bytes();
+            Some((rows.start * width..rows.end * width, 0..0))
+        }
+        LinearWeight::Int4 { cols, group, .. } => {
+            let (pw, sw) = (cols / 2, cols / group * 2);
+            Some((
+                rows.start * pw..rows.end * pw,
+                rows.start * sw..rows.end * sw,
+            ))
+        }
+        LinearWeight::Fp8 {
+            rows: all,
+            cols,
+            block,
+            ..
+        } => {
+            let aligned = rows.start.is_multiple_of(block[0])
+                && (rows.end.is_multiple_of(block[0]) || rows.end == *all);
+            let sw = cols.div_ceil(block[1]) * 4;
+            aligned.then(|| {
+                (
+                    rows.start * cols..rows.end * cols,
+                    rows.start / block[0] * sw..rows.end.div_ceil(block[0]) * sw,
+                )
+            })
+        }
+    }
+}
+
+/// Copies rows `rows` of one weight to the device in its own format.
+fn upload(gpu: &GpuDevice, w: &LinearWeight, rows: Range<usize>) -> Result<DeviceWeight, NoCuda> {
+    let cols = w.cols();
+    let Some((wb, sb)) = band_of(w, &rows) else {
+        return Err(NoCuda {
+            reason: format!(
+                "rows {}..{} cannot be cut from this weight",
+                rows.start, rows.end
+            ),
+        });
+    };
+    let rows_n = rows.len();
     Ok(match w {
         LinearWeight::Int4 {
             packed,
@@ -166,9 +220,9 @@ fn upload(gpu: &GpuDevice, w: &LinearWeight) -> Result<DeviceWeight, NoCuda> {
             group,
             ..
         } => DeviceWeight::Int4 {
-            packed: gpu.upload("INT4 weights", &words::<u32>(packed.bytes()))?,
-            scales: gpu.upload("INT4 scales", &words::<u16>(scales.bytes()))?,
-            rows,
+            packed: gpu.upload("INT4 weights", &words::<u32>(&packed.bytes()[wb]))?,
+            scales: gpu.upload("INT4 scales", &words::<u16>(&scales.bytes()[sb]))?,
+            rows: rows_n,
             cols,
             group: *group,
         },
@@ -178,9 +232,9 @@ fn upload(gpu: &GpuDevice, w: &LinearWeight) -> Result<DeviceWeight, NoCuda> {
             block,
             ..
         } => DeviceWeight::Fp8 {
-            data: gpu.upload("FP8 weights", data.bytes())?,
-            scale_inv: gpu.upload("FP8 scales", &words::<f32>(scale_inv.bytes()))?,
-            rows,
+            data: gpu.upload("FP8 weights", &data.bytes()[wb])?,
+            scale_inv: gpu.upload("FP8 scales", &words::<f32>(&scale_inv.bytes()[sb]))?,
+            rows: rows_n,
             cols,
             block: *block,
         },
@@ -189,18 +243,18 @@ fn upload(gpu: &GpuDevice, w: &LinearWeight) -> Result<DeviceWeight, NoCuda> {
             data,
             ..
         } => DeviceWeight::Bf16 {
-            data: gpu.upload("BF16 weights", &words::<u16>(data.bytes()))?,
-            rows,
+            data: gpu.upload("BF16 weights", &words::<u16>(&data.bytes()[wb]))?,
+            rows: rows_n,
             cols,
         },
         LinearWeight::Dense { .. } => {
-            let mut f = vec![0.0f32; rows * cols];
-            for (r, row) in f.chunks_exact_mut(cols.max(1)).enumerate() {
-                w.decode_row(r, row);
+            let mut f = vec![0.0f32; rows_n * cols];
+            for (i, row) in f.chunks_exact_mut(cols.max(1)).enumerate() {
+                w.decode_row(rows.start + i, row);
             }
             DeviceWeight::F32 {
                 data: gpu.upload("F32 weights", &f)?,
-                rows,
+                rows: rows_n,
                 cols,
             }
         }
@@ -259,9 +313,16 @@ impl Backend for CudaBackend {
     fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
         let n = x.len() / w.cols().max(1);
         let mut map = self.lock();
-        let dw = self.weight(&mut map, w);
         let xd = device("an activation upload", self.gpu.upload("x", x));
-        let yd = self.linear_on_device(&dw, rows, &xd, n);
+        // A band preloaded as this device's share is multiplied whole; other bands are
+        // cut from the full copy.
+        let yd = match map.get(&key(w, &rows)).cloned() {
+            Some(band) => self.linear_on_device(&band, 0..band.rows(), &xd, n),
+            None => {
+                let dw = self.weight(&mut map, w);
+                self.linear_on_device(&dw, rows, &xd, n)
+            }
+        };
         y.copy_from_slice(&device("a result download", self.gpu.download("y", &yd)));
     }
 
@@ -402,6 +463,42 @@ mod tests {
             pack_view(&view, 2, 2, 3),
             vec![1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 10.0, 11.0, 13.0, 14.0, 15.0]
         );
+    }
+
+    fn data(len: usize) -> crate::weights::TensorData {
+        let map = memmap2::MmapMut::map_anon(len.max(1)).unwrap();
+        crate::weights::TensorData::new(Arc::new(map.make_read_only().unwrap()), 0, len).unwrap()
+    }
+
+    #[test]
+    fn row_bands_cut_weights_and_scales_where_the_format_allows() {
+        let int4 = LinearWeight::Int4 {
+            packed: data(300 * 64 / 2),
+            scales: data(300 * 2 * 2),
+            rows: 300,
+            cols: 64,
+            group: 32,
+        };
+        assert_eq!(band_of(&int4, &(10..20)), Some((320..640, 40..80)));
+        let bf16 = LinearWeight::Dense {
+            dtype: DenseDtype::Bf16,
+            data: data(300 * 64 * 2),
+            rows: 300,
+            cols: 64,
+        };
+        assert_eq!(band_of(&bf16, &(0..300)), Some((0..38400, 0..0)));
+        assert_eq!(band_of(&bf16, &(290..301)), None);
+        // FP8 [300, 200] in 128x128 blocks: scale rows of 2 f32.
+        let fp8 = LinearWeight::Fp8 {
+            data: data(300 * 200),
+            scale_inv: data(3 * 2 * 4),
+            rows: 300,
+            cols: 200,
+            block: [128, 128],
+        };
+        assert_eq!(band_of(&fp8, &(128..300)), Some((25600..60000, 8..24)));
+        assert_eq!(band_of(&fp8, &(0..128)), Some((0..25600, 0..8)));
+        assert_eq!(band_of(&fp8, &(100..228)), None);
     }
 
     #[test]

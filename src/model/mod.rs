@@ -199,6 +199,18 @@ impl Model {
         out
     }
 
+    /// Every routed expert of every MoE layer.
+    pub fn routed_experts(&self) -> Vec<&FfnWeights> {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Ffn::Moe(moe) => Some(moe.experts.iter()),
+                Ffn::Dense(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Maps every tensor the text model needs, checking names, shapes and dtypes.
     pub fn load(ckpt: &Checkpoint) -> Result<Self, ModelError> {
         let cfg = ckpt.config.clone();

@@ -4,7 +4,7 @@
 
 use super::metrics::Metrics;
 use super::{AppState, Shared};
-use crate::accel::cuda::hybrid_on_gpu;
+use crate::accel::cuda::{expert_parallel_on_gpus, hybrid_on_gpu};
 use crate::backend::{Backend, CudaBackend};
 use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
@@ -45,49 +45,55 @@ pub struct LaunchOptions {
     pub progress: bool,
 }
 
-/// Opens the GPU a layout needs (`None` for CPU-only layouts). A machine without it is
-/// refused with what to do instead; so is a multi-GPU layout, which this build cannot
-/// run yet (its expert-parallel execution over NCCL is not implemented).
-fn open_gpu_for(what: &str, gpus: usize) -> Result<Option<Arc<CudaBackend>>> {
-    if gpus == 0 {
-        return Ok(None);
-    }
-    let gpu = CudaBackend::open(0).map_err(|e| {
-        anyhow::anyhow!(
-            "{what} places weights on {gpus} GPU(s), which cannot be used here: {e}. \
-             Use --profile cpu-only (or --profile auto, which plans for this machine) instead."
-        )
-    })?;
-    if gpus > 1 {
-        bail!(
-            "{what} places weights on {gpus} GPUs; this build runs one GPU with host RAM \
-             (multi-GPU expert parallelism is not implemented yet). Use a one-GPU profile \
-             such as 1xH100+512GB, or --profile cpu-only."
-        );
-    }
-    Ok(Some(Arc::new(gpu)))
+/// Opens the GPUs a layout needs (none for CPU-only layouts). A machine without them is
+/// refused with what to do instead.
+fn open_gpus_for(what: &str, gpus: usize) -> Result<Vec<Arc<CudaBackend>>> {
+    (0..gpus)
+        .map(|g| {
+            CudaBackend::open(g).map(Arc::new).map_err(|e| {
+                anyhow::anyhow!(
+                    "{what} places weights on {gpus} GPU(s), which cannot be used here \
+                     (GPU {g}: {e}). Use --profile cpu-only (or --profile auto, which plans \
+                     for this machine) instead."
+                )
+            })
+        })
+        .collect()
 }
 
-/// Where the model runs: the plan (if any) and the GPU it uses (if any).
+/// Where the model runs: the plan (if any) and the GPUs it uses.
 pub struct Placement {
     pub plan: Option<Plan>,
-    pub gpu: Option<Arc<CudaBackend>>,
+    pub gpus: Vec<Arc<CudaBackend>>,
 }
 
 impl Placement {
-    /// The backend to run on: the hybrid GPU + host backend when the plan uses a GPU
-    /// (`host` computing the experts left in host RAM), else `host` alone.
+    /// The backend to run on: expert-parallel over the GPUs for an all-GPU plan, the
+    /// hybrid GPU + host backend for a one-GPU hybrid plan (`host` computing the experts
+    /// left in host RAM), else `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
         let host = crate::backend::by_name(host).map_err(anyhow::Error::msg)?;
-        match (&self.plan, &self.gpu) {
-            (Some(plan), Some(gpu)) => Ok(Box::new(hybrid_on_gpu(
-                model,
-                plan,
-                gpu.clone(),
-                Arc::from(host),
-            )?)),
-            _ => Ok(host),
+        let Some(plan) = self.plan.as_ref().filter(|_| !self.gpus.is_empty()) else {
+            return Ok(host);
+        };
+        if plan.layout == "all-gpu" {
+            return Ok(Box::new(expert_parallel_on_gpus(model, self.gpus.clone())?));
         }
+        if self.gpus.len() > 1 {
+            bail!(
+                "the plan for {} is a hybrid plan over {} GPUs; this build runs hybrid plans \
+                 on one GPU (with host RAM) and all-GPU plans on several. Use a one-GPU \
+                 hybrid profile such as 1xH100+512GB.",
+                plan.profile,
+                self.gpus.len()
+            );
+        }
+        Ok(Box::new(hybrid_on_gpu(
+            model,
+            plan,
+            self.gpus[0].clone(),
+            Arc::from(host),
+        )?))
     }
 }
 
@@ -119,25 +125,25 @@ pub fn place(
     profile: Option<&str>,
     plan_file: Option<&Path>,
 ) -> Result<Placement> {
-    let (plan, gpu) = match (plan_file, profile) {
+    let (plan, gpus) = match (plan_file, profile) {
         (Some(path), _) => {
             let plan = read_plan(path)?;
-            let gpu = open_gpu_for(&format!("plan for {}", plan.profile), plan.gpus.len())?;
-            (plan, gpu)
+            let gpus = open_gpus_for(&format!("plan for {}", plan.profile), plan.gpus.len())?;
+            (plan, gpus)
         }
         (None, Some(name)) => {
             let profile = Profile::resolve(name)?;
-            let gpu = open_gpu_for(&format!("profile {}", profile.name), profile.gpu.count)?;
+            let gpus = open_gpus_for(&format!("profile {}", profile.name), profile.gpu.count)?;
             let desc = ModelDesc::from_checkpoint(ckpt);
             (
                 placement::plan(&desc, &profile, &profile.workload, None),
-                gpu,
+                gpus,
             )
         }
         (None, None) => {
             return Ok(Placement {
                 plan: None,
-                gpu: None,
+                gpus: Vec::new(),
             })
         }
     };
@@ -155,7 +161,7 @@ pub fn place(
     ));
     Ok(Placement {
         plan: Some(plan),
-        gpu,
+        gpus,
     })
 }
 

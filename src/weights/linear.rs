@@ -83,6 +83,17 @@ impl LinearWeight {
         }
     }
 
+    /// Where the weight's bytes live in the host mapping: an identity that clones share,
+    /// by which device copies are found.
+    pub fn identity(&self) -> (usize, usize) {
+        let bytes = match self {
+            LinearWeight::Dense { data, .. } => data.bytes(),
+            LinearWeight::Int4 { packed, .. } => packed.bytes(),
+            LinearWeight::Fp8 { data, .. } => data.bytes(),
+        };
+        (bytes.as_ptr() as usize, bytes.len())
+    }
+
     /// Bytes held in memory (weights plus scales).
     pub fn stored_bytes(&self) -> usize {
         match self {

@@ -1,0 +1,141 @@
+//! All-GPU plans over several devices: every golden fixture runs with the b200x8 plan
+//! (experts spread over 8 devices, dense work split by tokens, lm_head by rows) on
+//! stand-in devices that compute with the exact CPU kernels and record what they were
+//! given. The logits equal a one-device run, and every routed expert ran on the device
+//! the plan put it on.
+
+mod common;
+
+use common::{fixture, golden, max_abs_diff, FIXTURES};
+use kimi_hybrid::accel::expert_parallel::ExpertParallel;
+use kimi_hybrid::backend::{by_name, AttentionShape, Backend, FfnWeights, KvView};
+use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
+use kimi_hybrid::placement::{plan, ModelDesc, Profile};
+use kimi_hybrid::weights::{Checkpoint, LinearWeight};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// A stand-in device: the CPU kernels, plus a log of the routed experts it computed.
+struct Device {
+    index: usize,
+    compute: Box<dyn Backend>,
+    experts: Mutex<Vec<(usize, Option<usize>)>>,
+}
+
+impl Backend for Device {
+    fn name(&self) -> &'static str {
+        "stand-in device"
+    }
+    fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        self.compute.linear(w, rows, x, y)
+    }
+    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+        self.compute.linear_transposed(w, rows, x, y)
+    }
+    fn ffn_accumulate(&self, f: &FfnWeights, x: &[f32], t: &[(usize, f32)], out: &mut [f32]) {
+        kimi_hybrid::backend::ffn_accumulate_with(self, f, x, t, out)
+    }
+    fn ffn_contributions(&self, f: &FfnWeights, x: &[f32], t: &[(usize, f32)]) -> Vec<f32> {
+        if f.expert.is_some() {
+            if let Ok(mut log) = self.experts.lock() {
+                log.push((self.index, f.gpu));
+            }
+        }
+        self.compute.ffn_contributions(f, x, t)
+    }
+    fn attention(
+        &self,
+        q: &[f32],
+        k: KvView,
+        v: KvView,
+        shape: AttentionShape,
+        positions: &[usize],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        self.compute
+            .attention(q, k, v, shape, positions, scale, out)
+    }
+}
+
+/// Prefill logits at every prompt position, then three greedy decode steps.
+fn run(model: &Model, backend: &dyn Backend, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = KvCache::new(&model.config);
+    let mut all = model
+        .forward(
+            backend,
+            prompt,
+            &mut cache,
+            AttentionForm::Auto,
+            Logits::All,
+        )
+        .expect("prefill");
+    let vocab = model.config.vocab_size;
+    let mut last = all[all.len() - vocab..].to_vec();
+    for _ in 0..3 {
+        let next = kimi_hybrid::generate::argmax(&last);
+        last = model
+            .forward(
+                backend,
+                &[next],
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::Last,
+            )
+            .expect("decode");
+        all.extend_from_slice(&last);
+    }
+    all
+}
+
+#[test]
+fn expert_parallel_over_eight_devices_matches_one_device_on_every_fixture() {
+    let profile = Profile::resolve("b200x8").expect("profile");
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = plan(
+            &ModelDesc::from_checkpoint(&ckpt),
+            &profile,
+            &profile.workload,
+            None,
+        );
+        assert!(p.feasible, "{name}: {:?}", p.problems);
+        assert_eq!(p.layout, "all-gpu");
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let single = by_name("cpu-f32").expect("cpu backend");
+        let want = run(&model, single.as_ref(), &g.prompt_ids);
+
+        let (on_gpus, _) = model.apply_plan(&p);
+        let devices: Vec<Arc<Device>> = (0..p.gpus.len())
+            .map(|index| {
+                Arc::new(Device {
+                    index,
+                    compute: by_name("cpu-f32").expect("cpu backend"),
+                    experts: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        let as_backends: Vec<Arc<dyn Backend>> = devices
+            .iter()
+            .map(|d| d.clone() as Arc<dyn Backend>)
+            .collect();
+        let ep = ExpertParallel::new(as_backends, &model).expect("devices");
+        let got = run(&model, &ep, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        let mut used = 0;
+        for d in &devices {
+            let log = d.experts.lock().expect("log");
+            used += usize::from(!log.is_empty());
+            for &(ran_on, placed_on) in log.iter() {
+                assert_eq!(Some(ran_on), placed_on, "{name}: expert ran off its device");
+            }
+        }
+        println!(
+            "{name}: {on_gpus} experts over {} devices ({used} used by this prompt); max abs diff vs one device {diff:.1e}",
+            p.gpus.len()
+        );
+        assert!(used > 1, "{name}: the experts did not spread over devices");
+        assert!(diff <= 1e-5, "{name}: {diff}");
+    }
+}
