@@ -495,6 +495,8 @@ pub struct EngineBenchOptions {
     pub gen_tokens: usize,
     pub concurrency: Vec<usize>,
     pub backend: String,
+    /// Place the model for this hardware profile (see `serve --profile`).
+    pub profile: Option<String>,
 }
 
 /// Token arrival times of one request.
@@ -590,8 +592,9 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
     let dir = &opts.model_dir;
     let ckpt = crate::weights::Checkpoint::open(dir)
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let model = crate::model::Model::load(&ckpt)
+    let mut model = crate::model::Model::load(&ckpt)
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let placement = crate::server::launch::place(&ckpt, &mut model, opts.profile.as_deref(), None)?;
     // The benchmark feeds token ids and ignores end markers; a checkpoint without
     // tokenizer files runs with the demo's (its text output is not used).
     let tokenizer = match crate::tokenizer::Tokenizer::from_dir(dir) {
@@ -604,7 +607,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
                 )
             })?,
     };
-    let backend = crate::backend::by_name(&opts.backend).map_err(anyhow::Error::msg)?;
+    let backend = placement.backend(&model, &opts.backend)?;
     let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
     let len = opts.prompt_tokens + opts.gen_tokens + 1;
     if len > model.config.max_position_embeddings {

@@ -83,8 +83,10 @@ enum Command {
         backend: String,
     },
     /// Benchmarks. `bench kernels`: the CPU expert kernels at Kimi K2 shapes against this
-    /// machine's measured read bandwidth and instruction peak. `bench -p 512 -n 128 [-c N]`
-    /// (no subject): prompt and generation tokens/s of the engine, like llama-bench.
+    /// machine's measured read bandwidth and instruction peak. `bench gpu`: MLA decode and
+    /// the INT4 expert matmuls on GPU 0 against its copy bandwidth and cuBLAS BF16.
+    /// `bench -p 512 -n 128 [-c N] [--profile P]` (no subject): prompt and generation
+    /// tokens/s of the engine, like llama-bench.
     Bench(BenchArgs),
     /// Serve the OpenAI- and Anthropic-compatible HTTP API.
     Serve(Box<ServeArgs>),
@@ -101,7 +103,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// What to benchmark: `kernels`, or nothing for the engine benchmark.
+    /// What to benchmark: `kernels` (CPU), `gpu` (CUDA kernels), or nothing for the engine
+    /// benchmark.
     what: Option<String>,
     /// kernels: working set of distinct experts, GB (at least 2 so weights come from DRAM;
     /// default: a whole 384-expert K2 layer, 9.5 GB, where memory allows, else 2).
@@ -124,9 +127,13 @@ struct BenchArgs {
     /// Concurrent requests (comma-separated list runs each).
     #[arg(short = 'c', long, value_delimiter = ',', default_value = "1")]
     concurrency: Vec<usize>,
-    /// Compute backend (see `run --backend`).
+    /// Compute backend (see `run --backend`; with --profile, the host's).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Engine benchmark: place the model for a hardware profile first (a one-GPU hybrid
+    /// profile benchmarks hybrid execution).
+    #[arg(long)]
+    profile: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -325,8 +332,12 @@ fn bench(args: BenchArgs) -> Result<()> {
             print!("{}", kimi_hybrid::bench::kernels(&opts)?);
             Ok(())
         }
+        Some("gpu") => {
+            print!("{}", kernels_cuda::bench::run(args.repeats)?);
+            Ok(())
+        }
         Some(other) => {
-            bail!("unknown benchmark {other:?}; available: kernels, or none for the engine")
+            bail!("unknown benchmark {other:?}; available: kernels, gpu, or none for the engine")
         }
         None => {
             let dir = model_dir(args.model)?;
@@ -336,6 +347,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 gen_tokens: args.n_gen,
                 concurrency: args.concurrency,
                 backend: args.backend,
+                profile: args.profile,
             };
             print!("{}", kimi_hybrid::bench::engine(&opts)?);
             Ok(())

@@ -508,6 +508,23 @@ fn serve_and_run_with_a_gpu_profile_refuse_to_start_without_that_gpu() {
 }
 
 #[test]
+fn gpu_benchmark_reports_or_says_why_not() {
+    let out = bin()
+        .args(["bench", "gpu", "--repeats", "2"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        for needle in ["device copy bandwidth", "MLA decode", "INT4 expert matmul"] {
+            assert!(text.contains(needle), "{text}");
+        }
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no CUDA device"), "{err}");
+    }
+}
+
+#[test]
 fn engine_bench_reports_prompt_and_generation_speed() {
     let out = bin()
         .args(["bench", "-p", "16", "-n", "4", "-c", "1,2"])

@@ -7,6 +7,7 @@
 //! loading, so this crate builds everywhere; a machine without them gets a `NoCuda`
 //! error naming what is missing, never a panic.
 
+pub mod bench;
 pub mod device;
 pub mod nvrtc;
 pub mod ops;
