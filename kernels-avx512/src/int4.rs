@@ -34,10 +34,24 @@ impl Q8Activations {
             cols.is_multiple_of(32),
             "INT4 kernels need a multiple of 32 columns"
         );
-        let mut even = AlignedVec::<i8>::zeroed(cols / 2);
-        let mut odd = AlignedVec::<i8>::zeroed(cols / 2);
-        let mut lane_offset = AlignedVec::<i32>::zeroed(cols / 8);
-        let mut lane_scale = AlignedVec::<f32>::zeroed(cols / 8);
+        let mut q = Q8Activations {
+            cols,
+            even: AlignedVec::zeroed(cols / 2),
+            odd: AlignedVec::zeroed(cols / 2),
+            lane_offset: AlignedVec::zeroed(cols / 8),
+            lane_scale: AlignedVec::zeroed(cols / 8),
+        };
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx512Vnni.available() {
+            unsafe { avx512::quantize(x, &mut q) };
+            return q;
+        }
+        q.quantize_portable(x);
+        q
+    }
+
+    /// The scalar quantizer (the definition the vector one matches exactly).
+    fn quantize_portable(&mut self, x: &[f32]) {
         for (b, block) in x.chunks_exact(32).enumerate() {
             let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = absmax / 127.0;
@@ -46,26 +60,19 @@ impl Q8Activations {
                 let q = crate::round_to_i32(v * inv).clamp(-127, 127) as i8;
                 let p = b * 16 + j / 2;
                 if j % 2 == 0 {
-                    even[p] = q;
+                    self.even[p] = q;
                 } else {
-                    odd[p] = q;
+                    self.odd[p] = q;
                 }
             }
             for lane in 0..4 {
                 let l = b * 4 + lane;
                 let sum: i32 = (0..4)
-                    .map(|i| even[l * 4 + i] as i32 + odd[l * 4 + i] as i32)
+                    .map(|i| self.even[l * 4 + i] as i32 + self.odd[l * 4 + i] as i32)
                     .sum();
-                lane_offset[l] = 8 * sum;
-                lane_scale[l] = scale;
+                self.lane_offset[l] = 8 * sum;
+                self.lane_scale[l] = scale;
             }
-        }
-        Q8Activations {
-            cols,
-            even,
-            odd,
-            lane_offset,
-            lane_scale,
         }
     }
 }
@@ -138,6 +145,49 @@ pub fn dot_row_f32(isa: Isa, packed: &[u8], scales: &[u8], xs: &[&[f32]], out: &
 mod avx512 {
     use super::{dot_lanes_portable, Q8Activations};
     use std::arch::x86_64::*;
+
+    /// [`Q8Activations::new`] 32 values at a time: the same scale, reciprocal and
+    /// round-to-nearest-even conversion as the scalar code, so the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn quantize(x: &[f32], q: &mut Q8Activations) {
+        let (limit, negative_limit) = (_mm512_set1_epi32(127), _mm512_set1_epi32(-127));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for b in 0..x.len() / 32 {
+            let v0 = _mm512_loadu_ps(x.as_ptr().add(32 * b));
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(32 * b + 16));
+            let absmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let scale = absmax / 127.0;
+            let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // Macros, not closures: closures do not inherit the target features.
+            macro_rules! round {
+                ($v:expr) => {{
+                    let r = _mm512_cvtps_epi32(_mm512_mul_ps($v, inv));
+                    _mm512_max_epi32(_mm512_min_epi32(r, limit), negative_limit)
+                }};
+            }
+            let (q0, q1) = (round!(v0), round!(v1));
+            // Values 2p and 2p + 1 of the block, p = 0..16.
+            let e = _mm512_permutex2var_epi32(q0, even, q1);
+            let o = _mm512_permutex2var_epi32(q0, odd, q1);
+            _mm_storeu_si128(
+                q.even.as_mut_ptr().add(16 * b) as *mut _,
+                _mm512_cvtepi32_epi8(e),
+            );
+            _mm_storeu_si128(
+                q.odd.as_mut_ptr().add(16 * b) as *mut _,
+                _mm512_cvtepi32_epi8(o),
+            );
+            // Sum of each 8 values = each group of 4 pair sums.
+            let mut pairs = [0i32; 16];
+            _mm512_storeu_si512(pairs.as_mut_ptr() as *mut _, _mm512_add_epi32(e, o));
+            for i in 0..4 {
+                let sum: i32 = pairs[4 * i..4 * i + 4].iter().sum();
+                q.lane_offset[4 * b + i] = 8 * sum;
+                q.lane_scale[4 * b + i] = scale;
+            }
+        }
+    }
 
     /// One copy of the loop per token count, accumulators in registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -316,6 +366,25 @@ mod tests {
     use super::*;
     use crate::scalar::{decode_int4_row, dot};
     use crate::test_support::{lcg, random_row, rel_l2};
+
+    #[test]
+    fn fast_quantizer_writes_the_scalar_bytes() {
+        let mut seed = 17;
+        let x: Vec<f32> = (0..7168)
+            .map(|i| match i % 97 {
+                0 => lcg(&mut seed) * 300.0,
+                1..=40 if i > 6000 => 0.0,
+                _ => lcg(&mut seed) * 3.0,
+            })
+            .collect();
+        let fast = Q8Activations::new(&x);
+        let mut plain = Q8Activations::new(&x);
+        plain.quantize_portable(&x);
+        assert_eq!(&fast.even[..], &plain.even[..]);
+        assert_eq!(&fast.odd[..], &plain.odd[..]);
+        assert_eq!(&fast.lane_offset[..], &plain.lane_offset[..]);
+        assert_eq!(&fast.lane_scale[..], &plain.lane_scale[..]);
+    }
 
     #[test]
     fn f32_activation_paths_match_the_reference_closely() {
