@@ -284,23 +284,32 @@ mod avx512 {
             _mm512_set1_epi32(8),
             _mm512_set1_epi32(0xffff),
         );
+        // Loops, not `array::from_fn` closures: a closure does not inherit the target
+        // features, so it was compiled out of line and returned each vector through memory.
+        for r in 0..PANEL_ROWS {
+            for b in 0..blocks {
+                panel.scales[b * PANEL_ROWS + r] = if r < count {
+                    crate::formats::bf16_at(scales, (first + r) * blocks + b)
+                } else {
+                    0.0
+                };
+            }
+        }
         for b in 0..blocks {
             for half in 0..PANEL_ROWS / 16 {
-                let rows: [__m512i; 16] = std::array::from_fn(|i| {
+                let mut rows = [_mm512_setzero_si512(); 16];
+                for (i, row_vec) in rows.iter_mut().enumerate() {
                     let r = 16 * half + i;
                     if r >= count {
-                        panel.scales[b * PANEL_ROWS + r] = 0.0;
-                        return _mm512_setzero_si512();
+                        continue;
                     }
-                    let row = first + r;
-                    panel.scales[b * PANEL_ROWS + r] =
-                        crate::formats::bf16_at(scales, row * blocks + b);
-                    let at = packed.as_ptr().add(row * row_bytes + b * 16);
+                    let at = packed.as_ptr().add((first + r) * row_bytes + b * 16);
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(at as *const _));
                     let lo = _mm512_sub_epi32(_mm512_and_si512(v, nibble), eight);
                     let hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
-                    _mm512_or_si512(_mm512_and_si512(lo, low16), _mm512_slli_epi32(hi, 16))
-                });
+                    *row_vec =
+                        _mm512_or_si512(_mm512_and_si512(lo, low16), _mm512_slli_epi32(hi, 16));
+                }
                 let pairs = transpose16(rows);
                 for (p, v) in pairs.iter().enumerate() {
                     let at = panel
@@ -316,24 +325,20 @@ mod avx512 {
     #[inline(always)]
     unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
         // Pairs of rows interleaved, then groups of four: u[4g + j], 128-bit lane L, holds
-        // column 4L + j of rows 4g..4g+3.
-        let t: [__m512i; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
+        // column 4L + j of rows 4g..4g+3. (Loops, not closures: see `fill`.)
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in (0..16).step_by(2) {
+            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            for h in 0..2 {
+                let (a, b) = (t[4 * g + h], t[4 * g + 2 + h]);
+                u[4 * g + 2 * h] = _mm512_unpacklo_epi64(a, b);
+                u[4 * g + 2 * h + 1] = _mm512_unpackhi_epi64(a, b);
             }
-        });
-        let u: [__m512i; 16] = std::array::from_fn(|i| {
-            let (g, j) = (i / 4, i % 4);
-            let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
-            if j % 2 == 0 {
-                _mm512_unpacklo_epi64(a, b)
-            } else {
-                _mm512_unpackhi_epi64(a, b)
-            }
-        });
+        }
         // Then a 4 x 4 transpose of 128-bit lanes across u[j], u[4 + j], u[8 + j], u[12 + j]:
         // column 4L + j gets lane L of each.
         let mut out = [_mm512_setzero_si512(); 16];
