@@ -86,30 +86,57 @@ fn rows_parallel(
     y: &mut [f32],
     kernel: impl Fn(usize, Range<usize>, &mut [f32]) + Sync,
 ) {
-    let r = rows.len();
-    let per_task = r
+    let start = rows.start;
+    let out = rows_parallel_many(&[(rows.len(), n)], |_, row, t, o| kernel(start + row, t, o));
+    if let Some(first) = out.first() {
+        y[..first.len()].copy_from_slice(first);
+    }
+}
+
+/// [`rows_parallel`] over several products at once (one parallel region, tasks never
+/// crossing a product): for each `(rows, n)` of `shapes`, returns `[n, rows]` with
+/// `kernel(product, row, token_range, out)` filling row `row`'s outputs for those tokens.
+/// Each row is computed by one call per token range whatever the split, so results do
+/// not depend on the thread count or on which products share the region.
+fn rows_parallel_many(
+    shapes: &[(usize, usize)],
+    kernel: impl Fn(usize, usize, Range<usize>, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    let total: usize = shapes.iter().map(|s| s.0).sum();
+    let per_task = total
         .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
         .max(MIN_ROWS_PER_TASK);
-    let mut by_row = vec![0.0f32; r * n];
-    by_row
-        .par_chunks_mut(n * per_task)
-        .enumerate()
-        .for_each(|(task, out)| {
-            for (j, row_out) in out.chunks_mut(n).enumerate() {
-                let row = rows.start + task * per_task + j;
-                let mut t = 0;
-                while t < n {
-                    let end = (t + TOKENS_PER_CALL).min(n);
-                    kernel(row, t..end, &mut row_out[t..end]);
-                    t = end;
-                }
-            }
-        });
-    for i in 0..r {
-        for t in 0..n {
-            y[t * r + i] = by_row[i * n + t];
+    let mut by_row: Vec<Vec<f32>> = shapes.iter().map(|&(r, n)| vec![0.0f32; r * n]).collect();
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (p, (buf, &(_, n))) in by_row.iter_mut().zip(shapes).enumerate() {
+        for (i, chunk) in buf.chunks_mut((per_task * n).max(1)).enumerate() {
+            tasks.push((p, i * per_task, chunk));
         }
     }
+    tasks.into_par_iter().for_each(|(p, first, out)| {
+        let n = shapes[p].1;
+        for (j, row_out) in out.chunks_mut(n.max(1)).enumerate() {
+            let mut t = 0;
+            while t < n {
+                let end = (t + TOKENS_PER_CALL).min(n);
+                kernel(p, first + j, t..end, &mut row_out[t..end]);
+                t = end;
+            }
+        }
+    });
+    by_row
+        .iter()
+        .zip(shapes)
+        .map(|(b, &(r, n))| {
+            let mut y = vec![0.0f32; r * n];
+            for i in 0..r {
+                for t in 0..n {
+                    y[t * r + i] = b[i * n + t];
+                }
+            }
+            y
+        })
+        .collect()
 }
 
 thread_local! {
@@ -251,6 +278,21 @@ impl Backend for CpuBackend {
     fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
         let visits: usize = work.iter().map(|(_, t)| t.len()).sum();
         if visits < PARALLEL_EXPERTS_MIN_VISITS || work.len() < 2 {
+            // All the layer's experts in two parallel regions, on their node's threads
+            // when they share one.
+            let node = work.first().and_then(|(f, _)| f.numa_node);
+            if work.iter().all(|(f, _)| f.numa_node == node) {
+                let fused = match (&self.pools, node) {
+                    (Some(p), Some(n)) => p.node(n).install(|| self.experts_fused(work, x)),
+                    _ => self.experts_fused(work, x),
+                };
+                if let Some(contributions) = fused {
+                    for ((_, tokens), c) in work.iter().zip(&contributions) {
+                        super::scatter_add(c, tokens, out);
+                    }
+                    return;
+                }
+            }
             for (ffn, tokens) in work {
                 self.ffn_accumulate(ffn, x, tokens, out);
             }
@@ -336,84 +378,148 @@ impl<'a> Int4Matrix<'a> {
     }
 }
 
-/// An INT4 row kernel over activations prepared once: `kernel(packed_row, scales_row,
-/// tokens, out)` fills `out` with the row's products with those tokens.
-type Int4Rows<'a> = dyn Fn(&[u8], &[u8], Range<usize>, &mut [f32]) + Sync + 'a;
+/// Tokens' activations prepared once (not once per row) for this backend's INT4 row
+/// kernel.
+enum Prepared<'a> {
+    F32(Vec<&'a [f32]>),
+    Int16(Vec<Q16Activations>),
+    Int8(Vec<Q8Activations>),
+}
 
-impl CpuBackend {
-    /// Runs `f` with this backend's INT4 row kernel over `x` (`[n, cols]`), each token
-    /// quantized once (not once per row).
-    fn with_int4_rows<R>(&self, x: &[f32], cols: usize, f: impl FnOnce(&Int4Rows<'_>) -> R) -> R {
-        let isa = self.isa;
-        match self.activations {
-            Activations::F32 => {
-                let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
-                f(&|p, s, t, out| kernels_avx512::int4::dot_row_f32(isa, p, s, &xs[t], out))
-            }
+/// `f` on references to `items` (at most [`TOKENS_PER_CALL`]), without allocating.
+fn with_refs<T, R>(items: &[T], f: impl FnOnce(&[&T]) -> R) -> R {
+    let Some(first) = items.first() else {
+        return f(&[]);
+    };
+    let mut refs = [first; TOKENS_PER_CALL];
+    for (r, item) in refs.iter_mut().zip(items) {
+        *r = item;
+    }
+    f(&refs[..items.len().min(TOKENS_PER_CALL)])
+}
+
+impl<'a> Prepared<'a> {
+    /// `x` is `[n, cols]`.
+    fn new(activations: Activations, x: &'a [f32], cols: usize) -> Self {
+        match activations {
+            Activations::F32 => Prepared::F32(x.chunks_exact(cols).collect()),
             Activations::Int16 => {
-                let q: Vec<Q16Activations> =
-                    x.chunks_exact(cols).map(Q16Activations::new).collect();
-                let xs: Vec<&Q16Activations> = q.iter().collect();
-                f(&|p, s, t, out| kernels_avx512::int4_i16::dot_row(isa, p, s, &xs[t], out))
+                Prepared::Int16(x.chunks_exact(cols).map(Q16Activations::new).collect())
             }
             Activations::Int8 => {
-                let q: Vec<Q8Activations> = x.chunks_exact(cols).map(Q8Activations::new).collect();
-                let xs: Vec<&Q8Activations> = q.iter().collect();
-                f(&|p, s, t, out| kernels_avx512::int4::dot_row(isa, p, s, &xs[t], out))
+                Prepared::Int8(x.chunks_exact(cols).map(Q8Activations::new).collect())
             }
         }
     }
 
+    /// `out[i] = row . x[tokens.start + i]` for one packed row (at most
+    /// [`TOKENS_PER_CALL`] tokens).
+    fn dot(&self, isa: Isa, row: (&[u8], &[u8]), tokens: Range<usize>, out: &mut [f32]) {
+        let (p, s) = row;
+        match self {
+            Prepared::F32(xs) => kernels_avx512::int4::dot_row_f32(isa, p, s, &xs[tokens], out),
+            Prepared::Int16(q) => with_refs(&q[tokens], |xs| {
+                kernels_avx512::int4_i16::dot_row(isa, p, s, xs, out)
+            }),
+            Prepared::Int8(q) => with_refs(&q[tokens], |xs| {
+                kernels_avx512::int4::dot_row(isa, p, s, xs, out)
+            }),
+        }
+    }
+}
+
+impl CpuBackend {
+    /// Whether INT4 products over `n` tokens take the tiled GEMM (else the row kernels).
+    fn batched(&self, n: usize) -> bool {
+        n >= GEMM_MIN_TOKENS && self.isa == Isa::Avx512Vnni && self.activations != Activations::F32
+    }
+
     /// The fused INT4 expert FFN for decode-sized batches (those the row kernels take):
-    /// each token is quantized once for gate and up, one pass over the rows computes
-    /// `silu(gate . x) * (up . x)` row by row (both matrices streamed together), then one
-    /// pass the down projection, weighted per token. The same kernels on the same
-    /// quantized values as the composed form, so the same numbers. `None` where it does
-    /// not apply (other formats, batches for the GEMM).
+    /// see [`Self::experts_fused`]. `None` where it does not apply (other formats,
+    /// batches for the GEMM).
     fn ffn_fused(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Option<Vec<f32>> {
-        let (gate, up, down) = (
-            Int4Matrix::of(&ffn.gate)?,
-            Int4Matrix::of(&ffn.up)?,
-            Int4Matrix::of(&ffn.down)?,
-        );
-        let (m, hidden, inter) = (tokens.len(), gate.cols, gate.rows);
-        let batched = m >= GEMM_MIN_TOKENS
-            && self.isa == Isa::Avx512Vnni
-            && self.activations != Activations::F32;
-        let shapes_agree =
-            up.rows == inter && up.cols == hidden && down.rows == hidden && down.cols == inter;
-        if m == 0 || batched || !shapes_agree || x.len() < hidden {
-            return None;
+        self.experts_fused(&[(ffn, tokens)], x)
+            .and_then(|mut v| v.pop())
+    }
+
+    /// Several INT4 expert FFNs at decode-sized batches, fused: each expert's tokens are
+    /// quantized once for gate and up; one parallel region computes `silu(gate . x) *
+    /// (up . x)` row by row for every expert at once (both matrices streamed together),
+    /// one more the down projections; then each token's output is weighted. The same
+    /// kernels on the same quantized values as the composed form, so the same numbers,
+    /// with two synchronisations per layer instead of three per expert. `None` where it
+    /// does not apply (a format other than INT4 group 32, mismatched shapes, an empty or
+    /// GEMM-sized batch).
+    fn experts_fused(
+        &self,
+        work: &[(&FfnWeights, &[(usize, f32)])],
+        x: &[f32],
+    ) -> Option<Vec<Vec<f32>>> {
+        struct Job<'a> {
+            gate: Int4Matrix<'a>,
+            up: Int4Matrix<'a>,
+            down: Int4Matrix<'a>,
+            tokens: &'a [(usize, f32)],
+            xs: Vec<f32>,
         }
-        let mut xs = Vec::with_capacity(m * hidden);
-        for &(t, _) in tokens {
-            xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+        let mut jobs = Vec::with_capacity(work.len());
+        for &(ffn, tokens) in work {
+            let (gate, up, down) = (
+                Int4Matrix::of(&ffn.gate)?,
+                Int4Matrix::of(&ffn.up)?,
+                Int4Matrix::of(&ffn.down)?,
+            );
+            let (m, hidden, inter) = (tokens.len(), gate.cols, gate.rows);
+            let shapes_agree =
+                up.rows == inter && up.cols == hidden && down.rows == hidden && down.cols == inter;
+            if m == 0 || self.batched(m) || !shapes_agree {
+                return None;
+            }
+            let mut xs = Vec::with_capacity(m * hidden);
+            for &(t, _) in tokens {
+                xs.extend_from_slice(x.get(t * hidden..(t + 1) * hidden)?);
+            }
+            jobs.push(Job {
+                gate,
+                up,
+                down,
+                tokens,
+                xs,
+            });
         }
+        let (isa, act) = (self.isa, self.activations);
         Some(self.on_pool(|| {
-            let mut h = vec![0.0f32; m * inter];
-            self.with_int4_rows(&xs, hidden, |kernel| {
-                rows_parallel(0..inter, m, &mut h, |row, t, out| {
-                    let mut u = [0.0f32; TOKENS_PER_CALL];
-                    let u = &mut u[..out.len()];
-                    let (gp, gs) = gate.row(row);
-                    let (up_p, up_s) = up.row(row);
-                    kernel(gp, gs, t.clone(), out);
-                    kernel(up_p, up_s, t, u);
-                    for (g, u) in out.iter_mut().zip(u.iter()) {
-                        *g = super::silu(*g) * u;
+            let prepared: Vec<Prepared> = jobs
+                .iter()
+                .map(|j| Prepared::new(act, &j.xs, j.gate.cols))
+                .collect();
+            let shapes: Vec<(usize, usize)> =
+                jobs.iter().map(|j| (j.gate.rows, j.tokens.len())).collect();
+            let h = rows_parallel_many(&shapes, |e, row, t, out| {
+                let mut u = [0.0f32; TOKENS_PER_CALL];
+                let u = &mut u[..out.len()];
+                prepared[e].dot(isa, jobs[e].gate.row(row), t.clone(), out);
+                prepared[e].dot(isa, jobs[e].up.row(row), t, u);
+                for (g, u) in out.iter_mut().zip(u.iter()) {
+                    *g = super::silu(*g) * u;
+                }
+            });
+            let prepared: Vec<Prepared> = jobs
+                .iter()
+                .zip(&h)
+                .map(|(j, h)| Prepared::new(act, h, j.down.cols))
+                .collect();
+            let shapes: Vec<(usize, usize)> =
+                jobs.iter().map(|j| (j.down.rows, j.tokens.len())).collect();
+            let mut d = rows_parallel_many(&shapes, |e, row, t, out| {
+                prepared[e].dot(isa, jobs[e].down.row(row), t, out)
+            });
+            for (j, d) in jobs.iter().zip(d.iter_mut()) {
+                let hidden = j.down.rows;
+                for (k, &(_, weight)) in j.tokens.iter().enumerate() {
+                    for v in &mut d[k * hidden..(k + 1) * hidden] {
+                        *v *= weight;
                     }
-                })
-            });
-            let mut d = vec![0.0f32; m * hidden];
-            self.with_int4_rows(&h, inter, |kernel| {
-                rows_parallel(0..hidden, m, &mut d, |row, t, out| {
-                    let (p, s) = down.row(row);
-                    kernel(p, s, t, out)
-                })
-            });
-            for (j, &(_, weight)) in tokens.iter().enumerate() {
-                for v in &mut d[j * hidden..(j + 1) * hidden] {
-                    *v *= weight;
                 }
             }
             d
@@ -431,20 +537,18 @@ impl CpuBackend {
                 ..
             } => {
                 let n = x.len() / cols;
-                let batched = n >= GEMM_MIN_TOKENS
-                    && self.isa == Isa::Avx512Vnni
-                    && self.activations != Activations::F32;
+                let batched = self.batched(n);
                 match Int4Matrix::of(w) {
                     // Batches of tokens take the tiled GEMM on both quantized backends: it is
                     // several times faster than the row kernels there, int8 ones included,
                     // and more accurate than int8.
                     _ if batched => int4_gemm(rows, packed.bytes(), scales.bytes(), *cols, x, y),
-                    Some(m) => self.with_int4_rows(x, *cols, |kernel| {
+                    Some(m) => {
+                        let prepared = Prepared::new(self.activations, x, *cols);
                         rows_parallel(rows, n, y, |row, tokens, out| {
-                            let (p, s) = m.row(row);
-                            kernel(p, s, tokens, out)
+                            prepared.dot(self.isa, m.row(row), tokens, out)
                         })
-                    }),
+                    }
                     None => ReferenceBackend.linear(w, rows, x, y),
                 }
             }
@@ -656,6 +760,24 @@ mod tests {
                     }
                     assert_eq!(b.ffn_contributions(&ffn, &x, &tokens), composed);
                 }
+                // A layer's experts fused into two parallel regions: the same sums as
+                // each expert composed and added in order.
+                let second = FfnWeights {
+                    gate: int4_matrix(inter, hidden, 13),
+                    up: int4_matrix(inter, hidden, 17),
+                    down: int4_matrix(hidden, inter, 19),
+                    ..ffn.clone()
+                };
+                let (t1, t2) = (vec![(0, 0.7), (2, 0.1)], vec![(2, 0.3)]);
+                let work: Vec<(&FfnWeights, &[(usize, f32)])> = vec![(&ffn, &t1), (&second, &t2)];
+                let mut want = vec![0.0f32; 10 * hidden];
+                for (f, t) in &work {
+                    let c = super::super::ffn_composed(&b, f, &x, t);
+                    super::super::scatter_add(&c, t, &mut want);
+                }
+                let mut got = vec![0.0f32; 10 * hidden];
+                b.moe_accumulate(&work, &x, &mut got);
+                assert_eq!(got, want, "{isa:?} {act:?} layer");
             }
         }
     }
