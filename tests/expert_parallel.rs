@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::{fixture, golden, max_abs_diff, FIXTURES};
+use common::{fixture, golden, max_abs_diff, prefill_and_three_steps as run, FIXTURES};
 use kimi_hybrid::accel::expert_parallel::ExpertParallel;
 use kimi_hybrid::backend::{by_name, AttentionShape, Backend, FfnWeights, KvView};
-use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
+use kimi_hybrid::model::Model;
 use kimi_hybrid::placement::{plan, ModelDesc, Profile};
 use kimi_hybrid::weights::{Checkpoint, LinearWeight};
 use std::ops::Range;
@@ -56,36 +56,6 @@ impl Backend for Device {
         self.compute
             .attention(q, k, v, shape, positions, scale, out)
     }
-}
-
-/// Prefill logits at every prompt position, then three greedy decode steps.
-fn run(model: &Model, backend: &dyn Backend, prompt: &[u32]) -> Vec<f32> {
-    let mut cache = KvCache::new(&model.config);
-    let mut all = model
-        .forward(
-            backend,
-            prompt,
-            &mut cache,
-            AttentionForm::Auto,
-            Logits::All,
-        )
-        .expect("prefill");
-    let vocab = model.config.vocab_size;
-    let mut last = all[all.len() - vocab..].to_vec();
-    for _ in 0..3 {
-        let next = kimi_hybrid::generate::argmax(&last);
-        last = model
-            .forward(
-                backend,
-                &[next],
-                &mut cache,
-                AttentionForm::Auto,
-                Logits::Last,
-            )
-            .expect("decode");
-        all.extend_from_slice(&last);
-    }
-    all
 }
 
 #[test]

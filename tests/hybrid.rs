@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture, golden, max_abs_diff, FIXTURES};
+use common::{fixture, golden, max_abs_diff, prefill_and_three_steps, FIXTURES};
 use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::{AccelError, Accelerator};
@@ -36,34 +36,12 @@ fn half_on_gpu(ckpt: &Checkpoint) -> Plan {
     plan(&desc, &profile, &profile.workload, None)
 }
 
-/// Prefill logits at every prompt position, then three greedy decode steps.
+/// Prefill and three decode steps: the logits, and how many tokens they cover.
 fn run(model: &Model, backend: &dyn Backend, prompt: &[u32]) -> (Vec<f32>, usize) {
-    let mut cache = KvCache::new(&model.config);
-    let mut all = model
-        .forward(
-            backend,
-            prompt,
-            &mut cache,
-            AttentionForm::Auto,
-            Logits::All,
-        )
-        .expect("prefill");
-    let vocab = model.config.vocab_size;
-    let mut last = all[all.len() - vocab..].to_vec();
-    for _ in 0..3 {
-        let next = kimi_hybrid::generate::argmax(&last);
-        last = model
-            .forward(
-                backend,
-                &[next],
-                &mut cache,
-                AttentionForm::Auto,
-                Logits::Last,
-            )
-            .expect("decode");
-        all.extend_from_slice(&last);
-    }
-    (all, prompt.len() + 3)
+    (
+        prefill_and_three_steps(model, backend, prompt),
+        prompt.len() + 3,
+    )
 }
 
 #[test]

@@ -369,14 +369,7 @@ mod tests {
 
     #[test]
     fn fast_quantizer_writes_the_scalar_bytes() {
-        let mut seed = 17;
-        let x: Vec<f32> = (0..7168)
-            .map(|i| match i % 97 {
-                0 => lcg(&mut seed) * 300.0,
-                1..=40 if i > 6000 => 0.0,
-                _ => lcg(&mut seed) * 3.0,
-            })
-            .collect();
+        let x = crate::test_support::awkward_activations(&mut 17);
         let fast = Q8Activations::new(&x);
         let mut plain = Q8Activations::new(&x);
         plain.quantize_portable(&x);

@@ -381,14 +381,7 @@ mod tests {
 
     #[test]
     fn fast_quantizer_writes_the_scalar_bytes() {
-        let mut seed = 13;
-        let x: Vec<f32> = (0..7168)
-            .map(|i| match i % 101 {
-                0 => lcg(&mut seed) * 500.0,
-                1..=40 if i > 6000 => 0.0,
-                _ => lcg(&mut seed) * 4.0,
-            })
-            .collect();
+        let x = crate::test_support::awkward_activations(&mut 13);
         let fast = Q16Activations::new(&x);
         let mut plain = Q16Activations::new(&x);
         plain.quantize_portable(&x);

@@ -29,6 +29,18 @@ pub(crate) mod test_support {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
+    /// Activations that exercise a quantizer's edges at K2's width: outliers far above the
+    /// rest of their block, and whole blocks of zeros near the end.
+    pub fn awkward_activations(seed: &mut u64) -> Vec<f32> {
+        (0..7168)
+            .map(|i| match i % 101 {
+                0 => lcg(seed) * 500.0,
+                1..=40 if i > 6000 => 0.0,
+                _ => lcg(seed) * 4.0,
+            })
+            .collect()
+    }
+
     /// One random pack-quantized INT4 row of `cols` values: packed bytes and BF16 scales.
     pub fn random_row(cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<u8>) {
         let packed: Vec<u8> = (0..cols / 2)

@@ -14,7 +14,7 @@
 //! its experts and returns their outputs); device-to-device all-to-all over NCCL is not
 //! used yet.
 
-use crate::backend::{scatter_add, AttentionShape, Backend, FfnWeights, KvView};
+use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::model::Model;
 use crate::weights::LinearWeight;
 use std::ops::Range;
@@ -185,11 +185,7 @@ impl Backend for ExpertParallel {
                 }
             }
         });
-        for ((_, tokens), c) in work.iter().zip(parts) {
-            if let Some(c) = c {
-                scatter_add(&c, tokens, out);
-            }
-        }
+        crate::backend::add_in_order(work, parts, out);
     }
 
     /// Attention runs on the first device: the model calls it one sequence at a time.

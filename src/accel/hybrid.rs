@@ -165,11 +165,7 @@ impl Backend for HybridBackend {
         for (i, c) in pending.wait().unwrap_or_default() {
             parts[i] = Some(c);
         }
-        for ((_, tokens), c) in work.iter().zip(parts) {
-            if let Some(c) = c {
-                scatter_add(&c, tokens, out);
-            }
-        }
+        crate::backend::add_in_order(work, parts, out);
     }
 
     fn attention(

@@ -200,6 +200,21 @@ pub fn scatter_add(contributions: &[f32], tokens: &[(usize, f32)], out: &mut [f3
     }
 }
 
+/// Adds each work item's contributions (`parts[i]` for `work[i]`, missing ones skipped)
+/// into `out` in work order: the fixed order that makes a layer's result independent of
+/// where and when its experts ran.
+pub fn add_in_order(
+    work: &[(&FfnWeights, &[(usize, f32)])],
+    parts: Vec<Option<Vec<f32>>>,
+    out: &mut [f32],
+) {
+    for ((_, tokens), c) in work.iter().zip(parts) {
+        if let Some(c) = c {
+            scatter_add(&c, tokens, out);
+        }
+    }
+}
+
 /// `out[t] += weight * ffn(x[t])` for every `(t, weight)` in `tokens`.
 pub fn ffn_accumulate_with(
     backend: &dyn Backend,

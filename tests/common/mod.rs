@@ -58,3 +58,38 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Prefill logits at every prompt position, then the logits of three greedy decode steps.
+pub fn prefill_and_three_steps(
+    model: &kimi_hybrid::model::Model,
+    backend: &dyn kimi_hybrid::backend::Backend,
+    prompt: &[u32],
+) -> Vec<f32> {
+    use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
+    let mut cache = KvCache::new(&model.config);
+    let mut all = model
+        .forward(
+            backend,
+            prompt,
+            &mut cache,
+            AttentionForm::Auto,
+            Logits::All,
+        )
+        .expect("prefill");
+    let vocab = model.config.vocab_size;
+    let mut last = all[all.len() - vocab..].to_vec();
+    for _ in 0..3 {
+        let next = kimi_hybrid::generate::argmax(&last);
+        last = model
+            .forward(
+                backend,
+                &[next],
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::Last,
+            )
+            .expect("decode");
+        all.extend_from_slice(&last);
+    }
+    all
+}
