@@ -109,3 +109,61 @@ fn expert_parallel_over_eight_devices_matches_one_device_on_every_fixture() {
         assert!(diff <= 1e-5, "{name}: {diff}");
     }
 }
+
+/// The same on real GPUs (skipped with a message where none exists): two CUDA backends
+/// (on GPUs 0 and 1, or both on GPU 0 when there is one) as the devices, through the
+/// same upload path `serve` uses. The GPU sums in its own order: logits within 2e-3 of
+/// the CPU run.
+#[test]
+fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
+    use kimi_hybrid::accel::cuda::expert_parallel_on_gpus;
+    use kimi_hybrid::backend::CudaBackend;
+    let first = match CudaBackend::open(0) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            eprintln!("skipping expert_parallel_on_real_gpus_matches_cpu_on_every_fixture: {e}");
+            return;
+        }
+    };
+    let second = Arc::new(
+        CudaBackend::open(1)
+            .or_else(|_| CudaBackend::open(0))
+            .expect("a second context"),
+    );
+    let profile = Profile::resolve("b200x8").expect("profile");
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = plan(
+            &ModelDesc::from_checkpoint(&ckpt),
+            &profile,
+            &profile.workload,
+            None,
+        );
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let want = run(
+            &model,
+            by_name("cpu-f32").expect("cpu").as_ref(),
+            &g.prompt_ids,
+        );
+        model.apply_plan(&p);
+        // Eight planned GPUs folded onto two.
+        for e in model.layers.iter_mut().filter_map(|l| match &mut l.ffn {
+            kimi_hybrid::model::Ffn::Moe(m) => Some(m),
+            _ => None,
+        }) {
+            for x in &mut e.experts {
+                x.gpu = x.gpu.map(|g| g % 2);
+            }
+        }
+        let ep =
+            expert_parallel_on_gpus(&model, vec![first.clone(), second.clone()]).expect("fits");
+        let got = run(&model, &ep, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        println!(
+            "{name} on {}: max abs diff vs CPU {diff:.1e}",
+            first.gpu().name
+        );
+        assert!(diff <= 2e-3, "{name}: {diff}");
+    }
+}
