@@ -111,34 +111,41 @@ fn quantize_token_portable(x: &[f32], values: &mut [i16], scales: &mut [f32]) {
     }
 }
 
-/// One 64-byte-aligned vector of 16 lanes: panel loads never straddle cache lines.
+/// One 64-byte-aligned cache line: a block's pair of 32 rows, so panel loads never
+/// straddle lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C, align(64))]
-struct Line([i32; 16]);
+struct Line([i8; 64]);
 
 /// A panel of [`PANEL_ROWS`] unpacked weight rows.
 pub struct Panel {
-    /// `[block][pair 0..16][row 0..32]`: lane = `(q[2p] - 8) | (q[2p + 1] - 8) << 16`.
-    words: Vec<Line>,
+    /// `[block][pair 0..16]` lines of `[row 0..32][q[2p] - 8, q[2p + 1] - 8]` as int8: one
+    /// byte per weight (half the stores of int16), widened to the `vpdpwssd` lanes
+    /// `(q[2p] - 8) | (q[2p + 1] - 8) << 16` by one `vpmovsxbw` per 16 rows as they load.
+    lines: Vec<Line>,
     /// `[block][row 0..32]` f32 weight scales.
     scales: Vec<f32>,
 }
 
 impl Panel {
+    /// Lane `i` = `(block * 16 + pair) * 32 + row` as its int16 pair.
     fn word(&self, i: usize) -> i32 {
-        self.words[i / 16].0[i % 16]
+        let (line, row) = (&self.lines[i / PANEL_ROWS].0, i % PANEL_ROWS);
+        (line[2 * row] as i16 as u16 as i32) | ((line[2 * row + 1] as i32) << 16)
     }
 
-    fn word_mut(&mut self, i: usize) -> &mut i32 {
-        &mut self.words[i / 16].0[i % 16]
+    fn set_word(&mut self, i: usize, lo: i8, hi: i8) {
+        let (line, row) = (&mut self.lines[i / PANEL_ROWS].0, i % PANEL_ROWS);
+        line[2 * row] = lo;
+        line[2 * row + 1] = hi;
     }
 
-    fn words_ptr(&self) -> *const i32 {
-        self.words.as_ptr() as *const i32
+    fn lines_ptr(&self) -> *const i8 {
+        self.lines.as_ptr() as *const i8
     }
 
-    fn words_mut_ptr(&mut self) -> *mut i32 {
-        self.words.as_mut_ptr() as *mut i32
+    fn lines_mut_ptr(&mut self) -> *mut i8 {
+        self.lines.as_mut_ptr() as *mut i8
     }
 
     /// The row width this panel was made for.
@@ -149,7 +156,7 @@ impl Panel {
     pub fn new(cols: usize) -> Self {
         let blocks = cols / 32;
         Panel {
-            words: vec![Line([0; 16]); blocks * 16 * PANEL_ROWS / 16],
+            lines: vec![Line([0; 64]); blocks * 16],
             scales: vec![0.0; blocks * PANEL_ROWS],
         }
     }
@@ -179,7 +186,7 @@ impl Panel {
                 for b in 0..blocks {
                     self.scales[b * PANEL_ROWS + r] = 0.0;
                     for p in 0..16 {
-                        *self.word_mut((b * 16 + p) * PANEL_ROWS + r) = 0;
+                        self.set_word((b * 16 + p) * PANEL_ROWS + r, 0, 0);
                     }
                 }
                 continue;
@@ -190,9 +197,8 @@ impl Panel {
                 self.scales[b * PANEL_ROWS + r] = crate::formats::bf16_at(scales, row * blocks + b);
                 for p in 0..16 {
                     let byte = bytes[b * 16 + p];
-                    let lo = (byte & 0x0f) as i32 - 8;
-                    let hi = (byte >> 4) as i32 - 8;
-                    *self.word_mut((b * 16 + p) * PANEL_ROWS + r) = (lo & 0xffff) | (hi << 16);
+                    let (lo, hi) = ((byte & 0x0f) as i8 - 8, (byte >> 4) as i8 - 8);
+                    self.set_word((b * 16 + p) * PANEL_ROWS + r, lo, hi);
                 }
             }
         }
@@ -279,11 +285,7 @@ mod avx512 {
         count: usize,
     ) {
         let (row_bytes, blocks) = (cols / 2, cols / 32);
-        let (nibble, eight, low16) = (
-            _mm512_set1_epi32(0x0f),
-            _mm512_set1_epi32(8),
-            _mm512_set1_epi32(0xffff),
-        );
+        let (nibble, eight) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(8));
         // Loops, not `array::from_fn` closures: a closure does not inherit the target
         // features, so it was compiled out of line and returned each vector through memory.
         for r in 0..PANEL_ROWS {
@@ -297,61 +299,62 @@ mod avx512 {
         }
         for b in 0..blocks {
             for half in 0..PANEL_ROWS / 16 {
-                let mut rows = [_mm512_setzero_si512(); 16];
+                // Each row's 16 bytes -> its 16 pairs as int8 (q - 8), pair order.
+                let mut rows = [_mm256_setzero_si256(); 16];
                 for (i, row_vec) in rows.iter_mut().enumerate() {
                     let r = 16 * half + i;
                     if r >= count {
                         continue;
                     }
                     let at = packed.as_ptr().add((first + r) * row_bytes + b * 16);
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(at as *const _));
-                    let lo = _mm512_sub_epi32(_mm512_and_si512(v, nibble), eight);
-                    let hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
+                    let v = _mm_loadu_si128(at as *const _);
+                    let lo = _mm_sub_epi8(_mm_and_si128(v, nibble), eight);
+                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), eight);
                     *row_vec =
-                        _mm512_or_si512(_mm512_and_si512(lo, low16), _mm512_slli_epi32(hi, 16));
+                        _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
                 }
-                let pairs = transpose16(rows);
+                let pairs = transpose16x16_epi16(rows);
                 for (p, v) in pairs.iter().enumerate() {
-                    let at = panel
-                        .words_mut_ptr()
-                        .add((b * 16 + p) * PANEL_ROWS + 16 * half);
-                    _mm512_store_si512(at as *mut _, *v);
+                    let at = panel.lines_mut_ptr().add((b * 16 + p) * 64 + 32 * half);
+                    _mm256_store_si256(at as *mut _, *v);
                 }
             }
         }
     }
 
-    /// Transposes a 16 x 16 matrix of 32-bit values held one row per register.
+    /// Transposes a 16 x 16 matrix of 16-bit values held one row per register: three
+    /// rounds of unpacks transpose 8 x 8 within each 128-bit lane (rows 0..8 and 8..16
+    /// separately), then lanes are exchanged. (Loops, not closures: see `fill`.)
     #[inline(always)]
-    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        // Pairs of rows interleaved, then groups of four: u[4g + j], 128-bit lane L, holds
-        // column 4L + j of rows 4g..4g+3. (Loops, not closures: see `fill`.)
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in (0..16).step_by(2) {
-            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-        }
-        let mut u = [_mm512_setzero_si512(); 16];
-        for g in 0..4 {
-            for h in 0..2 {
-                let (a, b) = (t[4 * g + h], t[4 * g + 2 + h]);
-                u[4 * g + 2 * h] = _mm512_unpacklo_epi64(a, b);
-                u[4 * g + 2 * h + 1] = _mm512_unpackhi_epi64(a, b);
+    unsafe fn transpose16x16_epi16(r: [__m256i; 16]) -> [__m256i; 16] {
+        let mut halves = [[_mm256_setzero_si256(); 8]; 2];
+        for (h, out) in halves.iter_mut().enumerate() {
+            let r = &r[8 * h..8 * h + 8];
+            let mut t = [_mm256_setzero_si256(); 8];
+            for i in 0..4 {
+                t[2 * i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+            }
+            // u[0..4]: columns (0,1), (2,3), (4,5), (6,7) of rows 0..4; u[4..8] of rows 4..8.
+            let mut u = [_mm256_setzero_si256(); 8];
+            for g in 0..2 {
+                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm256_unpacklo_epi32(a, c);
+                u[4 * g + 1] = _mm256_unpackhi_epi32(a, c);
+                u[4 * g + 2] = _mm256_unpacklo_epi32(b, d);
+                u[4 * g + 3] = _mm256_unpackhi_epi32(b, d);
+            }
+            for k in 0..4 {
+                out[2 * k] = _mm256_unpacklo_epi64(u[k], u[4 + k]);
+                out[2 * k + 1] = _mm256_unpackhi_epi64(u[k], u[4 + k]);
             }
         }
-        // Then a 4 x 4 transpose of 128-bit lanes across u[j], u[4 + j], u[8 + j], u[12 + j]:
-        // column 4L + j gets lane L of each.
-        let mut out = [_mm512_setzero_si512(); 16];
-        for j in 0..4 {
-            let (a, b, c, d) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
-            let p = _mm512_shuffle_i32x4::<0x44>(a, b);
-            let q = _mm512_shuffle_i32x4::<0xee>(a, b);
-            let r = _mm512_shuffle_i32x4::<0x44>(c, d);
-            let s = _mm512_shuffle_i32x4::<0xee>(c, d);
-            out[j] = _mm512_shuffle_i32x4::<0x88>(p, r);
-            out[4 + j] = _mm512_shuffle_i32x4::<0xdd>(p, r);
-            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(q, s);
-            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(q, s);
+        // Lane 0 of halves[h][k] is column k of rows 8h..8h+8; lane 1 is column 8 + k.
+        let mut out = [_mm256_setzero_si256(); 16];
+        for k in 0..8 {
+            let (a, b) = (halves[0][k], halves[1][k]);
+            out[k] = _mm256_permute2x128_si256::<0x20>(a, b);
+            out[8 + k] = _mm256_permute2x128_si256::<0x31>(a, b);
         }
         out
     }
@@ -380,7 +383,7 @@ mod avx512 {
         let xv = x.values.as_ptr().add(t0 * cols) as *const u8;
         for b in 0..blocks {
             let mut acc = [[_mm512_setzero_si512(); TOKEN_TILE]; RV];
-            let words = panel.words_ptr().add(b * 16 * PANEL_ROWS);
+            let lines = panel.lines_ptr().add(b * 16 * 64);
             // Block b of each token, as i32 pairs of values.
             let xt: [*const i32; TOKEN_TILE] =
                 std::array::from_fn(|t| xv.add(2 * (t * cols + b * 32)) as *const i32);
@@ -389,9 +392,12 @@ mod avx512 {
             macro_rules! pair_step {
                 ($p:expr) => {{
                     let p = $p;
-                    let w: [__m512i; RV] = std::array::from_fn(|r| {
-                        _mm512_load_si512(words.add(p * PANEL_ROWS + 16 * r) as *const _)
-                    });
+                    let mut w = [_mm512_setzero_si512(); RV];
+                    for (r, w_r) in w.iter_mut().enumerate() {
+                        *w_r = _mm512_cvtepi8_epi16(_mm256_load_si256(
+                            lines.add(p * 64 + 32 * r) as *const _
+                        ));
+                    }
                     for t in 0..TOKEN_TILE {
                         // Values 2p and 2p + 1 of the block, broadcast.
                         let xb = _mm512_set1_epi32(xt[t].add(p).read_unaligned());
@@ -475,10 +481,10 @@ mod tests {
             .collect();
         for (first, count) in [(0, 32), (32, 8)] {
             let (mut a, mut b) = (Panel::new(cols), Panel::new(cols));
-            a.words.fill(Line([7; 16]));
+            a.lines.fill(Line([7; 64]));
             a.fill(&packed, &scales, cols, first, count);
             b.fill_portable(&packed, &scales, cols, first, count);
-            assert_eq!(a.words, b.words);
+            assert_eq!(a.lines, b.lines);
             let bits = |p: &Panel| p.scales.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b));
         }
