@@ -60,7 +60,10 @@ fn backends() -> Vec<Case> {
             tolerance: 2e-3,
             form_tolerance: 1e-3,
         }),
-        Err(e) => eprintln!("golden fixtures on the CUDA backend skipped: {e}"),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("golden fixtures on the CUDA backend skipped: {e}"));
+        }
     }
     out
 }

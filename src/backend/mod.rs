@@ -238,14 +238,14 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
     }
-    if let Some(ordinal) = name.strip_prefix("cuda") {
-        let ordinal = match ordinal.strip_prefix(':') {
-            None if ordinal.is_empty() => 0,
-            Some(n) => n.parse().map_err(|_| {
-                format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")
-            })?,
-            None => return Err(format!("unknown backend {name:?}")),
-        };
+    let gpu = match name.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(n) if n.starts_with(':') => Some(n[1..].parse().map_err(|_| {
+            format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")
+        })?),
+        _ => None,
+    };
+    if let Some(ordinal) = gpu {
         return CudaBackend::open(ordinal)
             .map(|b| Box::new(b) as Box<dyn Backend>)
             .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));
@@ -272,4 +272,28 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
         },
     };
     Ok(Box::new(CpuBackend::new(isa, activations)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::by_name;
+
+    fn error_of(name: &str) -> String {
+        by_name(name).err().unwrap_or_default()
+    }
+
+    #[test]
+    fn backend_names_parse_with_errors_saying_what_is_accepted() {
+        for bad in ["cudax", "gpu", "cpu-f16"] {
+            let e = error_of(bad);
+            assert!(e.contains("unknown backend") && e.contains("cuda[:N]"), "{e}");
+        }
+        for bad in ["cuda:x", "cuda:", "cuda:-1"] {
+            assert!(error_of(bad).contains("cuda:N with N a GPU number"), "{bad}");
+        }
+        assert!(error_of("cpu:sse9").contains("unknown kernel path"));
+        if let Err(e) = by_name("cuda:0") {
+            assert!(e.contains("no CUDA device") && e.contains("--backend cpu"), "{e}");
+        }
+    }
 }
