@@ -286,14 +286,23 @@ mod tests {
     fn backend_names_parse_with_errors_saying_what_is_accepted() {
         for bad in ["cudax", "gpu", "cpu-f16"] {
             let e = error_of(bad);
-            assert!(e.contains("unknown backend") && e.contains("cuda[:N]"), "{e}");
+            assert!(
+                e.contains("unknown backend") && e.contains("cuda[:N]"),
+                "{e}"
+            );
         }
         for bad in ["cuda:x", "cuda:", "cuda:-1"] {
-            assert!(error_of(bad).contains("cuda:N with N a GPU number"), "{bad}");
+            assert!(
+                error_of(bad).contains("cuda:N with N a GPU number"),
+                "{bad}"
+            );
         }
         assert!(error_of("cpu:sse9").contains("unknown kernel path"));
         if let Err(e) = by_name("cuda:0") {
-            assert!(e.contains("no CUDA device") && e.contains("--backend cpu"), "{e}");
+            assert!(
+                e.contains("no CUDA device") && e.contains("--backend cpu"),
+                "{e}"
+            );
         }
     }
 }
