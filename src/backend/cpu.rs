@@ -68,6 +68,15 @@ impl CpuBackend {
         }
     }
 
+    /// Runs `f` on NUMA node `node`'s threads (a routed expert the plan put there), or
+    /// as [`Self::on_pool`] without a node or pools.
+    fn on_node<R: Send>(&self, node: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+        match (&self.pools, node) {
+            (Some(p), Some(n)) => p.node(n).install(f),
+            _ => f(),
+        }
+    }
+
     /// Runs `f` on the all-CPU pool, unless already on a worker thread (then on that pool:
     /// an expert assigned to a node stays on the node's threads).
     fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -87,17 +96,18 @@ fn rows_parallel(
     kernel: impl Fn(usize, Range<usize>, &mut [f32]) + Sync,
 ) {
     let start = rows.start;
-    let out = rows_parallel_many(&[(rows.len(), n)], |_, row, t, o| kernel(start + row, t, o));
-    if let Some(first) = out.first() {
-        y[..first.len()].copy_from_slice(first);
+    let by_row = rows_parallel_many(&[(rows.len(), n)], |_, row, t, o| kernel(start + row, t, o));
+    if let Some(b) = by_row.first() {
+        token_major(b, rows.len(), n, y);
     }
 }
 
 /// [`rows_parallel`] over several products at once (one parallel region, tasks never
-/// crossing a product): for each `(rows, n)` of `shapes`, returns `[n, rows]` with
-/// `kernel(product, row, token_range, out)` filling row `row`'s outputs for those tokens.
-/// Each row is computed by one call per token range whatever the split, so results do
-/// not depend on the thread count or on which products share the region.
+/// crossing a product): for each `(rows, n)` of `shapes`, returns the products row-major
+/// (`[rows, n]`, see [`token_major`]) with `kernel(product, row, token_range, out)`
+/// filling row `row`'s outputs for those tokens. Each row is computed by one call per
+/// token range whatever the split, so results do not depend on the thread count or on
+/// which products share the region.
 fn rows_parallel_many(
     shapes: &[(usize, usize)],
     kernel: impl Fn(usize, usize, Range<usize>, &mut [f32]) + Sync,
@@ -125,18 +135,15 @@ fn rows_parallel_many(
         }
     });
     by_row
-        .iter()
-        .zip(shapes)
-        .map(|(b, &(r, n))| {
-            let mut y = vec![0.0f32; r * n];
-            for i in 0..r {
-                for t in 0..n {
-                    y[t * r + i] = b[i * n + t];
-                }
-            }
-            y
-        })
-        .collect()
+}
+
+/// `y[t, i] = by_row[i, t]`: a row-major product (`[rows, n]`) in token-major order.
+fn token_major(by_row: &[f32], rows: usize, n: usize, y: &mut [f32]) {
+    for i in 0..rows {
+        for t in 0..n {
+            y[t * rows + i] = by_row[i * n + t];
+        }
+    }
 }
 
 thread_local! {
@@ -158,17 +165,11 @@ struct GemmScratch {
 
 /// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM: one 32-row panel
 /// per task, unpacked once and used for every token.
-fn int4_gemm(
-    rows: Range<usize>,
-    packed: &[u8],
-    scales: &[u8],
-    cols: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
+fn int4_gemm(rows: Range<usize>, m: &Int4Matrix, x: &[f32], y: &mut [f32]) {
     use kernels_avx512::int4_gemm::{
         panel_times_tokens, quantize_token, Panel, Q16Tokens, PANEL_ROWS,
     };
+    let (packed, scales, cols) = (m.packed, m.scales, m.cols);
     let n = x.len() / cols;
     let r = rows.len();
     GEMM_SCRATCH.with(|cell| {
@@ -264,12 +265,9 @@ impl Backend for CpuBackend {
         tokens: &[(usize, f32)],
         out: &mut [f32],
     ) {
-        match (&self.pools, ffn.numa_node) {
-            (Some(p), Some(node)) => p
-                .node(node)
-                .install(|| super::ffn_accumulate_with(self, ffn, x, tokens, out)),
-            _ => super::ffn_accumulate_with(self, ffn, x, tokens, out),
-        }
+        self.on_node(ffn.numa_node, || {
+            super::ffn_accumulate_with(self, ffn, x, tokens, out)
+        })
     }
 
     /// Few tokens: experts one after another, each split by rows over all threads (every
@@ -282,14 +280,8 @@ impl Backend for CpuBackend {
             // when they share one.
             let node = work.first().and_then(|(f, _)| f.numa_node);
             if work.iter().all(|(f, _)| f.numa_node == node) {
-                let fused = match (&self.pools, node) {
-                    (Some(p), Some(n)) => p.node(n).install(|| self.experts_fused(work, x)),
-                    _ => self.experts_fused(work, x),
-                };
-                if let Some(contributions) = fused {
-                    for ((_, tokens), c) in work.iter().zip(&contributions) {
-                        super::scatter_add(c, tokens, out);
-                    }
+                if let Some(parts) = self.on_node(node, || self.experts_fused(work, x)) {
+                    super::add_in_order(work, parts.into_iter().map(Some), out);
                     return;
                 }
             }
@@ -298,19 +290,14 @@ impl Backend for CpuBackend {
             }
             return;
         }
-        let contributions: Vec<Vec<f32>> = self.on_pool(|| {
+        let parts: Vec<Vec<f32>> = self.on_pool(|| {
             work.par_iter()
-                .map(|(ffn, tokens)| match (&self.pools, ffn.numa_node) {
-                    (Some(p), Some(node)) => p
-                        .node(node)
-                        .install(|| self.ffn_contributions(ffn, x, tokens)),
-                    _ => self.ffn_contributions(ffn, x, tokens),
+                .map(|(ffn, tokens)| {
+                    self.on_node(ffn.numa_node, || self.ffn_contributions(ffn, x, tokens))
                 })
                 .collect()
         });
-        for ((_, tokens), c) in work.iter().zip(&contributions) {
-            super::scatter_add(c, tokens, out);
-        }
+        super::add_in_order(work, parts.into_iter().map(Some), out);
     }
 
     fn attention(
@@ -475,16 +462,12 @@ impl CpuBackend {
             if m == 0 || self.batched(m) || !shapes_agree {
                 return None;
             }
-            let mut xs = Vec::with_capacity(m * hidden);
-            for &(t, _) in tokens {
-                xs.extend_from_slice(x.get(t * hidden..(t + 1) * hidden)?);
-            }
             jobs.push(Job {
                 gate,
                 up,
                 down,
                 tokens,
-                xs,
+                xs: super::gather_rows(x, tokens, hidden),
             });
         }
         let (isa, act) = (self.isa, self.activations);
@@ -495,7 +478,7 @@ impl CpuBackend {
                 .collect();
             let shapes: Vec<(usize, usize)> =
                 jobs.iter().map(|j| (j.gate.rows, j.tokens.len())).collect();
-            let h = rows_parallel_many(&shapes, |e, row, t, out| {
+            let h_by_row = rows_parallel_many(&shapes, |e, row, t, out| {
                 let mut u = [0.0f32; TOKENS_PER_CALL];
                 let u = &mut u[..out.len()];
                 prepared[e].dot(isa, jobs[e].gate.row(row), t.clone(), out);
@@ -504,6 +487,15 @@ impl CpuBackend {
                     *g = super::silu(*g) * u;
                 }
             });
+            let h: Vec<Vec<f32>> = h_by_row
+                .iter()
+                .zip(&shapes)
+                .map(|(b, &(r, n))| {
+                    let mut h = vec![0.0f32; r * n];
+                    token_major(b, r, n, &mut h);
+                    h
+                })
+                .collect();
             let prepared: Vec<Prepared> = jobs
                 .iter()
                 .zip(&h)
@@ -511,47 +503,40 @@ impl CpuBackend {
                 .collect();
             let shapes: Vec<(usize, usize)> =
                 jobs.iter().map(|j| (j.down.rows, j.tokens.len())).collect();
-            let mut d = rows_parallel_many(&shapes, |e, row, t, out| {
+            let d_by_row = rows_parallel_many(&shapes, |e, row, t, out| {
                 prepared[e].dot(isa, jobs[e].down.row(row), t, out)
             });
-            for (j, d) in jobs.iter().zip(d.iter_mut()) {
-                let hidden = j.down.rows;
-                for (k, &(_, weight)) in j.tokens.iter().enumerate() {
-                    for v in &mut d[k * hidden..(k + 1) * hidden] {
-                        *v *= weight;
-                    }
-                }
-            }
-            d
+            jobs.iter()
+                .zip(&d_by_row)
+                .map(|(j, b)| {
+                    let (r, n) = (j.down.rows, j.tokens.len());
+                    let mut d = vec![0.0f32; r * n];
+                    token_major(b, r, n, &mut d);
+                    super::weight_rows(&mut d, j.tokens);
+                    d
+                })
+                .collect()
         }))
     }
 
     /// `linear` on the current thread pool.
     fn linear_here(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        match w {
-            LinearWeight::Int4 {
-                packed,
-                scales,
-                cols,
-                group: 32,
-                ..
-            } => {
-                let n = x.len() / cols;
-                let batched = self.batched(n);
-                match Int4Matrix::of(w) {
-                    // Batches of tokens take the tiled GEMM on both quantized backends: it is
-                    // several times faster than the row kernels there, int8 ones included,
-                    // and more accurate than int8.
-                    _ if batched => int4_gemm(rows, packed.bytes(), scales.bytes(), *cols, x, y),
-                    Some(m) => {
-                        let prepared = Prepared::new(self.activations, x, *cols);
-                        rows_parallel(rows, n, y, |row, tokens, out| {
-                            prepared.dot(self.isa, m.row(row), tokens, out)
-                        })
-                    }
-                    None => ReferenceBackend.linear(w, rows, x, y),
-                }
+        if let Some(m) = Int4Matrix::of(w) {
+            let n = x.len() / m.cols;
+            if self.batched(n) {
+                // Batches of tokens take the tiled GEMM on both quantized backends: it is
+                // several times faster than the row kernels there, int8 ones included, and
+                // more accurate than int8.
+                int4_gemm(rows, &m, x, y);
+            } else {
+                let prepared = Prepared::new(self.activations, x, m.cols);
+                rows_parallel(rows, n, y, |row, tokens, out| {
+                    prepared.dot(self.isa, m.row(row), tokens, out)
+                });
             }
+            return;
+        }
+        match w {
             LinearWeight::Dense {
                 dtype: DenseDtype::Bf16,
                 data,

@@ -358,10 +358,7 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
-        let mut xs = Vec::with_capacity(m * hidden);
-        for &(t, _) in tokens {
-            xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-        }
+        let xs = super::gather_rows(x, tokens, hidden);
         let mut map = self.lock();
         let (gate, up, down) = (
             self.weight(&mut map, &ffn.gate),
@@ -376,11 +373,7 @@ impl Backend for CudaBackend {
         let d = self.linear_on_device(&down, 0..hidden, &h, m);
         let mut contributions = device("a result download", g.download("ffn", &d));
         drop(map);
-        for (j, &(_, weight)) in tokens.iter().enumerate() {
-            for v in &mut contributions[j * hidden..(j + 1) * hidden] {
-                *v *= weight;
-            }
-        }
+        super::weight_rows(&mut contributions, tokens);
         contributions
     }
 

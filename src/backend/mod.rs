@@ -154,6 +154,25 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// The tokens' rows of `x` (`[n, hidden]`), in `tokens` order: an FFN's input.
+pub fn gather_rows(x: &[f32], tokens: &[(usize, f32)], hidden: usize) -> Vec<f32> {
+    let mut xs = Vec::with_capacity(tokens.len() * hidden);
+    for &(t, _) in tokens {
+        xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+    }
+    xs
+}
+
+/// Scales row `j` of `rows` (`[tokens.len(), hidden]`) by token `j`'s routing weight.
+pub fn weight_rows(rows: &mut [f32], tokens: &[(usize, f32)]) {
+    let hidden = rows.len() / tokens.len().max(1);
+    for (row, &(_, weight)) in rows.chunks_exact_mut(hidden.max(1)).zip(tokens) {
+        for v in row {
+            *v *= weight;
+        }
+    }
+}
+
 /// The SiLU-gated FFN written once over any backend's `linear`: gather the tokens' rows,
 /// gate and up projections, `silu(gate) * up`, down projection; returns each token's
 /// weighted contribution, [tokens.len(), hidden].
@@ -166,10 +185,7 @@ pub fn ffn_composed<B: Backend + ?Sized>(
     let hidden = ffn.gate.cols();
     let inter = ffn.gate.rows();
     let m = tokens.len();
-    let mut xs = Vec::with_capacity(m * hidden);
-    for &(t, _) in tokens {
-        xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-    }
+    let xs = gather_rows(x, tokens, hidden);
     let mut gate = vec![0.0; m * inter];
     let mut up = vec![0.0; m * inter];
     backend.linear(&ffn.gate, 0..inter, &xs, &mut gate);
@@ -179,11 +195,7 @@ pub fn ffn_composed<B: Backend + ?Sized>(
     }
     let mut down = vec![0.0; m * hidden];
     backend.linear(&ffn.down, 0..hidden, &gate, &mut down);
-    for (j, &(_, weight)) in tokens.iter().enumerate() {
-        for d in &mut down[j * hidden..(j + 1) * hidden] {
-            *d *= weight;
-        }
-    }
+    weight_rows(&mut down, tokens);
     down
 }
 
@@ -203,14 +215,14 @@ pub fn scatter_add(contributions: &[f32], tokens: &[(usize, f32)], out: &mut [f3
 /// Adds each work item's contributions (`parts[i]` for `work[i]`, missing ones skipped)
 /// into `out` in work order: the fixed order that makes a layer's result independent of
 /// where and when its experts ran.
-pub fn add_in_order(
+pub fn add_in_order<C: AsRef<[f32]>>(
     work: &[(&FfnWeights, &[(usize, f32)])],
-    parts: Vec<Option<Vec<f32>>>,
+    parts: impl IntoIterator<Item = Option<C>>,
     out: &mut [f32],
 ) {
     for ((_, tokens), c) in work.iter().zip(parts) {
         if let Some(c) = c {
-            scatter_add(&c, tokens, out);
+            scatter_add(c.as_ref(), tokens, out);
         }
     }
 }
