@@ -1,61 +1,19 @@
-//! Hybrid execution on a real GPU: the accelerator interface over GPU `ordinal`, and the
-//! hybrid backend a one-GPU plan runs on.
+//! Execution on real GPUs: the hybrid backend a one-GPU plan runs on, and the
+//! expert-parallel backend of an all-GPU plan.
 //!
-//! The queue, memory budget and transfer accounting are the same ones the simulated
-//! device has (its in-order worker thread is where the device's work issues its CUDA
-//! calls, so the host computes its experts while the GPU works); the budget is the GPU's
-//! free memory when it was opened, and the device's work runs through the CUDA backend.
+//! A GPU's queue, memory budget and transfer accounting are the simulated device's
+//! ([`SimDevice`]: its in-order worker thread is where the device's work issues its CUDA
+//! calls, so the host computes its experts while the GPU works), with the GPU's free
+//! memory as the budget; the device's work runs through the CUDA backend.
 
 use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
 use super::sim::SimDevice;
-use super::{AccelError, Accelerator, Job, Transfers};
-use crate::backend::{Backend, CudaBackend};
+use crate::backend::{Backend, CudaBackend, FfnWeights};
 use crate::model::Model;
 use crate::placement::Plan;
 use crate::weights::LinearWeight;
 use std::sync::Arc;
-
-pub struct CudaAccelerator {
-    queue: SimDevice,
-}
-
-impl CudaAccelerator {
-    /// The accelerator over an opened GPU.
-    pub fn new(gpu: &CudaBackend) -> std::io::Result<Self> {
-        let g = gpu.gpu();
-        Ok(CudaAccelerator {
-            queue: SimDevice::new(&g.name, g.free_bytes as u64)?,
-        })
-    }
-}
-
-impl Accelerator for CudaAccelerator {
-    fn name(&self) -> &str {
-        self.queue.name()
-    }
-    fn budget_bytes(&self) -> u64 {
-        self.queue.budget_bytes()
-    }
-    fn used_bytes(&self) -> u64 {
-        self.queue.used_bytes()
-    }
-    fn reserve(&self, what: &str, bytes: u64) -> Result<(), AccelError> {
-        self.queue.reserve(what, bytes)
-    }
-    fn enqueue(&self, job: Job) {
-        self.queue.enqueue(job)
-    }
-    fn copy_to_device(&self, bytes: u64) {
-        self.queue.copy_to_device(bytes)
-    }
-    fn copy_to_host(&self, bytes: u64) {
-        self.queue.copy_to_host(bytes)
-    }
-    fn transfers(&self) -> Transfers {
-        self.queue.transfers()
-    }
-}
 
 /// The backend a one-GPU plan runs on: what the plan puts on the GPU is checked against
 /// its memory and uploaded (attention, dense layers, shared experts, router, lm_head and
@@ -67,11 +25,12 @@ pub fn hybrid_on_gpu(
     gpu: Arc<CudaBackend>,
     host: Arc<dyn Backend>,
 ) -> anyhow::Result<HybridBackend> {
-    let accel = Arc::new(CudaAccelerator::new(&gpu)?);
+    let g = gpu.gpu();
+    let accel = Arc::new(SimDevice::new(&g.name, g.free_bytes as u64)?);
     let compute: Arc<dyn Backend> = gpu.clone();
     let hybrid = HybridBackend::new(model, plan, accel, compute, host)?;
     let bytes = gpu
-        .preload(&model.matrices(|e| e.gpu.is_some()))
+        .preload(&device_matrices(model, |e| e.gpu.is_some()))
         .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
     eprintln!(
         "hybrid: {:.2} GiB of weights on {}, the other routed experts in host RAM",
@@ -91,7 +50,7 @@ pub fn expert_parallel_on_gpus(
 ) -> anyhow::Result<ExpertParallel> {
     let lm_head = model.lm_head.identity();
     let shared: Vec<_> = model
-        .matrices(|_| false)
+        .non_expert_matrices()
         .into_iter()
         .filter(|w| w.identity() != lm_head)
         .collect();
@@ -104,14 +63,8 @@ pub fn expert_parallel_on_gpus(
         bytes += gpu
             .preload_rows(&model.lm_head, band)
             .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
-        let experts: Vec<&LinearWeight> = model
-            .routed_experts()
-            .into_iter()
-            .filter(|e| e.gpu == Some(g))
-            .flat_map(|e| [&e.gate, &e.up, &e.down])
-            .collect();
         bytes += gpu
-            .preload(&experts)
+            .preload(&expert_matrices(model, |e| e.gpu == Some(g)))
             .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
         eprintln!(
             "expert-parallel: {:.2} GiB of weights on GPU {g} ({})",
@@ -121,4 +74,21 @@ pub fn expert_parallel_on_gpus(
     }
     let devices: Vec<Arc<dyn Backend>> = gpus.into_iter().map(|g| g as Arc<dyn Backend>).collect();
     ExpertParallel::new(devices, model).ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))
+}
+
+/// The routed experts' matrices `on` selects.
+fn expert_matrices(model: &Model, on: impl Fn(&FfnWeights) -> bool) -> Vec<&LinearWeight> {
+    model
+        .routed_experts()
+        .into_iter()
+        .filter(|e| on(e))
+        .flat_map(FfnWeights::matrices)
+        .collect()
+}
+
+/// Every non-expert matrix and the routed experts' matrices `on` selects.
+fn device_matrices(model: &Model, on: impl Fn(&FfnWeights) -> bool) -> Vec<&LinearWeight> {
+    let mut all = model.non_expert_matrices();
+    all.extend(expert_matrices(model, on));
+    all
 }

@@ -1,5 +1,6 @@
 //! A simulated accelerator: a memory budget, an in-order queue run by one worker thread,
-//! and transfer counters.
+//! and transfer counters. A real GPU uses the same queue and accounting (see
+//! [`super::cuda`]); only the work enqueued on it differs.
 
 use super::{AccelError, Accelerator, Job, Transfers};
 use std::sync::atomic::{AtomicU64, Ordering};

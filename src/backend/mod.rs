@@ -29,6 +29,11 @@ pub struct FfnWeights {
 }
 
 impl FfnWeights {
+    /// Gate, up and down.
+    pub fn matrices(&self) -> [&LinearWeight; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
     pub fn stored_bytes(&self) -> usize {
         self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
     }

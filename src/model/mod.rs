@@ -169,12 +169,9 @@ pub struct BatchEntry<'a> {
 }
 
 impl Model {
-    /// Every matrix the model multiplies by (lm_head included, the embedding table not:
-    /// it is gathered, not multiplied), routed experts only where `routed` says so.
-    pub fn matrices(&self, routed: impl Fn(&FfnWeights) -> bool) -> Vec<&LinearWeight> {
-        fn ffn(f: &FfnWeights) -> [&LinearWeight; 3] {
-            [&f.gate, &f.up, &f.down]
-        }
+    /// Every matrix the model multiplies by except the routed experts' (lm_head included;
+    /// the embedding table not: it is gathered, not multiplied).
+    pub fn non_expert_matrices(&self) -> Vec<&LinearWeight> {
         let mut out = vec![&self.lm_head];
         for layer in &self.layers {
             let a = &layer.attn;
@@ -184,15 +181,10 @@ impl Model {
             }
             out.extend([&a.kv_a, &a.kv_b, &a.o]);
             match &layer.ffn {
-                Ffn::Dense(f) => out.extend(ffn(f)),
+                Ffn::Dense(f) => out.extend(f.matrices()),
                 Ffn::Moe(moe) => {
                     out.push(&moe.router);
-                    if let Some(shared) = &moe.shared {
-                        out.extend(ffn(shared));
-                    }
-                    for e in moe.experts.iter().filter(|e| routed(e)) {
-                        out.extend(ffn(e));
-                    }
+                    out.extend(moe.shared.iter().flat_map(FfnWeights::matrices));
                 }
             }
         }
