@@ -425,7 +425,7 @@ fn host_matmul(dense: &[f32], x: &[f32], rows: usize, cols: usize, tokens: usize
 
 #[test]
 fn bf16_f32_band_and_transposed_products_match_cpu() {
-    use kernels_cuda::weights::DeviceWeight;
+    use kernels_cuda::weights::{DeviceData, DeviceWeight};
     let Some(d) = gpu("bf16_f32_band_and_transposed_products_match_cpu") else {
         return;
     };
@@ -439,15 +439,15 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
         .iter()
         .map(|b| half::bf16::from_bits(*b).to_f32())
         .collect();
-    let bf16 = DeviceWeight::Bf16 {
-        data: d.upload("w", &bits).unwrap(),
+    let bf16 = DeviceWeight {
         rows,
         cols,
+        data: DeviceData::Bf16(d.upload("w", &bits).unwrap()),
     };
-    let f32w = DeviceWeight::F32 {
-        data: d.upload("w", &dense).unwrap(),
+    let f32w = DeviceWeight {
         rows,
         cols,
+        data: DeviceData::F32(d.upload("w", &dense).unwrap()),
     };
     for tokens in [1usize, 8, 37] {
         let x = values(tokens * cols, 22 + tokens as u64);
@@ -500,20 +500,22 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
         .map(|v| half::bf16::from_f32(0.01 + v.abs() * 0.01).to_bits())
         .collect();
     let scale_bytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let int4 = DeviceWeight::Int4 {
-        packed: d
-            .upload(
-                "packed",
-                &packed_bytes
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect::<Vec<u32>>(),
-            )
-            .unwrap(),
-        scales: d.upload("scales", &scales).unwrap(),
+    let int4 = DeviceWeight {
         rows,
         cols,
-        group: 32,
+        data: DeviceData::Int4 {
+            packed: d
+                .upload(
+                    "packed",
+                    &packed_bytes
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect::<Vec<u32>>(),
+                )
+                .unwrap(),
+            scales: d.upload("scales", &scales).unwrap(),
+            group: 32,
+        },
     };
     let fp8_data: Vec<u8> = bytes(rows * cols, 26)
         .into_iter()
@@ -521,12 +523,14 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
         .collect();
     let scale_inv: Vec<f32> = values(3 * 4, 27).iter().map(|v| 0.5 + v.abs()).collect();
     let scale_inv_bytes: Vec<u8> = scale_inv.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let fp8 = DeviceWeight::Fp8 {
-        data: d.upload("fp8", &fp8_data).unwrap(),
-        scale_inv: d.upload("scale_inv", &scale_inv).unwrap(),
+    let fp8 = DeviceWeight {
         rows,
         cols,
-        block: [128, 128],
+        data: DeviceData::Fp8 {
+            data: d.upload("fp8", &fp8_data).unwrap(),
+            scale_inv: d.upload("scale_inv", &scale_inv).unwrap(),
+            block: [128, 128],
+        },
     };
     let (first, n) = (77usize, 150usize);
     let mut want_int4 = vec![0.0f32; n * cols];

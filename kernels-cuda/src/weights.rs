@@ -8,61 +8,39 @@ use crate::ops::{blocks_for, cfg, launch_err};
 use crate::NoCuda;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-pub enum DeviceWeight {
+/// A weight `[rows, cols]` on the device.
+pub struct DeviceWeight {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: DeviceData,
+}
+
+/// A device weight's values, in its format.
+pub enum DeviceData {
     Int4 {
         packed: CudaSlice<u32>,
         scales: CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
         group: usize,
     },
     Fp8 {
         data: CudaSlice<u8>,
         scale_inv: CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
         block: [usize; 2],
     },
-    Bf16 {
-        data: CudaSlice<u16>,
-        rows: usize,
-        cols: usize,
-    },
-    F32 {
-        data: CudaSlice<f32>,
-        rows: usize,
-        cols: usize,
-    },
+    Bf16(CudaSlice<u16>),
+    F32(CudaSlice<f32>),
 }
 
 impl DeviceWeight {
-    pub fn rows(&self) -> usize {
-        match self {
-            DeviceWeight::Int4 { rows, .. }
-            | DeviceWeight::Fp8 { rows, .. }
-            | DeviceWeight::Bf16 { rows, .. }
-            | DeviceWeight::F32 { rows, .. } => *rows,
-        }
-    }
-
-    pub fn cols(&self) -> usize {
-        match self {
-            DeviceWeight::Int4 { cols, .. }
-            | DeviceWeight::Fp8 { cols, .. }
-            | DeviceWeight::Bf16 { cols, .. }
-            | DeviceWeight::F32 { cols, .. } => *cols,
-        }
-    }
-
     /// Device bytes held.
     pub fn bytes(&self) -> usize {
-        match self {
-            DeviceWeight::Int4 { packed, scales, .. } => packed.len() * 4 + scales.len() * 2,
-            DeviceWeight::Fp8 {
+        match &self.data {
+            DeviceData::Int4 { packed, scales, .. } => packed.len() * 4 + scales.len() * 2,
+            DeviceData::Fp8 {
                 data, scale_inv, ..
             } => data.len() + scale_inv.len() * 4,
-            DeviceWeight::Bf16 { data, .. } => data.len() * 2,
-            DeviceWeight::F32 { data, .. } => data.len() * 4,
+            DeviceData::Bf16(data) => data.len() * 2,
+            DeviceData::F32(data) => data.len() * 4,
         }
     }
 }
@@ -113,27 +91,20 @@ impl GpuDevice {
         y: &mut CudaSlice<f32>,
         tokens: usize,
     ) -> Result<(), NoCuda> {
-        match w {
-            DeviceWeight::Int4 {
+        let (rows, cols) = (w.rows, w.cols);
+        match &w.data {
+            DeviceData::Int4 {
                 packed,
                 scales,
-                rows,
-                cols,
                 group,
-            } => self.int4_matmul(packed, scales, x, y, *rows, *cols, *group, tokens),
-            DeviceWeight::Fp8 {
+            } => self.int4_matmul(packed, scales, x, y, rows, cols, *group, tokens),
+            DeviceData::Fp8 {
                 data,
                 scale_inv,
-                rows,
-                cols,
                 block,
-            } => self.fp8_matmul(data, scale_inv, x, y, *rows, *cols, *block, tokens),
-            DeviceWeight::Bf16 { data, rows, cols } => {
-                self.plain_matmul("bf16", data, x, y, *rows, *cols, tokens)
-            }
-            DeviceWeight::F32 { data, rows, cols } => {
-                self.f32_matmul(data, x, y, *rows, *cols, tokens)
-            }
+            } => self.fp8_matmul(data, scale_inv, x, y, rows, cols, *block, tokens),
+            DeviceData::Bf16(data) => self.plain_matmul("bf16", data, x, y, rows, cols, tokens),
+            DeviceData::F32(data) => self.f32_matmul(data, x, y, rows, cols, tokens),
         }
     }
 
@@ -195,24 +166,23 @@ impl GpuDevice {
         n: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), NoCuda> {
-        let cols = w.cols();
-        if row0 + n > w.rows() || out.len() < n * cols {
+        let cols = w.cols;
+        if row0 + n > w.rows || out.len() < n * cols {
             return Err(NoCuda {
                 reason: format!(
                     "rows {row0}..{} of a {}x{cols} weight do not fit its shape or the output",
                     row0 + n,
-                    w.rows()
+                    w.rows
                 ),
             });
         }
         let grid = (blocks_for(n * cols, 256), 1, 1);
         let (r0, nn, c) = (row0 as i32, n as i32, cols as i32);
-        match w {
-            DeviceWeight::Int4 {
+        match &w.data {
+            DeviceData::Int4 {
                 packed,
                 scales,
                 group,
-                ..
             } => {
                 let g = *group as i32;
                 let mut b = self
@@ -229,11 +199,10 @@ impl GpuDevice {
                 unsafe { b.launch(cfg(grid, (256, 1, 1))) }
                     .map_err(|e| launch_err("int4_dequant_rows", e))?;
             }
-            DeviceWeight::Fp8 {
+            DeviceData::Fp8 {
                 data,
                 scale_inv,
                 block,
-                ..
             } => {
                 let (br, bc) = (block[0] as i32, block[1] as i32);
                 let mut b = self
@@ -251,7 +220,7 @@ impl GpuDevice {
                 unsafe { b.launch(cfg(grid, (256, 1, 1))) }
                     .map_err(|e| launch_err("fp8_dequant_rows", e))?;
             }
-            DeviceWeight::Bf16 { data, .. } => {
+            DeviceData::Bf16(data) => {
                 let mut b = self
                     .stream
                     .launch_builder(self.function("bf16_dequant_rows")?);
@@ -260,7 +229,7 @@ impl GpuDevice {
                 unsafe { b.launch(cfg(grid, (256, 1, 1))) }
                     .map_err(|e| launch_err("bf16_dequant_rows", e))?;
             }
-            DeviceWeight::F32 { data, .. } => {
+            DeviceData::F32(data) => {
                 let band = data.slice(row0 * cols..(row0 + n) * cols);
                 self.stream
                     .memcpy_dtod(&band, out)

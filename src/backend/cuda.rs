@@ -18,7 +18,7 @@ use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::MlaPrefillShape;
-use kernels_cuda::weights::DeviceWeight;
+use kernels_cuda::weights::{DeviceData, DeviceWeight};
 use kernels_cuda::NoCuda;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -133,13 +133,13 @@ impl CudaBackend {
     ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
         let g = &self.gpu;
         let mut y = device("an output buffer", g.zeros::<f32>("y", tokens * rows.len()));
-        if rows == (0..w.rows()) {
+        if rows == (0..w.rows) {
             device("a matrix product", g.matmul(w, x, &mut y, tokens));
         } else {
             let band = self.band(w, &rows);
             device(
                 "a band product",
-                g.f32_matmul(&band, x, &mut y, rows.len(), w.cols(), tokens),
+                g.f32_matmul(&band, x, &mut y, rows.len(), w.cols, tokens),
             );
         }
         y
@@ -152,10 +152,7 @@ impl CudaBackend {
         rows: &Range<usize>,
     ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
         let g = &self.gpu;
-        let mut band = device(
-            "a band buffer",
-            g.zeros::<f32>("band", rows.len() * w.cols()),
-        );
+        let mut band = device("a band buffer", g.zeros::<f32>("band", rows.len() * w.cols));
         device(
             "a band decode",
             g.dequant_rows(w, rows.start, rows.len(), &mut band),
@@ -212,18 +209,15 @@ fn upload(gpu: &GpuDevice, w: &LinearWeight, rows: Range<usize>) -> Result<Devic
             ),
         });
     };
-    let rows_n = rows.len();
-    Ok(match w {
+    let data = match w {
         LinearWeight::Int4 {
             packed,
             scales,
             group,
             ..
-        } => DeviceWeight::Int4 {
+        } => DeviceData::Int4 {
             packed: gpu.upload("INT4 weights", &words::<u32>(&packed.bytes()[wb]))?,
             scales: gpu.upload("INT4 scales", &words::<u16>(&scales.bytes()[sb]))?,
-            rows: rows_n,
-            cols,
             group: *group,
         },
         LinearWeight::Fp8 {
@@ -231,33 +225,33 @@ fn upload(gpu: &GpuDevice, w: &LinearWeight, rows: Range<usize>) -> Result<Devic
             scale_inv,
             block,
             ..
-        } => DeviceWeight::Fp8 {
-            data: gpu.upload("FP8 weights", &data.bytes()[wb])?,
-            scale_inv: gpu.upload("FP8 scales", &words::<f32>(&scale_inv.bytes()[sb]))?,
-            rows: rows_n,
-            cols,
-            block: *block,
-        },
+        } => {
+            let scale_bytes = &scale_inv.bytes()[sb];
+            let mut scales = vec![0.0f32; scale_bytes.len() / 4];
+            kernels_avx512::scalar::decode_f32(scale_bytes, &mut scales);
+            DeviceData::Fp8 {
+                data: gpu.upload("FP8 weights", &data.bytes()[wb])?,
+                scale_inv: gpu.upload("FP8 scales", &scales)?,
+                block: *block,
+            }
+        }
         LinearWeight::Dense {
             dtype: DenseDtype::Bf16,
             data,
             ..
-        } => DeviceWeight::Bf16 {
-            data: gpu.upload("BF16 weights", &words::<u16>(&data.bytes()[wb]))?,
-            rows: rows_n,
-            cols,
-        },
+        } => DeviceData::Bf16(gpu.upload("BF16 weights", &words::<u16>(&data.bytes()[wb]))?),
         LinearWeight::Dense { .. } => {
-            let mut f = vec![0.0f32; rows_n * cols];
+            let mut f = vec![0.0f32; rows.len() * cols];
             for (i, row) in f.chunks_exact_mut(cols.max(1)).enumerate() {
                 w.decode_row(rows.start + i, row);
             }
-            DeviceWeight::F32 {
-                data: gpu.upload("F32 weights", &f)?,
-                rows: rows_n,
-                cols,
-            }
+            DeviceData::F32(gpu.upload("F32 weights", &f)?)
         }
+    };
+    Ok(DeviceWeight {
+        rows: rows.len(),
+        cols,
+        data,
     })
 }
 
@@ -282,13 +276,6 @@ impl FromLe for u32 {
     const SIZE: usize = 4;
     fn from_le(b: &[u8]) -> Self {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-}
-
-impl FromLe for f32 {
-    const SIZE: usize = 4;
-    fn from_le(b: &[u8]) -> Self {
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 }
 
@@ -317,7 +304,7 @@ impl Backend for CudaBackend {
         // A band preloaded as this device's share is multiplied whole; other bands are
         // cut from the full copy.
         let yd = match map.get(&key(w, &rows)).cloned() {
-            Some(band) => self.linear_on_device(&band, 0..band.rows(), &xd, n),
+            Some(band) => self.linear_on_device(&band, 0..band.rows, &xd, n),
             None => {
                 let dw = self.weight(&mut map, w);
                 self.linear_on_device(&dw, rows, &xd, n)
@@ -439,7 +426,6 @@ mod tests {
             vec![0x1234, 0x5678]
         );
         assert_eq!(words::<u32>(&[1, 0, 0, 0x80]), vec![0x8000_0001]);
-        assert_eq!(words::<f32>(&1.5f32.to_le_bytes()), vec![1.5]);
     }
 
     #[test]
