@@ -60,6 +60,48 @@ impl ExpertParallel {
     fn device_of(&self, ffn: &FfnWeights) -> usize {
         ffn.gpu.unwrap_or(0) % self.devices.len()
     }
+
+    /// `f(item i, device i)` for every item at once, results in item order.
+    fn on_devices<I: Sync, T: Send>(
+        &self,
+        items: &[I],
+        f: impl Fn(&I, &dyn Backend) -> T + Sync,
+    ) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .iter()
+                .zip(&self.devices)
+                .map(|(item, dev)| {
+                    let f = &f;
+                    s.spawn(move || f(item, dev.as_ref()))
+                })
+                .collect();
+            handles.into_iter().map(join).collect()
+        })
+    }
+
+    /// The tokens of `x` (`x_width` values each) split across the devices, each running
+    /// `f(device, its tokens, its rows of y)` (`y_width` values per token) at once.
+    fn by_tokens(
+        &self,
+        x: &[f32],
+        x_width: usize,
+        y: &mut [f32],
+        y_width: usize,
+        f: impl Fn(&dyn Backend, &[f32], &mut [f32]) + Sync,
+    ) {
+        let chunks = split(x.len() / x_width.max(1), self.devices.len());
+        std::thread::scope(|s| {
+            let mut y_rest = y;
+            for (chunk, dev) in chunks.iter().zip(&self.devices) {
+                let (y_here, rest) = y_rest.split_at_mut(chunk.len() * y_width);
+                y_rest = rest;
+                let x_here = &x[chunk.start * x_width..chunk.end * x_width];
+                let f = &f;
+                s.spawn(move || f(dev.as_ref(), x_here, y_here));
+            }
+        });
+    }
 }
 
 impl Backend for ExpertParallel {
@@ -74,19 +116,10 @@ impl Backend for ExpertParallel {
         if w.identity() == self.lm_head && rows == (0..w.rows()) && self.devices.len() > 1 {
             // Each device its band of rows for every token, then interleaved into [n, r].
             let bands = split(r, self.devices.len());
-            let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
-                let handles: Vec<_> = bands
-                    .iter()
-                    .zip(&self.devices)
-                    .map(|(band, dev)| {
-                        s.spawn(move || {
-                            let mut part = vec![0.0f32; n * band.len()];
-                            dev.linear(w, band.clone(), x, &mut part);
-                            part
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(join).collect()
+            let parts = self.on_devices(&bands, |band, dev| {
+                let mut part = vec![0.0f32; n * band.len()];
+                dev.linear(w, band.clone(), x, &mut part);
+                part
             });
             for (band, part) in bands.iter().zip(&parts) {
                 for t in 0..n {
@@ -96,33 +129,13 @@ impl Backend for ExpertParallel {
             }
             return;
         }
-        // Tokens split across devices; each chunk of x and y is contiguous.
-        let chunks = split(n, self.devices.len());
-        std::thread::scope(|s| {
-            let mut y_rest = &mut y[..];
-            for (chunk, dev) in chunks.iter().zip(&self.devices) {
-                let (y_here, rest) = y_rest.split_at_mut(chunk.len() * r);
-                y_rest = rest;
-                let x_here = &x[chunk.start * cols..chunk.end * cols];
-                let rows = rows.clone();
-                s.spawn(move || dev.linear(w, rows, x_here, y_here));
-            }
-        });
+        self.by_tokens(x, cols, y, r, |dev, x, y| dev.linear(w, rows.clone(), x, y));
     }
 
     fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        let (r, cols) = (rows.len().max(1), w.cols());
-        let n = x.len() / r;
-        let chunks = split(n, self.devices.len());
-        std::thread::scope(|s| {
-            let mut y_rest = &mut y[..];
-            for (chunk, dev) in chunks.iter().zip(&self.devices) {
-                let (y_here, rest) = y_rest.split_at_mut(chunk.len() * cols);
-                y_rest = rest;
-                let x_here = &x[chunk.start * r..chunk.end * r];
-                let rows = rows.clone();
-                s.spawn(move || dev.linear_transposed(w, rows, x_here, y_here));
-            }
+        let r = rows.len().max(1);
+        self.by_tokens(x, r, y, w.cols(), |dev, x, y| {
+            dev.linear_transposed(w, rows.clone(), x, y)
         });
     }
 
@@ -143,16 +156,8 @@ impl Backend for ExpertParallel {
             return self.devices[self.device_of(ffn)].ffn_contributions(ffn, x, tokens);
         }
         let chunks = split(tokens.len(), self.devices.len());
-        let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .zip(&self.devices)
-                .map(|(chunk, dev)| {
-                    let mine = &tokens[chunk.clone()];
-                    s.spawn(move || dev.ffn_contributions(ffn, x, mine))
-                })
-                .collect();
-            handles.into_iter().map(join).collect()
+        let parts = self.on_devices(&chunks, |chunk, dev| {
+            dev.ffn_contributions(ffn, x, &tokens[chunk.clone()])
         });
         parts.concat()
     }
@@ -164,27 +169,16 @@ impl Backend for ExpertParallel {
         for (i, (ffn, _)) in work.iter().enumerate() {
             by_device[self.device_of(ffn)].push(i);
         }
-        let mut parts: Vec<Option<Vec<f32>>> = vec![None; work.len()];
-        std::thread::scope(|s| {
-            let handles: Vec<_> = by_device
+        let per_device = self.on_devices(&by_device, |items, dev| {
+            items
                 .iter()
-                .zip(&self.devices)
-                .filter(|(items, _)| !items.is_empty())
-                .map(|(items, dev)| {
-                    s.spawn(move || {
-                        items
-                            .iter()
-                            .map(|&i| (i, dev.ffn_contributions(work[i].0, x, work[i].1)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for h in handles {
-                for (i, c) in join(h) {
-                    parts[i] = Some(c);
-                }
-            }
+                .map(|&i| (i, dev.ffn_contributions(work[i].0, x, work[i].1)))
+                .collect::<Vec<_>>()
         });
+        let mut parts: Vec<Option<Vec<f32>>> = vec![None; work.len()];
+        for (i, c) in per_device.into_iter().flatten() {
+            parts[i] = Some(c);
+        }
         crate::backend::add_in_order(work, parts, out);
     }
 
