@@ -15,6 +15,7 @@ pub mod generate;
 pub mod inspect;
 pub mod model;
 pub mod placement;
+pub mod resident;
 pub mod server;
 pub mod tokenizer;
 pub mod topology;

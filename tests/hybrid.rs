@@ -5,36 +5,14 @@
 
 mod common;
 
-use common::{fixture, golden, max_abs_diff, prefill_and_three_steps, FIXTURES};
+use common::{fixture, golden, half_on_gpu, max_abs_diff, prefill_and_three_steps, FIXTURES};
 use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::{AccelError, Accelerator};
 use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
-use kimi_hybrid::placement::profile::Layout;
-use kimi_hybrid::placement::{plan, ModelDesc, Plan, Profile};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
-
-const GIB: f64 = (1u64 << 30) as f64;
-
-/// A one-GPU hybrid plan whose GPU holds the non-expert weights, the KV cache and about
-/// half of the routed experts.
-fn half_on_gpu(ckpt: &Checkpoint) -> Plan {
-    let desc = ModelDesc::from_checkpoint(ckpt);
-    let mut profile = Profile::resolve("1xH100+512GB").expect("profile");
-    profile.layout = Layout::Hybrid;
-    profile.reserves.gpu_context_gib = 0.0;
-    profile.reserves.gpu_workspace_gib = 0.0;
-    profile.workload.context = 64;
-    profile.workload.concurrency = 1;
-    let probe = plan(&desc, &profile, &profile.workload, None);
-    let non_expert = probe.model.non_expert_bytes as f64;
-    let kv = (probe.model.kv_bytes_per_token * 64) as f64;
-    let experts = probe.model.routed_expert_bytes as f64;
-    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / GIB;
-    plan(&desc, &profile, &profile.workload, None)
-}
 
 /// Prefill and three decode steps: the logits, and how many tokens they cover.
 fn run(model: &Model, backend: &dyn Backend, prompt: &[u32]) -> (Vec<f32>, usize) {

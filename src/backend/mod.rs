@@ -91,6 +91,13 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    /// A forward pass that runs whole on this backend's device (activations and the
+    /// latent cache resident there), when it has one; the model then calls it instead of
+    /// the per-operation methods.
+    fn whole_forward(&self) -> Option<&dyn crate::resident::WholeForward> {
+        None
+    }
+
     /// Causal attention: query i (absolute position `positions[i]`) attends to keys
     /// `0..=positions[i]`. `q` is [n, heads, qk_dim], `out` is [n, heads, v_dim]; softmax
     /// in f32.

@@ -262,6 +262,12 @@ impl LatentStore for PagedBatch<'_> {
         }
     }
 
+    fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>) {
+        let bs = self.pool.block_size;
+        let table = self.tables[seq];
+        (bs, table[..len.div_ceil(bs).min(table.len())].to_vec())
+    }
+
     fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
         let (bs, w) = (self.pool.block_size, self.pool.width);
         let table = self.tables[seq];

@@ -15,7 +15,7 @@ pub mod router;
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::{ModelConfig, TopkMethod};
 use crate::weights::{Checkpoint, LinearWeight, WeightLoader, WeightsError};
-use rope::Rope;
+pub use rope::Rope;
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
@@ -113,7 +113,13 @@ pub trait LatentStore {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]);
     /// The latents of positions `0..len` of `seq` in `layer`, `[len, width]`.
     fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]>;
+    /// The block size and the blocks holding positions `0..len` of `seq`, in position
+    /// order: where a device-resident cache puts the same latents.
+    fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>);
 }
+
+/// Block size of a contiguous [`KvCache`] seen as a paged one.
+const CONTIGUOUS_BLOCK: usize = 64;
 
 /// The latent KV cache of one sequence, contiguous per layer.
 pub struct KvCache {
@@ -154,6 +160,11 @@ impl LatentStore for KvCache {
 
     fn read(&self, _seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
         Cow::Borrowed(&self.layers[layer][..len * self.width])
+    }
+
+    fn block_table(&self, _seq: usize, len: usize) -> (usize, Vec<u32>) {
+        let blocks = len.div_ceil(CONTIGUOUS_BLOCK) as u32;
+        (CONTIGUOUS_BLOCK, (0..blocks).collect())
     }
 }
 
@@ -405,25 +416,13 @@ impl Model {
         form: AttentionForm,
         on_route: &mut RouteObserver,
     ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        if let Some(whole) = backend.whole_forward() {
+            if let Some(result) = whole.forward_batch(self, batch, store, on_route) {
+                return result;
+            }
+        }
+        self.check_batch(batch)?;
         let cfg = &self.config;
-        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
-            return Err(ModelError::Empty);
-        }
-        for e in batch {
-            if let Some(&bad) = e.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(ModelError::TokenOutOfRange {
-                    token: bad,
-                    vocab: cfg.vocab_size,
-                });
-            }
-            let needed = e.start + e.tokens.len();
-            if needed > cfg.max_position_embeddings {
-                return Err(ModelError::ContextFull {
-                    needed,
-                    limit: cfg.max_position_embeddings,
-                });
-            }
-        }
         let h = cfg.hidden_size;
         let seqs: Vec<SeqSpan> = {
             let mut offset = 0;
@@ -504,6 +503,31 @@ impl Model {
             next += count;
         }
         Ok(out)
+    }
+
+    /// Rejects an empty batch, token ids outside the vocabulary and passes that would
+    /// run past the context limit.
+    pub fn check_batch(&self, batch: &[BatchEntry]) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
+            return Err(ModelError::Empty);
+        }
+        for e in batch {
+            if let Some(&bad) = e.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            let needed = e.start + e.tokens.len();
+            if needed > cfg.max_position_embeddings {
+                return Err(ModelError::ContextFull {
+                    needed,
+                    limit: cfg.max_position_embeddings,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn attention(
@@ -756,7 +780,7 @@ impl Model {
 
     /// The experts of one token's routes whose output waits a layer: its
     /// `defer_host_experts` lowest-weighted experts among those in host memory.
-    fn deferred_routes(&self, moe: &Moe, routes: &[(usize, f32)]) -> Vec<usize> {
+    pub(crate) fn deferred_routes(&self, moe: &Moe, routes: &[(usize, f32)]) -> Vec<usize> {
         if self.defer_host_experts == 0 {
             return Vec::new();
         }

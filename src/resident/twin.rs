@@ -1,0 +1,244 @@
+//! The resident forward pass's device operations on host vectors, computed by a CPU
+//! backend: the CPU twin of the CUDA implementation. The resident schedule runs on it in
+//! CI against the golden fixtures; every operation is the same maths the per-operation
+//! model path uses (absorbed attention included), so the twin is also the reference the
+//! GPU's resident pass is compared with.
+
+use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
+use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
+use crate::config::ModelConfig;
+use crate::weights::LinearWeight;
+use std::sync::Arc;
+
+pub struct TwinOps {
+    backend: Arc<dyn Backend>,
+}
+
+impl TwinOps {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        TwinOps { backend }
+    }
+}
+
+impl DeviceOps for TwinOps {
+    type Buf = Vec<f32>;
+    type Ints = Vec<i32>;
+    type Download = Vec<f32>;
+
+    fn label(&self) -> String {
+        format!("host twin ({})", self.backend.name())
+    }
+
+    fn upload(&self, x: &[f32]) -> Vec<f32> {
+        x.to_vec()
+    }
+
+    fn upload_ints(&self, x: &[i32]) -> Vec<i32> {
+        x.to_vec()
+    }
+
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+
+    fn begin_download(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn finish_download(&self, d: Vec<f32>, out: &mut [f32]) {
+        out.copy_from_slice(&d);
+    }
+
+    fn copy(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn grow(&self, x: &Vec<f32>, len: usize) -> Vec<f32> {
+        let mut g = x.clone();
+        g.resize(len, 0.0);
+        g
+    }
+
+    fn take_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
+            .collect()
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    }
+
+    fn rms_norm(
+        &self,
+        x: &mut Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        stride: usize,
+        dim: usize,
+        eps: f32,
+    ) {
+        for r in 0..rows {
+            let row = &mut x[r * stride..r * stride + dim];
+            let normed = crate::model::rms_norm(row, &w[..dim], eps);
+            row.copy_from_slice(&normed);
+        }
+    }
+
+    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Vec<f32> {
+        let h = table.cols();
+        let mut x = vec![0.0f32; ids.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
+            table.decode_row(id as usize, row);
+        }
+        x
+    }
+
+    fn linear(&self, w: &LinearWeight, x: &Vec<f32>, tokens: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; tokens * w.rows()];
+        self.backend.linear(w, 0..w.rows(), x, &mut y);
+        y
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        rope: &DeviceRope<Vec<f32>>,
+        positions: &Vec<i32>,
+        layout: RopeLayout,
+    ) {
+        let dim = rope.host.inv_freq().len() * 2;
+        for (t, &pos) in positions.iter().enumerate().take(layout.tokens) {
+            for h in 0..layout.heads {
+                let at = t * layout.token_stride + h * layout.head_stride + layout.offset;
+                rope.host.apply(&mut x[at..at + dim], pos as usize);
+            }
+        }
+    }
+
+    fn write_rows(&self, pool: &mut Vec<f32>, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
+        for (row, &slot) in rows.chunks_exact(width).zip(slots) {
+            let at = slot as usize * width;
+            pool[at..at + width].copy_from_slice(row);
+        }
+    }
+
+    fn absorb_queries(
+        &self,
+        kv_b: &LinearWeight,
+        q: &Vec<f32>,
+        d: MlaDims,
+        tokens: usize,
+    ) -> Vec<f32> {
+        let (width, qk) = (d.width(), d.qk());
+        let mut out = vec![0.0f32; tokens * d.heads * width];
+        let mut nope = vec![0.0f32; tokens * d.nope];
+        let mut folded = vec![0.0f32; tokens * d.latent];
+        for h in 0..d.heads {
+            for t in 0..tokens {
+                let src = (t * d.heads + h) * qk;
+                nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
+            }
+            let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
+            self.backend.linear_transposed(kv_b, uk, &nope, &mut folded);
+            for t in 0..tokens {
+                let dst = (t * d.heads + h) * width;
+                out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
+                let src = (t * d.heads + h) * qk + d.nope;
+                out[dst + d.latent..dst + width].copy_from_slice(&q[src..src + d.rope]);
+            }
+        }
+        out
+    }
+
+    fn mla(
+        &self,
+        q: &Vec<f32>,
+        pool: &Vec<f32>,
+        blocks: &QueryBlocks<Vec<i32>>,
+        d: MlaDims,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (width, bs) = (d.width(), blocks.block_size);
+        let mut out = vec![0.0f32; blocks.queries * d.heads * d.latent];
+        for i in 0..blocks.queries {
+            let len = blocks.lens[i] as usize;
+            let table = &blocks.tables[i * blocks.max_blocks..(i + 1) * blocks.max_blocks];
+            let mut latents = Vec::with_capacity(len * width);
+            for pos in 0..len {
+                let at = (table[pos / bs] as usize * bs + pos % bs) * width;
+                latents.extend_from_slice(&pool[at..at + width]);
+            }
+            let view = KvView {
+                data: &latents,
+                token_stride: width,
+                head_stride: 0,
+                offset: 0,
+            };
+            let rows = d.heads * width;
+            let outs = d.heads * d.latent;
+            self.backend.attention(
+                &q[i * rows..(i + 1) * rows],
+                view,
+                view,
+                AttentionShape {
+                    heads: d.heads,
+                    kv_heads: 1,
+                    qk_dim: width,
+                    v_dim: d.latent,
+                },
+                &[len - 1],
+                scale,
+                &mut out[i * outs..(i + 1) * outs],
+            );
+        }
+        out
+    }
+
+    fn expand_values(
+        &self,
+        kv_b: &LinearWeight,
+        o: &Vec<f32>,
+        d: MlaDims,
+        tokens: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0f32; tokens * d.heads * d.v];
+        let mut lat = vec![0.0f32; tokens * d.latent];
+        let mut v = vec![0.0f32; tokens * d.v];
+        for h in 0..d.heads {
+            for t in 0..tokens {
+                let src = (t * d.heads + h) * d.latent;
+                lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
+            }
+            let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
+            self.backend.linear(kv_b, uv, &lat, &mut v);
+            for t in 0..tokens {
+                let dst = (t * d.heads + h) * d.v;
+                out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
+            }
+        }
+        out
+    }
+
+    fn route(
+        &self,
+        cfg: &ModelConfig,
+        logits: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        _tokens: usize,
+    ) -> Vec<Vec<(usize, f32)>> {
+        route_on_host(cfg, logits, bias.map(|b| b.as_slice()))
+    }
+
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &Vec<f32>,
+        tokens: &[(usize, f32)],
+        out: &mut Vec<f32>,
+    ) {
+        self.backend.ffn_accumulate(ffn, x, tokens, out);
+    }
+}
