@@ -53,13 +53,25 @@ fn backends() -> Vec<Case> {
         }
     }
     // The GPU computes in f32 like the reference, with its own summation order.
+    // `cuda` runs the model's passes resident on the device; `cuda per-op` the same
+    // kernels one backend operation at a time.
     match by_name("cuda") {
-        Ok(backend) => out.push(Case {
-            name: "cuda".to_string(),
-            backend,
-            tolerance: 2e-3,
-            form_tolerance: 1e-3,
-        }),
+        Ok(backend) => {
+            out.push(Case {
+                name: "cuda".to_string(),
+                backend,
+                tolerance: 2e-3,
+                form_tolerance: 1e-3,
+            });
+            if let Ok(per_op) = kimi_hybrid::backend::CudaBackend::open(0) {
+                out.push(Case {
+                    name: "cuda per-op".to_string(),
+                    backend: Box::new(per_op),
+                    tolerance: 2e-3,
+                    form_tolerance: 1e-3,
+                });
+            }
+        }
         Err(e) => {
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| eprintln!("golden fixtures on the CUDA backend skipped: {e}"));

@@ -559,3 +559,206 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
     let mut band = d.zeros::<f32>("band", n * cols).unwrap();
     assert!(d.dequant_rows(&int4, rows - 10, n, &mut band).is_err());
 }
+
+/// The resident pass's device operations on the GPU against the CPU twin, with weights
+/// from the fixtures (real K2 head widths in `kimi-real-heads`, INT4 experts in
+/// `kimi-int4`): norms over strided latent rows, rope, cache writes and reads through
+/// scattered block tables (contexts long enough to split), the absorbed projections,
+/// routing, an expert FFN with its scatter-add, and the page-locked hand-off copies.
+#[test]
+fn resident_device_ops_match_the_cpu_twin() {
+    use kimi_hybrid::backend::{by_name, CudaBackend};
+    use kimi_hybrid::model::{Ffn, Model};
+    use kimi_hybrid::resident::twin::TwinOps;
+    use kimi_hybrid::resident::{DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
+    use kimi_hybrid::weights::Checkpoint;
+    use std::sync::Arc;
+    let gpu = match CudaBackend::open(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipping resident_device_ops_match_the_cpu_twin: {e}");
+            return;
+        }
+    };
+    let twin = TwinOps::new(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
+    let read = |b: &kernels_cuda::cudarc::driver::CudaSlice<f32>, n: usize| {
+        let mut out = vec![0.0f32; n];
+        gpu.finish_download(gpu.begin_download(b), &mut out);
+        out
+    };
+    let fixture = |name: &str| {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        Model::load(&Checkpoint::open(&dir).expect("fixture")).expect("model")
+    };
+    let model = fixture("kimi-real-heads");
+    let cfg = &model.config;
+    let d = MlaDims::of(cfg);
+    let (width, n) = (d.width(), 6);
+
+    // Strided norm of the latent part; rope on the query layout.
+    let x = values(n * width, 21);
+    let w = values(d.latent, 22);
+    let (mut xg, mut xt) = (gpu.upload(&x), twin.upload(&x));
+    gpu.rms_norm(&mut xg, &gpu.upload(&w), n, width, d.latent, 1e-6);
+    twin.rms_norm(&mut xt, &w, n, width, d.latent, 1e-6);
+    assert!(rel_l2(&read(&xg, n * width), &xt) < 1e-5, "rms_norm_rows");
+    let positions: Vec<i32> = (0..n as i32).map(|i| 7 + 300 * i).collect();
+    let q = values(n * d.heads * d.qk(), 23);
+    let rope_g = DeviceRope {
+        host: model.rope.clone(),
+        inv_freq: gpu.upload(model.rope.inv_freq()),
+    };
+    let rope_t = DeviceRope {
+        host: model.rope.clone(),
+        inv_freq: model.rope.inv_freq().to_vec(),
+    };
+    let layout = RopeLayout {
+        tokens: n,
+        heads: d.heads,
+        token_stride: d.heads * d.qk(),
+        head_stride: d.qk(),
+        offset: d.nope,
+    };
+    let (mut qg, mut qt) = (gpu.upload(&q), twin.upload(&q));
+    gpu.rope(&mut qg, &rope_g, &gpu.upload_ints(&positions), layout);
+    twin.rope(&mut qt, &rope_t, &positions, layout);
+    assert!(rel_l2(&read(&qg, q.len()), &qt) < 1e-5, "rope");
+
+    // Absorbed projections with a real kv_b.
+    let kv_b = &model.layers[0].attn.kv_b;
+    let ag = gpu.absorb_queries(kv_b, &qg, d, n);
+    let at = twin.absorb_queries(kv_b, &qt, d, n);
+    assert!(
+        rel_l2(&read(&ag, at.len()), &at) < 1e-4,
+        "mla_absorb_queries"
+    );
+    let o = values(n * d.heads * d.latent, 24);
+    let vg = gpu.expand_values(kv_b, &gpu.upload(&o), d, n);
+    let vt = twin.expand_values(kv_b, &o, d, n);
+    assert!(
+        rel_l2(&read(&vg, vt.len()), &vt) < 1e-4,
+        "mla_expand_values"
+    );
+
+    // A pool of 16-token blocks; each query reads its own scattered table.
+    let (block, blocks) = (16, 80);
+    let lens: Vec<i32> = positions.iter().map(|p| p + 1).collect();
+    let max_len = *lens.iter().max().expect("lens") as usize;
+    let max_blocks = max_len.div_ceil(block);
+    let tables: Vec<i32> = (0..n)
+        .flat_map(|i| (0..max_blocks).map(move |b| ((b * 7 + i * 3) % blocks) as i32))
+        .collect();
+    let latents = values(blocks * block * width, 25);
+    let slots: Vec<i32> = vec![5, 77, 1000, 1279];
+    let rows = values(slots.len() * width, 26);
+    // Grown pools keep their contents and zero the rest.
+    let head = latents[..width * 3].to_vec();
+    let grown = gpu.grow(&gpu.upload(&head), latents.len());
+    assert_eq!(
+        read(&grown, latents.len()),
+        twin.grow(&head, latents.len()),
+        "grow"
+    );
+    let mut pool_g = gpu.upload(&latents);
+    let mut pool_t = latents.clone();
+    gpu.write_rows(
+        &mut pool_g,
+        &gpu.upload(&rows),
+        &gpu.upload_ints(&slots),
+        width,
+    );
+    twin.write_rows(&mut pool_t, &rows, &slots, width);
+    assert_eq!(read(&pool_g, pool_t.len()), pool_t, "write_rows");
+    let picked = [3usize, 0, 1279];
+    assert_eq!(
+        read(&gpu.take_rows(&pool_g, &picked, width), 3 * width),
+        twin.take_rows(&pool_t, &picked, width),
+        "take_rows"
+    );
+    let qa = values(n * d.heads * width, 27);
+    fn blocks_of<I>(
+        tables: I,
+        lens: I,
+        n: usize,
+        max_blocks: usize,
+        max_len: usize,
+    ) -> QueryBlocks<I> {
+        QueryBlocks {
+            tables,
+            lens,
+            queries: n,
+            max_blocks,
+            block_size: 16,
+            max_len,
+        }
+    }
+    let scale = cfg.softmax_scale();
+    let og = gpu.mla(
+        &gpu.upload(&qa),
+        &pool_g,
+        &blocks_of(
+            gpu.upload_ints(&tables),
+            gpu.upload_ints(&lens),
+            n,
+            max_blocks,
+            max_len,
+        ),
+        d,
+        scale,
+    );
+    let ot = twin.mla(
+        &qa,
+        &pool_t,
+        &blocks_of(tables.clone(), lens.clone(), n, max_blocks, max_len),
+        d,
+        scale,
+    );
+    assert!(
+        rel_l2(&read(&og, ot.len()), &ot) < 1e-4,
+        "mla over block tables"
+    );
+
+    // Routing and one INT4 expert with its weighted scatter-add.
+    let model = fixture("kimi-int4");
+    let cfg = &model.config;
+    let Some(moe) = model.layers.iter().find_map(|l| match &l.ffn {
+        Ffn::Moe(m) => Some(m),
+        Ffn::Dense(_) => None,
+    }) else {
+        panic!("kimi-int4 has MoE layers");
+    };
+    let logits = values(n * cfg.n_routed_experts, 28);
+    let bias = moe.correction_bias.clone();
+    let rg = gpu.route(
+        cfg,
+        &gpu.upload(&logits),
+        bias.as_ref().map(|b| gpu.upload(b)).as_ref(),
+        n,
+    );
+    let rt = twin.route(cfg, &logits, bias.as_ref(), n);
+    for (a, b) in rg.iter().zip(&rt) {
+        let ids = |r: &Vec<(usize, f32)>| r.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(ids(a), ids(b), "route_topk");
+    }
+    let h = cfg.hidden_size;
+    let xs = values(n * h, 29);
+    let tokens = [(0usize, 0.7f32), (2, 0.2), (5, 1.3)];
+    let mut out_g = gpu.upload(&values(n * h, 30));
+    let mut out_t = values(n * h, 30);
+    DeviceOps::ffn_accumulate(&gpu, &moe.experts[1], &gpu.upload(&xs), &tokens, &mut out_g);
+    twin.ffn_accumulate(&moe.experts[1], &xs, &tokens, &mut out_t);
+    assert!(
+        rel_l2(&read(&out_g, out_t.len()), &out_t) < 1e-4,
+        "expert ffn"
+    );
+
+    // The staged hand-off, larger than the initial staging buffers.
+    let big = values(300_000, 31);
+    assert_eq!(
+        read(&gpu.upload_staged(&big), big.len()),
+        big,
+        "staged round trip"
+    );
+}

@@ -12,6 +12,7 @@ pub mod device;
 pub mod nvrtc;
 pub mod ops;
 pub mod sources;
+pub mod staging;
 pub mod weights;
 
 /// The CUDA driver bindings the wrappers take buffers from.

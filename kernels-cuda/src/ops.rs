@@ -368,3 +368,178 @@ pub struct MlaDecodeShape {
     pub max_blocks: usize,
     pub scale: f32,
 }
+
+/// Widths of the absorbed MLA projections (see `mla_absorb_queries` in mla.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct AbsorbShape {
+    pub tokens: usize,
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub latent: usize,
+}
+
+/// The operations of the device-resident forward pass that are not matrix products.
+impl GpuDevice {
+    /// In place, the first `dim` values of each of `rows` rows at `stride`.
+    pub fn rms_norm_rows(
+        &self,
+        x: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+        stride: usize,
+        eps: f32,
+    ) -> Result<(), NoCuda> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function("rms_norm_rows")?;
+        let (dim_i, stride_i) = (dim as i32, stride as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(w).arg(&dim_i).arg(&stride_i).arg(&eps);
+        // SAFETY: x holds rows * stride values, w dim.
+        unsafe { b.launch(cfg((rows as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("rms_norm_rows", e))
+    }
+
+    /// `x += y` over `n` values.
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), NoCuda> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("add_f32")?;
+        let n_i = n as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(y).arg(&n_i);
+        // SAFETY: both hold n values.
+        unsafe { b.launch(cfg((blocks_for(n, 256), 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("add_f32", e))
+    }
+
+    /// `pool[slots[j]] = rows[j]` for `count` rows of `width` values.
+    pub fn write_rows(
+        &self,
+        pool: &mut CudaSlice<f32>,
+        rows: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        count: usize,
+        width: usize,
+    ) -> Result<(), NoCuda> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function("write_rows")?;
+        let w = width as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(pool).arg(rows).arg(slots).arg(&w);
+        // SAFETY: every slot lies inside the pool (the caller grows it first).
+        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("write_rows", e))
+    }
+
+    /// `out[j] = x[rows[j]]` for `count` rows of `width` values.
+    pub fn take_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        count: usize,
+        width: usize,
+    ) -> Result<(), NoCuda> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function("take_rows")?;
+        let w = width as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(rows).arg(out).arg(&w);
+        // SAFETY: row indices come from the caller's token layout, inside x.
+        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("take_rows", e))
+    }
+
+    /// Absorbed queries `[tokens, heads, latent + rope]` from `q` and the f32 `kv_b`.
+    pub fn mla_absorb_queries(
+        &self,
+        q: &CudaSlice<f32>,
+        kv_b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        s: AbsorbShape,
+    ) -> Result<(), NoCuda> {
+        if s.nope > 512 {
+            return Err(NoCuda {
+                reason: format!("mla_absorb_queries supports nope <= 512, got {}", s.nope),
+            });
+        }
+        if s.tokens == 0 {
+            return Ok(());
+        }
+        let f = self.function("mla_absorb_queries")?;
+        let ints = [s.heads, s.nope, s.rope, s.v, s.latent].map(|v| v as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(q).arg(kv_b).arg(out);
+        for a in &ints {
+            b.arg(a);
+        }
+        // SAFETY: shapes as documented in mla.cu.
+        unsafe { b.launch(cfg((s.tokens as u32, s.heads as u32, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("mla_absorb_queries", e))
+    }
+
+    /// Per-head values `[tokens, heads, v]` from attended latents `[tokens, heads, latent]`.
+    pub fn mla_expand_values(
+        &self,
+        o: &CudaSlice<f32>,
+        kv_b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        s: AbsorbShape,
+    ) -> Result<(), NoCuda> {
+        if s.tokens == 0 {
+            return Ok(());
+        }
+        let f = self.function("mla_expand_values")?;
+        let ints = [s.heads, s.nope, s.v, s.latent].map(|v| v as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(o).arg(kv_b).arg(out);
+        for a in &ints {
+            b.arg(a);
+        }
+        // SAFETY: shapes as documented in mla.cu.
+        unsafe { b.launch(cfg((s.tokens as u32, s.heads as u32, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("mla_expand_values", e))
+    }
+}
+
+impl GpuDevice {
+    /// `out[rows[j]] += weight[j] * src[j]` for `count` rows of `dim` values (`rows`
+    /// distinct).
+    pub fn scatter_add_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        rows: &CudaSlice<i32>,
+        weights: &CudaSlice<f32>,
+        count: usize,
+        dim: usize,
+    ) -> Result<(), NoCuda> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function("scatter_add_rows")?;
+        let d = dim as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(src).arg(rows).arg(weights).arg(&d);
+        // SAFETY: rows index inside out; src holds count * dim values.
+        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("scatter_add_rows", e))
+    }
+}

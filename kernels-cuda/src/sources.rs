@@ -21,6 +21,10 @@ pub const MODULES: &[Module] = &[
             "silu_mul",
             "scatter_add_rows",
             "embedding_bf16",
+            "rms_norm_rows",
+            "add_f32",
+            "write_rows",
+            "take_rows",
         ],
     },
     Module {
@@ -49,7 +53,13 @@ pub const MODULES: &[Module] = &[
     Module {
         name: "mla",
         source: include_str!("cu/mla.cu"),
-        kernels: &["mla_decode_partial", "mla_decode_combine", "mla_prefill"],
+        kernels: &[
+            "mla_decode_partial",
+            "mla_decode_combine",
+            "mla_prefill",
+            "mla_absorb_queries",
+            "mla_expand_values",
+        ],
     },
 ];
 

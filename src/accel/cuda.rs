@@ -9,9 +9,11 @@
 use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
 use super::sim::SimDevice;
+use super::Accelerator;
 use crate::backend::{Backend, CudaBackend, FfnWeights};
 use crate::model::Model;
 use crate::placement::Plan;
+use crate::resident::{Resident, ResidentBackend};
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
@@ -19,16 +21,27 @@ use std::sync::Arc;
 /// its memory and uploaded (attention, dense layers, shared experts, router, lm_head and
 /// the routed experts `model.apply_plan` marked for it), the other routed experts run on
 /// `host`. Not fitting is an error naming what did not fit.
+///
+/// The model's forward passes run resident on the GPU ([`Resident`]): activations and
+/// the latent cache stay there, each MoE layer with host experts hands its hidden states
+/// to `host` through page-locked buffers while the GPU computes its experts and the
+/// shared expert. Other callers get the per-operation hybrid schedule.
 pub fn hybrid_on_gpu(
     model: &Model,
     plan: &Plan,
     gpu: Arc<CudaBackend>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<HybridBackend> {
+) -> anyhow::Result<ResidentBackend> {
     let g = gpu.gpu();
     let accel = Arc::new(SimDevice::new(&g.name, g.free_bytes as u64)?);
     let compute: Arc<dyn Backend> = gpu.clone();
-    let hybrid = HybridBackend::new(model, plan, accel, compute, host)?;
+    let hybrid = HybridBackend::new(model, plan, accel.clone(), compute, host.clone())?;
+    accel.reserve(
+        "f32 copies of kv_b_proj for absorbed attention",
+        absorbed_kv_b_bytes(model),
+    )?;
+    let whole = Resident::new(gpu.clone(), Some(host), Some(accel));
+    let hybrid = ResidentBackend::new(Arc::new(hybrid), Box::new(whole));
     let bytes = gpu
         .preload(&device_matrices(model, |e| e.gpu.is_some()))
         .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
@@ -38,6 +51,20 @@ pub fn hybrid_on_gpu(
         gpu.gpu().name
     );
     Ok(hybrid)
+}
+
+/// The backend an all-GPU plan on one GPU runs on: every weight uploaded (checked
+/// against its memory as it goes), the model's passes resident on the GPU.
+pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<ResidentBackend> {
+    let bytes = gpu
+        .preload(&device_matrices(model, |_| true))
+        .map_err(|e| anyhow::anyhow!("uploading the model's weights: {e}"))?;
+    eprintln!(
+        "resident: {:.2} GiB of weights on {}",
+        bytes as f64 / (1u64 << 30) as f64,
+        gpu.gpu().name
+    );
+    Ok(CudaBackend::resident(gpu))
 }
 
 /// The backend an all-GPU plan over `gpus.len()` GPUs runs on (see
@@ -74,6 +101,16 @@ pub fn expert_parallel_on_gpus(
     }
     let devices: Vec<Arc<dyn Backend>> = gpus.into_iter().map(|g| g as Arc<dyn Backend>).collect();
     ExpertParallel::new(devices, model).ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))
+}
+
+/// Device bytes of the f32 `kv_b_proj` copies the resident pass's absorbed attention
+/// reads (see `backend::cuda::resident`).
+fn absorbed_kv_b_bytes(model: &Model) -> u64 {
+    model
+        .layers
+        .iter()
+        .map(|l| (l.attn.kv_b.rows() * l.attn.kv_b.cols() * 4) as u64)
+        .sum()
 }
 
 /// The routed experts' matrices `on` selects.

@@ -12,6 +12,7 @@ pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The three projections of a SiLU-gated feed-forward block (dense MLP, shared expert or
 /// one routed expert): `down(silu(gate x) * up x)`.
@@ -271,7 +272,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     };
     if let Some(ordinal) = gpu {
         return CudaBackend::open(ordinal)
-            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map(|b| Box::new(CudaBackend::resident(Arc::new(b))) as Box<dyn Backend>)
             .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));
     }
     let (family, isa) = name

@@ -114,6 +114,10 @@ pub trait DeviceOps: Send + Sync {
     fn begin_download(&self, x: &Self::Buf) -> Self::Download;
     /// Waits for a copy and puts the values in `out`.
     fn finish_download(&self, d: Self::Download, out: &mut [f32]);
+    /// An upload of host results in the hand-off (through pinned staging on a GPU).
+    fn upload_staged(&self, x: &[f32]) -> Self::Buf {
+        self.upload(x)
+    }
     fn copy(&self, x: &Self::Buf) -> Self::Buf;
     /// `len` values: `x` followed by zeros (a grown cache pool).
     fn grow(&self, x: &Self::Buf, len: usize) -> Self::Buf;
@@ -631,7 +635,7 @@ impl<O: DeviceOps> Resident<O> {
     /// Host results back to the device, counted as hand-off bytes.
     fn upload_handoff(&self, x: &[f32]) -> O::Buf {
         self.count(|a| a.copy_to_device((x.len() * 4) as u64));
-        self.ops.upload(x)
+        self.ops.upload_staged(x)
     }
 
     fn count(&self, f: impl FnOnce(&dyn Accelerator)) {

@@ -4,7 +4,7 @@
 
 use super::metrics::Metrics;
 use super::{AppState, Shared};
-use crate::accel::cuda::{expert_parallel_on_gpus, hybrid_on_gpu};
+use crate::accel::cuda::{expert_parallel_on_gpus, hybrid_on_gpu, resident_on_gpu};
 use crate::backend::{Backend, CudaBackend};
 use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
@@ -76,6 +76,9 @@ impl Placement {
         let Some(plan) = self.plan.as_ref().filter(|_| !self.gpus.is_empty()) else {
             return Ok(host);
         };
+        if plan.layout == "all-gpu" && self.gpus.len() == 1 {
+            return Ok(Box::new(resident_on_gpu(model, self.gpus[0].clone())?));
+        }
         if plan.layout == "all-gpu" {
             return Ok(Box::new(expert_parallel_on_gpus(model, self.gpus.clone())?));
         }

@@ -59,3 +59,38 @@ extern "C" __global__ void embedding_bf16(const u16* table, const int* ids, floa
     float* o = out + (size_t)blockIdx.x * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf16_to_f32(row[i]);
 }
+
+// In place, one block per row: the first `dim` values of each `stride`-wide row become
+// x * rsqrt(mean(x^2) + eps) * w (the latent part of a cached KV row, or a whole row).
+extern "C" __global__ void rms_norm_rows(float* x, const float* w, int dim, int stride, float eps) {
+    __shared__ float scratch[32];
+    float* row = x + (size_t)blockIdx.x * stride;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) acc += row[i] * row[i];
+    float total = block_sum(acc, scratch);
+    float inv = rsqrtf(total / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = row[i] * inv * w[i];
+}
+
+// x += y over n values.
+extern "C" __global__ void add_f32(float* x, const float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// pool[slots[j]] = rows[j] for rows of `width` values: one block per row (the latent
+// cache write through the block tables).
+extern "C" __global__ void write_rows(float* pool, const float* rows, const int* slots, int width) {
+    int j = blockIdx.x;
+    float* dst = pool + (size_t)slots[j] * width;
+    const float* src = rows + (size_t)j * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}
+
+// out[j] = x[rows[j]] for rows of `width` values: one block per row.
+extern "C" __global__ void take_rows(const float* x, const int* rows, float* out, int width) {
+    int j = blockIdx.x;
+    const float* src = x + (size_t)rows[j] * width;
+    float* dst = out + (size_t)j * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}

@@ -137,3 +137,43 @@ extern "C" __global__ void mla_prefill(const float* q, const float* k, const flo
         if (d < dv) o[d] = acc[j] / l;
     }
 }
+
+// Absorbed queries. kv_b is [heads * (nope + v), latent] f32: per head, W_UK (nope rows)
+// then W_UV (v rows). q is [tokens, heads, nope + rope]; out is [tokens, heads, latent +
+// rope] with out[t, h, j] = sum_d q[t, h, d] * W_UK_h[d, j] for j < latent, followed by
+// q's rope part. One block per (token, head); threads over j read kv_b rows coalesced.
+extern "C" __global__ void mla_absorb_queries(const float* q, const float* kv_b, float* out,
+                                              int heads, int nope, int rope, int v, int latent) {
+    __shared__ float qs[512];
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* qh = q + ((size_t)t * heads + h) * (nope + rope);
+    float* o = out + ((size_t)t * heads + h) * (latent + rope);
+    for (int d = threadIdx.x; d < nope; d += blockDim.x) qs[d] = qh[d];
+    __syncthreads();
+    const float* uk = kv_b + (size_t)h * (nope + v) * latent;
+    for (int j = threadIdx.x; j < latent; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int d = 0; d < nope; d++) acc += qs[d] * uk[(size_t)d * latent + j];
+        o[j] = acc;
+    }
+    for (int r = threadIdx.x; r < rope; r += blockDim.x) o[latent + r] = qh[nope + r];
+}
+
+// Values from attended latents: out[t, h, e] = sum_j W_UV_h[e, j] * o[t, h, j], o being
+// [tokens, heads, latent] and out [tokens, heads, v]. One block per (token, head), one
+// warp per output value at a time, lanes over j.
+extern "C" __global__ void mla_expand_values(const float* o, const float* kv_b, float* out,
+                                             int heads, int nope, int v, int latent) {
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* oh = o + ((size_t)t * heads + h) * latent;
+    float* dst = out + ((size_t)t * heads + h) * v;
+    const float* uv = kv_b + ((size_t)h * (nope + v) + nope) * latent;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int e = warp; e < v; e += warps) {
+        const float* row = uv + (size_t)e * latent;
+        float acc = 0.0f;
+        for (int j = lane; j < latent; j += 32) acc += row[j] * oh[j];
+        acc = warp_sum(acc);
+        if (lane == 0) dst[e] = acc;
+    }
+}

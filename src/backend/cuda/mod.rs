@@ -14,6 +14,8 @@
 //! a kernel fault) is not an input problem and there is no sensible partial result, so it
 //! stops the computation with a message naming the operation.
 
+mod resident;
+
 use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_cuda::device::GpuDevice;
@@ -42,6 +44,8 @@ pub struct CudaBackend {
     /// Device copies of the weights; the lock also keeps one caller at a time on the
     /// device's stream.
     weights: Mutex<HashMap<WeightKey, Arc<DeviceWeight>>>,
+    /// The resident pass's state (see [`resident`]).
+    resident: resident::ResidentState,
 }
 
 /// Stops on a device failure after start-up (see the module comment).
@@ -59,7 +63,15 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Arc::new(GpuDevice::open(ordinal, 0)?),
             weights: Mutex::new(HashMap::new()),
+            resident: resident::ResidentState::default(),
         })
+    }
+
+    /// The backend whose model forward passes run resident on this GPU (every expert on
+    /// the device); its other operations are this backend's.
+    pub fn resident(gpu: Arc<CudaBackend>) -> crate::resident::ResidentBackend {
+        let whole = crate::resident::Resident::new(gpu.clone(), None, None);
+        crate::resident::ResidentBackend::new(gpu, Box::new(whole))
     }
 
     pub fn gpu(&self) -> &GpuDevice {

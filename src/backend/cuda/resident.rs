@@ -1,0 +1,391 @@
+//! The resident forward pass's device operations on the GPU (see [`crate::resident`]):
+//! buffers are `CudaSlice`s on the backend's stream, weights the backend's device copies,
+//! the hybrid hand-off goes through page-locked staging buffers. Every kernel used here
+//! has a CPU twin its test in `tests/gpu_kernels.rs` compares it with, and the whole pass
+//! is compared with the CPU twin pass in `tests/golden.rs` when a GPU is present.
+
+use super::{device, CudaBackend};
+use crate::backend::FfnWeights;
+use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::resident::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
+use crate::weights::LinearWeight;
+use kernels_cuda::cudarc::driver::CudaSlice;
+use kernels_cuda::ops::{AbsorbShape, MlaDecodeShape};
+use kernels_cuda::staging::{Staging, StagingPool};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The largest expert count and group count `route_topk` handles; others route on the
+/// host.
+const MAX_ROUTED_EXPERTS: usize = 1024;
+const MAX_GROUPS: usize = 64;
+
+/// A weight's identity (where its bytes live on the host).
+type WeightId = (usize, usize);
+
+/// What the resident pass keeps beside the weights: f32 copies of each layer's `kv_b`
+/// (the absorbed projections read them per head) and the staging buffers.
+#[derive(Default)]
+pub(super) struct ResidentState {
+    kv_b: Mutex<HashMap<WeightId, Arc<CudaSlice<f32>>>>,
+    staging: Mutex<Option<Arc<StagingPool>>>,
+}
+
+impl CudaBackend {
+    /// `kv_b` decoded to f32 on the device, once.
+    fn kv_b_f32(&self, w: &LinearWeight) -> Arc<CudaSlice<f32>> {
+        let mut map = self.resident.kv_b.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(&w.identity()) {
+            return b.clone();
+        }
+        let dw = {
+            let mut weights = self.lock();
+            self.weight(&mut weights, w)
+        };
+        let band = Arc::new(self.band(&dw, &(0..w.rows())));
+        map.insert(w.identity(), band.clone());
+        band
+    }
+
+    fn staging(&self) -> Arc<StagingPool> {
+        let mut s = self
+            .resident
+            .staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        s.get_or_insert_with(|| {
+            Arc::new(device(
+                "allocating the hand-off buffers",
+                StagingPool::new(&self.gpu.ctx, 1 << 16),
+            ))
+        })
+        .clone()
+    }
+
+    fn ints(&self, x: &[i32]) -> CudaSlice<i32> {
+        device("an index upload", self.gpu.upload("indices", x))
+    }
+}
+
+/// `route_topk`'s method number for a config.
+fn topk_method(cfg: &ModelConfig) -> i32 {
+    match cfg.topk_method {
+        TopkMethod::NoauxTc => 0,
+        TopkMethod::Greedy => 1,
+        TopkMethod::GroupLimitedGreedy => 2,
+    }
+}
+
+impl DeviceOps for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Ints = CudaSlice<i32>;
+    type Download = (Staging, usize);
+
+    fn label(&self) -> String {
+        self.gpu.name.clone()
+    }
+
+    fn upload(&self, x: &[f32]) -> CudaSlice<f32> {
+        device("an upload", self.gpu.upload("values", x))
+    }
+
+    fn upload_ints(&self, x: &[i32]) -> CudaSlice<i32> {
+        self.ints(x)
+    }
+
+    fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        device("a buffer", self.gpu.zeros::<f32>("buffer", n))
+    }
+
+    fn begin_download(&self, x: &CudaSlice<f32>) -> (Staging, usize) {
+        let mut s = device("a hand-off buffer", self.staging().take(x.len()));
+        device("a hand-off download", s.download(&self.gpu.stream, x));
+        (s, x.len())
+    }
+
+    fn finish_download(&self, d: (Staging, usize), out: &mut [f32]) {
+        let (mut s, n) = d;
+        let values = device("a hand-off download", s.read(n));
+        let n = out.len().min(values.len());
+        out[..n].copy_from_slice(&values[..n]);
+        self.staging().give(s);
+    }
+
+    fn upload_staged(&self, x: &[f32]) -> CudaSlice<f32> {
+        let pool = self.staging();
+        let mut s = device("a hand-off buffer", pool.take(x.len()));
+        let mut dst = self.zeros(x.len());
+        device("a hand-off upload", s.upload(&self.gpu.stream, x, &mut dst));
+        pool.give(s);
+        dst
+    }
+
+    fn copy(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
+        device("a copy", self.gpu.stream.clone_dtod(x).map_err(copy_err))
+    }
+
+    fn grow(&self, x: &CudaSlice<f32>, len: usize) -> CudaSlice<f32> {
+        let mut g = self.zeros(len);
+        let keep = x.len().min(len);
+        if keep > 0 {
+            device(
+                "growing the latent cache",
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&x.slice(0..keep), &mut g.slice_mut(0..keep))
+                    .map_err(copy_err),
+            );
+        }
+        g
+    }
+
+    fn take_rows(&self, x: &CudaSlice<f32>, rows: &[usize], width: usize) -> CudaSlice<f32> {
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let mut out = self.zeros(rows.len() * width);
+        device(
+            "take_rows",
+            self.gpu
+                .take_rows(x, &self.ints(&idx), &mut out, rows.len(), width),
+        );
+        out
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) {
+        let n = x.len().min(y.len());
+        device("add", self.gpu.add(x, y, n));
+    }
+
+    fn rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        stride: usize,
+        dim: usize,
+        eps: f32,
+    ) {
+        device(
+            "rms_norm",
+            self.gpu.rms_norm_rows(x, w, rows, dim, stride, eps),
+        );
+    }
+
+    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> CudaSlice<f32> {
+        // Rows decoded on the host: n x hidden values cross, where keeping the table on
+        // the device would cost its whole size in GPU memory.
+        let h = table.cols();
+        let mut x = vec![0.0f32; ids.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
+            table.decode_row(id as usize, row);
+        }
+        self.upload(&x)
+    }
+
+    fn linear(&self, w: &LinearWeight, x: &CudaSlice<f32>, tokens: usize) -> CudaSlice<f32> {
+        let dw = {
+            let mut map = self.lock();
+            self.weight(&mut map, w)
+        };
+        self.linear_on_device(&dw, 0..dw.rows, x, tokens)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        rope: &DeviceRope<CudaSlice<f32>>,
+        positions: &CudaSlice<i32>,
+        l: RopeLayout,
+    ) {
+        device(
+            "rope_yarn",
+            self.gpu.rope_yarn(
+                x,
+                positions,
+                &rope.inv_freq,
+                rope.host.magnitude(),
+                l.tokens,
+                l.heads,
+                l.token_stride,
+                l.head_stride,
+                l.offset,
+                rope.host.inv_freq().len(),
+            ),
+        );
+    }
+
+    fn write_rows(
+        &self,
+        pool: &mut CudaSlice<f32>,
+        rows: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        width: usize,
+    ) {
+        let count = slots.len();
+        device(
+            "writing the latent cache",
+            self.gpu.write_rows(pool, rows, slots, count, width),
+        );
+    }
+
+    fn absorb_queries(
+        &self,
+        kv_b: &LinearWeight,
+        q: &CudaSlice<f32>,
+        d: MlaDims,
+        tokens: usize,
+    ) -> CudaSlice<f32> {
+        let w = self.kv_b_f32(kv_b);
+        let mut out = self.zeros(tokens * d.heads * d.width());
+        device(
+            "mla_absorb_queries",
+            self.gpu
+                .mla_absorb_queries(q, &w, &mut out, absorb_shape(d, tokens)),
+        );
+        out
+    }
+
+    fn mla(
+        &self,
+        q: &CudaSlice<f32>,
+        pool: &CudaSlice<f32>,
+        b: &QueryBlocks<CudaSlice<i32>>,
+        d: MlaDims,
+        scale: f32,
+    ) -> CudaSlice<f32> {
+        let mut out = self.zeros(b.queries * d.heads * d.latent);
+        if b.queries == 0 {
+            return out;
+        }
+        let shape = MlaDecodeShape {
+            seqs: b.queries,
+            heads: d.heads,
+            width: d.width(),
+            c: d.latent,
+            block_size: b.block_size,
+            max_blocks: b.max_blocks,
+            scale,
+        };
+        device(
+            "mla_decode",
+            self.gpu
+                .mla_decode(q, pool, &b.tables, &b.lens, b.max_len, shape, &mut out),
+        );
+        out
+    }
+
+    fn expand_values(
+        &self,
+        kv_b: &LinearWeight,
+        o: &CudaSlice<f32>,
+        d: MlaDims,
+        tokens: usize,
+    ) -> CudaSlice<f32> {
+        let w = self.kv_b_f32(kv_b);
+        let mut out = self.zeros(tokens * d.heads * d.v);
+        device(
+            "mla_expand_values",
+            self.gpu
+                .mla_expand_values(o, &w, &mut out, absorb_shape(d, tokens)),
+        );
+        out
+    }
+
+    fn route(
+        &self,
+        cfg: &ModelConfig,
+        logits: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        tokens: usize,
+    ) -> Vec<Vec<(usize, f32)>> {
+        let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
+        if e > MAX_ROUTED_EXPERTS || cfg.n_group > MAX_GROUPS || tokens == 0 {
+            let host = device("router logits", self.gpu.download("logits", logits));
+            let bias = bias.map(|b| device("router bias", self.gpu.download("bias", b)));
+            return route_on_host(cfg, &host[..tokens * e], bias.as_deref());
+        }
+        let mut ids = device("router output", self.gpu.zeros::<i32>("ids", tokens * k));
+        let mut w = self.zeros(tokens * k);
+        device(
+            "route_topk",
+            self.gpu.route_topk(
+                logits,
+                bias,
+                tokens,
+                e,
+                (cfg.n_group, cfg.topk_group),
+                k,
+                cfg.scoring_func == ScoringFunc::Softmax,
+                topk_method(cfg),
+                cfg.norm_topk_prob,
+                cfg.routed_scaling_factor,
+                &mut ids,
+                &mut w,
+            ),
+        );
+        let ids = device("router output", self.gpu.download("ids", &ids));
+        let w = device("router output", self.gpu.download("weights", &w));
+        (0..tokens)
+            .map(|t| {
+                (t * k..(t + 1) * k)
+                    .map(|i| (ids[i].max(0) as usize, w[i]))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn ffn_accumulate(
+        &self,
+        ffn: &FfnWeights,
+        x: &CudaSlice<f32>,
+        tokens: &[(usize, f32)],
+        out: &mut CudaSlice<f32>,
+    ) {
+        if tokens.is_empty() {
+            return;
+        }
+        let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
+        let rows: Vec<i32> = tokens.iter().map(|&(t, _)| t as i32).collect();
+        let weights: Vec<f32> = tokens.iter().map(|&(_, w)| w).collect();
+        let rows = self.ints(&rows);
+        let weights = self.upload(&weights);
+        let mut xs = self.zeros(m * hidden);
+        device(
+            "take_rows",
+            self.gpu.take_rows(x, &rows, &mut xs, m, hidden),
+        );
+        let (gate, up, down) = {
+            let mut map = self.lock();
+            (
+                self.weight(&mut map, &ffn.gate),
+                self.weight(&mut map, &ffn.up),
+                self.weight(&mut map, &ffn.down),
+            )
+        };
+        let mut h = self.linear_on_device(&gate, 0..inter, &xs, m);
+        let u = self.linear_on_device(&up, 0..inter, &xs, m);
+        device("silu_mul", self.gpu.silu_mul(&mut h, &u, m * inter));
+        let d = self.linear_on_device(&down, 0..hidden, &h, m);
+        device(
+            "scatter_add_rows",
+            self.gpu
+                .scatter_add_rows(out, &d, &rows, &weights, m, hidden),
+        );
+    }
+}
+
+fn absorb_shape(d: MlaDims, tokens: usize) -> AbsorbShape {
+    AbsorbShape {
+        tokens,
+        heads: d.heads,
+        nope: d.nope,
+        rope: d.rope,
+        v: d.v,
+        latent: d.latent,
+    }
+}
+
+fn copy_err(e: impl std::fmt::Display) -> kernels_cuda::NoCuda {
+    kernels_cuda::NoCuda {
+        reason: format!("a device copy failed: {e}"),
+    }
+}
