@@ -300,9 +300,10 @@ fn mla_decode_and_prefill_match_cpu_attention() {
     let scale = 0.07;
     let mut out = s.alloc_zeros::<f32>(lens.len() * heads * c).unwrap();
     let seq_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let pool_d = s.memcpy_stod(&pool).unwrap();
     d.mla_decode(
         &s.memcpy_stod(&q).unwrap(),
-        &s.memcpy_stod(&pool).unwrap(),
+        kernels_cuda::ops::LatentPool::F32(&pool_d),
         &s.memcpy_stod(&tables).unwrap(),
         &s.memcpy_stod(&seq_lens).unwrap(),
         lens[0],
@@ -642,7 +643,20 @@ fn resident_device_ops_match_the_cpu_twin() {
         "mla_expand_values"
     );
 
-    // A pool of 16-token blocks; each query reads its own scattered table.
+    // take_rows on a plain buffer.
+    let table = values(40 * width, 25);
+    let picked = [3usize, 0, 39];
+    assert_eq!(
+        read(
+            &gpu.take_rows(&gpu.upload(&table), &picked, width),
+            3 * width
+        ),
+        twin.take_rows(&table, &picked, width),
+        "take_rows"
+    );
+
+    // Pools of 16-token blocks, f32 and BF16: filled through write_rows, grown, a few
+    // rows rewritten; each query reads its own scattered block table.
     let (block, blocks) = (16, 80);
     let lens: Vec<i32> = positions.iter().map(|p| p + 1).collect();
     let max_len = *lens.iter().max().expect("lens") as usize;
@@ -650,34 +664,66 @@ fn resident_device_ops_match_the_cpu_twin() {
     let tables: Vec<i32> = (0..n)
         .flat_map(|i| (0..max_blocks).map(move |b| ((b * 7 + i * 3) % blocks) as i32))
         .collect();
-    let latents = values(blocks * block * width, 25);
+    let half = blocks / 2 * block;
+    let latents = values(blocks * block * width, 26);
+    let first: Vec<i32> = (0..half as i32).collect();
+    let second: Vec<i32> = (half as i32..(blocks * block) as i32).collect();
     let slots: Vec<i32> = vec![5, 77, 1000, 1279];
-    let rows = values(slots.len() * width, 26);
-    // Grown pools keep their contents and zero the rest.
-    let head = latents[..width * 3].to_vec();
-    let grown = gpu.grow(&gpu.upload(&head), latents.len());
-    assert_eq!(
-        read(&grown, latents.len()),
-        twin.grow(&head, latents.len()),
-        "grow"
-    );
-    let mut pool_g = gpu.upload(&latents);
-    let mut pool_t = latents.clone();
-    gpu.write_rows(
-        &mut pool_g,
-        &gpu.upload(&rows),
-        &gpu.upload_ints(&slots),
-        width,
-    );
-    twin.write_rows(&mut pool_t, &rows, &slots, width);
-    assert_eq!(read(&pool_g, pool_t.len()), pool_t, "write_rows");
-    let picked = [3usize, 0, 1279];
-    assert_eq!(
-        read(&gpu.take_rows(&pool_g, &picked, width), 3 * width),
-        twin.take_rows(&pool_t, &picked, width),
-        "take_rows"
-    );
-    let qa = values(n * d.heads * width, 27);
+    let rows = values(slots.len() * width, 27);
+    let qa = values(n * d.heads * width, 28);
+    let scale = cfg.softmax_scale();
+    for bf16 in [false, true] {
+        let mut pool_g = gpu.pool(half * width, bf16);
+        let mut pool_t = twin.pool(half * width, bf16);
+        let (lo, hi) = latents.split_at(half * width);
+        gpu.write_rows(
+            &mut pool_g,
+            &gpu.upload(lo),
+            &gpu.upload_ints(&first),
+            width,
+        );
+        twin.write_rows(&mut pool_t, &lo.to_vec(), &first, width);
+        let mut pool_g = gpu.grow_pool(&pool_g, latents.len());
+        let mut pool_t = twin.grow_pool(&pool_t, latents.len());
+        gpu.write_rows(
+            &mut pool_g,
+            &gpu.upload(hi),
+            &gpu.upload_ints(&second),
+            width,
+        );
+        twin.write_rows(&mut pool_t, &hi.to_vec(), &second, width);
+        gpu.write_rows(
+            &mut pool_g,
+            &gpu.upload(&rows),
+            &gpu.upload_ints(&slots),
+            width,
+        );
+        twin.write_rows(&mut pool_t, &rows, &slots, width);
+        let og = gpu.mla(
+            &gpu.upload(&qa),
+            &pool_g,
+            &blocks_of(
+                gpu.upload_ints(&tables),
+                gpu.upload_ints(&lens),
+                n,
+                max_blocks,
+                max_len,
+            ),
+            d,
+            scale,
+        );
+        let ot = twin.mla(
+            &qa,
+            &pool_t,
+            &blocks_of(tables.clone(), lens.clone(), n, max_blocks, max_len),
+            d,
+            scale,
+        );
+        assert!(
+            rel_l2(&read(&og, ot.len()), &ot) < 1e-4,
+            "mla over block tables, bf16 {bf16}"
+        );
+    }
     fn blocks_of<I>(
         tables: I,
         lens: I,
@@ -694,31 +740,6 @@ fn resident_device_ops_match_the_cpu_twin() {
             max_len,
         }
     }
-    let scale = cfg.softmax_scale();
-    let og = gpu.mla(
-        &gpu.upload(&qa),
-        &pool_g,
-        &blocks_of(
-            gpu.upload_ints(&tables),
-            gpu.upload_ints(&lens),
-            n,
-            max_blocks,
-            max_len,
-        ),
-        d,
-        scale,
-    );
-    let ot = twin.mla(
-        &qa,
-        &pool_t,
-        &blocks_of(tables.clone(), lens.clone(), n, max_blocks, max_len),
-        d,
-        scale,
-    );
-    assert!(
-        rel_l2(&read(&og, ot.len()), &ot) < 1e-4,
-        "mla over block tables"
-    );
 
     // Routing and one INT4 expert with its weighted scatter-add.
     let model = fixture("kimi-int4");

@@ -12,7 +12,7 @@ use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::Accelerator;
 use kimi_hybrid::backend::{by_name, Backend};
-use kimi_hybrid::engine::kv::{KvPool, PagedBatch};
+use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::resident::twin::TwinOps;
@@ -114,9 +114,10 @@ fn deferred_host_experts_match_the_per_operation_hybrid() {
     }
 }
 
-/// Two sequences in one pass through the engine's paged cache, their blocks scattered
-/// over the pool, then one decode step each, against each sequence run alone on the
-/// per-operation path.
+/// Two sequences in one pass through the engine's paged cache (f32 and BF16 latents),
+/// their blocks scattered over the pool, then one decode step each: the resident pass
+/// against the per-operation path on the same kind of pool, and the f32 runs against
+/// each sequence run alone.
 #[test]
 fn paged_batches_read_the_blocks_their_tables_name() {
     let cpu = exact();
@@ -125,76 +126,86 @@ fn paged_batches_read_the_blocks_their_tables_name() {
     let g = golden(name);
     let a: Vec<u32> = g.prompt_ids.clone();
     let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
-    let alone = |prompt: &[u32]| prefill_and_three_steps(&model, cpu.as_ref(), prompt);
-    let (want_a, want_b) = (alone(&a), alone(&b));
     let vocab = model.config.vocab_size;
-    let last = |v: &[f32], from_end: usize| v[v.len() - from_end * vocab..].to_vec();
+    let mut resident_f32: Vec<Vec<f32>> = Vec::new();
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        let want = paged_pair(&model, cpu.as_ref(), &a, &b, dtype);
+        let got = paged_pair(&model, &resident(None, None), &a, &b, dtype);
+        if dtype == KvDtype::Bf16 {
+            // The BF16 pool really rounds: its logits move off the f32 ones.
+            let moved = max_abs_diff(&got[2], &resident_f32[2]);
+            assert!(
+                moved > 10.0 * FORM_TOLERANCE,
+                "bf16 latents not rounded: {moved}"
+            );
+        }
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            let diff = max_abs_diff(x, y);
+            println!("paged {dtype:?}: output {i} resident vs per-op {diff:.1e}");
+            assert!(diff <= FORM_TOLERANCE, "{dtype:?} output {i}: {diff}");
+        }
+        if dtype == KvDtype::F32 {
+            // Alone: every prompt position, then three decode steps.
+            for (prompt, prefill, step) in [(&a, &got[0], &got[2]), (&b, &got[1], &got[3])] {
+                let alone = prefill_and_three_steps(&model, cpu.as_ref(), prompt);
+                let at = alone.len() - 4 * vocab;
+                assert!(max_abs_diff(prefill, &alone[at..at + vocab]) <= FORM_TOLERANCE);
+                assert!(max_abs_diff(step, &alone[at + vocab..at + 2 * vocab]) <= FORM_TOLERANCE);
+            }
+            resident_f32 = got;
+        }
+    }
+}
 
+/// Prefill of `a` and `b` together in a paged pool with scattered tables, then one
+/// greedy step each: [prefill a, prefill b, step a, step b] last-position logits.
+fn paged_pair(
+    model: &Model,
+    backend: &dyn Backend,
+    a: &[u32],
+    b: &[u32],
+    dtype: KvDtype,
+) -> Vec<Vec<f32>> {
     let cfg = &model.config;
     let block = 4;
-    let mut pool = KvPool::new(32, block, cfg.latent_cache_width(), cfg.num_hidden_layers);
+    let mut pool = KvPool::with_dtype(
+        64,
+        block,
+        cfg.latent_cache_width(),
+        cfg.num_hidden_layers,
+        dtype,
+    );
     let blocks =
         |n: usize, first: u32| -> Vec<u32> { (0..n as u32).map(|i| first + 3 * i).collect() };
     let (table_a, table_b) = (
         blocks(a.len() / block + 2, 17),
         blocks(b.len() / block + 2, 1),
     );
-    let backend = resident(None, None);
     let mut store = PagedBatch {
         pool: &mut pool,
         tables: vec![&table_a, &table_b],
     };
-    let prefill = [
-        BatchEntry {
-            tokens: &a,
-            start: 0,
-            logits: Some(Logits::Last),
-        },
-        BatchEntry {
-            tokens: &b,
-            start: 0,
-            logits: Some(Logits::Last),
-        },
-    ];
-    let out = model
-        .forward_batch(
-            &backend,
-            &prefill,
-            &mut store,
-            AttentionForm::Auto,
-            &mut |_, _| {},
-        )
-        .expect("prefill");
-    let (pa, pb) = (out[0].clone().expect("a"), out[1].clone().expect("b"));
-    // want_* hold every prompt position, then three decode steps.
-    let prompt_last = |w: &[f32]| w[w.len() - 4 * vocab..w.len() - 3 * vocab].to_vec();
-    assert!(max_abs_diff(&pa, &prompt_last(&want_a)) <= FORM_TOLERANCE);
-    assert!(max_abs_diff(&pb, &prompt_last(&want_b)) <= FORM_TOLERANCE);
-    let (na, nb) = ([argmax(&pa)], [argmax(&pb)]);
-    let step = [
-        BatchEntry {
-            tokens: &na,
-            start: a.len(),
-            logits: Some(Logits::Last),
-        },
-        BatchEntry {
-            tokens: &nb,
-            start: b.len(),
-            logits: Some(Logits::Last),
-        },
-    ];
-    let out = model
-        .forward_batch(
-            &backend,
-            &step,
-            &mut store,
-            AttentionForm::Auto,
-            &mut |_, _| {},
-        )
-        .expect("decode");
-    let first_step = |w: &[f32]| last(w, 3)[..vocab].to_vec();
-    let da = max_abs_diff(out[0].as_deref().expect("a"), &first_step(&want_a));
-    let db = max_abs_diff(out[1].as_deref().expect("b"), &first_step(&want_b));
-    println!("paged: decode step vs alone {da:.1e} / {db:.1e}");
-    assert!(da <= FORM_TOLERANCE && db <= FORM_TOLERANCE, "{da} {db}");
+    let entry = |tokens, start| BatchEntry {
+        tokens,
+        start,
+        logits: Some(Logits::Last),
+    };
+    let mut run = |batch: &[BatchEntry]| -> Vec<Vec<f32>> {
+        model
+            .forward_batch(
+                backend,
+                batch,
+                &mut store,
+                AttentionForm::Auto,
+                &mut |_, _| {},
+            )
+            .expect("forward")
+            .into_iter()
+            .map(|l| l.expect("logits"))
+            .collect()
+    };
+    let prefill = run(&[entry(a, 0), entry(b, 0)]);
+    let (na, nb) = ([argmax(&prefill[0])], [argmax(&prefill[1])]);
+    let step = run(&[entry(&na, a.len()), entry(&nb, b.len())]);
+    prefill.into_iter().chain(step).collect()
 }

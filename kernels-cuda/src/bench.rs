@@ -5,7 +5,7 @@
 //! on the stream).
 
 use crate::device::GpuDevice;
-use crate::ops::MlaDecodeShape;
+use crate::ops::{LatentPool, MlaDecodeShape};
 use crate::NoCuda;
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -133,39 +133,60 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
     );
 
     // MLA decode over the paged latent cache at K2's shapes: 64 heads, latent 512 + rope
-    // 64, 64-token blocks; bytes = the latents read.
+    // 64, 64-token blocks, BF16 latents (the served default) and f32; bytes = the latents
+    // read.
     let _ = writeln!(
         s,
-        "\nMLA decode attention (absorbed, f32 latents)          GB/s   of copy bw"
+        "\nMLA decode attention (absorbed)                      GB/s   of copy bw"
     );
     let (heads, width, c, block) = (64usize, 576usize, 512usize, 64usize);
-    for (seqs, len) in [(1usize, 4096usize), (1, 32768), (16, 4096), (64, 4096)] {
-        let blocks_per_seq = len.div_ceil(block);
-        let pool = d.upload("latents", &values(seqs * blocks_per_seq * block * width, 1))?;
-        let tables: Vec<i32> = (0..(seqs * blocks_per_seq) as i32).collect();
-        let tables = d.upload("block tables", &tables)?;
-        let lens = d.upload("lengths", &vec![len as i32; seqs])?;
-        let q = d.upload("queries", &values(seqs * heads * width, 2))?;
-        let mut out = d.zeros::<f32>("out", seqs * heads * c)?;
-        let shape = MlaDecodeShape {
-            seqs,
-            heads,
-            width,
-            c,
-            block_size: block,
-            max_blocks: blocks_per_seq,
-            scale: 1.0 / (192f32).sqrt(),
-        };
-        let t = best_seconds(&d, repeats, || {
-            d.mla_decode(&q, &pool, &tables, &lens, len, shape, &mut out)
-        })?;
-        let rate = (seqs * len * width * 4) as f64 / t;
-        let _ = writeln!(
-            s,
-            "  {seqs:>3} seq x {len:>5} tokens                          {:>8.1}   {:>6.1}%",
-            rate / 1e9,
-            rate / bw * 100.0
-        );
+    for bf16 in [true, false] {
+        for (seqs, len) in [(1usize, 4096usize), (1, 32768), (16, 4096), (64, 4096)] {
+            let blocks_per_seq = len.div_ceil(block);
+            let latents = values(seqs * blocks_per_seq * block * width, 1);
+            let pool32 = if bf16 {
+                None
+            } else {
+                Some(d.upload("latents", &latents)?)
+            };
+            let pool16 = if bf16 {
+                let bits: Vec<u16> = latents.iter().map(|v| bf16_bits(*v)).collect();
+                Some(d.upload("latents", &bits)?)
+            } else {
+                None
+            };
+            let pool = match (&pool32, &pool16) {
+                (Some(p), _) => LatentPool::F32(p),
+                (_, Some(p)) => LatentPool::Bf16(p),
+                _ => unreachable!("one of the pools was uploaded"),
+            };
+            let tables: Vec<i32> = (0..(seqs * blocks_per_seq) as i32).collect();
+            let tables = d.upload("block tables", &tables)?;
+            let lens = d.upload("lengths", &vec![len as i32; seqs])?;
+            let q = d.upload("queries", &values(seqs * heads * width, 2))?;
+            let mut out = d.zeros::<f32>("out", seqs * heads * c)?;
+            let shape = MlaDecodeShape {
+                seqs,
+                heads,
+                width,
+                c,
+                block_size: block,
+                max_blocks: blocks_per_seq,
+                scale: 1.0 / (192f32).sqrt(),
+            };
+            let t = best_seconds(&d, repeats, || {
+                d.mla_decode(&q, pool, &tables, &lens, len, shape, &mut out)
+            })?;
+            let bytes = if bf16 { 2 } else { 4 };
+            let rate = (seqs * len * width * bytes) as f64 / t;
+            let _ = writeln!(
+                s,
+                "  {} {seqs:>3} seq x {len:>5} tokens                   {:>8.1}   {:>6.1}%",
+                if bf16 { "bf16" } else { "f32 " },
+                rate / 1e9,
+                rate / bw * 100.0
+            );
+        }
     }
 
     // INT4 expert matmuls against cuBLAS BF16 at the same shapes.

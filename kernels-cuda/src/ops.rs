@@ -236,7 +236,7 @@ impl GpuDevice {
     pub fn mla_decode(
         &self,
         q: &CudaSlice<f32>,
-        pool: &CudaSlice<f32>,
+        pool: LatentPool,
         block_tables: &CudaSlice<i32>,
         seq_lens: &CudaSlice<i32>,
         max_len: usize,
@@ -255,7 +255,10 @@ impl GpuDevice {
         let mut part_out = alloc(slots * s.c)?;
         let mut part_max = alloc(slots)?;
         let mut part_sum = alloc(slots)?;
-        let f = self.function("mla_decode_partial")?;
+        let f = self.function(match pool {
+            LatentPool::F32(_) => "mla_decode_partial",
+            LatentPool::Bf16(_) => "mla_decode_partial_bf16",
+        })?;
         let ints = [
             s.max_blocks as i32,
             s.block_size as i32,
@@ -265,7 +268,12 @@ impl GpuDevice {
             chunk as i32,
         ];
         let mut b = self.stream.launch_builder(f);
-        b.arg(q).arg(pool).arg(block_tables).arg(seq_lens);
+        b.arg(q);
+        match pool {
+            LatentPool::F32(p) => b.arg(p),
+            LatentPool::Bf16(p) => b.arg(p),
+        };
+        b.arg(block_tables).arg(seq_lens);
         for a in &ints {
             b.arg(a);
         }
@@ -369,6 +377,13 @@ pub struct MlaDecodeShape {
     pub scale: f32,
 }
 
+/// A latent cache pool as the decode kernel reads it.
+#[derive(Clone, Copy)]
+pub enum LatentPool<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<u16>),
+}
+
 /// Widths of the absorbed MLA projections (see `mla_absorb_queries` in mla.cu).
 #[derive(Debug, Clone, Copy)]
 pub struct AbsorbShape {
@@ -440,6 +455,28 @@ impl GpuDevice {
         unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())
             .map_err(|e| launch_err("write_rows", e))
+    }
+
+    /// [`write_rows`](Self::write_rows) into a BF16 pool, rounding to nearest even.
+    pub fn write_rows_bf16(
+        &self,
+        pool: &mut CudaSlice<u16>,
+        rows: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        count: usize,
+        width: usize,
+    ) -> Result<(), NoCuda> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function("write_rows_bf16")?;
+        let w = width as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(pool).arg(rows).arg(slots).arg(&w);
+        // SAFETY: every slot lies inside the pool (the caller grows it first).
+        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("write_rows_bf16", e))
     }
 
     /// `out[j] = x[rows[j]]` for `count` rows of `width` values.

@@ -24,6 +24,7 @@ pub const MODULES: &[Module] = &[
             "rms_norm_rows",
             "add_f32",
             "write_rows",
+            "write_rows_bf16",
             "take_rows",
         ],
     },
@@ -55,6 +56,7 @@ pub const MODULES: &[Module] = &[
         source: include_str!("cu/mla.cu"),
         kernels: &[
             "mla_decode_partial",
+            "mla_decode_partial_bf16",
             "mla_decode_combine",
             "mla_prefill",
             "mla_absorb_queries",

@@ -262,6 +262,10 @@ impl LatentStore for PagedBatch<'_> {
         }
     }
 
+    fn bf16_latents(&self) -> bool {
+        matches!(self.pool.layers.first(), Some(LayerStore::Bf16(_)))
+    }
+
     fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>) {
         let bs = self.pool.block_size;
         let table = self.tables[seq];

@@ -116,6 +116,10 @@ pub trait LatentStore {
     /// The block size and the blocks holding positions `0..len` of `seq`, in position
     /// order: where a device-resident cache puts the same latents.
     fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>);
+    /// Whether latents are kept in BF16 (rounded on write), as a device cache should too.
+    fn bf16_latents(&self) -> bool {
+        false
+    }
 }
 
 /// Block size of a contiguous [`KvCache`] seen as a paged one.

@@ -21,7 +21,8 @@
 
 pub mod twin;
 
-use crate::accel::Accelerator;
+use crate::accel::sim::SimDevice;
+use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
 use crate::model::{
@@ -104,6 +105,8 @@ pub trait DeviceOps: Send + Sync {
     type Ints: Send;
     /// A device-to-host copy in flight.
     type Download: Send;
+    /// One layer's latent cache, `[blocks, block_size, width]`, f32 or BF16.
+    type Pool: Send;
 
     fn label(&self) -> String;
     fn upload(&self, x: &[f32]) -> Self::Buf;
@@ -119,8 +122,11 @@ pub trait DeviceOps: Send + Sync {
         self.upload(x)
     }
     fn copy(&self, x: &Self::Buf) -> Self::Buf;
-    /// `len` values: `x` followed by zeros (a grown cache pool).
-    fn grow(&self, x: &Self::Buf, len: usize) -> Self::Buf;
+    /// A zeroed latent cache pool of `len` values, stored in BF16 (rounded on write)
+    /// when `bf16`, else f32.
+    fn pool(&self, len: usize, bf16: bool) -> Self::Pool;
+    /// A pool of `len` values holding `pool`'s values followed by zeros.
+    fn grow_pool(&self, pool: &Self::Pool, len: usize) -> Self::Pool;
     /// Rows `rows` of `x` (rows of `width` values), in that order.
     fn take_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;
     /// `x += y`.
@@ -149,7 +155,7 @@ pub trait DeviceOps: Send + Sync {
         layout: RopeLayout,
     );
     /// `pool[slots[i]] = rows[i]` for rows of `width` values.
-    fn write_rows(&self, pool: &mut Self::Buf, rows: &Self::Buf, slots: &Self::Ints, width: usize);
+    fn write_rows(&self, pool: &mut Self::Pool, rows: &Self::Buf, slots: &Self::Ints, width: usize);
     /// Absorbed queries `[tokens, heads, latent + rope]`: per head
     /// `[q_nope · W_UK_h | q_pe]` from `q` `[tokens, heads, nope + rope]`.
     fn absorb_queries(
@@ -164,7 +170,7 @@ pub trait DeviceOps: Send + Sync {
     fn mla(
         &self,
         q: &Self::Buf,
-        pool: &Self::Buf,
+        pool: &Self::Pool,
         blocks: &QueryBlocks<Self::Ints>,
         dims: MlaDims,
         scale: f32,
@@ -231,9 +237,10 @@ struct Prepared<O: DeviceOps> {
     layers: Vec<LayerTensors<O::Buf>>,
     final_norm: O::Buf,
     rope: DeviceRope<O::Buf>,
-    pools: Vec<O::Buf>,
+    pools: Vec<O::Pool>,
     pool_blocks: usize,
     block_size: usize,
+    pool_bf16: bool,
 }
 
 /// The resident forward pass over device `ops`. In hybrid mode (`host` given), routed
@@ -244,6 +251,8 @@ pub struct Resident<O: DeviceOps> {
     host: Option<Arc<dyn Backend>>,
     /// Where the hand-off bytes are counted (the planner's `handoff_bytes_per_token`).
     accounting: Option<Arc<dyn Accelerator>>,
+    /// The in-order host thread deferred experts run on (hybrid mode).
+    host_worker: Option<Arc<SimDevice>>,
     state: Mutex<Option<Prepared<O>>>,
 }
 
@@ -253,10 +262,16 @@ impl<O: DeviceOps> Resident<O> {
         host: Option<Arc<dyn Backend>>,
         accounting: Option<Arc<dyn Accelerator>>,
     ) -> Self {
+        // Without a thread for deferred experts they are computed in line (same numbers).
+        let host_worker = host
+            .as_ref()
+            .and_then(|_| SimDevice::new("deferred-experts", u64::MAX).ok())
+            .map(Arc::new);
         Resident {
             ops,
             host,
             accounting,
+            host_worker,
             state: Mutex::new(None),
         }
     }
@@ -288,9 +303,10 @@ impl<O: DeviceOps> Resident<O> {
                 host: model.rope.clone(),
                 inv_freq: ops.upload(model.rope.inv_freq()),
             },
-            pools: model.layers.iter().map(|_| ops.zeros(0)).collect(),
+            pools: model.layers.iter().map(|_| ops.pool(0, false)).collect(),
             pool_blocks: 0,
             block_size: 0,
+            pool_bf16: false,
         }
     }
 
@@ -382,7 +398,7 @@ impl<O: DeviceOps> Resident<O> {
             .map(|&b| b as usize + 1)
             .max()
             .unwrap_or(0);
-        self.ensure_pools(p, block_size, needed_blocks, width);
+        self.ensure_pools(p, (block_size, store.bf16_latents()), needed_blocks, width);
         let positions_d = ops.upload_ints(&positions);
         let slots_d = ops.upload_ints(&slots);
         let blocks = QueryBlocks {
@@ -400,7 +416,7 @@ impl<O: DeviceOps> Resident<O> {
             .collect();
         let mut x = ops.embed(&model.embed, &ids);
         // Host-expert outputs deferred by the previous layer (see `defer_host_experts`).
-        let mut deferred: Option<Vec<f32>> = None;
+        let mut deferred: Option<Pending<Vec<f32>>> = None;
         for (l, layer) in model.layers.iter().enumerate() {
             let mut xn = ops.copy(&x);
             ops.rms_norm(&mut xn, &p.layers[l].input_norm, n, h, h, cfg.rms_norm_eps);
@@ -419,13 +435,13 @@ impl<O: DeviceOps> Resident<O> {
                 Ffn::Moe(_) => self.moe(model, p, l, &xn, n, &mut deferred, on_route),
             };
             ops.add(&mut x, &out);
-            if let Some(d) = deferred.take() {
+            if let Some(d) = deferred.take().and_then(Pending::wait) {
                 // The previous layer's deferred outputs, when this layer did not ship.
                 ops.add(&mut x, &self.upload_handoff(&d));
             }
             deferred = later;
         }
-        if let Some(d) = deferred {
+        if let Some(d) = deferred.and_then(Pending::wait) {
             ops.add(&mut x, &self.upload_handoff(&d));
         }
 
@@ -472,19 +488,26 @@ impl<O: DeviceOps> Resident<O> {
 
     /// Grows every layer's pool to hold `blocks` blocks (doubling, so a growing sequence
     /// copies its cache a logarithmic number of times).
-    fn ensure_pools(&self, p: &mut Prepared<O>, block_size: usize, blocks: usize, width: usize) {
-        if p.block_size != block_size {
-            // A store with another block size: start over (its blocks are all new).
-            p.pools = p.pools.iter().map(|_| self.ops.zeros(0)).collect();
+    fn ensure_pools(
+        &self,
+        p: &mut Prepared<O>,
+        (block_size, bf16): (usize, bool),
+        blocks: usize,
+        width: usize,
+    ) {
+        if p.block_size != block_size || p.pool_bf16 != bf16 {
+            // A store with another layout: start over (its blocks are all new).
+            p.pools = p.pools.iter().map(|_| self.ops.pool(0, bf16)).collect();
             p.pool_blocks = 0;
             p.block_size = block_size;
+            p.pool_bf16 = bf16;
         }
         if blocks <= p.pool_blocks {
             return;
         }
         let grown = blocks.max(p.pool_blocks * 2);
         for pool in p.pools.iter_mut() {
-            *pool = self.ops.grow(pool, grown * block_size * width);
+            *pool = self.ops.grow_pool(pool, grown * block_size * width);
         }
         p.pool_blocks = grown;
     }
@@ -567,9 +590,9 @@ impl<O: DeviceOps> Resident<O> {
         l: usize,
         xn: &O::Buf,
         n: usize,
-        previous: &mut Option<Vec<f32>>,
+        previous: &mut Option<Pending<Vec<f32>>>,
         on_route: &mut RouteObserver,
-    ) -> (O::Buf, Option<Vec<f32>>) {
+    ) -> (O::Buf, Option<Pending<Vec<f32>>>) {
         let ops = self.ops.as_ref();
         let cfg = &model.config;
         let h = cfg.hidden_size;
@@ -620,14 +643,33 @@ impl<O: DeviceOps> Resident<O> {
         };
         let mut host_x = vec![0.0f32; n * h];
         ops.finish_download(download, &mut host_x);
-        let mut host_out = previous.take().unwrap_or_else(|| vec![0.0f32; n * h]);
+        let mut host_out = vec![0.0f32; n * h];
         host.moe_accumulate(&work(&moe.experts, &host_tokens), &host_x, &mut host_out);
-        let later_work = work(&moe.experts, &later_tokens);
+        // Experts deferred to the next layer run on the host worker, overlapping the
+        // device's next attention block.
+        let later_work: Vec<(FfnWeights, Vec<(usize, f32)>)> = work(&moe.experts, &later_tokens)
+            .into_iter()
+            .map(|(f, t)| (f.clone(), t.to_vec()))
+            .collect();
         let later = (!later_work.is_empty()).then(|| {
-            let mut d = vec![0.0f32; n * h];
-            host.moe_accumulate(&later_work, &host_x, &mut d);
-            d
+            let host = host.clone();
+            let compute = move || {
+                let refs: Vec<(&FfnWeights, &[(usize, f32)])> =
+                    later_work.iter().map(|(f, t)| (f, t.as_slice())).collect();
+                let mut d = vec![0.0f32; host_x.len()];
+                host.moe_accumulate(&refs, &host_x, &mut d);
+                d
+            };
+            match &self.host_worker {
+                Some(worker) => launch(worker.as_ref(), compute),
+                None => Pending::ready(compute()),
+            }
         });
+        if let Some(d) = previous.take().and_then(Pending::wait) {
+            for (a, b) in host_out.iter_mut().zip(&d) {
+                *a += b;
+            }
+        }
         ops.add(&mut out, &self.upload_handoff(&host_out));
         (out, later)
     }

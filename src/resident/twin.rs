@@ -10,6 +10,13 @@ use crate::config::ModelConfig;
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
+/// A latent cache pool on the host: BF16 pools hold values rounded to BF16 (the numbers
+/// a BF16 store reads back).
+pub struct TwinPool {
+    pub values: Vec<f32>,
+    pub bf16: bool,
+}
+
 pub struct TwinOps {
     backend: Arc<dyn Backend>,
 }
@@ -24,6 +31,7 @@ impl DeviceOps for TwinOps {
     type Buf = Vec<f32>;
     type Ints = Vec<i32>;
     type Download = Vec<f32>;
+    type Pool = TwinPool;
 
     fn label(&self) -> String {
         format!("host twin ({})", self.backend.name())
@@ -53,10 +61,20 @@ impl DeviceOps for TwinOps {
         x.clone()
     }
 
-    fn grow(&self, x: &Vec<f32>, len: usize) -> Vec<f32> {
-        let mut g = x.clone();
-        g.resize(len, 0.0);
-        g
+    fn pool(&self, len: usize, bf16: bool) -> TwinPool {
+        TwinPool {
+            values: vec![0.0; len],
+            bf16,
+        }
+    }
+
+    fn grow_pool(&self, pool: &TwinPool, len: usize) -> TwinPool {
+        let mut values = pool.values.clone();
+        values.resize(len, 0.0);
+        TwinPool {
+            values,
+            bf16: pool.bf16,
+        }
     }
 
     fn take_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {
@@ -118,10 +136,16 @@ impl DeviceOps for TwinOps {
         }
     }
 
-    fn write_rows(&self, pool: &mut Vec<f32>, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
+    fn write_rows(&self, pool: &mut TwinPool, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
         for (row, &slot) in rows.chunks_exact(width).zip(slots) {
             let at = slot as usize * width;
-            pool[at..at + width].copy_from_slice(row);
+            let dst = &mut pool.values[at..at + width];
+            dst.copy_from_slice(row);
+            if pool.bf16 {
+                for v in dst.iter_mut() {
+                    *v = half::bf16::from_f32(*v).to_f32();
+                }
+            }
         }
     }
 
@@ -156,7 +180,7 @@ impl DeviceOps for TwinOps {
     fn mla(
         &self,
         q: &Vec<f32>,
-        pool: &Vec<f32>,
+        pool: &TwinPool,
         blocks: &QueryBlocks<Vec<i32>>,
         d: MlaDims,
         scale: f32,
@@ -169,7 +193,7 @@ impl DeviceOps for TwinOps {
             let mut latents = Vec::with_capacity(len * width);
             for pos in 0..len {
                 let at = (table[pos / bs] as usize * bs + pos % bs) * width;
-                latents.extend_from_slice(&pool[at..at + width]);
+                latents.extend_from_slice(&pool.values[at..at + width]);
             }
             let view = KvView {
                 data: &latents,

@@ -2,7 +2,7 @@
 //
 // Decode (absorbed form): each sequence's query per head is q~ = [q_nope W_UK | q_pe]
 // (`width` = kv_lora_rank + rope dim values), attending over the sequence's latents in the
-// paged cache (pool [blocks, block_size, width] f32, block table per sequence); values
+// paged cache (pool [blocks, block_size, width], f32 or BF16, block table per sequence); values
 // are the first `c` latent values. Long contexts split over chunks of KV blocks
 // (`mla_decode_partial`, grid (heads, splits, seqs)), merged by `mla_decode_combine`.
 //
@@ -11,11 +11,16 @@
 
 #define MAX_CHUNK 256
 
-extern "C" __global__ void mla_decode_partial(const float* q, const float* pool,
-                                              const int* block_tables, const int* seq_lens,
-                                              int max_blocks, int block_size, int width, int c,
-                                              int heads, int chunk, float scale,
-                                              float* part_out, float* part_max, float* part_sum) {
+// A cached latent value: f32 pools as stored, BF16 pools widened.
+__device__ __forceinline__ float latent_value(const float* p) { return *p; }
+__device__ __forceinline__ float latent_value(const u16* p) { return bf16_to_f32(*p); }
+
+template <typename T>
+__device__ void mla_decode_partial_impl(const float* q, const T* pool,
+                                        const int* block_tables, const int* seq_lens,
+                                        int max_blocks, int block_size, int width, int c,
+                                        int heads, int chunk, float scale,
+                                        float* part_out, float* part_max, float* part_sum) {
     __shared__ float scores[MAX_CHUNK];
     __shared__ float scratch[32];
     int h = blockIdx.x, split = blockIdx.y, s = blockIdx.z;
@@ -34,9 +39,9 @@ extern "C" __global__ void mla_decode_partial(const float* q, const float* pool,
     const int* table = block_tables + (size_t)s * max_blocks;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int t = start + warp; t < end; t += warps) {
-        const float* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
+        const T* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
         float a = 0.0f;
-        for (int d = lane; d < width; d += 32) a += qh[d] * lat[d];
+        for (int d = lane; d < width; d += 32) a += qh[d] * latent_value(lat + d);
         a = warp_sum(a);
         if (lane == 0) scores[t - start] = a * scale;
     }
@@ -54,12 +59,32 @@ extern "C" __global__ void mla_decode_partial(const float* q, const float* pool,
     for (int d = threadIdx.x; d < c; d += blockDim.x) {
         float acc = 0.0f;
         for (int t = start; t < end; t++) {
-            const float* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
-            acc += scores[t - start] * lat[d];
+            const T* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
+            acc += scores[t - start] * latent_value(lat + d);
         }
         out[d] = acc;
     }
     if (threadIdx.x == 0) { part_max[slot] = m; part_sum[slot] = l; }
+}
+
+extern "C" __global__ void mla_decode_partial(const float* q, const float* pool,
+                                              const int* block_tables, const int* seq_lens,
+                                              int max_blocks, int block_size, int width, int c,
+                                              int heads, int chunk, float scale,
+                                              float* part_out, float* part_max, float* part_sum) {
+    mla_decode_partial_impl(q, pool, block_tables, seq_lens, max_blocks, block_size, width, c,
+                            heads, chunk, scale, part_out, part_max, part_sum);
+}
+
+// The same over a BF16 pool.
+extern "C" __global__ void mla_decode_partial_bf16(const float* q, const u16* pool,
+                                                   const int* block_tables, const int* seq_lens,
+                                                   int max_blocks, int block_size, int width,
+                                                   int c, int heads, int chunk, float scale,
+                                                   float* part_out, float* part_max,
+                                                   float* part_sum) {
+    mla_decode_partial_impl(q, pool, block_tables, seq_lens, max_blocks, block_size, width, c,
+                            heads, chunk, scale, part_out, part_max, part_sum);
 }
 
 // out[s, h, :] from the splits' partial sums: one block per (head, sequence).

@@ -10,7 +10,8 @@ use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::resident::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
 use crate::weights::LinearWeight;
 use kernels_cuda::cudarc::driver::CudaSlice;
-use kernels_cuda::ops::{AbsorbShape, MlaDecodeShape};
+use kernels_cuda::cudarc::driver::{CudaStream, DeviceRepr};
+use kernels_cuda::ops::{AbsorbShape, LatentPool, MlaDecodeShape};
 use kernels_cuda::staging::{Staging, StagingPool};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -80,6 +81,7 @@ impl DeviceOps for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Ints = CudaSlice<i32>;
     type Download = (Staging, usize);
+    type Pool = DevicePool;
 
     fn label(&self) -> String {
         self.gpu.name.clone()
@@ -124,19 +126,28 @@ impl DeviceOps for CudaBackend {
         device("a copy", self.gpu.stream.clone_dtod(x).map_err(copy_err))
     }
 
-    fn grow(&self, x: &CudaSlice<f32>, len: usize) -> CudaSlice<f32> {
-        let mut g = self.zeros(len);
-        let keep = x.len().min(len);
-        if keep > 0 {
-            device(
-                "growing the latent cache",
-                self.gpu
-                    .stream
-                    .memcpy_dtod(&x.slice(0..keep), &mut g.slice_mut(0..keep))
-                    .map_err(copy_err),
-            );
+    fn pool(&self, len: usize, bf16: bool) -> DevicePool {
+        if bf16 {
+            DevicePool::Bf16(device("a latent pool", self.gpu.zeros::<u16>("pool", len)))
+        } else {
+            DevicePool::F32(self.zeros(len))
         }
-        g
+    }
+
+    fn grow_pool(&self, pool: &DevicePool, len: usize) -> DevicePool {
+        let s = &self.gpu.stream;
+        let grown = self.pool(len, matches!(pool, DevicePool::Bf16(_)));
+        match (pool, grown) {
+            (DevicePool::F32(x), DevicePool::F32(mut g)) => {
+                keep_prefix(s, x, &mut g);
+                DevicePool::F32(g)
+            }
+            (DevicePool::Bf16(x), DevicePool::Bf16(mut g)) => {
+                keep_prefix(s, x, &mut g);
+                DevicePool::Bf16(g)
+            }
+            (_, g) => g,
+        }
     }
 
     fn take_rows(&self, x: &CudaSlice<f32>, rows: &[usize], width: usize) -> CudaSlice<f32> {
@@ -215,15 +226,19 @@ impl DeviceOps for CudaBackend {
 
     fn write_rows(
         &self,
-        pool: &mut CudaSlice<f32>,
+        pool: &mut DevicePool,
         rows: &CudaSlice<f32>,
         slots: &CudaSlice<i32>,
         width: usize,
     ) {
         let count = slots.len();
+        let g = &self.gpu;
         device(
             "writing the latent cache",
-            self.gpu.write_rows(pool, rows, slots, count, width),
+            match pool {
+                DevicePool::F32(p) => g.write_rows(p, rows, slots, count, width),
+                DevicePool::Bf16(p) => g.write_rows_bf16(p, rows, slots, count, width),
+            },
         );
     }
 
@@ -247,7 +262,7 @@ impl DeviceOps for CudaBackend {
     fn mla(
         &self,
         q: &CudaSlice<f32>,
-        pool: &CudaSlice<f32>,
+        pool: &DevicePool,
         b: &QueryBlocks<CudaSlice<i32>>,
         d: MlaDims,
         scale: f32,
@@ -264,6 +279,10 @@ impl DeviceOps for CudaBackend {
             block_size: b.block_size,
             max_blocks: b.max_blocks,
             scale,
+        };
+        let pool = match pool {
+            DevicePool::F32(p) => LatentPool::F32(p),
+            DevicePool::Bf16(p) => LatentPool::Bf16(p),
         };
         device(
             "mla_decode",
@@ -369,6 +388,24 @@ impl DeviceOps for CudaBackend {
             "scatter_add_rows",
             self.gpu
                 .scatter_add_rows(out, &d, &rows, &weights, m, hidden),
+        );
+    }
+}
+
+/// One layer's latent cache on the GPU.
+pub enum DevicePool {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// Copies `from` into the start of `to` (a grown pool keeps what it held).
+fn keep_prefix<T: DeviceRepr>(s: &Arc<CudaStream>, from: &CudaSlice<T>, to: &mut CudaSlice<T>) {
+    let keep = from.len().min(to.len());
+    if keep > 0 {
+        device(
+            "growing the latent cache",
+            s.memcpy_dtod(&from.slice(0..keep), &mut to.slice_mut(0..keep))
+                .map_err(copy_err),
         );
     }
 }
