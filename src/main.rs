@@ -130,8 +130,8 @@ struct BenchArgs {
     /// Compute backend (see `run --backend`; with --profile, the host's).
     #[arg(long, default_value = "cpu")]
     backend: String,
-    /// Engine benchmark: place the model for a hardware profile first (a one-GPU hybrid
-    /// profile benchmarks hybrid execution).
+    /// Engine benchmark: place the model for a hardware profile first (a GPU profile
+    /// benchmarks the resident pass its plan lays out: hybrid, pipelined or all-GPU).
     #[arg(long)]
     profile: Option<String>,
 }

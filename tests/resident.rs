@@ -209,3 +209,350 @@ fn paged_pair(
     let step = run(&[entry(&na, a.len()), entry(&nb, b.len())]);
     prefill.into_iter().chain(step).collect()
 }
+
+/// `n` stand-in devices, each a twin with its own log.
+fn twins(n: usize) -> Vec<Arc<TwinOps>> {
+    (0..n).map(|_| Arc::new(TwinOps::new(exact()))).collect()
+}
+
+/// The b200x8 plan (all-GPU, data-parallel attention) applied to a fixture's model.
+fn on_b200x8(name: &str) -> (Model, kimi_hybrid::placement::Plan) {
+    use kimi_hybrid::placement::{plan, ModelDesc, Profile};
+    let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+    let profile = Profile::resolve("b200x8").expect("profile");
+    let p = plan(
+        &ModelDesc::from_checkpoint(&ckpt),
+        &profile,
+        &profile.workload,
+        None,
+    );
+    assert!(p.feasible, "{name}: {:?}", p.problems);
+    assert_eq!(p.layout, "all-gpu");
+    assert_eq!(p.workload.attention.as_deref(), Some("dp"));
+    let mut model = Model::load(&ckpt).expect("model");
+    model.apply_plan(&p);
+    (model, p)
+}
+
+/// Data-parallel attention and expert-parallel experts over eight stand-in devices:
+/// three sequences through a pool split into one partition per device (each sequence's
+/// blocks in one), prefilled together and decoded for two steps, against each sequence
+/// alone on one device. Every device's experts are the ones the plan gave it, and the
+/// sequences' attention ran on different devices.
+#[test]
+fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
+    let cpu = exact();
+    for name in FIXTURES {
+        let (model, p) = on_b200x8(name);
+        let g = golden(name);
+        let prompts: Vec<Vec<u32>> = vec![
+            g.prompt_ids.clone(),
+            g.prompt_ids.iter().rev().copied().collect(),
+            g.prompt_ids[..g.prompt_ids.len() / 2].to_vec(),
+        ];
+        let devices = twins(p.gpus.len());
+        let backend = ResidentBackend::new(
+            cpu.clone(),
+            Box::new(Resident::on_devices(devices.clone(), None, None)),
+        );
+        assert_eq!(backend.kv_partitions(), 8);
+        let cfg = &model.config;
+        let block = 4;
+        let mut pool = KvPool::new(
+            8 * 24,
+            block,
+            cfg.latent_cache_width(),
+            cfg.num_hidden_layers,
+        );
+        assert!(pool.set_partitions(8));
+        // Sequences in partitions 5, 2 and 7.
+        let tables: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip([5usize, 2, 7])
+            .map(|(prompt, part)| {
+                (0..prompt.len() / block + 2)
+                    .map(|_| pool.allocate_in(part).expect("block"))
+                    .collect()
+            })
+            .collect();
+        let mut store = PagedBatch {
+            pool: &mut pool,
+            tables: tables.iter().map(Vec::as_slice).collect(),
+        };
+        let mut last: Vec<Vec<f32>> = Vec::new();
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+        for step in 0..3 {
+            let next: Vec<[u32; 1]> = last.iter().map(|l| [argmax(l)]).collect();
+            let batch: Vec<BatchEntry> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, prompt)| BatchEntry {
+                    tokens: if step == 0 { prompt } else { &next[i] },
+                    start: if step == 0 {
+                        0
+                    } else {
+                        prompt.len() + step - 1
+                    },
+                    logits: Some(Logits::Last),
+                })
+                .collect();
+            last = model
+                .forward_batch(
+                    &backend,
+                    &batch,
+                    &mut store,
+                    AttentionForm::Auto,
+                    &mut |_, _| {},
+                )
+                .expect("forward")
+                .into_iter()
+                .map(|l| l.expect("logits"))
+                .collect();
+            for (i, l) in last.iter().enumerate() {
+                got[i].push(l.clone());
+            }
+        }
+        let vocab = cfg.vocab_size;
+        let mut worst = 0.0f32;
+        for (prompt, got) in prompts.iter().zip(&got) {
+            let alone = prefill_and_three_steps(&model, cpu.as_ref(), prompt);
+            let at = alone.len() - 4 * vocab;
+            for (k, l) in got.iter().enumerate() {
+                worst = worst.max(max_abs_diff(
+                    l,
+                    &alone[at + k * vocab..at + (k + 1) * vocab],
+                ));
+            }
+        }
+        let mut attended = 0;
+        let mut computed = 0;
+        for (index, d) in devices.iter().enumerate() {
+            let log = d.log();
+            attended += usize::from(log.queries > 0);
+            computed += usize::from(!log.experts.is_empty());
+            for &(l, e) in &log.experts {
+                let placed = match &model.layers[l].ffn {
+                    kimi_hybrid::model::Ffn::Moe(m) => m.experts[e].gpu,
+                    kimi_hybrid::model::Ffn::Dense(_) => None,
+                };
+                assert_eq!(
+                    placed,
+                    Some(index),
+                    "{name}: expert ({l}, {e}) ran off its device"
+                );
+            }
+        }
+        println!(
+            "{name}: 3 sequences over 8 devices (attention on {attended}, experts on {computed}); vs alone {worst:.1e}"
+        );
+        assert_eq!(attended, 3, "{name}");
+        assert!(computed > 1, "{name}");
+        assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
+    }
+}
+
+/// Hybrid over two devices: routed experts spread over both devices and host RAM.
+#[test]
+fn hybrid_pass_over_two_devices_matches_cpu() {
+    let cpu = exact();
+    for name in ["kimi-int4", "deepseek-groups", "fp8-block"] {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = half_on_gpu(&ckpt);
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
+        model.apply_plan(&p);
+        // Every other device expert moves to the second device.
+        let mut moved = 0;
+        for layer in model.layers.iter_mut() {
+            if let kimi_hybrid::model::Ffn::Moe(m) = &mut layer.ffn {
+                for f in m.experts.iter_mut().filter(|f| f.gpu.is_some()) {
+                    moved += 1;
+                    f.gpu = Some(moved % 2);
+                }
+            }
+        }
+        let devices = twins(2);
+        let backend = ResidentBackend::new(
+            cpu.clone(),
+            Box::new(Resident::on_devices(
+                devices.clone(),
+                Some(cpu.clone()),
+                None,
+            )),
+        );
+        let got = prefill_and_three_steps(&model, &backend, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        let busy = devices
+            .iter()
+            .filter(|d| !d.log().experts.is_empty())
+            .count();
+        println!("{name}: hybrid over 2 devices and the host, vs CPU {diff:.1e}");
+        assert_eq!(busy, 2, "{name}");
+        assert!(diff <= FORM_TOLERANCE, "{name}: {diff}");
+    }
+}
+
+/// The engine over a data-parallel pass on three stand-in devices: its pool splits into
+/// three partitions, concurrent requests land on different devices, and every request
+/// generates the tokens the one-device engine generates.
+#[test]
+fn engine_over_three_devices_generates_what_one_device_does() {
+    use kimi_hybrid::engine::sampling::SamplingConfig;
+    use kimi_hybrid::engine::{self, EngineConfig, Event, GenRequest};
+    use kimi_hybrid::tokenizer::Tokenizer;
+    let name = "kimi-int4";
+    let g = golden(name);
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|k| {
+            let mut p = g.prompt_ids.clone();
+            p.rotate_left(k * 3);
+            p
+        })
+        .collect();
+    let generate = |backend: Box<dyn Backend>, model: Model| -> (Vec<Vec<u32>>, usize) {
+        let config = EngineConfig {
+            max_num_seqs: 8,
+            max_waiting: 16,
+            max_model_len: 256,
+            block_size: 16,
+            kv_blocks: 48,
+            max_batch_tokens: 512,
+            prefix_caching: true,
+            kv_dtype: KvDtype::Bf16,
+        };
+        let tokenizer = Tokenizer::from_dir(&fixture(name)).expect("tokenizer");
+        let h = engine::start(model, backend, Arc::new(tokenizer), config).expect("engine");
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                h.submit(GenRequest {
+                    prompt: p.clone(),
+                    sampling: SamplingConfig {
+                        temperature: 0.0,
+                        ..SamplingConfig::default()
+                    },
+                    max_tokens: 6,
+                    stop: Vec::new(),
+                    stop_token_ids: Vec::new(),
+                    ignore_eos: true,
+                    skip_special_tokens: false,
+                    prompt_logprobs: None,
+                    forced: None,
+                    events: tx,
+                })
+                .expect("submitted");
+                rx
+            })
+            .collect();
+        let ids = receivers
+            .into_iter()
+            .map(|mut rx| {
+                let mut ids = Vec::new();
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { id, .. } => ids.push(id),
+                        Event::Finished { .. } => break,
+                        Event::Error(e) => panic!("engine error: {e}"),
+                        Event::PromptLogprobs(_) => {}
+                    }
+                }
+                ids
+            })
+            .collect();
+        (
+            ids,
+            h.stats
+                .kv_blocks_total
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
+    };
+    let (model, _) = on_b200x8(name);
+    let (want, _) = generate(by_name("cpu-f32").expect("cpu"), model);
+    let devices = twins(3);
+    let backend = ResidentBackend::new(
+        exact(),
+        Box::new(Resident::on_devices(devices.clone(), None, None)),
+    );
+    let (model, _) = on_b200x8(name);
+    let (got, blocks) = generate(Box::new(backend), model);
+    let attended = devices.iter().filter(|d| d.log().queries > 0).count();
+    println!("engine over 3 devices: attention on {attended}; {got:?}");
+    assert_eq!(blocks, 48);
+    assert!(attended >= 2, "requests did not spread over the devices");
+    assert_eq!(got, want);
+}
+
+/// A hybrid plan over two GPUs: each GPU runs a contiguous range of layers (their
+/// attention, latent cache, shared experts and hot experts), the host the cold experts.
+fn hybrid_on_two_gpus(ckpt: &Checkpoint) -> kimi_hybrid::placement::Plan {
+    use kimi_hybrid::placement::profile::Layout;
+    use kimi_hybrid::placement::{plan, ModelDesc, Profile};
+    let desc = ModelDesc::from_checkpoint(ckpt);
+    let mut profile = Profile::resolve("2xRTX6000Pro+768GB").expect("profile");
+    profile.layout = Layout::Hybrid;
+    profile.reserves.gpu_context_gib = 0.0;
+    profile.reserves.gpu_workspace_gib = 0.0;
+    profile.workload.context = 64;
+    profile.workload.concurrency = 1;
+    let probe = plan(&desc, &profile, &profile.workload, None);
+    let non_expert = probe.model.non_expert_bytes as f64;
+    let kv = (probe.model.kv_bytes_per_token * 64) as f64;
+    let experts = probe.model.routed_expert_bytes as f64;
+    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / 2.0 / (1u64 << 30) as f64;
+    plan(&desc, &profile, &profile.workload, None)
+}
+
+/// Layer-pipelined hybrid over two stand-in GPUs: logits equal the CPU-only run, each
+/// device ran attention and the experts of its own layers only, and the host hand-off
+/// moves the planner's bytes per token.
+#[test]
+fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
+    let cpu = exact();
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let p = hybrid_on_two_gpus(&ckpt);
+        assert!(p.feasible, "{name}: {:?}", p.problems);
+        assert_eq!((p.layout.as_str(), p.gpus.len()), ("hybrid", 2), "{name}");
+        let mut model = Model::load(&ckpt).expect("model");
+        let g = golden(name);
+        let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
+        let (on_gpu, on_host) = model.apply_plan(&p);
+        let layer_devices = kimi_hybrid::resident::layer_devices(&p, model.layers.len());
+        let devices = twins(2);
+        let sim = Arc::new(SimDevice::new("sim", u64::MAX).expect("device"));
+        let backend = ResidentBackend::new(
+            cpu.clone(),
+            Box::new(Resident::pipeline(
+                devices.clone(),
+                layer_devices.clone(),
+                Some(cpu.clone()),
+                Some(sim.clone()),
+            )),
+        );
+        let got = prefill_and_three_steps(&model, &backend, &g.prompt_ids);
+        let diff = max_abs_diff(&got, &want);
+        let tokens = (g.prompt_ids.len() + 3) as u64;
+        let moved = sim.transfers().total();
+        for (index, d) in devices.iter().enumerate() {
+            let log = d.log();
+            assert!(log.queries > 0, "{name}: device {index} ran no attention");
+            for &(l, _) in &log.experts {
+                assert_eq!(
+                    layer_devices[l], index,
+                    "{name}: layer {l}'s expert ran off its device"
+                );
+            }
+        }
+        println!(
+            "{name}: layers {:?} over 2 devices, {on_gpu} experts on them, {on_host} on the host; vs CPU {diff:.1e}; {} B/token handed off (plan: {})",
+            p.gpus.iter().map(|g| g.layers).collect::<Vec<_>>(),
+            moved / tokens,
+            p.estimate.handoff_bytes_per_token
+        );
+        assert!(diff <= FORM_TOLERANCE, "{name}: {diff}");
+        assert_eq!(moved / tokens, p.estimate.handoff_bytes_per_token, "{name}");
+        assert_eq!(moved % tokens, 0, "{name}");
+    }
+}

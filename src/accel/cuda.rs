@@ -1,10 +1,16 @@
-//! Execution on real GPUs: the hybrid backend a one-GPU plan runs on, and the
-//! expert-parallel backend of an all-GPU plan.
+//! Execution on real GPUs: the backend each plan layout runs on, its weights uploaded
+//! and checked against each GPU's memory first.
 //!
-//! A GPU's queue, memory budget and transfer accounting are the simulated device's
-//! ([`SimDevice`]: its in-order worker thread is where the device's work issues its CUDA
-//! calls, so the host computes its experts while the GPU works), with the GPU's free
-//! memory as the budget; the device's work runs through the CUDA backend.
+//! - one GPU, all-GPU plan: [`resident_on_gpu`];
+//! - one GPU, hybrid plan: [`hybrid_on_gpu`];
+//! - several GPUs, all-GPU plan with data-parallel attention: [`data_parallel_on_gpus`];
+//! - several GPUs, hybrid plan (layer ranges per GPU): [`pipeline_on_gpus`];
+//! - several GPUs, tensor-parallel all-GPU plan: [`expert_parallel_on_gpus`] (per
+//!   operation, attention on the first GPU).
+//!
+//! The model's passes run resident on the GPUs ([`crate::resident`]); the per-operation
+//! backends serve every other caller. Hand-off bytes are counted on a [`SimDevice`] with
+//! the GPU's free memory as its budget.
 
 use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
@@ -65,6 +71,86 @@ pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<R
         gpu.gpu().name
     );
     Ok(CudaBackend::resident(gpu))
+}
+
+/// The backend an all-GPU plan with data-parallel attention over several GPUs runs on
+/// ([`Resident::on_devices`]): every GPU holds the attention, dense and shared-expert
+/// weights, the router and the lm_head (it runs its own sequences end to end) and the
+/// routed experts the plan gave it; each MoE layer exchanges hidden states between them.
+pub fn data_parallel_on_gpus(
+    model: &Model,
+    gpus: Vec<Arc<CudaBackend>>,
+) -> anyhow::Result<ResidentBackend> {
+    for (g, gpu) in gpus.iter().enumerate() {
+        let bytes = gpu
+            .preload(&device_matrices(model, |e| e.gpu == Some(g)))
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        report(
+            g,
+            gpu,
+            bytes,
+            "data-parallel attention, expert-parallel experts",
+        );
+    }
+    let per_op: Arc<dyn Backend> = gpus
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
+    let whole = Resident::on_devices(gpus, None, None);
+    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+}
+
+/// The backend a hybrid plan over several GPUs runs on ([`Resident::pipeline`]): GPU g
+/// holds the attention, dense and shared-expert weights and routers of the layers the
+/// plan gives it, and their hot experts (the last also the lm_head); the other routed
+/// experts run on `host`, handed off from the GPU of their layer.
+pub fn pipeline_on_gpus(
+    model: &Model,
+    plan: &Plan,
+    gpus: Vec<Arc<CudaBackend>>,
+    host: Arc<dyn Backend>,
+) -> anyhow::Result<ResidentBackend> {
+    let layer_devices = crate::resident::layer_devices(plan, model.layers.len());
+    let last = layer_devices.last().copied().unwrap_or(0);
+    for (g, gpu) in gpus.iter().enumerate() {
+        let mut weights: Vec<&LinearWeight> = layer_devices
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| d == g)
+            .flat_map(|(l, _)| model.layer_matrices(l))
+            .collect();
+        if g == last {
+            weights.push(&model.lm_head);
+        }
+        weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
+        let bytes = gpu
+            .preload(&weights)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        report(
+            g,
+            gpu,
+            bytes,
+            "its layers, the other routed experts in host RAM",
+        );
+    }
+    let first = gpus
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
+    let accel = Arc::new(SimDevice::new(
+        &first.gpu().name,
+        first.gpu().free_bytes as u64,
+    )?);
+    let per_op: Arc<dyn Backend> = first.clone();
+    let whole = Resident::pipeline(gpus, layer_devices, Some(host), Some(accel));
+    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+}
+
+fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {
+    eprintln!(
+        "GPU {g} ({}): {:.2} GiB of weights ({what})",
+        gpu.gpu().name,
+        bytes as f64 / (1u64 << 30) as f64
+    );
 }
 
 /// The backend an all-GPU plan over `gpus.len()` GPUs runs on (see

@@ -99,6 +99,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Into how many partitions a paged latent store should split its blocks: the
+    /// devices that each keep their own sequences' latents.
+    fn kv_partitions(&self) -> usize {
+        self.whole_forward().map_or(1, |w| w.devices())
+    }
+
     /// Causal attention: query i (absolute position `positions[i]`) attends to keys
     /// `0..=positions[i]`. `q` is [n, heads, qk_dim], `out` is [n, heads, v_dim]; softmax
     /// in f32.

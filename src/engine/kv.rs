@@ -75,10 +75,12 @@ pub struct KvPool {
     width: usize,
     layers: Vec<LayerStore>,
     meta: Vec<BlockMeta>,
-    /// Blocks with no contents worth keeping.
-    free: Vec<u32>,
+    /// Blocks with no contents worth keeping, per partition (block id mod partitions).
+    free: Vec<Vec<u32>>,
     /// Unreferenced blocks that hold a cached prefix, by (last use, id).
     evictable: BTreeSet<(u64, u32)>,
+    /// Evictable blocks per partition.
+    evictable_in: Vec<usize>,
     cached: FxHashMap<BlockKey, u32>,
     tick: u64,
 }
@@ -107,8 +109,9 @@ impl KvPool {
                 })
                 .collect(),
             meta: vec![BlockMeta::default(); blocks],
-            free: (0..blocks as u32).rev().collect(),
+            free: vec![(0..blocks as u32).rev().collect()],
             evictable: BTreeSet::new(),
+            evictable_in: vec![0],
             cached: FxHashMap::default(),
             tick: 0,
         }
@@ -122,9 +125,49 @@ impl KvPool {
         self.meta.len()
     }
 
+    /// Splits the blocks into `n` partitions (block id mod `n`), one per device of a pass
+    /// that keeps each sequence's latents on one device. Only while no block is in use
+    /// (at start-up); returns whether it took effect.
+    pub fn set_partitions(&mut self, n: usize) -> bool {
+        let n = n.max(1);
+        if self.used() != 0 || !self.evictable.is_empty() {
+            return false;
+        }
+        self.free = (0..n)
+            .map(|p| {
+                (0..self.meta.len() as u32)
+                    .rev()
+                    .filter(|b| *b as usize % n == p)
+                    .collect()
+            })
+            .collect();
+        self.evictable_in = vec![0; n];
+        true
+    }
+
+    pub fn partitions(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn partition_of(&self, block: u32) -> usize {
+        block as usize % self.partitions()
+    }
+
     /// Blocks that can be handed out now (free or evictable).
     pub fn available(&self) -> usize {
-        self.free.len() + self.evictable.len()
+        self.free.iter().map(Vec::len).sum::<usize>() + self.evictable.len()
+    }
+
+    /// Blocks of partition `p` that can be handed out now.
+    pub fn available_in(&self, p: usize) -> usize {
+        self.free.get(p).map_or(0, Vec::len) + self.evictable_in.get(p).copied().unwrap_or(0)
+    }
+
+    /// The partition with the most blocks to hand out (where a new sequence goes).
+    pub fn roomiest_partition(&self) -> usize {
+        (0..self.partitions())
+            .max_by_key(|&p| (self.available_in(p), std::cmp::Reverse(p)))
+            .unwrap_or(0)
     }
 
     /// Blocks referenced by some sequence.
@@ -158,19 +201,31 @@ impl KvPool {
 
     fn retain(&mut self, b: u32) {
         let m = &mut self.meta[b as usize];
-        if m.refs == 0 {
-            self.evictable.remove(&(m.last_use, b));
+        if m.refs == 0 && self.evictable.remove(&(m.last_use, b)) {
+            let p = b as usize % self.free.len();
+            self.evictable_in[p] -= 1;
         }
         m.refs += 1;
     }
 
     /// A fresh block, evicting the least recently used cached one if none is free.
     pub fn allocate(&mut self) -> Option<u32> {
-        let b = match self.free.pop() {
+        self.allocate_in(self.roomiest_partition())
+    }
+
+    /// A fresh block of partition `p`, evicting that partition's least recently used
+    /// cached block if none is free.
+    pub fn allocate_in(&mut self, p: usize) -> Option<u32> {
+        let parts = self.free.len();
+        let b = match self.free.get_mut(p)?.pop() {
             Some(b) => b,
             None => {
-                let (tick, b) = self.evictable.pop_first()?;
-                debug_assert_eq!(tick, self.meta[b as usize].last_use);
+                let &(tick, b) = self
+                    .evictable
+                    .iter()
+                    .find(|(_, b)| *b as usize % parts == p)?;
+                self.evictable.remove(&(tick, b));
+                self.evictable_in[p] -= 1;
                 if let Some(key) = self.meta[b as usize].key.take() {
                     self.cached.remove(&key);
                 }
@@ -192,10 +247,12 @@ impl KvPool {
                 continue;
             }
             m.last_use = tick;
+            let p = b as usize % self.free.len();
             if m.key.is_some() {
                 self.evictable.insert((tick, b));
+                self.evictable_in[p] += 1;
             } else {
-                self.free.push(b);
+                self.free[p].push(b);
             }
         }
     }
@@ -260,6 +317,10 @@ impl LatentStore for PagedBatch<'_> {
                 }
             }
         }
+    }
+
+    fn partitions(&self) -> usize {
+        self.pool.partitions()
     }
 
     fn bf16_latents(&self) -> bool {
@@ -353,5 +414,37 @@ mod tests {
         assert_eq!(all.len(), 4);
         assert!(pool.allocate().is_none());
         assert!(pool.match_prefix(&prompt, 4).is_empty());
+    }
+
+    #[test]
+    fn partitions_keep_their_own_blocks_and_evict_within_themselves() {
+        let mut pool = KvPool::new(9, 2, 1, 1);
+        assert!(pool.set_partitions(3));
+        assert_eq!((pool.partitions(), pool.available_in(1)), (3, 3));
+        let a: Vec<u32> = (0..3).map(|_| pool.allocate_in(1).unwrap()).collect();
+        assert!(a.iter().all(|&b| pool.partition_of(b) == 1));
+        assert!(pool.allocate_in(1).is_none(), "partition 1 is full");
+        assert_eq!(pool.available(), 6);
+        // Cached blocks of partition 1 are evicted only for partition 1.
+        let mut hashes = Vec::new();
+        pool.register_full_blocks(&[1, 2, 3, 4, 5, 6], &a, 6, &mut hashes);
+        pool.release(&a);
+        assert_eq!((pool.available_in(1), pool.available_in(0)), (3, 3));
+        let hit = pool.match_prefix(&[1, 2, 3, 4, 5, 6, 7], 6);
+        assert_eq!(hit, a);
+        pool.release(&hit);
+        let zero: Vec<u32> = (0..3).map(|_| pool.allocate_in(0).unwrap()).collect();
+        assert!(zero.iter().all(|&b| pool.partition_of(b) == 0));
+        assert_eq!(
+            pool.match_prefix(&[1, 2, 3, 4, 5, 6, 7], 6),
+            a,
+            "still cached"
+        );
+        pool.release(&a);
+        let b = pool.allocate_in(1).unwrap();
+        assert_eq!(pool.partition_of(b), 1);
+        assert_eq!(pool.roomiest_partition(), 2);
+        // Only an idle pool can be re-partitioned.
+        assert!(!pool.set_partitions(2));
     }
 }

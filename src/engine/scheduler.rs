@@ -63,13 +63,15 @@ impl Scheduler {
         config: Arc<EngineConfig>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        let pool = KvPool::with_dtype(
+        let mut pool = KvPool::with_dtype(
             config.kv_blocks,
             config.block_size,
             model.config.latent_cache_width(),
             model.config.num_hidden_layers,
             config.kv_dtype,
         );
+        // One partition per device whose latents the backend keeps apart.
+        pool.set_partitions(backend.kv_partitions());
         stats
             .kv_blocks_total
             .store(pool.total_blocks(), Ordering::SeqCst);
@@ -180,9 +182,21 @@ impl Scheduler {
                 Vec::new()
             };
             let needed = self.pool.blocks_for(len) - reusable.len();
+            // A sequence's blocks all come from one partition of the pool (one device's
+            // latents): its cached prefix's, or the roomiest.
+            let part = match reusable.first() {
+                Some(&b) => self.pool.partition_of(b),
+                None => self.pool.roomiest_partition(),
+            };
+            let available = self.pool.available_in(part);
             // Keep one block per running sequence free for its next decode step.
-            let reserve = self.running.len().min(self.pool.available());
-            if needed + reserve > self.pool.available() && !self.running.is_empty() {
+            let sharing = self
+                .running
+                .iter()
+                .filter(|s| s.table.first().map(|&b| self.pool.partition_of(b)) == Some(part))
+                .count();
+            let reserve = sharing.min(available);
+            if needed + reserve > available && !self.running.is_empty() {
                 self.pool.release(&reusable);
                 self.waiting.push_front(seq);
                 break;
@@ -190,7 +204,7 @@ impl Scheduler {
             let mut table = reusable;
             let reused = table.len() * self.pool.block_size();
             while table.len() < self.pool.blocks_for(len) {
-                match self.pool.allocate() {
+                match self.pool.allocate_in(part) {
                     Some(b) => table.push(b),
                     None => break,
                 }
@@ -200,9 +214,14 @@ impl Scheduler {
                 self.pool.release(&table);
                 self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
                 let _ = seq.req.events.send(Event::Error(format!(
-                    "the prompt needs {} KV blocks but the cache has {}",
+                    "the prompt needs {} KV blocks but the cache has {}{}",
                     self.pool.blocks_for(len),
-                    self.pool.total_blocks()
+                    self.pool.total_blocks() / self.pool.partitions(),
+                    if self.pool.partitions() > 1 {
+                        " per device"
+                    } else {
+                        ""
+                    }
                 )));
                 continue;
             }
@@ -247,8 +266,12 @@ impl Scheduler {
             let mut short = false;
             for (s, &c) in self.running.iter_mut().zip(&counts) {
                 let need = self.pool.blocks_for(s.computed + c);
+                let part = s.table.first().map_or_else(
+                    || self.pool.roomiest_partition(),
+                    |&b| self.pool.partition_of(b),
+                );
                 while s.table.len() < need {
-                    match self.pool.allocate() {
+                    match self.pool.allocate_in(part) {
                         Some(b) => s.table.push(b),
                         None => break,
                     }

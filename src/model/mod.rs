@@ -120,6 +120,12 @@ pub trait LatentStore {
     fn bf16_latents(&self) -> bool {
         false
     }
+    /// Into how many partitions the store's blocks fall (block id mod partitions); every
+    /// sequence's blocks lie in one, so a pass over several devices can keep each
+    /// sequence's latents on one device.
+    fn partitions(&self) -> usize {
+        1
+    }
 }
 
 /// Block size of a contiguous [`KvCache`] seen as a paged one.
@@ -188,19 +194,30 @@ impl Model {
     /// the embedding table not: it is gathered, not multiplied).
     pub fn non_expert_matrices(&self) -> Vec<&LinearWeight> {
         let mut out = vec![&self.lm_head];
-        for layer in &self.layers {
-            let a = &layer.attn;
-            match &a.q {
-                QueryProj::LowRank { a, b, .. } => out.extend([a, b]),
-                QueryProj::Full(w) => out.push(w),
-            }
-            out.extend([&a.kv_a, &a.kv_b, &a.o]);
-            match &layer.ffn {
-                Ffn::Dense(f) => out.extend(f.matrices()),
-                Ffn::Moe(moe) => {
-                    out.push(&moe.router);
-                    out.extend(moe.shared.iter().flat_map(FfnWeights::matrices));
-                }
+        for l in 0..self.layers.len() {
+            out.extend(self.layer_matrices(l));
+        }
+        out
+    }
+
+    /// Decoder layer `l`'s matrices outside its routed experts: attention, and the
+    /// dense MLP or the router and shared experts.
+    pub fn layer_matrices(&self, l: usize) -> Vec<&LinearWeight> {
+        let Some(layer) = self.layers.get(l) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let a = &layer.attn;
+        match &a.q {
+            QueryProj::LowRank { a, b, .. } => out.extend([a, b]),
+            QueryProj::Full(w) => out.push(w),
+        }
+        out.extend([&a.kv_a, &a.kv_b, &a.o]);
+        match &layer.ffn {
+            Ffn::Dense(f) => out.extend(f.matrices()),
+            Ffn::Moe(moe) => {
+                out.push(&moe.router);
+                out.extend(moe.shared.iter().flat_map(FfnWeights::matrices));
             }
         }
         out

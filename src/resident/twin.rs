@@ -8,7 +8,7 @@ use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayo
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
 use crate::weights::LinearWeight;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A latent cache pool on the host: BF16 pools hold values rounded to BF16 (the numbers
 /// a BF16 store reads back).
@@ -19,11 +19,32 @@ pub struct TwinPool {
 
 pub struct TwinOps {
     backend: Arc<dyn Backend>,
+    log: Mutex<TwinLog>,
+}
+
+/// What a twin device computed: tests check that work ran where the plan put it.
+#[derive(Debug, Clone, Default)]
+pub struct TwinLog {
+    /// Attention queries (one per token of a pass on this device).
+    pub queries: usize,
+    /// Routed experts computed, as (layer, expert).
+    pub experts: Vec<(usize, usize)>,
 }
 
 impl TwinOps {
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        TwinOps { backend }
+        TwinOps {
+            backend,
+            log: Mutex::new(TwinLog::default()),
+        }
+    }
+
+    pub fn log(&self) -> TwinLog {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, f: impl FnOnce(&mut TwinLog)) {
+        f(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
@@ -185,6 +206,7 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         scale: f32,
     ) -> Vec<f32> {
+        self.record(|l| l.queries += blocks.queries);
         let (width, bs) = (d.width(), blocks.block_size);
         let mut out = vec![0.0f32; blocks.queries * d.heads * d.latent];
         for i in 0..blocks.queries {
@@ -263,6 +285,9 @@ impl DeviceOps for TwinOps {
         tokens: &[(usize, f32)],
         out: &mut Vec<f32>,
     ) {
+        if let Some(e) = ffn.expert {
+            self.record(|l| l.experts.push(e));
+        }
         self.backend.ffn_accumulate(ffn, x, tokens, out);
     }
 }

@@ -4,7 +4,10 @@
 
 use super::metrics::Metrics;
 use super::{AppState, Shared};
-use crate::accel::cuda::{expert_parallel_on_gpus, hybrid_on_gpu, resident_on_gpu};
+use crate::accel::cuda::{
+    data_parallel_on_gpus, expert_parallel_on_gpus, hybrid_on_gpu, pipeline_on_gpus,
+    resident_on_gpu,
+};
 use crate::backend::{Backend, CudaBackend};
 use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
@@ -68,35 +71,30 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// The backend to run on: expert-parallel over the GPUs for an all-GPU plan, the
-    /// hybrid GPU + host backend for a one-GPU hybrid plan (`host` computing the experts
-    /// left in host RAM), else `host` alone.
+    /// The backend to run on, the model's passes resident on the GPUs: an all-GPU plan
+    /// on one GPU runs there whole; over several, with data-parallel attention, each GPU
+    /// runs its own sequences and the experts the plan gave it (tensor-parallel plans run
+    /// the per-operation expert-parallel backend); a hybrid plan runs its layers on its
+    /// GPU(s), pipelined when there are several, with `host` computing the experts left
+    /// in host RAM. Without a plan or GPUs, `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
         let host = crate::backend::by_name(host).map_err(anyhow::Error::msg)?;
         let Some(plan) = self.plan.as_ref().filter(|_| !self.gpus.is_empty()) else {
             return Ok(host);
         };
-        if plan.layout == "all-gpu" && self.gpus.len() == 1 {
-            return Ok(Box::new(resident_on_gpu(model, self.gpus[0].clone())?));
-        }
-        if plan.layout == "all-gpu" {
-            return Ok(Box::new(expert_parallel_on_gpus(model, self.gpus.clone())?));
-        }
-        if self.gpus.len() > 1 {
-            bail!(
-                "the plan for {} is a hybrid plan over {} GPUs; this build runs hybrid plans \
-                 on one GPU (with host RAM) and all-GPU plans on several. Use a one-GPU \
-                 hybrid profile such as 1xH100+512GB.",
-                plan.profile,
-                self.gpus.len()
-            );
-        }
-        Ok(Box::new(hybrid_on_gpu(
-            model,
-            plan,
-            self.gpus[0].clone(),
-            Arc::from(host),
-        )?))
+        let data_parallel = plan.workload.attention.as_deref() == Some("dp");
+        let host: Arc<dyn Backend> = Arc::from(host);
+        Ok(match (plan.layout.as_str(), self.gpus.len()) {
+            ("all-gpu", 1) => Box::new(resident_on_gpu(model, self.gpus[0].clone())?),
+            ("all-gpu", _) if data_parallel => {
+                Box::new(data_parallel_on_gpus(model, self.gpus.clone())?)
+            }
+            // Tensor-parallel attention is not built: attention runs on the first GPU,
+            // dense work split by tokens, experts on their GPUs.
+            ("all-gpu", _) => Box::new(expert_parallel_on_gpus(model, self.gpus.clone())?),
+            (_, 1) => Box::new(hybrid_on_gpu(model, plan, self.gpus[0].clone(), host)?),
+            _ => Box::new(pipeline_on_gpus(model, plan, self.gpus.clone(), host)?),
+        })
     }
 }
 

@@ -1,0 +1,757 @@
+//! The resident pass itself, over one device or several.
+//!
+//! One device: every token's attention, dense layers, shared experts and the device's
+//! routed experts run there; in hybrid mode the host computes the experts in its RAM
+//! from a hand-off of each MoE layer's hidden states (see [`Resident::moe_one_device`]).
+//!
+//! Several devices (all-GPU plans with data-parallel attention): each sequence lives on
+//! one device, chosen by the partition of the engine's block pool its blocks come from,
+//! so its latents never move; attention, dense layers, shared experts and routers run
+//! on the device of each sequence, and every routed expert runs on the device its plan
+//! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
+
+use super::exchange::{exchange_experts, Owner};
+use super::{DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout, WholeForward};
+use crate::accel::sim::SimDevice;
+use crate::accel::{launch, Accelerator, Pending};
+use crate::backend::{Backend, FfnWeights};
+use crate::model::{
+    BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj, RouteObserver,
+};
+use std::sync::{Arc, Mutex};
+
+/// The small per-layer tensors, uploaded once per model.
+struct LayerTensors<B> {
+    input_norm: B,
+    post_attn_norm: B,
+    q_a_norm: Option<B>,
+    kv_a_norm: B,
+    correction_bias: Option<B>,
+}
+
+/// What one device holds for one model: its small tensors and the latent cache pools,
+/// one `[blocks, block_size, width]` buffer per layer.
+pub(super) struct Prepared<O: DeviceOps> {
+    model_id: (usize, usize),
+    layers: Vec<LayerTensors<O::Buf>>,
+    final_norm: O::Buf,
+    rope: DeviceRope<O::Buf>,
+    pools: Vec<O::Pool>,
+    pool_blocks: usize,
+    block_size: usize,
+    pool_bf16: bool,
+}
+
+impl<O: DeviceOps> Prepared<O> {
+    pub(super) fn correction_bias(&self, layer: usize) -> Option<&O::Buf> {
+        self.layers[layer].correction_bias.as_ref()
+    }
+}
+
+/// The resident forward pass over one or more devices. With `host` (hybrid mode), routed
+/// experts without a GPU in the plan run on `host` from host RAM; otherwise every expert
+/// runs on a device (the one its plan names, or the first).
+pub struct Resident<O: DeviceOps> {
+    devices: Vec<Arc<O>>,
+    host: Option<Arc<dyn Backend>>,
+    /// Where the hand-off bytes are counted (the planner's `handoff_bytes_per_token`).
+    accounting: Option<Arc<dyn Accelerator>>,
+    /// The in-order host thread deferred experts run on (hybrid mode).
+    host_worker: Option<Arc<SimDevice>>,
+    /// Pipeline layout: the device of each decoder layer (hybrid plans over several
+    /// GPUs give each GPU a contiguous range of layers).
+    layer_devices: Option<Vec<usize>>,
+    state: Mutex<Option<Vec<Prepared<O>>>>,
+}
+
+/// One entry's tokens within its device's share of the pass.
+#[derive(Clone, Copy)]
+struct Span {
+    first: usize,
+    len: usize,
+}
+
+/// The entries of a pass that run on one device, and their layout there.
+pub(super) struct Group<O: DeviceOps> {
+    pub(super) device: usize,
+    entries: Vec<usize>,
+    spans: Vec<Span>,
+    pub(super) tokens: usize,
+    positions: O::Ints,
+    slots: O::Ints,
+    blocks: QueryBlocks<O::Ints>,
+}
+
+impl<O: DeviceOps> Resident<O> {
+    /// On one device.
+    pub fn new(
+        ops: Arc<O>,
+        host: Option<Arc<dyn Backend>>,
+        accounting: Option<Arc<dyn Accelerator>>,
+    ) -> Self {
+        Self::on_devices(vec![ops], host, accounting)
+    }
+
+    /// On several devices (data-parallel attention, experts on their plan's device);
+    /// `host` computes the experts the plan leaves in host RAM.
+    pub fn on_devices(
+        devices: Vec<Arc<O>>,
+        host: Option<Arc<dyn Backend>>,
+        accounting: Option<Arc<dyn Accelerator>>,
+    ) -> Self {
+        // Without a thread for deferred experts they are computed in line (same numbers).
+        let host_worker = host
+            .as_ref()
+            .and_then(|_| SimDevice::new("deferred-experts", u64::MAX).ok())
+            .map(Arc::new);
+        Resident {
+            devices,
+            host,
+            accounting,
+            host_worker,
+            layer_devices: None,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Layer-pipelined over several devices: decoder layer `l` (its attention, latent
+    /// cache, dense or shared FFN and device experts) runs on `devices[layer_devices[l]]`
+    /// and the residual stream moves between devices at the boundaries; `host` computes
+    /// the experts in host RAM, with each layer's hand-off from that layer's device.
+    pub fn pipeline(
+        devices: Vec<Arc<O>>,
+        layer_devices: Vec<usize>,
+        host: Option<Arc<dyn Backend>>,
+        accounting: Option<Arc<dyn Accelerator>>,
+    ) -> Self {
+        let d = devices.len().max(1);
+        let mut r = Self::on_devices(devices, host, accounting);
+        r.layer_devices = Some(layer_devices.into_iter().map(|g| g % d).collect());
+        r
+    }
+
+    /// The device that runs layer `l` for a share placed on `home`.
+    fn layer_device(&self, l: usize, home: usize) -> usize {
+        match &self.layer_devices {
+            Some(ld) => ld.get(l).copied().unwrap_or(0),
+            None => home,
+        }
+    }
+
+    fn prepare(&self, ops: &O, model: &Model) -> Prepared<O> {
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| LayerTensors {
+                input_norm: ops.upload(&l.input_norm),
+                post_attn_norm: ops.upload(&l.post_attn_norm),
+                q_a_norm: match &l.attn.q {
+                    QueryProj::LowRank { norm, .. } => Some(ops.upload(norm)),
+                    QueryProj::Full(_) => None,
+                },
+                kv_a_norm: ops.upload(&l.attn.kv_a_norm),
+                correction_bias: match &l.ffn {
+                    Ffn::Moe(m) => m.correction_bias.as_deref().map(|b| ops.upload(b)),
+                    Ffn::Dense(_) => None,
+                },
+            })
+            .collect();
+        Prepared {
+            model_id: model.embed.identity(),
+            layers,
+            final_norm: ops.upload(&model.norm),
+            rope: DeviceRope {
+                host: model.rope.clone(),
+                inv_freq: ops.upload(model.rope.inv_freq()),
+            },
+            pools: model.layers.iter().map(|_| ops.pool(0, false)).collect(),
+            pool_blocks: 0,
+            block_size: 0,
+            pool_bf16: false,
+        }
+    }
+
+    /// Where routed expert `f` runs.
+    pub(super) fn owner(&self, f: &FfnWeights) -> Owner {
+        match (f.gpu, &self.host) {
+            (None, Some(_)) => Owner::Host,
+            (gpu, _) => Owner::Device(gpu.unwrap_or(0) % self.devices.len()),
+        }
+    }
+
+    pub(super) fn device(&self, g: usize) -> &O {
+        &self.devices[g]
+    }
+
+    pub(super) fn host(&self) -> Option<&Arc<dyn Backend>> {
+        self.host.as_ref()
+    }
+}
+
+impl<O: DeviceOps> WholeForward for Resident<O> {
+    fn forward_batch(
+        &self,
+        model: &Model,
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+        on_route: &mut RouteObserver,
+    ) -> Option<Result<Vec<Option<Vec<f32>>>, ModelError>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state
+            .as_ref()
+            .and_then(|p| p.first())
+            .is_some_and(|p| p.model_id != model.embed.identity())
+        {
+            return None;
+        }
+        if let Err(e) = model.check_batch(batch) {
+            return Some(Err(e));
+        }
+        let prepared = state.get_or_insert_with(|| {
+            self.devices
+                .iter()
+                .map(|ops| self.prepare(ops, model))
+                .collect()
+        });
+        Some(Ok(self.run(model, prepared, batch, store, on_route)))
+    }
+
+    fn devices(&self) -> usize {
+        self.devices.len()
+    }
+}
+
+impl<O: DeviceOps> Resident<O> {
+    fn run(
+        &self,
+        model: &Model,
+        prepared: &mut [Prepared<O>],
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+        on_route: &mut RouteObserver,
+    ) -> Vec<Option<Vec<f32>>> {
+        let cfg = &model.config;
+        let h = cfg.hidden_size;
+        // Per share of the batch, its placements (one per device it visits).
+        let shares = self.shares(model, prepared, batch, store);
+        let mut xs: Vec<(usize, O::Buf)> = shares
+            .iter()
+            .map(|placed| {
+                let g = self.placement(placed, 0);
+                let ids: Vec<u32> = g
+                    .entries
+                    .iter()
+                    .flat_map(|&e| batch[e].tokens.iter().copied())
+                    .collect();
+                (g.device, self.devices[g.device].embed(&model.embed, &ids))
+            })
+            .collect();
+        let one_device_moe =
+            shares.len() == 1 && (self.devices.len() == 1 || self.layer_devices.is_some());
+        // Host-expert outputs deferred by the previous layer (see `defer_host_experts`).
+        let mut deferred: Option<Pending<Vec<f32>>> = None;
+        for (l, layer) in model.layers.iter().enumerate() {
+            let groups: Vec<&Group<O>> = shares.iter().map(|p| self.placement(p, l)).collect();
+            let mut xns = Vec::with_capacity(groups.len());
+            for (g, (at, x)) in groups.iter().zip(xs.iter_mut()) {
+                if *at != g.device {
+                    *x = self.move_rows(x, *at, g.device, g.tokens * h);
+                    *at = g.device;
+                }
+                let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
+                let n = g.tokens;
+                let mut xn = ops.copy(x);
+                ops.rms_norm(&mut xn, &p.layers[l].input_norm, n, h, h, cfg.rms_norm_eps);
+                let attn = attention(ops, model, p, l, &xn, g);
+                ops.add(x, &attn);
+                let mut xn = ops.copy(x);
+                let post = &p.layers[l].post_attn_norm;
+                ops.rms_norm(&mut xn, post, n, h, h, cfg.rms_norm_eps);
+                xns.push(xn);
+            }
+            let mut later = None;
+            let outs = match &layer.ffn {
+                Ffn::Dense(w) => groups
+                    .iter()
+                    .zip(&xns)
+                    .map(|(g, xn)| {
+                        let ops = self.devices[g.device].as_ref();
+                        let mut out = ops.zeros(g.tokens * h);
+                        let all: Vec<(usize, f32)> = (0..g.tokens).map(|t| (t, 1.0)).collect();
+                        ops.ffn_accumulate(w, xn, &all, &mut out);
+                        out
+                    })
+                    .collect(),
+                Ffn::Moe(_) if one_device_moe => {
+                    let g = groups[0];
+                    let p = &prepared[g.device];
+                    let (out, after) =
+                        self.moe_one_device(model, p, l, &xns[0], g, &mut deferred, on_route);
+                    later = after;
+                    vec![out]
+                }
+                Ffn::Moe(_) => exchange_experts(self, model, prepared, l, &groups, &xns, on_route),
+            };
+            self.add_outputs(&groups, &mut xs, &outs);
+            if let Some(d) = deferred.take().and_then(Pending::wait) {
+                // The previous layer's deferred outputs, when this layer did not ship.
+                let (at, x) = &mut xs[0];
+                let ops = self.device(*at);
+                ops.add(x, &self.upload_handoff(ops, &d));
+            }
+            deferred = later;
+        }
+        if let Some(d) = deferred.and_then(Pending::wait) {
+            let (at, x) = &mut xs[0];
+            let ops = self.device(*at);
+            ops.add(x, &self.upload_handoff(ops, &d));
+        }
+        self.logits(model, prepared, batch, &shares, &xs)
+    }
+
+    /// The placement of a share that runs layer `l`.
+    fn placement<'a>(&self, placed: &'a [Group<O>], l: usize) -> &'a Group<O> {
+        let device = self.layer_device(l, placed[0].device);
+        placed
+            .iter()
+            .find(|g| g.device == device)
+            .unwrap_or(&placed[0])
+    }
+
+    /// `n` values of `x` from device `from` to device `to` (through host memory).
+    fn move_rows(&self, x: &O::Buf, from: usize, to: usize, n: usize) -> O::Buf {
+        let mut host = vec![0.0f32; n];
+        let src = self.device(from);
+        src.finish_download(src.begin_download(x), &mut host);
+        self.device(to).upload_staged(&host)
+    }
+
+    fn add_outputs(&self, groups: &[&Group<O>], xs: &mut [(usize, O::Buf)], outs: &[O::Buf]) {
+        for ((g, (_, x)), out) in groups.iter().zip(xs.iter_mut()).zip(outs) {
+            self.devices[g.device].add(x, out);
+        }
+    }
+
+    /// Splits the batch into shares and places each on the devices it runs on: with
+    /// data-parallel devices, one share per device holding the sequences whose blocks
+    /// lie in that device's partition of the store; otherwise one share, placed on the
+    /// first device or, pipelined, on every device that runs layers. A placement holds
+    /// positions, cache slots and block tables in the device's own block numbering, and
+    /// the device's pools (for its layers) are grown to hold them.
+    fn shares(
+        &self,
+        model: &Model,
+        prepared: &mut [Prepared<O>],
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+    ) -> Vec<Vec<Group<O>>> {
+        let d = self.devices.len();
+        // A store split into one partition per device keeps each sequence's blocks in
+        // one partition (block id mod d): data-parallel. Other stores, and pipelines,
+        // keep every sequence in one share.
+        let partitioned = d > 1 && self.layer_devices.is_none() && store.partitions() == d;
+        let tables: Vec<(usize, Vec<u32>)> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, e)| store.block_table(i, e.start + e.tokens.len()))
+            .collect();
+        let bf16 = store.bf16_latents();
+        let share_of = |t: &[u32]| match (partitioned, t.first()) {
+            (true, Some(&b)) => b as usize % d,
+            _ => 0,
+        };
+        let local = |b: u32| {
+            if partitioned {
+                b as usize / d
+            } else {
+                b as usize
+            }
+        };
+        let width = MlaDims::of(&model.config).width();
+        let layers = model.layers.len();
+        let mut shares = Vec::new();
+        for share in 0..d {
+            let entries: Vec<usize> = (0..batch.len())
+                .filter(|&i| share_of(&tables[i].1) == share)
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let layout = Layout::new(batch, &tables, entries, &local);
+            let devices: Vec<usize> = match &self.layer_devices {
+                Some(ld) => (0..d).filter(|g| ld.contains(g)).collect(),
+                None => vec![share],
+            };
+            let placed = devices
+                .into_iter()
+                .map(|device| {
+                    let ops = self.devices[device].as_ref();
+                    let owned = |l: usize| self.layer_device(l, device) == device;
+                    let p = &mut prepared[device];
+                    ensure_pools(
+                        ops,
+                        p,
+                        (layout.block_size, bf16),
+                        layout.needed_blocks,
+                        width,
+                        (0..layers).filter(|&l| owned(l)),
+                    );
+                    layout.place(ops, device)
+                })
+                .collect();
+            shares.push(placed);
+        }
+        shares
+    }
+
+    /// The lm_head over the rows that need logits, on each device for its entries;
+    /// returned in batch order.
+    fn logits(
+        &self,
+        model: &Model,
+        prepared: &[Prepared<O>],
+        batch: &[BatchEntry],
+        shares: &[Vec<Group<O>>],
+        xs: &[(usize, O::Buf)],
+    ) -> Vec<Option<Vec<f32>>> {
+        let cfg = &model.config;
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
+        // Each share's final hidden states are on the device of its last layer.
+        for (placed, (device, x)) in shares.iter().zip(xs) {
+            let g = placed
+                .iter()
+                .find(|g| g.device == *device)
+                .unwrap_or(&placed[0]);
+            let ops = self.devices[g.device].as_ref();
+            let mut rows = Vec::new();
+            for (&i, s) in g.entries.iter().zip(&g.spans) {
+                match batch[i].logits {
+                    Some(Logits::All) => rows.extend(s.first..s.first + s.len),
+                    Some(Logits::Last) => rows.push(s.first + s.len - 1),
+                    None => {}
+                }
+            }
+            let mut all = vec![0.0f32; rows.len() * vocab];
+            if !rows.is_empty() {
+                let mut picked = ops.take_rows(x, &rows, h);
+                let norm = &prepared[g.device].final_norm;
+                ops.rms_norm(&mut picked, norm, rows.len(), h, h, cfg.rms_norm_eps);
+                let logits = ops.linear(&model.lm_head, &picked, rows.len());
+                ops.finish_download(ops.begin_download(&logits), &mut all);
+            }
+            let mut next = 0;
+            for (&i, s) in g.entries.iter().zip(&g.spans) {
+                let count = match batch[i].logits {
+                    Some(Logits::All) => s.len,
+                    Some(Logits::Last) => 1,
+                    None => 0,
+                };
+                out[i] = batch[i]
+                    .logits
+                    .map(|_| all[next * vocab..(next + count) * vocab].to_vec());
+                next += count;
+            }
+        }
+        out
+    }
+
+    /// One MoE layer on one device: the router there; in hybrid mode with host experts
+    /// in this layer, the normalised hidden states go to the host (every token, every
+    /// time: a fixed schedule) while the device computes its experts and the shared
+    /// expert, and the host's sum comes back. Returns the layer's output and, with
+    /// deferral, the host outputs to add after the next layer. `previous` (the last
+    /// layer's deferred outputs) is taken and sent back with this layer's host sum when
+    /// it ships one.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_one_device(
+        &self,
+        model: &Model,
+        p: &Prepared<O>,
+        l: usize,
+        xn: &O::Buf,
+        group: &Group<O>,
+        previous: &mut Option<Pending<Vec<f32>>>,
+        on_route: &mut RouteObserver,
+    ) -> (O::Buf, Option<Pending<Vec<f32>>>) {
+        let ops = self.device(group.device);
+        let cfg = &model.config;
+        let (h, n) = (cfg.hidden_size, group.tokens);
+        let Ffn::Moe(moe) = &model.layers[l].ffn else {
+            unreachable!("moe_one_device() is only called on MoE layers")
+        };
+        let logits = ops.linear(&moe.router, xn, n);
+        let routes = ops.route(cfg, &logits, p.correction_bias(l), n);
+        let e = moe.experts.len();
+        let mut device_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        let mut host_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        let mut later_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        for (t, r) in routes.iter().enumerate() {
+            on_route(l, r);
+            let deferred = model.deferred_routes(moe, r);
+            for &(expert, weight) in r {
+                let Some(f) = moe.experts.get(expert) else {
+                    continue;
+                };
+                let list = if self.owner(f) != Owner::Host {
+                    &mut device_tokens
+                } else if deferred.contains(&expert) {
+                    &mut later_tokens
+                } else {
+                    &mut host_tokens
+                };
+                list[expert].push((t, weight));
+            }
+        }
+        let ships = moe.experts.iter().any(|f| self.owner(f) == Owner::Host);
+        let download = ships.then(|| {
+            self.count(|a| a.copy_to_host((n * h * 4) as u64));
+            ops.begin_download(xn)
+        });
+        // The device's experts and the shared expert, queued while the host works.
+        let mut out = ops.zeros(n * h);
+        for (f, tokens) in moe.experts.iter().zip(&device_tokens) {
+            if !tokens.is_empty() {
+                ops.ffn_accumulate(f, xn, tokens, &mut out);
+            }
+        }
+        if let Some(shared) = &moe.shared {
+            let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+            ops.ffn_accumulate(shared, xn, &all, &mut out);
+        }
+        let (Some(download), Some(host)) = (download, &self.host) else {
+            return (out, None);
+        };
+        let mut host_x = vec![0.0f32; n * h];
+        ops.finish_download(download, &mut host_x);
+        let mut host_out = vec![0.0f32; n * h];
+        host.moe_accumulate(&work(&moe.experts, &host_tokens), &host_x, &mut host_out);
+        // Experts deferred to the next layer run on the host worker, overlapping the
+        // device's next attention block.
+        let later_work: Vec<(FfnWeights, Vec<(usize, f32)>)> = work(&moe.experts, &later_tokens)
+            .into_iter()
+            .map(|(f, t)| (f.clone(), t.to_vec()))
+            .collect();
+        let later = (!later_work.is_empty()).then(|| {
+            let host = host.clone();
+            let compute = move || {
+                let refs: Vec<(&FfnWeights, &[(usize, f32)])> =
+                    later_work.iter().map(|(f, t)| (f, t.as_slice())).collect();
+                let mut d = vec![0.0f32; host_x.len()];
+                host.moe_accumulate(&refs, &host_x, &mut d);
+                d
+            };
+            match &self.host_worker {
+                Some(worker) => launch(worker.as_ref(), compute),
+                None => Pending::ready(compute()),
+            }
+        });
+        if let Some(d) = previous.take().and_then(Pending::wait) {
+            for (a, b) in host_out.iter_mut().zip(&d) {
+                *a += b;
+            }
+        }
+        ops.add(&mut out, &self.upload_handoff(ops, &host_out));
+        (out, later)
+    }
+
+    /// Host results back to a device, counted as hand-off bytes.
+    pub(super) fn upload_handoff(&self, ops: &O, x: &[f32]) -> O::Buf {
+        self.count(|a| a.copy_to_device((x.len() * 4) as u64));
+        ops.upload_staged(x)
+    }
+
+    pub(super) fn count(&self, f: impl FnOnce(&dyn Accelerator)) {
+        if let Some(a) = &self.accounting {
+            f(a.as_ref());
+        }
+    }
+}
+
+/// Grows the pools of `layers` to hold `blocks` blocks (doubling, so a growing sequence
+/// copies its cache a logarithmic number of times).
+fn ensure_pools<O: DeviceOps>(
+    ops: &O,
+    p: &mut Prepared<O>,
+    (block_size, bf16): (usize, bool),
+    blocks: usize,
+    width: usize,
+    layers: impl Iterator<Item = usize>,
+) {
+    if p.block_size != block_size || p.pool_bf16 != bf16 {
+        // A store with another layout: start over (its blocks are all new).
+        p.pools = p.pools.iter().map(|_| ops.pool(0, bf16)).collect();
+        p.pool_blocks = 0;
+        p.block_size = block_size;
+        p.pool_bf16 = bf16;
+    }
+    if blocks <= p.pool_blocks {
+        return;
+    }
+    let grown = blocks.max(p.pool_blocks * 2);
+    for l in layers {
+        p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
+    }
+    p.pool_blocks = grown;
+}
+
+/// One share's token layout on the host: what every placement of it uploads.
+struct Layout {
+    entries: Vec<usize>,
+    spans: Vec<Span>,
+    tokens: usize,
+    positions: Vec<i32>,
+    slots: Vec<i32>,
+    query_tables: Vec<i32>,
+    lens: Vec<i32>,
+    block_size: usize,
+    max_blocks: usize,
+    needed_blocks: usize,
+}
+
+impl Layout {
+    /// The layout of `entries` of `batch`, their blocks renumbered by `local`.
+    fn new(
+        batch: &[BatchEntry],
+        tables: &[(usize, Vec<u32>)],
+        entries: Vec<usize>,
+        local: &dyn Fn(u32) -> usize,
+    ) -> Self {
+        let block_size = tables[entries[0]].0;
+        let max_blocks = entries
+            .iter()
+            .map(|&i| tables[i].1.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let (mut spans, mut first) = (Vec::new(), 0);
+        let (mut positions, mut slots, mut query_tables, mut lens) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &i in &entries {
+            let (e, (bs, table)) = (&batch[i], &tables[i]);
+            spans.push(Span {
+                first,
+                len: e.tokens.len(),
+            });
+            first += e.tokens.len();
+            let row: Vec<i32> = table.iter().map(|&b| local(b) as i32).collect();
+            for pos in e.start..e.start + e.tokens.len() {
+                positions.push(pos as i32);
+                slots.push((local(table[pos / bs]) * bs + pos % bs) as i32);
+                query_tables.extend_from_slice(&row);
+                query_tables.resize(query_tables.len() + max_blocks - row.len(), 0);
+                lens.push(pos as i32 + 1);
+            }
+        }
+        let needed_blocks = entries
+            .iter()
+            .flat_map(|&i| tables[i].1.iter())
+            .map(|&b| local(b) + 1)
+            .max()
+            .unwrap_or(0);
+        Layout {
+            entries,
+            spans,
+            tokens: first,
+            positions,
+            slots,
+            query_tables,
+            lens,
+            block_size,
+            max_blocks,
+            needed_blocks,
+        }
+    }
+
+    /// This layout's indices uploaded to `device`.
+    fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> Group<O> {
+        Group {
+            device,
+            entries: self.entries.clone(),
+            spans: self.spans.clone(),
+            tokens: self.tokens,
+            positions: ops.upload_ints(&self.positions),
+            slots: ops.upload_ints(&self.slots),
+            blocks: QueryBlocks {
+                tables: ops.upload_ints(&self.query_tables),
+                lens: ops.upload_ints(&self.lens),
+                queries: self.tokens,
+                max_blocks: self.max_blocks,
+                block_size: self.block_size,
+                max_len: self.lens.iter().map(|&l| l as usize).max().unwrap_or(0),
+            },
+        }
+    }
+}
+
+/// MLA attention of one device's share of the pass, absorbed, through its block tables.
+fn attention<O: DeviceOps>(
+    ops: &O,
+    model: &Model,
+    p: &mut Prepared<O>,
+    l: usize,
+    x: &O::Buf,
+    g: &Group<O>,
+) -> O::Buf {
+    let cfg = &model.config;
+    let a = &model.layers[l].attn;
+    let t = &p.layers[l];
+    let dims = MlaDims::of(cfg);
+    let (n, heads, width) = (g.tokens, dims.heads, dims.width());
+    let mut q = match (&a.q, &t.q_a_norm) {
+        (QueryProj::LowRank { a: qa, b, .. }, Some(norm)) => {
+            let mut lat = ops.linear(qa, x, n);
+            let r = qa.rows();
+            ops.rms_norm(&mut lat, norm, n, r, r, cfg.rms_norm_eps);
+            ops.linear(b, &lat, n)
+        }
+        (QueryProj::Full(w), _) | (QueryProj::LowRank { a: w, .. }, None) => ops.linear(w, x, n),
+    };
+    let qk = dims.qk();
+    let layout = |heads, token_stride, head_stride, offset| RopeLayout {
+        tokens: n,
+        heads,
+        token_stride,
+        head_stride,
+        offset,
+    };
+    ops.rope(
+        &mut q,
+        &p.rope,
+        &g.positions,
+        layout(heads, heads * qk, qk, dims.nope),
+    );
+    let mut kv = ops.linear(&a.kv_a, x, n);
+    ops.rms_norm(
+        &mut kv,
+        &t.kv_a_norm,
+        n,
+        width,
+        dims.latent,
+        cfg.rms_norm_eps,
+    );
+    ops.rope(
+        &mut kv,
+        &p.rope,
+        &g.positions,
+        layout(1, width, 0, dims.latent),
+    );
+    ops.write_rows(&mut p.pools[l], &kv, &g.slots, width);
+    let q_lat = ops.absorb_queries(&a.kv_b, &q, dims, n);
+    let o_lat = ops.mla(&q_lat, &p.pools[l], &g.blocks, dims, cfg.softmax_scale());
+    let v = ops.expand_values(&a.kv_b, &o_lat, dims, n);
+    ops.linear(&a.o, &v, n)
+}
+
+/// The (expert, tokens) pairs of the experts some token visits, in expert order.
+pub(super) fn work<'a>(
+    experts: &'a [FfnWeights],
+    tokens: &'a [Vec<(usize, f32)>],
+) -> Vec<(&'a FfnWeights, &'a [(usize, f32)])> {
+    experts
+        .iter()
+        .zip(tokens)
+        .filter(|(_, t)| !t.is_empty())
+        .map(|(f, t)| (f, t.as_slice()))
+        .collect()
+}
