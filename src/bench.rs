@@ -497,6 +497,8 @@ pub struct EngineBenchOptions {
     pub backend: String,
     /// Place the model for this hardware profile (see `serve --profile`).
     pub profile: Option<String>,
+    /// Run the profile's GPUs as stand-ins on the host (see `serve --simulate-gpus`).
+    pub simulate_gpus: bool,
 }
 
 /// Token arrival times of one request.
@@ -594,7 +596,13 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let mut model = crate::model::Model::load(&ckpt)
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let placement = crate::server::launch::place(&ckpt, &mut model, opts.profile.as_deref(), None)?;
+    let placement = crate::server::launch::place(
+        &ckpt,
+        &mut model,
+        opts.profile.as_deref(),
+        None,
+        opts.simulate_gpus,
+    )?;
     // The benchmark feeds token ids and ignores end markers; a checkpoint without
     // tokenizer files runs with the demo's (its text output is not used).
     let tokenizer = match crate::tokenizer::Tokenizer::from_dir(dir) {

@@ -134,6 +134,10 @@ struct BenchArgs {
     /// benchmarks the resident pass its plan lays out: hybrid, pipelined or all-GPU).
     #[arg(long)]
     profile: Option<String>,
+    /// Run the GPU profile's or plan's layout on stand-in GPUs that compute with the host
+    /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
+    #[arg(long)]
+    simulate_gpus: bool,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +151,10 @@ struct ServeArgs {
     /// A plan written by `kimi-hybrid plan --json`.
     #[arg(long)]
     plan: Option<PathBuf>,
+    /// Run the GPU profile's or plan's layout on stand-in GPUs that compute with the host
+    /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
+    #[arg(long)]
+    simulate_gpus: bool,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -276,6 +284,10 @@ struct RunArgs {
     /// Place experts as a plan written by `kimi-hybrid plan --json` says.
     #[arg(long)]
     plan: Option<PathBuf>,
+    /// Run the GPU profile's or plan's layout on stand-in GPUs that compute with the host
+    /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
+    #[arg(long)]
+    simulate_gpus: bool,
 }
 
 fn main() -> Result<()> {
@@ -348,6 +360,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 concurrency: args.concurrency,
                 backend: args.backend,
                 profile: args.profile,
+                simulate_gpus: args.simulate_gpus,
             };
             print!("{}", kimi_hybrid::bench::engine(&opts)?);
             Ok(())
@@ -378,6 +391,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         defer_host_experts: args.defer_host_experts,
         allow_forced_output: args.allow_forced_output,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        simulate_gpus: args.simulate_gpus,
     };
     let state = launch::launch(&opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -425,6 +439,7 @@ fn run(args: RunArgs) -> Result<()> {
         &mut model,
         args.profile.as_deref(),
         args.plan.as_deref(),
+        args.simulate_gpus,
     )?;
     let tokenizer = match &args.prompt {
         Some(_) => Some(load_tokenizer(&dir)?),

@@ -481,6 +481,11 @@ fn backends_are_chosen_by_name() {
 
 #[test]
 fn serve_and_run_with_a_gpu_profile_refuse_to_start_without_that_gpu() {
+    if let Ok(gpu) = kimi_hybrid::backend::CudaBackend::open(0) {
+        // With a GPU, `serve` would start and keep serving.
+        eprintln!("skipping the refusal check: {} is present", gpu.gpu().name);
+        return;
+    }
     for args in [
         vec!["serve", "--profile", "1xH100+512GB", "--port", "0"],
         vec!["run", "--profile", "b200x8", "--prompt-ids", "1,2"],
@@ -505,6 +510,34 @@ fn serve_and_run_with_a_gpu_profile_refuse_to_start_without_that_gpu() {
         .output()
         .unwrap();
     assert_ok(&out);
+}
+
+/// Every built-in GPU profile's layout on stand-in GPUs (`--simulate-gpus`) generates
+/// the demo's greedy continuation.
+#[test]
+fn gpu_profiles_run_on_simulated_gpus() {
+    let g = golden("kimi-int4");
+    for profile in ["1xH100+512GB", "2xRTX6000Pro+768GB", "b200x8", "4xH100"] {
+        let out = bin()
+            .args([
+                "run",
+                "--profile",
+                profile,
+                "--simulate-gpus",
+                "--prompt-ids",
+                &ids_arg(&g.prompt_ids),
+                "--max-new-tokens",
+                "8",
+                "--ignore-eos",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("simulating the plan's"), "{profile}: {err}");
+        assert_eq!(generated_ids(&out.stdout), g.greedy_ids, "{profile}");
+    }
 }
 
 #[test]

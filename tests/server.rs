@@ -35,6 +35,7 @@ fn options() -> LaunchOptions {
         defer_host_experts: 0,
         allow_forced_output: true,
         progress: false,
+        simulate_gpus: false,
     }
 }
 
@@ -404,4 +405,37 @@ fn gpu_profiles_are_refused_with_a_way_out() {
     opts.profile = Some("cpu-only".into());
     opts.kv_cache_tokens = Some(1024);
     assert!(launch(&opts).is_ok());
+}
+
+/// GPU profiles on stand-in GPUs (`--simulate-gpus`): the plan's resident layout (one
+/// GPU whole, data-parallel over eight, hybrid with a GPU too small for every expert)
+/// serves the same greedy completion as the CPU.
+#[tokio::test]
+async fn gpu_profiles_serve_on_simulated_gpus() {
+    let body = chat(json!({"max_tokens": 8, "temperature": 0}));
+    let text = |v: &Value| v["choices"][0]["message"]["content"].clone();
+    let mut opts = options();
+    opts.backend = "cpu-f32".into();
+    let (_, app) = make_app(&opts, 1 << 20);
+    let (s, want) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+    assert_eq!(s, StatusCode::OK, "{want}");
+    // A one-GPU hybrid plan whose GPU holds about half of this model's routed experts.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan_file = dir.path().join("hybrid.json");
+    let ckpt = kimi_hybrid::weights::Checkpoint::open(&fixture("kimi-int4")).expect("fixture");
+    let plan = common::half_on_gpu(&ckpt);
+    assert_eq!(plan.layout, "hybrid");
+    std::fs::write(&plan_file, serde_json::to_string(&plan).expect("json")).expect("write");
+    for profile in ["1xH100+512GB", "b200x8", "hybrid plan"] {
+        let mut o = opts.clone();
+        match profile {
+            "hybrid plan" => o.plan = Some(plan_file.clone()),
+            name => o.profile = Some(name.into()),
+        }
+        o.simulate_gpus = true;
+        let (_, app) = make_app(&o, 1 << 20);
+        let (s, got) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+        assert_eq!(s, StatusCode::OK, "{profile}: {got}");
+        assert_eq!(text(&got), text(&want), "{profile}");
+    }
 }

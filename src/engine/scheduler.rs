@@ -63,15 +63,26 @@ impl Scheduler {
         config: Arc<EngineConfig>,
         stats: Arc<EngineStats>,
     ) -> Self {
+        // One partition per device whose latents the backend keeps apart; each holds at
+        // least one sequence of the longest allowed length.
+        let parts = backend.kv_partitions().max(1);
+        let blocks = if parts > 1 {
+            let longest = config.max_model_len.div_ceil(config.block_size.max(1));
+            config
+                .kv_blocks
+                .max(parts * longest)
+                .next_multiple_of(parts)
+        } else {
+            config.kv_blocks
+        };
         let mut pool = KvPool::with_dtype(
-            config.kv_blocks,
+            blocks,
             config.block_size,
             model.config.latent_cache_width(),
             model.config.num_hidden_layers,
             config.kv_dtype,
         );
-        // One partition per device whose latents the backend keeps apart.
-        pool.set_partitions(backend.kv_partitions());
+        pool.set_partitions(parts);
         stats
             .kv_blocks_total
             .store(pool.total_blocks(), Ordering::SeqCst);

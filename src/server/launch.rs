@@ -46,6 +46,8 @@ pub struct LaunchOptions {
     pub allow_forced_output: bool,
     /// Show a progress bar while warming the weights.
     pub progress: bool,
+    /// Run a GPU plan on stand-in GPUs computing on the host (see [`Gpus::Simulated`]).
+    pub simulate_gpus: bool,
 }
 
 /// Opens the GPUs a layout needs (none for CPU-only layouts). A machine without them is
@@ -57,17 +59,63 @@ fn open_gpus_for(what: &str, gpus: usize) -> Result<Vec<Arc<CudaBackend>>> {
                 anyhow::anyhow!(
                     "{what} places weights on {gpus} GPU(s), which cannot be used here \
                      (GPU {g}: {e}). Use --profile cpu-only (or --profile auto, which plans \
-                     for this machine) instead."
+                     for this machine) instead, or add --simulate-gpus to run the plan on \
+                     stand-in GPUs that compute on the host."
                 )
             })
         })
         .collect()
 }
 
+/// The GPUs a placement runs on.
+pub enum Gpus {
+    Cuda(Vec<Arc<CudaBackend>>),
+    /// Stand-ins computing with the host's CPU kernels (`--simulate-gpus`): the plan's
+    /// schedule, block layout and hand-offs run exactly as on GPUs, slowly.
+    Simulated(usize),
+}
+
+impl Gpus {
+    fn count(&self) -> usize {
+        match self {
+            Gpus::Cuda(g) => g.len(),
+            Gpus::Simulated(n) => *n,
+        }
+    }
+}
+
+/// How a plan runs on its GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuLayout {
+    /// All-GPU on one GPU.
+    Whole,
+    /// All-GPU, data-parallel attention, experts on their GPUs.
+    DataParallel,
+    /// All-GPU, tensor-parallel attention (run per operation).
+    TensorParallel,
+    /// Hybrid on one GPU.
+    Hybrid,
+    /// Hybrid over several GPUs, each with a range of layers.
+    Pipeline,
+}
+
+impl GpuLayout {
+    fn of(plan: &Plan, gpus: usize) -> Self {
+        let data_parallel = plan.workload.attention.as_deref() == Some("dp");
+        match (plan.layout.as_str(), gpus) {
+            ("all-gpu", 1) => GpuLayout::Whole,
+            ("all-gpu", _) if data_parallel => GpuLayout::DataParallel,
+            ("all-gpu", _) => GpuLayout::TensorParallel,
+            (_, 1) => GpuLayout::Hybrid,
+            _ => GpuLayout::Pipeline,
+        }
+    }
+}
+
 /// Where the model runs: the plan (if any) and the GPUs it uses.
 pub struct Placement {
     pub plan: Option<Plan>,
-    pub gpus: Vec<Arc<CudaBackend>>,
+    pub gpus: Gpus,
 }
 
 impl Placement {
@@ -79,23 +127,66 @@ impl Placement {
     /// in host RAM. Without a plan or GPUs, `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
         let host = crate::backend::by_name(host).map_err(anyhow::Error::msg)?;
-        let Some(plan) = self.plan.as_ref().filter(|_| !self.gpus.is_empty()) else {
+        let Some(plan) = self.plan.as_ref().filter(|_| self.gpus.count() > 0) else {
             return Ok(host);
         };
-        let data_parallel = plan.workload.attention.as_deref() == Some("dp");
+        let layout = GpuLayout::of(plan, self.gpus.count());
         let host: Arc<dyn Backend> = Arc::from(host);
-        Ok(match (plan.layout.as_str(), self.gpus.len()) {
-            ("all-gpu", 1) => Box::new(resident_on_gpu(model, self.gpus[0].clone())?),
-            ("all-gpu", _) if data_parallel => {
-                Box::new(data_parallel_on_gpus(model, self.gpus.clone())?)
-            }
-            // Tensor-parallel attention is not built: attention runs on the first GPU,
-            // dense work split by tokens, experts on their GPUs.
-            ("all-gpu", _) => Box::new(expert_parallel_on_gpus(model, self.gpus.clone())?),
-            (_, 1) => Box::new(hybrid_on_gpu(model, plan, self.gpus[0].clone(), host)?),
-            _ => Box::new(pipeline_on_gpus(model, plan, self.gpus.clone(), host)?),
+        let gpus = match &self.gpus {
+            Gpus::Cuda(gpus) => gpus.clone(),
+            Gpus::Simulated(n) => return simulated(model, plan, layout, *n, host),
+        };
+        Ok(match layout {
+            GpuLayout::Whole => Box::new(resident_on_gpu(model, gpus[0].clone())?),
+            GpuLayout::DataParallel => Box::new(data_parallel_on_gpus(model, gpus)?),
+            GpuLayout::TensorParallel => Box::new(expert_parallel_on_gpus(model, gpus)?),
+            GpuLayout::Hybrid => Box::new(hybrid_on_gpu(model, plan, gpus[0].clone(), host)?),
+            GpuLayout::Pipeline => Box::new(pipeline_on_gpus(model, plan, gpus, host)?),
         })
     }
+}
+
+/// The plan's layout on `n` stand-in GPUs that compute with `host`'s kernels.
+fn simulated(
+    model: &Model,
+    plan: &Plan,
+    layout: GpuLayout,
+    n: usize,
+    host: Arc<dyn Backend>,
+) -> Result<Box<dyn Backend>> {
+    use crate::accel::expert_parallel::ExpertParallel;
+    use crate::accel::sim::SimDevice;
+    use crate::resident::twin::TwinOps;
+    use crate::resident::{layer_devices, Resident, ResidentBackend};
+    tracing_line(&format!(
+        "simulating the plan's {n} GPU(s) ({layout:?} layout) with the {} backend",
+        host.name()
+    ));
+    let twins: Vec<Arc<TwinOps>> = (0..n)
+        .map(|_| Arc::new(TwinOps::new(host.clone())))
+        .collect();
+    let budget = plan.gpus.first().map_or(u64::MAX, |g| g.budget_bytes);
+    let handoff = || -> Result<Arc<dyn crate::accel::Accelerator>> {
+        Ok(Arc::new(SimDevice::new("simulated-gpu", budget)?))
+    };
+    let whole = match layout {
+        GpuLayout::Whole => Resident::new(twins[0].clone(), None, None),
+        GpuLayout::DataParallel => Resident::on_devices(twins, None, None),
+        GpuLayout::TensorParallel => {
+            let devices = (0..n).map(|_| host.clone()).collect();
+            let ep = ExpertParallel::new(devices, model)
+                .ok_or_else(|| anyhow::anyhow!("no GPUs to simulate"))?;
+            return Ok(Box::new(ep));
+        }
+        GpuLayout::Hybrid => Resident::new(twins[0].clone(), Some(host.clone()), Some(handoff()?)),
+        GpuLayout::Pipeline => Resident::pipeline(
+            twins,
+            layer_devices(plan, model.layers.len()),
+            Some(host.clone()),
+            Some(handoff()?),
+        ),
+    };
+    Ok(Box::new(ResidentBackend::new(host, Box::new(whole))))
 }
 
 fn read_plan(path: &Path) -> Result<Plan> {
@@ -120,21 +211,32 @@ fn read_plan(path: &Path) -> Result<Plan> {
 /// Places the model as a plan says: the plan file, or one made now for the profile
 /// (`None` when neither is given). A plan that puts weights on GPUs, or cannot run, is
 /// refused with what to do instead.
+///
+/// With `simulate_gpus` the plan's GPUs are stand-ins computing on the host (see
+/// [`Gpus::Simulated`]) and no GPU is opened.
 pub fn place(
     ckpt: &Checkpoint,
     model: &mut Model,
     profile: Option<&str>,
     plan_file: Option<&Path>,
+    simulate_gpus: bool,
 ) -> Result<Placement> {
+    let gpus = |what: String, n: usize| -> Result<Gpus> {
+        if simulate_gpus {
+            Ok(Gpus::Simulated(n))
+        } else {
+            open_gpus_for(&what, n).map(Gpus::Cuda)
+        }
+    };
     let (plan, gpus) = match (plan_file, profile) {
         (Some(path), _) => {
             let plan = read_plan(path)?;
-            let gpus = open_gpus_for(&format!("plan for {}", plan.profile), plan.gpus.len())?;
+            let gpus = gpus(format!("plan for {}", plan.profile), plan.gpus.len())?;
             (plan, gpus)
         }
         (None, Some(name)) => {
             let profile = Profile::resolve(name)?;
-            let gpus = open_gpus_for(&format!("profile {}", profile.name), profile.gpu.count)?;
+            let gpus = gpus(format!("profile {}", profile.name), profile.gpu.count)?;
             let desc = ModelDesc::from_checkpoint(ckpt);
             (
                 placement::plan(&desc, &profile, &profile.workload, None),
@@ -144,7 +246,7 @@ pub fn place(
         (None, None) => {
             return Ok(Placement {
                 plan: None,
-                gpus: Vec::new(),
+                gpus: Gpus::Simulated(0),
             })
         }
     };
@@ -186,6 +288,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         &mut model,
         opts.profile.as_deref(),
         opts.plan.as_deref(),
+        opts.simulate_gpus,
     )?;
     let plan = placement.plan.clone();
 
