@@ -244,8 +244,12 @@ impl GpuDevice {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), NoCuda> {
         let s = shape;
-        let chunk = 256usize;
-        let splits = max_len.div_ceil(chunk).max(1);
+        if s.c > 4 * 128 {
+            return Err(NoCuda {
+                reason: format!("mla_decode supports a latent of at most 512, got {}", s.c),
+            });
+        }
+        let (splits, chunk) = decode_splits(max_len, s.seqs * s.heads);
         let slots = s.seqs * s.heads * splits;
         let alloc = |n| {
             self.stream
@@ -297,6 +301,20 @@ impl GpuDevice {
             .map(|_| ())
             .map_err(|e| launch_err("mla_decode_combine", e))
     }
+}
+
+/// How many pieces each query's keys are split into, and the keys per piece: enough
+/// (head, piece, query) blocks to fill a large GPU (about 2048), pieces of at least 256
+/// keys, at most one piece per 256 keys. Few queries over long contexts split finely;
+/// a prefill chunk of many queries does not split, which also keeps the partial sums
+/// (`queries * heads * splits * latent` values) the size of the output.
+pub fn decode_splits(max_len: usize, query_heads: usize) -> (usize, usize) {
+    const TARGET_BLOCKS: usize = 2048;
+    const MIN_CHUNK: usize = 256;
+    let most = max_len.div_ceil(MIN_CHUNK).max(1);
+    let wanted = TARGET_BLOCKS.div_ceil(query_heads.max(1)).max(1);
+    let splits = most.min(wanted);
+    (splits, max_len.div_ceil(splits).max(1))
 }
 
 /// Shapes and strides of one naive MLA prefill call (see `mla_prefill` in mla.cu).
@@ -578,5 +596,26 @@ impl GpuDevice {
         unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())
             .map_err(|e| launch_err("scatter_add_rows", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_splits;
+
+    #[test]
+    fn decode_splits_fill_the_gpu_without_growing_past_the_output() {
+        // One sequence at 32k: 32 pieces of 1024 keys fill 64 heads x 32 = 2048 blocks.
+        assert_eq!(decode_splits(32768, 64), (32, 1024));
+        // Short contexts never split below 256 keys a piece.
+        assert_eq!(decode_splits(300, 64), (2, 150));
+        assert_eq!(decode_splits(100, 1), (1, 100));
+        // 64 sequences, or a prefill chunk, already fill the GPU: one piece each.
+        assert_eq!(decode_splits(4096, 64 * 64), (1, 4096));
+        assert_eq!(decode_splits(32768, 2048 * 64), (1, 32768));
+        for (len, qh) in [(1, 1), (257, 3), (100_000, 7), (5000, 64)] {
+            let (splits, chunk) = decode_splits(len, qh);
+            assert!(splits * chunk >= len && chunk >= 1, "{len} {qh}");
+        }
     }
 }

@@ -4,7 +4,9 @@
 // (`width` = kv_lora_rank + rope dim values), attending over the sequence's latents in the
 // paged cache (pool [blocks, block_size, width], f32 or BF16, block table per sequence); values
 // are the first `c` latent values. Long contexts split over chunks of KV blocks
-// (`mla_decode_partial`, grid (heads, splits, seqs)), merged by `mla_decode_combine`.
+// (`mla_decode_partial`, grid (heads, splits, seqs)), merged by `mla_decode_combine`;
+// the host picks the split count so the grid fills the GPU without the partial sums
+// outgrowing memory.
 //
 // Prefill (naive form): q [n, heads, dq], keys/values expanded per head, causal by
 // absolute position, online softmax over key chunks, one block per (query, head).
@@ -15,6 +17,10 @@
 __device__ __forceinline__ float latent_value(const float* p) { return *p; }
 __device__ __forceinline__ float latent_value(const u16* p) { return bf16_to_f32(*p); }
 
+// One (head, split, query) block of 128 threads: the split's keys [start, end) are read
+// in tiles of MAX_CHUNK with an online softmax (running max and sum, accumulators
+// rescaled per tile), so a split may cover any length; each thread owns output values
+// d = threadIdx.x + j * blockDim.x (c <= 4 * blockDim.x).
 template <typename T>
 __device__ void mla_decode_partial_impl(const float* q, const T* pool,
                                         const int* block_tables, const int* seq_lens,
@@ -38,31 +44,47 @@ __device__ void mla_decode_partial_impl(const float* q, const T* pool,
     const float* qh = q + ((size_t)s * heads + h) * width;
     const int* table = block_tables + (size_t)s * max_blocks;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int t = start + warp; t < end; t += warps) {
-        const T* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
-        float a = 0.0f;
-        for (int d = lane; d < width; d += 32) a += qh[d] * latent_value(lat + d);
-        a = warp_sum(a);
-        if (lane == 0) scores[t - start] = a * scale;
-    }
-    __syncthreads();
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < end - start; i += blockDim.x) m = fmaxf(m, scores[i]);
-    m = block_max(m, scratch);
-    float l = 0.0f;
-    for (int i = threadIdx.x; i < end - start; i += blockDim.x) {
-        float p = expf(scores[i] - m);
-        scores[i] = p;
-        l += p;
-    }
-    l = block_sum(l, scratch);
-    for (int d = threadIdx.x; d < c; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = start; t < end; t++) {
+    float m = -INFINITY, l = 0.0f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t0 = start; t0 < end; t0 += MAX_CHUNK) {
+        int t1 = min(t0 + MAX_CHUNK, end);
+        for (int t = t0 + warp; t < t1; t += warps) {
             const T* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
-            acc += scores[t - start] * latent_value(lat + d);
+            float a = 0.0f;
+            for (int d = lane; d < width; d += 32) a += qh[d] * latent_value(lat + d);
+            a = warp_sum(a);
+            if (lane == 0) scores[t - t0] = a * scale;
         }
-        out[d] = acc;
+        __syncthreads();
+        float tm = -INFINITY;
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) tm = fmaxf(tm, scores[i]);
+        tm = block_max(tm, scratch);
+        float nm = fmaxf(m, tm);
+        float ts = 0.0f;
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) {
+            float p = expf(scores[i] - nm);
+            scores[i] = p;
+            ts += p;
+        }
+        ts = block_sum(ts, scratch);
+        float rescale = expf(m - nm);
+        l = l * rescale + ts;
+        for (int j = 0; j < 4; j++) {
+            int d = threadIdx.x + j * blockDim.x;
+            if (d >= c) break;
+            float a = acc[j] * rescale;
+            for (int t = t0; t < t1; t++) {
+                const T* lat = pool + ((size_t)table[t / block_size] * block_size + t % block_size) * width;
+                a += scores[t - t0] * latent_value(lat + d);
+            }
+            acc[j] = a;
+        }
+        m = nm;
+        __syncthreads();
+    }
+    for (int j = 0; j < 4; j++) {
+        int d = threadIdx.x + j * blockDim.x;
+        if (d < c) out[d] = acc[j];
     }
     if (threadIdx.x == 0) { part_max[slot] = m; part_sum[slot] = l; }
 }
