@@ -774,6 +774,27 @@ fn resident_device_ops_match_the_cpu_twin() {
         rel_l2(&read(&out_g, out_t.len()), &out_t) < 1e-4,
         "expert ffn"
     );
+    // A layer's experts at once: packed indices, each expert's slice by offset.
+    let lists: Vec<Vec<(usize, f32)>> = vec![
+        vec![(1, 0.3), (4, 0.9)],
+        Vec::new(),
+        vec![(0, 0.5), (1, 0.25), (2, 1.0), (5, 0.1)],
+        vec![(3, 2.0)],
+    ];
+    let layer: Vec<(&kimi_hybrid::backend::FfnWeights, &[(usize, f32)])> = moe
+        .experts
+        .iter()
+        .zip(&lists)
+        .map(|(f, t)| (f, t.as_slice()))
+        .collect();
+    let mut out_g = gpu.upload(&values(n * h, 32));
+    let mut out_t = values(n * h, 32);
+    gpu.experts_accumulate(&layer, &gpu.upload(&xs), &mut out_g);
+    twin.experts_accumulate(&layer, &xs, &mut out_t);
+    assert!(
+        rel_l2(&read(&out_g, out_t.len()), &out_t) < 1e-4,
+        "a layer's experts"
+    );
 
     // The staged hand-off, larger than the initial staging buffers.
     let big = values(300_000, 31);

@@ -497,11 +497,11 @@ impl GpuDevice {
             .map_err(|e| launch_err("write_rows_bf16", e))
     }
 
-    /// `out[j] = x[rows[j]]` for `count` rows of `width` values.
+    /// `out[j] = x[rows[first + j]]` for `count` rows of `width` values.
     pub fn take_rows(
         &self,
         x: &CudaSlice<f32>,
-        rows: &CudaSlice<i32>,
+        (rows, first): (&CudaSlice<i32>, usize),
         out: &mut CudaSlice<f32>,
         count: usize,
         width: usize,
@@ -510,9 +510,9 @@ impl GpuDevice {
             return Ok(());
         }
         let f = self.function("take_rows")?;
-        let w = width as i32;
+        let (w, first) = (width as i32, first as i32);
         let mut b = self.stream.launch_builder(f);
-        b.arg(x).arg(rows).arg(out).arg(&w);
+        b.arg(x).arg(rows).arg(&first).arg(out).arg(&w);
         // SAFETY: row indices come from the caller's token layout, inside x.
         unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())
@@ -574,14 +574,13 @@ impl GpuDevice {
 }
 
 impl GpuDevice {
-    /// `out[rows[j]] += weight[j] * src[j]` for `count` rows of `dim` values (`rows`
-    /// distinct).
+    /// `out[rows[first + j]] += weight[first + j] * src[j]` for `count` rows of `dim`
+    /// values (those `rows` distinct).
     pub fn scatter_add_rows(
         &self,
         out: &mut CudaSlice<f32>,
         src: &CudaSlice<f32>,
-        rows: &CudaSlice<i32>,
-        weights: &CudaSlice<f32>,
+        (rows, weights, first): (&CudaSlice<i32>, &CudaSlice<f32>, usize),
         count: usize,
         dim: usize,
     ) -> Result<(), NoCuda> {
@@ -589,9 +588,14 @@ impl GpuDevice {
             return Ok(());
         }
         let f = self.function("scatter_add_rows")?;
-        let d = dim as i32;
+        let (d, first) = (dim as i32, first as i32);
         let mut b = self.stream.launch_builder(f);
-        b.arg(out).arg(src).arg(rows).arg(weights).arg(&d);
+        b.arg(out)
+            .arg(src)
+            .arg(rows)
+            .arg(weights)
+            .arg(&first)
+            .arg(&d);
         // SAFETY: rows index inside out; src holds count * dim values.
         unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())

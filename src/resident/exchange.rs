@@ -155,9 +155,7 @@ pub(super) fn exchange_experts<O: DeviceOps>(
                 let ops = r.device(*d);
                 let xd = ops.upload(&x);
                 let mut y = ops.zeros(s.rows.len() * h);
-                for (f, tokens) in work(&moe.experts, &s.per_expert) {
-                    ops.ffn_accumulate(f, &xd, tokens, &mut y);
-                }
+                ops.experts_accumulate(&work(&moe.experts, &s.per_expert), &xd, &mut y);
                 pending.push((s, *d, ops.begin_download(&y)));
             }
             Owner::Host => {

@@ -191,6 +191,19 @@ pub trait DeviceOps: Send + Sync {
         bias: Option<&Self::Buf>,
         tokens: usize,
     ) -> Vec<Vec<(usize, f32)>>;
+    /// [`ffn_accumulate`](Self::ffn_accumulate) for each `(expert, tokens)` of a layer's
+    /// work, in order. A device may prepare the whole list at once (one upload of every
+    /// expert's token indices, so the host is not held up between experts).
+    fn experts_accumulate(
+        &self,
+        work: &[(&FfnWeights, &[(usize, f32)])],
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+    ) {
+        for (f, tokens) in work {
+            self.ffn_accumulate(f, x, tokens, out);
+        }
+    }
     /// For every `(t, weight)` of `tokens`: `out[t] += weight * ffn(x[t])`.
     fn ffn_accumulate(
         &self,

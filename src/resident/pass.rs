@@ -510,11 +510,7 @@ impl<O: DeviceOps> Resident<O> {
         });
         // The device's experts and the shared expert, queued while the host works.
         let mut out = ops.zeros(n * h);
-        for (f, tokens) in moe.experts.iter().zip(&device_tokens) {
-            if !tokens.is_empty() {
-                ops.ffn_accumulate(f, xn, tokens, &mut out);
-            }
-        }
+        ops.experts_accumulate(&work(&moe.experts, &device_tokens), xn, &mut out);
         if let Some(shared) = &moe.shared {
             let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
             ops.ffn_accumulate(shared, xn, &all, &mut out);

@@ -42,13 +42,14 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, int n) {
     gate[i] = g / (1.0f + expf(-g)) * up[i];
 }
 
-// out[rows[j]] += weight[j] * src[j] for rows of `dim` values (token-ordered scatter-add;
-// one block per j, so rows must be distinct within a launch).
+// out[rows[first + j]] += weight[first + j] * src[j] for rows of `dim` values
+// (token-ordered scatter-add; one block per j, so rows must be distinct within a launch).
+// `first` selects one expert's entries from a layer's packed index arrays.
 extern "C" __global__ void scatter_add_rows(float* out, const float* src, const int* rows,
-                                            const float* weight, int dim) {
+                                            const float* weight, int first, int dim) {
     int j = blockIdx.x;
-    float wj = weight[j];
-    float* o = out + (size_t)rows[j] * dim;
+    float wj = weight[first + j];
+    float* o = out + (size_t)rows[first + j] * dim;
     const float* s = src + (size_t)j * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] += wj * s[i];
 }
@@ -87,10 +88,11 @@ extern "C" __global__ void write_rows(float* pool, const float* rows, const int*
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
 }
 
-// out[j] = x[rows[j]] for rows of `width` values: one block per row.
-extern "C" __global__ void take_rows(const float* x, const int* rows, float* out, int width) {
+// out[j] = x[rows[first + j]] for rows of `width` values: one block per row.
+extern "C" __global__ void take_rows(const float* x, const int* rows, int first, float* out,
+                                     int width) {
     int j = blockIdx.x;
-    const float* src = x + (size_t)rows[j] * width;
+    const float* src = x + (size_t)rows[first + j] * width;
     float* dst = out + (size_t)j * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
 }

@@ -156,7 +156,7 @@ impl DeviceOps for CudaBackend {
         device(
             "take_rows",
             self.gpu
-                .take_rows(x, &self.ints(&idx), &mut out, rows.len(), width),
+                .take_rows(x, (&self.ints(&idx), 0), &mut out, rows.len(), width),
         );
         out
     }
@@ -359,36 +359,61 @@ impl DeviceOps for CudaBackend {
         tokens: &[(usize, f32)],
         out: &mut CudaSlice<f32>,
     ) {
-        if tokens.is_empty() {
+        self.experts_accumulate(&[(ffn, tokens)], x, out);
+    }
+
+    /// Every expert's token indices and weights go up in one copy (the host has just
+    /// waited for the routes, so the queue is empty and nothing waits on it); then per
+    /// expert: gather its tokens, gate and up, SiLU-mul, down, weighted scatter-add.
+    fn experts_accumulate(
+        &self,
+        work: &[(&FfnWeights, &[(usize, f32)])],
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let entries: usize = work.iter().map(|(_, t)| t.len()).sum();
+        if entries == 0 {
             return;
         }
-        let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
-        let rows: Vec<i32> = tokens.iter().map(|&(t, _)| t as i32).collect();
-        let weights: Vec<f32> = tokens.iter().map(|&(_, w)| w).collect();
-        let rows = self.ints(&rows);
-        let weights = self.upload(&weights);
-        let mut xs = self.zeros(m * hidden);
-        device(
-            "take_rows",
-            self.gpu.take_rows(x, &rows, &mut xs, m, hidden),
-        );
-        let (gate, up, down) = {
-            let mut map = self.lock();
-            (
-                self.weight(&mut map, &ffn.gate),
-                self.weight(&mut map, &ffn.up),
-                self.weight(&mut map, &ffn.down),
-            )
-        };
-        let mut h = self.linear_on_device(&gate, 0..inter, &xs, m);
-        let u = self.linear_on_device(&up, 0..inter, &xs, m);
-        device("silu_mul", self.gpu.silu_mul(&mut h, &u, m * inter));
-        let d = self.linear_on_device(&down, 0..hidden, &h, m);
-        device(
-            "scatter_add_rows",
-            self.gpu
-                .scatter_add_rows(out, &d, &rows, &weights, m, hidden),
-        );
+        let rows: Vec<i32> = work
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|&(r, _)| r as i32))
+            .collect();
+        let weights: Vec<f32> = work
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|&(_, w)| w))
+            .collect();
+        let (rows, weights) = (self.ints(&rows), self.upload(&weights));
+        let mut first = 0;
+        for (ffn, tokens) in work {
+            let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
+            if m == 0 {
+                continue;
+            }
+            let (gate, up, down) = {
+                let mut map = self.lock();
+                (
+                    self.weight(&mut map, &ffn.gate),
+                    self.weight(&mut map, &ffn.up),
+                    self.weight(&mut map, &ffn.down),
+                )
+            };
+            let mut xs = self.zeros(m * hidden);
+            device(
+                "take_rows",
+                self.gpu.take_rows(x, (&rows, first), &mut xs, m, hidden),
+            );
+            let mut h = self.linear_on_device(&gate, 0..inter, &xs, m);
+            let u = self.linear_on_device(&up, 0..inter, &xs, m);
+            device("silu_mul", self.gpu.silu_mul(&mut h, &u, m * inter));
+            let d = self.linear_on_device(&down, 0..hidden, &h, m);
+            device(
+                "scatter_add_rows",
+                self.gpu
+                    .scatter_add_rows(out, &d, (&rows, &weights, first), m, hidden),
+            );
+            first += m;
+        }
     }
 }
 
