@@ -4,11 +4,10 @@
 //! at the same shapes. Each figure is the best of `repeats` timed runs (each waited for
 //! on the stream).
 
+use crate::blas::bf16_gemm;
 use crate::device::GpuDevice;
 use crate::ops::{LatentPool, MlaDecodeShape};
 use crate::NoCuda;
-use cudarc::cublas::{sys as cublas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::fmt::Write;
 use std::time::Instant;
 
@@ -55,51 +54,6 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 fn bf16_bits(v: f32) -> u16 {
     (v.to_bits() >> 16) as u16
-}
-
-/// `c[t, r] = sum_k w[r, k] x[t, k]` with BF16 `w` `[rows, cols]` and `x` `[tokens, cols]`,
-/// f32 `c`, f32 accumulation: cuBLAS's column-major view is `cᵀ = wᵀᵀ · xᵀ`.
-#[allow(clippy::too_many_arguments)]
-fn cublas_bf16_gemm(
-    d: &GpuDevice,
-    blas: &CudaBlas,
-    w: &CudaSlice<u16>,
-    x: &CudaSlice<u16>,
-    c: &mut CudaSlice<f32>,
-    rows: usize,
-    cols: usize,
-    tokens: usize,
-) -> Result<(), NoCuda> {
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let (wp, _w) = w.device_ptr(&d.stream);
-    let (xp, _x) = x.device_ptr(&d.stream);
-    let (cp, _c) = c.device_ptr_mut(&d.stream);
-    // SAFETY: the buffers hold rows x cols, tokens x cols and tokens x rows values, as the
-    // leading dimensions say; alpha and beta are host scalars (the default pointer mode).
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-            rows as i32,
-            tokens as i32,
-            cols as i32,
-            &alpha as *const f32 as *const _,
-            wp as *const _,
-            cublas_sys::cudaDataType::CUDA_R_16BF,
-            cols as i32,
-            xp as *const _,
-            cublas_sys::cudaDataType::CUDA_R_16BF,
-            cols as i32,
-            &beta as *const f32 as *const _,
-            cp as *mut _,
-            cublas_sys::cudaDataType::CUDA_R_32F,
-            rows as i32,
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| failed("cublasGemmEx (BF16)", e))
 }
 
 /// Runs the GPU benchmark on GPU 0 and returns its report.
@@ -189,21 +143,19 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
         }
     }
 
-    // INT4 expert matmuls against cuBLAS BF16 at the same shapes.
-    // SAFETY: only tries to load the library.
-    let blas = if unsafe { cublas_sys::is_culib_present() } {
-        Some(CudaBlas::new(d.stream.clone()).map_err(|e| failed("creating a cuBLAS handle", e))?)
-    } else {
+    // INT4 expert matmuls against cuBLAS BF16 at the same shapes, and the backend's
+    // f32-accurate BF16 product (split activations, two cuBLAS GEMMs).
+    let blas = d.blas();
+    if blas.is_none() {
         let _ = writeln!(
             s,
             "\n(libcublas could not be loaded, so no BF16 reference: install the CUDA \
              toolkit's cuBLAS or the nvidia-cublas-cu12 wheel and add it to LD_LIBRARY_PATH)"
         );
-        None
-    };
+    }
     let _ = writeln!(
         s,
-        "\nINT4 expert matmul vs cuBLAS BF16 GEMM          INT4 TFLOP/s  BF16 TFLOP/s  INT4/BF16  INT4 weight GB/s (of copy bw)"
+        "\nINT4 expert matmul vs cuBLAS BF16 GEMM          INT4 TFLOP/s  BF16 TFLOP/s  INT4/BF16  INT4 weight GB/s (of copy bw)  split-BF16 TFLOP/s"
     );
     for (rows, cols) in [(2048usize, 7168usize), (7168, 2048)] {
         let packed: Vec<u32> = values(rows * cols / 8, 3)
@@ -231,19 +183,26 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
                 d.int4_matmul(&packed, &scales, &x, &mut y, rows, cols, 32, tokens)
             })?;
             let flops = 2.0 * (rows * cols * tokens) as f64;
-            let bf16 = match &blas {
+            let shape = (rows, cols, tokens);
+            let (bf16, split) = match blas {
                 Some(blas) => {
                     let tb = best_seconds(&d, repeats, || {
-                        cublas_bf16_gemm(&d, blas, &wb, &xb, &mut y, rows, cols, tokens)
+                        bf16_gemm(&d, blas, &wb, &xb, &mut y, shape, false)
                     })?;
-                    format!("{:>12.2}  {:>8.2}x", flops / tb / 1e12, tb / t4)
+                    let ts = best_seconds(&d, repeats, || {
+                        d.bf16_matmul_blas(&wb, &x, &mut y, shape).map(|_| ())
+                    })?;
+                    (
+                        format!("{:>12.2}  {:>8.2}x", flops / tb / 1e12, tb / t4),
+                        format!("{:>10.2}", flops / ts / 1e12),
+                    )
                 }
-                None => format!("{:>12}  {:>9}", "-", "-"),
+                None => (format!("{:>12}  {:>9}", "-", "-"), format!("{:>10}", "-")),
             };
             let weight_rate = int4_bytes / t4;
             let _ = writeln!(
                 s,
-                "  {rows}x{cols}, {tokens:>4} tokens              {:>10.2}  {bf16}  {:>10.1} ({:.1}%)",
+                "  {rows}x{cols}, {tokens:>4} tokens              {:>10.2}  {bf16}  {:>10.1} ({:.1}%)  {split}",
                 flops / t4 / 1e12,
                 weight_rate / 1e9,
                 weight_rate / bw * 100.0

@@ -17,6 +17,8 @@ pub struct GpuDevice {
     pub free_bytes: usize,
     pub total_bytes: usize,
     functions: HashMap<&'static str, CudaFunction>,
+    /// cuBLAS on `stream`, created on first use (see [`GpuDevice::blas`]).
+    pub(crate) blas: std::sync::OnceLock<Option<cudarc::cublas::CudaBlas>>,
 }
 
 fn no_cuda(reason: impl Into<String>) -> NoCuda {
@@ -89,6 +91,7 @@ impl GpuDevice {
             free_bytes,
             total_bytes,
             functions,
+            blas: std::sync::OnceLock::new(),
         })
     }
 

@@ -8,6 +8,7 @@
 //! error naming what is missing, never a panic.
 
 pub mod bench;
+pub mod blas;
 pub mod device;
 pub mod nvrtc;
 pub mod ops;

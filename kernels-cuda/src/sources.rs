@@ -25,6 +25,7 @@ pub const MODULES: &[Module] = &[
             "add_f32",
             "write_rows",
             "write_rows_bf16",
+            "split_bf16",
             "take_rows",
         ],
     },

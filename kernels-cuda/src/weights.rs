@@ -103,6 +103,13 @@ impl GpuDevice {
                 scale_inv,
                 block,
             } => self.fp8_matmul(data, scale_inv, x, y, rows, cols, *block, tokens),
+            // Prefill-sized products on the tensor cores, when cuBLAS is there.
+            DeviceData::Bf16(data)
+                if tokens >= crate::blas::BLAS_MIN_TOKENS
+                    && self.bf16_matmul_blas(data, x, y, (rows, cols, tokens))? =>
+            {
+                Ok(())
+            }
             DeviceData::Bf16(data) => self.plain_matmul("bf16", data, x, y, rows, cols, tokens),
             DeviceData::F32(data) => self.f32_matmul(data, x, y, rows, cols, tokens),
         }
