@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{fixture, golden, max_abs_diff, FIXTURES};
+use common::{fixture, golden, greedy, max_abs_diff, FIXTURES};
 use kimi_hybrid::backend::by_name;
 use kimi_hybrid::engine::kv::{KvPool, PagedBatch};
-use kimi_hybrid::engine::sampling::SamplingConfig;
-use kimi_hybrid::engine::{self, EngineConfig, EngineHandle, Event, FinishReason, GenRequest};
+use kimi_hybrid::engine::{self, EngineConfig, EngineHandle, Event, FinishReason};
 use kimi_hybrid::model::{AttentionForm, BatchEntry, KvCache, Logits, Model};
 use kimi_hybrid::tokenizer::Tokenizer;
 use kimi_hybrid::weights::Checkpoint;
@@ -174,31 +173,6 @@ struct Outcome {
     ids: Vec<u32>,
     reason: FinishReason,
     cached: usize,
-}
-
-fn greedy(
-    prompt: &[u32],
-    max_tokens: usize,
-) -> (GenRequest, tokio::sync::mpsc::UnboundedReceiver<Event>) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    (
-        GenRequest {
-            prompt: prompt.to_vec(),
-            sampling: SamplingConfig {
-                temperature: 0.0,
-                ..SamplingConfig::default()
-            },
-            max_tokens,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-            skip_special_tokens: false,
-            prompt_logprobs: None,
-            forced: None,
-            events: tx,
-        },
-        rx,
-    )
 }
 
 fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Outcome {

@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{fixture, golden, half_on_gpu, max_abs_diff, prefill_and_three_steps, FIXTURES};
+use common::{
+    fixture, golden, greedy, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps,
+    FIXTURES,
+};
 use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::Accelerator;
@@ -190,24 +193,30 @@ fn paged_pair(
         start,
         logits: Some(Logits::Last),
     };
-    let mut run = |batch: &[BatchEntry]| -> Vec<Vec<f32>> {
-        model
-            .forward_batch(
-                backend,
-                batch,
-                &mut store,
-                AttentionForm::Auto,
-                &mut |_, _| {},
-            )
-            .expect("forward")
-            .into_iter()
-            .map(|l| l.expect("logits"))
-            .collect()
-    };
-    let prefill = run(&[entry(a, 0), entry(b, 0)]);
+    let prefill = last_logits(model, backend, &[entry(a, 0), entry(b, 0)], &mut store);
     let (na, nb) = ([argmax(&prefill[0])], [argmax(&prefill[1])]);
-    let step = run(&[entry(&na, a.len()), entry(&nb, b.len())]);
+    let step = last_logits(
+        model,
+        backend,
+        &[entry(&na, a.len()), entry(&nb, b.len())],
+        &mut store,
+    );
     prefill.into_iter().chain(step).collect()
+}
+
+/// One forward pass; every entry's logits (each asks for its last position's).
+fn last_logits(
+    model: &Model,
+    backend: &dyn Backend,
+    batch: &[BatchEntry],
+    store: &mut PagedBatch,
+) -> Vec<Vec<f32>> {
+    model
+        .forward_batch(backend, batch, store, AttentionForm::Auto, &mut |_, _| {})
+        .expect("forward")
+        .into_iter()
+        .map(|l| l.expect("logits"))
+        .collect()
 }
 
 /// `n` stand-in devices, each a twin with its own log.
@@ -296,18 +305,7 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
                     logits: Some(Logits::Last),
                 })
                 .collect();
-            last = model
-                .forward_batch(
-                    &backend,
-                    &batch,
-                    &mut store,
-                    AttentionForm::Auto,
-                    &mut |_, _| {},
-                )
-                .expect("forward")
-                .into_iter()
-                .map(|l| l.expect("logits"))
-                .collect();
+            last = last_logits(&model, &backend, &batch, &mut store);
             for (i, l) in last.iter().enumerate() {
                 got[i].push(l.clone());
             }
@@ -398,8 +396,7 @@ fn hybrid_pass_over_two_devices_matches_cpu() {
 /// generates the tokens the one-device engine generates.
 #[test]
 fn engine_over_three_devices_generates_what_one_device_does() {
-    use kimi_hybrid::engine::sampling::SamplingConfig;
-    use kimi_hybrid::engine::{self, EngineConfig, Event, GenRequest};
+    use kimi_hybrid::engine::{self, EngineConfig, Event};
     use kimi_hybrid::tokenizer::Tokenizer;
     let name = "kimi-int4";
     let g = golden(name);
@@ -426,23 +423,8 @@ fn engine_over_three_devices_generates_what_one_device_does() {
         let receivers: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                h.submit(GenRequest {
-                    prompt: p.clone(),
-                    sampling: SamplingConfig {
-                        temperature: 0.0,
-                        ..SamplingConfig::default()
-                    },
-                    max_tokens: 6,
-                    stop: Vec::new(),
-                    stop_token_ids: Vec::new(),
-                    ignore_eos: true,
-                    skip_special_tokens: false,
-                    prompt_logprobs: None,
-                    forced: None,
-                    events: tx,
-                })
-                .expect("submitted");
+                let (req, rx) = greedy(p, 6);
+                h.submit(req).expect("submitted");
                 rx
             })
             .collect();
@@ -484,26 +466,6 @@ fn engine_over_three_devices_generates_what_one_device_does() {
     assert_eq!(got, want);
 }
 
-/// A hybrid plan over two GPUs: each GPU runs a contiguous range of layers (their
-/// attention, latent cache, shared experts and hot experts), the host the cold experts.
-fn hybrid_on_two_gpus(ckpt: &Checkpoint) -> kimi_hybrid::placement::Plan {
-    use kimi_hybrid::placement::profile::Layout;
-    use kimi_hybrid::placement::{plan, ModelDesc, Profile};
-    let desc = ModelDesc::from_checkpoint(ckpt);
-    let mut profile = Profile::resolve("2xRTX6000Pro+768GB").expect("profile");
-    profile.layout = Layout::Hybrid;
-    profile.reserves.gpu_context_gib = 0.0;
-    profile.reserves.gpu_workspace_gib = 0.0;
-    profile.workload.context = 64;
-    profile.workload.concurrency = 1;
-    let probe = plan(&desc, &profile, &profile.workload, None);
-    let non_expert = probe.model.non_expert_bytes as f64;
-    let kv = (probe.model.kv_bytes_per_token * 64) as f64;
-    let experts = probe.model.routed_expert_bytes as f64;
-    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / 2.0 / (1u64 << 30) as f64;
-    plan(&desc, &profile, &profile.workload, None)
-}
-
 /// Layer-pipelined hybrid over two stand-in GPUs: logits equal the CPU-only run, each
 /// device ran attention and the experts of its own layers only, and the host hand-off
 /// moves the planner's bytes per token.
@@ -512,7 +474,7 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
     let cpu = exact();
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
-        let p = hybrid_on_two_gpus(&ckpt);
+        let p = hybrid_plan(&ckpt, "2xRTX6000Pro+768GB");
         assert!(p.feasible, "{name}: {:?}", p.problems);
         assert_eq!((p.layout.as_str(), p.gpus.len()), ("hybrid", 2), "{name}");
         let mut model = Model::load(&ckpt).expect("model");

@@ -462,17 +462,7 @@ impl GpuDevice {
         count: usize,
         width: usize,
     ) -> Result<(), NoCuda> {
-        if count == 0 {
-            return Ok(());
-        }
-        let f = self.function("write_rows")?;
-        let w = width as i32;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(pool).arg(rows).arg(slots).arg(&w);
-        // SAFETY: every slot lies inside the pool (the caller grows it first).
-        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
-            .map(|_| ())
-            .map_err(|e| launch_err("write_rows", e))
+        self.write_pool_rows("write_rows", pool, rows, slots, count, width)
     }
 
     /// [`write_rows`](Self::write_rows) into a BF16 pool, rounding to nearest even.
@@ -484,17 +474,29 @@ impl GpuDevice {
         count: usize,
         width: usize,
     ) -> Result<(), NoCuda> {
+        self.write_pool_rows("write_rows_bf16", pool, rows, slots, count, width)
+    }
+
+    fn write_pool_rows<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &str,
+        pool: &mut CudaSlice<T>,
+        rows: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        count: usize,
+        width: usize,
+    ) -> Result<(), NoCuda> {
         if count == 0 {
             return Ok(());
         }
-        let f = self.function("write_rows_bf16")?;
+        let f = self.function(kernel)?;
         let w = width as i32;
         let mut b = self.stream.launch_builder(f);
         b.arg(pool).arg(rows).arg(slots).arg(&w);
         // SAFETY: every slot lies inside the pool (the caller grows it first).
         unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())
-            .map_err(|e| launch_err("write_rows_bf16", e))
+            .map_err(|e| launch_err(kernel, e))
     }
 
     /// `out[j] = x[rows[first + j]]` for `count` rows of `width` values.

@@ -99,10 +99,19 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// A one-GPU hybrid plan whose GPU holds the non-expert weights, the KV cache and about
 /// half of the routed experts.
 pub fn half_on_gpu(ckpt: &kimi_hybrid::weights::Checkpoint) -> kimi_hybrid::placement::Plan {
+    hybrid_plan(ckpt, "1xH100+512GB")
+}
+
+/// A hybrid plan on `profile`'s GPUs, together sized for the non-expert weights, the KV
+/// cache of one 64-token sequence and about half of the routed experts.
+pub fn hybrid_plan(
+    ckpt: &kimi_hybrid::weights::Checkpoint,
+    profile: &str,
+) -> kimi_hybrid::placement::Plan {
     use kimi_hybrid::placement::profile::Layout;
     use kimi_hybrid::placement::{plan, ModelDesc, Profile};
     let desc = ModelDesc::from_checkpoint(ckpt);
-    let mut profile = Profile::resolve("1xH100+512GB").expect("profile");
+    let mut profile = Profile::resolve(profile).expect("profile");
     profile.layout = Layout::Hybrid;
     profile.reserves.gpu_context_gib = 0.0;
     profile.reserves.gpu_workspace_gib = 0.0;
@@ -112,6 +121,36 @@ pub fn half_on_gpu(ckpt: &kimi_hybrid::weights::Checkpoint) -> kimi_hybrid::plac
     let non_expert = probe.model.non_expert_bytes as f64;
     let kv = (probe.model.kv_bytes_per_token * 64) as f64;
     let experts = probe.model.routed_expert_bytes as f64;
-    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / GIB;
+    let gpus = profile.gpu.count.max(1) as f64;
+    profile.gpu.memory_gib = (non_expert + kv + experts / 2.0) / gpus / GIB;
     plan(&desc, &profile, &profile.workload, None)
+}
+
+/// A greedy generation request for the engine, and the receiver of its events.
+pub fn greedy(
+    prompt: &[u32],
+    max_tokens: usize,
+) -> (
+    kimi_hybrid::engine::GenRequest,
+    tokio::sync::mpsc::UnboundedReceiver<kimi_hybrid::engine::Event>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (
+        kimi_hybrid::engine::GenRequest {
+            prompt: prompt.to_vec(),
+            sampling: kimi_hybrid::engine::sampling::SamplingConfig {
+                temperature: 0.0,
+                ..kimi_hybrid::engine::sampling::SamplingConfig::default()
+            },
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            skip_special_tokens: false,
+            prompt_logprobs: None,
+            forced: None,
+            events: tx,
+        },
+        rx,
+    )
 }
