@@ -576,6 +576,31 @@ impl GpuDevice {
 }
 
 impl GpuDevice {
+    /// `out[rows[first + j]] += src[j]` for `count` rows of `dim` values (those `rows`
+    /// distinct).
+    pub fn add_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        (rows, first): (&CudaSlice<i32>, usize),
+        count: usize,
+        dim: usize,
+    ) -> Result<(), NoCuda> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function("scatter_add_rows")?;
+        let (d, first) = (dim as i32, first as i32);
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(src).arg(rows).arg(&null).arg(&first).arg(&d);
+        // SAFETY: rows index inside out; src holds count * dim values; a null weight
+        // pointer means weight 1.
+        unsafe { b.launch(cfg((count as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("add_rows", e))
+    }
+
     /// `out[rows[first + j]] += weight[first + j] * src[j]` for `count` rows of `dim`
     /// values (those `rows` distinct).
     pub fn scatter_add_rows(

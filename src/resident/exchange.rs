@@ -3,10 +3,12 @@
 //! computes its experts over all the tokens sent to it at once, and the weighted sums
 //! come back to the token's own device.
 //!
-//! The exchange passes through host memory: every device's normalised hidden states come
-//! down (page-locked, asynchronously, while the devices start on their shared experts),
-//! each owner's rows go up, and each owner's sums come down again. Every owner's work is
-//! queued before any result is awaited, so the devices compute at the same time.
+//! Between devices the rows move through the pass's [`Fabric`](super::Fabric): host
+//! memory by default, NCCL peer-to-peer where the GPUs have it. Each group gathers what
+//! it sends in one kernel and each owner joins what it receives, so every move is one
+//! contiguous buffer, and every owner's work is queued before any result is awaited.
+//! Host experts (hybrid over several devices) get the groups' rows through page-locked
+//! downloads started before the device exchange is queued.
 
 use super::pass::{work, Group, Prepared, Resident};
 use super::DeviceOps;
@@ -99,11 +101,6 @@ pub(super) fn exchange_experts<O: DeviceOps>(
             )
         })
         .collect();
-    let downloads: Vec<_> = groups
-        .iter()
-        .zip(xns)
-        .map(|(g, xn)| r.device(g.device).begin_download(xn))
-        .collect();
     let mut outs: Vec<O::Buf> = groups
         .iter()
         .zip(xns)
@@ -134,47 +131,145 @@ pub(super) fn exchange_experts<O: DeviceOps>(
             }
         }
     }
-    let hosts: Vec<Vec<f32>> = groups
+    // Hybrid: the host's rows start down before the devices' exchange is queued.
+    let host_part = shipments.remove(&Owner::Host).map(|s| {
+        let started: Vec<_> = groups
+            .iter()
+            .zip(xns)
+            .map(|(g, xn)| {
+                r.count(|a| a.copy_to_host((g.tokens * h * 4) as u64));
+                r.device(g.device).begin_download(xn)
+            })
+            .collect();
+        (s, started)
+    });
+    device_owners(r, moe, groups, xns, &shipments, &mut outs, h);
+    if let Some((s, started)) = host_part {
+        // The host's experts, while the devices compute theirs.
+        let hosts: Vec<Vec<f32>> = groups
+            .iter()
+            .zip(started)
+            .map(|(g, d)| {
+                let mut x = vec![0.0f32; g.tokens * h];
+                r.device(g.device).finish_download(d, &mut x);
+                x
+            })
+            .collect();
+        if let Some(host) = r.host() {
+            let x = s.gather(&hosts, h);
+            let mut y = vec![0.0f32; s.rows.len() * h];
+            host.moe_accumulate(&work(&moe.experts, &s.per_expert), &x, &mut y);
+            let mut sums: Vec<Vec<f32>> =
+                groups.iter().map(|g| vec![0.0f32; g.tokens * h]).collect();
+            s.scatter(&y, &mut sums, h);
+            for ((g, out), sum) in groups.iter().zip(outs.iter_mut()).zip(&sums) {
+                let ops = r.device(g.device);
+                ops.add(out, &r.upload_handoff(ops, sum));
+            }
+        }
+    }
+    outs
+}
+
+/// The routed experts on devices, exchanged device to device through the resident pass's
+/// fabric: each group gathers the rows it sends (ordered by owner) and cuts them per
+/// owner; each owner joins what it receives (ordered by group, as its shipment numbers
+/// the rows), computes its experts over them, and cuts the sums per group; each group
+/// joins what comes back and adds it to its tokens' rows.
+fn device_owners<O: DeviceOps>(
+    r: &Resident<O>,
+    moe: &crate::model::Moe,
+    groups: &[&Group<O>],
+    xns: &[O::Buf],
+    shipments: &BTreeMap<Owner, Shipment>,
+    outs: &mut [O::Buf],
+    h: usize,
+) {
+    let owners: Vec<(usize, &Shipment)> = shipments
         .iter()
-        .zip(downloads)
-        .map(|(g, d)| {
-            let mut x = vec![0.0f32; g.tokens * h];
-            r.device(g.device).finish_download(d, &mut x);
-            x
+        .filter_map(|(o, s)| match o {
+            Owner::Device(d) => Some((*d, s)),
+            Owner::Host => None,
         })
         .collect();
-
-    // Every device owner's experts are queued (devices in order), then the host computes
-    // its own (`Owner::Host` sorts last).
-    let mut pending = Vec::new();
-    let mut sums: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0f32; g.tokens * h]).collect();
-    for (owner, s) in &shipments {
-        let x = s.gather(&hosts, h);
-        match owner {
-            Owner::Device(d) => {
-                let ops = r.device(*d);
-                let xd = ops.upload(&x);
-                let mut y = ops.zeros(s.rows.len() * h);
-                ops.experts_accumulate(&work(&moe.experts, &s.per_expert), &xd, &mut y);
-                pending.push((s, *d, ops.begin_download(&y)));
+    // tokens[gi][k]: group gi's tokens sent to owners[k], in the owner's row order.
+    let tokens: Vec<Vec<Vec<usize>>> = (0..groups.len())
+        .map(|gi| {
+            owners
+                .iter()
+                .map(|(_, s)| s.rows.iter().filter(|r| r.0 == gi).map(|r| r.1).collect())
+                .collect()
+        })
+        .collect();
+    let mut moves = Vec::new();
+    for (gi, (g, xn)) in groups.iter().zip(xns).enumerate() {
+        let ops = r.device(g.device);
+        let sent: Vec<usize> = tokens[gi].iter().flatten().copied().collect();
+        if sent.is_empty() {
+            continue;
+        }
+        let gathered = ops.take_rows(xn, &sent, h);
+        let lens: Vec<usize> = tokens[gi].iter().map(|t| t.len() * h).collect();
+        let nonempty: Vec<usize> = lens.iter().copied().filter(|&n| n > 0).collect();
+        let mut pieces = ops.split(&gathered, &nonempty).into_iter();
+        for (k, &n) in lens.iter().enumerate() {
+            if n == 0 {
+                continue;
             }
-            Owner::Host => {
-                if let Some(host) = r.host() {
-                    let mut y = vec![0.0f32; s.rows.len() * h];
-                    host.moe_accumulate(&work(&moe.experts, &s.per_expert), &x, &mut y);
-                    s.scatter(&y, &mut sums, h);
+            if let Some(piece) = pieces.next() {
+                moves.push((g.device, owners[k].0, piece));
+            }
+        }
+    }
+    let mut arrived = r.fabric().transfer(r.devices(), moves).into_iter();
+    // Owners in order; each receives from the groups in order (as `moves` was built:
+    // group-major, so regroup per owner).
+    let mut inbox: Vec<Vec<O::Buf>> = owners.iter().map(|_| Vec::new()).collect();
+    for group_tokens in &tokens {
+        for (k, t) in group_tokens.iter().enumerate() {
+            if !t.is_empty() {
+                if let Some(b) = arrived.next() {
+                    inbox[k].push(b);
                 }
             }
         }
     }
-    for (s, d, download) in pending {
-        let mut y = vec![0.0f32; s.rows.len() * h];
-        r.device(d).finish_download(download, &mut y);
-        s.scatter(&y, &mut sums, h);
+    let mut back = Vec::new();
+    for (k, ((d, s), parts)) in owners.iter().zip(inbox).enumerate() {
+        let ops = r.device(*d);
+        let x = ops.concat(&parts);
+        let mut y = ops.zeros(s.rows.len() * h);
+        ops.experts_accumulate(&work(&moe.experts, &s.per_expert), &x, &mut y);
+        let lens: Vec<usize> = (0..groups.len())
+            .map(|gi| tokens[gi][k].len() * h)
+            .filter(|&n| n > 0)
+            .collect();
+        let senders: Vec<usize> = (0..groups.len())
+            .filter(|&gi| !tokens[gi][k].is_empty())
+            .collect();
+        for (gi, piece) in senders.into_iter().zip(ops.split(&y, &lens)) {
+            back.push((gi, *d, groups[gi].device, piece));
+        }
     }
-    for ((g, out), sum) in groups.iter().zip(outs.iter_mut()).zip(&sums) {
+    let senders: Vec<usize> = back.iter().map(|(gi, _, _, _)| *gi).collect();
+    let moves = back
+        .into_iter()
+        .map(|(_, from, to, b)| (from, to, b))
+        .collect();
+    let returned = r.fabric().transfer(r.devices(), moves);
+    // Per group, the pieces in owner order, added to the rows they came from.
+    let mut mail: Vec<Vec<O::Buf>> = groups.iter().map(|_| Vec::new()).collect();
+    for (gi, b) in senders.into_iter().zip(returned) {
+        mail[gi].push(b);
+    }
+    for (gi, (g, pieces)) in groups.iter().zip(mail).enumerate() {
+        if pieces.is_empty() {
+            continue;
+        }
         let ops = r.device(g.device);
-        ops.add(out, &ops.upload(sum));
+        // Pieces arrive in owner order, one per owner this group sent to.
+        let rows: Vec<usize> = tokens[gi].iter().flatten().copied().collect();
+        let joined = ops.concat(&pieces);
+        ops.add_rows(&mut outs[gi], &rows, &joined, h);
     }
-    outs
 }

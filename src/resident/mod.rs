@@ -112,6 +112,8 @@ pub trait DeviceOps: Send + Sync {
     fn upload(&self, x: &[f32]) -> Self::Buf;
     fn upload_ints(&self, x: &[i32]) -> Self::Ints;
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// Values in `x`.
+    fn len(&self, x: &Self::Buf) -> usize;
     /// Starts copying `x` to host memory (staged through pinned buffers on a GPU) and
     /// returns at once; the device goes on with later work.
     fn begin_download(&self, x: &Self::Buf) -> Self::Download;
@@ -129,6 +131,12 @@ pub trait DeviceOps: Send + Sync {
     fn grow_pool(&self, pool: &Self::Pool, len: usize) -> Self::Pool;
     /// Rows `rows` of `x` (rows of `width` values), in that order.
     fn take_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;
+    /// `out[rows[i]] += src[i]` for rows of `width` values (`rows` distinct).
+    fn add_rows(&self, out: &mut Self::Buf, rows: &[usize], src: &Self::Buf, width: usize);
+    /// `x` cut into consecutive pieces of `lens` values.
+    fn split(&self, x: &Self::Buf, lens: &[usize]) -> Vec<Self::Buf>;
+    /// The pieces one after another.
+    fn concat(&self, parts: &[Self::Buf]) -> Self::Buf;
     /// `x += y`.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
     /// In place, for `rows` rows at `stride`: the first `dim` values become
@@ -218,6 +226,44 @@ pub trait DeviceOps: Send + Sync {
 pub struct DeviceRope<B> {
     pub host: crate::model::Rope,
     pub inv_freq: B,
+}
+
+/// How buffers move between devices: through host memory by default ([`ThroughHost`]);
+/// GPUs with a collective library move them directly.
+pub trait Fabric<O: DeviceOps>: Send + Sync {
+    /// Each `(from, to, buffer)` moved from device `from` to device `to`; the buffers on
+    /// their new devices, in order. Moves within one device keep their buffer.
+    fn transfer(&self, devices: &[Arc<O>], moves: Vec<(usize, usize, O::Buf)>) -> Vec<O::Buf>;
+}
+
+/// Moves through host memory: every download is started before any is awaited.
+pub struct ThroughHost;
+
+impl<O: DeviceOps> Fabric<O> for ThroughHost {
+    fn transfer(&self, devices: &[Arc<O>], moves: Vec<(usize, usize, O::Buf)>) -> Vec<O::Buf> {
+        let started: Vec<_> = moves
+            .into_iter()
+            .map(|(from, to, b)| {
+                if from == to {
+                    (to, Err(b))
+                } else {
+                    let n = devices[from].len(&b);
+                    (to, Ok((from, n, devices[from].begin_download(&b))))
+                }
+            })
+            .collect();
+        started
+            .into_iter()
+            .map(|(to, m)| match m {
+                Err(local) => local,
+                Ok((from, n, d)) => {
+                    let mut host = vec![0.0f32; n];
+                    devices[from].finish_download(d, &mut host);
+                    devices[to].upload_staged(&host)
+                }
+            })
+            .collect()
+    }
 }
 
 /// A whole forward pass on a device, offered by a backend through

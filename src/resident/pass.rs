@@ -11,7 +11,9 @@
 //! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
 
 use super::exchange::{exchange_experts, Owner};
-use super::{DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout, WholeForward};
+use super::{
+    DeviceOps, DeviceRope, Fabric, MlaDims, QueryBlocks, RopeLayout, ThroughHost, WholeForward,
+};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
@@ -61,6 +63,8 @@ pub struct Resident<O: DeviceOps> {
     /// Pipeline layout: the device of each decoder layer (hybrid plans over several
     /// GPUs give each GPU a contiguous range of layers).
     layer_devices: Option<Vec<usize>>,
+    /// How hidden states move between devices (several devices only).
+    fabric: Arc<dyn Fabric<O>>,
     state: Mutex<Option<Vec<Prepared<O>>>>,
 }
 
@@ -110,8 +114,23 @@ impl<O: DeviceOps> Resident<O> {
             accounting,
             host_worker,
             layer_devices: None,
+            fabric: Arc::new(ThroughHost),
             state: Mutex::new(None),
         }
+    }
+
+    /// Moves between devices through `fabric` instead of host memory.
+    pub fn with_fabric(mut self, fabric: Arc<dyn Fabric<O>>) -> Self {
+        self.fabric = fabric;
+        self
+    }
+
+    pub(super) fn fabric(&self) -> &dyn Fabric<O> {
+        self.fabric.as_ref()
+    }
+
+    pub(super) fn devices(&self) -> &[Arc<O>] {
+        &self.devices
     }
 
     /// Layer-pipelined over several devices: decoder layer `l` (its attention, latent

@@ -104,6 +104,32 @@ impl DeviceOps for TwinOps {
             .collect()
     }
 
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+
+    fn add_rows(&self, out: &mut Vec<f32>, rows: &[usize], src: &Vec<f32>, width: usize) {
+        for (&r, row) in rows.iter().zip(src.chunks_exact(width)) {
+            for (a, b) in out[r * width..(r + 1) * width].iter_mut().zip(row) {
+                *a += b;
+            }
+        }
+    }
+
+    fn split(&self, x: &Vec<f32>, lens: &[usize]) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        lens.iter()
+            .map(|&n| {
+                at += n;
+                x[at - n..at].to_vec()
+            })
+            .collect()
+    }
+
+    fn concat(&self, parts: &[Vec<f32>]) -> Vec<f32> {
+        parts.concat()
+    }
+
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
         for (a, b) in x.iter_mut().zip(y) {
             *a += b;

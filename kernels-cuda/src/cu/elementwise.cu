@@ -44,11 +44,12 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, int n) {
 
 // out[rows[first + j]] += weight[first + j] * src[j] for rows of `dim` values
 // (token-ordered scatter-add; one block per j, so rows must be distinct within a launch).
-// `first` selects one expert's entries from a layer's packed index arrays.
+// `first` selects one expert's entries from a layer's packed index arrays; a null `weight`
+// adds the rows as they are.
 extern "C" __global__ void scatter_add_rows(float* out, const float* src, const int* rows,
                                             const float* weight, int first, int dim) {
     int j = blockIdx.x;
-    float wj = weight[first + j];
+    float wj = weight ? weight[first + j] : 1.0f;
     float* o = out + (size_t)rows[first + j] * dim;
     const float* s = src + (size_t)j * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] += wj * s[i];

@@ -161,6 +161,62 @@ impl DeviceOps for CudaBackend {
         out
     }
 
+    fn len(&self, x: &CudaSlice<f32>) -> usize {
+        x.len()
+    }
+
+    fn add_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        rows: &[usize],
+        src: &CudaSlice<f32>,
+        width: usize,
+    ) {
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        device(
+            "add_rows",
+            self.gpu
+                .add_rows(out, src, (&self.ints(&idx), 0), rows.len(), width),
+        );
+    }
+
+    fn split(&self, x: &CudaSlice<f32>, lens: &[usize]) -> Vec<CudaSlice<f32>> {
+        let mut at = 0;
+        lens.iter()
+            .map(|&n| {
+                let mut part = self.zeros(n);
+                if n > 0 {
+                    device(
+                        "splitting a buffer",
+                        self.gpu
+                            .stream
+                            .memcpy_dtod(&x.slice(at..at + n), &mut part.slice_mut(0..n))
+                            .map_err(copy_err),
+                    );
+                }
+                at += n;
+                part
+            })
+            .collect()
+    }
+
+    fn concat(&self, parts: &[CudaSlice<f32>]) -> CudaSlice<f32> {
+        let total = parts.iter().map(|p| p.len()).sum();
+        let mut out = self.zeros(total);
+        let mut at = 0;
+        for p in parts {
+            device(
+                "joining buffers",
+                self.gpu
+                    .stream
+                    .memcpy_dtod(p, &mut out.slice_mut(at..at + p.len()))
+                    .map_err(copy_err),
+            );
+            at += p.len();
+        }
+        out
+    }
+
     fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) {
         let n = x.len().min(y.len());
         device("add", self.gpu.add(x, y, n));
