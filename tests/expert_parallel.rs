@@ -116,7 +116,7 @@ fn expert_parallel_over_eight_devices_matches_one_device_on_every_fixture() {
 /// the CPU run.
 #[test]
 fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::accel::cuda::expert_parallel_on_gpus;
+    use kimi_hybrid::accel::cuda::{data_parallel_on_gpus, expert_parallel_on_gpus};
     use kimi_hybrid::backend::CudaBackend;
     let first = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
@@ -156,14 +156,68 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
                 x.gpu = x.gpu.map(|g| g % 2);
             }
         }
-        let ep =
-            expert_parallel_on_gpus(&model, vec![first.clone(), second.clone()]).expect("fits");
+        let gpus = vec![first.clone(), second.clone()];
+        let ep = expert_parallel_on_gpus(&model, gpus.clone()).expect("fits");
         let got = run(&model, &ep, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
+        // The resident data-parallel pass the b200x8 plan runs (its exchange over NCCL
+        // when the two contexts are two GPUs with libnccl, else through host memory).
+        let dp = data_parallel_on_gpus(&model, gpus).expect("fits");
+        let resident = run(&model, &dp, &g.prompt_ids);
+        let dp_diff = max_abs_diff(&resident, &want);
         println!(
-            "{name} on {}: max abs diff vs CPU {diff:.1e}",
+            "{name} on {}: max abs diff vs CPU {diff:.1e} per operation, {dp_diff:.1e} resident",
             first.gpu().name
         );
         assert!(diff <= 2e-3, "{name}: {diff}");
+        assert!(dp_diff <= 2e-3, "{name}: resident {dp_diff}");
+    }
+}
+
+/// NCCL moves buffers between two GPUs exactly as host memory does (skipped with a
+/// message without two GPUs and libnccl).
+#[test]
+fn nccl_moves_what_host_memory_moves() {
+    use kimi_hybrid::backend::{CudaBackend, NcclFabric};
+    use kimi_hybrid::resident::{DeviceOps, Fabric, ThroughHost};
+    let gpus = match (CudaBackend::open(0), CudaBackend::open(1)) {
+        (Ok(a), Ok(b)) => vec![Arc::new(a), Arc::new(b)],
+        (a, b) => {
+            let why = a
+                .err()
+                .or(b.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            eprintln!("skipping nccl_moves_what_host_memory_moves: two GPUs needed ({why})");
+            return;
+        }
+    };
+    let fabric = match NcclFabric::open(&gpus) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipping nccl_moves_what_host_memory_moves: {e}");
+            return;
+        }
+    };
+    let data = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32 ^ seed) % 1000) as f32 * 0.001 - 0.5)
+            .collect()
+    };
+    let moves = || {
+        vec![
+            (0, 1, gpus[0].upload(&data(7168 * 3, 1))),
+            (1, 0, gpus[1].upload(&data(7168 * 5, 2))),
+            (0, 0, gpus[0].upload(&data(7168, 3))),
+            (1, 0, gpus[1].upload(&data(11, 4))),
+        ]
+    };
+    let via_nccl = fabric.transfer(&gpus, moves());
+    let via_host = ThroughHost.transfer(&gpus, moves());
+    for ((to, a), b) in [1usize, 0, 0, 0].iter().zip(&via_nccl).zip(&via_host) {
+        let (mut x, mut y) = (vec![0.0f32; a.len()], vec![0.0f32; b.len()]);
+        gpus[*to].finish_download(gpus[*to].begin_download(a), &mut x);
+        gpus[*to].finish_download(gpus[*to].begin_download(b), &mut y);
+        assert_eq!(x, y);
     }
 }

@@ -16,7 +16,7 @@ use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
 use super::sim::SimDevice;
 use super::Accelerator;
-use crate::backend::{Backend, CudaBackend, FfnWeights};
+use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
 use crate::model::Model;
 use crate::placement::Plan;
 use crate::resident::{Resident, ResidentBackend};
@@ -96,7 +96,20 @@ pub fn data_parallel_on_gpus(
         .first()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
-    let whole = Resident::on_devices(gpus, None, None);
+    let fabric = match NcclFabric::open(&gpus) {
+        Ok(f) => {
+            eprintln!("expert exchange: NCCL between the {} GPUs", gpus.len());
+            Some(f)
+        }
+        Err(why) => {
+            eprintln!("expert exchange: through host memory ({why})");
+            None
+        }
+    };
+    let mut whole = Resident::on_devices(gpus, None, None);
+    if let Some(f) = fabric {
+        whole = whole.with_fabric(Arc::new(f));
+    }
     Ok(ResidentBackend::new(per_op, Box::new(whole)))
 }
 

@@ -14,7 +14,10 @@
 //! a kernel fault) is not an input problem and there is no sensible partial result, so it
 //! stops the computation with a message naming the operation.
 
+mod nccl;
 mod resident;
+
+pub use nccl::NcclFabric;
 
 use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};

@@ -1,0 +1,76 @@
+//! Moving buffers between GPUs with NCCL peer-to-peer sends (NVLink where the GPUs have
+//! it), for the resident pass's expert exchange over several GPUs. One communicator per
+//! GPU, all in this process; every move of an exchange step is one NCCL group, so the
+//! transfers run at once. Without libnccl the pass moves buffers through host memory.
+
+use super::CudaBackend;
+use crate::resident::Fabric;
+use kernels_cuda::cudarc::driver::CudaSlice;
+use kernels_cuda::cudarc::nccl::safe::Comm;
+use kernels_cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
+use std::sync::Arc;
+
+pub struct NcclFabric {
+    comms: Vec<Comm>,
+}
+
+// SAFETY: a communicator is used only inside `transfer`, which the resident pass calls
+// from one thread at a time (its state lock is held for the whole pass).
+unsafe impl Send for NcclFabric {}
+unsafe impl Sync for NcclFabric {}
+
+impl NcclFabric {
+    /// Communicators over `gpus` (rank i on `gpus[i]`'s stream); an error saying why when
+    /// libnccl cannot be loaded or the GPUs cannot form a communicator.
+    pub fn open(gpus: &[Arc<CudaBackend>]) -> Result<Self, String> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { nccl_sys::is_culib_present() } {
+            return Err(
+                "libnccl cannot be loaded (install NCCL or the nvidia-nccl-cu12 \
+                        wheel and add it to LD_LIBRARY_PATH)"
+                    .into(),
+            );
+        }
+        let streams = gpus.iter().map(|g| g.gpu().stream.clone()).collect();
+        let comms = Comm::from_devices(streams)
+            .map_err(|e| format!("NCCL cannot connect the GPUs: {e:?}"))?;
+        Ok(NcclFabric { comms })
+    }
+}
+
+/// Stops on an NCCL failure after start-up (as every device failure does, see the CUDA
+/// backend's module comment).
+fn nccl<T>(what: &str, r: Result<T, nccl::NcclError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("NCCL failure during {what}: {e:?}"),
+    }
+}
+
+impl Fabric<CudaBackend> for NcclFabric {
+    fn transfer(
+        &self,
+        devices: &[Arc<CudaBackend>],
+        moves: Vec<(usize, usize, CudaSlice<f32>)>,
+    ) -> Vec<CudaSlice<f32>> {
+        use crate::resident::DeviceOps;
+        // Receive buffers first: allocation is not allowed inside an NCCL group.
+        let mut targets: Vec<Option<CudaSlice<f32>>> = moves
+            .iter()
+            .map(|(from, to, b)| (from != to).then(|| devices[*to].zeros(b.len())))
+            .collect();
+        nccl("an exchange", nccl::group_start());
+        for ((from, to, b), target) in moves.iter().zip(targets.iter_mut()) {
+            if let Some(dst) = target {
+                nccl("a send", self.comms[*from].send(b, *to as i32));
+                nccl("a receive", self.comms[*to].recv(dst, *from as i32));
+            }
+        }
+        nccl("an exchange", nccl::group_end());
+        moves
+            .into_iter()
+            .zip(targets)
+            .map(|((_, _, b), target)| target.unwrap_or(b))
+            .collect()
+    }
+}
