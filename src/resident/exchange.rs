@@ -10,7 +10,8 @@
 //! Host experts (hybrid over several devices) get the groups' rows through page-locked
 //! downloads started before the device exchange is queued.
 
-use super::pass::{work, Group, Prepared, Resident};
+use super::layout::Group;
+use super::pass::{work, Prepared, Resident};
 use super::DeviceOps;
 use crate::model::{Ffn, Model, RouteObserver};
 use std::collections::{BTreeMap, HashMap};

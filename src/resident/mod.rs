@@ -20,6 +20,7 @@
 //! store goes through the same resident forward.
 
 mod exchange;
+mod layout;
 mod pass;
 pub mod twin;
 

@@ -11,9 +11,8 @@
 //! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
 
 use super::exchange::{exchange_experts, Owner};
-use super::{
-    DeviceOps, DeviceRope, Fabric, MlaDims, QueryBlocks, RopeLayout, ThroughHost, WholeForward,
-};
+use super::layout::{ensure_pools, Group, Layout};
+use super::{DeviceOps, DeviceRope, Fabric, MlaDims, RopeLayout, ThroughHost, WholeForward};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
@@ -38,10 +37,10 @@ pub(super) struct Prepared<O: DeviceOps> {
     layers: Vec<LayerTensors<O::Buf>>,
     final_norm: O::Buf,
     rope: DeviceRope<O::Buf>,
-    pools: Vec<O::Pool>,
-    pool_blocks: usize,
-    block_size: usize,
-    pool_bf16: bool,
+    pub(super) pools: Vec<O::Pool>,
+    pub(super) pool_blocks: usize,
+    pub(super) block_size: usize,
+    pub(super) pool_bf16: bool,
 }
 
 impl<O: DeviceOps> Prepared<O> {
@@ -66,24 +65,6 @@ pub struct Resident<O: DeviceOps> {
     /// How hidden states move between devices (several devices only).
     fabric: Arc<dyn Fabric<O>>,
     state: Mutex<Option<Vec<Prepared<O>>>>,
-}
-
-/// One entry's tokens within its device's share of the pass.
-#[derive(Clone, Copy)]
-struct Span {
-    first: usize,
-    len: usize,
-}
-
-/// The entries of a pass that run on one device, and their layout there.
-pub(super) struct Group<O: DeviceOps> {
-    pub(super) device: usize,
-    entries: Vec<usize>,
-    spans: Vec<Span>,
-    pub(super) tokens: usize,
-    positions: O::Ints,
-    slots: O::Ints,
-    blocks: QueryBlocks<O::Ints>,
 }
 
 impl<O: DeviceOps> Resident<O> {
@@ -579,122 +560,6 @@ impl<O: DeviceOps> Resident<O> {
     pub(super) fn count(&self, f: impl FnOnce(&dyn Accelerator)) {
         if let Some(a) = &self.accounting {
             f(a.as_ref());
-        }
-    }
-}
-
-/// Grows the pools of `layers` to hold `blocks` blocks (doubling, so a growing sequence
-/// copies its cache a logarithmic number of times).
-fn ensure_pools<O: DeviceOps>(
-    ops: &O,
-    p: &mut Prepared<O>,
-    (block_size, bf16): (usize, bool),
-    blocks: usize,
-    width: usize,
-    layers: impl Iterator<Item = usize>,
-) {
-    if p.block_size != block_size || p.pool_bf16 != bf16 {
-        // A store with another layout: start over (its blocks are all new).
-        p.pools = p.pools.iter().map(|_| ops.pool(0, bf16)).collect();
-        p.pool_blocks = 0;
-        p.block_size = block_size;
-        p.pool_bf16 = bf16;
-    }
-    if blocks <= p.pool_blocks {
-        return;
-    }
-    let grown = blocks.max(p.pool_blocks * 2);
-    for l in layers {
-        p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
-    }
-    p.pool_blocks = grown;
-}
-
-/// One share's token layout on the host: what every placement of it uploads.
-struct Layout {
-    entries: Vec<usize>,
-    spans: Vec<Span>,
-    tokens: usize,
-    positions: Vec<i32>,
-    slots: Vec<i32>,
-    query_tables: Vec<i32>,
-    lens: Vec<i32>,
-    block_size: usize,
-    max_blocks: usize,
-    needed_blocks: usize,
-}
-
-impl Layout {
-    /// The layout of `entries` of `batch`, their blocks renumbered by `local`.
-    fn new(
-        batch: &[BatchEntry],
-        tables: &[(usize, Vec<u32>)],
-        entries: Vec<usize>,
-        local: &dyn Fn(u32) -> usize,
-    ) -> Self {
-        let block_size = tables[entries[0]].0;
-        let max_blocks = entries
-            .iter()
-            .map(|&i| tables[i].1.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let (mut spans, mut first) = (Vec::new(), 0);
-        let (mut positions, mut slots, mut query_tables, mut lens) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for &i in &entries {
-            let (e, (bs, table)) = (&batch[i], &tables[i]);
-            spans.push(Span {
-                first,
-                len: e.tokens.len(),
-            });
-            first += e.tokens.len();
-            let row: Vec<i32> = table.iter().map(|&b| local(b) as i32).collect();
-            for pos in e.start..e.start + e.tokens.len() {
-                positions.push(pos as i32);
-                slots.push((local(table[pos / bs]) * bs + pos % bs) as i32);
-                query_tables.extend_from_slice(&row);
-                query_tables.resize(query_tables.len() + max_blocks - row.len(), 0);
-                lens.push(pos as i32 + 1);
-            }
-        }
-        let needed_blocks = entries
-            .iter()
-            .flat_map(|&i| tables[i].1.iter())
-            .map(|&b| local(b) + 1)
-            .max()
-            .unwrap_or(0);
-        Layout {
-            entries,
-            spans,
-            tokens: first,
-            positions,
-            slots,
-            query_tables,
-            lens,
-            block_size,
-            max_blocks,
-            needed_blocks,
-        }
-    }
-
-    /// This layout's indices uploaded to `device`.
-    fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> Group<O> {
-        Group {
-            device,
-            entries: self.entries.clone(),
-            spans: self.spans.clone(),
-            tokens: self.tokens,
-            positions: ops.upload_ints(&self.positions),
-            slots: ops.upload_ints(&self.slots),
-            blocks: QueryBlocks {
-                tables: ops.upload_ints(&self.query_tables),
-                lens: ops.upload_ints(&self.lens),
-                queries: self.tokens,
-                max_blocks: self.max_blocks,
-                block_size: self.block_size,
-                max_len: self.lens.iter().map(|&l| l as usize).max().unwrap_or(0),
-            },
         }
     }
 }

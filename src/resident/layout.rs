@@ -1,0 +1,142 @@
+//! Where a pass's tokens go: each share of the batch laid out for its device (positions,
+//! cache slots and block tables in the device's own block numbering) and the device's
+//! latent pools grown to hold them.
+
+use super::pass::Prepared;
+use super::{DeviceOps, QueryBlocks};
+use crate::model::BatchEntry;
+
+/// One entry's tokens within its device's share of the pass.
+#[derive(Clone, Copy)]
+pub(super) struct Span {
+    pub(super) first: usize,
+    pub(super) len: usize,
+}
+
+/// The entries of a pass that run on one device, and their layout there.
+pub(super) struct Group<O: DeviceOps> {
+    pub(super) device: usize,
+    pub(super) entries: Vec<usize>,
+    pub(super) spans: Vec<Span>,
+    pub(super) tokens: usize,
+    pub(super) positions: O::Ints,
+    pub(super) slots: O::Ints,
+    pub(super) blocks: QueryBlocks<O::Ints>,
+}
+
+/// Grows the pools of `layers` to hold `blocks` blocks (doubling, so a growing sequence
+/// copies its cache a logarithmic number of times).
+pub(super) fn ensure_pools<O: DeviceOps>(
+    ops: &O,
+    p: &mut Prepared<O>,
+    (block_size, bf16): (usize, bool),
+    blocks: usize,
+    width: usize,
+    layers: impl Iterator<Item = usize>,
+) {
+    if p.block_size != block_size || p.pool_bf16 != bf16 {
+        // A store with another layout: start over (its blocks are all new).
+        p.pools = p.pools.iter().map(|_| ops.pool(0, bf16)).collect();
+        p.pool_blocks = 0;
+        p.block_size = block_size;
+        p.pool_bf16 = bf16;
+    }
+    if blocks <= p.pool_blocks {
+        return;
+    }
+    let grown = blocks.max(p.pool_blocks * 2);
+    for l in layers {
+        p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
+    }
+    p.pool_blocks = grown;
+}
+
+/// One share's token layout on the host: what every placement of it uploads.
+pub(super) struct Layout {
+    entries: Vec<usize>,
+    spans: Vec<Span>,
+    tokens: usize,
+    positions: Vec<i32>,
+    slots: Vec<i32>,
+    query_tables: Vec<i32>,
+    lens: Vec<i32>,
+    pub(super) block_size: usize,
+    max_blocks: usize,
+    /// Blocks the pools must hold (the highest block number used, plus one).
+    pub(super) needed_blocks: usize,
+}
+
+impl Layout {
+    /// The layout of `entries` of `batch`, their blocks renumbered by `local`.
+    pub(super) fn new(
+        batch: &[BatchEntry],
+        tables: &[(usize, Vec<u32>)],
+        entries: Vec<usize>,
+        local: &dyn Fn(u32) -> usize,
+    ) -> Self {
+        let block_size = tables[entries[0]].0;
+        let max_blocks = entries
+            .iter()
+            .map(|&i| tables[i].1.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let (mut spans, mut first) = (Vec::new(), 0);
+        let (mut positions, mut slots, mut query_tables, mut lens) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &i in &entries {
+            let (e, (bs, table)) = (&batch[i], &tables[i]);
+            spans.push(Span {
+                first,
+                len: e.tokens.len(),
+            });
+            first += e.tokens.len();
+            let row: Vec<i32> = table.iter().map(|&b| local(b) as i32).collect();
+            for pos in e.start..e.start + e.tokens.len() {
+                positions.push(pos as i32);
+                slots.push((local(table[pos / bs]) * bs + pos % bs) as i32);
+                query_tables.extend_from_slice(&row);
+                query_tables.resize(query_tables.len() + max_blocks - row.len(), 0);
+                lens.push(pos as i32 + 1);
+            }
+        }
+        let needed_blocks = entries
+            .iter()
+            .flat_map(|&i| tables[i].1.iter())
+            .map(|&b| local(b) + 1)
+            .max()
+            .unwrap_or(0);
+        Layout {
+            entries,
+            spans,
+            tokens: first,
+            positions,
+            slots,
+            query_tables,
+            lens,
+            block_size,
+            max_blocks,
+            needed_blocks,
+        }
+    }
+
+    /// This layout's indices uploaded to `device`.
+    pub(super) fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> Group<O> {
+        Group {
+            device,
+            entries: self.entries.clone(),
+            spans: self.spans.clone(),
+            tokens: self.tokens,
+            positions: ops.upload_ints(&self.positions),
+            slots: ops.upload_ints(&self.slots),
+            blocks: QueryBlocks {
+                tables: ops.upload_ints(&self.query_tables),
+                lens: ops.upload_ints(&self.lens),
+                queries: self.tokens,
+                max_blocks: self.max_blocks,
+                block_size: self.block_size,
+                max_len: self.lens.iter().map(|&l| l as usize).max().unwrap_or(0),
+            },
+        }
+    }
+}
