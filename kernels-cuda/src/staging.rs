@@ -3,9 +3,11 @@
 //! that overlaps the kernels queued behind them. They are ordinary cached host memory
 //! (not write-combined), because the host reads what comes down.
 //!
-//! A [`StagingPool`] keeps two buffers (one hand-off in flight while the previous one is
-//! read) and grows them when a pass needs more; a buffer is returned with the event of
-//! the last copy that touched it and is only reused once that copy is done.
+//! A [`StagingPool`] starts with two buffers (one hand-off in flight while the previous
+//! one is read), grows them when a pass needs more, and keeps as many as an exchange
+//! step between several GPUs has in flight (up to [`KEEP_BYTES`]); a buffer is returned
+//! with the event of the last copy that touched it and is only reused once that copy is
+//! done.
 
 use crate::NoCuda;
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
@@ -134,6 +136,9 @@ impl Drop for Staging {
     }
 }
 
+/// Page-locked bytes a pool keeps for reuse (beyond its two largest buffers).
+pub const KEEP_BYTES: usize = 1 << 30;
+
 /// Two (or more, when hand-offs overlap) staging buffers, pre-allocated and reused.
 pub struct StagingPool {
     ctx: Arc<CudaContext>,
@@ -150,21 +155,39 @@ impl StagingPool {
         })
     }
 
-    /// A buffer of at least `len` values (a free one, grown if too small).
+    /// A buffer of at least `len` values: the smallest free one that fits, else a new
+    /// one.
     pub fn take(&self, len: usize) -> Result<Staging, NoCuda> {
-        let spare = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let spare = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            // `free` is largest first.
+            free.iter()
+                .rposition(|s| s.len() >= len)
+                .map(|i| free.remove(i))
+        };
         match spare {
-            Some(s) if s.len() >= len => Ok(s),
-            _ => Staging::new(&self.ctx, len),
+            Some(s) => Ok(s),
+            None => Staging::new(&self.ctx, len),
         }
     }
 
-    /// Returns a buffer for reuse (its pending copy, if any, is waited for then).
+    /// Returns a buffer for reuse (its pending copy, if any, is waited for then). The
+    /// largest buffers are kept, as many as one exchange step has in flight, up to
+    /// [`KEEP_BYTES`] in all: page-locking memory is slow, so a step that needs a buffer
+    /// per piece it moves should find them already there on the next layer.
     pub fn give(&self, s: Staging) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        // Keep the largest two.
         free.push(s);
         free.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        free.truncate(2);
+        let mut total = 0;
+        let keep = free
+            .iter()
+            .take_while(|s| {
+                total += s.len() * 4;
+                total <= KEEP_BYTES
+            })
+            .count()
+            .max(2);
+        free.truncate(keep);
     }
 }
