@@ -25,25 +25,6 @@ pub(crate) fn blocks_for(n: usize, per: usize) -> u32 {
 }
 
 impl GpuDevice {
-    pub fn rms_norm(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(), NoCuda> {
-        let f = self.function("rms_norm")?;
-        let dim_i = dim as i32;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(x).arg(w).arg(out).arg(&dim_i).arg(&eps);
-        // SAFETY: buffers hold rows * dim values (checked by the callers' shapes).
-        unsafe { b.launch(cfg((rows as u32, 1, 1), (256, 1, 1))) }
-            .map(|_| ())
-            .map_err(|e| launch_err("rms_norm", e))
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub fn rope_yarn(
         &self,

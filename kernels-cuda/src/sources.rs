@@ -16,7 +16,6 @@ pub const MODULES: &[Module] = &[
         name: "elementwise",
         source: include_str!("cu/elementwise.cu"),
         kernels: &[
-            "rms_norm",
             "rope_yarn",
             "silu_mul",
             "scatter_add_rows",

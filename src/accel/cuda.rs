@@ -106,7 +106,7 @@ pub fn data_parallel_on_gpus(
             None
         }
     };
-    let mut whole = Resident::on_devices(gpus, None, None);
+    let mut whole = Resident::on_devices(gpus);
     if let Some(f) = fabric {
         whole = whole.with_fabric(Arc::new(f));
     }

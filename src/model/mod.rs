@@ -18,6 +18,7 @@ use crate::weights::{Checkpoint, LinearWeight, WeightLoader, WeightsError};
 pub use rope::Rope;
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -48,6 +49,17 @@ pub enum AttentionForm {
 pub enum Logits {
     All,
     Last,
+}
+
+impl Logits {
+    /// Which of an entry's rows `first..first + len` get logits when it asks for `wanted`.
+    pub(crate) fn rows(wanted: Option<Logits>, first: usize, len: usize) -> Range<usize> {
+        match wanted {
+            Some(Logits::All) => first..first + len,
+            Some(Logits::Last) => first + len - 1..first + len,
+            None => first..first,
+        }
+    }
 }
 
 pub enum QueryProj {
@@ -493,11 +505,7 @@ impl Model {
         // lm_head once over every row that needs logits.
         let mut rows = Vec::new();
         for (e, s) in batch.iter().zip(&seqs) {
-            match e.logits {
-                Some(Logits::All) => rows.extend(s.first..s.first + s.len),
-                Some(Logits::Last) => rows.push(s.first + s.len - 1),
-                None => {}
-            }
+            rows.extend(Logits::rows(e.logits, s.first, s.len));
         }
         let mut picked = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
@@ -512,11 +520,7 @@ impl Model {
         let mut out = Vec::with_capacity(batch.len());
         let mut next = 0;
         for (e, s) in batch.iter().zip(&seqs) {
-            let count = match e.logits {
-                Some(Logits::All) => s.len,
-                Some(Logits::Last) => 1,
-                None => 0,
-            };
+            let count = Logits::rows(e.logits, 0, s.len).len();
             out.push(
                 e.logits
                     .map(|_| all[next * vocab..(next + count) * vocab].to_vec()),
@@ -626,23 +630,12 @@ impl Model {
                 .collect();
             // q~_h = q_nope_h W_UK_h (c values), followed by q_pe_h: one MQA query of
             // width c + dr against the latent cache; values are the c_kv latents.
-            let mut q_lat = vec![0.0f32; m * heads * width];
-            let mut q_nope = vec![0.0f32; m * dn];
-            let mut folded = vec![0.0f32; m * c];
-            for hd in 0..heads {
-                for (i, &t) in rows.iter().enumerate() {
-                    let src = (t * heads + hd) * dq;
-                    q_nope[i * dn..(i + 1) * dn].copy_from_slice(&q[src..src + dn]);
-                }
-                let uk = hd * kv_b_rows..hd * kv_b_rows + dn;
-                backend.linear_transposed(&a.kv_b, uk, &q_nope, &mut folded);
-                for (i, &t) in rows.iter().enumerate() {
-                    let dst = (i * heads + hd) * width;
-                    q_lat[dst..dst + c].copy_from_slice(&folded[i * c..(i + 1) * c]);
-                    let src = (t * heads + hd) * dq + dn;
-                    q_lat[dst + c..dst + width].copy_from_slice(&q[src..src + dr]);
-                }
+            let dims = MlaDims::of(cfg);
+            let mut q_rows = Vec::with_capacity(m * heads * dq);
+            for &t in &rows {
+                q_rows.extend_from_slice(&q[t * heads * dq..(t + 1) * heads * dq]);
             }
+            let q_lat = absorb_queries(backend, &a.kv_b, &q_rows, dims, m);
             let mut o_lat = vec![0.0f32; m * heads * c];
             let mut done = 0;
             for &(seq, s) in &absorbed {
@@ -670,19 +663,10 @@ impl Model {
                 done += s.len;
             }
             // o_h = W_UV_h o_lat_h
-            let mut lat_h = vec![0.0f32; m * c];
-            let mut v_h = vec![0.0f32; m * dv];
-            for hd in 0..heads {
-                for i in 0..m {
-                    let src = (i * heads + hd) * c;
-                    lat_h[i * c..(i + 1) * c].copy_from_slice(&o_lat[src..src + c]);
-                }
-                let uv = hd * kv_b_rows + dn..(hd + 1) * kv_b_rows;
-                backend.linear(&a.kv_b, uv, &lat_h, &mut v_h);
-                for (i, &t) in rows.iter().enumerate() {
-                    let dst = (t * heads + hd) * dv;
-                    heads_out[dst..dst + dv].copy_from_slice(&v_h[i * dv..(i + 1) * dv]);
-                }
+            let v = expand_values(backend, &a.kv_b, &o_lat, dims, m);
+            for (i, &t) in rows.iter().enumerate() {
+                heads_out[t * heads * dv..(t + 1) * heads * dv]
+                    .copy_from_slice(&v[i * heads * dv..(i + 1) * heads * dv]);
             }
         }
 
@@ -816,6 +800,105 @@ impl Model {
     }
 }
 
+/// Widths of the absorbed MLA computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaDims {
+    pub heads: usize,
+    /// qk_nope_head_dim
+    pub nope: usize,
+    /// qk_rope_head_dim
+    pub rope: usize,
+    /// v_head_dim
+    pub v: usize,
+    /// kv_lora_rank
+    pub latent: usize,
+}
+
+impl MlaDims {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        MlaDims {
+            heads: cfg.num_attention_heads,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            v: cfg.v_head_dim,
+            latent: cfg.kv_lora_rank,
+        }
+    }
+
+    /// Values per cached token: the latent and the rotated key part.
+    pub fn width(&self) -> usize {
+        self.latent + self.rope
+    }
+
+    /// Query values per head.
+    pub fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+
+    /// Rows of kv_b per head: W_UK (nope rows) then W_UV (v rows).
+    pub fn kv_b_rows(&self) -> usize {
+        self.nope + self.v
+    }
+}
+
+/// Absorbed queries `[tokens, heads, latent + rope]` from `q` `[tokens, heads, nope +
+/// rope]`: per head `[q_nope · W_UK_h | q_pe]`, folding every token's head through one
+/// transposed product over that head's band of `kv_b`.
+pub(crate) fn absorb_queries(
+    backend: &dyn Backend,
+    kv_b: &LinearWeight,
+    q: &[f32],
+    d: MlaDims,
+    tokens: usize,
+) -> Vec<f32> {
+    let (width, qk) = (d.width(), d.qk());
+    let mut out = vec![0.0f32; tokens * d.heads * width];
+    let mut nope = vec![0.0f32; tokens * d.nope];
+    let mut folded = vec![0.0f32; tokens * d.latent];
+    for h in 0..d.heads {
+        for t in 0..tokens {
+            let src = (t * d.heads + h) * qk;
+            nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
+        }
+        let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
+        backend.linear_transposed(kv_b, uk, &nope, &mut folded);
+        for t in 0..tokens {
+            let dst = (t * d.heads + h) * width;
+            out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
+            let src = (t * d.heads + h) * qk + d.nope;
+            out[dst + d.latent..dst + width].copy_from_slice(&q[src..src + d.rope]);
+        }
+    }
+    out
+}
+
+/// Per head `W_UV_h · o_h`: values `[tokens, heads, v]` from attended latents `[tokens,
+/// heads, latent]`.
+pub(crate) fn expand_values(
+    backend: &dyn Backend,
+    kv_b: &LinearWeight,
+    o: &[f32],
+    d: MlaDims,
+    tokens: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; tokens * d.heads * d.v];
+    let mut lat = vec![0.0f32; tokens * d.latent];
+    let mut v = vec![0.0f32; tokens * d.v];
+    for h in 0..d.heads {
+        for t in 0..tokens {
+            let src = (t * d.heads + h) * d.latent;
+            lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
+        }
+        let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
+        backend.linear(kv_b, uv, &lat, &mut v);
+        for t in 0..tokens {
+            let dst = (t * d.heads + h) * d.v;
+            out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
+        }
+    }
+    out
+}
+
 /// RMSNorm over rows of `w.len()` values: `x * rsqrt(mean(x^2) + eps) * w`, in f32.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
@@ -831,7 +914,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// The (expert, tokens) pairs of the experts some token visits, in expert order.
-fn expert_work<'a>(
+pub(crate) fn expert_work<'a>(
     experts: &'a [FfnWeights],
     per_expert: &'a [Vec<(usize, f32)>],
 ) -> Vec<(&'a FfnWeights, &'a [(usize, f32)])> {

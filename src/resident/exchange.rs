@@ -1,30 +1,21 @@
-//! Routed experts over several devices: each token's hidden state goes to the devices
-//! (and, in hybrid mode, the host) that hold the experts it is routed to, each owner
-//! computes its experts over all the tokens sent to it at once, and the weighted sums
-//! come back to the token's own device.
+//! Routed experts over several devices (data-parallel attention): each token's hidden
+//! state goes to the devices that hold the experts it is routed to, each owner computes
+//! its experts over all the tokens sent to it at once, and the weighted sums come back
+//! to the token's own device.
 //!
 //! Between devices the rows move through the pass's [`Fabric`](super::Fabric): host
 //! memory by default, NCCL peer-to-peer where the GPUs have it. Each group gathers what
 //! it sends in one kernel and each owner joins what it receives, so every move is one
 //! contiguous buffer, and every owner's work is queued before any result is awaited.
-//! Host experts (hybrid over several devices) get the groups' rows through page-locked
-//! downloads started before the device exchange is queued.
 
 use super::layout::Group;
-use super::pass::{work, Prepared, Resident};
+use super::pass::{Prepared, Resident};
 use super::DeviceOps;
-use crate::model::{Ffn, Model, RouteObserver};
+use crate::model::{expert_work, Ffn, Model, RouteObserver};
 use std::collections::{BTreeMap, HashMap};
 
-/// Where a routed expert runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Owner {
-    Device(usize),
-    Host,
-}
-
-/// The tokens one owner computes: rows `(group, token)` in the order they are sent, and
-/// per expert the `(row, weight)` pairs routed to it.
+/// The tokens one device computes: rows `(group, token)` in the order they are sent,
+/// and per expert the `(row, weight)` pairs routed to it.
 struct Shipment {
     rows: Vec<(usize, usize)>,
     index: HashMap<(usize, usize), usize>,
@@ -47,27 +38,6 @@ impl Shipment {
             self.rows.push((group, token));
         }
         self.per_expert[expert].push((row, weight));
-    }
-
-    /// The shipped rows gathered from the groups' host copies.
-    fn gather(&self, hosts: &[Vec<f32>], h: usize) -> Vec<f32> {
-        let mut x = Vec::with_capacity(self.rows.len() * h);
-        for &(g, t) in &self.rows {
-            x.extend_from_slice(&hosts[g][t * h..(t + 1) * h]);
-        }
-        x
-    }
-
-    /// Adds an owner's row sums into the groups' host sums.
-    fn scatter(&self, y: &[f32], sums: &mut [Vec<f32>], h: usize) {
-        for (r, &(g, t)) in self.rows.iter().enumerate() {
-            for (a, b) in sums[g][t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&y[r * h..(r + 1) * h])
-            {
-                *a += b;
-            }
-        }
     }
 }
 
@@ -116,8 +86,8 @@ pub(super) fn exchange_experts<O: DeviceOps>(
         })
         .collect();
 
-    // Who computes what.
-    let mut shipments: BTreeMap<Owner, Shipment> = BTreeMap::new();
+    // Who computes what: shipments per owning device, in device order.
+    let mut shipments: BTreeMap<usize, Shipment> = BTreeMap::new();
     for (gi, routes) in routes.iter().enumerate() {
         for (t, route) in routes.iter().enumerate() {
             on_route(l, route);
@@ -126,49 +96,13 @@ pub(super) fn exchange_experts<O: DeviceOps>(
                     continue;
                 };
                 shipments
-                    .entry(r.owner(f))
+                    .entry(r.expert_device(f))
                     .or_insert_with(|| Shipment::new(moe.experts.len()))
                     .add(gi, t, e, w);
             }
         }
     }
-    // Hybrid: the host's rows start down before the devices' exchange is queued.
-    let host_part = shipments.remove(&Owner::Host).map(|s| {
-        let started: Vec<_> = groups
-            .iter()
-            .zip(xns)
-            .map(|(g, xn)| {
-                r.count(|a| a.copy_to_host((g.tokens * h * 4) as u64));
-                r.device(g.device).begin_download(xn)
-            })
-            .collect();
-        (s, started)
-    });
     device_owners(r, moe, groups, xns, &shipments, &mut outs, h);
-    if let Some((s, started)) = host_part {
-        // The host's experts, while the devices compute theirs.
-        let hosts: Vec<Vec<f32>> = groups
-            .iter()
-            .zip(started)
-            .map(|(g, d)| {
-                let mut x = vec![0.0f32; g.tokens * h];
-                r.device(g.device).finish_download(d, &mut x);
-                x
-            })
-            .collect();
-        if let Some(host) = r.host() {
-            let x = s.gather(&hosts, h);
-            let mut y = vec![0.0f32; s.rows.len() * h];
-            host.moe_accumulate(&work(&moe.experts, &s.per_expert), &x, &mut y);
-            let mut sums: Vec<Vec<f32>> =
-                groups.iter().map(|g| vec![0.0f32; g.tokens * h]).collect();
-            s.scatter(&y, &mut sums, h);
-            for ((g, out), sum) in groups.iter().zip(outs.iter_mut()).zip(&sums) {
-                let ops = r.device(g.device);
-                ops.add(out, &r.upload_handoff(ops, sum));
-            }
-        }
-    }
     outs
 }
 
@@ -182,17 +116,11 @@ fn device_owners<O: DeviceOps>(
     moe: &crate::model::Moe,
     groups: &[&Group<O>],
     xns: &[O::Buf],
-    shipments: &BTreeMap<Owner, Shipment>,
+    shipments: &BTreeMap<usize, Shipment>,
     outs: &mut [O::Buf],
     h: usize,
 ) {
-    let owners: Vec<(usize, &Shipment)> = shipments
-        .iter()
-        .filter_map(|(o, s)| match o {
-            Owner::Device(d) => Some((*d, s)),
-            Owner::Host => None,
-        })
-        .collect();
+    let owners: Vec<(usize, &Shipment)> = shipments.iter().map(|(&d, s)| (d, s)).collect();
     // tokens[gi][k]: group gi's tokens sent to owners[k], in the owner's row order.
     let tokens: Vec<Vec<Vec<usize>>> = (0..groups.len())
         .map(|gi| {
@@ -240,7 +168,7 @@ fn device_owners<O: DeviceOps>(
         let ops = r.device(*d);
         let x = ops.concat(&parts);
         let mut y = ops.zeros(s.rows.len() * h);
-        ops.experts_accumulate(&work(&moe.experts, &s.per_expert), &x, &mut y);
+        ops.experts_accumulate(&expert_work(&moe.experts, &s.per_expert), &x, &mut y);
         let lens: Vec<usize> = (0..groups.len())
             .map(|gi| tokens[gi][k].len() * h)
             .filter(|&n| n > 0)

@@ -24,6 +24,7 @@ mod layout;
 mod pass;
 pub mod twin;
 
+pub use crate::model::MlaDims;
 pub use pass::Resident;
 
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
@@ -32,47 +33,6 @@ use crate::model::{router, BatchEntry, LatentStore, Model, ModelError, RouteObse
 use crate::weights::LinearWeight;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// Widths of the absorbed MLA computation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MlaDims {
-    pub heads: usize,
-    /// qk_nope_head_dim
-    pub nope: usize,
-    /// qk_rope_head_dim
-    pub rope: usize,
-    /// v_head_dim
-    pub v: usize,
-    /// kv_lora_rank
-    pub latent: usize,
-}
-
-impl MlaDims {
-    pub fn of(cfg: &ModelConfig) -> Self {
-        MlaDims {
-            heads: cfg.num_attention_heads,
-            nope: cfg.qk_nope_head_dim,
-            rope: cfg.qk_rope_head_dim,
-            v: cfg.v_head_dim,
-            latent: cfg.kv_lora_rank,
-        }
-    }
-
-    /// Values per cached token: the latent and the rotated key part.
-    pub fn width(&self) -> usize {
-        self.latent + self.rope
-    }
-
-    /// Query values per head.
-    pub fn qk(&self) -> usize {
-        self.nope + self.rope
-    }
-
-    /// Rows of kv_b per head: W_UK (nope rows) then W_UV (v rows).
-    pub fn kv_b_rows(&self) -> usize {
-        self.nope + self.v
-    }
-}
 
 /// Where the queries of one pass read their keys: per query, its sequence's block table
 /// (padded to `max_blocks`) and how many latents it attends to (its position + 1).
@@ -109,7 +69,6 @@ pub trait DeviceOps: Send + Sync {
     /// One layer's latent cache, `[blocks, block_size, width]`, f32 or BF16.
     type Pool: Send;
 
-    fn label(&self) -> String;
     fn upload(&self, x: &[f32]) -> Self::Buf;
     fn upload_ints(&self, x: &[i32]) -> Self::Ints;
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -151,8 +110,16 @@ pub trait DeviceOps: Send + Sync {
         dim: usize,
         eps: f32,
     );
-    /// Token embeddings: rows `ids` of the table.
-    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Self::Buf;
+    /// Token embeddings: rows `ids` of the table, decoded on the host (n x hidden values
+    /// go up, where keeping the table on a device would cost its whole size there).
+    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Self::Buf {
+        let h = table.cols();
+        let mut x = vec![0.0f32; ids.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
+            table.decode_row(id as usize, row);
+        }
+        self.upload(&x)
+    }
     /// `y = x Wᵀ` over all rows of `w`, `x` holding `tokens` rows.
     fn linear(&self, w: &LinearWeight, x: &Self::Buf, tokens: usize) -> Self::Buf;
     /// Rotary embedding (the model's YaRN tables) at `positions`, in place.

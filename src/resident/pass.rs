@@ -10,14 +10,14 @@
 //! on the device of each sequence, and every routed expert runs on the device its plan
 //! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
 
-use super::exchange::{exchange_experts, Owner};
+use super::exchange::exchange_experts;
 use super::layout::{ensure_pools, Group, Layout};
 use super::{DeviceOps, DeviceRope, Fabric, MlaDims, RopeLayout, ThroughHost, WholeForward};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
 use crate::model::{
-    BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj, RouteObserver,
+    expert_work, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj, RouteObserver,
 };
 use std::sync::{Arc, Mutex};
 
@@ -49,9 +49,10 @@ impl<O: DeviceOps> Prepared<O> {
     }
 }
 
-/// The resident forward pass over one or more devices. With `host` (hybrid mode), routed
-/// experts without a GPU in the plan run on `host` from host RAM; otherwise every expert
-/// runs on a device (the one its plan names, or the first).
+/// The resident forward pass over one or more devices. With `host` (hybrid mode: one
+/// device, or a pipeline), routed experts without a GPU in the plan run on `host` from
+/// host RAM; otherwise every expert runs on a device (the one its plan names, or the
+/// first).
 pub struct Resident<O: DeviceOps> {
     devices: Vec<Arc<O>>,
     host: Option<Arc<dyn Backend>>,
@@ -68,19 +69,25 @@ pub struct Resident<O: DeviceOps> {
 }
 
 impl<O: DeviceOps> Resident<O> {
-    /// On one device.
+    /// On one device; with `host` (hybrid), the experts the plan leaves in host RAM run
+    /// there, their hand-off bytes counted on `accounting`.
     pub fn new(
         ops: Arc<O>,
         host: Option<Arc<dyn Backend>>,
         accounting: Option<Arc<dyn Accelerator>>,
     ) -> Self {
-        Self::on_devices(vec![ops], host, accounting)
+        Self::build(vec![ops], None, host, accounting)
     }
 
-    /// On several devices (data-parallel attention, experts on their plan's device);
-    /// `host` computes the experts the plan leaves in host RAM.
-    pub fn on_devices(
+    /// On several devices with data-parallel attention (all-GPU plans): each routed
+    /// expert runs on its plan's device.
+    pub fn on_devices(devices: Vec<Arc<O>>) -> Self {
+        Self::build(devices, None, None, None)
+    }
+
+    fn build(
         devices: Vec<Arc<O>>,
+        layer_devices: Option<Vec<usize>>,
         host: Option<Arc<dyn Backend>>,
         accounting: Option<Arc<dyn Accelerator>>,
     ) -> Self {
@@ -94,7 +101,7 @@ impl<O: DeviceOps> Resident<O> {
             host,
             accounting,
             host_worker,
-            layer_devices: None,
+            layer_devices,
             fabric: Arc::new(ThroughHost),
             state: Mutex::new(None),
         }
@@ -125,9 +132,8 @@ impl<O: DeviceOps> Resident<O> {
         accounting: Option<Arc<dyn Accelerator>>,
     ) -> Self {
         let d = devices.len().max(1);
-        let mut r = Self::on_devices(devices, host, accounting);
-        r.layer_devices = Some(layer_devices.into_iter().map(|g| g % d).collect());
-        r
+        let layer_devices = layer_devices.into_iter().map(|g| g % d).collect();
+        Self::build(devices, Some(layer_devices), host, accounting)
     }
 
     /// The device that runs layer `l` for a share placed on `home`.
@@ -171,20 +177,18 @@ impl<O: DeviceOps> Resident<O> {
         }
     }
 
-    /// Where routed expert `f` runs.
-    pub(super) fn owner(&self, f: &FfnWeights) -> Owner {
-        match (f.gpu, &self.host) {
-            (None, Some(_)) => Owner::Host,
-            (gpu, _) => Owner::Device(gpu.unwrap_or(0) % self.devices.len()),
-        }
+    /// Whether routed expert `f` runs on the host (hybrid mode, no GPU in the plan).
+    fn on_host(&self, f: &FfnWeights) -> bool {
+        self.host.is_some() && f.gpu.is_none()
+    }
+
+    /// The device routed expert `f` runs on when several devices share the experts.
+    pub(super) fn expert_device(&self, f: &FfnWeights) -> usize {
+        f.gpu.unwrap_or(0) % self.devices.len()
     }
 
     pub(super) fn device(&self, g: usize) -> &O {
         &self.devices[g]
-    }
-
-    pub(super) fn host(&self) -> Option<&Arc<dyn Backend>> {
-        self.host.as_ref()
     }
 }
 
@@ -426,11 +430,7 @@ impl<O: DeviceOps> Resident<O> {
             let ops = self.devices[g.device].as_ref();
             let mut rows = Vec::new();
             for (&i, s) in g.entries.iter().zip(&g.spans) {
-                match batch[i].logits {
-                    Some(Logits::All) => rows.extend(s.first..s.first + s.len),
-                    Some(Logits::Last) => rows.push(s.first + s.len - 1),
-                    None => {}
-                }
+                rows.extend(Logits::rows(batch[i].logits, s.first, s.len));
             }
             let mut all = vec![0.0f32; rows.len() * vocab];
             if !rows.is_empty() {
@@ -442,11 +442,7 @@ impl<O: DeviceOps> Resident<O> {
             }
             let mut next = 0;
             for (&i, s) in g.entries.iter().zip(&g.spans) {
-                let count = match batch[i].logits {
-                    Some(Logits::All) => s.len,
-                    Some(Logits::Last) => 1,
-                    None => 0,
-                };
+                let count = Logits::rows(batch[i].logits, 0, s.len).len();
                 out[i] = batch[i]
                     .logits
                     .map(|_| all[next * vocab..(next + count) * vocab].to_vec());
@@ -493,7 +489,7 @@ impl<O: DeviceOps> Resident<O> {
                 let Some(f) = moe.experts.get(expert) else {
                     continue;
                 };
-                let list = if self.owner(f) != Owner::Host {
+                let list = if !self.on_host(f) {
                     &mut device_tokens
                 } else if deferred.contains(&expert) {
                     &mut later_tokens
@@ -503,14 +499,14 @@ impl<O: DeviceOps> Resident<O> {
                 list[expert].push((t, weight));
             }
         }
-        let ships = moe.experts.iter().any(|f| self.owner(f) == Owner::Host);
+        let ships = moe.experts.iter().any(|f| self.on_host(f));
         let download = ships.then(|| {
             self.count(|a| a.copy_to_host((n * h * 4) as u64));
             ops.begin_download(xn)
         });
         // The device's experts and the shared expert, queued while the host works.
         let mut out = ops.zeros(n * h);
-        ops.experts_accumulate(&work(&moe.experts, &device_tokens), xn, &mut out);
+        ops.experts_accumulate(&expert_work(&moe.experts, &device_tokens), xn, &mut out);
         if let Some(shared) = &moe.shared {
             let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
             ops.ffn_accumulate(shared, xn, &all, &mut out);
@@ -521,13 +517,18 @@ impl<O: DeviceOps> Resident<O> {
         let mut host_x = vec![0.0f32; n * h];
         ops.finish_download(download, &mut host_x);
         let mut host_out = vec![0.0f32; n * h];
-        host.moe_accumulate(&work(&moe.experts, &host_tokens), &host_x, &mut host_out);
+        host.moe_accumulate(
+            &expert_work(&moe.experts, &host_tokens),
+            &host_x,
+            &mut host_out,
+        );
         // Experts deferred to the next layer run on the host worker, overlapping the
         // device's next attention block.
-        let later_work: Vec<(FfnWeights, Vec<(usize, f32)>)> = work(&moe.experts, &later_tokens)
-            .into_iter()
-            .map(|(f, t)| (f.clone(), t.to_vec()))
-            .collect();
+        let later_work: Vec<(FfnWeights, Vec<(usize, f32)>)> =
+            expert_work(&moe.experts, &later_tokens)
+                .into_iter()
+                .map(|(f, t)| (f.clone(), t.to_vec()))
+                .collect();
         let later = (!later_work.is_empty()).then(|| {
             let host = host.clone();
             let compute = move || {
@@ -552,12 +553,12 @@ impl<O: DeviceOps> Resident<O> {
     }
 
     /// Host results back to a device, counted as hand-off bytes.
-    pub(super) fn upload_handoff(&self, ops: &O, x: &[f32]) -> O::Buf {
+    fn upload_handoff(&self, ops: &O, x: &[f32]) -> O::Buf {
         self.count(|a| a.copy_to_device((x.len() * 4) as u64));
         ops.upload_staged(x)
     }
 
-    pub(super) fn count(&self, f: impl FnOnce(&dyn Accelerator)) {
+    fn count(&self, f: impl FnOnce(&dyn Accelerator)) {
         if let Some(a) = &self.accounting {
             f(a.as_ref());
         }
@@ -621,17 +622,4 @@ fn attention<O: DeviceOps>(
     let o_lat = ops.mla(&q_lat, &p.pools[l], &g.blocks, dims, cfg.softmax_scale());
     let v = ops.expand_values(&a.kv_b, &o_lat, dims, n);
     ops.linear(&a.o, &v, n)
-}
-
-/// The (expert, tokens) pairs of the experts some token visits, in expert order.
-pub(super) fn work<'a>(
-    experts: &'a [FfnWeights],
-    tokens: &'a [Vec<(usize, f32)>],
-) -> Vec<(&'a FfnWeights, &'a [(usize, f32)])> {
-    experts
-        .iter()
-        .zip(tokens)
-        .filter(|(_, t)| !t.is_empty())
-        .map(|(f, t)| (f, t.as_slice()))
-        .collect()
 }

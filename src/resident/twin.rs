@@ -54,10 +54,6 @@ impl DeviceOps for TwinOps {
     type Download = Vec<f32>;
     type Pool = TwinPool;
 
-    fn label(&self) -> String {
-        format!("host twin ({})", self.backend.name())
-    }
-
     fn upload(&self, x: &[f32]) -> Vec<f32> {
         x.to_vec()
     }
@@ -152,15 +148,6 @@ impl DeviceOps for TwinOps {
         }
     }
 
-    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Vec<f32> {
-        let h = table.cols();
-        let mut x = vec![0.0f32; ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
-            table.decode_row(id as usize, row);
-        }
-        x
-    }
-
     fn linear(&self, w: &LinearWeight, x: &Vec<f32>, tokens: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; tokens * w.rows()];
         self.backend.linear(w, 0..w.rows(), x, &mut y);
@@ -203,25 +190,7 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         tokens: usize,
     ) -> Vec<f32> {
-        let (width, qk) = (d.width(), d.qk());
-        let mut out = vec![0.0f32; tokens * d.heads * width];
-        let mut nope = vec![0.0f32; tokens * d.nope];
-        let mut folded = vec![0.0f32; tokens * d.latent];
-        for h in 0..d.heads {
-            for t in 0..tokens {
-                let src = (t * d.heads + h) * qk;
-                nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
-            }
-            let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
-            self.backend.linear_transposed(kv_b, uk, &nope, &mut folded);
-            for t in 0..tokens {
-                let dst = (t * d.heads + h) * width;
-                out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
-                let src = (t * d.heads + h) * qk + d.nope;
-                out[dst + d.latent..dst + width].copy_from_slice(&q[src..src + d.rope]);
-            }
-        }
-        out
+        crate::model::absorb_queries(self.backend.as_ref(), kv_b, q, d, tokens)
     }
 
     fn mla(
@@ -276,22 +245,7 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         tokens: usize,
     ) -> Vec<f32> {
-        let mut out = vec![0.0f32; tokens * d.heads * d.v];
-        let mut lat = vec![0.0f32; tokens * d.latent];
-        let mut v = vec![0.0f32; tokens * d.v];
-        for h in 0..d.heads {
-            for t in 0..tokens {
-                let src = (t * d.heads + h) * d.latent;
-                lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
-            }
-            let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
-            self.backend.linear(kv_b, uv, &lat, &mut v);
-            for t in 0..tokens {
-                let dst = (t * d.heads + h) * d.v;
-                out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
-            }
-        }
-        out
+        crate::model::expand_values(self.backend.as_ref(), kv_b, o, d, tokens)
     }
 
     fn route(

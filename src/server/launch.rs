@@ -171,7 +171,7 @@ fn simulated(
     };
     let whole = match layout {
         GpuLayout::Whole => Resident::new(twins[0].clone(), None, None),
-        GpuLayout::DataParallel => Resident::on_devices(twins, None, None),
+        GpuLayout::DataParallel => Resident::on_devices(twins),
         GpuLayout::TensorParallel => {
             let devices = (0..n).map(|_| host.clone()).collect();
             let ep = ExpertParallel::new(devices, model)
@@ -246,7 +246,7 @@ pub fn place(
         (None, None) => {
             return Ok(Placement {
                 plan: None,
-                gpus: Gpus::Simulated(0),
+                gpus: Gpus::Cuda(Vec::new()),
             })
         }
     };

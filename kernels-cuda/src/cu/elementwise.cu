@@ -1,17 +1,5 @@
 // RMSNorm, YaRN RoPE on interleaved pairs, SiLU-gated product, embedding gather.
 
-// One block per row: out = x * rsqrt(mean(x^2) + eps) * w.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
-    __shared__ float scratch[32];
-    const float* row = x + (size_t)blockIdx.x * dim;
-    float* o = out + (size_t)blockIdx.x * dim;
-    float acc = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) acc += row[i] * row[i];
-    float total = block_sum(acc, scratch);
-    float inv = rsqrtf(total / (float)dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = row[i] * inv * w[i];
-}
-
 // Rotates pairs (2i, 2i+1) of the `2 * half` values at `offset` in every (token, head):
 // element (t, h, d) is x[t * token_stride + h * head_stride + offset + d].
 extern "C" __global__ void rope_yarn(float* x, const int* positions, const float* inv_freq,

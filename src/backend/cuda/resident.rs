@@ -83,10 +83,6 @@ impl DeviceOps for CudaBackend {
     type Download = (Staging, usize);
     type Pool = DevicePool;
 
-    fn label(&self) -> String {
-        self.gpu.name.clone()
-    }
-
     fn upload(&self, x: &[f32]) -> CudaSlice<f32> {
         device("an upload", self.gpu.upload("values", x))
     }
@@ -136,17 +132,17 @@ impl DeviceOps for CudaBackend {
 
     fn grow_pool(&self, pool: &DevicePool, len: usize) -> DevicePool {
         let s = &self.gpu.stream;
-        let grown = self.pool(len, matches!(pool, DevicePool::Bf16(_)));
-        match (pool, grown) {
-            (DevicePool::F32(x), DevicePool::F32(mut g)) => {
+        match pool {
+            DevicePool::F32(x) => {
+                let mut g = self.zeros(len);
                 keep_prefix(s, x, &mut g);
                 DevicePool::F32(g)
             }
-            (DevicePool::Bf16(x), DevicePool::Bf16(mut g)) => {
+            DevicePool::Bf16(x) => {
+                let mut g = device("a latent pool", self.gpu.zeros::<u16>("pool", len));
                 keep_prefix(s, x, &mut g);
                 DevicePool::Bf16(g)
             }
-            (_, g) => g,
         }
     }
 
@@ -235,17 +231,6 @@ impl DeviceOps for CudaBackend {
             "rms_norm",
             self.gpu.rms_norm_rows(x, w, rows, dim, stride, eps),
         );
-    }
-
-    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> CudaSlice<f32> {
-        // Rows decoded on the host: n x hidden values cross, where keeping the table on
-        // the device would cost its whole size in GPU memory.
-        let h = table.cols();
-        let mut x = vec![0.0f32; ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
-            table.decode_row(id as usize, row);
-        }
-        self.upload(&x)
     }
 
     fn linear(&self, w: &LinearWeight, x: &CudaSlice<f32>, tokens: usize) -> CudaSlice<f32> {
