@@ -19,7 +19,7 @@ use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::resident::twin::TwinOps;
-use kimi_hybrid::resident::{Resident, ResidentBackend};
+use kimi_hybrid::resident::{HeadSplit, Resident, ResidentBackend};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -224,23 +224,115 @@ fn twins(n: usize) -> Vec<Arc<TwinOps>> {
     (0..n).map(|_| Arc::new(TwinOps::new(exact()))).collect()
 }
 
-/// The b200x8 plan (all-GPU, data-parallel attention) applied to a fixture's model.
-fn on_b200x8(name: &str) -> (Model, kimi_hybrid::placement::Plan) {
+/// The b200x8 plan (all-GPU, data-parallel attention, or tensor-parallel when
+/// `tensor_parallel`) applied to a fixture's model.
+fn on_b200x8(name: &str, tensor_parallel: bool) -> (Model, kimi_hybrid::placement::Plan) {
+    use kimi_hybrid::placement::profile::AttentionParallel;
     use kimi_hybrid::placement::{plan, ModelDesc, Profile};
     let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
     let profile = Profile::resolve("b200x8").expect("profile");
+    let mut workload = profile.workload.clone();
+    if tensor_parallel {
+        workload.attention = AttentionParallel::Tp;
+    }
     let p = plan(
         &ModelDesc::from_checkpoint(&ckpt),
         &profile,
-        &profile.workload,
+        &workload,
         None,
     );
     assert!(p.feasible, "{name}: {:?}", p.problems);
     assert_eq!(p.layout, "all-gpu");
-    assert_eq!(p.workload.attention.as_deref(), Some("dp"));
+    let want = if tensor_parallel { "tp" } else { "dp" };
+    assert_eq!(p.workload.attention.as_deref(), Some(want));
     let mut model = Model::load(&ckpt).expect("model");
     model.apply_plan(&p);
     (model, p)
+}
+
+/// Checks that every routed expert a stand-in device computed is one the plan gave it
+/// (the plan's GPU modulo the devices there are); returns how many devices computed
+/// experts.
+fn experts_on_their_devices(name: &str, model: &Model, devices: &[Arc<TwinOps>]) -> usize {
+    let mut computed = 0;
+    for (index, d) in devices.iter().enumerate() {
+        let log = d.log();
+        computed += usize::from(!log.experts.is_empty());
+        for &(l, e) in &log.experts {
+            let placed = match &model.layers[l].ffn {
+                kimi_hybrid::model::Ffn::Moe(m) => m.experts[e].gpu,
+                kimi_hybrid::model::Ffn::Dense(_) => None,
+            };
+            assert_eq!(
+                placed.map(|g| g % devices.len()),
+                Some(index),
+                "{name}: expert ({l}, {e}) ran off its device"
+            );
+        }
+    }
+    computed
+}
+
+/// Three prompts of a golden fixture's: its own, reversed, and its first half.
+fn three_prompts(name: &str) -> Vec<Vec<u32>> {
+    let g = golden(name);
+    vec![
+        g.prompt_ids.clone(),
+        g.prompt_ids.iter().rev().copied().collect(),
+        g.prompt_ids[..g.prompt_ids.len() / 2].to_vec(),
+    ]
+}
+
+/// Prefills `prompts` together and decodes two greedy steps, each sequence's blocks
+/// `tables`; per sequence, the last logits of each of the three passes.
+fn prefill_and_two_steps(
+    model: &Model,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    store: &mut PagedBatch,
+) -> Vec<Vec<Vec<f32>>> {
+    let mut last: Vec<Vec<f32>> = Vec::new();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    for step in 0..3 {
+        let next: Vec<[u32; 1]> = last.iter().map(|l| [argmax(l)]).collect();
+        let batch: Vec<BatchEntry> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| BatchEntry {
+                tokens: if step == 0 { prompt } else { &next[i] },
+                start: if step == 0 {
+                    0
+                } else {
+                    prompt.len() + step - 1
+                },
+                logits: Some(Logits::Last),
+            })
+            .collect();
+        last = last_logits(model, backend, &batch, store);
+        for (i, l) in last.iter().enumerate() {
+            got[i].push(l.clone());
+        }
+    }
+    got
+}
+
+/// The largest difference between each sequence's logits from
+/// [`prefill_and_two_steps`] and the same sequence alone on the exact CPU path.
+fn worst_vs_alone(model: &Model, prompts: &[Vec<u32>], got: &[Vec<Vec<f32>>]) -> f32 {
+    let vocab = model.config.vocab_size;
+    let cpu = exact();
+    let mut worst = 0.0f32;
+    for (prompt, got) in prompts.iter().zip(got) {
+        let alone = prefill_and_three_steps(model, cpu.as_ref(), prompt);
+        let at = alone.len() - 4 * vocab;
+        for (k, l) in got.iter().enumerate() {
+            worst = worst.max(max_abs_diff(
+                l,
+                &alone[at + k * vocab..at + (k + 1) * vocab],
+            ));
+        }
+    }
+    worst
 }
 
 /// Data-parallel attention and expert-parallel experts over eight stand-in devices:
@@ -252,13 +344,8 @@ fn on_b200x8(name: &str) -> (Model, kimi_hybrid::placement::Plan) {
 fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
     let cpu = exact();
     for name in FIXTURES {
-        let (model, p) = on_b200x8(name);
-        let g = golden(name);
-        let prompts: Vec<Vec<u32>> = vec![
-            g.prompt_ids.clone(),
-            g.prompt_ids.iter().rev().copied().collect(),
-            g.prompt_ids[..g.prompt_ids.len() / 2].to_vec(),
-        ];
+        let (model, p) = on_b200x8(name, false);
+        let prompts = three_prompts(name);
         let devices = twins(p.gpus.len());
         let backend =
             ResidentBackend::new(cpu.clone(), Box::new(Resident::on_devices(devices.clone())));
@@ -286,64 +373,79 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
             pool: &mut pool,
             tables: tables.iter().map(Vec::as_slice).collect(),
         };
-        let mut last: Vec<Vec<f32>> = Vec::new();
-        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
-        for step in 0..3 {
-            let next: Vec<[u32; 1]> = last.iter().map(|l| [argmax(l)]).collect();
-            let batch: Vec<BatchEntry> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, prompt)| BatchEntry {
-                    tokens: if step == 0 { prompt } else { &next[i] },
-                    start: if step == 0 {
-                        0
-                    } else {
-                        prompt.len() + step - 1
-                    },
-                    logits: Some(Logits::Last),
-                })
-                .collect();
-            last = last_logits(&model, &backend, &batch, &mut store);
-            for (i, l) in last.iter().enumerate() {
-                got[i].push(l.clone());
-            }
-        }
-        let vocab = cfg.vocab_size;
-        let mut worst = 0.0f32;
-        for (prompt, got) in prompts.iter().zip(&got) {
-            let alone = prefill_and_three_steps(&model, cpu.as_ref(), prompt);
-            let at = alone.len() - 4 * vocab;
-            for (k, l) in got.iter().enumerate() {
-                worst = worst.max(max_abs_diff(
-                    l,
-                    &alone[at + k * vocab..at + (k + 1) * vocab],
-                ));
-            }
-        }
-        let mut attended = 0;
-        let mut computed = 0;
-        for (index, d) in devices.iter().enumerate() {
-            let log = d.log();
-            attended += usize::from(log.queries > 0);
-            computed += usize::from(!log.experts.is_empty());
-            for &(l, e) in &log.experts {
-                let placed = match &model.layers[l].ffn {
-                    kimi_hybrid::model::Ffn::Moe(m) => m.experts[e].gpu,
-                    kimi_hybrid::model::Ffn::Dense(_) => None,
-                };
-                assert_eq!(
-                    placed,
-                    Some(index),
-                    "{name}: expert ({l}, {e}) ran off its device"
-                );
-            }
-        }
+        let got = prefill_and_two_steps(&model, &backend, &prompts, &mut store);
+        let worst = worst_vs_alone(&model, &prompts, &got);
+        let attended = devices.iter().filter(|d| d.log().queries > 0).count();
+        let computed = experts_on_their_devices(name, &model, &devices);
         println!(
             "{name}: 3 sequences over 8 devices (attention on {attended}, experts on {computed}); vs alone {worst:.1e}"
         );
         assert_eq!(attended, 3, "{name}");
         assert!(computed > 1, "{name}");
         assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
+    }
+}
+
+/// Tensor-parallel attention and expert-parallel experts over stand-in devices: three
+/// sequences in one pool with scattered blocks, prefilled together and decoded for two
+/// steps, against each sequence alone on one device. Every head of every query is
+/// computed exactly once, split over min(devices, heads) devices; every device's experts
+/// are the ones the plan gave it. Eight devices (the b200x8 plan) and three (heads that
+/// do not divide evenly); the FP8 fixture's head cuts fall off its scale blocks and are
+/// decoded to F32, with the same values.
+#[test]
+fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
+    let cpu = exact();
+    for name in FIXTURES {
+        let (model, p) = on_b200x8(name, true);
+        let prompts = three_prompts(name);
+        let heads = model.config.num_attention_heads;
+        for n in [p.gpus.len(), 3] {
+            let devices = twins(n);
+            let split = HeadSplit::new(&model, n).expect("head cuts");
+            let whole = Resident::tensor_parallel(devices.clone(), split);
+            let backend = ResidentBackend::new(cpu.clone(), Box::new(whole));
+            assert_eq!(backend.kv_partitions(), 1, "latents on every device");
+            let cfg = &model.config;
+            let block = 4;
+            let mut pool = KvPool::new(64, block, cfg.latent_cache_width(), cfg.num_hidden_layers);
+            // Interleaved blocks, so every table is scattered.
+            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+            for k in 0..prompts
+                .iter()
+                .map(|p| p.len() / block + 2)
+                .max()
+                .unwrap_or(0)
+            {
+                for (i, prompt) in prompts.iter().enumerate() {
+                    if k < prompt.len() / block + 2 {
+                        tables[i].push(pool.allocate().expect("block"));
+                    }
+                }
+            }
+            let mut store = PagedBatch {
+                pool: &mut pool,
+                tables: tables.iter().map(Vec::as_slice).collect(),
+            };
+            let got = prefill_and_two_steps(&model, &backend, &prompts, &mut store);
+            let worst = worst_vs_alone(&model, &prompts, &got);
+            let queries: usize = prompts.iter().map(|p| p.len() + 2).sum();
+            let logs: Vec<_> = devices.iter().map(|d| d.log()).collect();
+            let attended = logs.iter().filter(|l| l.queries > 0).count();
+            let head_queries: usize = logs.iter().map(|l| l.query_heads).sum();
+            let computed = experts_on_their_devices(name, &model, &devices);
+            println!(
+                "{name}: {heads} heads over {n} devices (attention on {attended}, experts on {computed}); vs alone {worst:.1e}"
+            );
+            assert_eq!(attended, n.min(heads), "{name}");
+            assert_eq!(
+                head_queries,
+                queries * heads * cfg.num_hidden_layers,
+                "{name}: every head of every query once per layer"
+            );
+            assert!(computed > 1, "{name}");
+            assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
+        }
     }
 }
 
@@ -406,11 +508,11 @@ fn engine_over_three_devices_generates_what_one_device_does() {
                 .load(std::sync::atomic::Ordering::SeqCst),
         )
     };
-    let (model, _) = on_b200x8(name);
+    let (model, _) = on_b200x8(name, false);
     let (want, _) = generate(by_name("cpu-f32").expect("cpu"), model);
     let devices = twins(3);
     let backend = ResidentBackend::new(exact(), Box::new(Resident::on_devices(devices.clone())));
-    let (model, _) = on_b200x8(name);
+    let (model, _) = on_b200x8(name, false);
     let (got, blocks) = generate(Box::new(backend), model);
     let attended = devices.iter().filter(|d| d.log().queries > 0).count();
     println!("engine over 3 devices: attention on {attended}; {got:?}");

@@ -426,10 +426,25 @@ async fn gpu_profiles_serve_on_simulated_gpus() {
     let plan = common::half_on_gpu(&ckpt);
     assert_eq!(plan.layout, "hybrid");
     std::fs::write(&plan_file, serde_json::to_string(&plan).expect("json")).expect("write");
-    for profile in ["1xH100+512GB", "b200x8", "hybrid plan"] {
+    // The b200x8 plan with tensor-parallel attention (as with fewer sequences than GPUs).
+    let tp_file = dir.path().join("tensor-parallel.json");
+    let profile = kimi_hybrid::placement::Profile::resolve("b200x8").expect("profile");
+    let mut workload = profile.workload.clone();
+    workload.attention = kimi_hybrid::placement::profile::AttentionParallel::Tp;
+    let desc = kimi_hybrid::placement::ModelDesc::from_checkpoint(&ckpt);
+    let tp = kimi_hybrid::placement::plan(&desc, &profile, &workload, None);
+    assert_eq!(tp.workload.attention.as_deref(), Some("tp"));
+    std::fs::write(&tp_file, serde_json::to_string(&tp).expect("json")).expect("write");
+    for profile in [
+        "1xH100+512GB",
+        "b200x8",
+        "hybrid plan",
+        "tensor-parallel plan",
+    ] {
         let mut o = opts.clone();
         match profile {
             "hybrid plan" => o.plan = Some(plan_file.clone()),
+            "tensor-parallel plan" => o.plan = Some(tp_file.clone()),
             name => o.profile = Some(name.into()),
         }
         o.simulate_gpus = true;

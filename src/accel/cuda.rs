@@ -5,8 +5,11 @@
 //! - one GPU, hybrid plan: [`hybrid_on_gpu`];
 //! - several GPUs, all-GPU plan with data-parallel attention: [`data_parallel_on_gpus`];
 //! - several GPUs, hybrid plan (layer ranges per GPU): [`pipeline_on_gpus`];
-//! - several GPUs, tensor-parallel all-GPU plan: [`expert_parallel_on_gpus`] (per
-//!   operation, attention on the first GPU).
+//! - several GPUs, all-GPU plan with tensor-parallel attention:
+//!   [`tensor_parallel_on_gpus`].
+//!
+//! Each GPU also gets the f32 copies of `kv_b_proj` its absorbed attention reads, made at
+//! start-up so that a GPU without room for them refuses then, naming them.
 //!
 //! The model's passes run resident on the GPUs ([`crate::resident`]); the per-operation
 //! backends serve every other caller. Hand-off bytes are counted on a [`SimDevice`] with
@@ -19,7 +22,7 @@ use super::Accelerator;
 use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
 use crate::model::Model;
 use crate::placement::Plan;
-use crate::resident::{Resident, ResidentBackend};
+use crate::resident::{HeadSplit, Resident, ResidentBackend};
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
@@ -48,9 +51,12 @@ pub fn hybrid_on_gpu(
     )?;
     let whole = Resident::new(gpu.clone(), Some(host), Some(accel));
     let hybrid = ResidentBackend::new(Arc::new(hybrid), Box::new(whole));
-    let bytes = gpu
+    let mut bytes = gpu
         .preload(&device_matrices(model, |e| e.gpu.is_some()))
         .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
+    bytes += gpu
+        .preload_absorbed(&kv_bs(model, |_| true))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
         "hybrid: {:.2} GiB of weights on {}, the other routed experts in host RAM",
         bytes as f64 / (1u64 << 30) as f64,
@@ -62,9 +68,12 @@ pub fn hybrid_on_gpu(
 /// The backend an all-GPU plan on one GPU runs on: every weight uploaded (checked
 /// against its memory as it goes), the model's passes resident on the GPU.
 pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<ResidentBackend> {
-    let bytes = gpu
+    let mut bytes = gpu
         .preload(&device_matrices(model, |_| true))
         .map_err(|e| anyhow::anyhow!("uploading the model's weights: {e}"))?;
+    bytes += gpu
+        .preload_absorbed(&kv_bs(model, |_| true))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
         "resident: {:.2} GiB of weights on {}",
         bytes as f64 / (1u64 << 30) as f64,
@@ -82,8 +91,11 @@ pub fn data_parallel_on_gpus(
     gpus: Vec<Arc<CudaBackend>>,
 ) -> anyhow::Result<ResidentBackend> {
     for (g, gpu) in gpus.iter().enumerate() {
-        let bytes = gpu
+        let mut bytes = gpu
             .preload(&device_matrices(model, |e| e.gpu == Some(g)))
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        bytes += gpu
+            .preload_absorbed(&kv_bs(model, |_| true))
             .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
         report(
             g,
@@ -96,16 +108,7 @@ pub fn data_parallel_on_gpus(
         .first()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
-    let fabric = match NcclFabric::open(&gpus) {
-        Ok(f) => {
-            eprintln!("expert exchange: NCCL between the {} GPUs", gpus.len());
-            Some(f)
-        }
-        Err(why) => {
-            eprintln!("expert exchange: through host memory ({why})");
-            None
-        }
-    };
+    let fabric = nccl_or_host(&gpus, "expert exchange");
     let mut whole = Resident::on_devices(gpus);
     if let Some(f) = fabric {
         whole = whole.with_fabric(Arc::new(f));
@@ -136,8 +139,11 @@ pub fn pipeline_on_gpus(
             weights.push(&model.lm_head);
         }
         weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
-        let bytes = gpu
+        let mut bytes = gpu
             .preload(&weights)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        bytes += gpu
+            .preload_absorbed(&kv_bs(model, |l| layer_devices[l] == g))
             .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
         report(
             g,
@@ -156,6 +162,86 @@ pub fn pipeline_on_gpus(
     let per_op: Arc<dyn Backend> = first.clone();
     let whole = Resident::pipeline(gpus, layer_devices, Some(host), Some(accel));
     Ok(ResidentBackend::new(per_op, Box::new(whole)))
+}
+
+/// The backend an all-GPU plan with tensor-parallel attention over several GPUs runs on
+/// ([`Resident::tensor_parallel`]): GPU g holds every layer's `q_a`/`kv_a`, its heads'
+/// cut of `q_b`, `kv_b` and `o_proj` (and their f32 `kv_b` copies) and the routed experts
+/// the plan gave it; the first GPU also holds the routers, shared experts, dense MLPs and
+/// lm_head (it routes and adds them for every token). Partial sums meet in an NCCL
+/// all-reduce, or through host memory without libnccl.
+pub fn tensor_parallel_on_gpus(
+    model: &Model,
+    gpus: Vec<Arc<CudaBackend>>,
+) -> anyhow::Result<ResidentBackend> {
+    use crate::model::{Ffn, QueryProj};
+    let split = HeadSplit::new(model, gpus.len())
+        .map_err(|e| anyhow::anyhow!("cutting the attention weights by heads: {e}"))?;
+    for (g, gpu) in gpus.iter().enumerate() {
+        let mut weights: Vec<&LinearWeight> = Vec::new();
+        for (l, layer) in model.layers.iter().enumerate() {
+            if let Some(share) = split.share(g, l) {
+                if let QueryProj::LowRank { a, .. } = &layer.attn.q {
+                    weights.push(a);
+                }
+                weights.push(&layer.attn.kv_a);
+                weights.extend(share.matrices());
+            }
+            if g == 0 {
+                match &layer.ffn {
+                    Ffn::Dense(f) => weights.extend(f.matrices()),
+                    Ffn::Moe(moe) => {
+                        weights.push(&moe.router);
+                        weights.extend(moe.shared.iter().flat_map(FfnWeights::matrices));
+                    }
+                }
+            }
+        }
+        if g == 0 {
+            weights.push(&model.lm_head);
+        }
+        weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
+        let mut bytes = gpu
+            .preload(&weights)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        let kv_b: Vec<&LinearWeight> = (0..model.layers.len())
+            .filter_map(|l| split.share(g, l))
+            .map(|s| s.matrices()[1])
+            .collect();
+        bytes += gpu
+            .preload_absorbed(&kv_b)
+            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+        report(
+            g,
+            gpu,
+            bytes,
+            "tensor-parallel attention, expert-parallel experts",
+        );
+    }
+    let per_op: Arc<dyn Backend> = gpus
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
+    let fabric = nccl_or_host(&gpus, "attention and expert sums");
+    let mut whole = Resident::tensor_parallel(gpus, split);
+    if let Some(f) = fabric {
+        whole = whole.with_fabric(Arc::new(f));
+    }
+    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+}
+
+/// NCCL between `gpus`, or `None` (host memory) saying why.
+fn nccl_or_host(gpus: &[Arc<CudaBackend>], what: &str) -> Option<NcclFabric> {
+    match NcclFabric::open(gpus) {
+        Ok(f) => {
+            eprintln!("{what}: NCCL between the {} GPUs", gpus.len());
+            Some(f)
+        }
+        Err(why) => {
+            eprintln!("{what}: through host memory ({why})");
+            None
+        }
+    }
 }
 
 fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {
@@ -200,6 +286,17 @@ pub fn expert_parallel_on_gpus(
     }
     let devices: Vec<Arc<dyn Backend>> = gpus.into_iter().map(|g| g as Arc<dyn Backend>).collect();
     ExpertParallel::new(devices, model).ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))
+}
+
+/// The `kv_b_proj` of the layers `on` selects.
+fn kv_bs(model: &Model, on: impl Fn(usize) -> bool) -> Vec<&LinearWeight> {
+    model
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(l, _)| on(*l))
+        .map(|(_, layer)| &layer.attn.kv_b)
+        .collect()
 }
 
 /// Device bytes of the f32 `kv_b_proj` copies the resident pass's absorbed attention

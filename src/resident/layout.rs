@@ -120,6 +120,11 @@ impl Layout {
         }
     }
 
+    /// Tokens of the share.
+    pub(super) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
     /// This layout's indices uploaded to `device`.
     pub(super) fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> Group<O> {
         Group {

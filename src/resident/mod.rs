@@ -22,10 +22,12 @@
 mod exchange;
 mod layout;
 mod pass;
+mod tensor;
 pub mod twin;
 
 pub use crate::model::MlaDims;
 pub use pass::Resident;
+pub use tensor::{HeadShare, HeadSplit};
 
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
@@ -202,6 +204,32 @@ pub trait Fabric<O: DeviceOps>: Send + Sync {
     /// Each `(from, to, buffer)` moved from device `from` to device `to`; the buffers on
     /// their new devices, in order. Moves within one device keep their buffer.
     fn transfer(&self, devices: &[Arc<O>], moves: Vec<(usize, usize, O::Buf)>) -> Vec<O::Buf>;
+
+    /// `parts[d]` on device `d`, for every device: their sum, on every device. By
+    /// default gathered to the first device, added there and sent back, so every device
+    /// holds the same values.
+    fn all_reduce(&self, devices: &[Arc<O>], mut parts: Vec<O::Buf>) -> Vec<O::Buf> {
+        let n = parts.len();
+        if n < 2 {
+            return parts;
+        }
+        let others: Vec<_> = parts
+            .drain(1..)
+            .enumerate()
+            .map(|(i, b)| (i + 1, 0, b))
+            .collect();
+        let first = &devices[0];
+        let Some(mut sum) = parts.pop() else {
+            return parts;
+        };
+        for b in self.transfer(devices, others) {
+            first.add(&mut sum, &b);
+        }
+        let back = (1..n).map(|d| (0, d, first.copy(&sum))).collect();
+        let mut all = vec![sum];
+        all.extend(self.transfer(devices, back));
+        all
+    }
 }
 
 /// Moves through host memory: every download is started before any is awaited.

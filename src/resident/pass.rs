@@ -12,6 +12,7 @@
 
 use super::exchange::exchange_experts;
 use super::layout::{ensure_pools, Group, Layout};
+use super::tensor::HeadSplit;
 use super::{DeviceOps, DeviceRope, Fabric, MlaDims, RopeLayout, ThroughHost, WholeForward};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
@@ -47,6 +48,16 @@ impl<O: DeviceOps> Prepared<O> {
     pub(super) fn correction_bias(&self, layer: usize) -> Option<&O::Buf> {
         self.layers[layer].correction_bias.as_ref()
     }
+
+    /// RMSNorm weights before attention (`post == false`) or after it.
+    pub(super) fn layer_norm(&self, layer: usize, post: bool) -> &O::Buf {
+        let t = &self.layers[layer];
+        if post {
+            &t.post_attn_norm
+        } else {
+            &t.input_norm
+        }
+    }
 }
 
 /// The resident forward pass over one or more devices. With `host` (hybrid mode: one
@@ -65,6 +76,8 @@ pub struct Resident<O: DeviceOps> {
     layer_devices: Option<Vec<usize>>,
     /// How hidden states move between devices (several devices only).
     fabric: Arc<dyn Fabric<O>>,
+    /// Tensor-parallel attention: the heads each device computes.
+    split: Option<HeadSplit>,
     state: Mutex<Option<Vec<Prepared<O>>>>,
 }
 
@@ -103,8 +116,18 @@ impl<O: DeviceOps> Resident<O> {
             host_worker,
             layer_devices,
             fabric: Arc::new(ThroughHost),
+            split: None,
             state: Mutex::new(None),
         }
+    }
+
+    /// On several devices with tensor-parallel attention (all-GPU plans with fewer
+    /// sequences than GPUs): `split` says which heads each device computes, and each
+    /// routed expert runs on its plan's device (see [`super::tensor`]).
+    pub fn tensor_parallel(devices: Vec<Arc<O>>, split: HeadSplit) -> Self {
+        let mut r = Self::build(devices, None, None, None);
+        r.split = Some(split);
+        r
     }
 
     /// Moves between devices through `fabric` instead of host memory.
@@ -221,7 +244,12 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
     }
 
     fn devices(&self) -> usize {
-        self.devices.len()
+        // Tensor-parallel devices all hold every sequence's latents.
+        if self.split.is_some() {
+            1
+        } else {
+            self.devices.len()
+        }
     }
 }
 
@@ -234,6 +262,9 @@ impl<O: DeviceOps> Resident<O> {
         store: &mut dyn LatentStore,
         on_route: &mut RouteObserver,
     ) -> Vec<Option<Vec<f32>>> {
+        if let Some(split) = &self.split {
+            return self.run_tensor_parallel(split, model, prepared, batch, store, on_route);
+        }
         let cfg = &model.config;
         let h = cfg.hidden_size;
         // Per share of the batch, its placements (one per device it visits).
@@ -266,7 +297,7 @@ impl<O: DeviceOps> Resident<O> {
                 let n = g.tokens;
                 let mut xn = ops.copy(x);
                 ops.rms_norm(&mut xn, &p.layers[l].input_norm, n, h, h, cfg.rms_norm_eps);
-                let attn = attention(ops, model, p, l, &xn, g);
+                let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
                 ops.add(x, &attn);
                 let mut xn = ops.copy(x);
                 let post = &p.layers[l].post_attn_norm;
@@ -410,7 +441,7 @@ impl<O: DeviceOps> Resident<O> {
 
     /// The lm_head over the rows that need logits, on each device for its entries;
     /// returned in batch order.
-    fn logits(
+    pub(super) fn logits(
         &self,
         model: &Model,
         prepared: &[Prepared<O>],
@@ -565,28 +596,60 @@ impl<O: DeviceOps> Resident<O> {
     }
 }
 
-/// MLA attention of one device's share of the pass, absorbed, through its block tables.
-fn attention<O: DeviceOps>(
+/// The matrices one device's attention multiplies by: the whole layer's, or (tensor
+/// parallel) its heads' cut of `q_b`/`q_proj`, `kv_b` and `o_proj`; `dims.heads` heads.
+pub(super) struct AttnWeights<'a> {
+    /// The projection whose output is the queries: `q_b_proj`, or `q_proj` without a
+    /// low-rank query.
+    pub(super) q: &'a crate::weights::LinearWeight,
+    pub(super) kv_b: &'a crate::weights::LinearWeight,
+    pub(super) o: &'a crate::weights::LinearWeight,
+    pub(super) dims: MlaDims,
+}
+
+impl<'a> AttnWeights<'a> {
+    /// Every head of layer `l`.
+    pub(super) fn whole(model: &'a Model, l: usize) -> Self {
+        let a = &model.layers[l].attn;
+        AttnWeights {
+            q: match &a.q {
+                QueryProj::LowRank { b, .. } => b,
+                QueryProj::Full(w) => w,
+            },
+            kv_b: &a.kv_b,
+            o: &a.o,
+            dims: MlaDims::of(&model.config),
+        }
+    }
+}
+
+/// MLA attention of one device's share of the pass, absorbed, through its block tables:
+/// the heads of `w`, projected back to the hidden size (a partial sum over heads when
+/// `w` holds some of them).
+pub(super) fn attention<O: DeviceOps>(
     ops: &O,
     model: &Model,
     p: &mut Prepared<O>,
     l: usize,
     x: &O::Buf,
     g: &Group<O>,
+    w: &AttnWeights,
 ) -> O::Buf {
     let cfg = &model.config;
     let a = &model.layers[l].attn;
     let t = &p.layers[l];
-    let dims = MlaDims::of(cfg);
+    let dims = w.dims;
     let (n, heads, width) = (g.tokens, dims.heads, dims.width());
-    let mut q = match (&a.q, &t.q_a_norm) {
-        (QueryProj::LowRank { a: qa, b, .. }, Some(norm)) => {
+    let mut q = match &a.q {
+        QueryProj::LowRank { a: qa, .. } => {
             let mut lat = ops.linear(qa, x, n);
-            let r = qa.rows();
-            ops.rms_norm(&mut lat, norm, n, r, r, cfg.rms_norm_eps);
-            ops.linear(b, &lat, n)
+            if let Some(norm) = &t.q_a_norm {
+                let r = qa.rows();
+                ops.rms_norm(&mut lat, norm, n, r, r, cfg.rms_norm_eps);
+            }
+            ops.linear(w.q, &lat, n)
         }
-        (QueryProj::Full(w), _) | (QueryProj::LowRank { a: w, .. }, None) => ops.linear(w, x, n),
+        QueryProj::Full(_) => ops.linear(w.q, x, n),
     };
     let qk = dims.qk();
     let layout = |heads, token_stride, head_stride, offset| RopeLayout {
@@ -618,8 +681,8 @@ fn attention<O: DeviceOps>(
         layout(1, width, 0, dims.latent),
     );
     ops.write_rows(&mut p.pools[l], &kv, &g.slots, width);
-    let q_lat = ops.absorb_queries(&a.kv_b, &q, dims, n);
+    let q_lat = ops.absorb_queries(w.kv_b, &q, dims, n);
     let o_lat = ops.mla(&q_lat, &p.pools[l], &g.blocks, dims, cfg.softmax_scale());
-    let v = ops.expand_values(&a.kv_b, &o_lat, dims, n);
-    ops.linear(&a.o, &v, n)
+    let v = ops.expand_values(w.kv_b, &o_lat, dims, n);
+    ops.linear(w.o, &v, n)
 }

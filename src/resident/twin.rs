@@ -27,6 +27,8 @@ pub struct TwinOps {
 pub struct TwinLog {
     /// Attention queries (one per token of a pass on this device).
     pub queries: usize,
+    /// Attention heads computed, summed over queries.
+    pub query_heads: usize,
     /// Routed experts computed, as (layer, expert).
     pub experts: Vec<(usize, usize)>,
 }
@@ -201,7 +203,10 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         scale: f32,
     ) -> Vec<f32> {
-        self.record(|l| l.queries += blocks.queries);
+        self.record(|l| {
+            l.queries += blocks.queries;
+            l.query_heads += blocks.queries * d.heads;
+        });
         let (width, bs) = (d.width(), blocks.block_size);
         let mut out = vec![0.0f32; blocks.queries * d.heads * d.latent];
         for i in 0..blocks.queries {

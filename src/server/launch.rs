@@ -5,8 +5,8 @@
 use super::metrics::Metrics;
 use super::{AppState, Shared};
 use crate::accel::cuda::{
-    data_parallel_on_gpus, expert_parallel_on_gpus, hybrid_on_gpu, pipeline_on_gpus,
-    resident_on_gpu,
+    data_parallel_on_gpus, hybrid_on_gpu, pipeline_on_gpus, resident_on_gpu,
+    tensor_parallel_on_gpus,
 };
 use crate::backend::{Backend, CudaBackend};
 use crate::engine::kv::KvDtype;
@@ -91,7 +91,7 @@ enum GpuLayout {
     Whole,
     /// All-GPU, data-parallel attention, experts on their GPUs.
     DataParallel,
-    /// All-GPU, tensor-parallel attention (run per operation).
+    /// All-GPU, tensor-parallel attention, experts on their GPUs.
     TensorParallel,
     /// Hybrid on one GPU.
     Hybrid,
@@ -121,8 +121,8 @@ pub struct Placement {
 impl Placement {
     /// The backend to run on, the model's passes resident on the GPUs: an all-GPU plan
     /// on one GPU runs there whole; over several, with data-parallel attention, each GPU
-    /// runs its own sequences and the experts the plan gave it (tensor-parallel plans run
-    /// the per-operation expert-parallel backend); a hybrid plan runs its layers on its
+    /// runs its own sequences and the experts the plan gave it, with tensor-parallel
+    /// attention each GPU computes its heads for every sequence; a hybrid plan runs its layers on its
     /// GPU(s), pipelined when there are several, with `host` computing the experts left
     /// in host RAM. Without a plan or GPUs, `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
@@ -139,7 +139,7 @@ impl Placement {
         Ok(match layout {
             GpuLayout::Whole => Box::new(resident_on_gpu(model, gpus[0].clone())?),
             GpuLayout::DataParallel => Box::new(data_parallel_on_gpus(model, gpus)?),
-            GpuLayout::TensorParallel => Box::new(expert_parallel_on_gpus(model, gpus)?),
+            GpuLayout::TensorParallel => Box::new(tensor_parallel_on_gpus(model, gpus)?),
             GpuLayout::Hybrid => Box::new(hybrid_on_gpu(model, plan, gpus[0].clone(), host)?),
             GpuLayout::Pipeline => Box::new(pipeline_on_gpus(model, plan, gpus, host)?),
         })
@@ -154,10 +154,9 @@ fn simulated(
     n: usize,
     host: Arc<dyn Backend>,
 ) -> Result<Box<dyn Backend>> {
-    use crate::accel::expert_parallel::ExpertParallel;
     use crate::accel::sim::SimDevice;
     use crate::resident::twin::TwinOps;
-    use crate::resident::{layer_devices, Resident, ResidentBackend};
+    use crate::resident::{layer_devices, HeadSplit, Resident, ResidentBackend};
     tracing_line(&format!(
         "simulating the plan's {n} GPU(s) ({layout:?} layout) with the {} backend",
         host.name()
@@ -172,12 +171,7 @@ fn simulated(
     let whole = match layout {
         GpuLayout::Whole => Resident::new(twins[0].clone(), None, None),
         GpuLayout::DataParallel => Resident::on_devices(twins),
-        GpuLayout::TensorParallel => {
-            let devices = (0..n).map(|_| host.clone()).collect();
-            let ep = ExpertParallel::new(devices, model)
-                .ok_or_else(|| anyhow::anyhow!("no GPUs to simulate"))?;
-            return Ok(Box::new(ep));
-        }
+        GpuLayout::TensorParallel => Resident::tensor_parallel(twins, HeadSplit::new(model, n)?),
         GpuLayout::Hybrid => Resident::new(twins[0].clone(), Some(host.clone()), Some(handoff()?)),
         GpuLayout::Pipeline => Resident::pipeline(
             twins,

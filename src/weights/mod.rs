@@ -8,6 +8,7 @@
 
 mod linear;
 mod loader;
+mod slice;
 
 pub use linear::{DenseDtype, LinearWeight};
 pub use loader::WeightLoader;
@@ -162,6 +163,26 @@ impl TensorData {
     /// A view of `map[start..end]` (benchmarks build weights in anonymous maps).
     pub fn new(map: Arc<Mmap>, start: usize, end: usize) -> Option<Self> {
         (start <= end && end <= map.len()).then_some(TensorData { map, start, end })
+    }
+
+    /// Bytes `start..end` of this view, as a view of the same map.
+    pub fn view(&self, start: usize, end: usize) -> Option<Self> {
+        (start <= end && self.start + end <= self.end).then(|| TensorData {
+            map: self.map.clone(),
+            start: self.start + start,
+            end: self.start + end,
+        })
+    }
+
+    /// `bytes` copied into an anonymous map of their own (weights cut out of others).
+    pub fn owned(bytes: &[u8]) -> std::io::Result<Self> {
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        Ok(TensorData {
+            map: Arc::new(map.make_read_only()?),
+            start: 0,
+            end: bytes.len(),
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -73,4 +73,25 @@ impl Fabric<CudaBackend> for NcclFabric {
             .map(|((_, _, b), target)| target.unwrap_or(b))
             .collect()
     }
+
+    /// One NCCL all-reduce over the GPUs, in place.
+    fn all_reduce(
+        &self,
+        _devices: &[Arc<CudaBackend>],
+        mut parts: Vec<CudaSlice<f32>>,
+    ) -> Vec<CudaSlice<f32>> {
+        use kernels_cuda::cudarc::nccl::safe::ReduceOp;
+        if parts.len() < 2 {
+            return parts;
+        }
+        nccl("an all-reduce", nccl::group_start());
+        for (comm, part) in self.comms.iter().zip(parts.iter_mut()) {
+            nccl(
+                "an all-reduce",
+                comm.all_reduce_in_place(part, &ReduceOp::Sum),
+            );
+        }
+        nccl("an all-reduce", nccl::group_end());
+        parts
+    }
 }

@@ -48,6 +48,46 @@ impl CudaBackend {
         band
     }
 
+    /// Makes the f32 `kv_b` copies the absorbed attention reads now, for each of
+    /// `kv_bs` (their weights uploaded first if they are not yet), so a GPU without room
+    /// for them refuses at start-up with an error naming them. Returns the bytes they
+    /// hold.
+    pub fn preload_absorbed(&self, kv_bs: &[&LinearWeight]) -> Result<u64, kernels_cuda::NoCuda> {
+        let mut total = 0u64;
+        for w in kv_bs {
+            let bytes = (w.rows() * w.cols() * 4) as u64;
+            let mut map = self.resident.kv_b.lock().unwrap_or_else(|p| p.into_inner());
+            if map.contains_key(&w.identity()) {
+                total += bytes;
+                continue;
+            }
+            self.preload(&[w])?;
+            let dw = {
+                let mut weights = self.lock();
+                self.weight(&mut weights, w)
+            };
+            let g = self.gpu();
+            let why = |e: kernels_cuda::NoCuda| kernels_cuda::NoCuda {
+                reason: format!(
+                    "the f32 copy of a {}x{} kv_b_proj for absorbed attention ({:.2} GiB) \
+                     could not be placed on {}: {}",
+                    w.rows(),
+                    w.cols(),
+                    bytes as f64 / (1u64 << 30) as f64,
+                    g.name,
+                    e.reason
+                ),
+            };
+            let mut copy = g
+                .zeros::<f32>("kv_b f32", w.rows() * w.cols())
+                .map_err(why)?;
+            g.dequant_rows(&dw, 0, w.rows(), &mut copy).map_err(why)?;
+            map.insert(w.identity(), Arc::new(copy));
+            total += bytes;
+        }
+        Ok(total)
+    }
+
     fn staging(&self) -> Arc<StagingPool> {
         let mut s = self
             .resident

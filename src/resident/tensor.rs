@@ -1,0 +1,221 @@
+//! Tensor-parallel attention over several devices (all-GPU plans with fewer concurrent
+//! sequences than GPUs, where data-parallel attention would leave GPUs idle).
+//!
+//! Every device holds the whole residual stream of the pass. Attention heads are split
+//! across the devices (at most one device per head): each computes `q_a`/`kv_a` whole
+//! (they are small and feed every head), writes the layer's latents into its own copy of
+//! the latent cache, and runs its heads' cut of `q_b`, `kv_b` and `o_proj`, giving a
+//! partial sum of the attention output that one all-reduce completes on every device.
+//! Routed experts are expert-parallel: each device computes the experts its plan gives
+//! it for every token (the routes come from the first device's router, so every device
+//! agrees on them), the first device adds the shared expert or the dense MLP, and a
+//! second all-reduce per layer sums the outputs. The logits come from the first device.
+
+use super::layout::{ensure_pools, Layout};
+use super::pass::{attention, AttnWeights, Prepared, Resident};
+use super::{DeviceOps, MlaDims};
+use crate::model::{expert_work, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver};
+use crate::weights::LinearWeight;
+use std::ops::Range;
+
+/// One device's heads of one layer's attention, cut out as weights of their own.
+pub struct HeadShare {
+    dims: MlaDims,
+    /// Rows of `q_b_proj` (or `q_proj`) that give these heads' queries.
+    q: LinearWeight,
+    /// Rows of `kv_b_proj` for these heads' keys and values.
+    kv_b: LinearWeight,
+    /// Columns of `o_proj` that read these heads' values.
+    o: LinearWeight,
+}
+
+impl HeadShare {
+    fn cut(model: &Model, l: usize, heads: Range<usize>) -> std::io::Result<Self> {
+        let a = &model.layers[l].attn;
+        let dims = MlaDims::of(&model.config);
+        let q = match &a.q {
+            QueryProj::LowRank { b, .. } => b,
+            QueryProj::Full(w) => w,
+        };
+        let (qk, kv) = (dims.qk(), dims.nope + dims.v);
+        Ok(HeadShare {
+            dims: MlaDims {
+                heads: heads.len(),
+                ..dims
+            },
+            q: q.row_slice(heads.start * qk..heads.end * qk)?,
+            kv_b: a.kv_b.row_slice(heads.start * kv..heads.end * kv)?,
+            o: a.o.col_slice(heads.start * dims.v..heads.end * dims.v)?,
+        })
+    }
+
+    fn weights(&self) -> AttnWeights<'_> {
+        AttnWeights {
+            q: &self.q,
+            kv_b: &self.kv_b,
+            o: &self.o,
+            dims: self.dims,
+        }
+    }
+
+    /// The matrices a device multiplies by for these heads.
+    pub fn matrices(&self) -> [&LinearWeight; 3] {
+        [&self.q, &self.kv_b, &self.o]
+    }
+}
+
+/// Which heads each device computes, and their weights: per device, one share per
+/// layer, or none for devices beyond the head count.
+pub struct HeadSplit {
+    per_device: Vec<Vec<HeadShare>>,
+}
+
+impl HeadSplit {
+    /// The model's heads over `devices` devices, in contiguous runs as even as they
+    /// come (64 heads over 8 GPUs: 8 each). Fails only when memory for a cut runs out.
+    pub fn new(model: &Model, devices: usize) -> std::io::Result<Self> {
+        let heads = model.config.num_attention_heads;
+        let used = devices.min(heads).max(1);
+        let per_device = (0..devices)
+            .map(|d| {
+                if d >= used {
+                    return Ok(Vec::new());
+                }
+                let range = d * heads / used..(d + 1) * heads / used;
+                (0..model.layers.len())
+                    .map(|l| HeadShare::cut(model, l, range.clone()))
+                    .collect()
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(HeadSplit { per_device })
+    }
+
+    /// Device `d`'s share of layer `l`, if it computes attention.
+    pub fn share(&self, d: usize, l: usize) -> Option<&HeadShare> {
+        self.per_device.get(d).and_then(|s| s.get(l))
+    }
+
+    fn attends(&self, d: usize) -> bool {
+        self.per_device.get(d).is_some_and(|s| !s.is_empty())
+    }
+
+    pub fn devices(&self) -> usize {
+        self.per_device.len()
+    }
+}
+
+impl<O: DeviceOps> Resident<O> {
+    /// The pass with tensor-parallel attention (see the module comment).
+    pub(super) fn run_tensor_parallel(
+        &self,
+        split: &HeadSplit,
+        model: &Model,
+        prepared: &mut [Prepared<O>],
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+        on_route: &mut RouteObserver,
+    ) -> Vec<Option<Vec<f32>>> {
+        let cfg = &model.config;
+        let h = cfg.hidden_size;
+        let devices = self.devices();
+        // One layout for the whole batch, in the store's own block numbering, placed on
+        // every device; the devices that attend keep every layer's latents.
+        let tables: Vec<(usize, Vec<u32>)> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, e)| store.block_table(i, e.start + e.tokens.len()))
+            .collect();
+        let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
+        let width = MlaDims::of(cfg).width();
+        let groups: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(d, ops)| {
+                if split.attends(d) {
+                    ensure_pools(
+                        ops.as_ref(),
+                        &mut prepared[d],
+                        (layout.block_size, store.bf16_latents()),
+                        layout.needed_blocks,
+                        width,
+                        0..model.layers.len(),
+                    );
+                }
+                layout.place(ops.as_ref(), d)
+            })
+            .collect();
+        let n = layout.tokens();
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|e| e.tokens.iter().copied())
+            .collect();
+        let mut xs: Vec<O::Buf> = devices
+            .iter()
+            .map(|ops| ops.embed(&model.embed, &ids))
+            .collect();
+        for (l, layer) in model.layers.iter().enumerate() {
+            let partials = devices
+                .iter()
+                .enumerate()
+                .map(|(d, ops)| {
+                    let Some(share) = split.share(d, l) else {
+                        return ops.zeros(n * h);
+                    };
+                    let p = &mut prepared[d];
+                    let mut xn = ops.copy(&xs[d]);
+                    ops.rms_norm(&mut xn, p.layer_norm(l, false), n, h, h, cfg.rms_norm_eps);
+                    attention(ops.as_ref(), model, p, l, &xn, &groups[d], &share.weights())
+                })
+                .collect();
+            self.add_all_reduced(&mut xs, partials);
+            let xns: Vec<O::Buf> = devices
+                .iter()
+                .zip(&xs)
+                .zip(prepared.iter())
+                .map(|((ops, x), p)| {
+                    let mut xn = ops.copy(x);
+                    ops.rms_norm(&mut xn, p.layer_norm(l, true), n, h, h, cfg.rms_norm_eps);
+                    xn
+                })
+                .collect();
+            let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+            let mut outs: Vec<O::Buf> = devices.iter().map(|ops| ops.zeros(n * h)).collect();
+            match &layer.ffn {
+                Ffn::Dense(w) => devices[0].ffn_accumulate(w, &xns[0], &all, &mut outs[0]),
+                Ffn::Moe(moe) => {
+                    let ops = devices[0].as_ref();
+                    let logits = ops.linear(&moe.router, &xns[0], n);
+                    let routes = ops.route(cfg, &logits, prepared[0].correction_bias(l), n);
+                    let e = moe.experts.len();
+                    let mut tokens = vec![vec![Vec::new(); e]; devices.len()];
+                    for (t, r) in routes.iter().enumerate() {
+                        on_route(l, r);
+                        for &(expert, weight) in r {
+                            if let Some(f) = moe.experts.get(expert) {
+                                tokens[self.expert_device(f)][expert].push((t, weight));
+                            }
+                        }
+                    }
+                    for (d, ops) in devices.iter().enumerate() {
+                        let work = expert_work(&moe.experts, &tokens[d]);
+                        ops.experts_accumulate(&work, &xns[d], &mut outs[d]);
+                    }
+                    if let Some(shared) = &moe.shared {
+                        devices[0].ffn_accumulate(shared, &xns[0], &all, &mut outs[0]);
+                    }
+                }
+            }
+            self.add_all_reduced(&mut xs, outs);
+        }
+        let first = xs.swap_remove(0);
+        self.logits(model, prepared, batch, &[groups], &[(0, first)])
+    }
+
+    /// `xs[d] += Σ parts` on every device `d`.
+    fn add_all_reduced(&self, xs: &mut [O::Buf], parts: Vec<O::Buf>) {
+        let sums = self.fabric().all_reduce(self.devices(), parts);
+        for ((ops, x), sum) in self.devices().iter().zip(xs.iter_mut()).zip(&sums) {
+            ops.add(x, sum);
+        }
+    }
+}
