@@ -116,12 +116,17 @@ fn expert_parallel_over_eight_devices_matches_one_device_on_every_fixture() {
 /// the CPU run.
 #[test]
 fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::accel::cuda::{data_parallel_on_gpus, expert_parallel_on_gpus};
+    use kimi_hybrid::accel::cuda::{
+        data_parallel_on_gpus, expert_parallel_on_gpus, tensor_parallel_on_gpus,
+    };
     use kimi_hybrid::backend::CudaBackend;
     let first = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
-            eprintln!("skipping expert_parallel_on_real_gpus_matches_cpu_on_every_fixture: {e}");
+            common::no_gpu(
+                "expert_parallel_on_real_gpus_matches_cpu_on_every_fixture",
+                e,
+            );
             return;
         }
     };
@@ -162,15 +167,19 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
         let diff = max_abs_diff(&got, &want);
         // The resident data-parallel pass the b200x8 plan runs (its exchange over NCCL
         // when the two contexts are two GPUs with libnccl, else through host memory).
-        let dp = data_parallel_on_gpus(&model, gpus).expect("fits");
+        let dp = data_parallel_on_gpus(&model, gpus.clone()).expect("fits");
         let resident = run(&model, &dp, &g.prompt_ids);
         let dp_diff = max_abs_diff(&resident, &want);
+        // The tensor-parallel pass (heads split over the two, partial sums all-reduced).
+        let tp = tensor_parallel_on_gpus(&model, gpus).expect("fits");
+        let tp_diff = max_abs_diff(&run(&model, &tp, &g.prompt_ids), &want);
         println!(
-            "{name} on {}: max abs diff vs CPU {diff:.1e} per operation, {dp_diff:.1e} resident",
+            "{name} on {}: max abs diff vs CPU {diff:.1e} per operation, {dp_diff:.1e} resident data-parallel, {tp_diff:.1e} resident tensor-parallel",
             first.gpu().name
         );
         assert!(diff <= 2e-3, "{name}: {diff}");
         assert!(dp_diff <= 2e-3, "{name}: resident {dp_diff}");
+        assert!(tp_diff <= 2e-3, "{name}: tensor-parallel {tp_diff}");
     }
 }
 

@@ -74,7 +74,7 @@ fn backends() -> Vec<Case> {
         }
         Err(e) => {
             static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| eprintln!("golden fixtures on the CUDA backend skipped: {e}"));
+            SAID.call_once(|| common::no_gpu("the golden fixtures on the CUDA backend", e));
         }
     }
     out

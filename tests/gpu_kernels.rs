@@ -2,6 +2,8 @@
 //! with a message when no usable GPU exists (no driver, no device, unsupported
 //! architecture); with a GPU present they must pass.
 
+mod common;
+
 use kernels_avx512::scalar::{decode_fp8_row, decode_int4_row};
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::{MlaDecodeShape, MlaPrefillShape};
@@ -14,7 +16,7 @@ fn gpu(test: &str) -> Option<GpuDevice> {
     match GpuDevice::open(0, 0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("skipping {test}: {e}");
+            common::no_gpu(test, e);
             None
         }
     }
@@ -576,7 +578,7 @@ fn resident_device_ops_match_the_cpu_twin() {
     let gpu = match CudaBackend::open(0) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("skipping resident_device_ops_match_the_cpu_twin: {e}");
+            common::no_gpu("resident_device_ops_match_the_cpu_twin", e);
             return;
         }
     };

@@ -75,7 +75,7 @@ fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
     let gpu = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
-            eprintln!("skipping hybrid_on_a_real_gpu_matches_cpu_on_every_fixture: {e}");
+            common::no_gpu("hybrid_on_a_real_gpu_matches_cpu_on_every_fixture", e);
             return;
         }
     };

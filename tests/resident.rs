@@ -400,7 +400,7 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
         let (model, p) = on_b200x8(name, true);
         let prompts = three_prompts(name);
         let heads = model.config.num_attention_heads;
-        for n in [p.gpus.len(), 3] {
+        for n in [p.gpus.len(), 3, 2] {
             let devices = twins(n);
             let split = HeadSplit::new(&model, n).expect("head cuts");
             let whole = Resident::tensor_parallel(devices.clone(), split);

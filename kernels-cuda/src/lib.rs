@@ -33,17 +33,24 @@ impl std::fmt::Display for NoCuda {
 
 impl std::error::Error for NoCuda {}
 
-/// Looks for the CUDA driver library in the usual places (no loading, no panics).
+/// Looks for the CUDA driver library in the usual places and on `LD_LIBRARY_PATH` (no
+/// loading, no panics).
 pub fn driver_library_present() -> Result<std::path::PathBuf, NoCuda> {
     const CANDIDATES: &[&str] = &[
         "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
         "/usr/lib64/libcuda.so.1",
+        "/usr/lib/wsl/lib/libcuda.so.1",
         "/usr/local/cuda/lib64/stubs/libcuda.so",
         "/usr/lib/aarch64-linux-gnu/libcuda.so.1",
     ];
-    CANDIDATES
-        .iter()
-        .map(std::path::PathBuf::from)
+    let on_path = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| !d.as_os_str().is_empty())
+        .flat_map(|d| [d.join("libcuda.so.1"), d.join("libcuda.so")]);
+    on_path
+        .chain(CANDIDATES.iter().map(std::path::PathBuf::from))
         .find(|p| p.exists())
         .ok_or_else(|| NoCuda {
             reason: "libcuda.so.1 not found (no NVIDIA driver installed); use a CPU profile".into(),

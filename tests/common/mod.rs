@@ -154,3 +154,13 @@ pub fn greedy(
         rx,
     )
 }
+
+/// A GPU test's way out when no device can be opened: a message and a skip, or, with
+/// `KIMI_HYBRID_REQUIRE_GPU=1` (set where a device is expected: a GPU machine, or the CUDA
+/// emulator's run in `tests/cuda-emulator/test.sh`), a failure saying why.
+pub fn no_gpu(test: &str, why: impl std::fmt::Display) {
+    if std::env::var_os("KIMI_HYBRID_REQUIRE_GPU").is_some_and(|v| v == "1") {
+        panic!("{test} needs a GPU (KIMI_HYBRID_REQUIRE_GPU=1): {why}");
+    }
+    eprintln!("skipping {test}: {why}");
+}

@@ -49,6 +49,11 @@ pub struct CudaBackend {
     weights: Mutex<HashMap<WeightKey, Arc<DeviceWeight>>>,
     /// The resident pass's state (see [`resident`]).
     resident: resident::ResidentState,
+    /// The host weights behind every device copy, kept mapped while the copies exist:
+    /// copies are found by where the host bytes live, and host memory freed while its
+    /// copy lived could be reused by another weight (a cut of a matrix made for tensor
+    /// parallelism, a later model) that would then find the stale copy.
+    hosts: Mutex<HashMap<(usize, usize), LinearWeight>>,
 }
 
 /// Stops on a device failure after start-up (see the module comment).
@@ -67,6 +72,7 @@ impl CudaBackend {
             gpu: Arc::new(GpuDevice::open(ordinal, 0)?),
             weights: Mutex::new(HashMap::new()),
             resident: resident::ResidentState::default(),
+            hosts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -118,6 +124,7 @@ impl CudaBackend {
         })?;
         let bytes = dw.bytes() as u64;
         map.insert(key(w, &rows), Arc::new(dw));
+        self.hold(w);
         Ok(bytes)
     }
 
@@ -134,8 +141,17 @@ impl CudaBackend {
     ) -> Arc<DeviceWeight> {
         let all = 0..w.rows();
         map.entry(key(w, &all))
-            .or_insert_with(|| Arc::new(device("a weight upload", upload(&self.gpu, w, all))))
+            .or_insert_with(|| {
+                self.hold(w);
+                Arc::new(device("a weight upload", upload(&self.gpu, w, all)))
+            })
             .clone()
+    }
+
+    /// Keeps `w`'s host bytes mapped while this device holds a copy of it.
+    fn hold(&self, w: &LinearWeight) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts.entry(w.identity()).or_insert_with(|| w.clone());
     }
 
     /// `y = x W[rows]ᵀ` on the device, `x` already there.

@@ -1,0 +1,422 @@
+// A stand-in for libcuda.so that runs the project's kernels on the CPU, so the whole CUDA
+// backend (its NVRTC compile, module loading, launches with their grids and argument
+// lists, allocations, copies, events, staging, several GPUs) runs on machines without a
+// GPU. The tests that need a GPU are run against it by `.ci/run`.
+//
+// - Devices: `KIMI_HYBRID_EMULATED_GPUS` of them (default 1), reporting compute
+//   capability 9.0 and `KIMI_HYBRID_EMULATED_GPU_GIB` GiB (default 16) of memory.
+// - Memory: device and pinned allocations are host memory. Each device buffer ends at a
+//   page with no access rights after it, so a kernel reading or writing past the end of
+//   any buffer (by 16 bytes or more) stops the process with a message naming the kernel.
+// - Work runs when it is queued (every stream is synchronous); events record the time.
+// - Modules: the PTX NVRTC produced is accepted and its kernels are found by name among
+//   the kernels compiled into this library from the same sources (kernels.cpp).
+// - Anything else of the driver API answers CUDA_ERROR_NOT_SUPPORTED and says so on
+//   stderr (stubs.cpp, generated from the symbols cudarc loads).
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "cuda_emu.h"
+
+namespace emu {
+int run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
+               dim3 block);
+const char* running_kernel();
+}  // namespace emu
+
+namespace {
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101,
+                   NOT_FOUND = 500, NOT_SUPPORTED = 801;
+
+struct Kernel {
+    std::string name;
+    void* fn;
+    emu::Launcher launcher;
+};
+
+std::unordered_map<std::string, Kernel>& kernels() {
+    static std::unordered_map<std::string, Kernel> k;
+    return k;
+}
+
+struct Context {
+    int device;
+};
+
+struct Event {
+    double seconds = 0.0;
+};
+
+struct Allocation {
+    void* map;
+    size_t map_len;
+    size_t size;
+    int device;
+};
+
+std::mutex& memory_lock() {
+    static std::mutex m;
+    return m;
+}
+std::map<uintptr_t, Allocation>& allocations() {
+    static std::map<uintptr_t, Allocation> a;
+    return a;
+}
+size_t used[64];
+
+int device_count() {
+    const char* v = std::getenv("KIMI_HYBRID_EMULATED_GPUS");
+    int n = v ? std::atoi(v) : 1;
+    return n < 0 ? 0 : (n > 64 ? 64 : n);
+}
+
+size_t device_bytes() {
+    const char* v = std::getenv("KIMI_HYBRID_EMULATED_GPU_GIB");
+    double gib = v ? std::atof(v) : 16.0;
+    return (size_t)(gib * (double)(1ull << 30));
+}
+
+Context* contexts() {
+    static Context c[64];
+    for (int i = 0; i < 64; i++) c[i].device = i;
+    return c;
+}
+
+thread_local Context* current = nullptr;
+
+double now() {
+    using namespace std::chrono;
+    return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+size_t page() {
+    static size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+
+// `size` bytes whose end (rounded up to 16) touches a page with no access rights.
+CUresult device_alloc(CUdeviceptr* out, size_t size) {
+    if (!out) return INVALID_VALUE;
+    int device = current ? current->device : 0;
+    size_t body = (size + 15) & ~(size_t)15;
+    size_t len = ((body + page() - 1) / page() + 1) * page();
+    std::lock_guard<std::mutex> g(memory_lock());
+    if (used[device] + size > device_bytes()) return OUT_OF_MEMORY;
+    void* map = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return OUT_OF_MEMORY;
+    char* guard = static_cast<char*>(map) + len - page();
+    mprotect(guard, page(), PROT_NONE);
+    char* ptr = guard - body;
+    allocations()[(uintptr_t)ptr] = {map, len, size, device};
+    used[device] += size;
+    *out = (CUdeviceptr)(uintptr_t)ptr;
+    return OK;
+}
+
+CUresult device_free(CUdeviceptr p) {
+    if (p == 0) return OK;
+    std::lock_guard<std::mutex> g(memory_lock());
+    auto it = allocations().find((uintptr_t)p);
+    if (it == allocations().end()) return INVALID_VALUE;
+    used[it->second.device] -= it->second.size;
+    munmap(it->second.map, it->second.map_len);
+    allocations().erase(it);
+    return OK;
+}
+
+void on_fault(int sig) {
+    const char* k = emu::running_kernel();
+    char msg[512];
+    int n = std::snprintf(msg, sizeof msg,
+                          "cuda emulator: %s%s%s touched memory outside every buffer (signal %d)\n",
+                          k ? "kernel " : "host code", k ? k : "", k ? "" : " of the driver",
+                          sig);
+    if (n > 0) (void)!write(2, msg, (size_t)n);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+struct InstallFaultHandler {
+    InstallFaultHandler() { signal(SIGSEGV, on_fault); }
+};
+
+}  // namespace
+
+void emu::register_kernel(const char* name, void* kernel, Launcher launcher) {
+    kernels()[name] = {name, kernel, launcher};
+}
+
+extern "C" {
+
+__attribute__((visibility("default"))) int emu_unsupported(const char* name) {
+    std::fprintf(stderr, "cuda emulator: %s is not emulated\n", name);
+    return NOT_SUPPORTED;
+}
+
+#define API extern "C" __attribute__((visibility("default"))) CUresult
+
+API cuInit(unsigned) {
+    static InstallFaultHandler h;
+    return OK;
+}
+API cuDriverGetVersion(int* v) {
+    *v = 12080;
+    return OK;
+}
+API cuDeviceGetCount(int* n) {
+    *n = device_count();
+    return OK;
+}
+API cuDeviceGet(int* d, int ordinal) {
+    if (ordinal < 0 || ordinal >= device_count()) return INVALID_DEVICE;
+    *d = ordinal;
+    return OK;
+}
+API cuDeviceGetName(char* name, int len, int dev) {
+    std::snprintf(name, (size_t)len, "CUDA emulator %d (CPU)", dev);
+    return OK;
+}
+API cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = device_bytes();
+    return OK;
+}
+API cuDeviceGetUuid(char* uuid, int dev) {
+    std::memset(uuid, 0, 16);
+    uuid[0] = (char)dev;
+    return OK;
+}
+API cuDeviceGetUuid_v2(char* uuid, int dev) { return cuDeviceGetUuid(uuid, dev); }
+API cuDeviceGetAttribute(int* v, int attrib, int) {
+    switch (attrib) {
+        case 1: *v = 1024; break;              // max threads per block
+        case 2: case 3: *v = 1024; break;      // max block dims x, y
+        case 4: *v = 64; break;                // max block dim z
+        case 5: *v = 2147483647; break;        // max grid dim x
+        case 6: case 7: *v = 65535; break;     // max grid dims y, z
+        case 8: *v = 48 * 1024; break;         // shared memory per block
+        case 10: *v = 32; break;               // warp size
+        case 16: *v = 132; break;              // multiprocessors
+        case 75: *v = 9; break;                // compute capability major
+        case 76: *v = 0; break;                // compute capability minor
+        case 97: *v = 227 * 1024; break;       // shared memory per block, opt-in
+        case 115: *v = 1; break;               // memory pools supported
+        default: *v = 0; break;
+    }
+    return OK;
+}
+API cuDeviceCanAccessPeer(int* can, int, int) {
+    *can = 0;
+    return OK;
+}
+API cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    if (dev < 0 || dev >= device_count()) return INVALID_DEVICE;
+    *ctx = &contexts()[dev];
+    return OK;
+}
+API cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+API cuDevicePrimaryCtxSetFlags_v2(int, unsigned) { return OK; }
+API cuDevicePrimaryCtxGetState(int, unsigned* flags, int* active) {
+    *flags = 0;
+    *active = 1;
+    return OK;
+}
+API cuCtxSetCurrent(void* ctx) {
+    current = static_cast<Context*>(ctx);
+    return OK;
+}
+API cuCtxGetCurrent(void** ctx) {
+    *ctx = current;
+    return OK;
+}
+API cuCtxPushCurrent_v2(void* ctx) { return cuCtxSetCurrent(ctx); }
+API cuCtxPopCurrent_v2(void** ctx) {
+    if (ctx) *ctx = current;
+    return OK;
+}
+API cuCtxGetDevice(int* d) {
+    *d = current ? current->device : 0;
+    return OK;
+}
+API cuCtxSynchronize() { return OK; }
+
+API cuStreamCreate(void** s, unsigned) {
+    *s = new int(0);
+    return OK;
+}
+API cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
+API cuStreamDestroy_v2(void* s) {
+    delete static_cast<int*>(s);
+    return OK;
+}
+API cuStreamSynchronize(void*) { return OK; }
+API cuStreamQuery(void*) { return OK; }
+API cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+
+API cuEventCreate(void** e, unsigned) {
+    *e = new Event();
+    return OK;
+}
+API cuEventRecord(void* e, void*) {
+    static_cast<Event*>(e)->seconds = now();
+    return OK;
+}
+API cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+API cuEventSynchronize(void*) { return OK; }
+API cuEventQuery(void*) { return OK; }
+API cuEventDestroy_v2(void* e) {
+    delete static_cast<Event*>(e);
+    return OK;
+}
+API cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = (float)((static_cast<Event*>(b)->seconds - static_cast<Event*>(a)->seconds) * 1e3);
+    return OK;
+}
+API cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+API cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return device_alloc(p, n); }
+API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return device_alloc(p, n); }
+API cuMemFree_v2(CUdeviceptr p) { return device_free(p); }
+API cuMemFreeAsync(CUdeviceptr p, void*) { return device_free(p); }
+API cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    int device = current ? current->device : 0;
+    std::lock_guard<std::mutex> g(memory_lock());
+    *total = device_bytes();
+    *free_bytes = *total - used[device];
+    return OK;
+}
+API cuMemAllocHost_v2(void** p, size_t n) {
+    *p = std::malloc(n ? n : 1);
+    return *p ? OK : OUT_OF_MEMORY;
+}
+API cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
+API cuMemFreeHost(void* p) {
+    std::free(p);
+    return OK;
+}
+API cuMemHostRegister_v2(void*, size_t, unsigned) { return OK; }
+API cuMemHostUnregister(void*) { return OK; }
+API cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* h, unsigned) {
+    *d = (CUdeviceptr)(uintptr_t)h;
+    return OK;
+}
+
+static CUresult copy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (n) std::memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+    return OK;
+}
+API cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n); }
+API cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy(d, s, n); }
+API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    return copy(d, (CUdeviceptr)(uintptr_t)s, n);
+}
+API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) {
+    return cuMemcpyHtoD_v2(d, s, n);
+}
+API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    return copy((CUdeviceptr)(uintptr_t)d, s, n);
+}
+API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) {
+    return cuMemcpyDtoH_v2(d, s, n);
+}
+API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n); }
+API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy(d, s, n); }
+API cuMemcpyPeer(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n) { return copy(d, s, n); }
+API cuMemcpyPeerAsync(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n, void*) {
+    return copy(d, s, n);
+}
+API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    if (n) std::memset((void*)(uintptr_t)d, v, n);
+    return OK;
+}
+API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
+    return cuMemsetD8_v2(d, v, n);
+}
+API cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+    auto* p = (unsigned*)(uintptr_t)d;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return OK;
+}
+API cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) { return cuMemsetD32_v2(d, v, n); }
+
+API cuModuleLoadData(void** m, const void*) {
+    *m = new int(0);
+    return OK;
+}
+API cuModuleLoadDataEx(void** m, const void* image, unsigned, void*, void*) {
+    return cuModuleLoadData(m, image);
+}
+API cuModuleUnload(void* m) {
+    delete static_cast<int*>(m);
+    return OK;
+}
+API cuModuleGetFunction(void** f, void*, const char* name) {
+    auto it = kernels().find(name);
+    if (it == kernels().end()) {
+        std::fprintf(stderr, "cuda emulator: no kernel named %s was compiled in\n", name);
+        return NOT_FOUND;
+    }
+    *f = &it->second;
+    return OK;
+}
+API cuFuncGetAttribute(int* v, int attrib, void*) {
+    *v = attrib == 0 ? 1024 : 0;  // max threads per block; sizes of nothing else
+    return OK;
+}
+API cuFuncSetAttribute(void*, int, int) { return OK; }
+API cuFuncSetCacheConfig(void*, int) { return OK; }
+API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                   unsigned bz, unsigned shared, void*, void** params, void** extra) {
+    auto* k = static_cast<Kernel*>(f);
+    if (!k || extra || shared > 48 * 1024) return INVALID_VALUE;
+    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return INVALID_VALUE;
+    return emu::run_launch(k->name.c_str(), k->fn, k->launcher, params, {gx, gy, gz},
+                           {bx, by, bz});
+}
+
+// Asked for by NVRTC and cuBLAS-style clients probing for private driver tables; there
+// are none here, and saying so is their normal path.
+API cuGetExportTable(const void** table, const void*) {
+    if (table) *table = nullptr;
+    return NOT_SUPPORTED;
+}
+
+API cuGetErrorString(CUresult e, const char** s) {
+    switch (e) {
+        case OK: *s = "no error"; break;
+        case INVALID_VALUE: *s = "invalid argument"; break;
+        case OUT_OF_MEMORY: *s = "out of memory (emulated device budget)"; break;
+        case INVALID_DEVICE: *s = "invalid device ordinal"; break;
+        case NOT_FOUND: *s = "named symbol not found"; break;
+        case NOT_SUPPORTED: *s = "operation not supported by the CUDA emulator"; break;
+        default: *s = "unknown error"; break;
+    }
+    return OK;
+}
+API cuGetErrorName(CUresult e, const char** s) {
+    switch (e) {
+        case OK: *s = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN"; break;
+    }
+    return OK;
+}
+
+}  // extern "C"
