@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{fixture, golden, half_on_gpu, max_abs_diff, prefill_and_three_steps, FIXTURES};
+use common::{
+    fixture, golden, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps, FIXTURES,
+};
 use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::{AccelError, Accelerator};
@@ -67,10 +69,10 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
 /// The same hybrid plans on a real GPU (skipped with a message where none exists): the
 /// CUDA backend computes the device's share, the exact f32 CPU backend the host experts.
 /// The GPU sums in its own order, so logits are held to 2e-3 of the CPU-only run and to
-/// transformers' golden, and the greedy tokens must agree.
+/// transformers' golden. Also a hybrid plan pipelined over two GPUs.
 #[test]
 fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::accel::cuda::hybrid_on_gpu;
+    use kimi_hybrid::accel::cuda::{hybrid_on_gpu, pipeline_on_gpus};
     use kimi_hybrid::backend::CudaBackend;
     let gpu = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
@@ -79,6 +81,11 @@ fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
             return;
         }
     };
+    let second = Arc::new(
+        CudaBackend::open(1)
+            .or_else(|_| CudaBackend::open(0))
+            .expect("a second context"),
+    );
     let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
@@ -92,12 +99,24 @@ fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
         let diff = max_abs_diff(&got, &want);
         let prefill = got.len() - 3 * model.config.vocab_size;
         let vs_golden = max_abs_diff(&got[..prefill], &g.logits);
+        // The same hybrid pipelined over two GPUs (each a range of layers), on GPU 1 and
+        // GPU 0, or twice on GPU 0 where there is one.
+        let mut model = Model::load(&ckpt).expect("model");
+        let p2 = hybrid_plan(&ckpt, "2xRTX6000Pro+768GB");
+        assert_eq!((p2.layout.as_str(), p2.gpus.len()), ("hybrid", 2), "{name}");
+        model.apply_plan(&p2);
+        let pipeline =
+            pipeline_on_gpus(&model, &p2, vec![gpu.clone(), second.clone()], cpu.clone())
+                .expect("fits");
+        let (piped, _) = run(&model, &pipeline, &g.prompt_ids);
+        let piped_diff = max_abs_diff(&piped, &want);
         println!(
-            "{name} on {}: max abs diff vs CPU {diff:.1e}, vs golden {vs_golden:.1e}",
+            "{name} on {}: max abs diff vs CPU {diff:.1e}, vs golden {vs_golden:.1e}; pipelined over two {piped_diff:.1e}",
             gpu.gpu().name
         );
         assert!(diff <= 2e-3, "{name}: {diff}");
         assert!(vs_golden <= 2e-3, "{name}: {vs_golden}");
+        assert!(piped_diff <= 2e-3, "{name}: pipelined {piped_diff}");
     }
 }
 

@@ -449,6 +449,40 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
     }
 }
 
+/// The same paged batches on a real GPU (skipped with a message where none exists): the
+/// CUDA backend's resident pass over scattered f32 and BF16 pools, against the exact
+/// per-operation path on the same kind of pool, within the GPU's 2e-3.
+#[test]
+fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
+    use kimi_hybrid::backend::CudaBackend;
+    let gpu = match CudaBackend::open(0) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            common::no_gpu(
+                "paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name",
+                e,
+            );
+            return;
+        }
+    };
+    let cpu = exact();
+    let name = "kimi-real-heads";
+    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let g = golden(name);
+    let a: Vec<u32> = g.prompt_ids.clone();
+    let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
+    let backend = CudaBackend::resident(gpu);
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        let want = paged_pair(&model, cpu.as_ref(), &a, &b, dtype);
+        let got = paged_pair(&model, &backend, &a, &b, dtype);
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            let diff = max_abs_diff(x, y);
+            println!("paged {dtype:?} on a GPU: output {i} vs per-op {diff:.1e}");
+            assert!(diff <= 2e-3, "{dtype:?} output {i}: {diff}");
+        }
+    }
+}
+
 /// The engine over a data-parallel pass on three stand-in devices: its pool splits into
 /// three partitions, concurrent requests land on different devices, and every request
 /// generates the tokens the one-device engine generates.

@@ -48,9 +48,11 @@ struct Kernel {
     emu::Launcher launcher;
 };
 
+// The driver's state is never destroyed: the process may still free buffers and launch
+// from other threads while it exits, as it may with the real driver.
 std::unordered_map<std::string, Kernel>& kernels() {
-    static std::unordered_map<std::string, Kernel> k;
-    return k;
+    static auto* k = new std::unordered_map<std::string, Kernel>();
+    return *k;
 }
 
 struct Context {
@@ -69,12 +71,12 @@ struct Allocation {
 };
 
 std::mutex& memory_lock() {
-    static std::mutex m;
-    return m;
+    static auto* m = new std::mutex();
+    return *m;
 }
 std::map<uintptr_t, Allocation>& allocations() {
-    static std::map<uintptr_t, Allocation> a;
-    return a;
+    static auto* a = new std::map<uintptr_t, Allocation>();
+    return *a;
 }
 size_t used[64];
 

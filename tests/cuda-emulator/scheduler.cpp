@@ -77,8 +77,8 @@ thread_local Block* active = nullptr;
 
 // Every launch in the process runs alone: `__shared__` variables are statics.
 std::mutex& launch_lock() {
-    static std::mutex m;
-    return m;
+    static auto* m = new std::mutex();
+    return *m;
 }
 
 [[noreturn]] void fail(const Block& b, const char* what) {

@@ -14,4 +14,4 @@ fi
 export LD_LIBRARY_PATH="$emulator${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export KIMI_HYBRID_EMULATED_GPUS=2 KIMI_HYBRID_REQUIRE_GPU=1 KIMI_HYBRID_REQUIRE_NVRTC=1
 cd "$root"
-cargo test --workspace --lib --test gpu_kernels --test golden --test hybrid --test expert_parallel
+cargo test --workspace --lib --test gpu_kernels --test golden --test hybrid --test expert_parallel --test resident
