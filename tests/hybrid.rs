@@ -200,3 +200,64 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
         }
     }
 }
+
+/// Running out of GPU memory in the middle of a request (here the CUDA emulator's third
+/// GPU, which `tests/cuda-emulator/test.sh` gives 2 MiB: the model fits, a 600-token
+/// prompt's latents and attention scratch do not) fails that request with an error
+/// naming the device failure, and the engine goes on serving: the next request gets the
+/// tokens the same request got before. Skipped with a message anywhere else.
+#[test]
+fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
+    use kimi_hybrid::accel::cuda::resident_on_gpu;
+    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::engine::kv::KvDtype;
+    use kimi_hybrid::engine::{self, EngineConfig, Event};
+    let gpu = match CudaBackend::open(2) {
+        Ok(g) if g.gpu().name.starts_with("CUDA emulator") && g.gpu().total_bytes < 8 << 20 => {
+            Arc::new(g)
+        }
+        _ => {
+            eprintln!(
+                "skipping a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine: \
+                 needs the CUDA emulator's small third GPU (tests/cuda-emulator/test.sh)"
+            );
+            return;
+        }
+    };
+    let name = "kimi-int4";
+    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let backend = resident_on_gpu(&model, gpu).expect("the model fits");
+    let config = EngineConfig {
+        max_num_seqs: 4,
+        max_waiting: 8,
+        max_model_len: 1024,
+        block_size: 16,
+        kv_blocks: 80,
+        max_batch_tokens: 1024,
+        prefix_caching: true,
+        kv_dtype: KvDtype::F32,
+    };
+    let tokenizer = kimi_hybrid::tokenizer::Tokenizer::from_dir(&fixture(name)).expect("tokenizer");
+    let h = engine::start(model, Box::new(backend), Arc::new(tokenizer), config).expect("engine");
+    let ask = |prompt: &[u32]| -> Result<Vec<u32>, String> {
+        let (req, mut rx) = common::greedy(prompt, 4);
+        h.submit(req).expect("submitted");
+        let mut ids = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Token { id, .. } => ids.push(id),
+                Event::Finished { .. } => return Ok(ids),
+                Event::Error(e) => return Err(e),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        Err("the engine closed the request".into())
+    };
+    let short = golden(name).prompt_ids;
+    let before = ask(&short).expect("a short prompt fits");
+    let long: Vec<u32> = (0..600u32).map(|i| i % 1000 + 1).collect();
+    let err = ask(&long).expect_err("a 600-token prompt cannot fit in 2 MiB");
+    println!("600 tokens on a 2 MiB GPU: {err}");
+    assert!(err.contains("device failed"), "{err}");
+    assert_eq!(ask(&short).expect("the engine goes on"), before);
+}

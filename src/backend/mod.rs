@@ -264,19 +264,26 @@ pub fn ffn_accumulate_with(
 /// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
 /// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
 /// path. `cuda` (or `cuda:N` for GPU N) runs on a GPU, weights uploaded as they are
-/// first used; a machine without one gets an error saying why.
+/// first used (`kimi-hybrid run/serve` upload them all at start instead, see
+/// `server::launch`); a machine without one gets an error saying why.
+/// The GPU a backend name asks for: `Some(N)` for `cuda:N` (`cuda` is GPU 0), `None` for
+/// every other name, an error for a malformed GPU number.
+pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
+    match name.strip_prefix("cuda") {
+        Some("") => Ok(Some(0)),
+        Some(n) if n.starts_with(':') => n[1..]
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")),
+        _ => Ok(None),
+    }
+}
+
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
     }
-    let gpu = match name.strip_prefix("cuda") {
-        Some("") => Some(0),
-        Some(n) if n.starts_with(':') => Some(n[1..].parse().map_err(|_| {
-            format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")
-        })?),
-        _ => None,
-    };
-    if let Some(ordinal) = gpu {
+    if let Some(ordinal) = cuda_ordinal(name)? {
         return CudaBackend::open(ordinal)
             .map(|b| Box::new(CudaBackend::resident(Arc::new(b))) as Box<dyn Backend>)
             .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));

@@ -30,6 +30,10 @@ pub enum ModelError {
     ContextFull { needed: usize, limit: usize },
     #[error("no input tokens")]
     Empty,
+    /// The device running the pass failed (out of memory for a long batch, a lost GPU);
+    /// the batch fails, the process goes on.
+    #[error("the device failed during the forward pass: {0}")]
+    Device(String),
 }
 
 /// Called with (layer, the token's routed (expert, weight) pairs) for every token.

@@ -240,7 +240,20 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
                 .map(|ops| self.prepare(ops, model))
                 .collect()
         });
-        Some(Ok(self.run(model, prepared, batch, store, on_route)))
+        // A device failure mid-pass (out of memory while the latent pools grow for a long
+        // batch, a lost GPU) panics inside the device's operations; it fails this batch,
+        // not the process. Device buffers of the failed pass are freed as it unwinds, and
+        // the pools keep their layout (a pool that grew keeps its old blocks).
+        let pass =
+            std::panic::AssertUnwindSafe(|| self.run(model, prepared, batch, store, on_route));
+        Some(std::panic::catch_unwind(pass).map_err(|payload| {
+            let why = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "an unknown failure".into());
+            ModelError::Device(why)
+        }))
     }
 
     fn devices(&self) -> usize {

@@ -126,8 +126,23 @@ impl Placement {
     /// GPU(s), pipelined when there are several, with `host` computing the experts left
     /// in host RAM. Without a plan or GPUs, `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
-        let host = crate::backend::by_name(host).map_err(anyhow::Error::msg)?;
+        let name = host;
+        let host = crate::backend::by_name(name).map_err(anyhow::Error::msg)?;
         let Some(plan) = self.plan.as_ref().filter(|_| self.gpus.count() > 0) else {
+            // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
+            // copies) goes up now, so a GPU too small refuses at start, not mid-request.
+            if let Some(ordinal) = crate::backend::cuda_ordinal(name).map_err(anyhow::Error::msg)? {
+                drop(host);
+                let gpu = Arc::new(CudaBackend::open(ordinal).map_err(anyhow::Error::msg)?);
+                return resident_on_gpu(model, gpu)
+                    .map(|b| Box::new(b) as Box<dyn Backend>)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "--backend {name} needs the whole model on the GPU; use a hybrid \
+                             --profile (e.g. 1xH100+512GB) or --backend cpu"
+                        ))
+                    });
+            }
             return Ok(host);
         };
         let layout = GpuLayout::of(plan, self.gpus.count());

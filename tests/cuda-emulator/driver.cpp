@@ -4,7 +4,8 @@
 // GPU. The tests that need a GPU are run against it by `.ci/run`.
 //
 // - Devices: `KIMI_HYBRID_EMULATED_GPUS` of them (default 1), reporting compute
-//   capability 9.0 and `KIMI_HYBRID_EMULATED_GPU_GIB` GiB (default 16) of memory.
+//   capability 9.0 and `KIMI_HYBRID_EMULATED_GPU_GIB` GiB (default 16) of memory, or
+//   per device with a list (`16,16,0.002`: the third a 2 MiB device).
 // - Memory: device and pinned allocations are host memory. Each device buffer ends at a
 //   page with no access rights after it, so a kernel reading or writing past the end of
 //   any buffer (by 16 bytes or more) stops the process with a message naming the kernel.
@@ -86,9 +87,17 @@ int device_count() {
     return n < 0 ? 0 : (n > 64 ? 64 : n);
 }
 
-size_t device_bytes() {
+// Device `d`'s memory: entry d of the comma-separated GiB list (the last entry for the
+// devices beyond it).
+size_t device_bytes(int d) {
     const char* v = std::getenv("KIMI_HYBRID_EMULATED_GPU_GIB");
-    double gib = v ? std::atof(v) : 16.0;
+    double gib = 16.0;
+    for (int i = 0; v && *v; i++) {
+        gib = std::atof(v);
+        const char* comma = std::strchr(v, ',');
+        if (i == d || !comma) break;
+        v = comma + 1;
+    }
     return (size_t)(gib * (double)(1ull << 30));
 }
 
@@ -117,7 +126,7 @@ CUresult device_alloc(CUdeviceptr* out, size_t size) {
     size_t body = (size + 15) & ~(size_t)15;
     size_t len = ((body + page() - 1) / page() + 1) * page();
     std::lock_guard<std::mutex> g(memory_lock());
-    if (used[device] + size > device_bytes()) return OUT_OF_MEMORY;
+    if (used[device] + size > device_bytes(device)) return OUT_OF_MEMORY;
     void* map = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (map == MAP_FAILED) return OUT_OF_MEMORY;
     char* guard = static_cast<char*>(map) + len - page();
@@ -192,8 +201,8 @@ API cuDeviceGetName(char* name, int len, int dev) {
     std::snprintf(name, (size_t)len, "CUDA emulator %d (CPU)", dev);
     return OK;
 }
-API cuDeviceTotalMem_v2(size_t* bytes, int) {
-    *bytes = device_bytes();
+API cuDeviceTotalMem_v2(size_t* bytes, int dev) {
+    *bytes = device_bytes(dev);
     return OK;
 }
 API cuDeviceGetUuid(char* uuid, int dev) {
@@ -296,7 +305,7 @@ API cuMemFreeAsync(CUdeviceptr p, void*) { return device_free(p); }
 API cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     int device = current ? current->device : 0;
     std::lock_guard<std::mutex> g(memory_lock());
-    *total = device_bytes();
+    *total = device_bytes(device);
     *free_bytes = *total - used[device];
     return OK;
 }

@@ -6,6 +6,11 @@
 // stop the process with a message naming the kernel, since on a GPU that is a hang or
 // undefined behaviour.
 //
+// The order threads run in between scheduling points is `KIMI_HYBRID_EMULATOR_SCHEDULE`:
+// `forward` (the default), `reverse`, or `shuffle` (a new pseudo-random order each
+// round). A kernel that reads what another thread wrote without a barrier between them
+// gets different numbers under different orders, so the tests run under more than one.
+//
 // Fibers switch with a few instructions of x86-64 assembly (callee-saved registers and
 // the stack pointer), so a kernel of a million threads runs in well under a second.
 
@@ -15,7 +20,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 extern "C" void emu_switch(void** save_sp, void* next_sp);
@@ -168,6 +175,39 @@ bool open_barriers(Block& b) {
     return opened;
 }
 
+enum Order { FORWARD, REVERSE, SHUFFLE };
+
+Order schedule_order() {
+    static const Order order = [] {
+        const char* v = std::getenv("KIMI_HYBRID_EMULATOR_SCHEDULE");
+        if (!v || !std::strcmp(v, "forward")) return FORWARD;
+        if (!std::strcmp(v, "reverse")) return REVERSE;
+        if (!std::strcmp(v, "shuffle")) return SHUFFLE;
+        std::fprintf(stderr, "cuda emulator: KIMI_HYBRID_EMULATOR_SCHEDULE=%s is not forward, "
+                             "reverse or shuffle\n", v);
+        std::abort();
+    }();
+    return order;
+}
+
+// This round's order of the block's threads.
+void round_order(std::vector<unsigned>& order, unsigned threads, uint64_t& seed) {
+    order.resize(threads);
+    for (unsigned i = 0; i < threads; i++) order[i] = i;
+    switch (schedule_order()) {
+        case FORWARD: break;
+        case REVERSE:
+            for (unsigned i = 0; i < threads / 2; i++) std::swap(order[i], order[threads - 1 - i]);
+            break;
+        case SHUFFLE:
+            for (unsigned i = threads; i > 1; i--) {
+                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                std::swap(order[i - 1], order[(seed >> 33) % i]);
+            }
+            break;
+    }
+}
+
 void run_block(Block& b) {
     for (unsigned i = 0; i < b.threads; i++) {
         Fiber& f = b.fibers[i];
@@ -175,9 +215,12 @@ void run_block(Block& b) {
         f.sp = fresh_stack(b.stacks + (size_t)i * STACK);
         f.idx = {i % b.block.x, (i / b.block.x) % b.block.y, i / (b.block.x * b.block.y)};
     }
+    std::vector<unsigned> order;
+    uint64_t seed = 0x9e3779b97f4a7c15ull ^ (b.block_idx.x * 0x100000001b3ull + b.block_idx.y);
     for (;;) {
         bool ran = false;
-        for (unsigned i = 0; i < b.threads; i++) {
+        round_order(order, b.threads, seed);
+        for (unsigned i : order) {
             if (b.fibers[i].state != RUNNABLE) continue;
             b.current = i;
             emu_switch(&b.scheduler_sp, b.fibers[i].sp);
