@@ -860,3 +860,70 @@ fn bf16_products_through_cublas_keep_f32_accuracy() {
         assert!(split * 10.0 < rounded, "{split} vs {rounded}");
     }
 }
+
+/// The grouped INT4 expert path (three launches for a layer's experts at decode: gate and
+/// up with SiLU, down, the weighted sum per token) on the K2 expert shape (7168 hidden,
+/// 2048 intermediate, group 32) against the exact f32 CPU backend, with tokens shared
+/// between experts and an expert with none.
+#[test]
+fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
+    use kimi_hybrid::backend::{by_name, CudaBackend, FfnWeights};
+    use kimi_hybrid::resident::DeviceOps;
+    use kimi_hybrid::weights::{LinearWeight, TensorData};
+    let gpu = match CudaBackend::open(0) {
+        Ok(g) => g,
+        Err(e) => {
+            common::no_gpu("grouped_int4_experts_match_cpu_on_the_k2_expert_shape", e);
+            return;
+        }
+    };
+    let (hidden, inter, group) = (7168usize, 2048usize, 32usize);
+    let int4 = |rows: usize, cols: usize, seed: u64| {
+        let scales: Vec<u8> = values(rows * cols / group, seed + 1)
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(0.02 + 0.01 * v).to_le_bytes())
+            .collect();
+        LinearWeight::Int4 {
+            packed: TensorData::owned(&bytes(rows * cols / 2, seed)).expect("weights"),
+            scales: TensorData::owned(&scales).expect("scales"),
+            rows,
+            cols,
+            group,
+        }
+    };
+    let experts: Vec<FfnWeights> = (0..4u64)
+        .map(|e| FfnWeights {
+            gate: int4(inter, hidden, 100 + 10 * e),
+            up: int4(inter, hidden, 103 + 10 * e),
+            down: int4(hidden, inter, 106 + 10 * e),
+            numa_node: None,
+            expert: Some((1, e as usize)),
+            gpu: Some(0),
+        })
+        .collect();
+    let lists: Vec<Vec<(usize, f32)>> = vec![
+        vec![(0, 0.5), (2, 0.3)],
+        vec![(1, 0.7)],
+        vec![(0, 0.1), (1, 0.2), (2, 0.9)],
+        Vec::new(),
+    ];
+    let layer: Vec<(&FfnWeights, &[(usize, f32)])> = experts
+        .iter()
+        .zip(&lists)
+        .map(|(f, t)| (f, t.as_slice()))
+        .collect();
+    let n = 3;
+    let x = values(n * hidden, 40);
+    let start = values(n * hidden, 41);
+    let mut want = start.clone();
+    by_name("cpu-f32")
+        .expect("cpu")
+        .moe_accumulate(&layer, &x, &mut want);
+    let mut out = gpu.upload(&start);
+    gpu.experts_accumulate(&layer, &gpu.upload(&x), &mut out);
+    let mut got = vec![0.0f32; n * hidden];
+    gpu.finish_download(gpu.begin_download(&out), &mut got);
+    let err = rel_l2(&got, &want);
+    eprintln!("grouped INT4 experts {hidden}x{inter}, 6 pairs over 3 tokens: rel L2 {err:.2e}");
+    assert!(err < 1e-5, "{err}");
+}

@@ -611,6 +611,94 @@ impl GpuDevice {
     }
 }
 
+/// The routed experts of one MoE layer for a few tokens, all INT4 with one shape (see
+/// `moe_gate_up_int4` in matmul.cu): `experts` holds the 6 x `slots` device addresses of
+/// their weights and scales; `index` holds the `pairs` (token, slot) pairs, ordered by
+/// token, followed by `tokens + 1` offsets where each token's pairs start; `weights`
+/// the pairs' routing weights.
+pub struct GroupedExperts<'a> {
+    pub experts: &'a CudaSlice<u64>,
+    pub slots: usize,
+    pub index: &'a CudaSlice<i32>,
+    pub weights: &'a CudaSlice<f32>,
+    pub pairs: usize,
+    pub tokens: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub group: usize,
+}
+
+impl GpuDevice {
+    /// `out[t] += Σ weight · down(silu(gate x[t]) · up x[t])` over each token's pairs, in
+    /// three launches: gate and up with SiLU, down, and the weighted sum.
+    pub fn grouped_int4_experts(
+        &self,
+        g: &GroupedExperts,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), NoCuda> {
+        if g.pairs == 0 {
+            return Ok(());
+        }
+        let alloc = |n| {
+            self.stream
+                .alloc_zeros::<f32>(n)
+                .map_err(|e| launch_err("grouped experts (scratch)", e))
+        };
+        let mut h = alloc(g.pairs * g.inter)?;
+        let mut y = alloc(g.pairs * g.hidden)?;
+        let (slots, hidden, inter, group) = (
+            g.slots as i32,
+            g.hidden as i32,
+            g.inter as i32,
+            g.group as i32,
+        );
+        let pairs = g.index.slice(0..2 * g.pairs);
+        let starts = g.index.slice(2 * g.pairs..2 * g.pairs + g.tokens + 1);
+        // Four warps per block, one weight row per warp.
+        let rows_grid = |rows: usize| (blocks_for(rows, 4), g.pairs as u32, 1);
+        let f = self.function("moe_gate_up_int4")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(g.experts)
+            .arg(&slots)
+            .arg(&pairs)
+            .arg(x)
+            .arg(&mut h)
+            .arg(&hidden)
+            .arg(&inter)
+            .arg(&group);
+        // SAFETY: every pair names a token row of x and a slot of `experts`, whose
+        // addresses are live INT4 weights of shape [inter, hidden].
+        unsafe { b.launch(cfg(rows_grid(g.inter), (128, 1, 1))) }
+            .map_err(|e| launch_err("moe_gate_up_int4", e))?;
+        let f = self.function("moe_down_int4")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(g.experts)
+            .arg(&slots)
+            .arg(&pairs)
+            .arg(&h)
+            .arg(&mut y)
+            .arg(&hidden)
+            .arg(&inter)
+            .arg(&group);
+        // SAFETY: as above, down weights of shape [hidden, inter].
+        unsafe { b.launch(cfg(rows_grid(g.hidden), (128, 1, 1))) }
+            .map_err(|e| launch_err("moe_down_int4", e))?;
+        let f = self.function("moe_combine")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out)
+            .arg(&y)
+            .arg(g.weights)
+            .arg(&pairs)
+            .arg(&starts)
+            .arg(&hidden);
+        // SAFETY: the offsets split the pairs by token; tokens are rows of out.
+        unsafe { b.launch(cfg((g.tokens as u32, 1, 1), (256, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("moe_combine", e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::decode_splits;

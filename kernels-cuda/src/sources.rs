@@ -49,6 +49,9 @@ pub const MODULES: &[Module] = &[
             "fp8_dequant_rows",
             "bf16_dequant_rows",
             "f32_matmul_t",
+            "moe_gate_up_int4",
+            "moe_down_int4",
+            "moe_combine",
         ],
     },
     Module {

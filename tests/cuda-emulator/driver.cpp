@@ -47,6 +47,7 @@ struct Kernel {
     std::string name;
     void* fn;
     emu::Launcher launcher;
+    unsigned long long launches = 0;
 };
 
 // The driver's state is never destroyed: the process may still free buffers and launch
@@ -165,6 +166,24 @@ struct InstallFaultHandler {
     InstallFaultHandler() { signal(SIGSEGV, on_fault); }
 };
 
+}  // namespace
+
+namespace {
+// With KIMI_HYBRID_EMULATOR_STATS=1, the launches of every kernel when the process exits
+// (how many launches a pass issues is what CUDA graphs and fused kernels would save).
+struct LaunchReport {
+    ~LaunchReport() {
+        const char* v = std::getenv("KIMI_HYBRID_EMULATOR_STATS");
+        if (!v || std::strcmp(v, "1")) return;
+        unsigned long long total = 0;
+        for (auto& [name, k] : kernels()) {
+            if (!k.launches) continue;
+            std::fprintf(stderr, "cuda emulator: %8llu launches of %s\n", k.launches, name.c_str());
+            total += k.launches;
+        }
+        std::fprintf(stderr, "cuda emulator: %8llu launches in all\n", total);
+    }
+} launch_report;
 }  // namespace
 
 void emu::register_kernel(const char* name, void* kernel, Launcher launcher) {
@@ -393,6 +412,7 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
                    unsigned bz, unsigned shared, void*, void** params, void** extra) {
     auto* k = static_cast<Kernel*>(f);
     if (!k || extra || shared > 48 * 1024) return INVALID_VALUE;
+    __atomic_add_fetch(&k->launches, 1, __ATOMIC_RELAXED);
     if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return INVALID_VALUE;
     return emu::run_launch(k->name.c_str(), k->fn, k->launcher, params, {gx, gy, gz},
                            {bx, by, bz});

@@ -190,3 +190,71 @@ extern "C" __global__ void f32_matmul_t(const float* band, const float* x, float
     for (int i = 0; i < n; i++) acc += xt[i] * band[(size_t)i * cols + k];
     y[(size_t)t * cols + k] = acc;
 }
+
+// ---- grouped INT4 experts (decode) ------------------------------------------------------
+// A MoE layer's routed experts for a few tokens in three launches instead of a handful per
+// expert. The work is a list of (token, expert slot) pairs, ordered by token and, within
+// a token, in the order its experts are added; `experts` holds, per slot, the device
+// addresses of the expert's gate, up and down weights and scales:
+//   experts[0 * n + s] gate packed   experts[1 * n + s] gate scales
+//   experts[2 * n + s] up packed     experts[3 * n + s] up scales
+//   experts[4 * n + s] down packed   experts[5 * n + s] down scales
+// Each product is the GEMV above for one token (one warp per weight row, lanes over
+// columns in the same order), so the sums are those of the per-expert path.
+
+__device__ __forceinline__ float int4_row_dot(const u32* packed, const u16* scales, int cols,
+                                              int group, int r, const float* x) {
+    int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (int k0 = lane * 8; k0 < cols; k0 += 32 * 8) {
+        float v[8];
+        int4_load8(packed, scales, cols, group, r, k0, v);
+        const float* xt = x + k0;
+        float a = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 8; j++) a += (k0 + j < cols) ? v[j] * xt[j] : 0.0f;
+        acc += a;
+    }
+    return warp_sum(acc);
+}
+
+// h[p, r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for pair p = (t, e);
+// grid (ceil(inter / warps per block), pairs).
+extern "C" __global__ void moe_gate_up_int4(const unsigned long long* experts, int slots,
+                                            const int* pairs, const float* x, float* h,
+                                            int hidden, int inter, int group) {
+    int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, p = blockIdx.y;
+    if (r >= inter) return;
+    int t = pairs[2 * p], s = pairs[2 * p + 1];
+    const float* xt = x + (size_t)t * hidden;
+    float g = int4_row_dot((const u32*)experts[s], (const u16*)experts[slots + s], hidden, group,
+                           r, xt);
+    float u = int4_row_dot((const u32*)experts[2 * slots + s], (const u16*)experts[3 * slots + s],
+                           hidden, group, r, xt);
+    if ((threadIdx.x & 31) == 0) h[(size_t)p * inter + r] = g / (1.0f + expf(-g)) * u;
+}
+
+// y[p, r] = down_e[r] . h[p]; grid (ceil(hidden / warps per block), pairs).
+extern "C" __global__ void moe_down_int4(const unsigned long long* experts, int slots,
+                                         const int* pairs, const float* h, float* y, int hidden,
+                                         int inter, int group) {
+    int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, p = blockIdx.y;
+    if (r >= hidden) return;
+    int s = pairs[2 * p + 1];
+    float d = int4_row_dot((const u32*)experts[4 * slots + s], (const u16*)experts[5 * slots + s],
+                           inter, group, r, h + (size_t)p * inter);
+    if ((threadIdx.x & 31) == 0) y[(size_t)p * hidden + r] = d;
+}
+
+// out[t] += weight[p] * y[p] for each token's pairs in order: block b adds the pairs
+// starts[b]..starts[b + 1], which all belong to token pairs[2 * starts[b]].
+extern "C" __global__ void moe_combine(float* out, const float* y, const float* weight,
+                                       const int* pairs, const int* starts, int hidden) {
+    int first = starts[blockIdx.x], end = starts[blockIdx.x + 1];
+    float* o = out + (size_t)pairs[2 * first] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float acc = o[i];
+        for (int p = first; p < end; p++) acc += weight[p] * y[(size_t)p * hidden + i];
+        o[i] = acc;
+    }
+}

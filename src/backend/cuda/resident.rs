@@ -19,6 +19,10 @@ use std::sync::{Arc, Mutex};
 /// The largest expert count and group count `route_topk` handles; others route on the
 /// host.
 const MAX_ROUTED_EXPERTS: usize = 1024;
+/// The grouped expert path's limits: tokens per expert (the per-expert path's GEMV
+/// limit, so both compute the same sums) and (token, expert) pairs per layer.
+const GROUPED_MAX_TOKENS: usize = 8;
+const GROUPED_MAX_PAIRS: usize = 4096;
 const MAX_GROUPS: usize = 64;
 
 /// A weight's identity (where its bytes live on the host).
@@ -86,6 +90,106 @@ impl CudaBackend {
             total += bytes;
         }
         Ok(total)
+    }
+
+    /// The grouped path of [`DeviceOps::experts_accumulate`]: when every expert of
+    /// `work` is INT4 with one shape and has at most [`GROUPED_MAX_TOKENS`] tokens (so the
+    /// per-expert path would multiply by GEMVs too, with the same sums), the layer's
+    /// (token, expert) pairs go up in three small copies and run in three launches.
+    /// Returns whether it ran.
+    fn grouped_experts(
+        &self,
+        work: &[(&FfnWeights, &[(usize, f32)])],
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> bool {
+        use kernels_cuda::cudarc::driver::DevicePtr;
+        use kernels_cuda::weights::DeviceData;
+        let work: Vec<_> = work.iter().filter(|(_, t)| !t.is_empty()).collect();
+        let pairs: usize = work.iter().map(|(_, t)| t.len()).sum();
+        if work.is_empty()
+            || pairs > GROUPED_MAX_PAIRS
+            || work.iter().any(|(_, t)| t.len() > GROUPED_MAX_TOKENS)
+        {
+            return false;
+        }
+        let (hidden, inter) = (work[0].0.gate.cols(), work[0].0.gate.rows());
+        let shaped = |w: &LinearWeight, rows, cols| {
+            matches!(w, LinearWeight::Int4 { .. }) && w.rows() == rows && w.cols() == cols
+        };
+        if !work.iter().all(|(f, _)| {
+            shaped(&f.gate, inter, hidden)
+                && shaped(&f.up, inter, hidden)
+                && shaped(&f.down, hidden, inter)
+        }) {
+            return false;
+        }
+        let copies: Vec<[Arc<kernels_cuda::weights::DeviceWeight>; 3]> = {
+            let mut map = self.lock();
+            work.iter()
+                .map(|(f, _)| f.matrices().map(|w| self.weight(&mut map, w)))
+                .collect()
+        };
+        // Per matrix kind (gate, up, down), per slot: packed then scales addresses.
+        let s = &self.gpu.stream;
+        let mut group = None;
+        let mut addresses = vec![0u64; 6 * copies.len()];
+        for (slot, matrices) in copies.iter().enumerate() {
+            for (kind, m) in matrices.iter().enumerate() {
+                let DeviceData::Int4 {
+                    packed,
+                    scales,
+                    group: g,
+                } = &m.data
+                else {
+                    return false;
+                };
+                if *group.get_or_insert(*g) != *g {
+                    return false;
+                }
+                addresses[2 * kind * copies.len() + slot] = packed.device_ptr(s).0;
+                addresses[(2 * kind + 1) * copies.len() + slot] = scales.device_ptr(s).0;
+            }
+        }
+        // Pairs by token; within a token, in the order of `work` (the per-expert order).
+        let mut by_token: std::collections::BTreeMap<usize, Vec<(usize, f32)>> = Default::default();
+        for (slot, (_, tokens)) in work.iter().enumerate() {
+            for &(t, w) in tokens.iter() {
+                by_token.entry(t).or_default().push((slot, w));
+            }
+        }
+        let mut index = Vec::with_capacity(2 * pairs + by_token.len() + 1);
+        let mut weights = Vec::with_capacity(pairs);
+        let mut starts = vec![0i32];
+        for (&t, list) in &by_token {
+            for &(slot, w) in list {
+                index.extend([t as i32, slot as i32]);
+                weights.push(w);
+            }
+            starts.push(weights.len() as i32);
+        }
+        index.extend(starts);
+        let experts = device(
+            "an expert table upload",
+            self.gpu.upload("experts", &addresses),
+        );
+        let (index, weights) = (self.ints(&index), self.upload(&weights));
+        let grouped = kernels_cuda::ops::GroupedExperts {
+            experts: &experts,
+            slots: copies.len(),
+            index: &index,
+            weights: &weights,
+            pairs,
+            tokens: by_token.len(),
+            hidden,
+            inter,
+            group: group.unwrap_or(32),
+        };
+        device(
+            "grouped experts",
+            self.gpu.grouped_int4_experts(&grouped, x, out),
+        );
+        true
     }
 
     fn staging(&self) -> Arc<StagingPool> {
@@ -443,9 +547,11 @@ impl DeviceOps for CudaBackend {
         self.experts_accumulate(&[(ffn, tokens)], x, out);
     }
 
-    /// Every expert's token indices and weights go up in one copy (the host has just
-    /// waited for the routes, so the queue is empty and nothing waits on it); then per
-    /// expert: gather its tokens, gate and up, SiLU-mul, down, weighted scatter-add.
+    /// A few tokens over INT4 experts of one shape (decode) run grouped: three launches
+    /// for the whole layer (see [`CudaBackend::grouped_experts`]). Otherwise every
+    /// expert's token indices and weights go up in one copy (the host has just waited
+    /// for the routes, so the queue is empty and nothing waits on it); then per expert:
+    /// gather its tokens, gate and up, SiLU-mul, down, weighted scatter-add.
     fn experts_accumulate(
         &self,
         work: &[(&FfnWeights, &[(usize, f32)])],
@@ -453,7 +559,7 @@ impl DeviceOps for CudaBackend {
         out: &mut CudaSlice<f32>,
     ) {
         let entries: usize = work.iter().map(|(_, t)| t.len()).sum();
-        if entries == 0 {
+        if entries == 0 || self.grouped_experts(work, x, out) {
             return;
         }
         let rows: Vec<i32> = work
