@@ -166,9 +166,9 @@ pub fn pipeline_on_gpus(
 
 /// The backend an all-GPU plan with tensor-parallel attention over several GPUs runs on
 /// ([`Resident::tensor_parallel`]): GPU g holds every layer's `q_a`/`kv_a`, its heads'
-/// cut of `q_b`, `kv_b` and `o_proj` (and their f32 `kv_b` copies) and the routed experts
-/// the plan gave it; the first GPU also holds the routers, shared experts, dense MLPs and
-/// lm_head (it routes and adds them for every token). Partial sums meet in an NCCL
+/// cut of `q_b`, `kv_b` and `o_proj` (and their f32 `kv_b` copies), its band of lm_head
+/// rows and the routed experts the plan gave it; the first GPU also holds the routers,
+/// shared experts and dense MLPs (it routes and adds them for every token). Partial sums meet in an NCCL
 /// all-reduce, or through host memory without libnccl.
 pub fn tensor_parallel_on_gpus(
     model: &Model,
@@ -197,8 +197,8 @@ pub fn tensor_parallel_on_gpus(
                 }
             }
         }
-        if g == 0 {
-            weights.push(&model.lm_head);
+        if let Some((_, band)) = split.lm_head(g) {
+            weights.push(band);
         }
         weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
         let mut bytes = gpu

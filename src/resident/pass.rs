@@ -472,26 +472,14 @@ impl<O: DeviceOps> Resident<O> {
                 .find(|g| g.device == *device)
                 .unwrap_or(&placed[0]);
             let ops = self.devices[g.device].as_ref();
-            let mut rows = Vec::new();
-            for (&i, s) in g.entries.iter().zip(&g.spans) {
-                rows.extend(Logits::rows(batch[i].logits, s.first, s.len));
-            }
+            let rows = logit_rows(batch, g);
             let mut all = vec![0.0f32; rows.len() * vocab];
             if !rows.is_empty() {
-                let mut picked = ops.take_rows(x, &rows, h);
-                let norm = &prepared[g.device].final_norm;
-                ops.rms_norm(&mut picked, norm, rows.len(), h, h, cfg.rms_norm_eps);
+                let picked = final_rows(ops, &prepared[g.device], x, &rows, h, cfg.rms_norm_eps);
                 let logits = ops.linear(&model.lm_head, &picked, rows.len());
                 ops.finish_download(ops.begin_download(&logits), &mut all);
             }
-            let mut next = 0;
-            for (&i, s) in g.entries.iter().zip(&g.spans) {
-                let count = Logits::rows(batch[i].logits, 0, s.len).len();
-                out[i] = batch[i]
-                    .logits
-                    .map(|_| all[next * vocab..(next + count) * vocab].to_vec());
-                next += count;
-            }
+            hand_out_logits(batch, g, &all, vocab, &mut out);
         }
         out
     }
@@ -606,6 +594,48 @@ impl<O: DeviceOps> Resident<O> {
         if let Some(a) = &self.accounting {
             f(a.as_ref());
         }
+    }
+}
+
+/// The rows of a group's tokens that get logits, in the group's entry order.
+pub(super) fn logit_rows<O: DeviceOps>(batch: &[BatchEntry], g: &Group<O>) -> Vec<usize> {
+    let mut rows = Vec::new();
+    for (&i, s) in g.entries.iter().zip(&g.spans) {
+        rows.extend(Logits::rows(batch[i].logits, s.first, s.len));
+    }
+    rows
+}
+
+/// Rows `rows` of the final hidden states `x`, through the final RMSNorm.
+pub(super) fn final_rows<O: DeviceOps>(
+    ops: &O,
+    p: &Prepared<O>,
+    x: &O::Buf,
+    rows: &[usize],
+    h: usize,
+    eps: f32,
+) -> O::Buf {
+    let mut picked = ops.take_rows(x, rows, h);
+    ops.rms_norm(&mut picked, &p.final_norm, rows.len(), h, h, eps);
+    picked
+}
+
+/// Gives each entry of `g` its rows of `all` (the logits of [`logit_rows`], `vocab`
+/// values each).
+pub(super) fn hand_out_logits<O: DeviceOps>(
+    batch: &[BatchEntry],
+    g: &Group<O>,
+    all: &[f32],
+    vocab: usize,
+    out: &mut [Option<Vec<f32>>],
+) {
+    let mut next = 0;
+    for (&i, s) in g.entries.iter().zip(&g.spans) {
+        let count = Logits::rows(batch[i].logits, 0, s.len).len();
+        out[i] = batch[i]
+            .logits
+            .map(|_| all[next * vocab..(next + count) * vocab].to_vec());
+        next += count;
     }
 }
 

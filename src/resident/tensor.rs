@@ -9,10 +9,13 @@
 //! Routed experts are expert-parallel: each device computes the experts its plan gives
 //! it for every token (the routes come from the first device's router, so every device
 //! agrees on them), the first device adds the shared expert or the dense MLP, and a
-//! second all-reduce per layer sums the outputs. The logits come from the first device.
+//! second all-reduce per layer sums the outputs. The lm_head is split by vocabulary: each
+//! device computes its band of every row's logits.
 
-use super::layout::{ensure_pools, Layout};
-use super::pass::{attention, AttnWeights, Prepared, Resident};
+use super::layout::{ensure_pools, Group, Layout};
+use super::pass::{
+    attention, final_rows, hand_out_logits, logit_rows, AttnWeights, Prepared, Resident,
+};
 use super::{DeviceOps, MlaDims};
 use crate::model::{expert_work, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver};
 use crate::weights::LinearWeight;
@@ -65,9 +68,11 @@ impl HeadShare {
 }
 
 /// Which heads each device computes, and their weights: per device, one share per
-/// layer, or none for devices beyond the head count.
+/// layer, or none for devices beyond the head count; and each device's band of lm_head
+/// rows (the vocabulary split as the plan budgets it).
 pub struct HeadSplit {
     per_device: Vec<Vec<HeadShare>>,
+    lm_head: Vec<(Range<usize>, LinearWeight)>,
 }
 
 impl HeadSplit {
@@ -87,7 +92,22 @@ impl HeadSplit {
                     .collect()
             })
             .collect::<std::io::Result<_>>()?;
-        Ok(HeadSplit { per_device })
+        let vocab = model.lm_head.rows();
+        let lm_head = (0..devices)
+            .map(|d| {
+                let band = d * vocab / devices..(d + 1) * vocab / devices;
+                Ok((band.clone(), model.lm_head.row_slice(band)?))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(HeadSplit {
+            per_device,
+            lm_head,
+        })
+    }
+
+    /// Device `d`'s rows of the lm_head: which, and the weight.
+    pub fn lm_head(&self, d: usize) -> Option<&(Range<usize>, LinearWeight)> {
+        self.lm_head.get(d)
     }
 
     /// Device `d`'s share of layer `l`, if it computes attention.
@@ -207,8 +227,56 @@ impl<O: DeviceOps> Resident<O> {
             }
             self.add_all_reduced(&mut xs, outs);
         }
-        let first = xs.swap_remove(0);
-        self.logits(model, prepared, batch, &[groups], &[(0, first)])
+        self.vocab_parallel_logits(split, model, prepared, batch, &groups[0], &xs)
+    }
+
+    /// The logits with the lm_head split by vocabulary: every device multiplies the
+    /// rows that need logits by its band (each holds the whole residual stream), the
+    /// bands come down and are laid side by side.
+    fn vocab_parallel_logits(
+        &self,
+        split: &HeadSplit,
+        model: &Model,
+        prepared: &[Prepared<O>],
+        batch: &[BatchEntry],
+        g: &Group<O>,
+        xs: &[O::Buf],
+    ) -> Vec<Option<Vec<f32>>> {
+        let cfg = &model.config;
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let rows = logit_rows(batch, g);
+        let mut all = vec![0.0f32; rows.len() * vocab];
+        if !rows.is_empty() {
+            // Every band is queued before any is awaited.
+            let pending: Vec<_> = self
+                .devices()
+                .iter()
+                .enumerate()
+                .filter_map(|(d, ops)| {
+                    let (band, w) = split.lm_head(d).filter(|(b, _)| !b.is_empty())?;
+                    let picked = final_rows(
+                        ops.as_ref(),
+                        &prepared[d],
+                        &xs[d],
+                        &rows,
+                        h,
+                        cfg.rms_norm_eps,
+                    );
+                    let logits = ops.linear(w, &picked, rows.len());
+                    Some((d, band.clone(), ops.begin_download(&logits)))
+                })
+                .collect();
+            for (d, band, download) in pending {
+                let mut part = vec![0.0f32; rows.len() * band.len()];
+                self.devices()[d].finish_download(download, &mut part);
+                for (r, values) in part.chunks_exact(band.len()).enumerate() {
+                    all[r * vocab + band.start..r * vocab + band.end].copy_from_slice(values);
+                }
+            }
+        }
+        let mut out = vec![None; batch.len()];
+        hand_out_logits(batch, g, &all, vocab, &mut out);
+        out
     }
 
     /// `xs[d] += Σ parts` on every device `d`.
