@@ -8,8 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace emu {
 
@@ -94,7 +97,27 @@ inline float max(float a, float b) { return std::fmax(a, b); }
 // A kernel's launcher: calls `k` with the arguments cuLaunchKernel's `params` point to.
 namespace emu {
 using Launcher = void (*)(void* kernel, void** params);
-void register_kernel(const char* name, void* kernel, Launcher launcher);
+// Copies a launch's arguments (cuLaunchKernel's `params` point to them) so the launch can
+// run later, as a GPU copies them when the launch is queued; `ptrs` gets the copies'
+// addresses.
+using Snapshotter = std::shared_ptr<void> (*)(void** params, std::vector<void*>& ptrs);
+void register_kernel(const char* name, void* kernel, Launcher launcher, Snapshotter snapshot);
+
+template <typename T>
+using Value = std::remove_cv_t<std::remove_reference_t<T>>;
+
+template <typename... A, std::size_t... I>
+std::shared_ptr<void> snapshot_with(void** params, std::vector<void*>& ptrs,
+                                    std::index_sequence<I...>) {
+    auto copy = std::make_shared<std::tuple<Value<A>...>>(*static_cast<Value<A>*>(params[I])...);
+    ptrs = std::vector<void*>{static_cast<void*>(&std::get<I>(*copy))...};
+    return copy;
+}
+
+template <typename... A>
+std::shared_ptr<void> snapshot(void** params, std::vector<void*>& ptrs) {
+    return snapshot_with<A...>(params, ptrs, std::index_sequence_for<A...>{});
+}
 
 template <typename... A, std::size_t... I>
 void call_with(void (*k)(A...), void** params, std::index_sequence<I...>) {
@@ -110,7 +133,7 @@ void launch_thread(void* kernel, void** params) {
 template <typename... A>
 struct Registration {
     Registration(const char* name, void (*k)(A...)) {
-        register_kernel(name, reinterpret_cast<void*>(k), &launch_thread<A...>);
+        register_kernel(name, reinterpret_cast<void*>(k), &launch_thread<A...>, &snapshot<A...>);
     }
 };
 }  // namespace emu

@@ -9,7 +9,7 @@
 // - Memory: device and pinned allocations are host memory. Each device buffer ends at a
 //   page with no access rights after it, so a kernel reading or writing past the end of
 //   any buffer (by 16 bytes or more) stops the process with a message naming the kernel.
-// - Work runs when it is queued (every stream is synchronous); events record the time.
+// - Work queued on a stream runs when the host waits for it (see "streams" below).
 // - Modules: the PTX NVRTC produced is accepted and its kernels are found by name among
 //   the kernels compiled into this library from the same sources (kernels.cpp).
 // - Anything else of the driver API answers CUDA_ERROR_NOT_SUPPORTED and says so on
@@ -23,6 +23,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -47,6 +49,7 @@ struct Kernel {
     std::string name;
     void* fn;
     emu::Launcher launcher;
+    emu::Snapshotter snapshot;
     unsigned long long launches = 0;
 };
 
@@ -61,8 +64,19 @@ struct Context {
     int device;
 };
 
-struct Event {
+// A stream's queue: each context's default stream and every created stream.
+using QueueKey = std::pair<int, void*>;
+
+struct EventState {
     double seconds = 0.0;
+    bool done = true;
+    QueueKey queue{0, nullptr};
+};
+
+// An event handle; its state outlives the handle while a record of it is still queued
+// (destroying an event does not wait for its work, on a GPU or here).
+struct Event {
+    std::shared_ptr<EventState> state = std::make_shared<EventState>();
 };
 
 struct Allocation {
@@ -150,6 +164,80 @@ CUresult device_free(CUdeviceptr p) {
     return OK;
 }
 
+// ---- streams ---------------------------------------------------------------------------
+// Work queued on a stream (launches, asynchronous copies and sets, stream-ordered frees,
+// event records) does not run when it is queued: it runs, in order, when the host waits
+// for it (stream, event or context synchronisation, a synchronous copy, a copy into
+// pageable memory) or when another stream waits on one of its events. So host code that
+// reads a page-locked buffer before waiting for the copy into it, or refills one before
+// the copy out of it has run, sees what it would see on a GPU that is behind.
+// KIMI_HYBRID_EMULATOR_SYNC=1 runs every piece of work when it is queued instead.
+
+std::recursive_mutex& queue_lock() {
+    static auto* m = new std::recursive_mutex();
+    return *m;
+}
+std::map<QueueKey, std::deque<std::function<void()>>>& queues() {
+    static auto* q = new std::map<QueueKey, std::deque<std::function<void()>>>();
+    return *q;
+}
+
+QueueKey key_of(void* stream) { return {current ? current->device : 0, stream}; }
+
+bool run_at_once() {
+    static const bool sync = [] {
+        const char* v = std::getenv("KIMI_HYBRID_EMULATOR_SYNC");
+        return v && !std::strcmp(v, "1");
+    }();
+    return sync;
+}
+
+void enqueue(void* stream, std::function<void()> op) {
+    if (run_at_once()) {
+        op();
+        return;
+    }
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    queues()[key_of(stream)].push_back(std::move(op));
+}
+
+// Runs everything queued on one stream.
+void flush(QueueKey key) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    auto& q = queues()[key];
+    while (!q.empty()) {
+        auto op = std::move(q.front());
+        q.pop_front();
+        op();
+    }
+}
+
+// Runs everything queued on every stream of `device` (every device for -1).
+void flush_device(int device) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    for (bool again = true; again;) {
+        again = false;
+        for (auto& [key, q] : queues())
+            if ((device < 0 || key.first == device) && !q.empty()) {
+                flush(key);
+                again = true;
+            }
+    }
+}
+
+// Page-locked host allocations: copies to and from them stay queued.
+std::map<uintptr_t, size_t>& pinned() {
+    static auto* p = new std::map<uintptr_t, size_t>();
+    return *p;
+}
+bool is_pinned(const void* ptr, size_t n) {
+    std::lock_guard<std::mutex> g(memory_lock());
+    auto it = pinned().upper_bound((uintptr_t)ptr);
+    if (it == pinned().begin()) return false;
+    --it;
+    return (uintptr_t)ptr + n <= it->first + it->second;
+}
+
 void on_fault(int sig) {
     const char* k = emu::running_kernel();
     char msg[512];
@@ -186,8 +274,9 @@ struct LaunchReport {
 } launch_report;
 }  // namespace
 
-void emu::register_kernel(const char* name, void* kernel, Launcher launcher) {
-    kernels()[name] = {name, kernel, launcher};
+void emu::register_kernel(const char* name, void* kernel, Launcher launcher,
+                          Snapshotter snapshot) {
+    kernels()[name] = {name, kernel, launcher, snapshot};
 }
 
 extern "C" {
@@ -281,7 +370,10 @@ API cuCtxGetDevice(int* d) {
     *d = current ? current->device : 0;
     return OK;
 }
-API cuCtxSynchronize() { return OK; }
+API cuCtxSynchronize() {
+    flush_device(current ? current->device : 0);
+    return OK;
+}
 
 API cuStreamCreate(void** s, unsigned) {
     *s = new int(0);
@@ -289,38 +381,69 @@ API cuStreamCreate(void** s, unsigned) {
 }
 API cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
 API cuStreamDestroy_v2(void* s) {
+    flush(key_of(s));
     delete static_cast<int*>(s);
     return OK;
 }
-API cuStreamSynchronize(void*) { return OK; }
-API cuStreamQuery(void*) { return OK; }
-API cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+API cuStreamSynchronize(void* s) {
+    flush(key_of(s));
+    return OK;
+}
+API cuStreamQuery(void* s) {
+    flush(key_of(s));
+    return OK;
+}
+API cuStreamWaitEvent(void* s, void* e, unsigned) {
+    QueueKey other = static_cast<Event*>(e)->state->queue;
+    if (other != key_of(s)) enqueue(s, [other] { flush(other); });
+    return OK;
+}
 
 API cuEventCreate(void** e, unsigned) {
     *e = new Event();
     return OK;
 }
-API cuEventRecord(void* e, void*) {
-    static_cast<Event*>(e)->seconds = now();
+API cuEventRecord(void* e, void* s) {
+    auto st = static_cast<Event*>(e)->state;
+    st->done = false;
+    st->queue = key_of(s);
+    enqueue(s, [st] {
+        st->seconds = now();
+        st->done = true;
+    });
     return OK;
 }
 API cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-API cuEventSynchronize(void*) { return OK; }
-API cuEventQuery(void*) { return OK; }
+API cuEventSynchronize(void* e) {
+    flush(static_cast<Event*>(e)->state->queue);
+    return OK;
+}
+API cuEventQuery(void* e) {
+    flush(static_cast<Event*>(e)->state->queue);
+    return OK;
+}
 API cuEventDestroy_v2(void* e) {
     delete static_cast<Event*>(e);
     return OK;
 }
 API cuEventElapsedTime(float* ms, void* a, void* b) {
-    *ms = (float)((static_cast<Event*>(b)->seconds - static_cast<Event*>(a)->seconds) * 1e3);
+    flush(static_cast<Event*>(a)->state->queue);
+    flush(static_cast<Event*>(b)->state->queue);
+    *ms = (float)((static_cast<Event*>(b)->state->seconds - static_cast<Event*>(a)->state->seconds) * 1e3);
     return OK;
 }
 API cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
 API cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return device_alloc(p, n); }
 API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return device_alloc(p, n); }
-API cuMemFree_v2(CUdeviceptr p) { return device_free(p); }
-API cuMemFreeAsync(CUdeviceptr p, void*) { return device_free(p); }
+API cuMemFree_v2(CUdeviceptr p) {
+    flush_device(-1);
+    return device_free(p);
+}
+API cuMemFreeAsync(CUdeviceptr p, void* s) {
+    enqueue(s, [p] { device_free(p); });
+    return OK;
+}
 API cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     int device = current ? current->device : 0;
     std::lock_guard<std::mutex> g(memory_lock());
@@ -330,15 +453,32 @@ API cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 API cuMemAllocHost_v2(void** p, size_t n) {
     *p = std::malloc(n ? n : 1);
-    return *p ? OK : OUT_OF_MEMORY;
+    if (!*p) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(memory_lock());
+    pinned()[(uintptr_t)*p] = n;
+    return OK;
 }
 API cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
 API cuMemFreeHost(void* p) {
+    flush_device(-1);
+    {
+        std::lock_guard<std::mutex> g(memory_lock());
+        pinned().erase((uintptr_t)p);
+    }
     std::free(p);
     return OK;
 }
-API cuMemHostRegister_v2(void*, size_t, unsigned) { return OK; }
-API cuMemHostUnregister(void*) { return OK; }
+API cuMemHostRegister_v2(void* p, size_t n, unsigned) {
+    std::lock_guard<std::mutex> g(memory_lock());
+    pinned()[(uintptr_t)p] = n;
+    return OK;
+}
+API cuMemHostUnregister(void* p) {
+    flush_device(-1);
+    std::lock_guard<std::mutex> g(memory_lock());
+    pinned().erase((uintptr_t)p);
+    return OK;
+}
 API cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* h, unsigned) {
     *d = (CUdeviceptr)(uintptr_t)h;
     return OK;
@@ -348,39 +488,75 @@ static CUresult copy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     if (n) std::memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
     return OK;
 }
-API cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n); }
-API cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy(d, s, n); }
-API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
-    return copy(d, (CUdeviceptr)(uintptr_t)s, n);
+// A synchronous copy or set waits for the work queued before it.
+static CUresult copy_now(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    flush_device(current ? current->device : 0);
+    return copy(dst, src, n);
 }
-API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) {
-    return cuMemcpyHtoD_v2(d, s, n);
+static CUresult copy_queued(void* stream, CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    enqueue(stream, [dst, src, n] { copy(dst, src, n); });
+    return OK;
+}
+API cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy_now(d, s, n); }
+API cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    return copy_queued(st, d, s, n);
+}
+API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    return copy_now(d, (CUdeviceptr)(uintptr_t)s, n);
+}
+API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void* st) {
+    if (is_pinned(s, n)) return copy_queued(st, d, (CUdeviceptr)(uintptr_t)s, n);
+    // From pageable memory the source is read when the copy is queued.
+    auto bytes = std::make_shared<std::vector<char>>((const char*)s, (const char*)s + n);
+    enqueue(st, [d, bytes] { copy(d, (CUdeviceptr)(uintptr_t)bytes->data(), bytes->size()); });
+    return OK;
 }
 API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    return copy_now((CUdeviceptr)(uintptr_t)d, s, n);
+}
+API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* st) {
+    if (is_pinned(d, n)) return copy_queued(st, (CUdeviceptr)(uintptr_t)d, s, n);
+    // Into pageable memory the copy is done when the call returns.
+    flush(key_of(st));
     return copy((CUdeviceptr)(uintptr_t)d, s, n);
 }
-API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) {
-    return cuMemcpyDtoH_v2(d, s, n);
+API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy_now(d, s, n); }
+API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    return copy_queued(st, d, s, n);
 }
-API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n); }
-API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy(d, s, n); }
-API cuMemcpyPeer(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n) { return copy(d, s, n); }
-API cuMemcpyPeerAsync(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n, void*) {
+API cuMemcpyPeer(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n) {
+    flush_device(-1);
     return copy(d, s, n);
 }
-API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+API cuMemcpyPeerAsync(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n, void*) {
+    flush_device(-1);
+    return copy(d, s, n);
+}
+static void set8(CUdeviceptr d, unsigned char v, size_t n) {
     if (n) std::memset((void*)(uintptr_t)d, v, n);
-    return OK;
 }
-API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
-    return cuMemsetD8_v2(d, v, n);
-}
-API cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+static void set32(CUdeviceptr d, unsigned v, size_t n) {
     auto* p = (unsigned*)(uintptr_t)d;
     for (size_t i = 0; i < n; i++) p[i] = v;
+}
+API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    flush_device(current ? current->device : 0);
+    set8(d, v, n);
     return OK;
 }
-API cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) { return cuMemsetD32_v2(d, v, n); }
+API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
+    enqueue(st, [d, v, n] { set8(d, v, n); });
+    return OK;
+}
+API cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+    flush_device(current ? current->device : 0);
+    set32(d, v, n);
+    return OK;
+}
+API cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void* st) {
+    enqueue(st, [d, v, n] { set32(d, v, n); });
+    return OK;
+}
 
 API cuModuleLoadData(void** m, const void*) {
     *m = new int(0);
@@ -409,13 +585,20 @@ API cuFuncGetAttribute(int* v, int attrib, void*) {
 API cuFuncSetAttribute(void*, int, int) { return OK; }
 API cuFuncSetCacheConfig(void*, int) { return OK; }
 API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                   unsigned bz, unsigned shared, void*, void** params, void** extra) {
+                   unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
     auto* k = static_cast<Kernel*>(f);
     if (!k || extra || shared > 48 * 1024) return INVALID_VALUE;
-    __atomic_add_fetch(&k->launches, 1, __ATOMIC_RELAXED);
     if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return INVALID_VALUE;
-    return emu::run_launch(k->name.c_str(), k->fn, k->launcher, params, {gx, gy, gz},
-                           {bx, by, bz});
+    unsigned threads = bx * by * bz;
+    if (threads == 0 || threads > 1024) return INVALID_VALUE;
+    __atomic_add_fetch(&k->launches, 1, __ATOMIC_RELAXED);
+    auto ptrs = std::make_shared<std::vector<void*>>();
+    std::shared_ptr<void> args = k->snapshot(params, *ptrs);
+    emu::dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    enqueue(stream, [k, args, ptrs, grid, block] {
+        emu::run_launch(k->name.c_str(), k->fn, k->launcher, ptrs->data(), grid, block);
+    });
+    return OK;
 }
 
 // Asked for by NVRTC and cuBLAS-style clients probing for private driver tables; there
