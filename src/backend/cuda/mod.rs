@@ -56,11 +56,18 @@ pub struct CudaBackend {
     hosts: Mutex<HashMap<(usize, usize), LinearWeight>>,
 }
 
-/// Stops on a device failure after start-up (see the module comment).
+/// Stops on a device failure after start-up (see the module comment): one line saying
+/// what failed, then the thread unwinds with that message. The resident pass catches it
+/// and fails its batch (`ModelError::Device`); elsewhere the thread ends.
 fn device<T>(what: &str, r: Result<T, NoCuda>) -> T {
     match r {
         Ok(v) => v,
-        Err(e) => panic!("GPU failure during {what}: {e}"),
+        Err(e) => {
+            let message = format!("GPU failure during {what}: {e}");
+            eprintln!("error: {message}");
+            // Not `panic!`: a contained failure should not print a panic report.
+            std::panic::resume_unwind(Box::new(message))
+        }
     }
 }
 
