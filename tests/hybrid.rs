@@ -217,6 +217,11 @@ fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
             Arc::new(g)
         }
         _ => {
+            // Under test.sh (which sets the emulated devices) the small GPU must be there.
+            assert!(
+                std::env::var_os("KIMI_HYBRID_EMULATED_GPU_GIB").is_none(),
+                "the CUDA emulator's third GPU should be a 2 MiB one"
+            );
             eprintln!(
                 "skipping a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine: \
                  needs the CUDA emulator's small third GPU (tests/cuda-emulator/test.sh)"

@@ -20,6 +20,10 @@ pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig
     }
 }
 
+/// The most tokens a GEMV launch takes (`GEMV_TOKENS` in matmul.cu); more tokens run
+/// the tiled GEMM.
+pub const GEMV_MAX_TOKENS: usize = 8;
+
 pub(crate) fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
@@ -145,7 +149,7 @@ impl GpuDevice {
         tokens: usize,
     ) -> Result<(), NoCuda> {
         let ints = [rows as i32, cols as i32, group as i32, tokens as i32];
-        if tokens <= 8 {
+        if tokens <= GEMV_MAX_TOKENS {
             let f = self.function("int4_gemv")?;
             let mut b = self.stream.launch_builder(f);
             b.arg(packed).arg(scales).arg(x).arg(y);
@@ -191,7 +195,7 @@ impl GpuDevice {
             block[1] as i32,
             tokens as i32,
         ];
-        let (name, grid, block_dim) = if tokens <= 8 {
+        let (name, grid, block_dim) = if tokens <= GEMV_MAX_TOKENS {
             ("fp8_gemv", (blocks_for(rows, 4), 1, 1), (128, 1, 1))
         } else {
             (

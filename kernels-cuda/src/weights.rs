@@ -140,7 +140,7 @@ impl GpuDevice {
         tokens: usize,
     ) -> Result<(), NoCuda> {
         let ints = [rows as i32, cols as i32, tokens as i32];
-        let (name, grid, block) = if tokens <= 8 {
+        let (name, grid, block) = if tokens <= crate::ops::GEMV_MAX_TOKENS {
             (
                 format!("{prefix}_gemv"),
                 (blocks_for(rows, 4), 1, 1),

@@ -104,16 +104,7 @@ pub fn data_parallel_on_gpus(
             "data-parallel attention, expert-parallel experts",
         );
     }
-    let per_op: Arc<dyn Backend> = gpus
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
-    let fabric = nccl_or_host(&gpus, "expert exchange");
-    let mut whole = Resident::on_devices(gpus);
-    if let Some(f) = fabric {
-        whole = whole.with_fabric(Arc::new(f));
-    }
-    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+    over_gpus(gpus, "expert exchange", Resident::on_devices)
 }
 
 /// The backend a hybrid plan over several GPUs runs on ([`Resident::pipeline`]): GPU g
@@ -218,21 +209,23 @@ pub fn tensor_parallel_on_gpus(
             "tensor-parallel attention, expert-parallel experts",
         );
     }
+    over_gpus(gpus, "attention and expert sums", |gpus| {
+        Resident::tensor_parallel(gpus, split)
+    })
+}
+
+/// The resident pass `build` makes over `gpus`, moving `what` with NCCL between them
+/// (or through host memory, saying why); the first GPU serves per-operation callers.
+fn over_gpus(
+    gpus: Vec<Arc<CudaBackend>>,
+    what: &str,
+    build: impl FnOnce(Vec<Arc<CudaBackend>>) -> Resident<CudaBackend>,
+) -> anyhow::Result<ResidentBackend> {
     let per_op: Arc<dyn Backend> = gpus
         .first()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
-    let fabric = nccl_or_host(&gpus, "attention and expert sums");
-    let mut whole = Resident::tensor_parallel(gpus, split);
-    if let Some(f) = fabric {
-        whole = whole.with_fabric(Arc::new(f));
-    }
-    Ok(ResidentBackend::new(per_op, Box::new(whole)))
-}
-
-/// NCCL between `gpus`, or `None` (host memory) saying why.
-fn nccl_or_host(gpus: &[Arc<CudaBackend>], what: &str) -> Option<NcclFabric> {
-    match NcclFabric::open(gpus) {
+    let fabric = match NcclFabric::open(&gpus) {
         Ok(f) => {
             eprintln!("{what}: NCCL between the {} GPUs", gpus.len());
             Some(f)
@@ -241,7 +234,12 @@ fn nccl_or_host(gpus: &[Arc<CudaBackend>], what: &str) -> Option<NcclFabric> {
             eprintln!("{what}: through host memory ({why})");
             None
         }
+    };
+    let mut whole = build(gpus);
+    if let Some(f) = fabric {
+        whole = whole.with_fabric(Arc::new(f));
     }
+    Ok(ResidentBackend::new(per_op, Box::new(whole)))
 }
 
 fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {

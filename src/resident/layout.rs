@@ -4,7 +4,7 @@
 
 use super::pass::Prepared;
 use super::{DeviceOps, QueryBlocks};
-use crate::model::BatchEntry;
+use crate::model::{BatchEntry, LatentStore};
 
 /// One entry's tokens within its device's share of the pass.
 #[derive(Clone, Copy)]
@@ -49,6 +49,18 @@ pub(super) fn ensure_pools<O: DeviceOps>(
         p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
     }
     p.pool_blocks = grown;
+}
+
+/// Each batch entry's (block size, block table) for the positions it reaches.
+pub(super) fn block_tables(
+    batch: &[BatchEntry],
+    store: &mut dyn LatentStore,
+) -> Vec<(usize, Vec<u32>)> {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, e)| store.block_table(i, e.start + e.tokens.len()))
+        .collect()
 }
 
 /// One share's token layout on the host: what every placement of it uploads.

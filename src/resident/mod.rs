@@ -115,12 +115,7 @@ pub trait DeviceOps: Send + Sync {
     /// Token embeddings: rows `ids` of the table, decoded on the host (n x hidden values
     /// go up, where keeping the table on a device would cost its whole size there).
     fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Self::Buf {
-        let h = table.cols();
-        let mut x = vec![0.0f32; ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
-            table.decode_row(id as usize, row);
-        }
-        self.upload(&x)
+        self.upload(&embedding_rows(table, ids))
     }
     /// `y = x Wᵀ` over all rows of `w`, `x` holding `tokens` rows.
     fn linear(&self, w: &LinearWeight, x: &Self::Buf, tokens: usize) -> Self::Buf;
@@ -192,6 +187,16 @@ pub trait DeviceOps: Send + Sync {
     );
 }
 
+/// Rows `ids` of an embedding table, decoded on the host.
+pub fn embedding_rows(table: &LinearWeight, ids: &[u32]) -> Vec<f32> {
+    let h = table.cols();
+    let mut x = vec![0.0f32; ids.len() * h];
+    for (row, &id) in x.chunks_exact_mut(h.max(1)).zip(ids) {
+        table.decode_row(id as usize, row);
+    }
+    x
+}
+
 /// The rotary tables on the device, and the host's for twins that compute on the host.
 pub struct DeviceRope<B> {
     pub host: crate::model::Rope,
@@ -213,15 +218,13 @@ pub trait Fabric<O: DeviceOps>: Send + Sync {
         if n < 2 {
             return parts;
         }
-        let others: Vec<_> = parts
-            .drain(1..)
+        let mut sum = parts.remove(0);
+        let others = parts
+            .into_iter()
             .enumerate()
             .map(|(i, b)| (i + 1, 0, b))
             .collect();
         let first = &devices[0];
-        let Some(mut sum) = parts.pop() else {
-            return parts;
-        };
         for b in self.transfer(devices, others) {
             first.add(&mut sum, &b);
         }

@@ -11,7 +11,7 @@
 //! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
 
 use super::exchange::exchange_experts;
-use super::layout::{ensure_pools, Group, Layout};
+use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
 use super::{DeviceOps, DeviceRope, Fabric, MlaDims, RopeLayout, ThroughHost, WholeForward};
 use crate::accel::sim::SimDevice;
@@ -23,9 +23,9 @@ use crate::model::{
 use std::sync::{Arc, Mutex};
 
 /// The small per-layer tensors, uploaded once per model.
-struct LayerTensors<B> {
-    input_norm: B,
-    post_attn_norm: B,
+pub(super) struct LayerTensors<B> {
+    pub(super) input_norm: B,
+    pub(super) post_attn_norm: B,
     q_a_norm: Option<B>,
     kv_a_norm: B,
     correction_bias: Option<B>,
@@ -49,14 +49,8 @@ impl<O: DeviceOps> Prepared<O> {
         self.layers[layer].correction_bias.as_ref()
     }
 
-    /// RMSNorm weights before attention (`post == false`) or after it.
-    pub(super) fn layer_norm(&self, layer: usize, post: bool) -> &O::Buf {
-        let t = &self.layers[layer];
-        if post {
-            &t.post_attn_norm
-        } else {
-            &t.input_norm
-        }
+    pub(super) fn layer(&self, layer: usize) -> &LayerTensors<O::Buf> {
+        &self.layers[layer]
     }
 }
 
@@ -308,14 +302,11 @@ impl<O: DeviceOps> Resident<O> {
                 }
                 let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
                 let n = g.tokens;
-                let mut xn = ops.copy(x);
-                ops.rms_norm(&mut xn, &p.layers[l].input_norm, n, h, h, cfg.rms_norm_eps);
+                let xn = normed(ops, x, &p.layers[l].input_norm, n, h, cfg.rms_norm_eps);
                 let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
                 ops.add(x, &attn);
-                let mut xn = ops.copy(x);
                 let post = &p.layers[l].post_attn_norm;
-                ops.rms_norm(&mut xn, post, n, h, h, cfg.rms_norm_eps);
-                xns.push(xn);
+                xns.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
             }
             let mut later = None;
             let outs = match &layer.ffn {
@@ -398,11 +389,7 @@ impl<O: DeviceOps> Resident<O> {
         // one partition (block id mod d): data-parallel. Other stores, and pipelines,
         // keep every sequence in one share.
         let partitioned = d > 1 && self.layer_devices.is_none() && store.partitions() == d;
-        let tables: Vec<(usize, Vec<u32>)> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, e)| store.block_table(i, e.start + e.tokens.len()))
-            .collect();
+        let tables = block_tables(batch, store);
         let bf16 = store.bf16_latents();
         let share_of = |t: &[u32]| match (partitioned, t.first()) {
             (true, Some(&b)) => b as usize % d,
@@ -454,7 +441,7 @@ impl<O: DeviceOps> Resident<O> {
 
     /// The lm_head over the rows that need logits, on each device for its entries;
     /// returned in batch order.
-    pub(super) fn logits(
+    fn logits(
         &self,
         model: &Model,
         prepared: &[Prepared<O>],
@@ -595,6 +582,20 @@ impl<O: DeviceOps> Resident<O> {
             f(a.as_ref());
         }
     }
+}
+
+/// A copy of `x` (`n` rows of `h` values) through RMSNorm with weights `w`.
+pub(super) fn normed<O: DeviceOps>(
+    ops: &O,
+    x: &O::Buf,
+    w: &O::Buf,
+    n: usize,
+    h: usize,
+    eps: f32,
+) -> O::Buf {
+    let mut xn = ops.copy(x);
+    ops.rms_norm(&mut xn, w, n, h, h, eps);
+    xn
 }
 
 /// The rows of a group's tokens that get logits, in the group's entry order.

@@ -12,9 +12,9 @@
 //! second all-reduce per layer sums the outputs. The lm_head is split by vocabulary: each
 //! device computes its band of every row's logits.
 
-use super::layout::{ensure_pools, Group, Layout};
+use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::pass::{
-    attention, final_rows, hand_out_logits, logit_rows, AttnWeights, Prepared, Resident,
+    attention, final_rows, hand_out_logits, logit_rows, normed, AttnWeights, Prepared, Resident,
 };
 use super::{DeviceOps, MlaDims};
 use crate::model::{expert_work, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver};
@@ -118,10 +118,6 @@ impl HeadSplit {
     fn attends(&self, d: usize) -> bool {
         self.per_device.get(d).is_some_and(|s| !s.is_empty())
     }
-
-    pub fn devices(&self) -> usize {
-        self.per_device.len()
-    }
 }
 
 impl<O: DeviceOps> Resident<O> {
@@ -140,11 +136,7 @@ impl<O: DeviceOps> Resident<O> {
         let devices = self.devices();
         // One layout for the whole batch, in the store's own block numbering, placed on
         // every device; the devices that attend keep every layer's latents.
-        let tables: Vec<(usize, Vec<u32>)> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, e)| store.block_table(i, e.start + e.tokens.len()))
-            .collect();
+        let tables = block_tables(batch, store);
         let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
         let width = MlaDims::of(cfg).width();
         let groups: Vec<_> = devices
@@ -169,10 +161,8 @@ impl<O: DeviceOps> Resident<O> {
             .iter()
             .flat_map(|e| e.tokens.iter().copied())
             .collect();
-        let mut xs: Vec<O::Buf> = devices
-            .iter()
-            .map(|ops| ops.embed(&model.embed, &ids))
-            .collect();
+        let embedded = super::embedding_rows(&model.embed, &ids);
+        let mut xs: Vec<O::Buf> = devices.iter().map(|ops| ops.upload(&embedded)).collect();
         for (l, layer) in model.layers.iter().enumerate() {
             let partials = devices
                 .iter()
@@ -182,8 +172,8 @@ impl<O: DeviceOps> Resident<O> {
                         return ops.zeros(n * h);
                     };
                     let p = &mut prepared[d];
-                    let mut xn = ops.copy(&xs[d]);
-                    ops.rms_norm(&mut xn, p.layer_norm(l, false), n, h, h, cfg.rms_norm_eps);
+                    let norm = &p.layer(l).input_norm;
+                    let xn = normed(ops.as_ref(), &xs[d], norm, n, h, cfg.rms_norm_eps);
                     attention(ops.as_ref(), model, p, l, &xn, &groups[d], &share.weights())
                 })
                 .collect();
@@ -193,9 +183,8 @@ impl<O: DeviceOps> Resident<O> {
                 .zip(&xs)
                 .zip(prepared.iter())
                 .map(|((ops, x), p)| {
-                    let mut xn = ops.copy(x);
-                    ops.rms_norm(&mut xn, p.layer_norm(l, true), n, h, h, cfg.rms_norm_eps);
-                    xn
+                    let norm = &p.layer(l).post_attn_norm;
+                    normed(ops.as_ref(), x, norm, n, h, cfg.rms_norm_eps)
                 })
                 .collect();
             let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();

@@ -127,14 +127,15 @@ impl Placement {
     /// in host RAM. Without a plan or GPUs, `host` alone.
     pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
         let name = host;
-        let host = crate::backend::by_name(name).map_err(anyhow::Error::msg)?;
-        let Some(plan) = self.plan.as_ref().filter(|_| self.gpus.count() > 0) else {
+        let plan = self.plan.as_ref().filter(|_| self.gpus.count() > 0);
+        if plan.is_none() {
             // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
             // copies) goes up now, so a GPU too small refuses at start, not mid-request.
             if let Some(ordinal) = crate::backend::cuda_ordinal(name).map_err(anyhow::Error::msg)? {
-                drop(host);
-                let gpu = Arc::new(CudaBackend::open(ordinal).map_err(anyhow::Error::msg)?);
-                return resident_on_gpu(model, gpu)
+                let gpu = CudaBackend::open(ordinal).map_err(|e| {
+                    anyhow::anyhow!("backend {name} cannot run here ({e}); use --backend cpu")
+                })?;
+                return resident_on_gpu(model, Arc::new(gpu))
                     .map(|b| Box::new(b) as Box<dyn Backend>)
                     .map_err(|e| {
                         e.context(format!(
@@ -143,6 +144,9 @@ impl Placement {
                         ))
                     });
             }
+        }
+        let host = crate::backend::by_name(name).map_err(anyhow::Error::msg)?;
+        let Some(plan) = plan else {
             return Ok(host);
         };
         let layout = GpuLayout::of(plan, self.gpus.count());

@@ -33,7 +33,7 @@
 #include "cuda_emu.h"
 
 namespace emu {
-int run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
+void run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
                dim3 block);
 const char* running_kernel();
 }  // namespace emu

@@ -270,10 +270,11 @@ uint64_t shuffle(uint64_t bits, int kind, int arg) {
 // The kernel being run, for the fault handler's message.
 const char* running_kernel() { return active ? active->kernel : nullptr; }
 
-int run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
+// Runs one launch to the end; the driver has checked its shape (at most MAX_THREADS
+// threads per block).
+void run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
                dim3 block) {
     unsigned threads = block.x * block.y * block.z;
-    if (threads == 0 || threads > MAX_THREADS) return 1;  // CUDA_ERROR_INVALID_VALUE
     std::lock_guard<std::mutex> guard(launch_lock());
     Block b;
     b.kernel = kernel;
@@ -294,7 +295,6 @@ int run_launch(const char* kernel, void* fn, Launcher launcher, void** params, d
                 run_block(b);
             }
     active = outer;
-    return 0;
 }
 
 }  // namespace emu

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 const MAX_ROUTED_EXPERTS: usize = 1024;
 /// The grouped expert path's limits: tokens per expert (the per-expert path's GEMV
 /// limit, so both compute the same sums) and (token, expert) pairs per layer.
-const GROUPED_MAX_TOKENS: usize = 8;
+const GROUPED_MAX_TOKENS: usize = kernels_cuda::ops::GEMV_MAX_TOKENS;
 const GROUPED_MAX_PAIRS: usize = 4096;
 const MAX_GROUPS: usize = 64;
 
@@ -37,59 +37,54 @@ pub(super) struct ResidentState {
 }
 
 impl CudaBackend {
-    /// `kv_b` decoded to f32 on the device, once.
+    /// `kv_b` decoded to f32 on the device, once (made at start-up by
+    /// [`preload_absorbed`](Self::preload_absorbed) in every plan layout).
     fn kv_b_f32(&self, w: &LinearWeight) -> Arc<CudaSlice<f32>> {
+        device("an absorbed kv_b copy", self.absorbed_copy(w))
+    }
+
+    /// Makes the f32 `kv_b` copies the absorbed attention reads now, for each of
+    /// `kv_bs`, so a GPU without room for them refuses at start-up with an error naming
+    /// them. Returns the bytes they hold.
+    pub fn preload_absorbed(&self, kv_bs: &[&LinearWeight]) -> Result<u64, kernels_cuda::NoCuda> {
+        let mut total = 0u64;
+        for w in kv_bs {
+            total += self.absorbed_copy(w)?.len() as u64 * 4;
+        }
+        Ok(total)
+    }
+
+    /// The f32 copy of `kv_b`, made (its weight uploaded first if it is not yet) on first
+    /// use; running out of memory is an error naming the copy.
+    fn absorbed_copy(&self, w: &LinearWeight) -> Result<Arc<CudaSlice<f32>>, kernels_cuda::NoCuda> {
         let mut map = self.resident.kv_b.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get(&w.identity()) {
-            return b.clone();
+            return Ok(b.clone());
         }
+        self.preload(&[w])?;
         let dw = {
             let mut weights = self.lock();
             self.weight(&mut weights, w)
         };
-        let band = Arc::new(self.band(&dw, &(0..w.rows())));
-        map.insert(w.identity(), band.clone());
-        band
-    }
-
-    /// Makes the f32 `kv_b` copies the absorbed attention reads now, for each of
-    /// `kv_bs` (their weights uploaded first if they are not yet), so a GPU without room
-    /// for them refuses at start-up with an error naming them. Returns the bytes they
-    /// hold.
-    pub fn preload_absorbed(&self, kv_bs: &[&LinearWeight]) -> Result<u64, kernels_cuda::NoCuda> {
-        let mut total = 0u64;
-        for w in kv_bs {
-            let bytes = (w.rows() * w.cols() * 4) as u64;
-            let mut map = self.resident.kv_b.lock().unwrap_or_else(|p| p.into_inner());
-            if map.contains_key(&w.identity()) {
-                total += bytes;
-                continue;
-            }
-            self.preload(&[w])?;
-            let dw = {
-                let mut weights = self.lock();
-                self.weight(&mut weights, w)
-            };
-            let g = self.gpu();
-            let why = |e: kernels_cuda::NoCuda| kernels_cuda::NoCuda {
-                reason: format!(
-                    "the f32 copy of a {}x{} kv_b_proj for absorbed attention ({:.2} GiB) \
-                     could not be placed on {}: {}",
-                    w.rows(),
-                    w.cols(),
-                    bytes as f64 / (1u64 << 30) as f64,
-                    g.name,
-                    e.reason
-                ),
-            };
-            let mut copy = g
-                .zeros::<f32>("kv_b f32", w.rows() * w.cols())
-                .map_err(why)?;
-            g.dequant_rows(&dw, 0, w.rows(), &mut copy).map_err(why)?;
-            map.insert(w.identity(), Arc::new(copy));
-            total += bytes;
-        }
-        Ok(total)
+        let g = self.gpu();
+        let why = |e: kernels_cuda::NoCuda| kernels_cuda::NoCuda {
+            reason: format!(
+                "the f32 copy of a {}x{} kv_b_proj for absorbed attention ({:.2} GiB) \
+                 could not be placed on {}: {}",
+                w.rows(),
+                w.cols(),
+                (w.rows() * w.cols() * 4) as f64 / (1u64 << 30) as f64,
+                g.name,
+                e.reason
+            ),
+        };
+        let mut copy = g
+            .zeros::<f32>("kv_b f32", w.rows() * w.cols())
+            .map_err(why)?;
+        g.dequant_rows(&dw, 0, w.rows(), &mut copy).map_err(why)?;
+        let copy = Arc::new(copy);
+        map.insert(w.identity(), copy.clone());
+        Ok(copy)
     }
 
     /// The grouped path of [`DeviceOps::experts_accumulate`]: when every expert of
