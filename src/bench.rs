@@ -499,6 +499,8 @@ pub struct EngineBenchOptions {
     pub profile: Option<String>,
     /// Run the profile's GPUs as stand-ins on the host (see `serve --simulate-gpus`).
     pub simulate_gpus: bool,
+    /// No CUDA graphs (see `serve --enforce-eager`).
+    pub enforce_eager: bool,
 }
 
 /// Token arrival times of one request.
@@ -602,7 +604,8 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
         opts.profile.as_deref(),
         None,
         opts.simulate_gpus,
-    )?;
+    )?
+    .eager(opts.enforce_eager);
     // The benchmark feeds token ids and ignores end markers; a checkpoint without
     // tokenizer files runs with the demo's (its text output is not used).
     let tokenizer = match crate::tokenizer::Tokenizer::from_dir(dir) {

@@ -138,6 +138,10 @@ struct BenchArgs {
     /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
     #[arg(long)]
     simulate_gpus: bool,
+    /// Run every GPU kernel launch by launch: no decode step recorded as a CUDA graph
+    /// (by default each layer's attention block of a decode step is replayed as one).
+    #[arg(long)]
+    enforce_eager: bool,
 }
 
 #[derive(clap::Args)]
@@ -155,6 +159,10 @@ struct ServeArgs {
     /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
     #[arg(long)]
     simulate_gpus: bool,
+    /// Run every GPU kernel launch by launch: no decode step recorded as a CUDA graph
+    /// (by default each layer's attention block of a decode step is replayed as one).
+    #[arg(long)]
+    enforce_eager: bool,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -288,6 +296,10 @@ struct RunArgs {
     /// backend's kernels (no GPU opened): checks a plan's execution on any machine.
     #[arg(long)]
     simulate_gpus: bool,
+    /// Run every GPU kernel launch by launch: no decode step recorded as a CUDA graph
+    /// (by default each layer's attention block of a decode step is replayed as one).
+    #[arg(long)]
+    enforce_eager: bool,
 }
 
 fn main() -> Result<()> {
@@ -361,6 +373,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 backend: args.backend,
                 profile: args.profile,
                 simulate_gpus: args.simulate_gpus,
+                enforce_eager: args.enforce_eager,
             };
             print!("{}", kimi_hybrid::bench::engine(&opts)?);
             Ok(())
@@ -392,6 +405,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         allow_forced_output: args.allow_forced_output,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         simulate_gpus: args.simulate_gpus,
+        enforce_eager: args.enforce_eager,
     };
     let state = launch::launch(&opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -440,7 +454,8 @@ fn run(args: RunArgs) -> Result<()> {
         args.profile.as_deref(),
         args.plan.as_deref(),
         args.simulate_gpus,
-    )?;
+    )?
+    .eager(args.enforce_eager);
     let tokenizer = match &args.prompt {
         Some(_) => Some(load_tokenizer(&dir)?),
         None => None,

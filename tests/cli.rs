@@ -81,21 +81,25 @@ fn run_json_gives_the_golden_greedy_continuation_and_logits() {
 #[test]
 fn run_without_model_uses_the_bundled_demo() {
     let g = golden("kimi-int4");
-    let out = bin()
-        .args([
-            "run",
-            "--prompt-ids",
-            &ids_arg(&g.prompt_ids),
-            "--max-new-tokens",
-            "8",
-            "--ignore-eos",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert_ok(&out);
-    let ids = generated_ids(&out.stdout);
-    assert_eq!(ids, g.greedy_ids);
+    // `--enforce-eager` (no CUDA graphs) is accepted everywhere and changes no output.
+    for extra in [&[][..], &["--enforce-eager"][..]] {
+        let out = bin()
+            .args([
+                "run",
+                "--prompt-ids",
+                &ids_arg(&g.prompt_ids),
+                "--max-new-tokens",
+                "8",
+                "--ignore-eos",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let ids = generated_ids(&out.stdout);
+        assert_eq!(ids, g.greedy_ids, "{extra:?}");
+    }
 }
 
 #[test]

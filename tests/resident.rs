@@ -674,3 +674,168 @@ fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
         assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
     }
 }
+
+/// Three prompts prefilled together in a paged pool (4-token blocks, scattered tables),
+/// then `steps` decode steps with fixed next tokens (teacher-forced, so every backend
+/// sees the same inputs): all three sequences decode together, then the last one stops
+/// half way, so the step's token count changes, the tables widen past several powers of
+/// two and the pools grow. Every step's logits, in order.
+fn decode_steps(
+    model: &Model,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    let cfg = &model.config;
+    let block = 4;
+    let seqs = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + steps;
+    let per_seq = longest / block + 1;
+    let mut pool = KvPool::with_dtype(
+        seqs * per_seq + 1,
+        block,
+        cfg.latent_cache_width(),
+        cfg.num_hidden_layers,
+        KvDtype::F32,
+    );
+    // Sequence i's j-th block is block i + seqs * j (interleaved, never contiguous).
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|i| (0..per_seq).map(|j| (i + seqs * j) as u32).collect())
+        .collect();
+    let vocab = cfg.vocab_size as u32;
+    let forced = |seq: usize, step: usize| (7 + 31 * seq as u32 + 13 * step as u32) % vocab;
+    fn entry(tokens: &[u32], start: usize) -> BatchEntry<'_> {
+        BatchEntry {
+            tokens,
+            start,
+            logits: Some(Logits::Last),
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut store = PagedBatch {
+            pool: &mut pool,
+            tables: tables.iter().map(Vec::as_slice).collect(),
+        };
+        let batch: Vec<BatchEntry> = prompts.iter().map(|p| entry(p, 0)).collect();
+        out.extend(last_logits(model, backend, &batch, &mut store));
+    }
+    for step in 0..steps {
+        let active = if step < steps / 2 { seqs } else { seqs - 1 };
+        let tokens: Vec<[u32; 1]> = (0..active).map(|s| [forced(s, step)]).collect();
+        let mut store = PagedBatch {
+            pool: &mut pool,
+            tables: tables[..active].iter().map(Vec::as_slice).collect(),
+        };
+        let batch: Vec<BatchEntry> = tokens
+            .iter()
+            .enumerate()
+            .map(|(s, t)| entry(t.as_slice(), prompts[s].len() + step))
+            .collect();
+        out.extend(last_logits(model, backend, &batch, &mut store));
+    }
+    out
+}
+
+/// Decode steps on a device that records (the pass's fixed-buffer schedule for CUDA
+/// graphs, run on the twin): each layer's attention block of every decode step goes
+/// through `replay`, keyed by its fixed buffers and the pools' generation, and the logits
+/// equal the per-operation path's at every step, while the token count changes, tables
+/// widen and the pools grow.
+#[test]
+fn recorded_decode_steps_match_the_per_operation_path() {
+    let cpu = exact();
+    let name = "kimi-real-heads";
+    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let prompts = three_prompts(name);
+    let steps = 24;
+    let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);
+    let twin = Arc::new(TwinOps::recording(cpu.clone()));
+    let backend = ResidentBackend::new(
+        cpu.clone(),
+        Box::new(Resident::new(twin.clone(), None, None)),
+    );
+    let got = decode_steps(&model, &backend, &prompts, steps);
+    for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+        let diff = max_abs_diff(x, y);
+        assert!(
+            diff <= FORM_TOLERANCE,
+            "output {i}: recorded vs per-op {diff}"
+        );
+    }
+    let replays = twin.log().replays;
+    let layers = model.config.num_hidden_layers;
+    // Every decode step, every layer; prefill is not recorded.
+    assert_eq!(replays.len(), steps * layers);
+    let ios: std::collections::BTreeSet<u64> = replays.iter().map(|k| k.io).collect();
+    let generations: std::collections::BTreeSet<u64> =
+        replays.iter().map(|k| k.generation).collect();
+    println!(
+        "{} replays over {} sets of fixed buffers and {} pool generations",
+        replays.len(),
+        ios.len(),
+        generations.len()
+    );
+    // Three then two tokens, tables widening past powers of two: several buffer sets.
+    assert!(ios.len() >= 3, "{ios:?}");
+    assert!(generations.len() >= 2, "{generations:?}");
+    for step in replays.chunks(layers) {
+        let steps: Vec<usize> = step.iter().map(|k| k.step).collect();
+        assert_eq!(steps, (0..layers).collect::<Vec<_>>());
+    }
+}
+
+/// The same decode steps on a real GPU (skipped with a message where none exists): with
+/// CUDA graphs (the default) each layer's attention block is recorded on its second
+/// decode step and replayed after, and the logits equal the kernel-by-kernel run's and,
+/// within the GPU's 2e-3, the exact per-operation path's.
+#[test]
+fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
+    use kimi_hybrid::backend::CudaBackend;
+    let open = || match CudaBackend::open(0) {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            common::no_gpu(
+                "decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel",
+                e,
+            );
+            None
+        }
+    };
+    let (Some(graphs), Some(eager)) = (open(), open()) else {
+        return;
+    };
+    eager.set_recording(false);
+    let cpu = exact();
+    let name = "kimi-real-heads";
+    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let prompts = three_prompts(name);
+    let steps = 24;
+    let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);
+    let by_kernel = decode_steps(
+        &model,
+        &CudaBackend::resident(eager.clone()),
+        &prompts,
+        steps,
+    );
+    let replayed = decode_steps(
+        &model,
+        &CudaBackend::resident(graphs.clone()),
+        &prompts,
+        steps,
+    );
+    let stats = graphs.graph_stats();
+    println!("{stats:?}");
+    let layers = model.config.num_hidden_layers as u64;
+    assert!(stats.recorded >= layers, "{stats:?}");
+    assert!(stats.replayed > 2 * stats.recorded, "{stats:?}");
+    assert_eq!(eager.graph_stats(), Default::default());
+    for (i, ((r, k), w)) in replayed.iter().zip(&by_kernel).zip(&want).enumerate() {
+        let (vs_kernels, vs_cpu) = (max_abs_diff(r, k), max_abs_diff(r, w));
+        assert!(
+            vs_kernels <= FORM_TOLERANCE,
+            "output {i}: graphs vs kernels {vs_kernels}"
+        );
+        assert!(vs_cpu <= 2e-3, "output {i}: graphs vs cpu {vs_cpu}");
+    }
+}

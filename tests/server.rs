@@ -36,6 +36,7 @@ fn options() -> LaunchOptions {
         allow_forced_output: true,
         progress: false,
         simulate_gpus: false,
+        enforce_eager: false,
     }
 }
 

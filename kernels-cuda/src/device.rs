@@ -49,6 +49,18 @@ impl GpuDevice {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| no_cuda(format!("cannot create a context on GPU {ordinal}: {e}")))?;
+        // One stream per device orders all of its work, and the staging buffers order
+        // their copies with their own events, so cudarc's per-buffer events (two per
+        // allocation, recorded and waited on around every launch) are not needed; they
+        // would also make decode steps impossible to capture as graphs (a capture may not
+        // wait on events recorded outside it).
+        // SAFETY: no buffer of this context exists yet, and all of its work goes to
+        // `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        // A created stream, not the legacy default stream, which cannot be captured.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| no_cuda(format!("cannot create a stream on GPU {ordinal}: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx
             .compute_capability()
@@ -83,7 +95,7 @@ impl GpuDevice {
             }
         }
         Ok(GpuDevice {
-            stream: ctx.default_stream(),
+            stream,
             ctx,
             name,
             compute_capability: cc,

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod blas;
 pub mod device;
+pub mod graph;
 pub mod nvrtc;
 pub mod ops;
 pub mod sources;

@@ -49,6 +49,8 @@ pub(super) fn ensure_pools<O: DeviceOps>(
         p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
     }
     p.pool_blocks = grown;
+    // The pools moved: recordings of work that writes them are stale.
+    p.pool_generation += 1;
 }
 
 /// Each batch entry's (block size, block table) for the positions it reaches.
@@ -155,5 +157,54 @@ impl Layout {
                 max_len: self.lens.iter().map(|&l| l as usize).max().unwrap_or(0),
             },
         }
+    }
+
+    /// Whether every entry adds one token (a decode step).
+    pub(super) fn decode_only(&self) -> bool {
+        self.spans.iter().all(|s| s.len == 1)
+    }
+
+    /// The block-table width of a recorded decode step of this layout: its widest table
+    /// rounded up to a power of two, so one recording serves while contexts grow into it.
+    pub(super) fn recorded_width(&self) -> usize {
+        self.max_blocks.next_power_of_two()
+    }
+
+    /// Each query's block table padded with block 0 to `width` entries.
+    fn tables_at(&self, width: usize) -> Vec<i32> {
+        let mut out = Vec::with_capacity(self.tokens * width);
+        for row in self.query_tables.chunks_exact(self.max_blocks) {
+            out.extend_from_slice(row);
+            out.resize(out.len() + width - self.max_blocks, 0);
+        }
+        out
+    }
+
+    /// This layout's indices on `device` with block tables `width` wide, as a recorded
+    /// decode step reads them: the attention kernels' geometry then depends only on the
+    /// token count and the width (`max_len` is the width's capacity).
+    pub(super) fn place_recorded<O: DeviceOps>(
+        &self,
+        ops: &O,
+        device: usize,
+        width: usize,
+    ) -> Group<O> {
+        let mut g = self.place(ops, device);
+        g.blocks.tables = ops.upload_ints(&self.tables_at(width));
+        g.blocks.max_blocks = width;
+        g.blocks.max_len = width * self.block_size;
+        g
+    }
+
+    /// Writes this layout's indices into `fixed` (made by [`place_recorded`] for a layout
+    /// with as many tokens, the same block size and `width`), which keeps its buffers.
+    pub(super) fn write_recorded<O: DeviceOps>(&self, ops: &O, fixed: &mut Group<O>) {
+        let width = fixed.blocks.max_blocks;
+        ops.write_ints(&mut fixed.positions, &self.positions);
+        ops.write_ints(&mut fixed.slots, &self.slots);
+        ops.write_ints(&mut fixed.blocks.tables, &self.tables_at(width));
+        ops.write_ints(&mut fixed.blocks.lens, &self.lens);
+        fixed.entries.clone_from(&self.entries);
+        fixed.spans.clone_from(&self.spans);
     }
 }

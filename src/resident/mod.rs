@@ -59,6 +59,16 @@ pub struct RopeLayout {
     pub offset: usize,
 }
 
+/// Identifies one piece of recordable work (see [`DeviceOps::replay`]): the set of fixed
+/// buffers it works on (`io`), the generation of the latent pools it writes (pools move
+/// when they grow), and which step of the pass it is (a decoder layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplayKey {
+    pub io: u64,
+    pub generation: u64,
+    pub step: usize,
+}
+
 /// The operations the resident forward pass needs from a device, on its own buffers.
 /// Weights are the checkpoint's [`LinearWeight`]s; a device keeps its copies of them.
 pub trait DeviceOps: Send + Sync {
@@ -86,6 +96,24 @@ pub trait DeviceOps: Send + Sync {
         self.upload(x)
     }
     fn copy(&self, x: &Self::Buf) -> Self::Buf;
+    /// `dst = src`, in place (`dst` keeps its address).
+    fn copy_into(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// Overwrites `dst` (as long as `src`) with `src`, in place.
+    fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]);
+    /// Whether this device records repeated work and replays the recording (CUDA graphs).
+    /// The pass then keeps each decode step's inputs in fixed buffers and hands each
+    /// layer's attention block to [`replay`](Self::replay).
+    fn records(&self) -> bool {
+        false
+    }
+    /// Runs `work`, which only queues device work on buffers whose addresses are the same
+    /// every time it is called with `key` and reads nothing from the host. A device that
+    /// records may instead record it and replay the recording for later calls with the
+    /// same key. By default it simply runs.
+    fn replay(&self, key: ReplayKey, work: &mut dyn FnMut()) {
+        let _ = key;
+        work()
+    }
     /// A zeroed latent cache pool of `len` values, stored in BF16 (rounded on write)
     /// when `bf16`, else f32.
     fn pool(&self, len: usize, bf16: bool) -> Self::Pool;

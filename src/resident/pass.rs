@@ -13,7 +13,9 @@
 use super::exchange::exchange_experts;
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
-use super::{DeviceOps, DeviceRope, Fabric, MlaDims, RopeLayout, ThroughHost, WholeForward};
+use super::{
+    DeviceOps, DeviceRope, Fabric, MlaDims, ReplayKey, RopeLayout, ThroughHost, WholeForward,
+};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
@@ -42,6 +44,59 @@ pub(super) struct Prepared<O: DeviceOps> {
     pub(super) pool_blocks: usize,
     pub(super) block_size: usize,
     pub(super) pool_bf16: bool,
+    /// Bumped whenever the pools move (see [`ReplayKey`]).
+    pub(super) pool_generation: u64,
+    /// Fixed buffers of recorded decode steps, least recently used first.
+    decode_io: Vec<DecodeIo<O>>,
+}
+
+/// The most tokens (sequences) a recorded decode step takes; larger steps run as they are.
+const MAX_RECORDED_TOKENS: usize = 64;
+/// Sets of fixed decode buffers a device keeps (each a token count and table width).
+const MAX_DECODE_IOS: usize = 8;
+
+/// The fixed buffers a recorded decode step of `tokens` tokens and block tables `width`
+/// wide works in: its indices, the residual stream and the post-attention norm.
+pub(super) struct DecodeIo<O: DeviceOps> {
+    id: u64,
+    width: usize,
+    group: Group<O>,
+    x: O::Buf,
+    xn: O::Buf,
+}
+
+impl<O: DeviceOps> DecodeIo<O> {
+    fn fits(&self, layout: &Layout) -> bool {
+        self.group.tokens == layout.tokens()
+            && self.group.blocks.block_size == layout.block_size
+            && self.width == layout.recorded_width()
+    }
+}
+
+/// A recorded decode step's fixed buffers other than its group: the residual stream
+/// (until the step's embeddings are copied into it and it takes their place) and the
+/// post-attention norm.
+struct Recorded<O: DeviceOps> {
+    id: u64,
+    width: usize,
+    x: Option<O::Buf>,
+    xn: O::Buf,
+}
+
+/// A process-wide number for each set of fixed decode buffers, so a recording is never
+/// replayed on buffers other than its own.
+fn next_io_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Puts a recorded step's buffers back as the most recently used, dropping the least
+/// recently used beyond [`MAX_DECODE_IOS`].
+fn keep_decode_io<O: DeviceOps>(p: &mut Prepared<O>, io: DecodeIo<O>) {
+    p.decode_io.push(io);
+    if p.decode_io.len() > MAX_DECODE_IOS {
+        p.decode_io.remove(0);
+    }
 }
 
 impl<O: DeviceOps> Prepared<O> {
@@ -191,6 +246,8 @@ impl<O: DeviceOps> Resident<O> {
             pool_blocks: 0,
             block_size: 0,
             pool_bf16: false,
+            pool_generation: 0,
+            decode_io: Vec::new(),
         }
     }
 
@@ -274,8 +331,13 @@ impl<O: DeviceOps> Resident<O> {
         }
         let cfg = &model.config;
         let h = cfg.hidden_size;
-        // Per share of the batch, its placements (one per device it visits).
-        let shares = self.shares(model, prepared, batch, store);
+        // Per share of the batch, its placements (one per device it visits); a decode step
+        // on a recording device works in that device's fixed buffers.
+        let (shares, mut recorded) = match self.recorded_share(model, prepared, batch, store) {
+            Ok((group, r)) => (vec![vec![group]], Some(r)),
+            Err(()) => (self.shares(model, prepared, batch, store), None),
+        };
+        let mut shares = shares;
         let mut xs: Vec<(usize, O::Buf)> = shares
             .iter()
             .map(|placed| {
@@ -288,6 +350,10 @@ impl<O: DeviceOps> Resident<O> {
                 (g.device, self.devices[g.device].embed(&model.embed, &ids))
             })
             .collect();
+        if let Some(mut x) = recorded.as_mut().and_then(|r| r.x.take()) {
+            self.device(0).copy_into(&mut x, &xs[0].1);
+            xs[0].1 = x;
+        }
         let one_device_moe =
             shares.len() == 1 && (self.devices.len() == 1 || self.layer_devices.is_some());
         // Host-expert outputs deferred by the previous layer (see `defer_host_experts`).
@@ -301,6 +367,10 @@ impl<O: DeviceOps> Resident<O> {
                     *at = g.device;
                 }
                 let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
+                if let Some(r) = &mut recorded {
+                    xns.push(recorded_attention(ops, model, p, l, x, g, r));
+                    continue;
+                }
                 let n = g.tokens;
                 let xn = normed(ops, x, &p.layers[l].input_norm, n, h, cfg.rms_norm_eps);
                 let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
@@ -345,7 +415,84 @@ impl<O: DeviceOps> Resident<O> {
             let ops = self.device(*at);
             ops.add(x, &self.upload_handoff(ops, &d));
         }
-        self.logits(model, prepared, batch, &shares, &xs)
+        let logits = self.logits(model, prepared, batch, &shares, &xs);
+        let group = shares.pop().and_then(|mut placed| placed.pop());
+        if let (Some(r), Some(group), Some((_, x))) = (recorded, group, xs.pop()) {
+            let (id, width, xn) = (r.id, r.width, r.xn);
+            keep_decode_io(
+                &mut prepared[0],
+                DecodeIo {
+                    id,
+                    width,
+                    group,
+                    x,
+                    xn,
+                },
+            );
+        }
+        logits
+    }
+
+    /// The share of a decode step on a device that records (one device, no pipeline, no
+    /// head split, every entry one token, at most [`MAX_RECORDED_TOKENS`]): the device's
+    /// fixed group for this token count and table width (made on first use) with this
+    /// step's indices written into it, and the rest of its fixed buffers. `Err` for
+    /// other passes, which place their indices afresh ([`Self::shares`]).
+    fn recorded_share(
+        &self,
+        model: &Model,
+        prepared: &mut [Prepared<O>],
+        batch: &[BatchEntry],
+        store: &mut dyn LatentStore,
+    ) -> Result<(Group<O>, Recorded<O>), ()> {
+        let recordable = self.devices.len() == 1
+            && self.layer_devices.is_none()
+            && self.split.is_none()
+            && self.devices[0].records()
+            && !batch.is_empty()
+            && batch.len() <= MAX_RECORDED_TOKENS
+            && batch.iter().all(|e| e.tokens.len() == 1);
+        if !recordable {
+            return Err(());
+        }
+        let tables = block_tables(batch, store);
+        let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
+        if !layout.decode_only() {
+            return Err(());
+        }
+        let (ops, p) = (self.device(0), &mut prepared[0]);
+        let width = MlaDims::of(&model.config).width();
+        let layers = model.layers.len();
+        let bf16 = store.bf16_latents();
+        ensure_pools(
+            ops,
+            p,
+            (layout.block_size, bf16),
+            layout.needed_blocks,
+            width,
+            0..layers,
+        );
+        let n = layout.tokens() * model.config.hidden_size;
+        let mut io = match p.decode_io.iter().position(|io| io.fits(&layout)) {
+            Some(i) => p.decode_io.remove(i),
+            None => DecodeIo {
+                id: next_io_id(),
+                width: layout.recorded_width(),
+                group: layout.place_recorded(ops, 0, layout.recorded_width()),
+                x: ops.zeros(n),
+                xn: ops.zeros(n),
+            },
+        };
+        layout.write_recorded(ops, &mut io.group);
+        let DecodeIo {
+            id,
+            width,
+            group,
+            x,
+            xn,
+        } = io;
+        let x = Some(x);
+        Ok((group, Recorded { id, width, x, xn }))
     }
 
     /// The placement of a share that runs layer `l`.
@@ -596,6 +743,37 @@ pub(super) fn normed<O: DeviceOps>(
     let mut xn = ops.copy(x);
     ops.rms_norm(&mut xn, w, n, h, h, eps);
     xn
+}
+
+/// Layer `l`'s attention block of a recorded decode step, through
+/// [`DeviceOps::replay`]: the residual `x` gains the attention output and `r.xn` the
+/// post-attention norm, every buffer fixed for the step's key. Returns a copy of that norm
+/// for the layer's FFN.
+fn recorded_attention<O: DeviceOps>(
+    ops: &O,
+    model: &Model,
+    p: &mut Prepared<O>,
+    l: usize,
+    x: &mut O::Buf,
+    g: &Group<O>,
+    r: &mut Recorded<O>,
+) -> O::Buf {
+    let cfg = &model.config;
+    let (n, h, eps) = (g.tokens, cfg.hidden_size, cfg.rms_norm_eps);
+    let key = ReplayKey {
+        io: r.id,
+        generation: p.pool_generation,
+        step: l,
+    };
+    let xn_out = &mut r.xn;
+    ops.replay(key, &mut || {
+        let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps);
+        let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
+        ops.add(x, &attn);
+        let post = normed(ops, x, &p.layers[l].post_attn_norm, n, h, eps);
+        ops.copy_into(xn_out, &post);
+    });
+    ops.copy(&r.xn)
 }
 
 /// The rows of a group's tokens that get logits, in the group's entry order.

@@ -20,6 +20,9 @@ pub struct TwinPool {
 pub struct TwinOps {
     backend: Arc<dyn Backend>,
     log: Mutex<TwinLog>,
+    /// Whether the pass treats this twin as a device that records (see
+    /// [`DeviceOps::records`]): it then runs its fixed-buffer decode schedule here.
+    records: bool,
 }
 
 /// What a twin device computed: tests check that work ran where the plan put it.
@@ -31,6 +34,8 @@ pub struct TwinLog {
     pub query_heads: usize,
     /// Routed experts computed, as (layer, expert).
     pub experts: Vec<(usize, usize)>,
+    /// Pieces of work handed to [`DeviceOps::replay`], by key.
+    pub replays: Vec<super::ReplayKey>,
 }
 
 impl TwinOps {
@@ -38,6 +43,16 @@ impl TwinOps {
         TwinOps {
             backend,
             log: Mutex::new(TwinLog::default()),
+            records: false,
+        }
+    }
+
+    /// A twin the pass drives as a recording device (fixed decode buffers, each layer's
+    /// attention through [`DeviceOps::replay`]), which runs every piece of work as it is.
+    pub fn recording(backend: Arc<dyn Backend>) -> Self {
+        TwinOps {
+            records: true,
+            ..TwinOps::new(backend)
         }
     }
 
@@ -78,6 +93,23 @@ impl DeviceOps for TwinOps {
 
     fn copy(&self, x: &Vec<f32>) -> Vec<f32> {
         x.clone()
+    }
+
+    fn copy_into(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+
+    fn write_ints(&self, dst: &mut Vec<i32>, src: &[i32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn records(&self) -> bool {
+        self.records
+    }
+
+    fn replay(&self, key: super::ReplayKey, work: &mut dyn FnMut()) {
+        self.record(|log| log.replays.push(key));
+        work()
     }
 
     fn pool(&self, len: usize, bf16: bool) -> TwinPool {

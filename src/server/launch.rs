@@ -48,6 +48,8 @@ pub struct LaunchOptions {
     pub progress: bool,
     /// Run a GPU plan on stand-in GPUs computing on the host (see [`Gpus::Simulated`]).
     pub simulate_gpus: bool,
+    /// Launch every GPU kernel one by one: no decode steps recorded as CUDA graphs.
+    pub enforce_eager: bool,
 }
 
 /// Opens the GPUs a layout needs (none for CPU-only layouts). A machine without them is
@@ -116,9 +118,22 @@ impl GpuLayout {
 pub struct Placement {
     pub plan: Option<Plan>,
     pub gpus: Gpus,
+    /// No CUDA graphs: every kernel launched one by one (`--enforce-eager`).
+    pub enforce_eager: bool,
 }
 
 impl Placement {
+    /// This placement, with CUDA graphs turned off when `enforce_eager`.
+    pub fn eager(mut self, enforce_eager: bool) -> Self {
+        self.enforce_eager = enforce_eager;
+        if let Gpus::Cuda(gpus) = &self.gpus {
+            for g in gpus {
+                g.set_recording(!enforce_eager);
+            }
+        }
+        self
+    }
+
     /// The backend to run on, the model's passes resident on the GPUs: an all-GPU plan
     /// on one GPU runs there whole; over several, with data-parallel attention, each GPU
     /// runs its own sequences and the experts the plan gave it, with tensor-parallel
@@ -135,6 +150,7 @@ impl Placement {
                 let gpu = CudaBackend::open(ordinal).map_err(|e| {
                     anyhow::anyhow!("backend {name} cannot run here ({e}); use --backend cpu")
                 })?;
+                gpu.set_recording(!self.enforce_eager);
                 return resident_on_gpu(model, Arc::new(gpu))
                     .map(|b| Box::new(b) as Box<dyn Backend>)
                     .map_err(|e| {
@@ -260,6 +276,7 @@ pub fn place(
             return Ok(Placement {
                 plan: None,
                 gpus: Gpus::Cuda(Vec::new()),
+                enforce_eager: false,
             })
         }
     };
@@ -278,6 +295,7 @@ pub fn place(
     Ok(Placement {
         plan: Some(plan),
         gpus,
+        enforce_eager: false,
     })
 }
 
@@ -302,7 +320,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         opts.profile.as_deref(),
         opts.plan.as_deref(),
         opts.simulate_gpus,
-    )?;
+    )?
+    .eager(opts.enforce_eager);
     let plan = placement.plan.clone();
 
     model.defer_host_experts = opts.defer_host_experts;

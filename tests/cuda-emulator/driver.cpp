@@ -10,6 +10,8 @@
 //   page with no access rights after it, so a kernel reading or writing past the end of
 //   any buffer (by 16 bytes or more) stops the process with a message naming the kernel.
 // - Work queued on a stream runs when the host waits for it (see "streams" below).
+// - Stream capture and graph launches, with what a GPU refuses during a capture refused
+//   here too (see "graphs" below).
 // - Modules: the PTX NVRTC produced is accepted and its kernels are found by name among
 //   the kernels compiled into this library from the same sources (kernels.cpp).
 // - Anything else of the driver API answers CUDA_ERROR_NOT_SUPPORTED and says so on
@@ -43,7 +45,9 @@ namespace {
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101,
-                   NOT_FOUND = 500, NOT_SUPPORTED = 801;
+                   ILLEGAL_STATE = 401, NOT_FOUND = 500, NOT_SUPPORTED = 801,
+                   CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901,
+                   CAPTURE_ISOLATION = 905, CAPTURED_EVENT = 907;
 
 struct Kernel {
     std::string name;
@@ -71,6 +75,8 @@ struct EventState {
     double seconds = 0.0;
     bool done = true;
     QueueKey queue{0, nullptr};
+    // The capture its last record was made in (0: none).
+    unsigned long long capture = 0;
 };
 
 // An event handle; its state outlives the handle while a record of it is still queued
@@ -192,7 +198,97 @@ bool run_at_once() {
     return sync;
 }
 
+// ---- graphs --------------------------------------------------------------------------
+// Stream capture (cuStreamBeginCapture) records the work queued on a stream into a graph
+// instead of queueing it; nothing of it runs until the graph is launched, and then it
+// runs with the arguments it was captured with, as on a GPU. What a GPU refuses during a
+// capture is refused here and invalidates the capture (cuStreamEndCapture then answers
+// CUDA_ERROR_STREAM_CAPTURE_INVALIDATED):
+// - waiting for the capturing stream (synchronising it, querying it);
+// - in the global and thread-local modes, from the capturing thread: synchronous
+//   allocations, frees, copies and sets, context synchronisation, page-locked
+//   allocations (the calls CUDA calls potentially unsafe);
+// - copies between the capturing stream and pageable host memory;
+// - waiting on an event recorded outside the capture (CUDA_ERROR_STREAM_CAPTURE_ISOLATION);
+// - a stream-ordered free, in the capture, of memory the capture did not allocate
+//   (a free node must be given a graph allocation).
+// Stream-ordered allocations made during a capture belong to the graph: their addresses
+// are fixed for every launch, and the memory is returned when the graph is destroyed.
+// A graph that keeps an allocation it made (no free in the graph) cannot be launched
+// again, as on a GPU.
+CUresult device_free(CUdeviceptr p);
+
+struct GraphData {
+    std::vector<std::function<void()>> ops;
+    std::vector<CUdeviceptr> owned;
+    std::map<CUdeviceptr, bool> live;  // graph allocations not freed in the graph
+    unsigned long long launches = 0;
+    ~GraphData() {
+        for (CUdeviceptr p : owned) device_free(p);
+    }
+};
+
+// A graph or an executable graph: both share what was captured.
+struct GraphHandle {
+    std::shared_ptr<GraphData> data;
+    bool auto_free = false;  // CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH
+};
+
+struct Capture {
+    unsigned long long id;
+    std::shared_ptr<GraphData> graph;
+    int mode;  // 0 global, 1 thread-local, 2 relaxed
+    const void* thread;
+    bool invalid = false;
+    const char* why = nullptr;
+};
+
+std::map<QueueKey, Capture>& captures() {
+    static auto* c = new std::map<QueueKey, Capture>();
+    return *c;
+}
+thread_local char this_thread_tag;
+unsigned long long graph_launches = 0;
+
+Capture* capture_of(void* stream) {
+    auto it = captures().find(key_of(stream));
+    return it == captures().end() ? nullptr : &it->second;
+}
+
+CUresult invalidate(Capture* c, const char* why, CUresult e) {
+    if (!c->invalid) {
+        c->invalid = true;
+        c->why = why;
+        std::fprintf(stderr, "cuda emulator: stream capture invalidated: %s\n", why);
+    }
+    return e;
+}
+
+// A potentially unsafe call from this thread while it captures in global or
+// thread-local mode: refused, and the capture invalidated.
+CUresult unsafe_during_capture(const char* call) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    for (auto& [key, c] : captures())
+        if (c.mode != 2 && c.thread == &this_thread_tag)
+            return invalidate(&c, call, CAPTURE_UNSUPPORTED);
+    return OK;
+}
+
+// A call that waits for `stream`: refused while it captures.
+CUresult wait_during_capture(void* stream, const char* call) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    if (Capture* c = capture_of(stream)) return invalidate(c, call, CAPTURE_UNSUPPORTED);
+    return OK;
+}
+
 void enqueue(void* stream, std::function<void()> op) {
+    {
+        std::lock_guard<std::recursive_mutex> g(queue_lock());
+        if (Capture* c = capture_of(stream)) {
+            if (!c->invalid) c->graph->ops.push_back(std::move(op));
+            return;
+        }
+    }
     if (run_at_once()) {
         op();
         return;
@@ -270,6 +366,7 @@ struct LaunchReport {
             total += k.launches;
         }
         std::fprintf(stderr, "cuda emulator: %8llu launches in all\n", total);
+        std::fprintf(stderr, "cuda emulator: %8llu graph launches\n", graph_launches);
     }
 } launch_report;
 }  // namespace
@@ -371,6 +468,7 @@ API cuCtxGetDevice(int* d) {
     return OK;
 }
 API cuCtxSynchronize() {
+    if (CUresult e = unsafe_during_capture("cuCtxSynchronize")) return e;
     flush_device(current ? current->device : 0);
     return OK;
 }
@@ -386,17 +484,37 @@ API cuStreamDestroy_v2(void* s) {
     return OK;
 }
 API cuStreamSynchronize(void* s) {
+    if (CUresult e = wait_during_capture(s, "cuStreamSynchronize on the capturing stream")) return e;
     flush(key_of(s));
     return OK;
 }
 API cuStreamQuery(void* s) {
+    if (CUresult e = wait_during_capture(s, "cuStreamQuery on the capturing stream")) return e;
     flush(key_of(s));
     return OK;
 }
 API cuStreamWaitEvent(void* s, void* e, unsigned) {
+    {
+        std::lock_guard<std::recursive_mutex> g(queue_lock());
+        if (Capture* c = capture_of(s)) {
+            if (static_cast<Event*>(e)->state->capture != c->id)
+                return invalidate(c, "cuStreamWaitEvent on an event recorded outside the capture",
+                                  CAPTURE_ISOLATION);
+            return OK;  // recorded earlier on this stream in this capture: already ordered
+        }
+    }
     QueueKey other = static_cast<Event*>(e)->state->queue;
     if (other != key_of(s)) enqueue(s, [other] { flush(other); });
     return OK;
+}
+
+// Whether `e` was last recorded in a capture still in progress.
+static bool captured_event(void* e) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    unsigned long long id = static_cast<Event*>(e)->state->capture;
+    for (auto& [key, c] : captures())
+        if (id && c.id == id) return true;
+    return false;
 }
 
 API cuEventCreate(void** e, unsigned) {
@@ -405,6 +523,11 @@ API cuEventCreate(void** e, unsigned) {
 }
 API cuEventRecord(void* e, void* s) {
     auto st = static_cast<Event*>(e)->state;
+    {
+        std::lock_guard<std::recursive_mutex> g(queue_lock());
+        Capture* c = capture_of(s);
+        st->capture = c ? c->id : 0;
+    }
     st->done = false;
     st->queue = key_of(s);
     enqueue(s, [st] {
@@ -415,10 +538,12 @@ API cuEventRecord(void* e, void* s) {
 }
 API cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
 API cuEventSynchronize(void* e) {
+    if (captured_event(e)) return CAPTURED_EVENT;
     flush(static_cast<Event*>(e)->state->queue);
     return OK;
 }
 API cuEventQuery(void* e) {
+    if (captured_event(e)) return CAPTURED_EVENT;
     flush(static_cast<Event*>(e)->state->queue);
     return OK;
 }
@@ -434,13 +559,34 @@ API cuEventElapsedTime(float* ms, void* a, void* b) {
 }
 API cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
-API cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return device_alloc(p, n); }
-API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return device_alloc(p, n); }
+API cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    if (CUresult e = unsafe_during_capture("cuMemAlloc")) return e;
+    return device_alloc(p, n);
+}
+API cuMemAllocAsync(CUdeviceptr* p, size_t n, void* s) {
+    CUresult e = device_alloc(p, n);
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    if (Capture* c = capture_of(s); c && e == OK) {
+        c->graph->owned.push_back(*p);
+        c->graph->live[*p] = true;
+    }
+    return e;
+}
 API cuMemFree_v2(CUdeviceptr p) {
+    if (CUresult e = unsafe_during_capture("cuMemFree")) return e;
     flush_device(-1);
     return device_free(p);
 }
 API cuMemFreeAsync(CUdeviceptr p, void* s) {
+    {
+        std::lock_guard<std::recursive_mutex> g(queue_lock());
+        if (Capture* c = capture_of(s)) {
+            if (!c->graph->live.erase(p))
+                return invalidate(c, "cuMemFreeAsync of memory the capture did not allocate",
+                                  INVALID_VALUE);
+            return OK;  // a free node: the graph's memory is returned with the graph
+        }
+    }
     enqueue(s, [p] { device_free(p); });
     return OK;
 }
@@ -452,6 +598,7 @@ API cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return OK;
 }
 API cuMemAllocHost_v2(void** p, size_t n) {
+    if (CUresult e = unsafe_during_capture("cuMemAllocHost")) return e;
     *p = std::malloc(n ? n : 1);
     if (!*p) return OUT_OF_MEMORY;
     std::lock_guard<std::mutex> g(memory_lock());
@@ -460,6 +607,7 @@ API cuMemAllocHost_v2(void** p, size_t n) {
 }
 API cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
 API cuMemFreeHost(void* p) {
+    if (CUresult e = unsafe_during_capture("cuMemFreeHost")) return e;
     flush_device(-1);
     {
         std::lock_guard<std::mutex> g(memory_lock());
@@ -469,11 +617,13 @@ API cuMemFreeHost(void* p) {
     return OK;
 }
 API cuMemHostRegister_v2(void* p, size_t n, unsigned) {
+    if (CUresult e = unsafe_during_capture("cuMemHostRegister")) return e;
     std::lock_guard<std::mutex> g(memory_lock());
     pinned()[(uintptr_t)p] = n;
     return OK;
 }
 API cuMemHostUnregister(void* p) {
+    if (CUresult e = unsafe_during_capture("cuMemHostUnregister")) return e;
     flush_device(-1);
     std::lock_guard<std::mutex> g(memory_lock());
     pinned().erase((uintptr_t)p);
@@ -490,6 +640,7 @@ static CUresult copy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
 }
 // A synchronous copy or set waits for the work queued before it.
 static CUresult copy_now(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (CUresult e = unsafe_during_capture("a synchronous copy")) return e;
     flush_device(current ? current->device : 0);
     return copy(dst, src, n);
 }
@@ -506,6 +657,7 @@ API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
 }
 API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void* st) {
     if (is_pinned(s, n)) return copy_queued(st, d, (CUdeviceptr)(uintptr_t)s, n);
+    if (CUresult e = wait_during_capture(st, "a copy from pageable host memory")) return e;
     // From pageable memory the source is read when the copy is queued.
     auto bytes = std::make_shared<std::vector<char>>((const char*)s, (const char*)s + n);
     enqueue(st, [d, bytes] { copy(d, (CUdeviceptr)(uintptr_t)bytes->data(), bytes->size()); });
@@ -516,6 +668,7 @@ API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
 }
 API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* st) {
     if (is_pinned(d, n)) return copy_queued(st, (CUdeviceptr)(uintptr_t)d, s, n);
+    if (CUresult e = wait_during_capture(st, "a copy into pageable host memory")) return e;
     // Into pageable memory the copy is done when the call returns.
     flush(key_of(st));
     return copy((CUdeviceptr)(uintptr_t)d, s, n);
@@ -525,10 +678,12 @@ API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
     return copy_queued(st, d, s, n);
 }
 API cuMemcpyPeer(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n) {
+    if (CUresult e = unsafe_during_capture("cuMemcpyPeer")) return e;
     flush_device(-1);
     return copy(d, s, n);
 }
-API cuMemcpyPeerAsync(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n, void*) {
+API cuMemcpyPeerAsync(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n, void* st) {
+    if (CUresult e = wait_during_capture(st, "a peer copy")) return e;
     flush_device(-1);
     return copy(d, s, n);
 }
@@ -540,6 +695,7 @@ static void set32(CUdeviceptr d, unsigned v, size_t n) {
     for (size_t i = 0; i < n; i++) p[i] = v;
 }
 API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    if (CUresult e = unsafe_during_capture("a synchronous memset")) return e;
     flush_device(current ? current->device : 0);
     set8(d, v, n);
     return OK;
@@ -549,6 +705,7 @@ API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
     return OK;
 }
 API cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+    if (CUresult e = unsafe_during_capture("a synchronous memset")) return e;
     flush_device(current ? current->device : 0);
     set32(d, v, n);
     return OK;
@@ -601,6 +758,66 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     return OK;
 }
 
+API cuStreamBeginCapture_v2(void* s, int mode) {
+    if (!s) return CAPTURE_UNSUPPORTED;  // the legacy default stream cannot be captured
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    if (capture_of(s)) return ILLEGAL_STATE;
+    static unsigned long long next_id = 0;
+    Capture c{++next_id, std::make_shared<GraphData>(), mode, &this_thread_tag};
+    captures().emplace(key_of(s), std::move(c));
+    return OK;
+}
+API cuStreamIsCapturing(void* s, int* status) {
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    Capture* c = capture_of(s);
+    *status = !c ? 0 : (c->invalid ? 2 : 1);
+    return OK;
+}
+API cuStreamEndCapture(void* s, void** graph) {
+    std::shared_ptr<GraphData> data;
+    bool invalid;
+    {
+        std::lock_guard<std::recursive_mutex> g(queue_lock());
+        Capture* c = capture_of(s);
+        if (!c) return ILLEGAL_STATE;
+        data = c->graph;
+        invalid = c->invalid;
+        captures().erase(key_of(s));
+    }
+    *graph = nullptr;
+    if (invalid) return CAPTURE_INVALIDATED;  // `data` goes, with the memory it allocated
+    *graph = new GraphHandle{data};
+    return OK;
+}
+API cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long flags) {
+    if (!graph) return INVALID_VALUE;
+    *exec = new GraphHandle{static_cast<GraphHandle*>(graph)->data, (flags & 1) != 0};
+    return OK;
+}
+API cuGraphLaunch(void* exec, void* s) {
+    if (!exec) return INVALID_VALUE;
+    auto* handle = static_cast<GraphHandle*>(exec);
+    auto data = handle->data;
+    if (data->launches > 0 && !data->live.empty() && !handle->auto_free) {
+        std::fprintf(stderr, "cuda emulator: a graph that keeps an allocation it made was launched again\n");
+        return INVALID_VALUE;
+    }
+    data->launches++;
+    __atomic_add_fetch(&graph_launches, 1, __ATOMIC_RELAXED);
+    enqueue(s, [data] {
+        for (auto& op : data->ops) op();
+    });
+    return OK;
+}
+API cuGraphExecDestroy(void* exec) {
+    delete static_cast<GraphHandle*>(exec);
+    return OK;
+}
+API cuGraphDestroy(void* graph) {
+    delete static_cast<GraphHandle*>(graph);
+    return OK;
+}
+
 // Asked for by NVRTC and cuBLAS-style clients probing for private driver tables; there
 // are none here, and saying so is their normal path.
 API cuGetExportTable(const void** table, const void*) {
@@ -616,6 +833,11 @@ API cuGetErrorString(CUresult e, const char** s) {
         case INVALID_DEVICE: *s = "invalid device ordinal"; break;
         case NOT_FOUND: *s = "named symbol not found"; break;
         case NOT_SUPPORTED: *s = "operation not supported by the CUDA emulator"; break;
+        case ILLEGAL_STATE: *s = "operation not valid in this state"; break;
+        case CAPTURE_UNSUPPORTED: *s = "operation not permitted when stream is capturing"; break;
+        case CAPTURE_INVALIDATED: *s = "operation failed due to a previous error during capture"; break;
+        case CAPTURE_ISOLATION: *s = "dependency created on uncaptured work in another stream"; break;
+        case CAPTURED_EVENT: *s = "operation not permitted on an event last recorded in a capturing stream"; break;
         default: *s = "unknown error"; break;
     }
     return OK;
@@ -628,6 +850,11 @@ API cuGetErrorName(CUresult e, const char** s) {
         case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        case ILLEGAL_STATE: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
+        case CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+        case CAPTURE_ISOLATION: *s = "CUDA_ERROR_STREAM_CAPTURE_ISOLATION"; break;
+        case CAPTURED_EVENT: *s = "CUDA_ERROR_CAPTURED_EVENT"; break;
         default: *s = "CUDA_ERROR_UNKNOWN"; break;
     }
     return OK;

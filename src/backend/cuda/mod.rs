@@ -15,9 +15,11 @@
 //! stops the computation with a message naming the operation.
 
 mod nccl;
+mod recording;
 mod resident;
 
 pub use nccl::NcclFabric;
+pub use recording::GraphStats;
 
 use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
@@ -49,6 +51,8 @@ pub struct CudaBackend {
     weights: Mutex<HashMap<WeightKey, Arc<DeviceWeight>>>,
     /// The resident pass's state (see [`resident`]).
     resident: resident::ResidentState,
+    /// Decode steps recorded as CUDA graphs (see [`recording`]).
+    recordings: recording::Recordings,
     /// The host weights behind every device copy, kept mapped while the copies exist:
     /// copies are found by where the host bytes live, and host memory freed while its
     /// copy lived could be reused by another weight (a cut of a matrix made for tensor
@@ -79,6 +83,7 @@ impl CudaBackend {
             gpu: Arc::new(GpuDevice::open(ordinal, 0)?),
             weights: Mutex::new(HashMap::new()),
             resident: resident::ResidentState::default(),
+            recordings: recording::Recordings::default(),
             hosts: Mutex::new(HashMap::new()),
         })
     }

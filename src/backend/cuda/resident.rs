@@ -261,6 +261,36 @@ impl DeviceOps for CudaBackend {
         device("a copy", self.gpu.stream.clone_dtod(x).map_err(copy_err))
     }
 
+    fn copy_into(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        let n = dst.len().min(src.len());
+        device(
+            "a copy",
+            self.gpu
+                .stream
+                .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))
+                .map_err(copy_err),
+        );
+    }
+
+    fn write_ints(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
+        let n = dst.len().min(src.len());
+        device(
+            "an index upload",
+            self.gpu
+                .stream
+                .memcpy_htod(&src[..n], &mut dst.slice_mut(0..n))
+                .map_err(copy_err),
+        );
+    }
+
+    fn records(&self) -> bool {
+        self.records_decode()
+    }
+
+    fn replay(&self, key: crate::resident::ReplayKey, work: &mut dyn FnMut()) {
+        self.replay_work(key, work)
+    }
+
     fn pool(&self, len: usize, bf16: bool) -> DevicePool {
         if bf16 {
             DevicePool::Bf16(device("a latent pool", self.gpu.zeros::<u16>("pool", len)))
