@@ -786,9 +786,11 @@ fn recorded_decode_steps_match_the_per_operation_path() {
 }
 
 /// The same decode steps on a real GPU (skipped with a message where none exists): with
-/// CUDA graphs (the default) each layer's attention block is recorded on its second
-/// decode step and replayed after, and the logits equal the kernel-by-kernel run's and,
-/// within the GPU's 2e-3, the exact per-operation path's.
+/// CUDA graphs (the default) each layer's recordable block (attention, post-attention
+/// norm, dense MLP or shared expert, router logits) is recorded on its second decode step
+/// and replayed after, all-GPU and hybrid with half the experts in host RAM, and the
+/// logits equal the kernel-by-kernel run's and, within the GPU's 2e-3, the exact
+/// per-operation path's.
 #[test]
 fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     use kimi_hybrid::backend::CudaBackend;
@@ -837,5 +839,26 @@ fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
             "output {i}: graphs vs kernels {vs_kernels}"
         );
         assert!(vs_cpu <= 2e-3, "output {i}: graphs vs cpu {vs_cpu}");
+    }
+    // Hybrid, half the experts in host RAM: the recorded blocks feed the hand-off.
+    use kimi_hybrid::accel::cuda::hybrid_on_gpu;
+    let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+    let p = half_on_gpu(&ckpt);
+    let mut model = Model::load(&ckpt).expect("model");
+    model.apply_plan(&p);
+    let before = graphs.graph_stats();
+    let hybrid = |gpu: &Arc<CudaBackend>| hybrid_on_gpu(&model, &p, gpu.clone(), cpu.clone());
+    let by_kernel = decode_steps(&model, &hybrid(&eager).expect("fits"), &prompts, steps);
+    let replayed = decode_steps(&model, &hybrid(&graphs).expect("fits"), &prompts, steps);
+    let stats = graphs.graph_stats();
+    println!("hybrid: {stats:?}");
+    assert!(stats.replayed > before.replayed + 2 * layers, "{stats:?}");
+    for (i, ((r, k), w)) in replayed.iter().zip(&by_kernel).zip(&want).enumerate() {
+        let (vs_kernels, vs_cpu) = (max_abs_diff(r, k), max_abs_diff(r, w));
+        assert!(
+            vs_kernels <= FORM_TOLERANCE,
+            "hybrid {i}: graphs vs kernels {vs_kernels}"
+        );
+        assert!(vs_cpu <= 2e-3, "hybrid {i}: graphs vs cpu {vs_cpu}");
     }
 }

@@ -205,6 +205,15 @@ pub trait DeviceOps: Send + Sync {
             self.ffn_accumulate(f, x, tokens, out);
         }
     }
+    /// `ffn(x[t])` for every one of `tokens` rows (a dense layer's MLP or a shared
+    /// expert): the values [`ffn_accumulate`](Self::ffn_accumulate) adds with weight 1
+    /// to zeros, without index uploads (so it can be recorded).
+    fn ffn_all(&self, ffn: &FfnWeights, x: &Self::Buf, tokens: usize) -> Self::Buf {
+        let mut out = self.zeros(tokens * ffn.down.rows());
+        let all: Vec<(usize, f32)> = (0..tokens).map(|t| (t, 1.0)).collect();
+        self.ffn_accumulate(ffn, x, &all, &mut out);
+        out
+    }
     /// For every `(t, weight)` of `tokens`: `out[t] += weight * ffn(x[t])`.
     fn ffn_accumulate(
         &self,

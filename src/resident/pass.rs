@@ -63,6 +63,8 @@ pub(super) struct DecodeIo<O: DeviceOps> {
     group: Group<O>,
     x: O::Buf,
     xn: O::Buf,
+    ffn: O::Buf,
+    logits: O::Buf,
 }
 
 impl<O: DeviceOps> DecodeIo<O> {
@@ -74,13 +76,22 @@ impl<O: DeviceOps> DecodeIo<O> {
 }
 
 /// A recorded decode step's fixed buffers other than its group: the residual stream
-/// (until the step's embeddings are copied into it and it takes their place) and the
-/// post-attention norm.
+/// (until the step's embeddings are copied into it and it takes their place), the
+/// post-attention norm, the dense MLP's or shared expert's output and the router logits.
 struct Recorded<O: DeviceOps> {
     id: u64,
     width: usize,
     x: Option<O::Buf>,
     xn: O::Buf,
+    ffn: O::Buf,
+    logits: O::Buf,
+}
+
+/// What a recorded layer computed beside its attention, for the layer's FFN: the dense
+/// MLP's or shared expert's output and the router logits (MoE layers).
+pub(super) struct Computed<'a, B> {
+    ffn: Option<&'a B>,
+    logits: Option<&'a B>,
 }
 
 /// A process-wide number for each set of fixed decode buffers, so a recording is never
@@ -379,7 +390,19 @@ impl<O: DeviceOps> Resident<O> {
                 xns.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
             }
             let mut later = None;
+            let computed = match &recorded {
+                Some(r) => r.computed(&layer.ffn),
+                None => Computed {
+                    ffn: None,
+                    logits: None,
+                },
+            };
             let outs = match &layer.ffn {
+                Ffn::Dense(_) if computed.ffn.is_some() => computed
+                    .ffn
+                    .map(|f| self.device(0).copy(f))
+                    .into_iter()
+                    .collect(),
                 Ffn::Dense(w) => groups
                     .iter()
                     .zip(&xns)
@@ -394,8 +417,15 @@ impl<O: DeviceOps> Resident<O> {
                 Ffn::Moe(_) if one_device_moe => {
                     let g = groups[0];
                     let p = &prepared[g.device];
-                    let (out, after) =
-                        self.moe_one_device(model, p, l, &xns[0], g, &mut deferred, on_route);
+                    let (out, after) = self.moe_one_device(
+                        model,
+                        p,
+                        l,
+                        (&xns[0], &computed),
+                        g,
+                        &mut deferred,
+                        on_route,
+                    );
                     later = after;
                     vec![out]
                 }
@@ -418,17 +448,16 @@ impl<O: DeviceOps> Resident<O> {
         let logits = self.logits(model, prepared, batch, &shares, &xs);
         let group = shares.pop().and_then(|mut placed| placed.pop());
         if let (Some(r), Some(group), Some((_, x))) = (recorded, group, xs.pop()) {
-            let (id, width, xn) = (r.id, r.width, r.xn);
-            keep_decode_io(
-                &mut prepared[0],
-                DecodeIo {
-                    id,
-                    width,
-                    group,
-                    x,
-                    xn,
-                },
-            );
+            let io = DecodeIo {
+                id: r.id,
+                width: r.width,
+                group,
+                x,
+                xn: r.xn,
+                ffn: r.ffn,
+                logits: r.logits,
+            };
+            keep_decode_io(&mut prepared[0], io);
         }
         logits
     }
@@ -481,18 +510,20 @@ impl<O: DeviceOps> Resident<O> {
                 group: layout.place_recorded(ops, 0, layout.recorded_width()),
                 x: ops.zeros(n),
                 xn: ops.zeros(n),
+                ffn: ops.zeros(n),
+                logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
             },
         };
         layout.write_recorded(ops, &mut io.group);
-        let DecodeIo {
-            id,
-            width,
-            group,
-            x,
-            xn,
-        } = io;
-        let x = Some(x);
-        Ok((group, Recorded { id, width, x, xn }))
+        let r = Recorded {
+            id: io.id,
+            width: io.width,
+            x: Some(io.x),
+            xn: io.xn,
+            ffn: io.ffn,
+            logits: io.logits,
+        };
+        Ok((io.group, r))
     }
 
     /// The placement of a share that runs layer `l`.
@@ -631,7 +662,7 @@ impl<O: DeviceOps> Resident<O> {
         model: &Model,
         p: &Prepared<O>,
         l: usize,
-        xn: &O::Buf,
+        (xn, computed): (&O::Buf, &Computed<O::Buf>),
         group: &Group<O>,
         previous: &mut Option<Pending<Vec<f32>>>,
         on_route: &mut RouteObserver,
@@ -642,8 +673,15 @@ impl<O: DeviceOps> Resident<O> {
         let Ffn::Moe(moe) = &model.layers[l].ffn else {
             unreachable!("moe_one_device() is only called on MoE layers")
         };
-        let logits = ops.linear(&moe.router, xn, n);
-        let routes = ops.route(cfg, &logits, p.correction_bias(l), n);
+        let own;
+        let logits = match computed.logits {
+            Some(logits) => logits,
+            None => {
+                own = ops.linear(&moe.router, xn, n);
+                &own
+            }
+        };
+        let routes = ops.route(cfg, logits, p.correction_bias(l), n);
         let e = moe.experts.len();
         let mut device_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         let mut host_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
@@ -673,9 +711,13 @@ impl<O: DeviceOps> Resident<O> {
         // The device's experts and the shared expert, queued while the host works.
         let mut out = ops.zeros(n * h);
         ops.experts_accumulate(&expert_work(&moe.experts, &device_tokens), xn, &mut out);
-        if let Some(shared) = &moe.shared {
-            let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-            ops.ffn_accumulate(shared, xn, &all, &mut out);
+        match (&moe.shared, computed.ffn) {
+            (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out),
+            (Some(shared), None) => {
+                let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+                ops.ffn_accumulate(shared, xn, &all, &mut out);
+            }
+            (None, _) => {}
         }
         let (Some(download), Some(host)) = (download, &self.host) else {
             return (out, None);
@@ -745,10 +787,27 @@ pub(super) fn normed<O: DeviceOps>(
     xn
 }
 
-/// Layer `l`'s attention block of a recorded decode step, through
-/// [`DeviceOps::replay`]: the residual `x` gains the attention output and `r.xn` the
-/// post-attention norm, every buffer fixed for the step's key. Returns a copy of that norm
-/// for the layer's FFN.
+impl<O: DeviceOps> Recorded<O> {
+    /// What [`recorded_attention`] computed for a layer with this FFN.
+    fn computed(&self, ffn: &Ffn) -> Computed<'_, O::Buf> {
+        match ffn {
+            Ffn::Dense(_) => Computed {
+                ffn: Some(&self.ffn),
+                logits: None,
+            },
+            Ffn::Moe(m) => Computed {
+                ffn: m.shared.as_ref().map(|_| &self.ffn),
+                logits: Some(&self.logits),
+            },
+        }
+    }
+}
+
+/// Layer `l`'s attention block of a recorded decode step and what of its FFN needs no
+/// routes, through [`DeviceOps::replay`]: the residual `x` gains the attention output,
+/// `r.xn` holds the post-attention norm, `r.ffn` the dense MLP's or shared expert's
+/// output and `r.logits` the router logits (see [`Recorded::computed`]), every buffer
+/// fixed for the step's key. Returns a copy of the norm for the layer's FFN.
 fn recorded_attention<O: DeviceOps>(
     ops: &O,
     model: &Model,
@@ -765,13 +824,23 @@ fn recorded_attention<O: DeviceOps>(
         generation: p.pool_generation,
         step: l,
     };
-    let xn_out = &mut r.xn;
+    let (xn_out, ffn_out, logits_out) = (&mut r.xn, &mut r.ffn, &mut r.logits);
     ops.replay(key, &mut || {
         let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps);
         let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
         ops.add(x, &attn);
         let post = normed(ops, x, &p.layers[l].post_attn_norm, n, h, eps);
         ops.copy_into(xn_out, &post);
+        let (ffn, router) = match &model.layers[l].ffn {
+            Ffn::Dense(w) => (Some(w), None),
+            Ffn::Moe(m) => (m.shared.as_ref(), Some(&m.router)),
+        };
+        if let Some(w) = ffn {
+            ops.copy_into(ffn_out, &ops.ffn_all(w, &post, n));
+        }
+        if let Some(router) = router {
+            ops.copy_into(logits_out, &ops.linear(router, &post, n));
+        }
     });
     ops.copy(&r.xn)
 }

@@ -562,6 +562,15 @@ impl DeviceOps for CudaBackend {
             .collect()
     }
 
+    /// Gate and up, SiLU-mul, down over every row: four launches, nothing uploaded.
+    fn ffn_all(&self, ffn: &FfnWeights, x: &CudaSlice<f32>, tokens: usize) -> CudaSlice<f32> {
+        let mut h = DeviceOps::linear(self, &ffn.gate, x, tokens);
+        let u = DeviceOps::linear(self, &ffn.up, x, tokens);
+        let n = tokens * ffn.gate.rows();
+        device("silu_mul", self.gpu.silu_mul(&mut h, &u, n));
+        DeviceOps::linear(self, &ffn.down, &h, tokens)
+    }
+
     fn ffn_accumulate(
         &self,
         ffn: &FfnWeights,
