@@ -339,14 +339,21 @@ fn worst_vs_alone(model: &Model, prompts: &[Vec<u32>], got: &[Vec<Vec<f32>>]) ->
 /// three sequences through a pool split into one partition per device (each sequence's
 /// blocks in one), prefilled together and decoded for two steps, against each sequence
 /// alone on one device. Every device's experts are the ones the plan gave it, and the
-/// sequences' attention ran on different devices.
+/// sequences' attention ran on different devices. Again on devices that record (CUDA
+/// graphs' fixed-buffer decode schedule): each attended device's decode steps went
+/// through `replay`, every layer once per step.
 #[test]
 fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
     let cpu = exact();
-    for name in FIXTURES {
+    for (name, recording) in FIXTURES.iter().flat_map(|n| [(*n, false), (*n, true)]) {
         let (model, p) = on_b200x8(name, false);
         let prompts = three_prompts(name);
-        let devices = twins(p.gpus.len());
+        let devices: Vec<Arc<TwinOps>> = match recording {
+            false => twins(p.gpus.len()),
+            true => (0..p.gpus.len())
+                .map(|_| Arc::new(TwinOps::recording(exact())))
+                .collect(),
+        };
         let backend =
             ResidentBackend::new(cpu.clone(), Box::new(Resident::on_devices(devices.clone())));
         assert_eq!(backend.kv_partitions(), 8);
@@ -383,6 +390,15 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
         assert_eq!(attended, 3, "{name}");
         assert!(computed > 1, "{name}");
         assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
+        for d in devices.iter().filter(|d| d.log().queries > 0) {
+            let replays = d.log().replays.len();
+            let want = if recording {
+                2 * cfg.num_hidden_layers
+            } else {
+                0
+            };
+            assert_eq!(replays, want, "{name}: recording {recording}");
+        }
     }
 }
 

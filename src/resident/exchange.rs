@@ -9,7 +9,7 @@
 //! contiguous buffer, and every owner's work is queued before any result is awaited.
 
 use super::layout::Group;
-use super::pass::{Prepared, Resident};
+use super::pass::{Computed, Prepared, Resident};
 use super::DeviceOps;
 use crate::model::{expert_work, Ffn, Model, RouteObserver};
 use std::collections::{BTreeMap, HashMap};
@@ -42,14 +42,15 @@ impl Shipment {
 }
 
 /// One MoE layer over several devices; returns each group's output (shared expert plus
-/// its tokens' routed experts, wherever they ran).
+/// its tokens' routed experts, wherever they ran). A group's router logits and shared
+/// expert output already computed (a recorded decode step) are taken from `computed`.
 pub(super) fn exchange_experts<O: DeviceOps>(
     r: &Resident<O>,
     model: &Model,
     prepared: &[Prepared<O>],
     l: usize,
     groups: &[&Group<O>],
-    xns: &[O::Buf],
+    (xns, computed): (&[O::Buf], &[Computed<O::Buf>]),
     on_route: &mut RouteObserver,
 ) -> Vec<O::Buf> {
     let cfg = &model.config;
@@ -61,26 +62,35 @@ pub(super) fn exchange_experts<O: DeviceOps>(
     let routes: Vec<_> = groups
         .iter()
         .zip(xns)
-        .map(|(g, xn)| {
+        .zip(computed)
+        .map(|((g, xn), c)| {
             let ops = r.device(g.device);
-            let logits = ops.linear(&moe.router, xn, g.tokens);
-            ops.route(
-                cfg,
-                &logits,
-                prepared[g.device].correction_bias(l),
-                g.tokens,
-            )
+            let own;
+            let logits = match c.logits {
+                Some(logits) => logits,
+                None => {
+                    own = ops.linear(&moe.router, xn, g.tokens);
+                    &own
+                }
+            };
+            let bias = prepared[g.device].correction_bias(l);
+            ops.route(cfg, logits, bias, g.tokens)
         })
         .collect();
     let mut outs: Vec<O::Buf> = groups
         .iter()
         .zip(xns)
-        .map(|(g, xn)| {
+        .zip(computed)
+        .map(|((g, xn), c)| {
             let ops = r.device(g.device);
             let mut out = ops.zeros(g.tokens * h);
-            if let Some(shared) = &moe.shared {
-                let all: Vec<(usize, f32)> = (0..g.tokens).map(|t| (t, 1.0)).collect();
-                ops.ffn_accumulate(shared, xn, &all, &mut out);
+            match (&moe.shared, c.ffn) {
+                (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out),
+                (Some(shared), None) => {
+                    let all: Vec<(usize, f32)> = (0..g.tokens).map(|t| (t, 1.0)).collect();
+                    ops.ffn_accumulate(shared, xn, &all, &mut out);
+                }
+                (None, _) => {}
             }
             out
         })

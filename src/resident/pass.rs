@@ -90,8 +90,17 @@ struct Recorded<O: DeviceOps> {
 /// What a recorded layer computed beside its attention, for the layer's FFN: the dense
 /// MLP's or shared expert's output and the router logits (MoE layers).
 pub(super) struct Computed<'a, B> {
-    ffn: Option<&'a B>,
-    logits: Option<&'a B>,
+    pub(super) ffn: Option<&'a B>,
+    pub(super) logits: Option<&'a B>,
+}
+
+impl<B> Computed<'_, B> {
+    fn none() -> Self {
+        Computed {
+            ffn: None,
+            logits: None,
+        }
+    }
 }
 
 /// A process-wide number for each set of fixed decode buffers, so a recording is never
@@ -343,12 +352,32 @@ impl<O: DeviceOps> Resident<O> {
         let cfg = &model.config;
         let h = cfg.hidden_size;
         // Per share of the batch, its placements (one per device it visits); a decode step
-        // on a recording device works in that device's fixed buffers.
-        let (shares, mut recorded) = match self.recorded_share(model, prepared, batch, store) {
-            Ok((group, r)) => (vec![vec![group]], Some(r)),
-            Err(()) => (self.shares(model, prepared, batch, store), None),
-        };
-        let mut shares = shares;
+        // on recording devices works in each device's fixed buffers.
+        let layouts = self.layouts(model, prepared, batch, store);
+        let (shares, mut recorded): (_, Option<Vec<Recorded<O>>>) =
+            if self.recordable(batch, &layouts) {
+                let (shares, recorded) = layouts
+                    .iter()
+                    .map(|(layout, devices)| {
+                        let d = devices[0];
+                        let (group, r) =
+                            fixed_share(self.device(d), &mut prepared[d], model, layout, d);
+                        (vec![group], r)
+                    })
+                    .unzip();
+                (shares, Some(recorded))
+            } else {
+                let shares: Vec<Vec<Group<O>>> = layouts
+                    .iter()
+                    .map(|(layout, devices)| {
+                        devices
+                            .iter()
+                            .map(|&d| layout.place(self.device(d), d))
+                            .collect()
+                    })
+                    .collect();
+                (shares, None)
+            };
         let mut xs: Vec<(usize, O::Buf)> = shares
             .iter()
             .map(|placed| {
@@ -361,9 +390,11 @@ impl<O: DeviceOps> Resident<O> {
                 (g.device, self.devices[g.device].embed(&model.embed, &ids))
             })
             .collect();
-        if let Some(mut x) = recorded.as_mut().and_then(|r| r.x.take()) {
-            self.device(0).copy_into(&mut x, &xs[0].1);
-            xs[0].1 = x;
+        for (r, (at, x)) in recorded.iter_mut().flatten().zip(xs.iter_mut()) {
+            if let Some(mut fixed) = r.x.take() {
+                self.device(*at).copy_into(&mut fixed, x);
+                *x = fixed;
+            }
         }
         let one_device_moe =
             shares.len() == 1 && (self.devices.len() == 1 || self.layer_devices.is_some());
@@ -372,13 +403,13 @@ impl<O: DeviceOps> Resident<O> {
         for (l, layer) in model.layers.iter().enumerate() {
             let groups: Vec<&Group<O>> = shares.iter().map(|p| self.placement(p, l)).collect();
             let mut xns = Vec::with_capacity(groups.len());
-            for (g, (at, x)) in groups.iter().zip(xs.iter_mut()) {
+            for (share, (g, (at, x))) in groups.iter().zip(xs.iter_mut()).enumerate() {
                 if *at != g.device {
                     *x = self.move_rows(x, *at, g.device, g.tokens * h);
                     *at = g.device;
                 }
                 let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
-                if let Some(r) = &mut recorded {
+                if let Some(r) = recorded.as_mut().and_then(|r| r.get_mut(share)) {
                     xns.push(recorded_attention(ops, model, p, l, x, g, r));
                     continue;
                 }
@@ -390,18 +421,16 @@ impl<O: DeviceOps> Resident<O> {
                 xns.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
             }
             let mut later = None;
-            let computed = match &recorded {
-                Some(r) => r.computed(&layer.ffn),
-                None => Computed {
-                    ffn: None,
-                    logits: None,
-                },
+            // Per group, what its recorded block computed of the FFN (nothing otherwise).
+            let computed: Vec<Computed<O::Buf>> = match &recorded {
+                Some(rs) => rs.iter().map(|r| r.computed(&layer.ffn)).collect(),
+                None => groups.iter().map(|_| Computed::none()).collect(),
             };
             let outs = match &layer.ffn {
-                Ffn::Dense(_) if computed.ffn.is_some() => computed
-                    .ffn
-                    .map(|f| self.device(0).copy(f))
-                    .into_iter()
+                Ffn::Dense(_) if recorded.is_some() => groups
+                    .iter()
+                    .zip(&computed)
+                    .filter_map(|(g, c)| c.ffn.map(|f| self.device(g.device).copy(f)))
                     .collect(),
                 Ffn::Dense(w) => groups
                     .iter()
@@ -421,7 +450,7 @@ impl<O: DeviceOps> Resident<O> {
                         model,
                         p,
                         l,
-                        (&xns[0], &computed),
+                        (&xns[0], &computed[0]),
                         g,
                         &mut deferred,
                         on_route,
@@ -429,7 +458,10 @@ impl<O: DeviceOps> Resident<O> {
                     later = after;
                     vec![out]
                 }
-                Ffn::Moe(_) => exchange_experts(self, model, prepared, l, &groups, &xns, on_route),
+                Ffn::Moe(_) => {
+                    let inputs = (&xns[..], &computed[..]);
+                    exchange_experts(self, model, prepared, l, &groups, inputs, on_route)
+                }
             };
             self.add_outputs(&groups, &mut xs, &outs);
             if let Some(d) = deferred.take().and_then(Pending::wait) {
@@ -446,84 +478,36 @@ impl<O: DeviceOps> Resident<O> {
             ops.add(x, &self.upload_handoff(ops, &d));
         }
         let logits = self.logits(model, prepared, batch, &shares, &xs);
-        let group = shares.pop().and_then(|mut placed| placed.pop());
-        if let (Some(r), Some(group), Some((_, x))) = (recorded, group, xs.pop()) {
-            let io = DecodeIo {
-                id: r.id,
-                width: r.width,
-                group,
-                x,
-                xn: r.xn,
-                ffn: r.ffn,
-                logits: r.logits,
-            };
-            keep_decode_io(&mut prepared[0], io);
+        // A recorded step's buffers go back to their devices for the next step.
+        for ((r, mut placed), (device, x)) in recorded.into_iter().flatten().zip(shares).zip(xs) {
+            if let Some(group) = placed.pop() {
+                let io = DecodeIo {
+                    id: r.id,
+                    width: r.width,
+                    group,
+                    x,
+                    xn: r.xn,
+                    ffn: r.ffn,
+                    logits: r.logits,
+                };
+                keep_decode_io(&mut prepared[device], io);
+            }
         }
         logits
     }
 
-    /// The share of a decode step on a device that records (one device, no pipeline, no
-    /// head split, every entry one token, at most [`MAX_RECORDED_TOKENS`]): the device's
-    /// fixed group for this token count and table width (made on first use) with this
-    /// step's indices written into it, and the rest of its fixed buffers. `Err` for
-    /// other passes, which place their indices afresh ([`Self::shares`]).
-    fn recorded_share(
-        &self,
-        model: &Model,
-        prepared: &mut [Prepared<O>],
-        batch: &[BatchEntry],
-        store: &mut dyn LatentStore,
-    ) -> Result<(Group<O>, Recorded<O>), ()> {
-        let recordable = self.devices.len() == 1
-            && self.layer_devices.is_none()
+    /// Whether a pass with these layouts runs as a recorded decode step: every device
+    /// records, each share runs on one device (no pipeline, no head split), every entry
+    /// adds one token and no share has more than [`MAX_RECORDED_TOKENS`].
+    fn recordable(&self, batch: &[BatchEntry], layouts: &[(Layout, Vec<usize>)]) -> bool {
+        self.layer_devices.is_none()
             && self.split.is_none()
-            && self.devices[0].records()
+            && self.devices.iter().all(|d| d.records())
             && !batch.is_empty()
-            && batch.len() <= MAX_RECORDED_TOKENS
-            && batch.iter().all(|e| e.tokens.len() == 1);
-        if !recordable {
-            return Err(());
-        }
-        let tables = block_tables(batch, store);
-        let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
-        if !layout.decode_only() {
-            return Err(());
-        }
-        let (ops, p) = (self.device(0), &mut prepared[0]);
-        let width = MlaDims::of(&model.config).width();
-        let layers = model.layers.len();
-        let bf16 = store.bf16_latents();
-        ensure_pools(
-            ops,
-            p,
-            (layout.block_size, bf16),
-            layout.needed_blocks,
-            width,
-            0..layers,
-        );
-        let n = layout.tokens() * model.config.hidden_size;
-        let mut io = match p.decode_io.iter().position(|io| io.fits(&layout)) {
-            Some(i) => p.decode_io.remove(i),
-            None => DecodeIo {
-                id: next_io_id(),
-                width: layout.recorded_width(),
-                group: layout.place_recorded(ops, 0, layout.recorded_width()),
-                x: ops.zeros(n),
-                xn: ops.zeros(n),
-                ffn: ops.zeros(n),
-                logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
-            },
-        };
-        layout.write_recorded(ops, &mut io.group);
-        let r = Recorded {
-            id: io.id,
-            width: io.width,
-            x: Some(io.x),
-            xn: io.xn,
-            ffn: io.ffn,
-            logits: io.logits,
-        };
-        Ok((io.group, r))
+            && batch.iter().all(|e| e.tokens.len() == 1)
+            && layouts.iter().all(|(layout, devices)| {
+                devices.len() == 1 && layout.decode_only() && layout.tokens() <= MAX_RECORDED_TOKENS
+            })
     }
 
     /// The placement of a share that runs layer `l`.
@@ -549,19 +533,19 @@ impl<O: DeviceOps> Resident<O> {
         }
     }
 
-    /// Splits the batch into shares and places each on the devices it runs on: with
+    /// Splits the batch into shares and says which devices each runs on: with
     /// data-parallel devices, one share per device holding the sequences whose blocks
-    /// lie in that device's partition of the store; otherwise one share, placed on the
-    /// first device or, pipelined, on every device that runs layers. A placement holds
-    /// positions, cache slots and block tables in the device's own block numbering, and
-    /// the device's pools (for its layers) are grown to hold them.
-    fn shares(
+    /// lie in that device's partition of the store; otherwise one share, on the first
+    /// device or, pipelined, on every device that runs layers. A layout holds positions,
+    /// cache slots and block tables in the devices' own block numbering, and the
+    /// devices' pools (for their layers) are grown to hold them.
+    fn layouts(
         &self,
         model: &Model,
         prepared: &mut [Prepared<O>],
         batch: &[BatchEntry],
         store: &mut dyn LatentStore,
-    ) -> Vec<Vec<Group<O>>> {
+    ) -> Vec<(Layout, Vec<usize>)> {
         let d = self.devices.len();
         // A store split into one partition per device keeps each sequence's blocks in
         // one partition (block id mod d): data-parallel. Other stores, and pipelines,
@@ -595,24 +579,19 @@ impl<O: DeviceOps> Resident<O> {
                 Some(ld) => (0..d).filter(|g| ld.contains(g)).collect(),
                 None => vec![share],
             };
-            let placed = devices
-                .into_iter()
-                .map(|device| {
-                    let ops = self.devices[device].as_ref();
-                    let owned = |l: usize| self.layer_device(l, device) == device;
-                    let p = &mut prepared[device];
-                    ensure_pools(
-                        ops,
-                        p,
-                        (layout.block_size, bf16),
-                        layout.needed_blocks,
-                        width,
-                        (0..layers).filter(|&l| owned(l)),
-                    );
-                    layout.place(ops, device)
-                })
-                .collect();
-            shares.push(placed);
+            for &device in &devices {
+                let ops = self.devices[device].as_ref();
+                let owned = |l: usize| self.layer_device(l, device) == device;
+                ensure_pools(
+                    ops,
+                    &mut prepared[device],
+                    (layout.block_size, bf16),
+                    layout.needed_blocks,
+                    width,
+                    (0..layers).filter(|&l| owned(l)),
+                );
+            }
+            shares.push((layout, devices));
         }
         shares
     }
@@ -801,6 +780,41 @@ impl<O: DeviceOps> Recorded<O> {
             },
         }
     }
+}
+
+/// A recorded decode step's share on device `device`: the device's fixed group for the
+/// layout's token count, block size and table width (made on first use) with this step's
+/// indices written into it, and the rest of its fixed buffers.
+fn fixed_share<O: DeviceOps>(
+    ops: &O,
+    p: &mut Prepared<O>,
+    model: &Model,
+    layout: &Layout,
+    device: usize,
+) -> (Group<O>, Recorded<O>) {
+    let n = layout.tokens() * model.config.hidden_size;
+    let mut io = match p.decode_io.iter().position(|io| io.fits(layout)) {
+        Some(i) => p.decode_io.remove(i),
+        None => DecodeIo {
+            id: next_io_id(),
+            width: layout.recorded_width(),
+            group: layout.place_recorded(ops, device, layout.recorded_width()),
+            x: ops.zeros(n),
+            xn: ops.zeros(n),
+            ffn: ops.zeros(n),
+            logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
+        },
+    };
+    layout.write_recorded(ops, &mut io.group);
+    let r = Recorded {
+        id: io.id,
+        width: io.width,
+        x: Some(io.x),
+        xn: io.xn,
+        ffn: io.ffn,
+        logits: io.logits,
+    };
+    (io.group, r)
 }
 
 /// Layer `l`'s attention block of a recorded decode step and what of its FFN needs no
