@@ -583,7 +583,7 @@ fn resident_device_ops_match_the_cpu_twin() {
         }
     };
     let twin = TwinOps::new(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
-    let read = |b: &kernels_cuda::cudarc::driver::CudaSlice<f32>, n: usize| {
+    let read = |b: &kimi_hybrid::backend::GpuBuf<f32>, n: usize| {
         let mut out = vec![0.0f32; n];
         gpu.finish_download(gpu.begin_download(b), &mut out);
         out

@@ -19,7 +19,7 @@ use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::resident::twin::TwinOps;
-use kimi_hybrid::resident::{HeadSplit, Resident, ResidentBackend};
+use kimi_hybrid::resident::{HeadSplit, Resident, ResidentBackend, VocabSplit};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -354,8 +354,10 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
                 .map(|_| Arc::new(TwinOps::recording(exact())))
                 .collect(),
         };
-        let backend =
-            ResidentBackend::new(cpu.clone(), Box::new(Resident::on_devices(devices.clone())));
+        // The lm_head split by vocabulary, as the plan budgets it.
+        let vocab = VocabSplit::new(&model.lm_head, devices.len()).expect("bands");
+        let whole = Resident::on_devices(devices.clone()).with_vocab_split(vocab);
+        let backend = ResidentBackend::new(cpu.clone(), Box::new(whole));
         assert_eq!(backend.kv_partitions(), 8);
         let cfg = &model.config;
         let block = 4;

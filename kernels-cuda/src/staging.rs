@@ -85,6 +85,12 @@ impl Staging {
                 "the staging buffer is too small",
             ));
         }
+        // The raw copy below runs in the current context, which must be the stream's
+        // (another GPU's work may have left its own current on this thread).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("a hand-off download", e))?;
         // SAFETY: n <= len; the buffer is not read until `read` waits on the event.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr, n) };
         let (src_ptr, _sync) = src.device_ptr(stream);
@@ -109,6 +115,10 @@ impl Staging {
         if x.len() > self.len || x.len() > dst.len() {
             return Err(err("a hand-off upload", "the staging buffer is too small"));
         }
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("a hand-off upload", e))?;
         // SAFETY: no copy is in flight and x fits.
         let host = unsafe { std::slice::from_raw_parts_mut(self.ptr, x.len()) };
         host.copy_from_slice(x);

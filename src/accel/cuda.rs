@@ -22,7 +22,7 @@ use super::Accelerator;
 use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
 use crate::model::Model;
 use crate::placement::Plan;
-use crate::resident::{HeadSplit, Resident, ResidentBackend};
+use crate::resident::{HeadSplit, Resident, ResidentBackend, VocabSplit};
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
@@ -84,15 +84,25 @@ pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<R
 
 /// The backend an all-GPU plan with data-parallel attention over several GPUs runs on
 /// ([`Resident::on_devices`]): every GPU holds the attention, dense and shared-expert
-/// weights, the router and the lm_head (it runs its own sequences end to end) and the
-/// routed experts the plan gave it; each MoE layer exchanges hidden states between them.
+/// weights and the routers (it runs its own sequences end to end), its band of lm_head
+/// rows (as the plan budgets it; every GPU computes its band of every sequence's logits)
+/// and the routed experts the plan gave it; each MoE layer exchanges hidden states
+/// between them.
 pub fn data_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
 ) -> anyhow::Result<ResidentBackend> {
+    let vocab = VocabSplit::new(&model.lm_head, gpus.len())
+        .map_err(|e| anyhow::anyhow!("cutting the lm_head by vocabulary: {e}"))?;
+    let lm_head = model.lm_head.identity();
     for (g, gpu) in gpus.iter().enumerate() {
+        let mut weights: Vec<&LinearWeight> = device_matrices(model, |e| e.gpu == Some(g))
+            .into_iter()
+            .filter(|w| w.identity() != lm_head)
+            .collect();
+        weights.extend(vocab.band(g).map(|(_, band)| band));
         let mut bytes = gpu
-            .preload(&device_matrices(model, |e| e.gpu == Some(g)))
+            .preload(&weights)
             .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
         bytes += gpu
             .preload_absorbed(&kv_bs(model, |_| true))
@@ -104,7 +114,9 @@ pub fn data_parallel_on_gpus(
             "data-parallel attention, expert-parallel experts",
         );
     }
-    over_gpus(gpus, "expert exchange", Resident::on_devices)
+    over_gpus(gpus, "expert exchange", |gpus| {
+        Resident::on_devices(gpus).with_vocab_split(vocab)
+    })
 }
 
 /// The backend a hybrid plan over several GPUs runs on ([`Resident::pipeline`]): GPU g

@@ -7,7 +7,7 @@ pub mod pool;
 mod reference;
 
 pub use cpu::{Activations, CpuBackend};
-pub use cuda::{CudaBackend, GraphStats, NcclFabric};
+pub use cuda::{CudaBackend, GpuBuf, GraphStats, NcclFabric};
 pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;

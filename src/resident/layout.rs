@@ -38,6 +38,7 @@ pub(super) fn ensure_pools<O: DeviceOps>(
         // A store with another layout: start over (its blocks are all new).
         p.pools = p.pools.iter().map(|_| ops.pool(0, bf16)).collect();
         p.pool_blocks = 0;
+        p.pool_generation += 1;
         p.block_size = block_size;
         p.pool_bf16 = bf16;
     }

@@ -24,10 +24,12 @@ mod layout;
 mod pass;
 mod tensor;
 pub mod twin;
+mod vocab;
 
 pub use crate::model::MlaDims;
 pub use pass::Resident;
 pub use tensor::{HeadShare, HeadSplit};
+pub use vocab::VocabSplit;
 
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;

@@ -55,8 +55,9 @@ const MAX_RECORDED_TOKENS: usize = 64;
 /// Sets of fixed decode buffers a device keeps (each a token count and table width).
 const MAX_DECODE_IOS: usize = 8;
 
-/// The fixed buffers a recorded decode step of `tokens` tokens and block tables `width`
-/// wide works in: its indices, the residual stream and the post-attention norm.
+/// The fixed buffers a recorded decode step of `group.tokens` tokens and block tables
+/// `width` wide works in: its indices, the residual stream, the post-attention norm, the
+/// dense MLP's or shared expert's output and the router logits.
 pub(super) struct DecodeIo<O: DeviceOps> {
     id: u64,
     width: usize,
@@ -147,6 +148,8 @@ pub struct Resident<O: DeviceOps> {
     fabric: Arc<dyn Fabric<O>>,
     /// Tensor-parallel attention: the heads each device computes.
     split: Option<HeadSplit>,
+    /// Data-parallel devices: the lm_head split by vocabulary (see [`super::vocab`]).
+    vocab: Option<super::VocabSplit>,
     state: Mutex<Option<Vec<Prepared<O>>>>,
 }
 
@@ -186,6 +189,7 @@ impl<O: DeviceOps> Resident<O> {
             layer_devices,
             fabric: Arc::new(ThroughHost),
             split: None,
+            vocab: None,
             state: Mutex::new(None),
         }
     }
@@ -197,6 +201,13 @@ impl<O: DeviceOps> Resident<O> {
         let mut r = Self::build(devices, None, None, None);
         r.split = Some(split);
         r
+    }
+
+    /// Splits the lm_head by vocabulary over the devices (data-parallel all-GPU plans,
+    /// which budget 1/N of it per GPU): each device holds `split`'s band of it.
+    pub fn with_vocab_split(mut self, split: super::VocabSplit) -> Self {
+        self.vocab = Some(split);
+        self
     }
 
     /// Moves between devices through `fabric` instead of host memory.
@@ -609,6 +620,39 @@ impl<O: DeviceOps> Resident<O> {
         let cfg = &model.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let mut out: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
+        if let Some(split) = self.vocab.as_ref().filter(|_| self.devices.len() > 1) {
+            // Every share's rows through the final norm on its device, then every
+            // device's band of all of them.
+            let mut picked = Vec::new();
+            let mut placed = Vec::new();
+            for (shared, (device, x)) in shares.iter().zip(xs) {
+                let g = shared
+                    .iter()
+                    .find(|g| g.device == *device)
+                    .unwrap_or(&shared[0]);
+                let rows = logit_rows(batch, g);
+                if !rows.is_empty() {
+                    let ops = self.devices[g.device].as_ref();
+                    let p = &prepared[g.device];
+                    let x = final_rows(ops, p, x, &rows, h, cfg.rms_norm_eps);
+                    picked.push((g.device, x, rows.len()));
+                }
+                placed.push((g, rows.len()));
+            }
+            let all = split.logits(&self.devices, self.fabric(), picked, vocab);
+            let mut at = 0;
+            for (g, n) in placed {
+                hand_out_logits(
+                    batch,
+                    g,
+                    &all[at * vocab..(at + n) * vocab],
+                    vocab,
+                    &mut out,
+                );
+                at += n;
+            }
+            return out;
+        }
         // Each share's final hidden states are on the device of its last layer.
         for (placed, (device, x)) in shares.iter().zip(xs) {
             let g = placed

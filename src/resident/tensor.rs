@@ -72,7 +72,7 @@ impl HeadShare {
 /// rows (the vocabulary split as the plan budgets it).
 pub struct HeadSplit {
     per_device: Vec<Vec<HeadShare>>,
-    lm_head: Vec<(Range<usize>, LinearWeight)>,
+    lm_head: super::VocabSplit,
 }
 
 impl HeadSplit {
@@ -92,13 +92,7 @@ impl HeadSplit {
                     .collect()
             })
             .collect::<std::io::Result<_>>()?;
-        let vocab = model.lm_head.rows();
-        let lm_head = (0..devices)
-            .map(|d| {
-                let band = d * vocab / devices..(d + 1) * vocab / devices;
-                Ok((band.clone(), model.lm_head.row_slice(band)?))
-            })
-            .collect::<std::io::Result<_>>()?;
+        let lm_head = super::VocabSplit::new(&model.lm_head, devices)?;
         Ok(HeadSplit {
             per_device,
             lm_head,
@@ -107,7 +101,7 @@ impl HeadSplit {
 
     /// Device `d`'s rows of the lm_head: which, and the weight.
     pub fn lm_head(&self, d: usize) -> Option<&(Range<usize>, LinearWeight)> {
-        self.lm_head.get(d)
+        self.lm_head.band(d)
     }
 
     /// Device `d`'s share of layer `l`, if it computes attention.

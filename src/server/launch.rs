@@ -191,7 +191,7 @@ fn simulated(
 ) -> Result<Box<dyn Backend>> {
     use crate::accel::sim::SimDevice;
     use crate::resident::twin::TwinOps;
-    use crate::resident::{layer_devices, HeadSplit, Resident, ResidentBackend};
+    use crate::resident::{layer_devices, HeadSplit, Resident, ResidentBackend, VocabSplit};
     tracing_line(&format!(
         "simulating the plan's {n} GPU(s) ({layout:?} layout) with the {} backend",
         host.name()
@@ -205,7 +205,9 @@ fn simulated(
     };
     let whole = match layout {
         GpuLayout::Whole => Resident::new(twins[0].clone(), None, None),
-        GpuLayout::DataParallel => Resident::on_devices(twins),
+        GpuLayout::DataParallel => {
+            Resident::on_devices(twins).with_vocab_split(VocabSplit::new(&model.lm_head, n)?)
+        }
         GpuLayout::TensorParallel => Resident::tensor_parallel(twins, HeadSplit::new(model, n)?),
         GpuLayout::Hybrid => Resident::new(twins[0].clone(), Some(host.clone()), Some(handoff()?)),
         GpuLayout::Pipeline => Resident::pipeline(

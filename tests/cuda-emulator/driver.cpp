@@ -10,6 +10,8 @@
 //   page with no access rights after it, so a kernel reading or writing past the end of
 //   any buffer (by 16 bytes or more) stops the process with a message naming the kernel.
 // - Work queued on a stream runs when the host waits for it (see "streams" below).
+// - Streams belong to the device they were created on; an asynchronous copy on one
+//   while another device's context is current fails, as on a GPU.
 // - Stream capture and graph launches, with what a GPU refuses during a capture refused
 //   here too (see "graphs" below).
 // - Modules: the PTX NVRTC produced is accepted and its kernels are found by name among
@@ -45,7 +47,7 @@ namespace {
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101,
-                   ILLEGAL_STATE = 401, NOT_FOUND = 500, NOT_SUPPORTED = 801,
+                   INVALID_CONTEXT = 201, ILLEGAL_STATE = 401, NOT_FOUND = 500, NOT_SUPPORTED = 801,
                    CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901,
                    CAPTURE_ISOLATION = 905, CAPTURED_EVENT = 907;
 
@@ -188,7 +190,33 @@ std::map<QueueKey, std::deque<std::function<void()>>>& queues() {
     return *q;
 }
 
-QueueKey key_of(void* stream) { return {current ? current->device : 0, stream}; }
+// The device of every created stream: a stream belongs to the context it was created in.
+std::map<void*, int>& stream_devices() {
+    static auto* m = new std::map<void*, int>();
+    return *m;
+}
+
+// A stream's queue: a created stream's own, or the legacy default stream of the current
+// context.
+QueueKey key_of(void* stream) {
+    int device = current ? current->device : 0;
+    if (!stream) return {device, stream};
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    auto it = stream_devices().find(stream);
+    return {it == stream_devices().end() ? device : it->second, stream};
+}
+
+// An asynchronous copy on a stream of a device whose context is not current fails on a
+// GPU (the copy's memory is checked against the current context); refused here too.
+CUresult check_context(void* stream, const char* call) {
+    int device = current ? current->device : 0;
+    if (key_of(stream).first == device) return OK;
+    std::fprintf(stderr,
+                 "cuda emulator: %s on a stream of device %d while device %d's context is "
+                 "current\n",
+                 call, key_of(stream).first, device);
+    return INVALID_CONTEXT;
+}
 
 bool run_at_once() {
     static const bool sync = [] {
@@ -475,6 +503,8 @@ API cuCtxSynchronize() {
 
 API cuStreamCreate(void** s, unsigned) {
     *s = new int(0);
+    std::lock_guard<std::recursive_mutex> g(queue_lock());
+    stream_devices()[*s] = current ? current->device : 0;
     return OK;
 }
 API cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
@@ -650,12 +680,14 @@ static CUresult copy_queued(void* stream, CUdeviceptr dst, CUdeviceptr src, size
 }
 API cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy_now(d, s, n); }
 API cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    if (CUresult e = check_context(st, "cuMemcpyAsync")) return e;
     return copy_queued(st, d, s, n);
 }
 API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
     return copy_now(d, (CUdeviceptr)(uintptr_t)s, n);
 }
 API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void* st) {
+    if (CUresult e = check_context(st, "cuMemcpyHtoDAsync")) return e;
     if (is_pinned(s, n)) return copy_queued(st, d, (CUdeviceptr)(uintptr_t)s, n);
     if (CUresult e = wait_during_capture(st, "a copy from pageable host memory")) return e;
     // From pageable memory the source is read when the copy is queued.
@@ -667,6 +699,7 @@ API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
     return copy_now((CUdeviceptr)(uintptr_t)d, s, n);
 }
 API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* st) {
+    if (CUresult e = check_context(st, "cuMemcpyDtoHAsync")) return e;
     if (is_pinned(d, n)) return copy_queued(st, (CUdeviceptr)(uintptr_t)d, s, n);
     if (CUresult e = wait_during_capture(st, "a copy into pageable host memory")) return e;
     // Into pageable memory the copy is done when the call returns.
@@ -675,6 +708,7 @@ API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* st) {
 }
 API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy_now(d, s, n); }
 API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    if (CUresult e = check_context(st, "cuMemcpyDtoDAsync")) return e;
     return copy_queued(st, d, s, n);
 }
 API cuMemcpyPeer(CUdeviceptr d, void*, CUdeviceptr s, void*, size_t n) {
@@ -831,6 +865,7 @@ API cuGetErrorString(CUresult e, const char** s) {
         case INVALID_VALUE: *s = "invalid argument"; break;
         case OUT_OF_MEMORY: *s = "out of memory (emulated device budget)"; break;
         case INVALID_DEVICE: *s = "invalid device ordinal"; break;
+        case INVALID_CONTEXT: *s = "invalid device context"; break;
         case NOT_FOUND: *s = "named symbol not found"; break;
         case NOT_SUPPORTED: *s = "operation not supported by the CUDA emulator"; break;
         case ILLEGAL_STATE: *s = "operation not valid in this state"; break;
@@ -848,6 +883,7 @@ API cuGetErrorName(CUresult e, const char** s) {
         case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
         case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
         case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
         case ILLEGAL_STATE: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;

@@ -14,10 +14,12 @@
 //! a kernel fault) is not an input problem and there is no sensible partial result, so it
 //! stops the computation with a message naming the operation.
 
+mod buf;
 mod nccl;
 mod recording;
 mod resident;
 
+pub use buf::GpuBuf;
 pub use nccl::NcclFabric;
 pub use recording::GraphStats;
 
@@ -58,6 +60,14 @@ pub struct CudaBackend {
     /// copy lived could be reused by another weight (a cut of a matrix made for tensor
     /// parallelism, a later model) that would then find the stale copy.
     hosts: Mutex<HashMap<(usize, usize), LinearWeight>>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // The weights, recordings and buffers are freed after this, in this GPU's context
+        // (another GPU's may be current).
+        let _ = self.gpu.ctx.bind_to_thread();
+    }
 }
 
 /// Stops on a device failure after start-up (see the module comment): one line saying

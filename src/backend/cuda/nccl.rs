@@ -4,8 +4,8 @@
 //! transfers run at once. Without libnccl the pass moves buffers through host memory.
 
 use super::CudaBackend;
+use super::GpuBuf;
 use crate::resident::Fabric;
-use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::cudarc::nccl::safe::Comm;
 use kernels_cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
 use std::sync::Arc;
@@ -51,19 +51,19 @@ impl Fabric<CudaBackend> for NcclFabric {
     fn transfer(
         &self,
         devices: &[Arc<CudaBackend>],
-        moves: Vec<(usize, usize, CudaSlice<f32>)>,
-    ) -> Vec<CudaSlice<f32>> {
+        moves: Vec<(usize, usize, GpuBuf<f32>)>,
+    ) -> Vec<GpuBuf<f32>> {
         use crate::resident::DeviceOps;
         // Receive buffers first: allocation is not allowed inside an NCCL group.
-        let mut targets: Vec<Option<CudaSlice<f32>>> = moves
+        let mut targets: Vec<Option<GpuBuf<f32>>> = moves
             .iter()
             .map(|(from, to, b)| (from != to).then(|| devices[*to].zeros(b.len())))
             .collect();
         nccl("an exchange", nccl::group_start());
         for ((from, to, b), target) in moves.iter().zip(targets.iter_mut()) {
             if let Some(dst) = target {
-                nccl("a send", self.comms[*from].send(b, *to as i32));
-                nccl("a receive", self.comms[*to].recv(dst, *from as i32));
+                nccl("a send", self.comms[*from].send(&**b, *to as i32));
+                nccl("a receive", self.comms[*to].recv(&mut **dst, *from as i32));
             }
         }
         nccl("an exchange", nccl::group_end());
@@ -78,8 +78,8 @@ impl Fabric<CudaBackend> for NcclFabric {
     fn all_reduce(
         &self,
         _devices: &[Arc<CudaBackend>],
-        mut parts: Vec<CudaSlice<f32>>,
-    ) -> Vec<CudaSlice<f32>> {
+        mut parts: Vec<GpuBuf<f32>>,
+    ) -> Vec<GpuBuf<f32>> {
         use kernels_cuda::cudarc::nccl::safe::ReduceOp;
         if parts.len() < 2 {
             return parts;
@@ -88,7 +88,7 @@ impl Fabric<CudaBackend> for NcclFabric {
         for (comm, part) in self.comms.iter().zip(parts.iter_mut()) {
             nccl(
                 "an all-reduce",
-                comm.all_reduce_in_place(part, &ReduceOp::Sum),
+                comm.all_reduce_in_place(&mut **part, &ReduceOp::Sum),
             );
         }
         nccl("an all-reduce", nccl::group_end());

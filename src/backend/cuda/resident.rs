@@ -4,6 +4,7 @@
 //! has a CPU twin its test in `tests/gpu_kernels.rs` compares it with, and the whole pass
 //! is compared with the CPU twin pass in `tests/golden.rs` when a GPU is present.
 
+use super::GpuBuf;
 use super::{device, CudaBackend};
 use crate::backend::FfnWeights;
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
@@ -202,6 +203,12 @@ impl CudaBackend {
         .clone()
     }
 
+    /// Makes this GPU's context current: cudarc's copies and frees run in the current
+    /// context, and a pass over several GPUs alternates between them.
+    fn enter(&self) {
+        let _ = self.gpu.ctx.bind_to_thread();
+    }
+
     fn ints(&self, x: &[i32]) -> CudaSlice<i32> {
         device("an index upload", self.gpu.upload("indices", x))
     }
@@ -217,30 +224,35 @@ fn topk_method(cfg: &ModelConfig) -> i32 {
 }
 
 impl DeviceOps for CudaBackend {
-    type Buf = CudaSlice<f32>;
-    type Ints = CudaSlice<i32>;
+    type Buf = GpuBuf<f32>;
+    type Ints = GpuBuf<i32>;
     type Download = (Staging, usize);
     type Pool = DevicePool;
 
-    fn upload(&self, x: &[f32]) -> CudaSlice<f32> {
-        device("an upload", self.gpu.upload("values", x))
+    fn upload(&self, x: &[f32]) -> GpuBuf<f32> {
+        self.enter();
+        GpuBuf::new(device("an upload", self.gpu.upload("values", x)))
     }
 
-    fn upload_ints(&self, x: &[i32]) -> CudaSlice<i32> {
-        self.ints(x)
+    fn upload_ints(&self, x: &[i32]) -> GpuBuf<i32> {
+        self.enter();
+        GpuBuf::new(self.ints(x))
     }
 
-    fn zeros(&self, n: usize) -> CudaSlice<f32> {
-        device("a buffer", self.gpu.zeros::<f32>("buffer", n))
+    fn zeros(&self, n: usize) -> GpuBuf<f32> {
+        self.enter();
+        GpuBuf::new(device("a buffer", self.gpu.zeros::<f32>("buffer", n)))
     }
 
-    fn begin_download(&self, x: &CudaSlice<f32>) -> (Staging, usize) {
+    fn begin_download(&self, x: &GpuBuf<f32>) -> (Staging, usize) {
+        self.enter();
         let mut s = device("a hand-off buffer", self.staging().take(x.len()));
         device("a hand-off download", s.download(&self.gpu.stream, x));
         (s, x.len())
     }
 
     fn finish_download(&self, d: (Staging, usize), out: &mut [f32]) {
+        self.enter();
         let (mut s, n) = d;
         let values = device("a hand-off download", s.read(n));
         let n = out.len().min(values.len());
@@ -248,7 +260,8 @@ impl DeviceOps for CudaBackend {
         self.staging().give(s);
     }
 
-    fn upload_staged(&self, x: &[f32]) -> CudaSlice<f32> {
+    fn upload_staged(&self, x: &[f32]) -> GpuBuf<f32> {
+        self.enter();
         let pool = self.staging();
         let mut s = device("a hand-off buffer", pool.take(x.len()));
         let mut dst = self.zeros(x.len());
@@ -257,11 +270,14 @@ impl DeviceOps for CudaBackend {
         dst
     }
 
-    fn copy(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
-        device("a copy", self.gpu.stream.clone_dtod(x).map_err(copy_err))
+    fn copy(&self, x: &GpuBuf<f32>) -> GpuBuf<f32> {
+        self.enter();
+        let copy = self.gpu.stream.clone_dtod(&**x).map_err(copy_err);
+        GpuBuf::new(device("a copy", copy))
     }
 
-    fn copy_into(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+    fn copy_into(&self, dst: &mut GpuBuf<f32>, src: &GpuBuf<f32>) {
+        self.enter();
         let n = dst.len().min(src.len());
         device(
             "a copy",
@@ -272,7 +288,8 @@ impl DeviceOps for CudaBackend {
         );
     }
 
-    fn write_ints(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
+    fn write_ints(&self, dst: &mut GpuBuf<i32>, src: &[i32]) {
+        self.enter();
         let n = dst.len().min(src.len());
         device(
             "an index upload",
@@ -284,22 +301,27 @@ impl DeviceOps for CudaBackend {
     }
 
     fn records(&self) -> bool {
+        self.enter();
         self.records_decode()
     }
 
     fn replay(&self, key: crate::resident::ReplayKey, work: &mut dyn FnMut()) {
+        self.enter();
         self.replay_work(key, work)
     }
 
     fn pool(&self, len: usize, bf16: bool) -> DevicePool {
+        self.enter();
         if bf16 {
-            DevicePool::Bf16(device("a latent pool", self.gpu.zeros::<u16>("pool", len)))
+            let pool = device("a latent pool", self.gpu.zeros::<u16>("pool", len));
+            DevicePool::Bf16(GpuBuf::new(pool))
         } else {
             DevicePool::F32(self.zeros(len))
         }
     }
 
     fn grow_pool(&self, pool: &DevicePool, len: usize) -> DevicePool {
+        self.enter();
         let s = &self.gpu.stream;
         match pool {
             DevicePool::F32(x) => {
@@ -310,12 +332,13 @@ impl DeviceOps for CudaBackend {
             DevicePool::Bf16(x) => {
                 let mut g = device("a latent pool", self.gpu.zeros::<u16>("pool", len));
                 keep_prefix(s, x, &mut g);
-                DevicePool::Bf16(g)
+                DevicePool::Bf16(GpuBuf::new(g))
             }
         }
     }
 
-    fn take_rows(&self, x: &CudaSlice<f32>, rows: &[usize], width: usize) -> CudaSlice<f32> {
+    fn take_rows(&self, x: &GpuBuf<f32>, rows: &[usize], width: usize) -> GpuBuf<f32> {
+        self.enter();
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         let mut out = self.zeros(rows.len() * width);
         device(
@@ -326,17 +349,13 @@ impl DeviceOps for CudaBackend {
         out
     }
 
-    fn len(&self, x: &CudaSlice<f32>) -> usize {
+    fn len(&self, x: &GpuBuf<f32>) -> usize {
+        self.enter();
         x.len()
     }
 
-    fn add_rows(
-        &self,
-        out: &mut CudaSlice<f32>,
-        rows: &[usize],
-        src: &CudaSlice<f32>,
-        width: usize,
-    ) {
+    fn add_rows(&self, out: &mut GpuBuf<f32>, rows: &[usize], src: &GpuBuf<f32>, width: usize) {
+        self.enter();
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         device(
             "add_rows",
@@ -345,7 +364,8 @@ impl DeviceOps for CudaBackend {
         );
     }
 
-    fn split(&self, x: &CudaSlice<f32>, lens: &[usize]) -> Vec<CudaSlice<f32>> {
+    fn split(&self, x: &GpuBuf<f32>, lens: &[usize]) -> Vec<GpuBuf<f32>> {
+        self.enter();
         let mut at = 0;
         lens.iter()
             .map(|&n| {
@@ -365,7 +385,8 @@ impl DeviceOps for CudaBackend {
             .collect()
     }
 
-    fn concat(&self, parts: &[CudaSlice<f32>]) -> CudaSlice<f32> {
+    fn concat(&self, parts: &[GpuBuf<f32>]) -> GpuBuf<f32> {
+        self.enter();
         let total = parts.iter().map(|p| p.len()).sum();
         let mut out = self.zeros(total);
         let mut at = 0;
@@ -374,7 +395,7 @@ impl DeviceOps for CudaBackend {
                 "joining buffers",
                 self.gpu
                     .stream
-                    .memcpy_dtod(p, &mut out.slice_mut(at..at + p.len()))
+                    .memcpy_dtod(&**p, &mut out.slice_mut(at..at + p.len()))
                     .map_err(copy_err),
             );
             at += p.len();
@@ -382,41 +403,45 @@ impl DeviceOps for CudaBackend {
         out
     }
 
-    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) {
+    fn add(&self, x: &mut GpuBuf<f32>, y: &GpuBuf<f32>) {
+        self.enter();
         let n = x.len().min(y.len());
         device("add", self.gpu.add(x, y, n));
     }
 
     fn rms_norm(
         &self,
-        x: &mut CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &mut GpuBuf<f32>,
+        w: &GpuBuf<f32>,
         rows: usize,
         stride: usize,
         dim: usize,
         eps: f32,
     ) {
+        self.enter();
         device(
             "rms_norm",
             self.gpu.rms_norm_rows(x, w, rows, dim, stride, eps),
         );
     }
 
-    fn linear(&self, w: &LinearWeight, x: &CudaSlice<f32>, tokens: usize) -> CudaSlice<f32> {
+    fn linear(&self, w: &LinearWeight, x: &GpuBuf<f32>, tokens: usize) -> GpuBuf<f32> {
+        self.enter();
         let dw = {
             let mut map = self.lock();
             self.weight(&mut map, w)
         };
-        self.linear_on_device(&dw, 0..dw.rows, x, tokens)
+        GpuBuf::new(self.linear_on_device(&dw, 0..dw.rows, x, tokens))
     }
 
     fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
-        rope: &DeviceRope<CudaSlice<f32>>,
-        positions: &CudaSlice<i32>,
+        x: &mut GpuBuf<f32>,
+        rope: &DeviceRope<GpuBuf<f32>>,
+        positions: &GpuBuf<i32>,
         l: RopeLayout,
     ) {
+        self.enter();
         device(
             "rope_yarn",
             self.gpu.rope_yarn(
@@ -437,10 +462,11 @@ impl DeviceOps for CudaBackend {
     fn write_rows(
         &self,
         pool: &mut DevicePool,
-        rows: &CudaSlice<f32>,
-        slots: &CudaSlice<i32>,
+        rows: &GpuBuf<f32>,
+        slots: &GpuBuf<i32>,
         width: usize,
     ) {
+        self.enter();
         let count = slots.len();
         let g = &self.gpu;
         device(
@@ -455,10 +481,11 @@ impl DeviceOps for CudaBackend {
     fn absorb_queries(
         &self,
         kv_b: &LinearWeight,
-        q: &CudaSlice<f32>,
+        q: &GpuBuf<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> CudaSlice<f32> {
+    ) -> GpuBuf<f32> {
+        self.enter();
         let w = self.kv_b_f32(kv_b);
         let mut out = self.zeros(tokens * d.heads * d.width());
         device(
@@ -471,12 +498,13 @@ impl DeviceOps for CudaBackend {
 
     fn mla(
         &self,
-        q: &CudaSlice<f32>,
+        q: &GpuBuf<f32>,
         pool: &DevicePool,
-        b: &QueryBlocks<CudaSlice<i32>>,
+        b: &QueryBlocks<GpuBuf<i32>>,
         d: MlaDims,
         scale: f32,
-    ) -> CudaSlice<f32> {
+    ) -> GpuBuf<f32> {
+        self.enter();
         let mut out = self.zeros(b.queries * d.heads * d.latent);
         if b.queries == 0 {
             return out;
@@ -505,10 +533,11 @@ impl DeviceOps for CudaBackend {
     fn expand_values(
         &self,
         kv_b: &LinearWeight,
-        o: &CudaSlice<f32>,
+        o: &GpuBuf<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> CudaSlice<f32> {
+    ) -> GpuBuf<f32> {
+        self.enter();
         let w = self.kv_b_f32(kv_b);
         let mut out = self.zeros(tokens * d.heads * d.v);
         device(
@@ -522,10 +551,11 @@ impl DeviceOps for CudaBackend {
     fn route(
         &self,
         cfg: &ModelConfig,
-        logits: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
+        logits: &GpuBuf<f32>,
+        bias: Option<&GpuBuf<f32>>,
         tokens: usize,
     ) -> Vec<Vec<(usize, f32)>> {
+        self.enter();
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
         if e > MAX_ROUTED_EXPERTS || cfg.n_group > MAX_GROUPS || tokens == 0 {
             let host = device("router logits", self.gpu.download("logits", logits));
@@ -538,7 +568,7 @@ impl DeviceOps for CudaBackend {
             "route_topk",
             self.gpu.route_topk(
                 logits,
-                bias,
+                bias.map(|b| &**b),
                 tokens,
                 e,
                 (cfg.n_group, cfg.topk_group),
@@ -563,7 +593,8 @@ impl DeviceOps for CudaBackend {
     }
 
     /// Gate and up, SiLU-mul, down over every row: four launches, nothing uploaded.
-    fn ffn_all(&self, ffn: &FfnWeights, x: &CudaSlice<f32>, tokens: usize) -> CudaSlice<f32> {
+    fn ffn_all(&self, ffn: &FfnWeights, x: &GpuBuf<f32>, tokens: usize) -> GpuBuf<f32> {
+        self.enter();
         let mut h = DeviceOps::linear(self, &ffn.gate, x, tokens);
         let u = DeviceOps::linear(self, &ffn.up, x, tokens);
         let n = tokens * ffn.gate.rows();
@@ -574,10 +605,11 @@ impl DeviceOps for CudaBackend {
     fn ffn_accumulate(
         &self,
         ffn: &FfnWeights,
-        x: &CudaSlice<f32>,
+        x: &GpuBuf<f32>,
         tokens: &[(usize, f32)],
-        out: &mut CudaSlice<f32>,
+        out: &mut GpuBuf<f32>,
     ) {
+        self.enter();
         self.experts_accumulate(&[(ffn, tokens)], x, out);
     }
 
@@ -589,9 +621,10 @@ impl DeviceOps for CudaBackend {
     fn experts_accumulate(
         &self,
         work: &[(&FfnWeights, &[(usize, f32)])],
-        x: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        x: &GpuBuf<f32>,
+        out: &mut GpuBuf<f32>,
     ) {
+        self.enter();
         let entries: usize = work.iter().map(|(_, t)| t.len()).sum();
         if entries == 0 || self.grouped_experts(work, x, out) {
             return;
@@ -640,8 +673,8 @@ impl DeviceOps for CudaBackend {
 
 /// One layer's latent cache on the GPU.
 pub enum DevicePool {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+    F32(GpuBuf<f32>),
+    Bf16(GpuBuf<u16>),
 }
 
 /// Copies `from` into the start of `to` (a grown pool keeps what it held).
