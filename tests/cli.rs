@@ -36,6 +36,17 @@ fn generated_ids(stdout: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// `run` on the bundled demo checkpoint: eight greedy tokens after `ids`, as JSON, with
+/// `extra` arguments.
+fn eight_greedy(ids: &[u32], extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["run", "--prompt-ids", &ids_arg(ids)])
+        .args(["--max-new-tokens", "8", "--ignore-eos", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -83,19 +94,7 @@ fn run_without_model_uses_the_bundled_demo() {
     let g = golden("kimi-int4");
     // `--enforce-eager` (no CUDA graphs) is accepted everywhere and changes no output.
     for extra in [&[][..], &["--enforce-eager"][..]] {
-        let out = bin()
-            .args([
-                "run",
-                "--prompt-ids",
-                &ids_arg(&g.prompt_ids),
-                "--max-new-tokens",
-                "8",
-                "--ignore-eos",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = eight_greedy(&g.prompt_ids, extra);
         assert_ok(&out);
         let ids = generated_ids(&out.stdout);
         assert_eq!(ids, g.greedy_ids, "{extra:?}");
@@ -428,20 +427,7 @@ fn calibrate_then_plan_with_statistics() {
 fn backends_are_chosen_by_name() {
     let g = golden("kimi-int4");
     for backend in ["reference", "cpu", "cpu:scalar", "cpu-int8"] {
-        let out = bin()
-            .args([
-                "run",
-                "--backend",
-                backend,
-                "--prompt-ids",
-                &ids_arg(&g.prompt_ids),
-                "--max-new-tokens",
-                "8",
-                "--ignore-eos",
-                "--json",
-            ])
-            .output()
-            .unwrap();
+        let out = eight_greedy(&g.prompt_ids, &["--backend", backend]);
         assert!(
             out.status.success(),
             "{backend}: {}",
@@ -460,20 +446,7 @@ fn backends_are_chosen_by_name() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
     // The GPU backend: greedy like the others where a GPU exists, a clear refusal where
     // none does.
-    let out = bin()
-        .args([
-            "run",
-            "--backend",
-            "cuda",
-            "--prompt-ids",
-            &ids_arg(&g.prompt_ids),
-            "--max-new-tokens",
-            "8",
-            "--ignore-eos",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = eight_greedy(&g.prompt_ids, &["--backend", "cuda"]);
     if out.status.success() {
         assert_eq!(generated_ids(&out.stdout), g.greedy_ids, "cuda");
     } else {
