@@ -224,6 +224,13 @@ fn twins(n: usize) -> Vec<Arc<TwinOps>> {
     (0..n).map(|_| Arc::new(TwinOps::new(exact()))).collect()
 }
 
+/// `n` stand-in devices that record (see `TwinOps::recording`).
+fn recording_twins(n: usize) -> Vec<Arc<TwinOps>> {
+    (0..n)
+        .map(|_| Arc::new(TwinOps::recording(exact())))
+        .collect()
+}
+
 /// The b200x8 plan (all-GPU, data-parallel attention, or tensor-parallel when
 /// `tensor_parallel`) applied to a fixture's model.
 fn on_b200x8(name: &str, tensor_parallel: bool) -> (Model, kimi_hybrid::placement::Plan) {
@@ -348,11 +355,9 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
     for (name, recording) in FIXTURES.iter().flat_map(|n| [(*n, false), (*n, true)]) {
         let (model, p) = on_b200x8(name, false);
         let prompts = three_prompts(name);
-        let devices: Vec<Arc<TwinOps>> = match recording {
+        let devices = match recording {
             false => twins(p.gpus.len()),
-            true => (0..p.gpus.len())
-                .map(|_| Arc::new(TwinOps::recording(exact())))
-                .collect(),
+            true => recording_twins(p.gpus.len()),
         };
         // The lm_head split by vocabulary, as the plan budgets it.
         let vocab = VocabSplit::new(&model.lm_head, devices.len()).expect("bands");
@@ -418,8 +423,13 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
         let (model, p) = on_b200x8(name, true);
         let prompts = three_prompts(name);
         let heads = model.config.num_attention_heads;
-        for n in [p.gpus.len(), 3, 2] {
-            let devices = twins(n);
+        // Eight devices again as devices that record (each attending device's heads of a
+        // decode step through `replay`).
+        for (n, recording) in [(p.gpus.len(), false), (3, false), (2, false), (8, true)] {
+            let devices = match recording {
+                false => twins(n),
+                true => recording_twins(n),
+            };
             let split = HeadSplit::new(&model, n).expect("head cuts");
             let whole = Resident::tensor_parallel(devices.clone(), split);
             let backend = ResidentBackend::new(cpu.clone(), Box::new(whole));
@@ -463,6 +473,14 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
             );
             assert!(computed > 1, "{name}");
             assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
+            for (d, log) in logs.iter().enumerate() {
+                let want = if recording && log.queries > 0 {
+                    2 * cfg.num_hidden_layers
+                } else {
+                    0
+                };
+                assert_eq!(log.replays.len(), want, "{name}: device {d} of {n}");
+            }
         }
     }
 }

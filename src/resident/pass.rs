@@ -51,7 +51,7 @@ pub(super) struct Prepared<O: DeviceOps> {
 }
 
 /// The most tokens (sequences) a recorded decode step takes; larger steps run as they are.
-const MAX_RECORDED_TOKENS: usize = 64;
+pub(super) const MAX_RECORDED_TOKENS: usize = 64;
 /// Sets of fixed decode buffers a device keeps (each a token count and table width).
 const MAX_DECODE_IOS: usize = 8;
 
@@ -79,11 +79,11 @@ impl<O: DeviceOps> DecodeIo<O> {
 /// A recorded decode step's fixed buffers other than its group: the residual stream
 /// (until the step's embeddings are copied into it and it takes their place), the
 /// post-attention norm, the dense MLP's or shared expert's output and the router logits.
-struct Recorded<O: DeviceOps> {
+pub(super) struct Recorded<O: DeviceOps> {
     id: u64,
     width: usize,
-    x: Option<O::Buf>,
-    xn: O::Buf,
+    pub(super) x: Option<O::Buf>,
+    pub(super) xn: O::Buf,
     ffn: O::Buf,
     logits: O::Buf,
 }
@@ -113,7 +113,7 @@ fn next_io_id() -> u64 {
 
 /// Puts a recorded step's buffers back as the most recently used, dropping the least
 /// recently used beyond [`MAX_DECODE_IOS`].
-fn keep_decode_io<O: DeviceOps>(p: &mut Prepared<O>, io: DecodeIo<O>) {
+pub(super) fn keep_decode_io<O: DeviceOps>(p: &mut Prepared<O>, io: DecodeIo<O>) {
     p.decode_io.push(io);
     if p.decode_io.len() > MAX_DECODE_IOS {
         p.decode_io.remove(0);
@@ -402,10 +402,7 @@ impl<O: DeviceOps> Resident<O> {
             })
             .collect();
         for (r, (at, x)) in recorded.iter_mut().flatten().zip(xs.iter_mut()) {
-            if let Some(mut fixed) = r.x.take() {
-                self.device(*at).copy_into(&mut fixed, x);
-                *x = fixed;
-            }
+            r.hold_residual(self.device(*at), x);
         }
         let one_device_moe =
             shares.len() == 1 && (self.devices.len() == 1 || self.layer_devices.is_some());
@@ -492,16 +489,7 @@ impl<O: DeviceOps> Resident<O> {
         // A recorded step's buffers go back to their devices for the next step.
         for ((r, mut placed), (device, x)) in recorded.into_iter().flatten().zip(shares).zip(xs) {
             if let Some(group) = placed.pop() {
-                let io = DecodeIo {
-                    id: r.id,
-                    width: r.width,
-                    group,
-                    x,
-                    xn: r.xn,
-                    ffn: r.ffn,
-                    logits: r.logits,
-                };
-                keep_decode_io(&mut prepared[device], io);
+                keep_decode_io(&mut prepared[device], r.into_io(group, x));
             }
         }
         logits
@@ -811,6 +799,37 @@ pub(super) fn normed<O: DeviceOps>(
 }
 
 impl<O: DeviceOps> Recorded<O> {
+    /// The fixed buffers again as one set, with the step's group and residual stream.
+    pub(super) fn into_io(self, group: Group<O>, x: O::Buf) -> DecodeIo<O> {
+        DecodeIo {
+            id: self.id,
+            width: self.width,
+            group,
+            x,
+            xn: self.xn,
+            ffn: self.ffn,
+            logits: self.logits,
+        }
+    }
+
+    /// The key of step `step` of a pass on these buffers with pools of `generation`.
+    pub(super) fn key(&self, generation: u64, step: usize) -> ReplayKey {
+        ReplayKey {
+            io: self.id,
+            generation,
+            step,
+        }
+    }
+
+    /// Moves the step's input into the fixed residual buffer, which takes its place in
+    /// `x` (once per step).
+    pub(super) fn hold_residual(&mut self, ops: &O, x: &mut O::Buf) {
+        if let Some(mut fixed) = self.x.take() {
+            ops.copy_into(&mut fixed, x);
+            *x = fixed;
+        }
+    }
+
     /// What [`recorded_attention`] computed for a layer with this FFN.
     fn computed(&self, ffn: &Ffn) -> Computed<'_, O::Buf> {
         match ffn {
@@ -829,7 +848,7 @@ impl<O: DeviceOps> Recorded<O> {
 /// A recorded decode step's share on device `device`: the device's fixed group for the
 /// layout's token count, block size and table width (made on first use) with this step's
 /// indices written into it, and the rest of its fixed buffers.
-fn fixed_share<O: DeviceOps>(
+pub(super) fn fixed_share<O: DeviceOps>(
     ops: &O,
     p: &mut Prepared<O>,
     model: &Model,
@@ -877,11 +896,7 @@ fn recorded_attention<O: DeviceOps>(
 ) -> O::Buf {
     let cfg = &model.config;
     let (n, h, eps) = (g.tokens, cfg.hidden_size, cfg.rms_norm_eps);
-    let key = ReplayKey {
-        io: r.id,
-        generation: p.pool_generation,
-        step: l,
-    };
+    let key = r.key(p.pool_generation, l);
     let (xn_out, ffn_out, logits_out) = (&mut r.xn, &mut r.ffn, &mut r.logits);
     ops.replay(key, &mut || {
         let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps);

@@ -14,7 +14,8 @@
 
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::pass::{
-    attention, final_rows, hand_out_logits, logit_rows, normed, AttnWeights, Prepared, Resident,
+    attention, final_rows, fixed_share, hand_out_logits, keep_decode_io, logit_rows, normed,
+    AttnWeights, Prepared, Recorded, Resident, MAX_RECORDED_TOKENS,
 };
 use super::{DeviceOps, MlaDims};
 use crate::model::{expert_work, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver};
@@ -133,23 +134,40 @@ impl<O: DeviceOps> Resident<O> {
         let tables = block_tables(batch, store);
         let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
         let width = MlaDims::of(cfg).width();
-        let groups: Vec<_> = devices
-            .iter()
-            .enumerate()
-            .map(|(d, ops)| {
-                if split.attends(d) {
-                    ensure_pools(
-                        ops.as_ref(),
-                        &mut prepared[d],
-                        (layout.block_size, store.bf16_latents()),
-                        layout.needed_blocks,
-                        width,
-                        0..model.layers.len(),
-                    );
-                }
-                layout.place(ops.as_ref(), d)
-            })
-            .collect();
+        // A decode step on devices that record: each attending device's heads work in
+        // its fixed buffers (see `Resident::run`).
+        let recording = devices.iter().all(|ops| ops.records())
+            && layout.decode_only()
+            && batch.iter().all(|e| e.tokens.len() == 1)
+            && layout.tokens() <= MAX_RECORDED_TOKENS;
+        let mut recorded: Vec<Option<Recorded<O>>> = Vec::with_capacity(devices.len());
+        let mut groups = Vec::with_capacity(devices.len());
+        for (d, ops) in devices.iter().enumerate() {
+            let ops = ops.as_ref();
+            if !split.attends(d) {
+                groups.push(layout.place(ops, d));
+                recorded.push(None);
+                continue;
+            }
+            let p = &mut prepared[d];
+            let kind = (layout.block_size, store.bf16_latents());
+            ensure_pools(
+                ops,
+                p,
+                kind,
+                layout.needed_blocks,
+                width,
+                0..model.layers.len(),
+            );
+            if recording {
+                let (group, r) = fixed_share(ops, p, model, &layout, d);
+                groups.push(group);
+                recorded.push(Some(r));
+            } else {
+                groups.push(layout.place(ops, d));
+                recorded.push(None);
+            }
+        }
         let n = layout.tokens();
         let ids: Vec<u32> = batch
             .iter()
@@ -157,6 +175,11 @@ impl<O: DeviceOps> Resident<O> {
             .collect();
         let embedded = super::embedding_rows(&model.embed, &ids);
         let mut xs: Vec<O::Buf> = devices.iter().map(|ops| ops.upload(&embedded)).collect();
+        for ((ops, r), x) in devices.iter().zip(&mut recorded).zip(&mut xs) {
+            if let Some(r) = r {
+                r.hold_residual(ops.as_ref(), x);
+            }
+        }
         for (l, layer) in model.layers.iter().enumerate() {
             let partials = devices
                 .iter()
@@ -165,10 +188,24 @@ impl<O: DeviceOps> Resident<O> {
                     let Some(share) = split.share(d, l) else {
                         return ops.zeros(n * h);
                     };
-                    let p = &mut prepared[d];
-                    let norm = &p.layer(l).input_norm;
-                    let xn = normed(ops.as_ref(), &xs[d], norm, n, h, cfg.rms_norm_eps);
-                    attention(ops.as_ref(), model, p, l, &xn, &groups[d], &share.weights())
+                    let (ops, p, g) = (ops.as_ref(), &mut prepared[d], &groups[d]);
+                    let eps = cfg.rms_norm_eps;
+                    let (x, generation) = (&xs[d], p.pool_generation);
+                    let mut heads = || {
+                        let xn = normed(ops, x, &p.layer(l).input_norm, n, h, eps);
+                        attention(ops, model, p, l, &xn, g, &share.weights())
+                    };
+                    let Some(r) = recorded[d].as_mut() else {
+                        return heads();
+                    };
+                    // Recorded: the heads' partial sum lands in the fixed `xn` buffer.
+                    let key = r.key(generation, l);
+                    let out = &mut r.xn;
+                    ops.replay(key, &mut || {
+                        let partial = heads();
+                        ops.copy_into(out, &partial);
+                    });
+                    ops.copy(&r.xn)
                 })
                 .collect();
             self.add_all_reduced(&mut xs, partials);
@@ -210,7 +247,13 @@ impl<O: DeviceOps> Resident<O> {
             }
             self.add_all_reduced(&mut xs, outs);
         }
-        self.vocab_parallel_logits(split, model, prepared, batch, &groups[0], &xs)
+        let logits = self.vocab_parallel_logits(split, model, prepared, batch, &groups[0], &xs);
+        for (d, ((r, group), x)) in recorded.into_iter().zip(groups).zip(xs).enumerate() {
+            if let Some(r) = r {
+                keep_decode_io(&mut prepared[d], r.into_io(group, x));
+            }
+        }
+        logits
     }
 
     /// The logits with the lm_head split by vocabulary: every device multiplies the
