@@ -28,6 +28,10 @@ const FORM_TOLERANCE: f32 = 1e-4;
 /// Against transformers.
 const GOLDEN_TOLERANCE: f32 = 2e-3;
 
+fn load(name: &str) -> Model {
+    Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model")
+}
+
 fn exact() -> Arc<dyn Backend> {
     Arc::from(by_name("cpu-f32").expect("cpu-f32 backend"))
 }
@@ -47,8 +51,7 @@ fn resident(
 fn resident_pass_matches_the_per_operation_path_and_golden_on_every_fixture() {
     let cpu = exact();
     for name in FIXTURES {
-        let model =
-            Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+        let model = load(name);
         let g = golden(name);
         let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
         let got = prefill_and_three_steps(&model, &resident(None, None), &g.prompt_ids);
@@ -125,7 +128,7 @@ fn deferred_host_experts_match_the_per_operation_hybrid() {
 fn paged_batches_read_the_blocks_their_tables_name() {
     let cpu = exact();
     let name = "kimi-real-heads";
-    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let model = load(name);
     let g = golden(name);
     let a: Vec<u32> = g.prompt_ids.clone();
     let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
@@ -503,7 +506,7 @@ fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
     };
     let cpu = exact();
     let name = "kimi-real-heads";
-    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let model = load(name);
     let g = golden(name);
     let a: Vec<u32> = g.prompt_ids.clone();
     let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
@@ -652,8 +655,7 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
 fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
     let cpu = exact();
     for name in ["kimi-real-heads", "deepseek-groups"] {
-        let model =
-            Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+        let model = load(name);
         let g = golden(name);
         let long = g.prompt_ids.clone();
         let short: Vec<u32> = g.prompt_ids.iter().rev().take(3).copied().collect();
@@ -782,7 +784,7 @@ fn decode_steps(
 fn recorded_decode_steps_match_the_per_operation_path() {
     let cpu = exact();
     let name = "kimi-real-heads";
-    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let model = load(name);
     let prompts = three_prompts(name);
     let steps = 24;
     let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);
@@ -846,7 +848,7 @@ fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     eager.set_recording(false);
     let cpu = exact();
     let name = "kimi-real-heads";
-    let model = Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model");
+    let model = load(name);
     let prompts = three_prompts(name);
     let steps = 24;
     let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);

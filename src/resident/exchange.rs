@@ -50,7 +50,7 @@ pub(super) fn exchange_experts<O: DeviceOps>(
     prepared: &[Prepared<O>],
     l: usize,
     groups: &[&Group<O>],
-    (xns, computed): (&[O::Buf], &[Computed<O::Buf>]),
+    (xns, computed): (&[&O::Buf], &[Computed<O::Buf>]),
     on_route: &mut RouteObserver,
 ) -> Vec<O::Buf> {
     let cfg = &model.config;
@@ -125,7 +125,7 @@ fn device_owners<O: DeviceOps>(
     r: &Resident<O>,
     moe: &crate::model::Moe,
     groups: &[&Group<O>],
-    xns: &[O::Buf],
+    xns: &[&O::Buf],
     shipments: &BTreeMap<usize, Shipment>,
     outs: &mut [O::Buf],
     h: usize,

@@ -160,11 +160,6 @@ impl Layout {
         }
     }
 
-    /// Whether every entry adds one token (a decode step).
-    pub(super) fn decode_only(&self) -> bool {
-        self.spans.iter().all(|s| s.len == 1)
-    }
-
     /// The block-table width of a recorded decode step of this layout: its widest table
     /// rounded up to a power of two, so one recording serves while contexts grow into it.
     pub(super) fn recorded_width(&self) -> usize {

@@ -56,23 +56,18 @@ pub(super) const MAX_RECORDED_TOKENS: usize = 64;
 const MAX_DECODE_IOS: usize = 8;
 
 /// The fixed buffers a recorded decode step of `group.tokens` tokens and block tables
-/// `width` wide works in: its indices, the residual stream, the post-attention norm, the
-/// dense MLP's or shared expert's output and the router logits.
+/// `bufs.width` wide works in: its indices and the rest of [`Recorded`]. While a step
+/// runs, its group and residual stream are out (in the pass's shares and residuals).
 pub(super) struct DecodeIo<O: DeviceOps> {
-    id: u64,
-    width: usize,
     group: Group<O>,
-    x: O::Buf,
-    xn: O::Buf,
-    ffn: O::Buf,
-    logits: O::Buf,
+    bufs: Recorded<O>,
 }
 
 impl<O: DeviceOps> DecodeIo<O> {
     fn fits(&self, layout: &Layout) -> bool {
         self.group.tokens == layout.tokens()
             && self.group.blocks.block_size == layout.block_size
-            && self.width == layout.recorded_width()
+            && self.bufs.width == layout.recorded_width()
     }
 }
 
@@ -82,7 +77,7 @@ impl<O: DeviceOps> DecodeIo<O> {
 pub(super) struct Recorded<O: DeviceOps> {
     id: u64,
     width: usize,
-    pub(super) x: Option<O::Buf>,
+    x: Option<O::Buf>,
     pub(super) xn: O::Buf,
     ffn: O::Buf,
     logits: O::Buf,
@@ -410,7 +405,7 @@ impl<O: DeviceOps> Resident<O> {
         let mut deferred: Option<Pending<Vec<f32>>> = None;
         for (l, layer) in model.layers.iter().enumerate() {
             let groups: Vec<&Group<O>> = shares.iter().map(|p| self.placement(p, l)).collect();
-            let mut xns = Vec::with_capacity(groups.len());
+            let mut normed_here = Vec::with_capacity(groups.len());
             for (share, (g, (at, x))) in groups.iter().zip(xs.iter_mut()).enumerate() {
                 if *at != g.device {
                     *x = self.move_rows(x, *at, g.device, g.tokens * h);
@@ -418,7 +413,7 @@ impl<O: DeviceOps> Resident<O> {
                 }
                 let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
                 if let Some(r) = recorded.as_mut().and_then(|r| r.get_mut(share)) {
-                    xns.push(recorded_attention(ops, model, p, l, x, g, r));
+                    recorded_attention(ops, model, p, l, x, g, r);
                     continue;
                 }
                 let n = g.tokens;
@@ -426,8 +421,13 @@ impl<O: DeviceOps> Resident<O> {
                 let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
                 ops.add(x, &attn);
                 let post = &p.layers[l].post_attn_norm;
-                xns.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
+                normed_here.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
             }
+            // Each group's post-attention norm: a recorded step's stays in its fixed buffer.
+            let xns: Vec<&O::Buf> = match &recorded {
+                Some(rs) => rs.iter().map(|r| &r.xn).collect(),
+                None => normed_here.iter().collect(),
+            };
             let mut later = None;
             // Per group, what its recorded block computed of the FFN (nothing otherwise).
             let computed: Vec<Computed<O::Buf>> = match &recorded {
@@ -458,7 +458,7 @@ impl<O: DeviceOps> Resident<O> {
                         model,
                         p,
                         l,
-                        (&xns[0], &computed[0]),
+                        (xns[0], &computed[0]),
                         g,
                         &mut deferred,
                         on_route,
@@ -505,7 +505,7 @@ impl<O: DeviceOps> Resident<O> {
             && !batch.is_empty()
             && batch.iter().all(|e| e.tokens.len() == 1)
             && layouts.iter().all(|(layout, devices)| {
-                devices.len() == 1 && layout.decode_only() && layout.tokens() <= MAX_RECORDED_TOKENS
+                devices.len() == 1 && layout.tokens() <= MAX_RECORDED_TOKENS
             })
     }
 
@@ -612,12 +612,9 @@ impl<O: DeviceOps> Resident<O> {
             // Every share's rows through the final norm on its device, then every
             // device's band of all of them.
             let mut picked = Vec::new();
-            let mut placed = Vec::new();
-            for (shared, (device, x)) in shares.iter().zip(xs) {
-                let g = shared
-                    .iter()
-                    .find(|g| g.device == *device)
-                    .unwrap_or(&shared[0]);
+            let mut counted = Vec::new();
+            for (placed, (device, x)) in shares.iter().zip(xs) {
+                let g = last_placement(placed, *device);
                 let rows = logit_rows(batch, g);
                 if !rows.is_empty() {
                     let ops = self.devices[g.device].as_ref();
@@ -625,11 +622,11 @@ impl<O: DeviceOps> Resident<O> {
                     let x = final_rows(ops, p, x, &rows, h, cfg.rms_norm_eps);
                     picked.push((g.device, x, rows.len()));
                 }
-                placed.push((g, rows.len()));
+                counted.push((g, rows.len()));
             }
             let all = split.logits(&self.devices, self.fabric(), picked, vocab);
             let mut at = 0;
-            for (g, n) in placed {
+            for (g, n) in counted {
                 hand_out_logits(
                     batch,
                     g,
@@ -641,12 +638,8 @@ impl<O: DeviceOps> Resident<O> {
             }
             return out;
         }
-        // Each share's final hidden states are on the device of its last layer.
         for (placed, (device, x)) in shares.iter().zip(xs) {
-            let g = placed
-                .iter()
-                .find(|g| g.device == *device)
-                .unwrap_or(&placed[0]);
+            let g = last_placement(placed, *device);
             let ops = self.devices[g.device].as_ref();
             let rows = logit_rows(batch, g);
             let mut all = vec![0.0f32; rows.len() * vocab];
@@ -801,15 +794,8 @@ pub(super) fn normed<O: DeviceOps>(
 impl<O: DeviceOps> Recorded<O> {
     /// The fixed buffers again as one set, with the step's group and residual stream.
     pub(super) fn into_io(self, group: Group<O>, x: O::Buf) -> DecodeIo<O> {
-        DecodeIo {
-            id: self.id,
-            width: self.width,
-            group,
-            x,
-            xn: self.xn,
-            ffn: self.ffn,
-            logits: self.logits,
-        }
+        let bufs = Recorded { x: Some(x), ..self };
+        DecodeIo { group, bufs }
     }
 
     /// The key of step `step` of a pass on these buffers with pools of `generation`.
@@ -856,35 +842,30 @@ pub(super) fn fixed_share<O: DeviceOps>(
     device: usize,
 ) -> (Group<O>, Recorded<O>) {
     let n = layout.tokens() * model.config.hidden_size;
+    let width = layout.recorded_width();
     let mut io = match p.decode_io.iter().position(|io| io.fits(layout)) {
         Some(i) => p.decode_io.remove(i),
         None => DecodeIo {
-            id: next_io_id(),
-            width: layout.recorded_width(),
-            group: layout.place_recorded(ops, device, layout.recorded_width()),
-            x: ops.zeros(n),
-            xn: ops.zeros(n),
-            ffn: ops.zeros(n),
-            logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
+            group: layout.place_recorded(ops, device, width),
+            bufs: Recorded {
+                id: next_io_id(),
+                width,
+                x: Some(ops.zeros(n)),
+                xn: ops.zeros(n),
+                ffn: ops.zeros(n),
+                logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
+            },
         },
     };
     layout.write_recorded(ops, &mut io.group);
-    let r = Recorded {
-        id: io.id,
-        width: io.width,
-        x: Some(io.x),
-        xn: io.xn,
-        ffn: io.ffn,
-        logits: io.logits,
-    };
-    (io.group, r)
+    (io.group, io.bufs)
 }
 
 /// Layer `l`'s attention block of a recorded decode step and what of its FFN needs no
 /// routes, through [`DeviceOps::replay`]: the residual `x` gains the attention output,
 /// `r.xn` holds the post-attention norm, `r.ffn` the dense MLP's or shared expert's
 /// output and `r.logits` the router logits (see [`Recorded::computed`]), every buffer
-/// fixed for the step's key. Returns a copy of the norm for the layer's FFN.
+/// fixed for the step's key.
 fn recorded_attention<O: DeviceOps>(
     ops: &O,
     model: &Model,
@@ -893,7 +874,7 @@ fn recorded_attention<O: DeviceOps>(
     x: &mut O::Buf,
     g: &Group<O>,
     r: &mut Recorded<O>,
-) -> O::Buf {
+) {
     let cfg = &model.config;
     let (n, h, eps) = (g.tokens, cfg.hidden_size, cfg.rms_norm_eps);
     let key = r.key(p.pool_generation, l);
@@ -915,7 +896,15 @@ fn recorded_attention<O: DeviceOps>(
             ops.copy_into(logits_out, &ops.linear(router, &post, n));
         }
     });
-    ops.copy(&r.xn)
+}
+
+/// A share's placement on `device`, where its final hidden states are (the device of
+/// its last layer).
+fn last_placement<O: DeviceOps>(placed: &[Group<O>], device: usize) -> &Group<O> {
+    placed
+        .iter()
+        .find(|g| g.device == device)
+        .unwrap_or(&placed[0])
 }
 
 /// The rows of a group's tokens that get logits, in the group's entry order.

@@ -105,6 +105,10 @@ impl HeadSplit {
         self.lm_head.band(d)
     }
 
+    fn vocab(&self) -> &super::VocabSplit {
+        &self.lm_head
+    }
+
     /// Device `d`'s share of layer `l`, if it computes attention.
     pub fn share(&self, d: usize, l: usize) -> Option<&HeadShare> {
         self.per_device.get(d).and_then(|s| s.get(l))
@@ -137,7 +141,6 @@ impl<O: DeviceOps> Resident<O> {
         // A decode step on devices that record: each attending device's heads work in
         // its fixed buffers (see `Resident::run`).
         let recording = devices.iter().all(|ops| ops.records())
-            && layout.decode_only()
             && batch.iter().all(|e| e.tokens.len() == 1)
             && layout.tokens() <= MAX_RECORDED_TOKENS;
         let mut recorded: Vec<Option<Recorded<O>>> = Vec::with_capacity(devices.len());
@@ -271,34 +274,25 @@ impl<O: DeviceOps> Resident<O> {
         let cfg = &model.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let rows = logit_rows(batch, g);
-        let mut all = vec![0.0f32; rows.len() * vocab];
+        let mut all = Vec::new();
         if !rows.is_empty() {
-            // Every band is queued before any is awaited.
-            let pending: Vec<_> = self
+            // Every device holds the whole residual stream: its rows are already there.
+            let on_devices = self
                 .devices()
                 .iter()
                 .enumerate()
-                .filter_map(|(d, ops)| {
-                    let (band, w) = split.lm_head(d).filter(|(b, _)| !b.is_empty())?;
-                    let picked = final_rows(
-                        ops.as_ref(),
-                        &prepared[d],
-                        &xs[d],
-                        &rows,
-                        h,
-                        cfg.rms_norm_eps,
-                    );
-                    let logits = ops.linear(w, &picked, rows.len());
-                    Some((d, band.clone(), ops.begin_download(&logits)))
+                .filter(|(d, _)| split.lm_head(*d).is_some_and(|(b, _)| !b.is_empty()))
+                .map(|(d, ops)| {
+                    let p = &prepared[d];
+                    (
+                        d,
+                        final_rows(ops.as_ref(), p, &xs[d], &rows, h, cfg.rms_norm_eps),
+                    )
                 })
                 .collect();
-            for (d, band, download) in pending {
-                let mut part = vec![0.0f32; rows.len() * band.len()];
-                self.devices()[d].finish_download(download, &mut part);
-                for (r, values) in part.chunks_exact(band.len()).enumerate() {
-                    all[r * vocab + band.start..r * vocab + band.end].copy_from_slice(values);
-                }
-            }
+            all = split
+                .vocab()
+                .bands(self.devices(), on_devices, rows.len(), vocab);
         }
         let mut out = vec![None; batch.len()];
         hand_out_logits(batch, g, &all, vocab, &mut out);

@@ -45,12 +45,11 @@ impl VocabSplit {
         vocab: usize,
     ) -> Vec<f32> {
         let rows: usize = picked.iter().map(|(_, _, n)| n).sum();
-        let mut all = vec![0.0f32; rows * vocab];
         let targets: Vec<usize> = (0..devices.len())
             .filter(|&d| self.band(d).is_some_and(|(b, _)| !b.is_empty()))
             .collect();
         if rows == 0 || targets.is_empty() {
-            return all;
+            return vec![0.0f32; rows * vocab];
         }
         // Each piece to every target device: copies to the others, the buffer itself to
         // its own device. Each target receives the pieces in the order of `picked`.
@@ -72,17 +71,36 @@ impl VocabSplit {
         for (b, t) in fabric.transfer(devices, moves).into_iter().zip(target_of) {
             arrived[t].push(b);
         }
-        let pending: Vec<_> = targets
+        let on_targets = targets
             .iter()
             .zip(arrived)
-            .filter_map(|(&d, parts)| {
-                let (band, w) = self.band(d)?;
-                let ops = devices[d].as_ref();
-                let x = if parts.len() == 1 {
-                    parts.into_iter().next()?
-                } else {
-                    ops.concat(&parts)
+            .map(|(&d, parts)| {
+                let x = match <[O::Buf; 1]>::try_from(parts) {
+                    Ok([x]) => x,
+                    Err(parts) => devices[d].concat(&parts),
                 };
+                (d, x)
+            })
+            .collect();
+        self.bands(devices, on_targets, rows, vocab)
+    }
+
+    /// The logits of `rows` rows (`vocab` values each) from `on_devices`: per device with
+    /// a band, the same final-normed rows already on it. Each multiplies them by its
+    /// band; every band is queued before any is awaited, then laid side by side.
+    pub(super) fn bands<O: DeviceOps>(
+        &self,
+        devices: &[Arc<O>],
+        on_devices: Vec<(usize, O::Buf)>,
+        rows: usize,
+        vocab: usize,
+    ) -> Vec<f32> {
+        let mut all = vec![0.0f32; rows * vocab];
+        let pending: Vec<_> = on_devices
+            .into_iter()
+            .filter_map(|(d, x)| {
+                let (band, w) = self.band(d).filter(|(b, _)| !b.is_empty())?;
+                let ops = devices[d].as_ref();
                 let logits = ops.linear(w, &x, rows);
                 Some((d, band.clone(), ops.begin_download(&logits)))
             })

@@ -301,7 +301,6 @@ impl DeviceOps for CudaBackend {
     }
 
     fn records(&self) -> bool {
-        self.enter();
         self.records_decode()
     }
 
@@ -350,7 +349,6 @@ impl DeviceOps for CudaBackend {
     }
 
     fn len(&self, x: &GpuBuf<f32>) -> usize {
-        self.enter();
         x.len()
     }
 
