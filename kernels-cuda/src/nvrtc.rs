@@ -1,5 +1,8 @@
-//! Compiling the kernel sources with NVRTC. The library is loaded at run time (cudarc's
-//! dynamic loading), so a machine without it gets an error value, never a panic.
+//! Compiling the kernel sources with NVRTC. The library is loaded at run time, so a
+//! machine without it gets an error value, never a panic.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::OnceLock;
 
 use crate::sources::{full_source, Module, MODULES};
 use crate::NoCuda;
@@ -22,19 +25,180 @@ pub fn arch_for(major: i32, minor: i32) -> Option<&'static str> {
         .map(|(_, s)| *s)
 }
 
-/// Whether libnvrtc can be loaded (searched by the dynamic loader: `LD_LIBRARY_PATH`).
-pub fn available() -> Result<(), NoCuda> {
-    // SAFETY: only tries to open the library; no symbol is called.
-    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        Ok(())
-    } else {
-        Err(NoCuda {
-            reason: "libnvrtc.so (NVIDIA's runtime compiler) was not found; install the CUDA \
-                     toolkit or `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory \
-                     to LD_LIBRARY_PATH"
-                .into(),
+/// Sonames tried in order: the toolkit's development link, then CUDA 13's and CUDA 12's
+/// runtime names (the `nvidia-cuda-nvrtc` wheels ship only the versioned file).
+const LIBRARY_NAMES: &[&str] = &["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"];
+
+type Program = *mut c_void;
+
+/// The NVRTC entry points the kernels need. They are resolved one by one here rather than
+/// through cudarc's bindings because those bind every symbol of one CUDA release eagerly
+/// and panic when one is missing (CUDA 13's NVRTC dropped `nvrtcGetNVVM`, so a binding for
+/// 12.x cannot open it); these eight calls exist unchanged from CUDA 11 to 13.
+struct Nvrtc {
+    create: unsafe extern "C" fn(
+        *mut Program,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int,
+    log_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
+    log: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
+    ptx_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
+    ptx: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
+    destroy: unsafe extern "C" fn(*mut Program) -> c_int,
+    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
+    /// Keeps the entry points above valid.
+    _library: libloading::Library,
+}
+
+const NVRTC_SUCCESS: c_int = 0;
+
+fn not_found(detail: &str) -> NoCuda {
+    NoCuda {
+        reason: format!(
+            "libnvrtc.so (NVIDIA's runtime compiler) could not be loaded ({detail}); install the \
+             CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` (CUDA 12 drivers) or \
+             `pip install nvidia-cuda-nvrtc` (CUDA 13 drivers), and add its lib directory to \
+             LD_LIBRARY_PATH"
+        ),
+    }
+}
+
+impl Nvrtc {
+    fn open() -> Result<Nvrtc, NoCuda> {
+        let mut tried = Vec::new();
+        for name in LIBRARY_NAMES {
+            // SAFETY: loading NVRTC runs no initialisation with preconditions of ours.
+            match unsafe { libloading::Library::new(name) } {
+                Ok(library) => return Nvrtc::resolve(library, name),
+                Err(e) => tried.push(format!("{name}: {e}")),
+            }
+        }
+        Err(not_found(&tried.join("; ")))
+    }
+
+    fn resolve(library: libloading::Library, name: &str) -> Result<Nvrtc, NoCuda> {
+        fn symbol<T: Copy>(
+            library: &libloading::Library,
+            lib: &str,
+            sym: &str,
+        ) -> Result<T, NoCuda> {
+            // SAFETY: each call below names the C signature NVRTC documents for `sym`.
+            unsafe { library.get::<T>(sym.as_bytes()) }
+                .map(|s| *s)
+                .map_err(|e| not_found(&format!("{lib} lacks {sym}: {e}")))
+        }
+        Ok(Nvrtc {
+            create: symbol(&library, name, "nvrtcCreateProgram")?,
+            compile: symbol(&library, name, "nvrtcCompileProgram")?,
+            log_size: symbol(&library, name, "nvrtcGetProgramLogSize")?,
+            log: symbol(&library, name, "nvrtcGetProgramLog")?,
+            ptx_size: symbol(&library, name, "nvrtcGetPTXSize")?,
+            ptx: symbol(&library, name, "nvrtcGetPTX")?,
+            destroy: symbol(&library, name, "nvrtcDestroyProgram")?,
+            version: symbol(&library, name, "nvrtcVersion")?,
+            _library: library,
         })
     }
+
+    /// NVRTC's (major, minor) version.
+    fn version(&self) -> (i32, i32) {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out-pointers.
+        unsafe { (self.version)(&mut major, &mut minor) };
+        (major, minor)
+    }
+
+    /// Compiles `source` to PTX; the error is NVRTC's log (or its failing call).
+    fn compile_ptx(&self, source: &str, name: &str, options: &[String]) -> Result<String, String> {
+        let source =
+            CString::new(source).map_err(|_| "kernel source holds a NUL byte".to_string())?;
+        let name = CString::new(name).map_err(|_| "module name holds a NUL byte".to_string())?;
+        let options = options
+            .iter()
+            .map(|o| CString::new(o.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "an NVRTC option holds a NUL byte".to_string())?;
+        let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
+        let mut program: Program = std::ptr::null_mut();
+        // SAFETY: NUL-terminated strings that outlive the call; no headers are passed.
+        let rc = unsafe {
+            (self.create)(
+                &mut program,
+                source.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        if rc != NVRTC_SUCCESS {
+            return Err(format!("nvrtcCreateProgram returned {rc}"));
+        }
+        // SAFETY: `program` was created above and is destroyed once, below.
+        let result = unsafe { self.compile_created(program, &option_ptrs) };
+        // SAFETY: as above.
+        unsafe { (self.destroy)(&mut program) };
+        result
+    }
+
+    /// # Safety
+    /// `program` must be a live NVRTC program.
+    unsafe fn compile_created(
+        &self,
+        program: Program,
+        options: &[*const c_char],
+    ) -> Result<String, String> {
+        let count =
+            c_int::try_from(options.len()).map_err(|_| "too many NVRTC options".to_string())?;
+        let rc = (self.compile)(program, count, options.as_ptr());
+        if rc != NVRTC_SUCCESS {
+            let mut size = 0usize;
+            (self.log_size)(program, &mut size);
+            let mut log = vec![0u8; size.max(1)];
+            (self.log)(program, log.as_mut_ptr().cast());
+            let log = String::from_utf8_lossy(&log)
+                .trim_end_matches('\0')
+                .to_string();
+            return Err(format!("nvrtcCompileProgram returned {rc}:\n{log}"));
+        }
+        let mut size = 0usize;
+        if (self.ptx_size)(program, &mut size) != NVRTC_SUCCESS {
+            return Err("nvrtcGetPTXSize failed".into());
+        }
+        let mut ptx = vec![0u8; size.max(1)];
+        if (self.ptx)(program, ptx.as_mut_ptr().cast()) != NVRTC_SUCCESS {
+            return Err("nvrtcGetPTX failed".into());
+        }
+        Ok(String::from_utf8_lossy(&ptx)
+            .trim_end_matches('\0')
+            .to_string())
+    }
+}
+
+/// NVRTC, opened once per process.
+fn nvrtc() -> Result<&'static Nvrtc, NoCuda> {
+    static NVRTC: OnceLock<Result<Nvrtc, NoCuda>> = OnceLock::new();
+    NVRTC
+        .get_or_init(Nvrtc::open)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Whether libnvrtc can be loaded (searched by the dynamic loader: `LD_LIBRARY_PATH`), with
+/// every entry point the kernels need.
+pub fn available() -> Result<(), NoCuda> {
+    nvrtc().map(|_| ())
+}
+
+/// The loaded NVRTC's version, as "major.minor".
+pub fn version() -> Result<String, NoCuda> {
+    let (major, minor) = nvrtc()?.version();
+    Ok(format!("{major}.{minor}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,26 +215,23 @@ pub enum CompileError {
 
 /// Compiles one module to PTX for `arch` (e.g. `compute_90`).
 pub fn compile(module: &Module, arch: &'static str) -> Result<cudarc::nvrtc::Ptx, CompileError> {
-    available()?;
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        name: Some(format!("{}.cu", module.name)),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(full_source(module), opts).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
-            }
-            other => other.to_string(),
-        };
-        CompileError::Failed {
+    let nvrtc = nvrtc()?;
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
+    nvrtc
+        .compile_ptx(
+            &full_source(module),
+            &format!("{}.cu", module.name),
+            &options,
+        )
+        .map(cudarc::nvrtc::Ptx::from_src)
+        .map_err(|log| CompileError::Failed {
             module: module.name.into(),
             arch: arch.into(),
             log,
-        }
-    })
+        })
 }
 
 /// Compiles every module for `arch`; returns (module, PTX) pairs.
