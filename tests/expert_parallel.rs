@@ -170,6 +170,23 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
         let dp = data_parallel_on_gpus(&model, gpus.clone()).expect("fits");
         let resident = run(&model, &dp, &g.prompt_ids);
         let dp_diff = max_abs_diff(&resident, &want);
+        // Launch by launch too, so a failure says whether the recorded steps are at fault.
+        gpus.iter().for_each(|g| g.set_recording(false));
+        let eager = run(&model, &dp, &g.prompt_ids);
+        gpus.iter().for_each(|g| g.set_recording(true));
+        let eager_diff = max_abs_diff(&eager, &want);
+        let vocab = model.config.vocab_size;
+        let per_step = |got: &[f32]| -> Vec<String> {
+            got.chunks(vocab)
+                .zip(want.chunks(vocab))
+                .map(|(a, b)| format!("{:.1e}", max_abs_diff(a, b)))
+                .collect()
+        };
+        println!(
+            "{name}: data-parallel per step {:?} recorded, {:?} launch by launch",
+            per_step(&resident),
+            per_step(&eager)
+        );
         // The tensor-parallel pass (heads split over the two, partial sums all-reduced).
         let tp = tensor_parallel_on_gpus(&model, gpus).expect("fits");
         let tp_diff = max_abs_diff(&run(&model, &tp, &g.prompt_ids), &want);
@@ -179,6 +196,10 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
         );
         assert!(diff <= 2e-3, "{name}: {diff}");
         assert!(dp_diff <= 2e-3, "{name}: resident {dp_diff}");
+        assert!(
+            eager_diff <= 2e-3,
+            "{name}: resident launch by launch {eager_diff}"
+        );
         assert!(tp_diff <= 2e-3, "{name}: tensor-parallel {tp_diff}");
     }
 }

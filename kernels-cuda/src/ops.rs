@@ -4,7 +4,7 @@
 
 use crate::device::GpuDevice;
 use crate::NoCuda;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 pub(crate) fn launch_err(kernel: &str, e: impl std::fmt::Display) -> NoCuda {
     NoCuda {
@@ -234,7 +234,18 @@ impl GpuDevice {
                 reason: format!("mla_decode supports a latent of at most 512, got {}", s.c),
             });
         }
-        let (splits, chunk) = decode_splits(max_len, s.seqs * s.heads);
+        // BF16 pools of K2-like widths take the kernel that serves MLA_HEADS_PER_BLOCK
+        // heads from each latent read (`mla_decode_heads_bf16`).
+        let grouped = matches!(pool, LatentPool::Bf16(_))
+            && s.width.is_multiple_of(8)
+            && s.width <= MLA_GROUPED_MAX_WIDTH
+            && s.c.is_multiple_of(2);
+        let head_blocks = if grouped {
+            s.heads.div_ceil(MLA_HEADS_PER_BLOCK)
+        } else {
+            s.heads
+        };
+        let (splits, chunk) = decode_splits(max_len, s.seqs * head_blocks);
         let slots = s.seqs * s.heads * splits;
         let alloc = |n| {
             self.stream
@@ -246,6 +257,7 @@ impl GpuDevice {
         let mut part_sum = alloc(slots)?;
         let f = self.function(match pool {
             LatentPool::F32(_) => "mla_decode_partial",
+            LatentPool::Bf16(_) if grouped => "mla_decode_heads_bf16",
             LatentPool::Bf16(_) => "mla_decode_partial_bf16",
         })?;
         let ints = [
@@ -270,9 +282,10 @@ impl GpuDevice {
             .arg(&mut part_out)
             .arg(&mut part_max)
             .arg(&mut part_sum);
-        let grid = (s.heads as u32, splits as u32, s.seqs as u32);
+        let grid = (head_blocks as u32, splits as u32, s.seqs as u32);
+        let threads = if grouped { 256 } else { 128 };
         // SAFETY: tables and lengths describe blocks inside the pool.
-        unsafe { b.launch(cfg(grid, (128, 1, 1))) }
+        unsafe { b.launch(cfg(grid, (threads, 1, 1))) }
             .map_err(|e| launch_err("mla_decode_partial", e))?;
         let f = self.function("mla_decode_combine")?;
         let ints = [s.c as i32, s.heads as i32, splits as i32];
@@ -287,6 +300,11 @@ impl GpuDevice {
             .map_err(|e| launch_err("mla_decode_combine", e))
     }
 }
+
+/// Heads one block of `mla_decode_heads_bf16` serves (`MH_HEADS` in mla.cu).
+pub const MLA_HEADS_PER_BLOCK: usize = 8;
+/// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) it stages (`MH_WIDTH`).
+pub const MLA_GROUPED_MAX_WIDTH: usize = 576;
 
 /// How many pieces each query's keys are split into, and the keys per piece: enough
 /// (head, piece, query) blocks to fill a large GPU (about 2048), pieces of at least 256
@@ -566,7 +584,7 @@ impl GpuDevice {
     pub fn add_rows(
         &self,
         out: &mut CudaSlice<f32>,
-        src: &CudaSlice<f32>,
+        src: &CudaView<'_, f32>,
         (rows, first): (&CudaSlice<i32>, usize),
         count: usize,
         dim: usize,

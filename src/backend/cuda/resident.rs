@@ -355,11 +355,18 @@ impl DeviceOps for CudaBackend {
     fn add_rows(&self, out: &mut GpuBuf<f32>, rows: &[usize], src: &GpuBuf<f32>, width: usize) {
         self.enter();
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        device(
-            "add_rows",
-            self.gpu
-                .add_rows(out, src, (&self.ints(&idx), 0), rows.len(), width),
-        );
+        let idx_dev = self.ints(&idx);
+        // Each block of the kernel adds one row; a row named twice in one launch would be
+        // added by two blocks at once and one sum lost. Runs of distinct rows go in
+        // separate launches, which the stream orders.
+        for run in distinct_runs(rows) {
+            let src = src.slice(run.start * width..run.end * width);
+            device(
+                "add_rows",
+                self.gpu
+                    .add_rows(out, &src, (&idx_dev, run.start), run.len(), width),
+            );
+        }
     }
 
     fn split(&self, x: &GpuBuf<f32>, lens: &[usize]) -> Vec<GpuBuf<f32>> {
@@ -669,6 +676,25 @@ impl DeviceOps for CudaBackend {
     }
 }
 
+/// `rows` cut into consecutive runs in which no row repeats (one run when all differ).
+fn distinct_runs(rows: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut start = 0;
+    for (i, r) in rows.iter().enumerate() {
+        if !seen.insert(*r) {
+            runs.push(start..i);
+            seen.clear();
+            seen.insert(*r);
+            start = i;
+        }
+    }
+    if start < rows.len() {
+        runs.push(start..rows.len());
+    }
+    runs
+}
+
 /// One layer's latent cache on the GPU.
 pub enum DevicePool {
     F32(GpuBuf<f32>),
@@ -701,5 +727,19 @@ fn absorb_shape(d: MlaDims, tokens: usize) -> AbsorbShape {
 fn copy_err(e: impl std::fmt::Display) -> kernels_cuda::NoCuda {
     kernels_cuda::NoCuda {
         reason: format!("a device copy failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct_runs;
+
+    #[test]
+    fn rows_named_twice_go_to_separate_launches() {
+        assert_eq!(distinct_runs(&[3, 1, 2]), vec![0..3]);
+        // Tokens sent to two owners come back as two runs.
+        assert_eq!(distinct_runs(&[0, 2, 5, 0, 1, 5]), vec![0..3, 3..6]);
+        assert_eq!(distinct_runs(&[4, 4, 4]), vec![0..1, 1..2, 2..3]);
+        assert!(distinct_runs(&[]).is_empty());
     }
 }
