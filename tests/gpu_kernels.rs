@@ -230,6 +230,17 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
             let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
             eprintln!("int4 {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
             assert!(err < 1e-4);
+            // Prefill sizes through cuBLAS (the weight as an exact BF16 pair), where
+            // libcublas loads; the same accuracy is owed.
+            let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+            let x = s.memcpy_stod(&x).unwrap();
+            if d.int4_matmul_blas(&gp, &gs, &x, &mut y, (rows, cols, tokens), 32)
+                .unwrap()
+            {
+                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
+                eprintln!("int4 {rows}x{cols} tokens {tokens} through cuBLAS: rel L2 {err:.2e}");
+                assert!(err < 1e-4);
+            }
         }
     }
     // FP8 with partial edge blocks.
@@ -282,13 +293,14 @@ fn mla_decode_and_prefill_match_cpu_attention() {
     };
     let s = &d.stream;
     let cpu = ReferenceBackend;
-    // Decode, absorbed form at K2 sizes: 64 heads, width 576, c 512, two sequences with
-    // long and short contexts in a shuffled paged pool.
-    let (heads, width, c, bs) = (64usize, 576usize, 512usize, 16usize);
+    // Decode, absorbed form at K2 sizes: width 576, c 512, two sequences with long and
+    // short contexts in a shuffled paged pool; f32 and BF16 latents (BF16 with 64 heads
+    // runs eight heads per block; 12 heads leaves a part-filled block, as a head split
+    // over GPUs can).
+    let (width, c, bs) = (576usize, 512usize, 16usize);
     let lens = [1000usize, 37];
     let max_blocks = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(1);
     let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
-    let pool = values(blocks * bs * width, 15);
     let mut tables = vec![0i32; lens.len() * max_blocks];
     let mut next = blocks as i32;
     for (si, l) in lens.iter().enumerate() {
@@ -297,63 +309,85 @@ fn mla_decode_and_prefill_match_cpu_attention() {
             tables[si * max_blocks + b] = next;
         }
     }
-    let q = values(lens.len() * heads * width, 16);
     let scale = 0.07;
-    let mut out = s.alloc_zeros::<f32>(lens.len() * heads * c).unwrap();
-    let seq_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    let pool_d = s.memcpy_stod(&pool).unwrap();
-    d.mla_decode(
-        &s.memcpy_stod(&q).unwrap(),
-        kernels_cuda::ops::LatentPool::F32(&pool_d),
-        &s.memcpy_stod(&tables).unwrap(),
-        &s.memcpy_stod(&seq_lens).unwrap(),
-        lens[0],
-        MlaDecodeShape {
-            seqs: lens.len(),
-            heads,
-            width,
-            c,
-            block_size: bs,
-            max_blocks,
-            scale,
-        },
-        &mut out,
-    )
-    .unwrap();
-    let got = s.memcpy_dtov(&out).unwrap();
-    for (si, &len) in lens.iter().enumerate() {
-        let mut latents = Vec::with_capacity(len * width);
-        for t in 0..len {
-            let b = tables[si * max_blocks + t / bs] as usize;
-            let at = (b * bs + t % bs) * width;
-            latents.extend_from_slice(&pool[at..at + width]);
+    for (heads, bf16) in [(64usize, false), (64, true), (12, true)] {
+        let mut pool = values(blocks * bs * width, 15);
+        let bits: Vec<u16> = pool
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        if bf16 {
+            pool = bits
+                .iter()
+                .map(|b| half::bf16::from_bits(*b).to_f32())
+                .collect();
         }
-        let view = KvView {
-            data: &latents,
-            token_stride: width,
-            head_stride: 0,
-            offset: 0,
-        };
-        let mut want = vec![0.0f32; heads * c];
-        cpu.attention(
-            &q[si * heads * width..(si + 1) * heads * width],
-            view,
-            view,
-            AttentionShape {
-                heads,
-                kv_heads: 1,
-                qk_dim: width,
-                v_dim: c,
+        let q = values(lens.len() * heads * width, 16);
+        let mut out = s.alloc_zeros::<f32>(lens.len() * heads * c).unwrap();
+        let seq_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        let pool_f32 = s.memcpy_stod(&pool).unwrap();
+        let pool_bf16 = s.memcpy_stod(&bits).unwrap();
+        d.mla_decode(
+            &s.memcpy_stod(&q).unwrap(),
+            if bf16 {
+                kernels_cuda::ops::LatentPool::Bf16(&pool_bf16)
+            } else {
+                kernels_cuda::ops::LatentPool::F32(&pool_f32)
             },
-            &[len - 1],
-            scale,
-            &mut want,
-        );
-        assert!(rel_l2(&got[si * heads * c..(si + 1) * heads * c], &want) < 1e-4);
+            &s.memcpy_stod(&tables).unwrap(),
+            &s.memcpy_stod(&seq_lens).unwrap(),
+            lens[0],
+            MlaDecodeShape {
+                seqs: lens.len(),
+                heads,
+                width,
+                c,
+                block_size: bs,
+                max_blocks,
+                scale,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let got = s.memcpy_dtov(&out).unwrap();
+        for (si, &len) in lens.iter().enumerate() {
+            let mut latents = Vec::with_capacity(len * width);
+            for t in 0..len {
+                let b = tables[si * max_blocks + t / bs] as usize;
+                let at = (b * bs + t % bs) * width;
+                latents.extend_from_slice(&pool[at..at + width]);
+            }
+            let view = KvView {
+                data: &latents,
+                token_stride: width,
+                head_stride: 0,
+                offset: 0,
+            };
+            let mut want = vec![0.0f32; heads * c];
+            cpu.attention(
+                &q[si * heads * width..(si + 1) * heads * width],
+                view,
+                view,
+                AttentionShape {
+                    heads,
+                    kv_heads: 1,
+                    qk_dim: width,
+                    v_dim: c,
+                },
+                &[len - 1],
+                scale,
+                &mut want,
+            );
+            let err = rel_l2(&got[si * heads * c..(si + 1) * heads * c], &want);
+            assert!(
+                err < 1e-4,
+                "{heads} heads, bf16 {bf16}, sequence {si}: {err}"
+            );
+        }
     }
 
     // Prefill, naive form: 64 heads, dq 192, dv 128, 300 new tokens after 20 cached.
-    let (dq, dv, cached, n) = (192usize, 128usize, 20usize, 300usize);
+    let (heads, dq, dv, cached, n) = (64usize, 192usize, 128usize, 20usize, 300usize);
     let total = cached + n;
     let q = values(n * heads * dq, 17);
     let k = values(total * heads * dq, 18);

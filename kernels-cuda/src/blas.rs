@@ -2,7 +2,8 @@
 //! each activation is split into two BF16 parts (`split_bf16`), the BF16 weight (exact
 //! as stored) multiplies both with f32 accumulation, and the second product is added to
 //! the first (`beta = 1`). Two BF16 GEMMs cost a fraction of a CUDA-core f32 GEMM at
-//! prefill sizes; decode-sized products stay on the GEMV kernels.
+//! prefill sizes; decode-sized products stay on the GEMV kernels. INT4 weights take the
+//! same route at prefill sizes, expanded to an exact pair of BF16 matrices first.
 
 use crate::device::GpuDevice;
 use crate::ops::{blocks_for, cfg, launch_err};
@@ -113,6 +114,47 @@ impl GpuDevice {
         let (hi, lo) = self.split_bf16(x, tokens * cols)?;
         bf16_gemm(self, blas, w, &hi, y, (rows, cols, tokens), false)?;
         bf16_gemm(self, blas, w, &lo, y, (rows, cols, tokens), true)?;
+        Ok(true)
+    }
+
+    /// `y[t, r] = sum_k w[r, k] x[t, k]` for an INT4 group-quantized weight through cuBLAS:
+    /// the weight is expanded to BF16 `w_hi + w_lo` (exact, see
+    /// `int4_dequant_split_bf16`) and the activations split as in
+    /// [`bf16_matmul_blas`](Self::bf16_matmul_blas); the three products
+    /// `w_hi·x_hi + w_hi·x_lo + w_lo·x_hi` leave out only `w_lo·x_lo`, under 2⁻¹⁶ of the
+    /// sum. `Ok(false)` without cuBLAS: nothing was computed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn int4_matmul_blas(
+        &self,
+        packed: &CudaSlice<u32>,
+        scales: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (rows, cols, tokens): (usize, usize, usize),
+        group: usize,
+    ) -> Result<bool, NoCuda> {
+        let Some(blas) = self.blas() else {
+            return Ok(false);
+        };
+        let mut w_hi = self.zeros::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
+        let mut w_lo = self.zeros::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
+        let f = self.function("int4_dequant_split_bf16")?;
+        let ints = [rows as i32, cols as i32, group as i32];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(packed).arg(scales).arg(&mut w_hi).arg(&mut w_lo);
+        for a in &ints {
+            b.arg(a);
+        }
+        let words = rows * cols / 8;
+        // SAFETY: one thread per packed word of the [rows, cols] weight; both outputs hold
+        // rows * cols values.
+        unsafe { b.launch(cfg((blocks_for(words, 256), 1, 1), (256, 1, 1))) }
+            .map_err(|e| launch_err("int4_dequant_split_bf16", e))?;
+        let (x_hi, x_lo) = self.split_bf16(x, tokens * cols)?;
+        let shape = (rows, cols, tokens);
+        bf16_gemm(self, blas, &w_hi, &x_hi, y, shape, false)?;
+        bf16_gemm(self, blas, &w_hi, &x_lo, y, shape, true)?;
+        bf16_gemm(self, blas, &w_lo, &x_hi, y, shape, true)?;
         Ok(true)
     }
 }

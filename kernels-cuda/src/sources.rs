@@ -46,6 +46,7 @@ pub const MODULES: &[Module] = &[
             "f32_gemv",
             "f32_gemm",
             "int4_dequant_rows",
+            "int4_dequant_split_bf16",
             "fp8_dequant_rows",
             "bf16_dequant_rows",
             "f32_matmul_t",
@@ -60,6 +61,7 @@ pub const MODULES: &[Module] = &[
         kernels: &[
             "mla_decode_partial",
             "mla_decode_partial_bf16",
+            "mla_decode_heads_bf16",
             "mla_decode_combine",
             "mla_prefill",
             "mla_absorb_queries",

@@ -93,6 +93,17 @@ impl GpuDevice {
     ) -> Result<(), NoCuda> {
         let (rows, cols) = (w.rows, w.cols);
         match &w.data {
+            // Prefill-sized products on the tensor cores, when cuBLAS is there.
+            DeviceData::Int4 {
+                packed,
+                scales,
+                group,
+            } if tokens >= crate::blas::BLAS_MIN_TOKENS
+                && cols % 8 == 0
+                && self.int4_matmul_blas(packed, scales, x, y, (rows, cols, tokens), *group)? =>
+            {
+                Ok(())
+            }
             DeviceData::Int4 {
                 packed,
                 scales,

@@ -50,6 +50,7 @@ T shfl(T v, int kind, int arg) {
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define threadIdx (emu::thread_idx())
 #define blockIdx (emu::block_idx())
 #define blockDim (emu::block_dim())
@@ -80,6 +81,21 @@ inline int __float_as_int(float f) {
     std::memcpy(&i, &f, 4);
     return i;
 }
+// CUDA's 16-byte vector types (aligned as on a GPU) and the read-only load.
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // CUDA's integer min/max overloads.

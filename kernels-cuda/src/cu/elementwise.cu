@@ -86,13 +86,6 @@ extern "C" __global__ void take_rows(const float* x, const int* rows, int first,
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
 }
 
-// f32 to BF16, round to nearest even (NaN stays NaN), as half::bf16::from_f32.
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
 
 // write_rows into a BF16 pool (latents rounded on write).
 extern "C" __global__ void write_rows_bf16(u16* pool, const float* rows, const int* slots, int width) {

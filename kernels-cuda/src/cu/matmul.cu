@@ -56,21 +56,80 @@ __device__ __forceinline__ void f32_load8(const float* w, int cols, int r, int k
     for (int k0 = lane * 8; k0 < cols; k0 += 32 * 8) {                                    \
         float v[8];                                                                       \
         LOAD;                                                                             \
-        for (int t = 0; t < tokens; t++) {                                                \
+        _Pragma("unroll") for (int t = 0; t < GEMV_TOKENS; t++) {                          \
+            if (t >= tokens) break;                                                       \
             const float* xt = x + (size_t)t * cols + k0;                                  \
             float a = 0.0f;                                                               \
             _Pragma("unroll") for (int j = 0; j < 8; j++) a += (k0 + j < cols) ? v[j] * xt[j] : 0.0f; \
             acc[t] += a;                                                                  \
         }                                                                                 \
     }                                                                                     \
-    for (int t = 0; t < tokens; t++) {                                                    \
+    _Pragma("unroll") for (int t = 0; t < GEMV_TOKENS; t++) {                              \
+        if (t >= tokens) break;                                                           \
         float s = warp_sum(acc[t]);                                                       \
         if (lane == 0) y[(size_t)t * rows + warp] = s;                                    \
     }
 
+// INT4 rows are read 16 bytes per lane (32 values, one group at the checkpoint's group
+// size of 32), so a warp streams 512 contiguous bytes of a row per step; rows whose
+// length or address does not allow it take the 8-value path above. Every token's
+// accumulator stays in a register (the token loop is unrolled to GEMV_TOKENS).
+__device__ __forceinline__ bool int4_wide_ok(const u32* packed, const float* x, int cols) {
+    return cols % 32 == 0 && ((size_t)packed & 15) == 0 && ((size_t)x & 15) == 0;
+}
+
+// acc[t] += sum over this lane's 32-value steps of row r (wide path); `x` rows of `cols`.
+template <int TOKENS>
+__device__ __forceinline__ void int4_row_wide(const u32* packed, const u16* scales, int cols,
+                                              int group, int r, const float* x, int tokens,
+                                              float acc[TOKENS]) {
+    int lane = threadIdx.x & 31;
+    const uint4* row = (const uint4*)(packed + (size_t)r * (cols / 8));
+    const u16* srow = scales + (size_t)r * (cols / group);
+    #pragma unroll 2
+    for (int k0 = lane * 32; k0 < cols; k0 += 32 * 32) {
+        uint4 w4 = __ldg(row + k0 / 32);
+        u32 words[4] = {w4.x, w4.y, w4.z, w4.w};
+        #pragma unroll
+        for (int q = 0; q < 4; q++) {
+            int kq = k0 + 8 * q;
+            float s = bf16_to_f32(srow[kq / group]);
+            float v[8];
+            #pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = (float)((int)((words[q] >> (4 * j)) & 0xf) - 8) * s;
+            #pragma unroll
+            for (int t = 0; t < TOKENS; t++) {
+                if (t < tokens) {
+                    const float4* xt = (const float4*)(x + (size_t)t * cols + kq);
+                    float4 a = xt[0], b = xt[1];
+                    acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w +
+                              v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+                }
+            }
+        }
+    }
+}
+
 extern "C" __global__ void int4_gemv(const u32* packed, const u16* scales, const float* x,
                                      float* y, int rows, int cols, int group, int tokens) {
-    GEMV_BODY(int4_load8(packed, scales, cols, group, warp, k0, v))
+    if (!int4_wide_ok(packed, x, cols)) {
+        GEMV_BODY(int4_load8(packed, scales, cols, group, warp, k0, v))
+        return;
+    }
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    float acc[GEMV_TOKENS];
+    #pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) acc[t] = 0.0f;
+    int4_row_wide<GEMV_TOKENS>(packed, scales, cols, group, warp, x, tokens, acc);
+    #pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) {
+        if (t < tokens) {
+            float s = warp_sum(acc[t]);
+            if (lane == 0) y[(size_t)t * rows + warp] = s;
+        }
+    }
 }
 
 extern "C" __global__ void fp8_gemv(const u8* data, const float* scale_inv, const float* x,
@@ -165,6 +224,27 @@ extern "C" __global__ void int4_dequant_rows(const u32* packed, const u16* scale
     out[idx] = (float)((int)((word >> (4 * (k % 8))) & 0xf) - 8) * s;
 }
 
+// An INT4 weight [rows, cols] as two BF16 matrices with w = hi + lo exactly: a nibble
+// (4 bits) times a BF16 scale (8 significant bits) needs at most 11 significant bits, so
+// the remainder lo fits a BF16 exactly. One thread per packed word (8 values).
+extern "C" __global__ void int4_dequant_split_bf16(const u32* packed, const u16* scales,
+                                                   u16* hi, u16* lo, int rows, int cols,
+                                                   int group) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t words = (size_t)rows * (cols / 8);
+    if (i >= words) return;
+    int r = (int)(i / (cols / 8)), k0 = (int)(i % (cols / 8)) * 8;
+    float v[8];
+    int4_load8(packed, scales, cols, group, r, k0, v);
+    size_t at = (size_t)r * cols + k0;
+    #pragma unroll
+    for (int j = 0; j < 8; j++) {
+        u16 h = f32_to_bf16(v[j]);
+        hi[at + j] = h;
+        lo[at + j] = f32_to_bf16(v[j] - bf16_to_f32(h));
+    }
+}
+
 extern "C" __global__ void fp8_dequant_rows(const u8* data, const float* scale_inv, float* out,
                                             int row0, int n, int cols, int block_r, int block_c) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -206,6 +286,11 @@ __device__ __forceinline__ float int4_row_dot(const u32* packed, const u16* scal
                                               int group, int r, const float* x) {
     int lane = threadIdx.x & 31;
     float acc = 0.0f;
+    if (int4_wide_ok(packed, x, cols)) {
+        float one[1] = {0.0f};
+        int4_row_wide<1>(packed, scales, cols, group, r, x, 1, one);
+        return warp_sum(one[0]);
+    }
     for (int k0 = lane * 8; k0 < cols; k0 += 32 * 8) {
         float v[8];
         int4_load8(packed, scales, cols, group, r, k0, v);

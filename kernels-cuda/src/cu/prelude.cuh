@@ -17,6 +17,14 @@ __device__ __forceinline__ float bf16_to_f32(u16 h) {
     return __uint_as_float(((u32)h) << 16);
 }
 
+// f32 to BF16, round to nearest even (NaN stays NaN), as half::bf16::from_f32.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
 __device__ __forceinline__ float fp8_e4m3_to_f32(u8 v) {
     u32 s = v >> 7, e = (v >> 3) & 0xf, m = v & 7;
     float r;
