@@ -150,7 +150,11 @@ impl GpuDevice {
     ) -> Result<(), NoCuda> {
         let ints = [rows as i32, cols as i32, group as i32, tokens as i32];
         if tokens <= GEMV_MAX_TOKENS {
-            let f = self.function("int4_gemv")?;
+            let f = self.function(if tokens == 1 {
+                "int4_gemv_1"
+            } else {
+                "int4_gemv"
+            })?;
             let mut b = self.stream.launch_builder(f);
             b.arg(packed).arg(scales).arg(x).arg(y);
             for a in &ints {
@@ -234,17 +238,8 @@ impl GpuDevice {
                 reason: format!("mla_decode supports a latent of at most 512, got {}", s.c),
             });
         }
-        // BF16 pools of K2-like widths take the kernel that serves MLA_HEADS_PER_BLOCK
-        // heads from each latent read (`mla_decode_heads_bf16`).
-        let grouped = matches!(pool, LatentPool::Bf16(_))
-            && s.width.is_multiple_of(8)
-            && s.width <= MLA_GROUPED_MAX_WIDTH
-            && s.c.is_multiple_of(2);
-        let head_blocks = if grouped {
-            s.heads.div_ceil(MLA_HEADS_PER_BLOCK)
-        } else {
-            s.heads
-        };
+        let kernel = MlaDecodeKernel::for_shape(matches!(pool, LatentPool::Bf16(_)), &s);
+        let head_blocks = s.heads.div_ceil(kernel.heads_per_block());
         let (splits, chunk) = decode_splits(max_len, s.seqs * head_blocks);
         let slots = s.seqs * s.heads * splits;
         let alloc = |n| {
@@ -255,11 +250,7 @@ impl GpuDevice {
         let mut part_out = alloc(slots * s.c)?;
         let mut part_max = alloc(slots)?;
         let mut part_sum = alloc(slots)?;
-        let f = self.function(match pool {
-            LatentPool::F32(_) => "mla_decode_partial",
-            LatentPool::Bf16(_) if grouped => "mla_decode_heads_bf16",
-            LatentPool::Bf16(_) => "mla_decode_partial_bf16",
-        })?;
+        let f = self.function(kernel.name())?;
         let ints = [
             s.max_blocks as i32,
             s.block_size as i32,
@@ -283,7 +274,7 @@ impl GpuDevice {
             .arg(&mut part_max)
             .arg(&mut part_sum);
         let grid = (head_blocks as u32, splits as u32, s.seqs as u32);
-        let threads = if grouped { 256 } else { 128 };
+        let threads = kernel.threads();
         // SAFETY: tables and lengths describe blocks inside the pool.
         unsafe { b.launch(cfg(grid, (threads, 1, 1))) }
             .map_err(|e| launch_err("mla_decode_partial", e))?;
@@ -301,10 +292,60 @@ impl GpuDevice {
     }
 }
 
-/// Heads one block of `mla_decode_heads_bf16` serves (`MH_HEADS` in mla.cu).
-pub const MLA_HEADS_PER_BLOCK: usize = 8;
-/// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) it stages (`MH_WIDTH`).
-pub const MLA_GROUPED_MAX_WIDTH: usize = 576;
+/// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) the multi-head decode
+/// kernels stage (`MH_WIDTH` in mla.cu).
+pub const MLA_STAGED_MAX_WIDTH: usize = 576;
+
+/// Which MLA decode kernel serves a call: per the pool's type and the latent's shape, the
+/// fastest one whose limits it meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlaDecodeKernel {
+    /// `mla_decode_mma_bf16`: 16 heads per block on the tensor cores (BF16 pools, width a
+    /// multiple of 16, c a multiple of 8 up to 512).
+    TensorCores,
+    /// `mla_decode_heads_bf16`: 8 heads per block on the CUDA cores (BF16 pools, width a
+    /// multiple of 8, even c).
+    EightHeads,
+    /// `mla_decode_partial(_bf16)`: one head per block, any shape with c <= 512.
+    PerHead { bf16: bool },
+}
+
+impl MlaDecodeKernel {
+    pub fn for_shape(bf16: bool, s: &MlaDecodeShape) -> Self {
+        let staged = bf16 && s.width <= MLA_STAGED_MAX_WIDTH;
+        if staged && s.width.is_multiple_of(16) && s.c.is_multiple_of(8) && s.c <= 512 {
+            MlaDecodeKernel::TensorCores
+        } else if staged && s.width.is_multiple_of(8) && s.c.is_multiple_of(2) {
+            MlaDecodeKernel::EightHeads
+        } else {
+            MlaDecodeKernel::PerHead { bf16 }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MlaDecodeKernel::TensorCores => "mla_decode_mma_bf16",
+            MlaDecodeKernel::EightHeads => "mla_decode_heads_bf16",
+            MlaDecodeKernel::PerHead { bf16: true } => "mla_decode_partial_bf16",
+            MlaDecodeKernel::PerHead { bf16: false } => "mla_decode_partial",
+        }
+    }
+
+    pub fn heads_per_block(self) -> usize {
+        match self {
+            MlaDecodeKernel::TensorCores => 16,
+            MlaDecodeKernel::EightHeads => 8,
+            MlaDecodeKernel::PerHead { .. } => 1,
+        }
+    }
+
+    pub fn threads(self) -> u32 {
+        match self {
+            MlaDecodeKernel::TensorCores | MlaDecodeKernel::EightHeads => 256,
+            MlaDecodeKernel::PerHead { .. } => 128,
+        }
+    }
+}
 
 /// How many pieces each query's keys are split into, and the keys per piece: enough
 /// (head, piece, query) blocks to fill a large GPU (about 2048), pieces of at least 256

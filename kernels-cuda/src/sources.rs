@@ -38,6 +38,7 @@ pub const MODULES: &[Module] = &[
         source: include_str!("cu/matmul.cu"),
         kernels: &[
             "int4_gemv",
+            "int4_gemv_1",
             "int4_gemm",
             "fp8_gemv",
             "fp8_gemm",
@@ -62,6 +63,7 @@ pub const MODULES: &[Module] = &[
             "mla_decode_partial",
             "mla_decode_partial_bf16",
             "mla_decode_heads_bf16",
+            "mla_decode_mma_bf16",
             "mla_decode_combine",
             "mla_prefill",
             "mla_absorb_queries",

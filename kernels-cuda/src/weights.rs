@@ -99,7 +99,7 @@ impl GpuDevice {
                 scales,
                 group,
             } if tokens >= crate::blas::BLAS_MIN_TOKENS
-                && cols % 8 == 0
+                && cols.is_multiple_of(8)
                 && self.int4_matmul_blas(packed, scales, x, y, (rows, cols, tokens), *group)? =>
             {
                 Ok(())

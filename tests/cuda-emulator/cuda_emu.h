@@ -60,6 +60,8 @@ T shfl(T v, int kind, int arg) {
 #define __shfl_down_sync(mask, v, d) emu::shfl((v), emu::SHFL_DOWN, (d))
 #define __shfl_up_sync(mask, v, d) emu::shfl((v), emu::SHFL_UP, (d))
 #define __shfl_sync(mask, v, s) emu::shfl((v), emu::SHFL_IDX, (s))
+// A warp barrier: a shuffle whose value is unused is the emulator's warp scheduling point.
+#define __syncwarp(...) ((void)emu::shfl(0, emu::SHFL_IDX, 0))
 
 inline float __uint_as_float(unsigned u) {
     float f;

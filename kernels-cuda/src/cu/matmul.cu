@@ -70,37 +70,46 @@ __device__ __forceinline__ void f32_load8(const float* w, int cols, int r, int k
         if (lane == 0) y[(size_t)t * rows + warp] = s;                                    \
     }
 
-// INT4 rows are read 16 bytes per lane (32 values, one group at the checkpoint's group
-// size of 32), so a warp streams 512 contiguous bytes of a row per step; rows whose
-// length or address does not allow it take the 8-value path above. Every token's
-// accumulator stays in a register (the token loop is unrolled to GEMV_TOKENS).
-__device__ __forceinline__ bool int4_wide_ok(const u32* packed, const float* x, int cols) {
-    return cols % 32 == 0 && ((size_t)packed & 15) == 0 && ((size_t)x & 15) == 0;
+// INT4 rows: lane L reads packed words L, L + 32, ... (each warp load is 128 contiguous
+// bytes of the row, and the activations each word meets are 32 contiguous bytes per lane,
+// so both stay coalesced), eight words in flight per lane. Activations must be 16-byte
+// aligned (they are read as float4); otherwise the 8-value path above is taken. Every
+// token's accumulator stays in a register (the token loop is unrolled to GEMV_TOKENS).
+#define INT4_WORDS_IN_FLIGHT 8
+
+__device__ __forceinline__ bool int4_wide_ok(const float* x, int cols) {
+    return cols % 8 == 0 && ((size_t)x & 15) == 0;
 }
 
-// acc[t] += sum over this lane's 32-value steps of row r (wide path); `x` rows of `cols`.
+// acc[t] += this lane's share of row r . x[t] (wide path); `x` rows of `cols` values.
 template <int TOKENS>
 __device__ __forceinline__ void int4_row_wide(const u32* packed, const u16* scales, int cols,
                                               int group, int r, const float* x, int tokens,
                                               float acc[TOKENS]) {
     int lane = threadIdx.x & 31;
-    const uint4* row = (const uint4*)(packed + (size_t)r * (cols / 8));
+    int words = cols / 8;
+    const u32* row = packed + (size_t)r * words;
     const u16* srow = scales + (size_t)r * (cols / group);
-    #pragma unroll 2
-    for (int k0 = lane * 32; k0 < cols; k0 += 32 * 32) {
-        uint4 w4 = __ldg(row + k0 / 32);
-        u32 words[4] = {w4.x, w4.y, w4.z, w4.w};
+    for (int w0 = lane; w0 < words; w0 += 32 * INT4_WORDS_IN_FLIGHT) {
+        u32 word[INT4_WORDS_IN_FLIGHT];
         #pragma unroll
-        for (int q = 0; q < 4; q++) {
-            int kq = k0 + 8 * q;
-            float s = bf16_to_f32(srow[kq / group]);
+        for (int i = 0; i < INT4_WORDS_IN_FLIGHT; i++) {
+            int w = w0 + 32 * i;
+            word[i] = w < words ? __ldg(row + w) : 0u;
+        }
+        #pragma unroll
+        for (int i = 0; i < INT4_WORDS_IN_FLIGHT; i++) {
+            int w = w0 + 32 * i;
+            if (w >= words) break;
+            int k = 8 * w;
+            float s = bf16_to_f32(srow[k / group]);
             float v[8];
             #pragma unroll
-            for (int j = 0; j < 8; j++) v[j] = (float)((int)((words[q] >> (4 * j)) & 0xf) - 8) * s;
+            for (int j = 0; j < 8; j++) v[j] = (float)((int)((word[i] >> (4 * j)) & 0xf) - 8) * s;
             #pragma unroll
             for (int t = 0; t < TOKENS; t++) {
                 if (t < tokens) {
-                    const float4* xt = (const float4*)(x + (size_t)t * cols + kq);
+                    const float4* xt = (const float4*)(x + (size_t)t * cols + k);
                     float4 a = xt[0], b = xt[1];
                     acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w +
                               v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
@@ -110,26 +119,39 @@ __device__ __forceinline__ void int4_row_wide(const u32* packed, const u16* scal
     }
 }
 
-extern "C" __global__ void int4_gemv(const u32* packed, const u16* scales, const float* x,
-                                     float* y, int rows, int cols, int group, int tokens) {
-    if (!int4_wide_ok(packed, x, cols)) {
-        GEMV_BODY(int4_load8(packed, scales, cols, group, warp, k0, v))
-        return;
-    }
+// The wide GEMV for up to TOKENS tokens. x is a whole device allocation (CUDA aligns
+// those to 256 bytes) and cols a multiple of 8 (8 values per packed word), so every
+// token's row of x is 16-byte aligned.
+template <int TOKENS>
+__device__ __forceinline__ void int4_gemv_wide(const u32* packed, const u16* scales,
+                                               const float* x, float* y, int rows, int cols,
+                                               int group, int tokens) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= rows) return;
-    float acc[GEMV_TOKENS];
+    float acc[TOKENS];
     #pragma unroll
-    for (int t = 0; t < GEMV_TOKENS; t++) acc[t] = 0.0f;
-    int4_row_wide<GEMV_TOKENS>(packed, scales, cols, group, warp, x, tokens, acc);
+    for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
+    int4_row_wide<TOKENS>(packed, scales, cols, group, warp, x, tokens, acc);
     #pragma unroll
-    for (int t = 0; t < GEMV_TOKENS; t++) {
+    for (int t = 0; t < TOKENS; t++) {
         if (t < tokens) {
             float s = warp_sum(acc[t]);
             if (lane == 0) y[(size_t)t * rows + warp] = s;
         }
     }
+}
+
+// One token (decode of one sequence): a single accumulator keeps registers, and so the
+// warps in flight per multiprocessor, at their most.
+extern "C" __global__ void int4_gemv_1(const u32* packed, const u16* scales, const float* x,
+                                       float* y, int rows, int cols, int group, int tokens) {
+    int4_gemv_wide<1>(packed, scales, x, y, rows, cols, group, tokens);
+}
+
+extern "C" __global__ void int4_gemv(const u32* packed, const u16* scales, const float* x,
+                                     float* y, int rows, int cols, int group, int tokens) {
+    int4_gemv_wide<GEMV_TOKENS>(packed, scales, x, y, rows, cols, group, tokens);
 }
 
 extern "C" __global__ void fp8_gemv(const u8* data, const float* scale_inv, const float* x,
@@ -286,7 +308,7 @@ __device__ __forceinline__ float int4_row_dot(const u32* packed, const u16* scal
                                               int group, int r, const float* x) {
     int lane = threadIdx.x & 31;
     float acc = 0.0f;
-    if (int4_wide_ok(packed, x, cols)) {
+    if (int4_wide_ok(x, cols)) {
         float one[1] = {0.0f};
         int4_row_wide<1>(packed, scales, cols, group, r, x, 1, one);
         return warp_sum(one[0]);

@@ -258,6 +258,8 @@ extern "C" __global__ void mla_decode_heads_bf16(const float* q, const u16* pool
             #pragma unroll
             for (int o = MH_TOKENS / 2; o > 0; o >>= 1)
                 sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            // Every lane has read run_max[h] before lane 0 of the half-warp replaces it.
+            __syncwarp();
             if (t == 0) {
                 float r = expf(old - nm);
                 alpha[h] = r;
@@ -295,6 +297,242 @@ extern "C" __global__ void mla_decode_heads_bf16(const float* q, const u16* pool
         size_t slot = ((size_t)s * heads + h0 + tid) * splits + split;
         part_max[slot] = run_max[tid];
         part_sum[slot] = run_sum[tid];
+    }
+}
+
+// ---- tensor-core MLA decode ------------------------------------------------------------
+// d += a * b for one m16n8k16 tile: a 16x16 row-major, b 16x8 column-major, both BF16
+// pairs in u32 registers laid out as PTX's mma.sync fragments, f32 accumulators.
+// Compiled by NVRTC it is the instruction itself; elsewhere (the CPU emulator) the same
+// fragments are gathered through shuffles and multiplied in f32.
+__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const u32 b[2]) {
+#ifdef __CUDACC_RTC__
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    // Lane (g, q) = (lane / 4, lane % 4) holds a rows g and g + 8, columns 2q, 2q + 1
+    // (registers 0, 1) and 2q + 8, 2q + 9 (registers 2, 3); b rows 2q, 2q + 1 (register
+    // 0) and 2q + 8, 2q + 9 (register 1) of column g; d rows g, g + 8, columns 2q, 2q + 1.
+    int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    for (int kp = 0; kp < 8; kp++) {
+        int high = kp >> 2;
+        u32 r0 = __shfl_sync(0xffffffffu, a[2 * high], g * 4 + (kp & 3));
+        u32 r8 = __shfl_sync(0xffffffffu, a[2 * high + 1], g * 4 + (kp & 3));
+        u32 c0 = __shfl_sync(0xffffffffu, b[high], (2 * q) * 4 + (kp & 3));
+        u32 c1 = __shfl_sync(0xffffffffu, b[high], (2 * q + 1) * 4 + (kp & 3));
+        s0 += bf16_lo(r0) * bf16_lo(c0) + bf16_hi(r0) * bf16_hi(c0);
+        s1 += bf16_lo(r0) * bf16_lo(c1) + bf16_hi(r0) * bf16_hi(c1);
+        s2 += bf16_lo(r8) * bf16_lo(c0) + bf16_hi(r8) * bf16_hi(c0);
+        s3 += bf16_lo(r8) * bf16_lo(c1) + bf16_hi(r8) * bf16_hi(c1);
+    }
+    d[0] += s0;
+    d[1] += s1;
+    d[2] += s2;
+    d[3] += s3;
+#endif
+}
+
+// Two f32 as a BF16 pair (x0 in the low half), and their remainders after rounding.
+__device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo) {
+    u16 h0 = f32_to_bf16(x0), h1 = f32_to_bf16(x1);
+    u16 l0 = f32_to_bf16(x0 - bf16_to_f32(h0)), l1 = f32_to_bf16(x1 - bf16_to_f32(h1));
+    hi = (u32)h0 | ((u32)h1 << 16);
+    lo = (u32)l0 | ((u32)l1 << 16);
+}
+
+// MLA decode on the tensor cores: grid (ceil(heads / 16), splits, seqs), 256 threads. A
+// block's 16 heads read each tile of MH_TOKENS latents once (staged as in
+// mla_decode_heads_bf16). Scores S = Q L^T are m16n8k16 products with the width's
+// 16-wide steps dealt round-robin to the 8 warps (summed through shared memory); the
+// softmax runs on the accumulators; values O += P L take the latent columns' 8-wide tiles
+// round-robin. Queries and probabilities enter as BF16 pairs hi + lo (two products each),
+// the latents as stored, so the sums keep f32 accuracy. Needs width % 16 == 0, width <=
+// MH_WIDTH, c % 8 == 0 and c <= 512.
+#define MM_HEADS 16
+#define MM_KSTEPS_PER_WARP ((MH_WIDTH / 16 + 7) / 8)
+#define MM_TILES_PER_WARP (512 / 8 / 8)
+
+extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
+                                               const int* block_tables, const int* seq_lens,
+                                               int max_blocks, int block_size, int width, int c,
+                                               int heads, int chunk, float scale,
+                                               float* part_out, float* part_max,
+                                               float* part_sum) {
+    __shared__ __align__(16) u32 lat[MH_TOKENS * MH_ROW_WORDS];
+    __shared__ float partial[8 * MM_HEADS * MH_TOKENS];
+    int h0 = blockIdx.x * MM_HEADS, split = blockIdx.y, s = blockIdx.z;
+    int splits = gridDim.y;
+    int nh = min(MM_HEADS, heads - h0);
+    int len = seq_lens[s];
+    int start = split * chunk;
+    int end = min(start + chunk, len);
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, tq = lane & 3;
+    if (start >= end) {
+        for (int h = 0; h < nh; h++) {
+            size_t slot = ((size_t)s * heads + h0 + h) * splits + split;
+            for (int d = tid; d < c; d += blockDim.x) part_out[slot * c + d] = 0.0f;
+            if (tid == 0) { part_max[slot] = -INFINITY; part_sum[slot] = 0.0f; }
+        }
+        return;
+    }
+    const int* table = block_tables + (size_t)s * max_blocks;
+    uint4 pre[MH_TOKENS_PER_WARP][MH_PIECES];
+    mh_fetch(pre, pool, table, block_size, width, start, end);
+    int ksteps = width / 16, ntiles = c / 8, pieces = width / 8;
+    // This warp's query fragments (rows g, g + 8 of the block's heads), hi and lo.
+    u32 qh[MM_KSTEPS_PER_WARP][4], ql[MM_KSTEPS_PER_WARP][4];
+    #pragma unroll
+    for (int i = 0; i < MM_KSTEPS_PER_WARP; i++) {
+        int kk = warp + 8 * i;
+        #pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int head = h0 + g + 8 * (r & 1);
+            int col = 16 * kk + 2 * tq + 8 * (r >> 1);
+            float x0 = 0.0f, x1 = 0.0f;
+            if (kk < ksteps && head < heads) {
+                const float* qr = q + ((size_t)s * heads + head) * width + col;
+                x0 = qr[0];
+                x1 = qr[1];
+            }
+            split_pair(x0, x1, qh[i][r], ql[i][r]);
+        }
+    }
+    float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};  // rows g, g + 8
+    float acc[MM_TILES_PER_WARP][4];
+    #pragma unroll
+    for (int j = 0; j < MM_TILES_PER_WARP; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const u16* lat16 = (const u16*)lat;
+    for (int t0 = start; t0 < end; t0 += MH_TOKENS) {
+        int n = min(MH_TOKENS, end - t0);
+        __syncthreads();  // the previous tile is done with `lat` and `partial`
+        #pragma unroll
+        for (int j = 0; j < MH_TOKENS_PER_WARP; j++) {
+            uint4* row = (uint4*)(lat + (warp + 8 * j) * MH_ROW_WORDS);
+            #pragma unroll
+            for (int p = 0; p < MH_PIECES; p++) {
+                int piece = lane + 32 * p;
+                if (piece < pieces) row[piece] = pre[j][p];
+            }
+        }
+        __syncthreads();
+        if (t0 + MH_TOKENS < end)
+            mh_fetch(pre, pool, table, block_size, width, t0 + MH_TOKENS, end);
+        // This warp's share of the scores, tokens 8 nt + (0..8).
+        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        #pragma unroll
+        for (int i = 0; i < MM_KSTEPS_PER_WARP; i++) {
+            int kk = warp + 8 * i;
+            if (kk >= ksteps) break;
+            #pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const u32* lr = lat + (8 * nt + g) * MH_ROW_WORDS + 8 * kk + tq;
+                u32 b[2] = {lr[0], lr[4]};
+                mma_bf16_16816(sc[nt], qh[i], b);
+                mma_bf16_16816(sc[nt], ql[i], b);
+            }
+        }
+        float* mine = partial + warp * MM_HEADS * MH_TOKENS;
+        #pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            int col = 8 * nt + 2 * tq;
+            mine[g * MH_TOKENS + col] = sc[nt][0];
+            mine[g * MH_TOKENS + col + 1] = sc[nt][1];
+            mine[(g + 8) * MH_TOKENS + col] = sc[nt][2];
+            mine[(g + 8) * MH_TOKENS + col + 1] = sc[nt][3];
+        }
+        __syncthreads();
+        // Every warp sums the eight shares in the same order, so all hold equal scores.
+        float p[2][4];
+        #pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int row = g + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
+                float v = 0.0f;
+                #pragma unroll
+                for (int w = 0; w < 8; w++) v += partial[w * MM_HEADS * MH_TOKENS + row * MH_TOKENS + col];
+                p[nt][e] = col < n ? v * scale : -INFINITY;
+            }
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int e0 = 2 * half;
+            float tm = fmaxf(fmaxf(p[0][e0], p[0][e0 + 1]), fmaxf(p[1][e0], p[1][e0 + 1]));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+            float nm = fmaxf(run_max[half], tm);
+            float sum = 0.0f;
+            #pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+                #pragma unroll
+                for (int e = e0; e < e0 + 2; e++) {
+                    p[nt][e] = expf(p[nt][e] - nm);
+                    sum += p[nt][e];
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            float r = expf(run_max[half] - nm);
+            run_sum[half] = run_sum[half] * r + sum;
+            run_max[half] = nm;
+            #pragma unroll
+            for (int j = 0; j < MM_TILES_PER_WARP; j++) {
+                acc[j][e0] *= r;
+                acc[j][e0 + 1] *= r;
+            }
+        }
+        // Probabilities as the A operand: rows g, g + 8; tokens 2 tq (+8).
+        u32 ph[4], pl[4];
+        split_pair(p[0][0], p[0][1], ph[0], pl[0]);
+        split_pair(p[0][2], p[0][3], ph[1], pl[1]);
+        split_pair(p[1][0], p[1][1], ph[2], pl[2]);
+        split_pair(p[1][2], p[1][3], ph[3], pl[3]);
+        #pragma unroll
+        for (int jj = 0; jj < MM_TILES_PER_WARP; jj++) {
+            int j = warp + 8 * jj;
+            if (j >= ntiles) break;
+            int dn = 8 * j + g;
+            const int stride = 2 * MH_ROW_WORDS;
+            u32 b[2];
+            b[0] = (u32)lat16[(2 * tq) * stride + dn] | ((u32)lat16[(2 * tq + 1) * stride + dn] << 16);
+            b[1] = (u32)lat16[(2 * tq + 8) * stride + dn] |
+                   ((u32)lat16[(2 * tq + 9) * stride + dn] << 16);
+            mma_bf16_16816(acc[jj], ph, b);
+            mma_bf16_16816(acc[jj], pl, b);
+        }
+    }
+    #pragma unroll
+    for (int jj = 0; jj < MM_TILES_PER_WARP; jj++) {
+        int j = warp + 8 * jj;
+        if (j >= ntiles) break;
+        int d = 8 * j + 2 * tq;
+        if (g < nh) {
+            size_t slot = ((size_t)s * heads + h0 + g) * splits + split;
+            part_out[slot * c + d] = acc[jj][0];
+            part_out[slot * c + d + 1] = acc[jj][1];
+        }
+        if (g + 8 < nh) {
+            size_t slot = ((size_t)s * heads + h0 + g + 8) * splits + split;
+            part_out[slot * c + d] = acc[jj][2];
+            part_out[slot * c + d + 1] = acc[jj][3];
+        }
+    }
+    if (warp == 0 && tq == 0) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int row = g + 8 * half;
+            if (row < nh) {
+                size_t slot = ((size_t)s * heads + h0 + row) * splits + split;
+                part_max[slot] = run_max[half];
+                part_sum[slot] = run_sum[half];
+            }
+        }
     }
 }
 
