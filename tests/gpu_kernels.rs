@@ -294,9 +294,9 @@ fn mla_decode_and_prefill_match_cpu_attention() {
     let s = &d.stream;
     let cpu = ReferenceBackend;
     // Decode, absorbed form at K2 sizes: width 576, c 512, two sequences with long and
-    // short contexts in a shuffled paged pool; f32 and BF16 latents (BF16 with 64 heads
-    // runs eight heads per block; 12 heads leaves a part-filled block, as a head split
-    // over GPUs can).
+    // short contexts in a shuffled paged pool; f32 latents (one head per block) and BF16
+    // (the tensor-core kernel, 16 heads per block; 12 heads leave a part-filled block, as
+    // a head split over GPUs can).
     let (width, c, bs) = (576usize, 512usize, 16usize);
     let lens = [1000usize, 37];
     let max_blocks = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(1);

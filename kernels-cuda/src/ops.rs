@@ -292,8 +292,8 @@ impl GpuDevice {
     }
 }
 
-/// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) the multi-head decode
-/// kernels stage (`MH_WIDTH` in mla.cu).
+/// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) the tensor-core decode
+/// kernel stages (`MH_WIDTH` in mla.cu).
 pub const MLA_STAGED_MAX_WIDTH: usize = 576;
 
 /// Which MLA decode kernel serves a call: per the pool's type and the latent's shape, the
@@ -303,9 +303,6 @@ pub enum MlaDecodeKernel {
     /// `mla_decode_mma_bf16`: 16 heads per block on the tensor cores (BF16 pools, width a
     /// multiple of 16, c a multiple of 8 up to 512).
     TensorCores,
-    /// `mla_decode_heads_bf16`: 8 heads per block on the CUDA cores (BF16 pools, width a
-    /// multiple of 8, even c).
-    EightHeads,
     /// `mla_decode_partial(_bf16)`: one head per block, any shape with c <= 512.
     PerHead { bf16: bool },
 }
@@ -315,8 +312,6 @@ impl MlaDecodeKernel {
         let staged = bf16 && s.width <= MLA_STAGED_MAX_WIDTH;
         if staged && s.width.is_multiple_of(16) && s.c.is_multiple_of(8) && s.c <= 512 {
             MlaDecodeKernel::TensorCores
-        } else if staged && s.width.is_multiple_of(8) && s.c.is_multiple_of(2) {
-            MlaDecodeKernel::EightHeads
         } else {
             MlaDecodeKernel::PerHead { bf16 }
         }
@@ -325,7 +320,6 @@ impl MlaDecodeKernel {
     pub fn name(self) -> &'static str {
         match self {
             MlaDecodeKernel::TensorCores => "mla_decode_mma_bf16",
-            MlaDecodeKernel::EightHeads => "mla_decode_heads_bf16",
             MlaDecodeKernel::PerHead { bf16: true } => "mla_decode_partial_bf16",
             MlaDecodeKernel::PerHead { bf16: false } => "mla_decode_partial",
         }
@@ -334,14 +328,13 @@ impl MlaDecodeKernel {
     pub fn heads_per_block(self) -> usize {
         match self {
             MlaDecodeKernel::TensorCores => 16,
-            MlaDecodeKernel::EightHeads => 8,
             MlaDecodeKernel::PerHead { .. } => 1,
         }
     }
 
     pub fn threads(self) -> u32 {
         match self {
-            MlaDecodeKernel::TensorCores | MlaDecodeKernel::EightHeads => 256,
+            MlaDecodeKernel::TensorCores => 256,
             MlaDecodeKernel::PerHead { .. } => 128,
         }
     }

@@ -62,7 +62,6 @@ pub const MODULES: &[Module] = &[
         kernels: &[
             "mla_decode_partial",
             "mla_decode_partial_bf16",
-            "mla_decode_heads_bf16",
             "mla_decode_mma_bf16",
             "mla_decode_combine",
             "mla_prefill",

@@ -4,7 +4,9 @@
 // (`width` = kv_lora_rank + rope dim values), attending over the sequence's latents in the
 // paged cache (pool [blocks, block_size, width], f32 or BF16, block table per sequence); values
 // are the first `c` latent values. Long contexts split over chunks of KV blocks
-// (`mla_decode_partial`, grid (heads, splits, seqs)), merged by `mla_decode_combine`;
+// (`mla_decode_partial`, grid (heads, splits, seqs); over BF16 latents of K2-like widths
+// `mla_decode_mma_bf16`, 16 heads per block on the tensor cores), merged by
+// `mla_decode_combine`;
 // the host picks the split count so the grid fills the GPU without the partial sums
 // outgrowing memory.
 //
@@ -109,16 +111,9 @@ extern "C" __global__ void mla_decode_partial_bf16(const float* q, const u16* po
                             heads, chunk, scale, part_out, part_max, part_sum);
 }
 
-// The same over a BF16 pool, MH_HEADS heads per block (grid (ceil(heads / MH_HEADS),
-// splits, seqs), 256 threads), so a tile of latents read from memory serves eight heads
-// instead of one. Each tile of MH_TOKENS latents is staged in shared memory as stored
-// (pairs of BF16 in a word), fetched into registers 16 bytes per lane while the previous
-// tile is computed; a thread computes a 2-head x 2-token block of scores over an eighth
-// of the width (the partial sums meet through shuffles), a half-warp per head applies
-// the online softmax, then each thread accumulates 2 latent columns of all eight heads.
-// Needs a width that is a multiple of 8 and at most MH_WIDTH, and an even c <= 512;
-// the host falls back to the per-head kernel otherwise.
-#define MH_HEADS 8
+// Staging for the tensor-core decode kernel below: tiles of MH_TOKENS latents copied
+// into shared memory as stored (pairs of BF16 in a word), fetched into registers 16 bytes
+// per lane while the previous tile is computed.
 #define MH_TOKENS 16
 #define MH_WIDTH 576
 // Words per staged latent row: 4 more than the widest row, so the eight tokens a warp
@@ -147,156 +142,6 @@ __device__ __forceinline__ void mh_fetch(uint4 pre[MH_TOKENS_PER_WARP][MH_PIECES
             uint4 z = {0u, 0u, 0u, 0u};
             pre[j][p] = (row && piece < pieces) ? __ldg(row + piece) : z;
         }
-    }
-}
-
-extern "C" __global__ void mla_decode_heads_bf16(const float* q, const u16* pool,
-                                                 const int* block_tables, const int* seq_lens,
-                                                 int max_blocks, int block_size, int width,
-                                                 int c, int heads, int chunk, float scale,
-                                                 float* part_out, float* part_max,
-                                                 float* part_sum) {
-    __shared__ __align__(16) float qs[MH_HEADS * MH_WIDTH];
-    __shared__ __align__(16) u32 lat[MH_TOKENS * MH_ROW_WORDS];
-    __shared__ float probs[MH_HEADS * MH_TOKENS];
-    __shared__ float alpha[MH_HEADS], run_max[MH_HEADS], run_sum[MH_HEADS];
-    int h0 = blockIdx.x * MH_HEADS, split = blockIdx.y, s = blockIdx.z;
-    int splits = gridDim.y;
-    int nh = min(MH_HEADS, heads - h0);
-    int len = seq_lens[s];
-    int start = split * chunk;
-    int end = min(start + chunk, len);
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (start >= end) {
-        for (int h = 0; h < nh; h++) {
-            size_t slot = ((size_t)s * heads + h0 + h) * splits + split;
-            for (int d = tid; d < c; d += blockDim.x) part_out[slot * c + d] = 0.0f;
-            if (tid == 0) { part_max[slot] = -INFINITY; part_sum[slot] = 0.0f; }
-        }
-        return;
-    }
-    const int* table = block_tables + (size_t)s * max_blocks;
-    uint4 pre[MH_TOKENS_PER_WARP][MH_PIECES];
-    mh_fetch(pre, pool, table, block_size, width, start, end);
-    for (int i = tid; i < MH_HEADS * width; i += blockDim.x) {
-        int h = i / width, d = i % width;
-        qs[h * MH_WIDTH + d] = h < nh ? q[((size_t)s * heads + h0 + h) * width + d] : 0.0f;
-    }
-    if (tid < MH_HEADS) { run_max[tid] = -INFINITY; run_sum[tid] = 0.0f; }
-    int words = width / 2, pieces = width / 8;
-    // Scores: heads 2 * hp + {0, 1}, tile tokens 2 * tp + {0, 1}, words part + 8 i.
-    int part = lane & 7;
-    int hp = warp >> 1, tp = (warp & 1) * 4 + (lane >> 3);
-    // Values: latent columns 2 * tid and 2 * tid + 1.
-    bool owns = 2 * tid < c;
-    float acc[MH_HEADS][2];
-    #pragma unroll
-    for (int h = 0; h < MH_HEADS; h++) acc[h][0] = acc[h][1] = 0.0f;
-    for (int t0 = start; t0 < end; t0 += MH_TOKENS) {
-        int n = min(MH_TOKENS, end - t0);
-        __syncthreads();  // the previous tile's values are done with `lat` and `probs`
-        #pragma unroll
-        for (int j = 0; j < MH_TOKENS_PER_WARP; j++) {
-            uint4* row = (uint4*)(lat + (warp + 8 * j) * MH_ROW_WORDS);
-            #pragma unroll
-            for (int p = 0; p < MH_PIECES; p++) {
-                int piece = lane + 32 * p;
-                if (piece < pieces) row[piece] = pre[j][p];
-            }
-        }
-        __syncthreads();
-        if (t0 + MH_TOKENS < end)
-            mh_fetch(pre, pool, table, block_size, width, t0 + MH_TOKENS, end);
-        float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-        const float* qa = qs + (2 * hp) * MH_WIDTH;
-        const float* qb = qa + MH_WIDTH;
-        const u32* la = lat + (2 * tp) * MH_ROW_WORDS;
-        const u32* lb = la + MH_ROW_WORDS;
-        for (int w = part; w < words; w += 8) {
-            float2 a = *(const float2*)(qa + 2 * w), b = *(const float2*)(qb + 2 * w);
-            u32 x = la[w], y = lb[w];
-            float x0 = __uint_as_float(x << 16), x1 = __uint_as_float(x & 0xffff0000u);
-            float y0 = __uint_as_float(y << 16), y1 = __uint_as_float(y & 0xffff0000u);
-            sc[0][0] += a.x * x0 + a.y * x1;
-            sc[0][1] += a.x * y0 + a.y * y1;
-            sc[1][0] += b.x * x0 + b.y * x1;
-            sc[1][1] += b.x * y0 + b.y * y1;
-        }
-        #pragma unroll
-        for (int i = 0; i < 2; i++)
-            #pragma unroll
-            for (int j = 0; j < 2; j++) {
-                float v = sc[i][j];
-                v += __shfl_xor_sync(0xffffffffu, v, 1);
-                v += __shfl_xor_sync(0xffffffffu, v, 2);
-                v += __shfl_xor_sync(0xffffffffu, v, 4);
-                sc[i][j] = v;
-            }
-        if (part == 0) {
-            #pragma unroll
-            for (int i = 0; i < 2; i++)
-                #pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int t = 2 * tp + j;
-                    probs[(2 * hp + i) * MH_TOKENS + t] = t < n ? sc[i][j] * scale : -INFINITY;
-                }
-        }
-        __syncthreads();
-        // Online softmax: half-warp h (threads 16 h .. 16 h + 15) takes head h's tokens.
-        if (tid < MH_HEADS * MH_TOKENS) {
-            int h = tid / MH_TOKENS, t = tid % MH_TOKENS;
-            float v = probs[h * MH_TOKENS + t];
-            float tm = v;
-            #pragma unroll
-            for (int o = MH_TOKENS / 2; o > 0; o >>= 1)
-                tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
-            float old = run_max[h];
-            float nm = fmaxf(old, tm);
-            float e = t < n ? expf(v - nm) : 0.0f;
-            probs[h * MH_TOKENS + t] = e;
-            float sum = e;
-            #pragma unroll
-            for (int o = MH_TOKENS / 2; o > 0; o >>= 1)
-                sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            // Every lane has read run_max[h] before lane 0 of the half-warp replaces it.
-            __syncwarp();
-            if (t == 0) {
-                float r = expf(old - nm);
-                alpha[h] = r;
-                run_sum[h] = run_sum[h] * r + sum;
-                run_max[h] = nm;
-            }
-        }
-        __syncthreads();
-        if (owns) {
-            #pragma unroll
-            for (int h = 0; h < MH_HEADS; h++) {
-                acc[h][0] *= alpha[h];
-                acc[h][1] *= alpha[h];
-            }
-            for (int t = 0; t < n; t++) {
-                u32 x = lat[t * MH_ROW_WORDS + tid];
-                float x0 = __uint_as_float(x << 16), x1 = __uint_as_float(x & 0xffff0000u);
-                #pragma unroll
-                for (int h = 0; h < MH_HEADS; h++) {
-                    float p = probs[h * MH_TOKENS + t];
-                    acc[h][0] += p * x0;
-                    acc[h][1] += p * x1;
-                }
-            }
-        }
-    }
-    for (int h = 0; h < nh; h++) {
-        size_t slot = ((size_t)s * heads + h0 + h) * splits + split;
-        if (owns) {
-            part_out[slot * c + 2 * tid] = acc[h][0];
-            part_out[slot * c + 2 * tid + 1] = acc[h][1];
-        }
-    }
-    if (tid < nh) {
-        size_t slot = ((size_t)s * heads + h0 + tid) * splits + split;
-        part_max[slot] = run_max[tid];
-        part_sum[slot] = run_sum[tid];
     }
 }
 
@@ -348,8 +193,7 @@ __device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo)
 }
 
 // MLA decode on the tensor cores: grid (ceil(heads / 16), splits, seqs), 256 threads. A
-// block's 16 heads read each tile of MH_TOKENS latents once (staged as in
-// mla_decode_heads_bf16). Scores S = Q L^T are m16n8k16 products with the width's
+// block's 16 heads read each tile of MH_TOKENS latents once. Scores S = Q L^T are m16n8k16 products with the width's
 // 16-wide steps dealt round-robin to the 8 warps (summed through shared memory); the
 // softmax runs on the accumulators; values O += P L take the latent columns' 8-wide tiles
 // round-robin. Queries and probabilities enter as BF16 pairs hi + lo (two products each),
