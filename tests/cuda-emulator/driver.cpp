@@ -155,6 +155,9 @@ CUresult device_alloc(CUdeviceptr* out, size_t size) {
     char* guard = static_cast<char*>(map) + len - page();
     mprotect(guard, page(), PROT_NONE);
     char* ptr = guard - body;
+    // Fresh device memory holds whatever was there before; 0xff bytes (NaN as f32, -1 as
+    // an int) make a read of memory nothing wrote show up in the results.
+    std::memset(ptr, 0xff, body);
     allocations()[(uintptr_t)ptr] = {map, len, size, device};
     used[device] += size;
     *out = (CUdeviceptr)(uintptr_t)ptr;
