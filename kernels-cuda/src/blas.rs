@@ -86,8 +86,9 @@ impl GpuDevice {
         x: &CudaSlice<f32>,
         n: usize,
     ) -> Result<(CudaSlice<u16>, CudaSlice<u16>), NoCuda> {
-        let mut hi = self.zeros::<u16>("BF16 activations", n)?;
-        let mut lo = self.zeros::<u16>("BF16 activations", n)?;
+        // split_bf16 writes every value of both.
+        let mut hi = self.scratch::<u16>("BF16 activations", n)?;
+        let mut lo = self.scratch::<u16>("BF16 activations", n)?;
         let f = self.function("split_bf16")?;
         let n_i = n as i32;
         let mut b = self.stream.launch_builder(f);
@@ -136,8 +137,9 @@ impl GpuDevice {
         let Some(blas) = self.blas() else {
             return Ok(false);
         };
-        let mut w_hi = self.zeros::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
-        let mut w_lo = self.zeros::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
+        // int4_dequant_split_bf16 writes every value of both.
+        let mut w_hi = self.scratch::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
+        let mut w_lo = self.scratch::<u16>("BF16 expansion of an INT4 weight", rows * cols)?;
         let f = self.function("int4_dequant_split_bf16")?;
         let ints = [rows as i32, cols as i32, group as i32];
         let mut b = self.stream.launch_builder(f);

@@ -34,7 +34,7 @@ type Program = *mut c_void;
 /// The NVRTC entry points the kernels need. They are resolved one by one here rather than
 /// through cudarc's bindings because those bind every symbol of one CUDA release eagerly
 /// and panic when one is missing (CUDA 13's NVRTC dropped `nvrtcGetNVVM`, so a binding for
-/// 12.x cannot open it); these eight calls exist unchanged from CUDA 11 to 13.
+/// 12.x cannot open it); these seven calls exist unchanged from CUDA 11 to 13.
 struct Nvrtc {
     create: unsafe extern "C" fn(
         *mut Program,
@@ -50,7 +50,6 @@ struct Nvrtc {
     ptx_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
     ptx: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut Program) -> c_int,
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
     /// Keeps the entry points above valid.
     _library: libloading::Library,
 }
@@ -100,17 +99,8 @@ impl Nvrtc {
             ptx_size: symbol(&library, name, "nvrtcGetPTXSize")?,
             ptx: symbol(&library, name, "nvrtcGetPTX")?,
             destroy: symbol(&library, name, "nvrtcDestroyProgram")?,
-            version: symbol(&library, name, "nvrtcVersion")?,
             _library: library,
         })
-    }
-
-    /// NVRTC's (major, minor) version.
-    fn version(&self) -> (i32, i32) {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: two valid out-pointers.
-        unsafe { (self.version)(&mut major, &mut minor) };
-        (major, minor)
     }
 
     /// Compiles `source` to PTX; the error is NVRTC's log (or its failing call).
@@ -193,12 +183,6 @@ fn nvrtc() -> Result<&'static Nvrtc, NoCuda> {
 /// every entry point the kernels need.
 pub fn available() -> Result<(), NoCuda> {
     nvrtc().map(|_| ())
-}
-
-/// The loaded NVRTC's version, as "major.minor".
-pub fn version() -> Result<String, NoCuda> {
-    let (major, minor) = nvrtc()?.version();
-    Ok(format!("{major}.{minor}"))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -294,12 +294,12 @@ impl GpuDevice {
 
 /// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) the tensor-core decode
 /// kernel stages (`MH_WIDTH` in mla.cu).
-pub const MLA_STAGED_MAX_WIDTH: usize = 576;
+const MLA_STAGED_MAX_WIDTH: usize = 576;
 
 /// Which MLA decode kernel serves a call: per the pool's type and the latent's shape, the
 /// fastest one whose limits it meets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MlaDecodeKernel {
+enum MlaDecodeKernel {
     /// `mla_decode_mma_bf16`: 16 heads per block on the tensor cores (BF16 pools, width a
     /// multiple of 16, c a multiple of 8 up to 512).
     TensorCores,
@@ -308,7 +308,7 @@ pub enum MlaDecodeKernel {
 }
 
 impl MlaDecodeKernel {
-    pub fn for_shape(bf16: bool, s: &MlaDecodeShape) -> Self {
+    fn for_shape(bf16: bool, s: &MlaDecodeShape) -> Self {
         let staged = bf16 && s.width <= MLA_STAGED_MAX_WIDTH;
         if staged && s.width.is_multiple_of(16) && s.c.is_multiple_of(8) && s.c <= 512 {
             MlaDecodeKernel::TensorCores
@@ -317,7 +317,7 @@ impl MlaDecodeKernel {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             MlaDecodeKernel::TensorCores => "mla_decode_mma_bf16",
             MlaDecodeKernel::PerHead { bf16: true } => "mla_decode_partial_bf16",
@@ -325,14 +325,14 @@ impl MlaDecodeKernel {
         }
     }
 
-    pub fn heads_per_block(self) -> usize {
+    fn heads_per_block(self) -> usize {
         match self {
             MlaDecodeKernel::TensorCores => 16,
             MlaDecodeKernel::PerHead { .. } => 1,
         }
     }
 
-    pub fn threads(self) -> u32 {
+    fn threads(self) -> u32 {
         match self {
             MlaDecodeKernel::TensorCores => 256,
             MlaDecodeKernel::PerHead { .. } => 128,

@@ -72,6 +72,20 @@ impl GpuDevice {
         })
     }
 
+    /// A device buffer of `n` values with undefined contents, for outputs a kernel writes
+    /// in full (no memset launch before it).
+    pub fn scratch<T: cudarc::driver::DeviceRepr>(
+        &self,
+        what: &str,
+        n: usize,
+    ) -> Result<CudaSlice<T>, NoCuda> {
+        // SAFETY: device memory the host never reads before the caller's kernel writes
+        // every value of it.
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| NoCuda {
+            reason: format!("allocating {what} ({n} values) on the GPU failed: {e}"),
+        })
+    }
+
     /// A zeroed device buffer of `n` values.
     pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,

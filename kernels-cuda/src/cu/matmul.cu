@@ -73,7 +73,8 @@ __device__ __forceinline__ void f32_load8(const float* w, int cols, int r, int k
 // INT4 rows: lane L reads packed words L, L + 32, ... (each warp load is 128 contiguous
 // bytes of the row, and the activations each word meets are 32 contiguous bytes per lane,
 // so both stay coalesced), eight words in flight per lane. Activations must be 16-byte
-// aligned (they are read as float4); otherwise the 8-value path above is taken. Every
+// aligned (they are read as float4): the GEMV's always are, and int4_row_dot, whose rows
+// lie inside a larger buffer, checks and otherwise takes the 8-value path above. Every
 // token's accumulator stays in a register (the token loop is unrolled to GEMV_TOKENS).
 #define INT4_WORDS_IN_FLIGHT 8
 
