@@ -178,14 +178,22 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
         return;
     };
     let s = &d.stream;
-    // gate/up 2048x7168 and down 7168x2048, for decode (1, 8 tokens) and prefill (512).
-    for (rows, cols) in [(2048usize, 7168usize), (7168, 2048)] {
+    // gate/up 2048x7168 and down 7168x2048, for decode (1, 3, 8 tokens), the tensor-core
+    // range (20, 40: part-filled tiles and blocks) and prefill (512); rows that leave a
+    // part-filled block, columns dealt unevenly to the warps, and groups of 128.
+    for (rows, cols, group) in [
+        (2048usize, 7168usize, 32usize),
+        (7168, 2048, 32),
+        (100, 544, 32),
+        (60, 1024, 128),
+    ] {
+        let big = rows * cols > 1 << 20;
         let packed_bytes = bytes(rows * cols / 2, 9);
         let packed: Vec<u32> = packed_bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let scales: Vec<u16> = values(rows * cols / 32, 10)
+        let scales: Vec<u16> = values(rows * cols / group, 10)
             .iter()
             .map(|v| half::bf16::from_f32(0.01 + v.abs() * 0.01).to_bits())
             .collect();
@@ -194,8 +202,8 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
         for r in 0..rows {
             decode_int4_row(
                 &packed_bytes[r * cols / 2..(r + 1) * cols / 2],
-                &scale_bytes[r * cols / 32 * 2..(r + 1) * cols / 32 * 2],
-                32,
+                &scale_bytes[r * cols / group * 2..(r + 1) * cols / group * 2],
+                group,
                 &mut dense[r * cols..(r + 1) * cols],
             );
         }
@@ -203,7 +211,12 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
             s.memcpy_stod(&packed).unwrap(),
             s.memcpy_stod(&scales).unwrap(),
         );
-        for tokens in [1usize, 8, 512] {
+        let token_counts: &[usize] = if big {
+            &[1, 8, 40, 512]
+        } else {
+            &[1, 3, 9, 17, 40, 300]
+        };
+        for &tokens in token_counts {
             let x = values(tokens * cols, 11 + tokens as u64);
             let mut want = vec![0.0f32; tokens * rows];
             for t in 0..tokens {
@@ -216,25 +229,26 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
                 }
             }
             let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
-            d.int4_matmul(
-                &gp,
-                &gs,
-                &s.memcpy_stod(&x).unwrap(),
-                &mut y,
-                rows,
-                cols,
-                32,
-                tokens,
-            )
-            .unwrap();
+            let gx = s.memcpy_stod(&x).unwrap();
+            d.int4_matmul(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
+                .unwrap();
             let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
-            eprintln!("int4 {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
+            eprintln!("int4 {rows}x{cols} g{group} tokens {tokens}: rel L2 {err:.2e}");
             assert!(err < 1e-4);
+            // The CUDA-core kernels, which shapes outside the tensor-core kernels' take.
+            if tokens <= 8 || !big {
+                let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+                d.int4_matmul_cuda_cores(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
+                    .unwrap();
+                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
+                eprintln!("int4 CUDA cores {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
+                assert!(err < 1e-4);
+            }
             // Prefill sizes through cuBLAS (the weight as an exact BF16 pair), where
             // libcublas loads; the same accuracy is owed.
             let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
             let x = s.memcpy_stod(&x).unwrap();
-            if d.int4_matmul_blas(&gp, &gs, &x, &mut y, (rows, cols, tokens), 32)
+            if d.int4_matmul_blas(&gp, &gs, &x, &mut y, (rows, cols, tokens), group)
                 .unwrap()
             {
                 let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);

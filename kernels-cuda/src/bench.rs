@@ -7,7 +7,9 @@
 
 use crate::blas::{bf16_gemm, BLAS_MIN_TOKENS};
 use crate::device::GpuDevice;
-use crate::ops::{LatentPool, MlaDecodeShape};
+use crate::ops::{
+    GroupedExperts, LatentPool, MlaDecodeShape, INT4_TC_MAX_TOKENS, INT4_TC_MIN_TOKENS,
+};
 use crate::NoCuda;
 use std::fmt::Write;
 
@@ -184,7 +186,7 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
     }
     let _ = writeln!(
         s,
-        "\nINT4 expert matmul (TFLOP/s)    INT4 kernel  INT4 cuBLAS  cuBLAS BF16  served/BF16  kernel weight GB/s (of copy bw)  split-BF16"
+        "\nINT4 expert matmul (TFLOP/s)  tensor-core    CUDA-core  INT4 cuBLAS  cuBLAS BF16  served/BF16  tensor-core weight GB/s (of copy bw)  split-BF16"
     );
     for (rows, cols) in [(2048usize, 7168usize), (7168, 2048)] {
         let int4_bytes = (rows * cols / 2 + rows * cols / 32 * 2) as f64;
@@ -213,7 +215,7 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
                 d.upload("BF16 weights", &wb)
             })
             .collect::<Result<Vec<_>, NoCuda>>()?;
-        for tokens in [1usize, 8, 128, 512, 2048] {
+        for tokens in [1usize, 8, 32, 128, 256, 512, 2048] {
             let xf = values(tokens * cols, 6);
             let x = d.upload("x", &xf)?;
             let xb: Vec<u16> = xf.iter().map(|v| bf16_bits(*v)).collect();
@@ -221,15 +223,24 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
             let mut y = d.zeros::<f32>("y", tokens * rows)?;
             let t4 = best_seconds(&d, repeats, int4_copies, |k| {
                 let (packed, scales) = &int4[k];
-                d.int4_matmul(packed, scales, &x, &mut y, rows, cols, 32, tokens)
+                d.int4_tc_matmul(packed, scales, &x, &mut y, rows, cols, 32, tokens)
+            })?;
+            let tcuda = best_seconds(&d, repeats, int4_copies, |k| {
+                let (packed, scales) = &int4[k];
+                d.int4_matmul_cuda_cores(packed, scales, &x, &mut y, rows, cols, 32, tokens)
             })?;
             let flops = 2.0 * (rows * cols * tokens) as f64;
             let shape = (rows, cols, tokens);
             let tflops = |t: f64| format!("{:>10.2}", flops / t / 1e12);
             let dash = || format!("{:>10}", "-");
-            // What the backend serves at this size: the kernel, or from BLAS_MIN_TOKENS
-            // the BF16-pair expansion through cuBLAS.
-            let mut served = t4;
+            // What the backend serves at this size: the CUDA-core GEMV for one token, the
+            // tensor-core kernel up to INT4_TC_MAX_TOKENS, the BF16 pair through cuBLAS
+            // above.
+            let mut served = if tokens < INT4_TC_MIN_TOKENS {
+                tcuda
+            } else {
+                t4
+            };
             let (pair, bf16, split) = match blas {
                 Some(blas) => {
                     let pair = if tokens >= BLAS_MIN_TOKENS {
@@ -238,7 +249,9 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
                             d.int4_matmul_blas(packed, scales, &x, &mut y, shape, 32)
                                 .map(|_| ())
                         })?;
-                        served = tp;
+                        if tokens > INT4_TC_MAX_TOKENS {
+                            served = tp;
+                        }
                         tflops(tp)
                     } else {
                         dash()
@@ -260,12 +273,98 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
             let weight_rate = int4_bytes / t4;
             let _ = writeln!(
                 s,
-                "  {rows}x{cols}, {tokens:>4} tokens  {}  {pair}  {bf16}  {:>8.1} ({:>4.1}%)  {split}",
+                "  {rows}x{cols}, {tokens:>4} tokens  {}  {}  {pair}  {bf16}  {:>8.1} ({:>4.1}%)  {split}",
                 tflops(t4),
+                tflops(tcuda),
                 weight_rate / 1e9,
                 weight_rate / bw * 100.0
             );
         }
     }
+    grouped_experts(&d, repeats, bw, &mut s)?;
     Ok(s)
+}
+
+/// A K2 MoE layer's routed experts for decode (hidden 7168, intermediate 2048, INT4 group
+/// 32, 8 experts a token) through the grouped launches, tensor cores against CUDA cores:
+/// the bytes of the distinct experts read per call against the copy bandwidth.
+fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Result<(), NoCuda> {
+    let (hidden, inter, per_token) = (7168usize, 2048usize, 8usize);
+    let _ = writeln!(
+        s,
+        "\nK2 routed experts, grouped (decode)       GB/s (of copy bw)"
+    );
+    let words = hidden * inter / 8;
+    let groups = hidden * inter / 32;
+    let expert_bytes = 3 * (words * 4 + groups * 2);
+    for tokens in [1usize, 8] {
+        // Each token its own 8 experts (a worst case for reuse, and usual at 384 experts).
+        let slots = tokens * per_token;
+        let copies = copies_for(slots * expert_bytes);
+        let mut weights = Vec::new();
+        let mut tables = Vec::new();
+        for k in 0..copies {
+            let mut addrs = vec![0u64; 6 * slots];
+            for e in 0..slots {
+                for (m, seed) in [(0usize, 1u64), (1, 2), (2, 3)] {
+                    let packed: Vec<u32> = values(words, 1000 * k as u64 + 10 * e as u64 + seed)
+                        .iter()
+                        .map(|v| v.to_bits() ^ 0x9E37_79B9)
+                        .collect();
+                    let scales: Vec<u16> = values(groups, 7)
+                        .iter()
+                        .map(|v| bf16_bits(0.01 + v.abs() * 0.01))
+                        .collect();
+                    let p = d.upload("expert weights", &packed)?;
+                    let sc = d.upload("expert scales", &scales)?;
+                    addrs[2 * m * slots + e] = device_address(d, &p);
+                    addrs[(2 * m + 1) * slots + e] = device_address(d, &sc);
+                    weights.push((p, sc));
+                }
+            }
+            tables.push(d.upload("expert table", &addrs)?);
+        }
+        let mut index = Vec::new();
+        for t in 0..tokens {
+            for j in 0..per_token {
+                index.extend_from_slice(&[t as i32, (t * per_token + j) as i32]);
+            }
+        }
+        index.extend((0..=tokens).map(|t| (t * per_token) as i32));
+        let index = d.upload("pairs", &index)?;
+        let route = d.upload("routing weights", &vec![0.125f32; slots])?;
+        let x = d.upload("x", &values(tokens * hidden, 8))?;
+        let mut out = d.zeros::<f32>("out", tokens * hidden)?;
+        let t = best_seconds(d, repeats, copies, |k| {
+            let g = GroupedExperts {
+                experts: &tables[k],
+                slots,
+                index: &index,
+                weights: &route,
+                pairs: slots,
+                tokens,
+                hidden,
+                inter,
+                group: 32,
+            };
+            d.grouped_int4_experts(&g, &x, &mut out)
+        })?;
+        let rate = (slots * expert_bytes) as f64 / t;
+        let _ = writeln!(
+            s,
+            "  {tokens} token(s) x {per_token} experts                  {:>8.1} ({:>4.1}%)",
+            rate / 1e9,
+            rate / bw * 100.0
+        );
+    }
+    Ok(())
+}
+
+fn device_address(
+    d: &GpuDevice,
+    buf: &cudarc::driver::CudaSlice<impl cudarc::driver::DeviceRepr>,
+) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let (p, _sync) = buf.device_ptr(&d.stream);
+    p
 }

@@ -94,6 +94,14 @@ impl GpuDevice {
                 functions.insert(k, f);
             }
         }
+        // Kernels that take more dynamic shared memory than the default 48 KiB opt in.
+        if let Some(f) = functions.get("mla_decode_tc_bf16") {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                crate::ops::MLA_TC_SHARED_BYTES as i32,
+            )
+            .map_err(|e| no_cuda(format!("cannot give mla_decode_tc_bf16 its shared memory: {e}")))?;
+        }
         Ok(GpuDevice {
             stream,
             ctx,

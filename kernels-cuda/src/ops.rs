@@ -24,6 +24,26 @@ pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig
 /// the tiled GEMM.
 pub const GEMV_MAX_TOKENS: usize = 8;
 
+/// The token range of the INT4 tensor-core kernels. One token stays on the CUDA-core
+/// GEMV, which reads the weights faster (an H200: 668 against 592 GB/s for a K2 gate
+/// projection); from 2 tokens the tensor cores win (8 tokens: 2.7x); above 256 tokens
+/// cuBLAS's BF16 pair overtakes them (512 tokens: 64 against 61 TFLOP/s).
+pub const INT4_TC_MIN_TOKENS: usize = 2;
+pub const INT4_TC_MAX_TOKENS: usize = 256;
+
+/// Threads of an INT4 tensor-core block (`TC_WARPS` warps in matmul.cu).
+const INT4_TC_THREADS: u32 = 16 * 32;
+
+/// Whether an INT4 weight of `cols` columns in groups of `group` suits the tensor-core
+/// kernels: they take columns in units of 32 that must each lie inside one scale group.
+pub fn int4_tc_fits(cols: usize, group: usize) -> bool {
+    cols > 0
+        && group > 0
+        && cols.is_multiple_of(32)
+        && group.is_multiple_of(32)
+        && cols.is_multiple_of(group)
+}
+
 pub(crate) fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
@@ -135,9 +155,33 @@ impl GpuDevice {
             .map_err(|e| launch_err("route_topk", e))
     }
 
-    /// `y[t, r] = sum_k W[r, k] x[t, k]` for an INT4 pack-quantized weight.
+    /// `y[t, r] = sum_k W[r, k] x[t, k]` for an INT4 pack-quantized weight: on the tensor
+    /// cores (nibbles widened in registers) where the shape allows and the tokens are at
+    /// most [`INT4_TC_MAX_TOKENS`], else the CUDA-core GEMV (up to [`GEMV_MAX_TOKENS`]) or
+    /// tiled GEMM.
     #[allow(clippy::too_many_arguments)]
     pub fn int4_matmul(
+        &self,
+        packed: &CudaSlice<u32>,
+        scales: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        tokens: usize,
+    ) -> Result<(), NoCuda> {
+        if (INT4_TC_MIN_TOKENS..=INT4_TC_MAX_TOKENS).contains(&tokens) && int4_tc_fits(cols, group)
+        {
+            return self.int4_tc_matmul(packed, scales, x, y, rows, cols, group, tokens);
+        }
+        self.int4_matmul_cuda_cores(packed, scales, x, y, rows, cols, group, tokens)
+    }
+
+    /// [`int4_matmul`](Self::int4_matmul) on the CUDA cores only: the GEMV up to
+    /// [`GEMV_MAX_TOKENS`], the tiled GEMM above.
+    #[allow(clippy::too_many_arguments)]
+    pub fn int4_matmul_cuda_cores(
         &self,
         packed: &CudaSlice<u32>,
         scales: &CudaSlice<u16>,
@@ -177,6 +221,82 @@ impl GpuDevice {
                 .map(|_| ())
                 .map_err(|e| launch_err("int4_gemm", e))
         }
+    }
+
+    /// Activations `[tokens, cols]` split into BF16 hi + lo in the order the INT4
+    /// tensor-core kernels read them (`int4_tc_split_x` in matmul.cu).
+    fn int4_tc_split(
+        &self,
+        x: &CudaSlice<f32>,
+        tokens: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<u32>, NoCuda> {
+        if tokens * cols > x.len() {
+            return Err(NoCuda {
+                reason: format!(
+                    "int4_tc_split_x: {tokens} tokens of {cols} values, but x holds {}",
+                    x.len()
+                ),
+            });
+        }
+        let tiles = tokens.div_ceil(8);
+        let entries = tiles * (cols / 32) * 32;
+        // Two uint4 (eight words) per entry, every one written by the kernel.
+        let mut xs = self.scratch::<u32>("split activations", entries * 8)?;
+        let f = self.function("int4_tc_split_x")?;
+        let (t, c) = (tokens as i32, cols as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(&mut xs).arg(&t).arg(&c);
+        // SAFETY: x holds tokens * cols values; xs holds `entries` pairs of uint4.
+        unsafe { b.launch(cfg((blocks_for(entries, 256), 1, 1), (256, 1, 1))) }
+            .map_err(|e| launch_err("int4_tc_split_x", e))?;
+        Ok(xs)
+    }
+
+    /// The INT4 product on the tensor cores (see [`int4_tc_fits`] for the shapes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn int4_tc_matmul(
+        &self,
+        packed: &CudaSlice<u32>,
+        scales: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        tokens: usize,
+    ) -> Result<(), NoCuda> {
+        if !int4_tc_fits(cols, group) {
+            return Err(NoCuda {
+                reason: format!(
+                    "the INT4 tensor-core product needs columns and group multiples of 32, \
+                     got {cols} columns in groups of {group}"
+                ),
+            });
+        }
+        if tokens == 0 || rows == 0 {
+            return Ok(());
+        }
+        let xs = self.int4_tc_split(x, tokens, cols)?;
+        let tiles = tokens.div_ceil(8);
+        let (name, per_block) = match tiles {
+            1 => ("int4_tc_matmul_1", 1),
+            2 => ("int4_tc_matmul_2", 2),
+            _ => ("int4_tc_matmul_4", 4),
+        };
+        let f = self.function(name)?;
+        let ints = [rows as i32, cols as i32, group as i32, tokens as i32];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(packed).arg(scales).arg(&xs).arg(y);
+        for a in &ints {
+            b.arg(a);
+        }
+        let grid = (blocks_for(rows, 16), blocks_for(tiles, per_block), 1);
+        // SAFETY: 16 rows and `per_block` tiles of 8 tokens per block, bounds checked in
+        // the kernel; xs was split for `tokens` tokens of `cols` columns.
+        unsafe { b.launch(cfg(grid, (INT4_TC_THREADS, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err(name, e))
     }
 
     /// `y[t, r] = sum_k W[r, k] x[t, k]` for an FP8 E4M3 block-scaled weight.
@@ -240,16 +360,12 @@ impl GpuDevice {
         }
         let kernel = MlaDecodeKernel::for_shape(matches!(pool, LatentPool::Bf16(_)), &s);
         let head_blocks = s.heads.div_ceil(kernel.heads_per_block());
-        let (splits, chunk) = decode_splits(max_len, s.seqs * head_blocks);
+        let (splits, chunk) = kernel.splits(max_len, s.seqs * head_blocks);
         let slots = s.seqs * s.heads * splits;
-        let alloc = |n| {
-            self.stream
-                .alloc_zeros::<f32>(n)
-                .map_err(|e| launch_err("mla_decode (scratch)", e))
-        };
-        let mut part_out = alloc(slots * s.c)?;
-        let mut part_max = alloc(slots)?;
-        let mut part_sum = alloc(slots)?;
+        // Every split writes its slots in full (zeros for an empty one).
+        let mut part_out = self.scratch::<f32>("MLA decode partial sums", slots * s.c)?;
+        let mut part_max = self.scratch::<f32>("MLA decode partial maxima", slots)?;
+        let mut part_sum = self.scratch::<f32>("MLA decode partial sums", slots)?;
         let f = self.function(kernel.name())?;
         let ints = [
             s.max_blocks as i32,
@@ -273,11 +389,13 @@ impl GpuDevice {
             .arg(&mut part_out)
             .arg(&mut part_max)
             .arg(&mut part_sum);
-        let grid = (head_blocks as u32, splits as u32, s.seqs as u32);
-        let threads = kernel.threads();
+        let launch = LaunchConfig {
+            grid_dim: (head_blocks as u32, splits as u32, s.seqs as u32),
+            block_dim: (kernel.threads(), 1, 1),
+            shared_mem_bytes: kernel.dynamic_shared_bytes(),
+        };
         // SAFETY: tables and lengths describe blocks inside the pool.
-        unsafe { b.launch(cfg(grid, (threads, 1, 1))) }
-            .map_err(|e| launch_err("mla_decode_partial", e))?;
+        unsafe { b.launch(launch) }.map_err(|e| launch_err(kernel.name(), e))?;
         let f = self.function("mla_decode_combine")?;
         let ints = [s.c as i32, s.heads as i32, splits as i32];
         let mut b = self.stream.launch_builder(f);
@@ -293,15 +411,20 @@ impl GpuDevice {
 }
 
 /// The widest latent row (`kv_lora_rank + qk_rope_head_dim`) the tensor-core decode
-/// kernel stages (`MH_WIDTH` in mla.cu).
-const MLA_STAGED_MAX_WIDTH: usize = 576;
+/// kernel stages (`MT_WIDTH` in mla.cu), and the most value columns it keeps (`MT_VALUES`).
+const MLA_TC_MAX_WIDTH: usize = 576;
+const MLA_TC_MAX_VALUES: usize = 512;
+
+/// Dynamic shared memory of `mla_decode_tc_bf16`: two stages of 32 latent rows of
+/// `MT_ROW_WORDS` (292) words.
+pub(crate) const MLA_TC_SHARED_BYTES: u32 = 2 * 32 * (MLA_TC_MAX_WIDTH as u32 / 2 + 4) * 4;
 
 /// Which MLA decode kernel serves a call: per the pool's type and the latent's shape, the
 /// fastest one whose limits it meets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MlaDecodeKernel {
-    /// `mla_decode_mma_bf16`: 16 heads per block on the tensor cores (BF16 pools, width a
-    /// multiple of 16, c a multiple of 8 up to 512).
+    /// `mla_decode_tc_bf16`: 16 heads per block on the tensor cores (BF16 pools, width a
+    /// multiple of 16 up to 576, c a multiple of 8 up to 512).
     TensorCores,
     /// `mla_decode_partial(_bf16)`: one head per block, any shape with c <= 512.
     PerHead { bf16: bool },
@@ -309,8 +432,12 @@ enum MlaDecodeKernel {
 
 impl MlaDecodeKernel {
     fn for_shape(bf16: bool, s: &MlaDecodeShape) -> Self {
-        let staged = bf16 && s.width <= MLA_STAGED_MAX_WIDTH;
-        if staged && s.width.is_multiple_of(16) && s.c.is_multiple_of(8) && s.c <= 512 {
+        if bf16
+            && s.width <= MLA_TC_MAX_WIDTH
+            && s.width.is_multiple_of(16)
+            && s.c.is_multiple_of(8)
+            && s.c <= MLA_TC_MAX_VALUES
+        {
             MlaDecodeKernel::TensorCores
         } else {
             MlaDecodeKernel::PerHead { bf16 }
@@ -319,7 +446,7 @@ impl MlaDecodeKernel {
 
     fn name(self) -> &'static str {
         match self {
-            MlaDecodeKernel::TensorCores => "mla_decode_mma_bf16",
+            MlaDecodeKernel::TensorCores => "mla_decode_tc_bf16",
             MlaDecodeKernel::PerHead { bf16: true } => "mla_decode_partial_bf16",
             MlaDecodeKernel::PerHead { bf16: false } => "mla_decode_partial",
         }
@@ -333,9 +460,24 @@ impl MlaDecodeKernel {
     }
 
     fn threads(self) -> u32 {
+        128
+    }
+
+    fn dynamic_shared_bytes(self) -> u32 {
         match self {
-            MlaDecodeKernel::TensorCores => 256,
-            MlaDecodeKernel::PerHead { .. } => 128,
+            MlaDecodeKernel::TensorCores => MLA_TC_SHARED_BYTES,
+            MlaDecodeKernel::PerHead { .. } => 0,
+        }
+    }
+
+    /// Splits of the context: the one-head kernel wants many small blocks; the
+    /// tensor-core kernel's blocks are large (two per multiprocessor), and each split
+    /// writes 16 heads' partial sums, so it aims at a few waves of blocks over pieces of at
+    /// least 64 keys (two tiles).
+    fn splits(self, max_len: usize, query_blocks: usize) -> (usize, usize) {
+        match self {
+            MlaDecodeKernel::TensorCores => decode_splits_for(max_len, query_blocks, 512, 64),
+            MlaDecodeKernel::PerHead { .. } => decode_splits(max_len, query_blocks),
         }
     }
 }
@@ -346,10 +488,19 @@ impl MlaDecodeKernel {
 /// a prefill chunk of many queries does not split, which also keeps the partial sums
 /// (`queries * heads * splits * latent` values) the size of the output.
 pub fn decode_splits(max_len: usize, query_heads: usize) -> (usize, usize) {
-    const TARGET_BLOCKS: usize = 2048;
-    const MIN_CHUNK: usize = 256;
-    let most = max_len.div_ceil(MIN_CHUNK).max(1);
-    let wanted = TARGET_BLOCKS.div_ceil(query_heads.max(1)).max(1);
+    decode_splits_for(max_len, query_heads, 2048, 256)
+}
+
+/// [`decode_splits`] for `query_blocks` blocks per split, aiming at `target_blocks`
+/// blocks in all with pieces of at least `min_chunk` keys.
+pub fn decode_splits_for(
+    max_len: usize,
+    query_blocks: usize,
+    target_blocks: usize,
+    min_chunk: usize,
+) -> (usize, usize) {
+    let most = max_len.div_ceil(min_chunk.max(1)).max(1);
+    let wanted = target_blocks.div_ceil(query_blocks.max(1)).max(1);
     let splits = most.min(wanted);
     (splits, max_len.div_ceil(splits).max(1))
 }
@@ -678,6 +829,7 @@ pub struct GroupedExperts<'a> {
     pub index: &'a CudaSlice<i32>,
     pub weights: &'a CudaSlice<f32>,
     pub pairs: usize,
+    /// Tokens the pairs name (the offsets' count less one).
     pub tokens: usize,
     pub hidden: usize,
     pub inter: usize,
@@ -696,50 +848,13 @@ impl GpuDevice {
         if g.pairs == 0 {
             return Ok(());
         }
-        let alloc = |n| {
-            self.stream
-                .alloc_zeros::<f32>(n)
-                .map_err(|e| launch_err("grouped experts (scratch)", e))
-        };
-        let mut h = alloc(g.pairs * g.inter)?;
-        let mut y = alloc(g.pairs * g.hidden)?;
-        let (slots, hidden, inter, group) = (
-            g.slots as i32,
-            g.hidden as i32,
-            g.inter as i32,
-            g.group as i32,
-        );
+        // Both written in full by the launches below.
+        let mut h = self.scratch::<f32>("grouped experts' intermediate", g.pairs * g.inter)?;
+        let mut y = self.scratch::<f32>("grouped experts' outputs", g.pairs * g.hidden)?;
+        self.grouped_gate_up_down(g, x, &mut h, &mut y)?;
+        let hidden = g.hidden as i32;
         let pairs = g.index.slice(0..2 * g.pairs);
         let starts = g.index.slice(2 * g.pairs..2 * g.pairs + g.tokens + 1);
-        // Four warps per block, one weight row per warp.
-        let rows_grid = |rows: usize| (blocks_for(rows, 4), g.pairs as u32, 1);
-        let f = self.function("moe_gate_up_int4")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(g.experts)
-            .arg(&slots)
-            .arg(&pairs)
-            .arg(x)
-            .arg(&mut h)
-            .arg(&hidden)
-            .arg(&inter)
-            .arg(&group);
-        // SAFETY: every pair names a token row of x and a slot of `experts`, whose
-        // addresses are live INT4 weights of shape [inter, hidden].
-        unsafe { b.launch(cfg(rows_grid(g.inter), (128, 1, 1))) }
-            .map_err(|e| launch_err("moe_gate_up_int4", e))?;
-        let f = self.function("moe_down_int4")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(g.experts)
-            .arg(&slots)
-            .arg(&pairs)
-            .arg(&h)
-            .arg(&mut y)
-            .arg(&hidden)
-            .arg(&inter)
-            .arg(&group);
-        // SAFETY: as above, down weights of shape [hidden, inter].
-        unsafe { b.launch(cfg(rows_grid(g.hidden), (128, 1, 1))) }
-            .map_err(|e| launch_err("moe_down_int4", e))?;
         let f = self.function("moe_combine")?;
         let mut b = self.stream.launch_builder(f);
         b.arg(out)
@@ -755,9 +870,59 @@ impl GpuDevice {
     }
 }
 
+impl GpuDevice {
+    /// The gate/up and down launches of [`grouped_int4_experts`](Self::grouped_int4_experts):
+    /// one warp per weight row, each pair one token.
+    fn grouped_gate_up_down(
+        &self,
+        g: &GroupedExperts,
+        x: &CudaSlice<f32>,
+        h: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), NoCuda> {
+        let (slots, hidden, inter, group) = (
+            g.slots as i32,
+            g.hidden as i32,
+            g.inter as i32,
+            g.group as i32,
+        );
+        let pairs = g.index.slice(0..2 * g.pairs);
+        // Four warps per block, one weight row per warp.
+        let rows_grid = |rows: usize| (blocks_for(rows, 4), g.pairs as u32, 1);
+        let f = self.function("moe_gate_up_int4")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(g.experts)
+            .arg(&slots)
+            .arg(&pairs)
+            .arg(x)
+            .arg(&mut *h)
+            .arg(&hidden)
+            .arg(&inter)
+            .arg(&group);
+        // SAFETY: every pair names a token row of x and a slot of `experts`, whose
+        // addresses are live INT4 weights of shape [inter, hidden].
+        unsafe { b.launch(cfg(rows_grid(g.inter), (128, 1, 1))) }
+            .map_err(|e| launch_err("moe_gate_up_int4", e))?;
+        let f = self.function("moe_down_int4")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(g.experts)
+            .arg(&slots)
+            .arg(&pairs)
+            .arg(&*h)
+            .arg(y)
+            .arg(&hidden)
+            .arg(&inter)
+            .arg(&group);
+        // SAFETY: as above, down weights of shape [hidden, inter].
+        unsafe { b.launch(cfg(rows_grid(g.hidden), (128, 1, 1))) }
+            .map(|_| ())
+            .map_err(|e| launch_err("moe_down_int4", e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::decode_splits;
+    use super::{decode_splits, decode_splits_for};
 
     #[test]
     fn decode_splits_fill_the_gpu_without_growing_past_the_output() {
@@ -769,6 +934,10 @@ mod tests {
         // 64 sequences, or a prefill chunk, already fill the GPU: one piece each.
         assert_eq!(decode_splits(4096, 64 * 64), (1, 4096));
         assert_eq!(decode_splits(32768, 2048 * 64), (1, 32768));
+        // The tensor-core kernel's pieces: a few waves of 16-head blocks, at least 64 keys.
+        assert_eq!(decode_splits_for(32768, 4, 512, 64), (128, 256));
+        assert_eq!(decode_splits_for(4096, 64 * 4, 512, 64), (2, 2048));
+        assert_eq!(decode_splits_for(1000, 8, 512, 64), (16, 63));
         for (len, qh) in [(1, 1), (257, 3), (100_000, 7), (5000, 64)] {
             let (splits, chunk) = decode_splits(len, qh);
             assert!(splits * chunk >= len && chunk >= 1, "{len} {qh}");

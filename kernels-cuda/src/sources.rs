@@ -54,6 +54,10 @@ pub const MODULES: &[Module] = &[
             "moe_gate_up_int4",
             "moe_down_int4",
             "moe_combine",
+            "int4_tc_split_x",
+            "int4_tc_matmul_1",
+            "int4_tc_matmul_2",
+            "int4_tc_matmul_4",
         ],
     },
     Module {
@@ -62,7 +66,7 @@ pub const MODULES: &[Module] = &[
         kernels: &[
             "mla_decode_partial",
             "mla_decode_partial_bf16",
-            "mla_decode_mma_bf16",
+            "mla_decode_tc_bf16",
             "mla_decode_combine",
             "mla_prefill",
             "mla_absorb_queries",

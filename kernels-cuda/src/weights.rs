@@ -107,12 +107,15 @@ impl GpuDevice {
     ) -> Result<(), NoCuda> {
         let (rows, cols) = (w.rows, w.cols);
         match &w.data {
-            // Prefill-sized products on the tensor cores, when cuBLAS is there.
+            // Products beyond the INT4 tensor-core kernels' token range through cuBLAS
+            // (an exact BF16 pair of the weight), when it is there.
             DeviceData::Int4 {
                 packed,
                 scales,
                 group,
             } if tokens >= crate::blas::BLAS_MIN_TOKENS
+                && (tokens > crate::ops::INT4_TC_MAX_TOKENS
+                    || !crate::ops::int4_tc_fits(cols, *group))
                 && cols.is_multiple_of(8)
                 && self.int4_matmul_blas(packed, scales, x, y, (rows, cols, tokens), *group)? =>
             {

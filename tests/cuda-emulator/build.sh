@@ -18,8 +18,8 @@ for src in "$cu"/*.cu; do
         echo "#include \"$here/cuda_emu.h\""
         echo "#include \"$cu/prelude.cuh\""
         echo "#include \"$src\""
-        grep -oE 'extern "C" __global__ void [A-Za-z_0-9]+' "$src" |
-            awk '{print "EMU_KERNEL(" $5 ")"}'
+        grep -oE 'extern "C" __global__ void (__launch_bounds__\([^)]*\) )?[A-Za-z_0-9]+' "$src" |
+            awk '{print "EMU_KERNEL(" $NF ")"}'
     } >"$gen/$name.cpp"
 done
 

@@ -25,6 +25,8 @@ const dim3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 void sync_block();
+// The running block's dynamic shared memory (the launch's `sharedMemBytes`).
+void* dynamic_shared();
 // The value of `v` held by lane `src(lane)` of the calling warp, once every live lane
 // of the warp has arrived.
 uint64_t shuffle(uint64_t bits, int kind, int arg);
@@ -48,6 +50,7 @@ T shfl(T v, int kind, int arg) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))

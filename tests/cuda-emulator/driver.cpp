@@ -38,7 +38,7 @@
 
 namespace emu {
 void run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
-               dim3 block);
+               dim3 block, unsigned shared_bytes);
 const char* running_kernel();
 }  // namespace emu
 
@@ -57,6 +57,9 @@ struct Kernel {
     emu::Launcher launcher;
     emu::Snapshotter snapshot;
     unsigned long long launches = 0;
+    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: a launch may ask for more dynamic
+    // shared memory than 48 KiB only up to what the kernel was opted in to.
+    int max_dynamic_shared = 48 * 1024;
 };
 
 // The driver's state is never destroyed: the process may still free buffers and launch
@@ -776,12 +779,21 @@ API cuFuncGetAttribute(int* v, int attrib, void*) {
     *v = attrib == 0 ? 1024 : 0;  // max threads per block; sizes of nothing else
     return OK;
 }
-API cuFuncSetAttribute(void*, int, int) { return OK; }
+API cuFuncSetAttribute(void* f, int attrib, int value) {
+    auto* k = static_cast<Kernel*>(f);
+    if (!k) return INVALID_VALUE;
+    if (attrib == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (value < 0 || value > 227 * 1024) return INVALID_VALUE;
+        k->max_dynamic_shared = value;
+    }
+    return OK;
+}
 API cuFuncSetCacheConfig(void*, int) { return OK; }
 API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                    unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
     auto* k = static_cast<Kernel*>(f);
-    if (!k || extra || shared > 48 * 1024) return INVALID_VALUE;
+    if (!k || extra) return INVALID_VALUE;
+    if (shared > 48 * 1024 && (int)shared > k->max_dynamic_shared) return INVALID_VALUE;
     if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return INVALID_VALUE;
     unsigned threads = bx * by * bz;
     if (threads == 0 || threads > 1024) return INVALID_VALUE;
@@ -789,8 +801,8 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     auto ptrs = std::make_shared<std::vector<void*>>();
     std::shared_ptr<void> args = k->snapshot(params, *ptrs);
     emu::dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    enqueue(stream, [k, args, ptrs, grid, block] {
-        emu::run_launch(k->name.c_str(), k->fn, k->launcher, ptrs->data(), grid, block);
+    enqueue(stream, [k, args, ptrs, grid, block, shared] {
+        emu::run_launch(k->name.c_str(), k->fn, k->launcher, ptrs->data(), grid, block, shared);
     });
     return OK;
 }

@@ -18,6 +18,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -272,10 +273,21 @@ const char* running_kernel() { return active ? active->kernel : nullptr; }
 
 // Runs one launch to the end; the driver has checked its shape (at most MAX_THREADS
 // threads per block).
+// The launch's dynamic shared memory (`extern __shared__`), filled with 0xff bytes
+// before every block as a GPU leaves it holding whatever was there, so a kernel that
+// reads what it did not write sees NaN rather than zeros.
+std::vector<unsigned char>& dynamic_area() {
+    static std::vector<unsigned char> area;
+    return area;
+}
+
+void* dynamic_shared() { return dynamic_area().data(); }
+
 void run_launch(const char* kernel, void* fn, Launcher launcher, void** params, dim3 grid,
-               dim3 block) {
+               dim3 block, unsigned shared_bytes) {
     unsigned threads = block.x * block.y * block.z;
     std::lock_guard<std::mutex> guard(launch_lock());
+    dynamic_area().assign(shared_bytes + 16, 0xff);
     Block b;
     b.kernel = kernel;
     b.fn = fn;
@@ -292,6 +304,7 @@ void run_launch(const char* kernel, void* fn, Launcher launcher, void** params, 
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 b.block_idx = {x, y, z};
+                std::fill(dynamic_area().begin(), dynamic_area().end(), 0xff);
                 run_block(b);
             }
     active = outer;

@@ -47,7 +47,7 @@ done
 if command -v compute-sanitizer >/dev/null; then
     kernels="$(ls "$bin"/deps/gpu_kernels-* | head -1)"
     compute-sanitizer --tool racecheck "$kernels" mla_decode >"$logs/racecheck.log" 2>&1 || status=1
-    compute-sanitizer --tool memcheck "$kernels" mla_decode int4 >"$logs/memcheck.log" 2>&1 || status=1
+    compute-sanitizer --tool memcheck "$kernels" mla_decode int4 grouped >"$logs/memcheck.log" 2>&1 || status=1
     grep -h "SUMMARY" "$logs/racecheck.log" "$logs/memcheck.log"
 fi
 if python3 -c 'import openai, anthropic, pytest' 2>/dev/null; then

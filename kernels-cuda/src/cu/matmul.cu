@@ -366,3 +366,190 @@ extern "C" __global__ void moe_combine(float* out, const float* y, const float* 
         o[i] = acc;
     }
 }
+
+// ---- INT4 products on the tensor cores ---------------------------------------------------
+// y[t, r] = sum_k W[r, k] x[t, k] with W's nibbles widened in registers (no BF16 copy of
+// the weight) and multiplied on the tensor cores (m16n8k16, f32 accumulation):
+//  - a warp's 16 rows (g and g + 8 of the fragment) meet the columns in units of 32, one
+//    packed word per row from each of the quad's lanes q (word 4u + q); since a unit lies
+//    inside one scale group (groups are multiples of 32), its product is the exact integer
+//    sum over (nibble - 8) times x, scaled in f32 by the row's group scale;
+//  - the 8 values of a word enter two products, the slots of lane q taking nibbles
+//    (0, 4) and (1, 5), then (2, 6) and (3, 7), so one AND-OR and one packed FMA turn two
+//    nibbles into the BF16 pair (n - 8) the fragment wants;
+//  - activations enter as BF16 hi + lo (two products each, so f32 accuracy), split once
+//    per call by `int4_tc_split_x` into exactly the B fragments' order.
+// The columns are dealt to TC_WARPS warps (contiguous ranges of units), whose partial
+// sums meet in shared memory; a block makes 16 rows for 8 * NT tokens.
+
+#define TC_WARPS 16
+#define TC_UNROLL 8
+
+// xs: per tile of 8 tokens, per unit u of 32 columns, per token slot (0..8), per quad lane
+// q: two uint4 (hi, then lo) whose component c holds x[t][32u + 8q + c] in its low half
+// and x[t][32u + 8q + c + 4] in its high half. Slots past `tokens` are zero. One thread
+// per (tile, unit, slot, q).
+extern "C" __global__ void int4_tc_split_x(const float* x, uint4* xs, int tokens, int cols) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int units = cols / 32;
+    size_t tiles = (size_t)(tokens + 7) / 8;
+    if (i >= tiles * units * 32) return;
+    int q = (int)(i & 3), slot = (int)((i >> 2) & 7);
+    size_t rest = i >> 5;
+    int u = (int)(rest % units);
+    int t = (int)(rest / units) * 8 + slot;
+    float v[8];
+    #pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = t < tokens ? x[(size_t)t * cols + 32 * u + 8 * q + j] : 0.0f;
+    u32 hi[4], lo[4];
+    #pragma unroll
+    for (int c = 0; c < 4; c++) split_pair(v[c], v[c + 4], hi[c], lo[c]);
+    uint4 h = {hi[0], hi[1], hi[2], hi[3]}, l = {lo[0], lo[1], lo[2], lo[3]};
+    xs[2 * i] = h;
+    xs[2 * i + 1] = l;
+}
+
+// acc[nt] += this warp's share (units u0..u1) of rows row0 + g, row0 + g + 8 times the
+// tokens of n-tile nt (xs at the block's first tile).
+template <int NT>
+__device__ __forceinline__ void int4_tc_rows(const u32* packed, const u16* scales, int rows,
+                                             int cols, int group, int row0, const uint4* xs,
+                                             int u0, int u1, float acc[NT][4]) {
+    int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int units = cols / 32, groups = cols / group;
+    // Rows past the end read row 0 (their sums are never stored).
+    int ra = row0 + g < rows ? row0 + g : 0, rb = row0 + g + 8 < rows ? row0 + g + 8 : 0;
+    const u32* wa = packed + (size_t)ra * (cols / 8) + q;
+    const u32* wb = packed + (size_t)rb * (cols / 8) + q;
+    const u16* sa = scales + (size_t)ra * groups;
+    const u16* sb = scales + (size_t)rb * groups;
+    for (int u = u0; u < u1; u += TC_UNROLL) {
+        u32 word[TC_UNROLL][2];
+        u16 scale[TC_UNROLL][2];
+        #pragma unroll
+        for (int i = 0; i < TC_UNROLL; i++) {
+            int uu = u + i < u1 ? u + i : u0;
+            word[i][0] = __ldg(wa + 4 * uu);
+            word[i][1] = __ldg(wb + 4 * uu);
+            int s = 32 * uu / group;
+            scale[i][0] = __ldg(sa + s);
+            scale[i][1] = __ldg(sb + s);
+        }
+        #pragma unroll
+        for (int i = 0; i < TC_UNROLL; i++) {
+            if (u + i >= u1) break;
+            u32 a0[4] = {int4_pair_bf16(word[i][0]), int4_pair_bf16(word[i][1]),
+                         int4_pair_bf16(word[i][0] >> 4), int4_pair_bf16(word[i][1] >> 4)};
+            u32 a1[4] = {int4_pair_bf16(word[i][0] >> 8), int4_pair_bf16(word[i][1] >> 8),
+                         int4_pair_bf16(word[i][0] >> 12), int4_pair_bf16(word[i][1] >> 12)};
+            float s0 = bf16_to_f32(scale[i][0]), s1 = bf16_to_f32(scale[i][1]);
+            #pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const uint4* xp = xs + (((size_t)nt * units + u + i) * 32 + lane) * 2;
+                uint4 h = xp[0], l = xp[1];
+                float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                u32 b[2] = {h.x, h.y};
+                mma_bf16_16816(t, a0, b);
+                b[0] = l.x;
+                b[1] = l.y;
+                mma_bf16_16816(t, a0, b);
+                b[0] = h.z;
+                b[1] = h.w;
+                mma_bf16_16816(t, a1, b);
+                b[0] = l.z;
+                b[1] = l.w;
+                mma_bf16_16816(t, a1, b);
+                acc[nt][0] += s0 * t[0];
+                acc[nt][1] += s0 * t[1];
+                acc[nt][2] += s1 * t[2];
+                acc[nt][3] += s1 * t[3];
+            }
+        }
+    }
+}
+
+// Sums the warps' accumulators in shared memory; element (nt, e) of lane l of the result
+// is returned to thread e * 32 + l of warp nt (for threads below NT * 128), which returns
+// true with `out` its value.
+template <int NT>
+__device__ __forceinline__ bool int4_tc_reduce(float acc[NT][4], float* red, float& out) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    #pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) red[((warp * NT + nt) * 4 + e) * 32 + lane] = acc[nt][e];
+    __syncthreads();
+    int i = threadIdx.x;
+    if (i >= NT * 128) return false;
+    float v = 0.0f;
+    for (int w = 0; w < TC_WARPS; w++) v += red[w * NT * 128 + i];
+    out = v;
+    return true;
+}
+
+// Row and token of reduced element i = (nt * 4 + e) * 32 + lane of a block's 16 x 8 NT
+// tile (the m16n8 accumulator layout: rows g, g + 8, tokens 2q, 2q + 1).
+__device__ __forceinline__ void int4_tc_place(int i, int& row, int& token) {
+    int lane = i & 31, e = (i >> 5) & 3, nt = i >> 7;
+    row = (lane >> 2) + 8 * (e >> 1);
+    token = nt * 8 + 2 * (lane & 3) + (e & 1);
+}
+
+// grid (ceil(rows / 16), ceil(tiles / NT)), TC_WARPS warps. Needs cols % 32 == 0 and
+// group % 32 == 0 (and cols % group == 0).
+template <int NT>
+__device__ __forceinline__ void int4_tc_matmul(const u32* packed, const u16* scales,
+                                               const uint4* xs, float* y, int rows, int cols,
+                                               int group, int tokens) {
+    __shared__ float red[TC_WARPS * NT * 128];
+    int warp = threadIdx.x >> 5, units = cols / 32;
+    int row0 = blockIdx.x * 16, tile0 = blockIdx.y * NT;
+    float acc[NT][4];
+    #pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    int u0 = warp * units / TC_WARPS, u1 = (warp + 1) * units / TC_WARPS;
+    // n-tiles past the last are not read: their accumulators stay zero and unstored.
+    int tiles = (tokens + 7) / 8 - tile0;
+    const uint4* x0 = xs + (size_t)tile0 * units * 64;
+    if (tiles >= NT) {
+        int4_tc_rows<NT>(packed, scales, rows, cols, group, row0, x0, u0, u1, acc);
+    } else {
+        // A last block of fewer tiles: one tile at a time.
+        for (int nt = 0; nt < tiles; nt++) {
+            float one[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+            int4_tc_rows<1>(packed, scales, rows, cols, group, row0, x0 + (size_t)nt * units * 64,
+                            u0, u1, one);
+            #pragma unroll
+            for (int k = 0; k < NT; k++)
+                if (k == nt)
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) acc[k][e] = one[0][e];
+        }
+    }
+    float v;
+    if (int4_tc_reduce<NT>(acc, red, v)) {
+        int row, token;
+        int4_tc_place(threadIdx.x, row, token);
+        row += row0;
+        token += tile0 * 8;
+        if (row < rows && token < tokens) y[(size_t)token * rows + row] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_1(const u32* packed, const u16* scales,
+                                            const uint4* xs, float* y, int rows, int cols,
+                                            int group, int tokens) {
+    int4_tc_matmul<1>(packed, scales, xs, y, rows, cols, group, tokens);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_2(const u32* packed, const u16* scales,
+                                            const uint4* xs, float* y, int rows, int cols,
+                                            int group, int tokens) {
+    int4_tc_matmul<2>(packed, scales, xs, y, rows, cols, group, tokens);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_4(const u32* packed, const u16* scales,
+                                            const uint4* xs, float* y, int rows, int cols,
+                                            int group, int tokens) {
+    int4_tc_matmul<4>(packed, scales, xs, y, rows, cols, group, tokens);
+}

@@ -5,7 +5,7 @@
 // paged cache (pool [blocks, block_size, width], f32 or BF16, block table per sequence); values
 // are the first `c` latent values. Long contexts split over chunks of KV blocks
 // (`mla_decode_partial`, grid (heads, splits, seqs); over BF16 latents of K2-like widths
-// `mla_decode_mma_bf16`, 16 heads per block on the tensor cores), merged by
+// `mla_decode_tc_bf16`, 16 heads per block on the tensor cores), merged by
 // `mla_decode_combine`;
 // the host picks the split count so the grid fills the GPU without the partial sums
 // outgrowing memory.
@@ -111,109 +111,60 @@ extern "C" __global__ void mla_decode_partial_bf16(const float* q, const u16* po
                             heads, chunk, scale, part_out, part_max, part_sum);
 }
 
-// Staging for the tensor-core decode kernel below: tiles of MH_TOKENS latents copied
-// into shared memory as stored (pairs of BF16 in a word), fetched into registers 16 bytes
-// per lane while the previous tile is computed.
-#define MH_TOKENS 16
-#define MH_WIDTH 576
-// Words per staged latent row: 4 more than the widest row, so the eight tokens a warp
-// reads at once fall in distinct banks (and rows stay 16-byte aligned).
-#define MH_ROW_WORDS (MH_WIDTH / 2 + 4)
-// 16-byte pieces of a row each lane fetches, and tile tokens each warp fetches.
-#define MH_PIECES ((MH_WIDTH / 8 + 31) / 32)
-#define MH_TOKENS_PER_WARP (MH_TOKENS / 8)
+// ---- tensor-core MLA decode -------------------------------------------------------------
+// Grid (ceil(heads / 16), splits, seqs), MT_WARPS warps, MT_SHARED_BYTES of dynamic shared
+// memory. A block's 16 heads attend over its split in tiles of MT_TOKENS latents, copied
+// into shared memory asynchronously one tile ahead of the one being computed (two stages),
+// rows zero-filled past the end. The blocks of a sequence's head groups are neighbours in
+// the grid, so they run together and a tile comes from device memory once and from the L2
+// cache for the others.
+//  - Scores S = Q L^T: each warp owns a quarter of the width's 16-wide steps, its query
+//    fragments (hi and lo) held in registers for the whole split, and makes partial
+//    scores for all 16 heads x MT_TOKENS tokens; the four partials meet in shared memory.
+//  - Softmax: every warp sums the partials in the same order at exactly the positions
+//    its probability fragments need, so all warps hold the same probabilities.
+//  - Values O += P L: each warp owns a quarter of the c value columns (8-wide tiles) and
+//    keeps their accumulators in registers for the whole split.
+// Queries and probabilities enter as BF16 pairs hi + lo (two products each), the latents as
+// stored, so the sums keep f32 accuracy. Needs width % 16 == 0, width <= MT_WIDTH, c % 8
+// == 0 and c <= MT_VALUES.
+#define MT_TOKENS 32
+#define MT_WIDTH 576
+#define MT_VALUES 512
+#define MT_WARPS 4
+// Words per staged latent row: 4 more than the widest row, so the eight rows a fragment
+// load touches fall in distinct banks (and rows stay 16-byte aligned).
+#define MT_ROW_WORDS (MT_WIDTH / 2 + 4)
+#define MT_STAGE_WORDS (MT_TOKENS * MT_ROW_WORDS)
+#define MT_KSTEPS_PER_WARP ((MT_WIDTH / 16 + MT_WARPS - 1) / MT_WARPS)
+#define MT_TILES_PER_WARP (MT_VALUES / 8 / MT_WARPS)
+#define MT_NTILES (MT_TOKENS / 8)
 
-// Fetches this warp's tokens of the tile starting at t0 (end exclusive) into registers.
-__device__ __forceinline__ void mh_fetch(uint4 pre[MH_TOKENS_PER_WARP][MH_PIECES],
-                                         const u16* pool, const int* table, int block_size,
-                                         int width, int t0, int end) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Starts the copies of tokens t0..t0 + MT_TOKENS (those past `end` as zeros) into `stage`:
+// each warp a row at a time (one block-table lookup per row), lanes over its 16-byte pieces.
+__device__ __forceinline__ void mt_stage_tile(u32* stage, const u16* pool, const int* table,
+                                              int block_size, int width, int t0, int end) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int pieces = width / 8;
-    #pragma unroll
-    for (int j = 0; j < MH_TOKENS_PER_WARP; j++) {
-        int tok = t0 + warp + 8 * j;
-        const uint4* row = nullptr;
-        if (tok < end)
-            row = (const uint4*)(pool + ((size_t)table[tok / block_size] * block_size +
-                                         tok % block_size) * width);
-        #pragma unroll
-        for (int p = 0; p < MH_PIECES; p++) {
-            int piece = lane + 32 * p;
-            uint4 z = {0u, 0u, 0u, 0u};
-            pre[j][p] = (row && piece < pieces) ? __ldg(row + piece) : z;
-        }
+    for (int row = warp; row < MT_TOKENS; row += warps) {
+        int tok = t0 + row;
+        bool valid = tok < end;
+        const u16* src = pool;
+        if (valid) src = pool + ((size_t)table[tok / block_size] * block_size + tok % block_size) * width;
+        for (int piece = lane; piece < pieces; piece += 32)
+            cp_async16(stage + row * MT_ROW_WORDS + 4 * piece, valid ? src + 8 * piece : pool, valid);
     }
 }
 
-// ---- tensor-core MLA decode ------------------------------------------------------------
-// d += a * b for one m16n8k16 tile: a 16x16 row-major, b 16x8 column-major, both BF16
-// pairs in u32 registers laid out as PTX's mma.sync fragments, f32 accumulators.
-// Compiled by NVRTC it is the instruction itself; elsewhere (the CPU emulator) the same
-// fragments are gathered through shuffles and multiplied in f32.
-__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
-
-__device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const u32 b[2]) {
-#ifdef __CUDACC_RTC__
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    // Lane (g, q) = (lane / 4, lane % 4) holds a rows g and g + 8, columns 2q, 2q + 1
-    // (registers 0, 1) and 2q + 8, 2q + 9 (registers 2, 3); b rows 2q, 2q + 1 (register
-    // 0) and 2q + 8, 2q + 9 (register 1) of column g; d rows g, g + 8, columns 2q, 2q + 1.
-    int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    for (int kp = 0; kp < 8; kp++) {
-        int high = kp >> 2;
-        u32 r0 = __shfl_sync(0xffffffffu, a[2 * high], g * 4 + (kp & 3));
-        u32 r8 = __shfl_sync(0xffffffffu, a[2 * high + 1], g * 4 + (kp & 3));
-        u32 c0 = __shfl_sync(0xffffffffu, b[high], (2 * q) * 4 + (kp & 3));
-        u32 c1 = __shfl_sync(0xffffffffu, b[high], (2 * q + 1) * 4 + (kp & 3));
-        s0 += bf16_lo(r0) * bf16_lo(c0) + bf16_hi(r0) * bf16_hi(c0);
-        s1 += bf16_lo(r0) * bf16_lo(c1) + bf16_hi(r0) * bf16_hi(c1);
-        s2 += bf16_lo(r8) * bf16_lo(c0) + bf16_hi(r8) * bf16_hi(c0);
-        s3 += bf16_lo(r8) * bf16_lo(c1) + bf16_hi(r8) * bf16_hi(c1);
-    }
-    d[0] += s0;
-    d[1] += s1;
-    d[2] += s2;
-    d[3] += s3;
-#endif
-}
-
-// Two f32 as a BF16 pair (x0 in the low half), and their remainders after rounding.
-__device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo) {
-    u16 h0 = f32_to_bf16(x0), h1 = f32_to_bf16(x1);
-    u16 l0 = f32_to_bf16(x0 - bf16_to_f32(h0)), l1 = f32_to_bf16(x1 - bf16_to_f32(h1));
-    hi = (u32)h0 | ((u32)h1 << 16);
-    lo = (u32)l0 | ((u32)l1 << 16);
-}
-
-// MLA decode on the tensor cores: grid (ceil(heads / 16), splits, seqs), 256 threads. A
-// block's 16 heads read each tile of MH_TOKENS latents once. Scores S = Q L^T are m16n8k16 products with the width's
-// 16-wide steps dealt round-robin to the 8 warps (summed through shared memory); the
-// softmax runs on the accumulators; values O += P L take the latent columns' 8-wide tiles
-// round-robin. Queries and probabilities enter as BF16 pairs hi + lo (two products each),
-// the latents as stored, so the sums keep f32 accuracy. Needs width % 16 == 0, width <=
-// MH_WIDTH, c % 8 == 0 and c <= 512.
-#define MM_HEADS 16
-#define MM_KSTEPS_PER_WARP ((MH_WIDTH / 16 + 7) / 8)
-#define MM_TILES_PER_WARP (512 / 8 / 8)
-
-extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
-                                               const int* block_tables, const int* seq_lens,
-                                               int max_blocks, int block_size, int width, int c,
-                                               int heads, int chunk, float scale,
-                                               float* part_out, float* part_max,
-                                               float* part_sum) {
-    __shared__ __align__(16) u32 lat[MH_TOKENS * MH_ROW_WORDS];
-    __shared__ float partial[8 * MM_HEADS * MH_TOKENS];
-    int h0 = blockIdx.x * MM_HEADS, split = blockIdx.y, s = blockIdx.z;
+extern "C" __global__ void __launch_bounds__(MT_WARPS * 32) mla_decode_tc_bf16(
+    const float* q, const u16* pool, const int* block_tables, const int* seq_lens, int max_blocks,
+    int block_size, int width, int c, int heads, int chunk, float scale, float* part_out,
+    float* part_max, float* part_sum) {
+    DYNAMIC_SHARED(u32, lat);  // two stages of MT_TOKENS rows
+    __shared__ float partial[MT_WARPS * MT_NTILES * 4 * 32];  // [warp][n-tile][element][lane]
+    int h0 = blockIdx.x * 16, split = blockIdx.y, s = blockIdx.z;
     int splits = gridDim.y;
-    int nh = min(MM_HEADS, heads - h0);
+    int nh = min(16, heads - h0);
     int len = seq_lens[s];
     int start = split * chunk;
     int end = min(start + chunk, len);
@@ -228,20 +179,22 @@ extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
         return;
     }
     const int* table = block_tables + (size_t)s * max_blocks;
-    uint4 pre[MH_TOKENS_PER_WARP][MH_PIECES];
-    mh_fetch(pre, pool, table, block_size, width, start, end);
-    int ksteps = width / 16, ntiles = c / 8, pieces = width / 8;
+    mt_stage_tile(lat, pool, table, block_size, width, start, end);
+    cp_async_commit();
+    int ksteps = width / 16, ntiles = c / 8;
+    int k0 = warp * ksteps / MT_WARPS, k1 = (warp + 1) * ksteps / MT_WARPS;
+    int j0 = warp * ntiles / MT_WARPS, j1 = (warp + 1) * ntiles / MT_WARPS;
     // This warp's query fragments (rows g, g + 8 of the block's heads), hi and lo.
-    u32 qh[MM_KSTEPS_PER_WARP][4], ql[MM_KSTEPS_PER_WARP][4];
+    u32 qh[MT_KSTEPS_PER_WARP][4], ql[MT_KSTEPS_PER_WARP][4];
     #pragma unroll
-    for (int i = 0; i < MM_KSTEPS_PER_WARP; i++) {
-        int kk = warp + 8 * i;
+    for (int i = 0; i < MT_KSTEPS_PER_WARP; i++) {
+        int kk = k0 + i;
         #pragma unroll
         for (int r = 0; r < 4; r++) {
             int head = h0 + g + 8 * (r & 1);
             int col = 16 * kk + 2 * tq + 8 * (r >> 1);
             float x0 = 0.0f, x1 = 0.0f;
-            if (kk < ksteps && head < heads) {
+            if (kk < k1 && head < heads) {
                 const float* qr = q + ((size_t)s * heads + head) * width + col;
                 x0 = qr[0];
                 x1 = qr[1];
@@ -250,71 +203,68 @@ extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
         }
     }
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};  // rows g, g + 8
-    float acc[MM_TILES_PER_WARP][4];
+    float acc[MT_TILES_PER_WARP][4];
     #pragma unroll
-    for (int j = 0; j < MM_TILES_PER_WARP; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    const u16* lat16 = (const u16*)lat;
-    for (int t0 = start; t0 < end; t0 += MH_TOKENS) {
-        int n = min(MH_TOKENS, end - t0);
-        __syncthreads();  // the previous tile is done with `lat` and `partial`
-        #pragma unroll
-        for (int j = 0; j < MH_TOKENS_PER_WARP; j++) {
-            uint4* row = (uint4*)(lat + (warp + 8 * j) * MH_ROW_WORDS);
-            #pragma unroll
-            for (int p = 0; p < MH_PIECES; p++) {
-                int piece = lane + 32 * p;
-                if (piece < pieces) row[piece] = pre[j][p];
-            }
-        }
+    for (int j = 0; j < MT_TILES_PER_WARP; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int t0 = start, it = 0; t0 < end; t0 += MT_TOKENS, it++) {
+        int n = min(MT_TOKENS, end - t0);
+        if (t0 + MT_TOKENS < end)
+            mt_stage_tile(lat + ((it + 1) & 1) * MT_STAGE_WORDS, pool, table, block_size, width,
+                          t0 + MT_TOKENS, end);
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's copies (the next tile's may still run)
         __syncthreads();
-        if (t0 + MH_TOKENS < end)
-            mh_fetch(pre, pool, table, block_size, width, t0 + MH_TOKENS, end);
-        // This warp's share of the scores, tokens 8 nt + (0..8).
-        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        const u32* tile = lat + (it & 1) * MT_STAGE_WORDS;
+        // This warp's partial scores over its k-steps, tokens 8 nt + (0..8); the hi and
+        // lo products accumulate apart (two chains of dependent products, not one).
+        float sc[MT_NTILES][4], sl[MT_NTILES][4];
         #pragma unroll
-        for (int i = 0; i < MM_KSTEPS_PER_WARP; i++) {
-            int kk = warp + 8 * i;
-            if (kk >= ksteps) break;
+        for (int nt = 0; nt < MT_NTILES; nt++)
             #pragma unroll
-            for (int nt = 0; nt < 2; nt++) {
-                const u32* lr = lat + (8 * nt + g) * MH_ROW_WORDS + 8 * kk + tq;
+            for (int e = 0; e < 4; e++) sc[nt][e] = sl[nt][e] = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < MT_KSTEPS_PER_WARP; i++) {
+            int kk = k0 + i;
+            if (kk >= k1) break;
+            #pragma unroll
+            for (int nt = 0; nt < MT_NTILES; nt++) {
+                const u32* lr = tile + (8 * nt + g) * MT_ROW_WORDS + 8 * kk + tq;
                 u32 b[2] = {lr[0], lr[4]};
                 mma_bf16_16816(sc[nt], qh[i], b);
-                mma_bf16_16816(sc[nt], ql[i], b);
+                mma_bf16_16816(sl[nt], ql[i], b);
             }
         }
-        float* mine = partial + warp * MM_HEADS * MH_TOKENS;
         #pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            int col = 8 * nt + 2 * tq;
-            mine[g * MH_TOKENS + col] = sc[nt][0];
-            mine[g * MH_TOKENS + col + 1] = sc[nt][1];
-            mine[(g + 8) * MH_TOKENS + col] = sc[nt][2];
-            mine[(g + 8) * MH_TOKENS + col + 1] = sc[nt][3];
-        }
+        for (int nt = 0; nt < MT_NTILES; nt++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++)
+                partial[((warp * MT_NTILES + nt) * 4 + e) * 32 + lane] = sc[nt][e] + sl[nt][e];
         __syncthreads();
-        // Every warp sums the eight shares in the same order, so all hold equal scores.
-        float p[2][4];
+        // Whole scores at this lane's positions (rows g, g + 8; tokens 8 nt + 2 tq (+1)).
+        float p[MT_NTILES][4];
         #pragma unroll
-        for (int nt = 0; nt < 2; nt++)
+        for (int nt = 0; nt < MT_NTILES; nt++)
             #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int row = g + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
                 float v = 0.0f;
                 #pragma unroll
-                for (int w = 0; w < 8; w++) v += partial[w * MM_HEADS * MH_TOKENS + row * MH_TOKENS + col];
+                for (int w = 0; w < MT_WARPS; w++)
+                    v += partial[((w * MT_NTILES + nt) * 4 + e) * 32 + lane];
+                int col = 8 * nt + 2 * tq + (e & 1);
                 p[nt][e] = col < n ? v * scale : -INFINITY;
             }
         #pragma unroll
         for (int half = 0; half < 2; half++) {
             int e0 = 2 * half;
-            float tm = fmaxf(fmaxf(p[0][e0], p[0][e0 + 1]), fmaxf(p[1][e0], p[1][e0 + 1]));
+            float tm = -INFINITY;
+            #pragma unroll
+            for (int nt = 0; nt < MT_NTILES; nt++) tm = fmaxf(tm, fmaxf(p[nt][e0], p[nt][e0 + 1]));
             tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
             tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
             float nm = fmaxf(run_max[half], tm);
             float sum = 0.0f;
             #pragma unroll
-            for (int nt = 0; nt < 2; nt++)
+            for (int nt = 0; nt < MT_NTILES; nt++)
                 #pragma unroll
                 for (int e = e0; e < e0 + 2; e++) {
                     p[nt][e] = expf(p[nt][e] - nm);
@@ -326,35 +276,43 @@ extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
             run_sum[half] = run_sum[half] * r + sum;
             run_max[half] = nm;
             #pragma unroll
-            for (int j = 0; j < MM_TILES_PER_WARP; j++) {
+            for (int j = 0; j < MT_TILES_PER_WARP; j++) {
                 acc[j][e0] *= r;
                 acc[j][e0 + 1] *= r;
             }
         }
-        // Probabilities as the A operand: rows g, g + 8; tokens 2 tq (+8).
-        u32 ph[4], pl[4];
-        split_pair(p[0][0], p[0][1], ph[0], pl[0]);
-        split_pair(p[0][2], p[0][3], ph[1], pl[1]);
-        split_pair(p[1][0], p[1][1], ph[2], pl[2]);
-        split_pair(p[1][2], p[1][3], ph[3], pl[3]);
+        // Probabilities as A fragments, one per 16 tokens: rows g, g + 8; tokens 2 tq (+8).
+        u32 ph[MT_NTILES / 2][4], pl[MT_NTILES / 2][4];
         #pragma unroll
-        for (int jj = 0; jj < MM_TILES_PER_WARP; jj++) {
-            int j = warp + 8 * jj;
-            if (j >= ntiles) break;
-            int dn = 8 * j + g;
-            const int stride = 2 * MH_ROW_WORDS;
-            u32 b[2];
-            b[0] = (u32)lat16[(2 * tq) * stride + dn] | ((u32)lat16[(2 * tq + 1) * stride + dn] << 16);
-            b[1] = (u32)lat16[(2 * tq + 8) * stride + dn] |
-                   ((u32)lat16[(2 * tq + 9) * stride + dn] << 16);
-            mma_bf16_16816(acc[jj], ph, b);
-            mma_bf16_16816(acc[jj], pl, b);
+        for (int kt = 0; kt < MT_NTILES / 2; kt++) {
+            split_pair(p[2 * kt][0], p[2 * kt][1], ph[kt][0], pl[kt][0]);
+            split_pair(p[2 * kt][2], p[2 * kt][3], ph[kt][1], pl[kt][1]);
+            split_pair(p[2 * kt + 1][0], p[2 * kt + 1][1], ph[kt][2], pl[kt][2]);
+            split_pair(p[2 * kt + 1][2], p[2 * kt + 1][3], ph[kt][3], pl[kt][3]);
         }
+        const u16* tile16 = (const u16*)tile;
+        const int stride = 2 * MT_ROW_WORDS;
+        #pragma unroll
+        for (int jj = 0; jj < MT_TILES_PER_WARP; jj++) {
+            int j = j0 + jj;
+            if (j >= j1) break;
+            int dn = 8 * j + g;
+            #pragma unroll
+            for (int kt = 0; kt < MT_NTILES / 2; kt++) {
+                const u16* col = tile16 + (16 * kt + 2 * tq) * stride + dn;
+                u32 b[2];
+                b[0] = (u32)col[0] | ((u32)col[stride] << 16);
+                b[1] = (u32)col[8 * stride] | ((u32)col[9 * stride] << 16);
+                mma_bf16_16816(acc[jj], ph[kt], b);
+                mma_bf16_16816(acc[jj], pl[kt], b);
+            }
+        }
+        __syncthreads();  // this stage and `partial` are free for the next tile
     }
     #pragma unroll
-    for (int jj = 0; jj < MM_TILES_PER_WARP; jj++) {
-        int j = warp + 8 * jj;
-        if (j >= ntiles) break;
+    for (int jj = 0; jj < MT_TILES_PER_WARP; jj++) {
+        int j = j0 + jj;
+        if (j >= j1) break;
         int d = 8 * j + 2 * tq;
         if (g < nh) {
             size_t slot = ((size_t)s * heads + h0 + g) * splits + split;
@@ -380,24 +338,49 @@ extern "C" __global__ void mla_decode_mma_bf16(const float* q, const u16* pool,
     }
 }
 
-// out[s, h, :] from the splits' partial sums: one block per (head, sequence).
+// out[s, h, :] from the splits' partial sums: one block per (head, sequence). Each split's
+// weight exp(max_i - max) (zero for an empty split, whose partial sums are zeros) goes to
+// shared memory once, so the loop over splits is independent loads and FMAs.
+#define COMBINE_SPLITS 256
 extern "C" __global__ void mla_decode_combine(const float* part_out, const float* part_max,
                                               const float* part_sum, float* out, int c,
                                               int heads, int splits) {
+    __shared__ float weight[COMBINE_SPLITS];
+    __shared__ float scratch[32];
     int h = blockIdx.x, s = blockIdx.y;
     size_t base = ((size_t)s * heads + h) * splits;
     float m = -INFINITY;
-    for (int i = 0; i < splits; i++) m = fmaxf(m, part_max[base + i]);
+    for (int i = threadIdx.x; i < splits; i += blockDim.x) m = fmaxf(m, part_max[base + i]);
+    m = block_max(m, scratch);
     float denom = 0.0f;
-    for (int i = 0; i < splits; i++)
+    for (int i = threadIdx.x; i < splits; i += blockDim.x)
         if (part_sum[base + i] > 0.0f) denom += expf(part_max[base + i] - m) * part_sum[base + i];
+    denom = block_sum(denom, scratch);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // d = threadIdx.x + j * blockDim.x (c <= 4 * blockDim.x)
+    for (int i0 = 0; i0 < splits; i0 += COMBINE_SPLITS) {
+        int n = min(COMBINE_SPLITS, splits - i0);
+        __syncthreads();  // the previous round is done with `weight`
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            size_t at = base + i0 + i;
+            weight[i] = part_sum[at] > 0.0f ? expf(part_max[at] - m) : 0.0f;
+        }
+        __syncthreads();
+        const float* po = part_out + (base + i0) * c;
+        #pragma unroll 4
+        for (int i = 0; i < n; i++) {
+            float w = weight[i];
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int d = threadIdx.x + j * blockDim.x;
+                if (d < c) acc[j] += w * po[(size_t)i * c + d];
+            }
+        }
+    }
     float* o = out + ((size_t)s * heads + h) * c;
-    for (int d = threadIdx.x; d < c; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int i = 0; i < splits; i++)
-            if (part_sum[base + i] > 0.0f)
-                acc += expf(part_max[base + i] - m) * part_out[(base + i) * c + d];
-        o[d] = acc / denom;
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int d = threadIdx.x + j * blockDim.x;
+        if (d < c) o[d] = acc[j] / denom;
     }
 }
 
