@@ -235,6 +235,16 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
             let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
             eprintln!("int4 {rows}x{cols} g{group} tokens {tokens}: rel L2 {err:.2e}");
             assert!(err < 1e-4);
+            // The tensor-core kernel itself, where int4_matmul did not take it (small
+            // weights and one token go to the CUDA cores).
+            if tokens <= 40 && !(big && tokens >= kernels_cuda::ops::INT4_TC_MIN_TOKENS) {
+                let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+                d.int4_tc_matmul(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
+                    .unwrap();
+                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
+                eprintln!("int4 tensor cores {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
+                assert!(err < 1e-4);
+            }
             // The CUDA-core kernels, which shapes outside the tensor-core kernels' take.
             if tokens <= 8 || !big {
                 let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();

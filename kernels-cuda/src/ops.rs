@@ -31,6 +31,12 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 pub const INT4_TC_MIN_TOKENS: usize = 2;
 pub const INT4_TC_MAX_TOKENS: usize = 256;
 
+/// The smallest weight (rows x cols) the INT4 tensor-core kernels take: they cost two
+/// launches (the activations' split, then the product), which for small matrices weighs
+/// more than the product (the demo checkpoint's 32x64 experts ran decode 20% slower on an
+/// H200 through them); a K2 expert matrix has 14.7M weights.
+pub const INT4_TC_MIN_WEIGHTS: usize = 1 << 20;
+
 /// Threads of an INT4 tensor-core block (`TC_WARPS` warps in matmul.cu).
 const INT4_TC_THREADS: u32 = 16 * 32;
 
@@ -171,7 +177,9 @@ impl GpuDevice {
         group: usize,
         tokens: usize,
     ) -> Result<(), NoCuda> {
-        if (INT4_TC_MIN_TOKENS..=INT4_TC_MAX_TOKENS).contains(&tokens) && int4_tc_fits(cols, group)
+        if (INT4_TC_MIN_TOKENS..=INT4_TC_MAX_TOKENS).contains(&tokens)
+            && rows * cols >= INT4_TC_MIN_WEIGHTS
+            && int4_tc_fits(cols, group)
         {
             return self.int4_tc_matmul(packed, scales, x, y, rows, cols, group, tokens);
         }
