@@ -536,20 +536,20 @@ __device__ __forceinline__ void int4_tc_matmul(const u32* packed, const u16* sca
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_1(const u32* packed, const u16* scales,
-                                            const uint4* xs, float* y, int rows, int cols,
-                                            int group, int tokens) {
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_1(
+    const u32* packed, const u16* scales, const uint4* xs, float* y, int rows, int cols, int group,
+    int tokens) {
     int4_tc_matmul<1>(packed, scales, xs, y, rows, cols, group, tokens);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_2(const u32* packed, const u16* scales,
-                                            const uint4* xs, float* y, int rows, int cols,
-                                            int group, int tokens) {
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_2(
+    const u32* packed, const u16* scales, const uint4* xs, float* y, int rows, int cols, int group,
+    int tokens) {
     int4_tc_matmul<2>(packed, scales, xs, y, rows, cols, group, tokens);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_4(const u32* packed, const u16* scales,
-                                            const uint4* xs, float* y, int rows, int cols,
-                                            int group, int tokens) {
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) int4_tc_matmul_4(
+    const u32* packed, const u16* scales, const uint4* xs, float* y, int rows, int cols, int group,
+    int tokens) {
     int4_tc_matmul<4>(packed, scales, xs, y, rows, cols, group, tokens);
 }

@@ -150,9 +150,11 @@ __device__ __forceinline__ void mt_stage_tile(u32* stage, const u16* pool, const
         int tok = t0 + row;
         bool valid = tok < end;
         const u16* src = pool;
-        if (valid) src = pool + ((size_t)table[tok / block_size] * block_size + tok % block_size) * width;
+        if (valid)
+            src = pool + ((size_t)table[tok / block_size] * block_size + tok % block_size) * width;
         for (int piece = lane; piece < pieces; piece += 32)
-            cp_async16(stage + row * MT_ROW_WORDS + 4 * piece, valid ? src + 8 * piece : pool, valid);
+            cp_async16(stage + row * MT_ROW_WORDS + 4 * piece, valid ? src + 8 * piece : pool,
+                       valid);
     }
 }
 
@@ -205,7 +207,8 @@ extern "C" __global__ void __launch_bounds__(MT_WARPS * 32) mla_decode_tc_bf16(
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};  // rows g, g + 8
     float acc[MT_TILES_PER_WARP][4];
     #pragma unroll
-    for (int j = 0; j < MT_TILES_PER_WARP; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int j = 0; j < MT_TILES_PER_WARP; j++)
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     for (int t0 = start, it = 0; t0 < end; t0 += MT_TOKENS, it++) {
         int n = min(MT_TOKENS, end - t0);
         if (t0 + MT_TOKENS < end)
@@ -356,7 +359,8 @@ extern "C" __global__ void mla_decode_combine(const float* part_out, const float
     for (int i = threadIdx.x; i < splits; i += blockDim.x)
         if (part_sum[base + i] > 0.0f) denom += expf(part_max[base + i] - m) * part_sum[base + i];
     denom = block_sum(denom, scratch);
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // d = threadIdx.x + j * blockDim.x (c <= 4 * blockDim.x)
+    // d = threadIdx.x + j * blockDim.x (c <= 4 * blockDim.x)
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int i0 = 0; i0 < splits; i0 += COMBINE_SPLITS) {
         int n = min(COMBINE_SPLITS, splits - i0);
         __syncthreads();  // the previous round is done with `weight`
