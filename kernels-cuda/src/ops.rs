@@ -25,7 +25,7 @@ pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig
 pub const GEMV_MAX_TOKENS: usize = 8;
 
 /// The token range of the INT4 tensor-core kernels. One token stays on the CUDA-core
-/// GEMV, which reads the weights faster (an H200: 668 against 592 GB/s for a K2 gate
+/// GEMV, which reads the weights faster (an H200: 668 against 604 GB/s for a K2 gate
 /// projection); from 2 tokens the tensor cores win (8 tokens: 2.7x); above 256 tokens
 /// cuBLAS's BF16 pair overtakes them (512 tokens: 64 against 61 TFLOP/s).
 pub const INT4_TC_MIN_TOKENS: usize = 2;
@@ -162,9 +162,10 @@ impl GpuDevice {
     }
 
     /// `y[t, r] = sum_k W[r, k] x[t, k]` for an INT4 pack-quantized weight: on the tensor
-    /// cores (nibbles widened in registers) where the shape allows and the tokens are at
-    /// most [`INT4_TC_MAX_TOKENS`], else the CUDA-core GEMV (up to [`GEMV_MAX_TOKENS`]) or
-    /// tiled GEMM.
+    /// cores (nibbles widened in registers) for [`INT4_TC_MIN_TOKENS`] to
+    /// [`INT4_TC_MAX_TOKENS`] tokens where the shape suits them and the weight has at
+    /// least [`INT4_TC_MIN_WEIGHTS`] values, else the CUDA-core GEMV (up to
+    /// [`GEMV_MAX_TOKENS`]) or tiled GEMM.
     #[allow(clippy::too_many_arguments)]
     pub fn int4_matmul(
         &self,
