@@ -116,6 +116,12 @@ async fn openai_errors_name_the_problem() {
         ),
         (json!({"messages": "hi"}), "messages"),
         (json!({"max_tokens": 1000}), "max_tokens"),
+        // Sums with the prompt length that would overflow u64.
+        (json!({"max_tokens": u64::MAX}), "max_tokens"),
+        (
+            json!({"max_completion_tokens": u64::MAX - 3}),
+            "max_completion_tokens",
+        ),
         (
             json!({"top_logprobs": 50, "logprobs": true}),
             "top_logprobs",

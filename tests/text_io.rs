@@ -291,6 +291,20 @@ fn tokenizer_errors_name_the_file() {
         "{e}"
     );
 
+    // An empty special token would match everywhere (encoding never advances).
+    let mut cfg = read_json("tests/fixtures/tokenizer-kimi/tokenizer_config.json");
+    let first = cfg["added_tokens_decoder"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .expect("the fixture names special tokens");
+    cfg["added_tokens_decoder"][&first]["content"] = "".into();
+    std::fs::write(tmp.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let e = Tokenizer::from_dir(tmp.path()).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains(&format!("[{first}] has an empty")),
+        "{e}"
+    );
+
     std::fs::write(
         tmp.path().join("tiktoken.model"),
         "QQ== 0\nnot-base64!! 1\n",

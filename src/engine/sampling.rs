@@ -7,9 +7,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 
+/// Temperatures below this sample greedily (as vLLM does): dividing logits by a tiny
+/// temperature overflows to infinities, whose softmax is not the greedy choice.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
-    /// 0 means greedy.
+    /// Below [`GREEDY_BELOW_TEMPERATURE`] (0 included) means greedy.
     pub temperature: f32,
     pub top_p: f32,
     /// 0 keeps every token.
@@ -106,7 +110,7 @@ impl Sampler {
         let mut l = logits.to_vec();
         self.apply_penalties(&mut l);
         let c = &self.config;
-        if c.temperature <= 0.0 {
+        if c.temperature < GREEDY_BELOW_TEMPERATURE {
             return crate::generate::argmax(&l);
         }
         let mut candidates: Vec<(u32, f32)> = l
@@ -254,6 +258,17 @@ mod tests {
         };
         assert_eq!(draw(5), draw(5));
         assert_ne!(draw(5), draw(6));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [0.5, 3.0, 2.9, -1.0];
+        for t in [1e-40f32, 1e-30, 1e-6] {
+            let mut s = Sampler::new(config(t), &[]);
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits), 1, "temperature {t}");
+            }
+        }
     }
 
     #[test]

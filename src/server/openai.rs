@@ -74,12 +74,13 @@ pub(crate) fn common(
             if v == 0 {
                 return Err(ApiError::param(name, format!("{name} must be at least 1")));
             }
-            if prompt_len as u64 + v > limit as u64 {
+            // prompt_len < limit (checked above), so no sum here can overflow.
+            if v > (limit - prompt_len) as u64 {
                 return Err(ApiError::param(
                     name,
                     format!(
                         "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({prompt_len} in the input, {v} in the completion). Please reduce the length of the input or completion.",
-                        prompt_len as u64 + v
+                        prompt_len as u128 + v as u128
                     ),
                 ));
             }

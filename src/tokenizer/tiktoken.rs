@@ -184,6 +184,13 @@ fn special_tokens(
                         format!("added_tokens_decoder[{id}] has no string `content`"),
                     )
                 })?;
+            // An empty special token matches everywhere: encoding would never advance.
+            if content.is_empty() {
+                return Err(invalid(
+                    path,
+                    format!("added_tokens_decoder[{id}] has an empty `content`"),
+                ));
+            }
             names.insert(id, content.to_string());
         }
     }
