@@ -392,10 +392,20 @@ fn python_formatter(
     }
 }
 
+/// The widest `tojson` indent a template may ask for (real templates use 2 or 4).
+const TOJSON_MAX_INDENT: usize = 64;
+
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`.
 fn tojson_filter(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    // A template is checkpoint-supplied: an indent of 2^63 would ask for exabytes.
+    if indent.is_some_and(|n| n > TOJSON_MAX_INDENT) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent must be at most {TOJSON_MAX_INDENT}"),
+        ));
+    }
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
@@ -696,6 +706,28 @@ mod tests {
             python_json_dumps(&v),
             r#"{"b": [1, 2.0, "é\n\"x\""], "a": {"t": true, "n": null}, "e": []}"#
         );
+    }
+
+    #[test]
+    fn tojson_refuses_an_indent_that_would_exhaust_memory() {
+        let render = |source: &str| {
+            let t = ChatTemplate::new(source.into(), "hostile", None, None).unwrap();
+            t.render(
+                &serde_json::json!([{"role": "user", "content": "hi"}]),
+                None,
+                false,
+                &Map::new(),
+            )
+        };
+        for indent in ["9223372036854775807", "18446744073709551615", "65"] {
+            let e = render(&format!("{{{{ messages|tojson(indent={indent}) }}}}"))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("hostile") && e.contains("indent"), "{e}");
+        }
+        let ok = render("{{ messages|tojson(indent=2) }}").unwrap();
+        assert!(ok.contains("\n  {"), "{ok}");
     }
 
     #[test]
