@@ -721,8 +721,7 @@ mod tests {
         };
         for indent in ["9223372036854775807", "18446744073709551615", "65"] {
             let e = render(&format!("{{{{ messages|tojson(indent={indent}) }}}}"))
-                .err()
-                .expect("refused")
+                .expect_err("refused")
                 .to_string();
             assert!(e.contains("hostile") && e.contains("indent"), "{e}");
         }
