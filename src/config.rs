@@ -497,6 +497,14 @@ fn parse_text(
     Ok(cfg)
 }
 
+/// Bounds on config sizes, far above every published model (K2: 61 layers, 64 heads, 384
+/// experts, width 18432, 163840 tokens; DeepSeek-V3: 128 heads, 129280 tokens).
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 4096;
+const MAX_EXPERTS: usize = 1 << 16;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+
 fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
     if c.q_lora_rank == Some(0) {
         return Err(field_err(
@@ -513,11 +521,67 @@ fn validate(c: &ModelConfig, f: &Fields) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if c.rope_theta <= 0.0 {
-        return Err(field_err(&f.name("rope_theta"), "must be positive"));
+    // Sizes far beyond any published model are refused before they size an allocation
+    // (a billion layers would ask for terabytes at start-up).
+    for (key, value, most) in [
+        ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+        ("num_attention_heads", c.num_attention_heads, MAX_HEADS),
+        ("num_key_value_heads", c.num_key_value_heads, MAX_HEADS),
+        ("n_routed_experts", c.n_routed_experts, MAX_EXPERTS),
+        ("n_shared_experts", c.n_shared_experts, MAX_EXPERTS),
+        ("hidden_size", c.hidden_size, MAX_WIDTH),
+        ("intermediate_size", c.intermediate_size, MAX_WIDTH),
+        ("moe_intermediate_size", c.moe_intermediate_size, MAX_WIDTH),
+        ("kv_lora_rank", c.kv_lora_rank, MAX_WIDTH),
+        ("q_lora_rank", c.q_lora_rank.unwrap_or(0), MAX_WIDTH),
+        ("qk_nope_head_dim", c.qk_nope_head_dim, MAX_WIDTH),
+        ("qk_rope_head_dim", c.qk_rope_head_dim, MAX_WIDTH),
+        ("v_head_dim", c.v_head_dim, MAX_WIDTH),
+        ("vocab_size", c.vocab_size, MAX_VOCAB),
+        (
+            "num_nextn_predict_layers",
+            c.num_nextn_predict_layers,
+            MAX_LAYERS,
+        ),
+    ] {
+        if value > most {
+            return Err(field_err(
+                &f.name(key),
+                format!("{value} is beyond any model this runtime serves (at most {most})"),
+            ));
+        }
     }
-    if c.rms_norm_eps.is_nan() || c.rms_norm_eps <= 0.0 {
-        return Err(field_err(&f.name("rms_norm_eps"), "must be positive"));
+    // theta^(-2i/d) for a theta below 1 (or not finite) gives no rotary frequencies.
+    if !(c.rope_theta.is_finite() && c.rope_theta >= 1.0) {
+        return Err(field_err(
+            &f.name("rope_theta"),
+            format!("{} must be a finite number of at least 1", c.rope_theta),
+        ));
+    }
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0 && c.rms_norm_eps < 1.0) {
+        return Err(field_err(
+            &f.name("rms_norm_eps"),
+            format!("{} must be between 0 and 1", c.rms_norm_eps),
+        ));
+    }
+    if !c.routed_scaling_factor.is_finite() {
+        return Err(field_err(
+            &f.name("routed_scaling_factor"),
+            "must be a finite number",
+        ));
+    }
+    for id in c.eos_token_ids.iter().chain(&c.bos_token_id) {
+        if *id as usize >= c.vocab_size {
+            let key = if c.bos_token_id == Some(*id) {
+                "bos_token_id"
+            } else {
+                "eos_token_id"
+            };
+            return Err(field_err(
+                &f.name(key),
+                format!("{id} is outside the vocabulary of {}", c.vocab_size),
+            ));
+        }
     }
     if c.moe_layer_freq == 0 {
         return Err(field_err(
@@ -837,6 +901,7 @@ impl PackQuantized {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn bundled_k26_config_has_the_published_numbers() {
@@ -922,6 +987,20 @@ mod tests {
             e.contains("text_config.hidden_size") && e.contains("missing"),
             "{e}"
         );
+        // Values outside physical sense (hostile configs) name their field.
+        for (key, value) in [
+            ("num_hidden_layers", json!(1_000_000_000u64)),
+            ("n_routed_experts", json!(1u64 << 40)),
+            ("vocab_size", json!(1u64 << 40)),
+            ("rope_theta", json!(5e-324)),
+            ("rms_norm_eps", json!(1e308)),
+            ("rms_norm_eps", json!(0.0)),
+            ("eos_token_id", json!(200_000)),
+            ("bos_token_id", json!(163_840)),
+        ] {
+            let e = err_text(k26_with(|v| v["text_config"][key] = value.clone()));
+            assert!(e.contains(&format!("text_config.{key}")), "{key}: {e}");
+        }
         let e = err_text(k26_with(|v| v["text_config"]["hidden_size"] = "big".into()));
         assert!(e.contains("text_config.hidden_size"), "{e}");
         let e = err_text(k26_with(|v| {
