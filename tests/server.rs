@@ -278,6 +278,28 @@ async fn body_limit_queue_limit_and_shutdown() {
     let (s, v) = call(&app2, "POST", "/v1/completions", Some(KEY), &long).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_eq!(v["error"]["type"], "RateLimitError");
+    // More sequences than the server ever holds (1 slot + 1 waiting) can never be
+    // admitted: 400, not "retry later", busy or not.
+    for body in [
+        json!({"model": "m", "prompt": [[1], [2], [3]], "max_tokens": 2}),
+        json!({"model": "m", "prompt": [1, 2], "max_tokens": 2, "n": 3}),
+    ] {
+        let (s, v) = call(
+            &app2,
+            "POST",
+            "/v1/completions",
+            Some(KEY),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("admits at most 2")),
+            "{v}"
+        );
+    }
     drop(held);
     drop(state2);
 

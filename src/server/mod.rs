@@ -185,6 +185,19 @@ pub(crate) fn submit(
     state: &AppState,
     choices: Vec<Pending>,
 ) -> Result<UnboundedReceiver<(usize, Event)>, ApiError> {
+    // A request for more sequences than the server ever holds at once can never be
+    // admitted: that is the request's fault (400), not a busy server (429).
+    let capacity = state.engine.config.max_num_seqs + state.engine.config.max_waiting;
+    if choices.len() > capacity {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this request asks for {} sequences (prompts x n), but the server admits at \
+                 most {capacity} at once (--max-num-seqs + --max-waiting)",
+                choices.len()
+            ),
+        ));
+    }
     let (merged_tx, merged_rx) = unbounded_channel();
     for (index, pending) in choices.into_iter().enumerate() {
         let (tx, mut rx) = unbounded_channel();
