@@ -31,14 +31,13 @@ const FILES: &[(&str, &[u8])] = &[
 /// Returns the directory of the demo checkpoint, writing it on first use.
 pub fn demo_checkpoint_dir() -> std::io::Result<PathBuf> {
     let dir = cache_root().join(format!("demo-kimi-int4-{:016x}", content_hash()));
-    if FILES
-        .iter()
-        .all(|(name, bytes)| file_matches(&dir.join(name), bytes.len()))
-    {
-        return Ok(dir);
-    }
     std::fs::create_dir_all(&dir)?;
     for (name, bytes) in FILES {
+        // A cached file is used only when it holds exactly the bundled bytes (a few
+        // hundred KB, read at every start): a corrupted cache is rewritten, not trusted.
+        if file_matches(&dir.join(name), bytes) {
+            continue;
+        }
         // Write then rename, so a concurrent or interrupted run never sees half a file.
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         std::fs::write(&tmp, bytes)?;
@@ -47,8 +46,9 @@ pub fn demo_checkpoint_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-fn file_matches(path: &Path, len: usize) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.len() == len as u64)
+fn file_matches(path: &Path, bytes: &[u8]) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
+        && std::fs::read(path).is_ok_and(|held| held == bytes)
 }
 
 fn cache_root() -> PathBuf {

@@ -102,6 +102,54 @@ fn run_without_model_uses_the_bundled_demo() {
 }
 
 #[test]
+fn a_corrupted_demo_cache_is_rewritten() {
+    // Its own cache, so the other tests' extraction is untouched.
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kimi-hybrid"));
+        cmd.env("XDG_CACHE_HOME", cache.path());
+        let g = golden("kimi-int4");
+        let ids: Vec<String> = g.prompt_ids.iter().map(|i| i.to_string()).collect();
+        let out = cmd
+            .args([
+                "run",
+                "--prompt-ids",
+                &ids.join(","),
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(["--temperature", "0", "--json"])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        (generated_ids(&out.stdout), g.greedy_ids)
+    };
+    let (got, want) = run();
+    assert_eq!(got, want);
+    let demo = std::fs::read_dir(cache.path().join("kimi-hybrid"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("demo-"))
+        })
+        .expect("the demo was extracted");
+    // Same lengths, other bytes: the weights flipped, the config garbled.
+    let weights = demo.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 4096..] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&weights, &bytes).unwrap();
+    let config = demo.join("config.json");
+    let garbled = "#".repeat(std::fs::metadata(&config).unwrap().len() as usize);
+    std::fs::write(&config, garbled).unwrap();
+    let (got, want) = run();
+    assert_eq!(got, want);
+}
+
+#[test]
 fn sampling_is_reproducible_with_a_seed() {
     let run = |seed: &str| {
         let out = bin()
