@@ -163,6 +163,43 @@ fn garbage_header_is_reported() {
     );
 }
 
+/// Rewrites a safetensors file's header through `edit`, keeping its data as they are.
+fn edit_header(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    edit(&mut header);
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn a_header_entry_the_format_refuses_is_named() {
+    let victim = "model.layers.2.mlp.experts.5.down_proj.weight_scale";
+    for (what, change) in [
+        ("needs", serde_json::json!({"shape": [3, 1000]})),
+        ("unknown dtype", serde_json::json!({"dtype": "Q9"})),
+    ] {
+        let (_tmp, dir) = copy_fixture("kimi-int4");
+        edit_header(&dir.join("model.safetensors"), |h| {
+            for (k, v) in change.as_object().unwrap() {
+                h[victim][k] = v.clone();
+            }
+        });
+        let e = load_error(&dir);
+        assert!(
+            e.contains("model.safetensors") && e.contains(victim) && e.contains(what),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn malformed_config_json_is_reported() {
     let (_tmp, dir) = copy_fixture("kimi-int4");

@@ -323,7 +323,11 @@ impl Checkpoint {
                         available: map.len(),
                     });
                 }
-                return Err(bad(e.to_string()));
+                // Otherwise name the tensor whose entry the crate refused, where one is.
+                return Err(bad(match first_bad_entry(&map[8..data_start]) {
+                    Some((tensor, why)) => format!("{e}: tensor {tensor}: {why}"),
+                    None => e.to_string(),
+                }));
             }
         };
         let shard = self.shards.len();
@@ -424,6 +428,65 @@ fn first_tensor_past_end(
         })
         .filter(|(_, end)| *end > file_len)
         .min_by_key(|(_, end)| *end)
+}
+
+/// The first header entry whose dtype is unknown or whose shape does not match its
+/// `data_offsets`, with what is wrong with it.
+fn first_bad_entry(header: &[u8]) -> Option<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
+    value.as_object()?.iter().find_map(|(name, info)| {
+        if name == "__metadata__" {
+            return None;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let Some(bits) = dtype_bits(dtype) else {
+            return Some((name.clone(), format!("unknown dtype {dtype:?}")));
+        };
+        let dims: Option<Vec<u64>> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        let Some(dims) = dims else {
+            return Some((name.clone(), "shape is not a list of sizes".into()));
+        };
+        let bytes = dims
+            .iter()
+            .try_fold(1u64, |n, d| n.checked_mul(*d))
+            .and_then(|n| n.checked_mul(bits))
+            .map(|b| b.div_ceil(8));
+        let Some(bytes) = bytes else {
+            return Some((name.clone(), format!("shape {dims:?} overflows")));
+        };
+        let offsets: Option<Vec<u64>> = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.iter().map(|v| v.as_u64()).collect());
+        match offsets.as_deref() {
+            Some([start, end]) if start <= end && end - start == bytes => None,
+            Some([start, end]) => Some((
+                name.clone(),
+                format!(
+                    "shape {dims:?} of {dtype} needs {bytes} bytes, data_offsets [{start}, {end}] hold {}",
+                    end.saturating_sub(*start)
+                ),
+            )),
+            _ => Some((name.clone(), "data_offsets is not two offsets".into())),
+        }
+    })
+}
+
+/// Bits per value of a safetensors dtype name.
+fn dtype_bits(name: &str) -> Option<u64> {
+    Some(match name {
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
+        | "F8_E5M2FNUZ" => 8,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        "I64" | "U64" | "F64" | "C64" => 64,
+        _ => return None,
+    })
 }
 
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
