@@ -5,6 +5,7 @@
 mod common;
 
 use kernels_avx512::scalar::{decode_fp8_row, decode_int4_row};
+use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::{MlaDecodeShape, MlaPrefillShape};
 use kimi_hybrid::backend::{AttentionShape, Backend, KvView, ReferenceBackend};
@@ -178,9 +179,10 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
         return;
     };
     let s = &d.stream;
-    // gate/up 2048x7168 and down 7168x2048, for decode (1, 3, 8 tokens), the tensor-core
-    // range (20, 40: part-filled tiles and blocks) and prefill (512); rows that leave a
-    // part-filled block, columns dealt unevenly to the warps, and groups of 128.
+    // gate/up 2048x7168 and down 7168x2048 for decode (1, 8 tokens), the tensor-core range
+    // (40: a part-filled tile and block) and prefill (512); small weights for the tensor-core
+    // kernel's edges (3, 9, 17, 40 tokens, rows that leave a part-filled block, columns
+    // dealt unevenly to the warps, groups of 128) and the CUDA-core kernels at every count.
     for (rows, cols, group) in [
         (2048usize, 7168usize, 32usize),
         (7168, 2048, 32),
@@ -228,37 +230,38 @@ fn int4_and_fp8_matmuls_match_cpu_on_k2_expert_shapes() {
                         .sum();
                 }
             }
-            let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
             let gx = s.memcpy_stod(&x).unwrap();
-            d.int4_matmul(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
-                .unwrap();
-            let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
-            eprintln!("int4 {rows}x{cols} g{group} tokens {tokens}: rel L2 {err:.2e}");
-            assert!(err < 1e-4);
+            // Each path's product against the CPU's, with its name in the log.
+            let check = |path: &str, run: &dyn Fn(&mut CudaSlice<f32>)| {
+                let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
+                run(&mut y);
+                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
+                eprintln!("int4 {path} {rows}x{cols} g{group} tokens {tokens}: rel L2 {err:.2e}");
+                assert!(err < 1e-4, "{path}");
+            };
+            check("served", &|y| {
+                d.int4_matmul(&gp, &gs, &gx, y, rows, cols, group, tokens)
+                    .unwrap()
+            });
             // The tensor-core kernel itself, where int4_matmul did not take it (small
             // weights and one token go to the CUDA cores).
             if tokens <= 40 && !(big && tokens >= kernels_cuda::ops::INT4_TC_MIN_TOKENS) {
-                let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
-                d.int4_tc_matmul(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
-                    .unwrap();
-                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
-                eprintln!("int4 tensor cores {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
-                assert!(err < 1e-4);
+                check("tensor cores", &|y| {
+                    d.int4_tc_matmul(&gp, &gs, &gx, y, rows, cols, group, tokens)
+                        .unwrap()
+                });
             }
             // The CUDA-core kernels, which shapes outside the tensor-core kernels' take.
             if tokens <= 8 || !big {
-                let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
-                d.int4_matmul_cuda_cores(&gp, &gs, &gx, &mut y, rows, cols, group, tokens)
-                    .unwrap();
-                let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);
-                eprintln!("int4 CUDA cores {rows}x{cols} tokens {tokens}: rel L2 {err:.2e}");
-                assert!(err < 1e-4);
+                check("CUDA cores", &|y| {
+                    d.int4_matmul_cuda_cores(&gp, &gs, &gx, y, rows, cols, group, tokens)
+                        .unwrap()
+                });
             }
             // Prefill sizes through cuBLAS (the weight as an exact BF16 pair), where
             // libcublas loads; the same accuracy is owed.
             let mut y = s.alloc_zeros::<f32>(tokens * rows).unwrap();
-            let x = s.memcpy_stod(&x).unwrap();
-            if d.int4_matmul_blas(&gp, &gs, &x, &mut y, (rows, cols, tokens), group)
+            if d.int4_matmul_blas(&gp, &gs, &gx, &mut y, (rows, cols, tokens), group)
                 .unwrap()
             {
                 let err = rel_l2(&s.memcpy_dtov(&y).unwrap(), &want);

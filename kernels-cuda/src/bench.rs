@@ -11,6 +11,7 @@ use crate::ops::{
     GroupedExperts, LatentPool, MlaDecodeShape, INT4_TC_MAX_TOKENS, INT4_TC_MIN_TOKENS,
 };
 use crate::NoCuda;
+use cudarc::driver::DevicePtr;
 use std::fmt::Write;
 
 fn failed(what: &str, e: impl std::fmt::Display) -> NoCuda {
@@ -286,8 +287,8 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
 }
 
 /// A K2 MoE layer's routed experts for decode (hidden 7168, intermediate 2048, INT4 group
-/// 32, 8 experts a token) through the grouped launches, tensor cores against CUDA cores:
-/// the bytes of the distinct experts read per call against the copy bandwidth.
+/// 32, 8 experts a token) through the grouped launches: the bytes of the distinct experts
+/// read per call against the copy bandwidth.
 fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Result<(), NoCuda> {
     let (hidden, inter, per_token) = (7168usize, 2048usize, 8usize);
     let _ = writeln!(
@@ -301,6 +302,7 @@ fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Re
         // Each token its own 8 experts (a worst case for reuse, and usual at 384 experts).
         let slots = tokens * per_token;
         let copies = copies_for(slots * expert_bytes);
+        // The uploads the tables point at, kept alive while they are timed.
         let mut weights = Vec::new();
         let mut tables = Vec::new();
         for k in 0..copies {
@@ -317,8 +319,8 @@ fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Re
                         .collect();
                     let p = d.upload("expert weights", &packed)?;
                     let sc = d.upload("expert scales", &scales)?;
-                    addrs[2 * m * slots + e] = device_address(d, &p);
-                    addrs[(2 * m + 1) * slots + e] = device_address(d, &sc);
+                    addrs[2 * m * slots + e] = p.device_ptr(&d.stream).0;
+                    addrs[(2 * m + 1) * slots + e] = sc.device_ptr(&d.stream).0;
                     weights.push((p, sc));
                 }
             }
@@ -358,13 +360,4 @@ fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Re
         );
     }
     Ok(())
-}
-
-fn device_address(
-    d: &GpuDevice,
-    buf: &cudarc::driver::CudaSlice<impl cudarc::driver::DeviceRepr>,
-) -> u64 {
-    use cudarc::driver::DevicePtr;
-    let (p, _sync) = buf.device_ptr(&d.stream);
-    p
 }

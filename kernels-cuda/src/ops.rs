@@ -374,7 +374,7 @@ impl GpuDevice {
         // Every split writes its slots in full (zeros for an empty one).
         let mut part_out = self.scratch::<f32>("MLA decode partial sums", slots * s.c)?;
         let mut part_max = self.scratch::<f32>("MLA decode partial maxima", slots)?;
-        let mut part_sum = self.scratch::<f32>("MLA decode partial sums", slots)?;
+        let mut part_sum = self.scratch::<f32>("MLA decode partial softmax sums", slots)?;
         let f = self.function(kernel.name())?;
         let ints = [
             s.max_blocks as i32,
@@ -400,7 +400,7 @@ impl GpuDevice {
             .arg(&mut part_sum);
         let launch = LaunchConfig {
             grid_dim: (head_blocks as u32, splits as u32, s.seqs as u32),
-            block_dim: (kernel.threads(), 1, 1),
+            block_dim: (MLA_DECODE_THREADS, 1, 1),
             shared_mem_bytes: kernel.dynamic_shared_bytes(),
         };
         // SAFETY: tables and lengths describe blocks inside the pool.
@@ -423,6 +423,9 @@ impl GpuDevice {
 /// kernel stages (`MT_WIDTH` in mla.cu), and the most value columns it keeps (`MT_VALUES`).
 const MLA_TC_MAX_WIDTH: usize = 576;
 const MLA_TC_MAX_VALUES: usize = 512;
+
+/// Threads of every MLA decode kernel's block (four warps).
+const MLA_DECODE_THREADS: u32 = 128;
 
 /// Dynamic shared memory of `mla_decode_tc_bf16`: two stages of 32 latent rows of
 /// `MT_ROW_WORDS` (292) words.
@@ -466,10 +469,6 @@ impl MlaDecodeKernel {
             MlaDecodeKernel::TensorCores => 16,
             MlaDecodeKernel::PerHead { .. } => 1,
         }
-    }
-
-    fn threads(self) -> u32 {
-        128
     }
 
     fn dynamic_shared_bytes(self) -> u32 {
@@ -860,35 +859,6 @@ impl GpuDevice {
         // Both written in full by the launches below.
         let mut h = self.scratch::<f32>("grouped experts' intermediate", g.pairs * g.inter)?;
         let mut y = self.scratch::<f32>("grouped experts' outputs", g.pairs * g.hidden)?;
-        self.grouped_gate_up_down(g, x, &mut h, &mut y)?;
-        let hidden = g.hidden as i32;
-        let pairs = g.index.slice(0..2 * g.pairs);
-        let starts = g.index.slice(2 * g.pairs..2 * g.pairs + g.tokens + 1);
-        let f = self.function("moe_combine")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(out)
-            .arg(&y)
-            .arg(g.weights)
-            .arg(&pairs)
-            .arg(&starts)
-            .arg(&hidden);
-        // SAFETY: the offsets split the pairs by token; tokens are rows of out.
-        unsafe { b.launch(cfg((g.tokens as u32, 1, 1), (256, 1, 1))) }
-            .map(|_| ())
-            .map_err(|e| launch_err("moe_combine", e))
-    }
-}
-
-impl GpuDevice {
-    /// The gate/up and down launches of [`grouped_int4_experts`](Self::grouped_int4_experts):
-    /// one warp per weight row, each pair one token.
-    fn grouped_gate_up_down(
-        &self,
-        g: &GroupedExperts,
-        x: &CudaSlice<f32>,
-        h: &mut CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
         let (slots, hidden, inter, group) = (
             g.slots as i32,
             g.hidden as i32,
@@ -896,6 +866,7 @@ impl GpuDevice {
             g.group as i32,
         );
         let pairs = g.index.slice(0..2 * g.pairs);
+        let starts = g.index.slice(2 * g.pairs..2 * g.pairs + g.tokens + 1);
         // Four warps per block, one weight row per warp.
         let rows_grid = |rows: usize| (blocks_for(rows, 4), g.pairs as u32, 1);
         let f = self.function("moe_gate_up_int4")?;
@@ -904,7 +875,7 @@ impl GpuDevice {
             .arg(&slots)
             .arg(&pairs)
             .arg(x)
-            .arg(&mut *h)
+            .arg(&mut h)
             .arg(&hidden)
             .arg(&inter)
             .arg(&group);
@@ -917,15 +888,26 @@ impl GpuDevice {
         b.arg(g.experts)
             .arg(&slots)
             .arg(&pairs)
-            .arg(&*h)
-            .arg(y)
+            .arg(&h)
+            .arg(&mut y)
             .arg(&hidden)
             .arg(&inter)
             .arg(&group);
         // SAFETY: as above, down weights of shape [hidden, inter].
         unsafe { b.launch(cfg(rows_grid(g.hidden), (128, 1, 1))) }
+            .map_err(|e| launch_err("moe_down_int4", e))?;
+        let f = self.function("moe_combine")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out)
+            .arg(&y)
+            .arg(g.weights)
+            .arg(&pairs)
+            .arg(&starts)
+            .arg(&hidden);
+        // SAFETY: the offsets split the pairs by token; tokens are rows of out.
+        unsafe { b.launch(cfg((g.tokens as u32, 1, 1), (256, 1, 1))) }
             .map(|_| ())
-            .map_err(|e| launch_err("moe_down_int4", e))
+            .map_err(|e| launch_err("moe_combine", e))
     }
 }
 

@@ -410,11 +410,12 @@ extern "C" __global__ void int4_tc_split_x(const float* x, uint4* xs, int tokens
 }
 
 // acc[nt] += this warp's share (units u0..u1) of rows row0 + g, row0 + g + 8 times the
-// tokens of n-tile nt (xs at the block's first tile).
+// tokens of n-tile nt (xs at the block's first tile) for the first `tiles` n-tiles (a last
+// block may have fewer than NT; the others' accumulators stay as they are).
 template <int NT>
 __device__ __forceinline__ void int4_tc_rows(const u32* packed, const u16* scales, int rows,
                                              int cols, int group, int row0, const uint4* xs,
-                                             int u0, int u1, float acc[NT][4]) {
+                                             int tiles, int u0, int u1, float acc[NT][4]) {
     int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     int units = cols / 32, groups = cols / group;
     // Rows past the end read row 0 (their sums are never stored).
@@ -445,6 +446,7 @@ __device__ __forceinline__ void int4_tc_rows(const u32* packed, const u16* scale
             float s0 = bf16_to_f32(scale[i][0]), s1 = bf16_to_f32(scale[i][1]);
             #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
+                if (nt >= tiles) break;
                 const uint4* xp = xs + (((size_t)nt * units + u + i) * 32 + lane) * 2;
                 uint4 h = xp[0], l = xp[1];
                 float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -510,22 +512,8 @@ __device__ __forceinline__ void int4_tc_matmul(const u32* packed, const u16* sca
     int u0 = warp * units / TC_WARPS, u1 = (warp + 1) * units / TC_WARPS;
     // n-tiles past the last are not read: their accumulators stay zero and unstored.
     int tiles = (tokens + 7) / 8 - tile0;
-    const uint4* x0 = xs + (size_t)tile0 * units * 64;
-    if (tiles >= NT) {
-        int4_tc_rows<NT>(packed, scales, rows, cols, group, row0, x0, u0, u1, acc);
-    } else {
-        // A last block of fewer tiles: one tile at a time.
-        for (int nt = 0; nt < tiles; nt++) {
-            float one[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-            int4_tc_rows<1>(packed, scales, rows, cols, group, row0, x0 + (size_t)nt * units * 64,
-                            u0, u1, one);
-            #pragma unroll
-            for (int k = 0; k < NT; k++)
-                if (k == nt)
-                    #pragma unroll
-                    for (int e = 0; e < 4; e++) acc[k][e] = one[0][e];
-        }
-    }
+    int4_tc_rows<NT>(packed, scales, rows, cols, group, row0, xs + (size_t)tile0 * units * 64,
+                     tiles, u0, u1, acc);
     float v;
     if (int4_tc_reduce<NT>(acc, red, v)) {
         int row, token;
