@@ -143,7 +143,12 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
 #[test]
 fn expert_deferral_accuracy_cost_on_every_fixture() {
     use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
-    let cpu = by_name("cpu").expect("cpu backend");
+    use kimi_hybrid::resident::{twin::TwinOps, Resident, ResidentBackend};
+    // The hybrid layout on a stand-in GPU: the host experts are the ones deferred.
+    let host: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
+    let stand_in = Arc::new(TwinOps::new(host.clone()));
+    let hybrid = Resident::new(stand_in, Some(host.clone()), None);
+    let cpu: Box<dyn Backend> = Box::new(ResidentBackend::new(host, Box::new(hybrid)));
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);

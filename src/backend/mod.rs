@@ -281,7 +281,7 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
 
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
-        return Ok(Box::new(ReferenceBackend));
+        return Ok(Box::new(on_cpu(Arc::new(ReferenceBackend))));
     }
     if let Some(ordinal) = cuda_ordinal(name)? {
         return CudaBackend::open(ordinal)
@@ -309,7 +309,17 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
             }
         },
     };
-    Ok(Box::new(CpuBackend::new(isa, activations)))
+    Ok(Box::new(on_cpu(Arc::new(CpuBackend::new(
+        isa,
+        activations,
+    )))))
+}
+
+/// The CPU as the forward pass's device, computing with `kernels`.
+fn on_cpu(kernels: Arc<dyn Backend>) -> crate::resident::ResidentBackend {
+    use crate::resident::{twin::TwinOps, Resident, ResidentBackend};
+    let device = Arc::new(TwinOps::cpu(kernels.clone()));
+    ResidentBackend::new(kernels, Box::new(Resident::new(device, None, None)))
 }
 
 #[cfg(test)]

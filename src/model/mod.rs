@@ -117,6 +117,9 @@ pub struct Model {
     /// with the lowest weights are added to the hidden state one layer later, so the host
     /// can compute them while the device runs the next layer. Changes the numbers.
     pub defer_host_experts: usize,
+    /// A number no other model loaded by this process has: a pass keeps what it
+    /// prepared for one model (uploaded norms, latent pools) under it.
+    pub id: u64,
 }
 
 /// Where the latents of the sequences in a forward pass live. Sequence `seq` is the
@@ -361,6 +364,7 @@ impl Model {
             lm_head,
             used_tensors: w.used(),
             defer_host_experts: 0,
+            id: next_model_id(),
             config: cfg,
         })
     }
@@ -454,7 +458,7 @@ impl Model {
         on_route: &mut RouteObserver,
     ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
         if let Some(whole) = backend.whole_forward() {
-            if let Some(result) = whole.forward_batch(self, batch, store, on_route) {
+            if let Some(result) = whole.forward_batch(self, batch, store, form, on_route) {
                 return result;
             }
         }
@@ -802,6 +806,12 @@ impl Model {
         host.truncate(self.defer_host_experts);
         host.into_iter().map(|(e, _)| e).collect()
     }
+}
+
+/// A process-wide number for each loaded model (see [`Model::id`]).
+fn next_model_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Widths of the absorbed MLA computation.

@@ -33,7 +33,9 @@ pub use vocab::VocabSplit;
 
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
-use crate::model::{router, BatchEntry, LatentStore, Model, ModelError, RouteObserver};
+use crate::model::{
+    router, AttentionForm, BatchEntry, LatentStore, Model, ModelError, RouteObserver,
+};
 use crate::weights::LinearWeight;
 use std::ops::Range;
 use std::sync::Arc;
@@ -186,6 +188,33 @@ pub trait DeviceOps: Send + Sync {
         dims: MlaDims,
         tokens: usize,
     ) -> Self::Buf;
+    /// MLA attention of the rotated queries `q` `[tokens, heads, nope + rope]` over the
+    /// cached latents, in `form`: `[tokens, heads, v]`. `sequences` holds each sequence's
+    /// query rows (consecutive positions reading one block table).
+    ///
+    /// The naive form expands the sequence's cached latents through `kv_b` into per-head
+    /// keys and values (cheap when many queries share them: a prefill chunk); the
+    /// absorbed form folds `W_UK` into the queries and `W_UV` into the output
+    /// ([`absorb_queries`](Self::absorb_queries), [`mla`](Self::mla),
+    /// [`expand_values`](Self::expand_values); cheap for one query over a long context).
+    /// Both are the same maths. By default every form is computed absorbed.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attention(
+        &self,
+        kv_b: &LinearWeight,
+        q: &Self::Buf,
+        pool: &Self::Pool,
+        blocks: &QueryBlocks<Self::Ints>,
+        sequences: &[Range<usize>],
+        dims: MlaDims,
+        scale: f32,
+        form: AttentionForm,
+    ) -> Self::Buf {
+        let _ = (sequences, form);
+        let q_lat = self.absorb_queries(kv_b, q, dims, blocks.queries);
+        let o_lat = self.mla(&q_lat, pool, blocks, dims, scale);
+        self.expand_values(kv_b, &o_lat, dims, blocks.queries)
+    }
     /// Each token's routed experts, best first (see [`router::route`]).
     fn route(
         &self,
@@ -314,6 +343,7 @@ pub trait WholeForward: Send + Sync {
         model: &Model,
         batch: &[BatchEntry],
         store: &mut dyn LatentStore,
+        form: AttentionForm,
         on_route: &mut RouteObserver,
     ) -> Option<Result<Vec<Option<Vec<f32>>>, ModelError>>;
 

@@ -20,7 +20,8 @@ use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
 use crate::model::{
-    expert_work, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj, RouteObserver,
+    expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj,
+    RouteObserver,
 };
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +37,7 @@ pub(super) struct LayerTensors<B> {
 /// What one device holds for one model: its small tensors and the latent cache pools,
 /// one `[blocks, block_size, width]` buffer per layer.
 pub(super) struct Prepared<O: DeviceOps> {
-    model_id: (usize, usize),
+    model_id: u64,
     layers: Vec<LayerTensors<O::Buf>>,
     final_norm: O::Buf,
     rope: DeviceRope<O::Buf>,
@@ -261,7 +262,7 @@ impl<O: DeviceOps> Resident<O> {
             })
             .collect();
         Prepared {
-            model_id: model.embed.identity(),
+            model_id: model.id,
             layers,
             final_norm: ops.upload(&model.norm),
             rope: DeviceRope {
@@ -298,15 +299,17 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
         model: &Model,
         batch: &[BatchEntry],
         store: &mut dyn LatentStore,
+        form: AttentionForm,
         on_route: &mut RouteObserver,
     ) -> Option<Result<Vec<Option<Vec<f32>>>, ModelError>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state
             .as_ref()
             .and_then(|p| p.first())
-            .is_some_and(|p| p.model_id != model.embed.identity())
+            .is_some_and(|p| p.model_id != model.id)
         {
-            return None;
+            // Another model: what was prepared for the last one goes.
+            *state = None;
         }
         if let Err(e) = model.check_batch(batch) {
             return Some(Err(e));
@@ -321,8 +324,9 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
         // batch, a lost GPU) panics inside the device's operations; it fails this batch,
         // not the process. Device buffers of the failed pass are freed as it unwinds, and
         // the pools keep their layout (a pool that grew keeps its old blocks).
-        let pass =
-            std::panic::AssertUnwindSafe(|| self.run(model, prepared, batch, store, on_route));
+        let pass = std::panic::AssertUnwindSafe(|| {
+            self.run(model, prepared, batch, store, form, on_route)
+        });
         Some(std::panic::catch_unwind(pass).map_err(|payload| {
             let why = payload
                 .downcast_ref::<String>()
@@ -350,10 +354,12 @@ impl<O: DeviceOps> Resident<O> {
         prepared: &mut [Prepared<O>],
         batch: &[BatchEntry],
         store: &mut dyn LatentStore,
+        form: AttentionForm,
         on_route: &mut RouteObserver,
     ) -> Vec<Option<Vec<f32>>> {
         if let Some(split) = &self.split {
-            return self.run_tensor_parallel(split, model, prepared, batch, store, on_route);
+            let io = (batch, store, form);
+            return self.run_tensor_parallel(split, model, prepared, io, on_route);
         }
         let cfg = &model.config;
         let h = cfg.hidden_size;
@@ -418,7 +424,8 @@ impl<O: DeviceOps> Resident<O> {
                 }
                 let n = g.tokens;
                 let xn = normed(ops, x, &p.layers[l].input_norm, n, h, cfg.rms_norm_eps);
-                let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
+                let w = AttnWeights::whole(model, l);
+                let attn = attention(ops, model, p, l, &xn, g, &w, form);
                 ops.add(x, &attn);
                 let post = &p.layers[l].post_attn_norm;
                 normed_here.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
@@ -881,7 +888,8 @@ fn recorded_attention<O: DeviceOps>(
     let (xn_out, ffn_out, logits_out) = (&mut r.xn, &mut r.ffn, &mut r.logits);
     ops.replay(key, &mut || {
         let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps);
-        let attn = attention(ops, model, p, l, &xn, g, &AttnWeights::whole(model, l));
+        let w = AttnWeights::whole(model, l);
+        let attn = attention(ops, model, p, l, &xn, g, &w, AttentionForm::Auto);
         ops.add(x, &attn);
         let post = normed(ops, x, &p.layers[l].post_attn_norm, n, h, eps);
         ops.copy_into(xn_out, &post);
@@ -976,9 +984,10 @@ impl<'a> AttnWeights<'a> {
     }
 }
 
-/// MLA attention of one device's share of the pass, absorbed, through its block tables:
-/// the heads of `w`, projected back to the hidden size (a partial sum over heads when
-/// `w` holds some of them).
+/// MLA attention of one device's share of the pass in `form` (see
+/// [`DeviceOps::mla_attention`]), through its block tables: the heads of `w`, projected
+/// back to the hidden size (a partial sum over heads when `w` holds some of them).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention<O: DeviceOps>(
     ops: &O,
     model: &Model,
@@ -987,6 +996,7 @@ pub(super) fn attention<O: DeviceOps>(
     x: &O::Buf,
     g: &Group<O>,
     w: &AttnWeights,
+    form: AttentionForm,
 ) -> O::Buf {
     let cfg = &model.config;
     let a = &model.layers[l].attn;
@@ -1034,8 +1044,10 @@ pub(super) fn attention<O: DeviceOps>(
         layout(1, width, 0, dims.latent),
     );
     ops.write_rows(&mut p.pools[l], &kv, &g.slots, width);
-    let q_lat = ops.absorb_queries(w.kv_b, &q, dims, n);
-    let o_lat = ops.mla(&q_lat, &p.pools[l], &g.blocks, dims, cfg.softmax_scale());
-    let v = ops.expand_values(w.kv_b, &o_lat, dims, n);
+    let sequences: Vec<std::ops::Range<usize>> =
+        g.spans.iter().map(|s| s.first..s.first + s.len).collect();
+    let pool = &p.pools[l];
+    let scale = cfg.softmax_scale();
+    let v = ops.mla_attention(w.kv_b, &q, pool, &g.blocks, &sequences, dims, scale, form);
     ops.linear(w.o, &v, n)
 }

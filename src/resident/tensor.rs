@@ -18,7 +18,9 @@ use super::pass::{
     AttnWeights, Prepared, Recorded, Resident, MAX_RECORDED_TOKENS,
 };
 use super::{DeviceOps, MlaDims};
-use crate::model::{expert_work, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver};
+use crate::model::{
+    expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver,
+};
 use crate::weights::LinearWeight;
 use std::ops::Range;
 
@@ -126,8 +128,7 @@ impl<O: DeviceOps> Resident<O> {
         split: &HeadSplit,
         model: &Model,
         prepared: &mut [Prepared<O>],
-        batch: &[BatchEntry],
-        store: &mut dyn LatentStore,
+        (batch, store, form): (&[BatchEntry], &mut dyn LatentStore, AttentionForm),
         on_route: &mut RouteObserver,
     ) -> Vec<Option<Vec<f32>>> {
         let cfg = &model.config;
@@ -196,7 +197,7 @@ impl<O: DeviceOps> Resident<O> {
                     let (x, generation) = (&xs[d], p.pool_generation);
                     let mut heads = || {
                         let xn = normed(ops, x, &p.layer(l).input_norm, n, h, eps);
-                        attention(ops, model, p, l, &xn, g, &share.weights())
+                        attention(ops, model, p, l, &xn, g, &share.weights(), form)
                     };
                     let Some(r) = recorded[d].as_mut() else {
                         return heads();

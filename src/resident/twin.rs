@@ -7,7 +7,9 @@
 use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
+use crate::model::AttentionForm;
 use crate::weights::LinearWeight;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// A latent cache pool on the host: BF16 pools hold values rounded to BF16 (the numbers
@@ -23,6 +25,9 @@ pub struct TwinOps {
     /// Whether the pass treats this twin as a device that records (see
     /// [`DeviceOps::records`]): it then runs its fixed-buffer decode schedule here.
     records: bool,
+    /// Whether it computes the naive MLA form when asked (the CPU device); a stand-in
+    /// for a GPU computes every form absorbed, as the CUDA device does.
+    naive: bool,
 }
 
 /// What a twin device computed: tests check that work ran where the plan put it.
@@ -44,6 +49,16 @@ impl TwinOps {
             backend,
             log: Mutex::new(TwinLog::default()),
             records: false,
+            naive: false,
+        }
+    }
+
+    /// The CPU as the pass's device, computing with `backend`'s kernels: the naive MLA
+    /// form for prefill, absorbed for decode (see [`AttentionForm`]).
+    pub fn cpu(backend: Arc<dyn Backend>) -> Self {
+        TwinOps {
+            naive: true,
+            ..TwinOps::new(backend)
         }
     }
 
@@ -62,6 +77,104 @@ impl TwinOps {
 
     fn record(&self, f: impl FnOnce(&mut TwinLog)) {
         f(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl TwinOps {
+    /// Rows `rows` of a table of `width` ints per row.
+    fn take_ints(&self, x: &[i32], rows: &[usize], width: usize) -> Vec<i32> {
+        rows.iter()
+            .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
+            .collect()
+    }
+
+    /// The latents of positions `0..len` read through one block table, `[len, width]`.
+    fn gather_latents(
+        &self,
+        pool: &TwinPool,
+        table: &[i32],
+        bs: usize,
+        len: usize,
+        width: usize,
+    ) -> Vec<f32> {
+        let mut latents = Vec::with_capacity(len * width);
+        for pos in 0..len {
+            let at = (table[pos / bs] as usize * bs + pos % bs) * width;
+            latents.extend_from_slice(&pool.values[at..at + width]);
+        }
+        latents
+    }
+
+    /// The naive MLA form for the queries `rows` of one sequence: its cached latents
+    /// expanded through `kv_b` into per-head keys `[nope | rope]` and values, attended
+    /// causally; written to `out`'s rows `[heads, v]`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_mla(
+        &self,
+        kv_b: &LinearWeight,
+        q: &[f32],
+        pool: &TwinPool,
+        blocks: &QueryBlocks<Vec<i32>>,
+        rows: Range<usize>,
+        d: MlaDims,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        self.record(|l| {
+            l.queries += rows.len();
+            l.query_heads += rows.len() * d.heads;
+        });
+        let (width, heads, c) = (d.width(), d.heads, d.latent);
+        let (dn, dq, kv_b_rows) = (d.nope, d.qk(), d.kv_b_rows());
+        // Every query of a sequence reads the same table; the last reaches furthest.
+        let total = blocks.lens[rows.end - 1] as usize;
+        let table =
+            &blocks.tables[rows.start * blocks.max_blocks..(rows.start + 1) * blocks.max_blocks];
+        let latents = self.gather_latents(pool, table, blocks.block_size, total, width);
+        let mut c_kv = Vec::with_capacity(total * c);
+        for t in 0..total {
+            c_kv.extend_from_slice(&latents[t * width..t * width + c]);
+        }
+        let mut expanded = vec![0.0f32; total * heads * kv_b_rows];
+        self.backend
+            .linear(kv_b, 0..heads * kv_b_rows, &c_kv, &mut expanded);
+        let mut keys = vec![0.0f32; total * heads * dq];
+        for t in 0..total {
+            for h in 0..heads {
+                let src = (t * heads + h) * kv_b_rows;
+                let dst = (t * heads + h) * dq;
+                keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
+                keys[dst + dn..dst + dq].copy_from_slice(&latents[t * width + c..(t + 1) * width]);
+            }
+        }
+        let positions: Vec<usize> = rows.clone().map(|i| blocks.lens[i] as usize - 1).collect();
+        self.backend.attention(
+            &q[rows.start * heads * dq..rows.end * heads * dq],
+            KvView {
+                data: &keys,
+                token_stride: heads * dq,
+                head_stride: dq,
+                offset: 0,
+            },
+            KvView {
+                data: &expanded,
+                token_stride: heads * kv_b_rows,
+                head_stride: kv_b_rows,
+                offset: dn,
+            },
+            AttentionShape {
+                heads,
+                kv_heads: heads,
+                qk_dim: dq,
+                v_dim: d.v,
+            },
+            &positions,
+            scale,
+            &mut out[rows.start * heads * d.v..rows.end * heads * d.v],
+        );
     }
 }
 
@@ -244,11 +357,7 @@ impl DeviceOps for TwinOps {
         for i in 0..blocks.queries {
             let len = blocks.lens[i] as usize;
             let table = &blocks.tables[i * blocks.max_blocks..(i + 1) * blocks.max_blocks];
-            let mut latents = Vec::with_capacity(len * width);
-            for pos in 0..len {
-                let at = (table[pos / bs] as usize * bs + pos % bs) * width;
-                latents.extend_from_slice(&pool.values[at..at + width]);
-            }
+            let latents = self.gather_latents(pool, table, bs, len, width);
             let view = KvView {
                 data: &latents,
                 token_stride: width,
@@ -283,6 +392,66 @@ impl DeviceOps for TwinOps {
         tokens: usize,
     ) -> Vec<f32> {
         crate::model::expand_values(self.backend.as_ref(), kv_b, o, d, tokens)
+    }
+
+    fn mla_attention(
+        &self,
+        kv_b: &LinearWeight,
+        q: &Vec<f32>,
+        pool: &TwinPool,
+        blocks: &QueryBlocks<Vec<i32>>,
+        sequences: &[Range<usize>],
+        d: MlaDims,
+        scale: f32,
+        form: AttentionForm,
+    ) -> Vec<f32> {
+        // Naive for a sequence with several new queries (its expanded keys and values
+        // are shared by all of them), absorbed for one.
+        let naive = |s: &Range<usize>| match form {
+            _ if !self.naive => false,
+            AttentionForm::Auto => s.len() > 1,
+            AttentionForm::Naive => true,
+            AttentionForm::Absorbed => false,
+        };
+        let n = blocks.queries;
+        let mut out = vec![0.0f32; n * d.heads * d.v];
+        // Absorbed queries together: one read of kv_b for all of them.
+        let absorbed: Vec<usize> = sequences
+            .iter()
+            .filter(|s| !naive(s))
+            .flat_map(|s| s.clone())
+            .collect();
+        if !absorbed.is_empty() {
+            let m = absorbed.len();
+            let (qk, v) = (d.heads * d.qk(), d.heads * d.v);
+            let rows = self.take_rows(q, &absorbed, qk);
+            let picked = QueryBlocks {
+                tables: self.take_ints(&blocks.tables, &absorbed, blocks.max_blocks),
+                lens: self.take_ints(&blocks.lens, &absorbed, 1),
+                queries: m,
+                ..*blocks
+            };
+            let q_lat = self.absorb_queries(kv_b, &rows, d, m);
+            let o_lat = self.mla(&q_lat, pool, &picked, d, scale);
+            let values = self.expand_values(kv_b, &o_lat, d, m);
+            for (&t, row) in absorbed.iter().zip(values.chunks_exact(v)) {
+                out[t * v..(t + 1) * v].copy_from_slice(row);
+            }
+        }
+        for s in sequences.iter().filter(|s| naive(s)) {
+            self.naive_mla(kv_b, q, pool, blocks, s.clone(), d, scale, &mut out);
+        }
+        out
+    }
+
+    fn experts_accumulate(
+        &self,
+        work: &[(&FfnWeights, &[(usize, f32)])],
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+    ) {
+        self.record(|l| l.experts.extend(work.iter().filter_map(|(f, _)| f.expert)));
+        self.backend.moe_accumulate(work, x, out);
     }
 
     fn route(
