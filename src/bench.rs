@@ -618,7 +618,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
                 )
             })?,
     };
-    let backend = placement.backend(&model, &opts.backend)?;
+    let pass = placement.forward(&model, &opts.backend)?;
     let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
     let len = opts.prompt_tokens + opts.gen_tokens + 1;
     if len > model.config.max_position_embeddings {
@@ -641,7 +641,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
     };
     let name = model.config.model_type.clone();
     let layers = model.config.num_hidden_layers;
-    let engine = crate::engine::start(model, backend, Arc::new(tokenizer), config)?;
+    let engine = crate::engine::start(model, pass, Arc::new(tokenizer), config)?;
     let (p, n) = (opts.prompt_tokens, opts.gen_tokens);
 
     // Warm-up: one short request, so first-use costs stay out of the figures.

@@ -1,10 +1,10 @@
 //! Token generation for one sequence: prefill the prompt, then decode token by token,
 //! choosing each token greedily (temperature 0) or by seeded sampling.
 
-use crate::backend::Backend;
 use crate::engine::sampling::Sampler;
 pub use crate::engine::sampling::SamplingConfig;
 use crate::model::{AttentionForm, KvCache, Logits, Model, ModelError};
+use crate::resident::Forward;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -34,7 +34,7 @@ pub struct GenerateRequest<'a> {
 
 pub fn generate(
     model: &Model,
-    backend: &dyn Backend,
+    pass: &dyn Forward,
     req: &GenerateRequest,
 ) -> Result<Generation, ModelError> {
     let mut cache = KvCache::new(&model.config);
@@ -44,7 +44,7 @@ pub fn generate(
     } else {
         Logits::Last
     };
-    let logits = model.forward(backend, req.prompt, &mut cache, AttentionForm::Auto, mode)?;
+    let logits = pass.forward(model, req.prompt, &mut cache, AttentionForm::Auto, mode)?;
     let mut last = logits[logits.len() - vocab..].to_vec();
     let prompt_logits = req.keep_prompt_logits.then_some(logits);
     let mut sampler = Sampler::new(req.sampling.clone(), req.prompt);
@@ -65,8 +65,8 @@ pub fn generate(
             finish = FinishReason::ContextFull;
             break;
         }
-        last = model.forward(
-            backend,
+        last = pass.forward(
+            model,
             &[next],
             &mut cache,
             AttentionForm::Auto,

@@ -1,9 +1,10 @@
 //! kimi-hybrid: an inference runtime for the Kimi K2 / DeepSeek-V3 model family.
 //!
 //! Layers, from the bottom: `config` (what the checkpoint says), `weights` (mapped
-//! tensors in their stored formats), `backend` (the operations a device provides),
-//! `model` (the maths), `generate` (one sequence's decode loop), `inspect` (what a
-//! checkpoint holds).
+//! tensors in their stored formats), `model` (the model as data and maths), `backend`
+//! (the CPU and CUDA kernels), `resident` (the one forward pass over its devices),
+//! `generate` (one sequence's decode loop), `engine` (batching and the paged cache),
+//! `server` (the HTTP APIs), `inspect` (what a checkpoint holds).
 
 pub mod accel;
 pub mod backend;

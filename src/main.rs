@@ -500,8 +500,8 @@ fn run(args: RunArgs) -> Result<()> {
         stop_ids: &stop_ids,
         keep_prompt_logits: args.logits_out.is_some(),
     };
-    let backend = placement.backend(&model, &args.backend)?;
-    let out = generate(&model, backend.as_ref(), &req)?;
+    let pass = placement.forward(&model, &args.backend)?;
+    let out = generate(&model, pass.as_ref(), &req)?;
     if let (Some(path), Some(logits)) = (&args.logits_out, &out.prompt_logits) {
         write_logits(path, logits, prompt_ids.len(), model.config.vocab_size)?;
     }
@@ -736,12 +736,13 @@ fn calibrate(
     backend: &str,
 ) -> Result<()> {
     use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
-    let backend = kimi_hybrid::backend::by_name(backend).map_err(anyhow::Error::msg)?;
     use kimi_hybrid::placement::ExpertStats;
     let dir = model_dir(model)?;
     let ckpt = open(&dir)?;
-    let model =
+    let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let pass = kimi_hybrid::server::launch::place(&ckpt, &mut model, None, None, false)?
+        .forward(&model, backend)?;
     let tok = load_tokenizer(&dir)?;
     let text = std::fs::read_to_string(prompts)
         .with_context(|| format!("cannot read {}", prompts.display()))?;
@@ -763,9 +764,9 @@ fn calibrate(
                 stats.record(layer, e, experts);
             }
         };
-        let mut logits = model
+        let mut logits = pass
             .forward_observed(
-                backend.as_ref(),
+                &model,
                 &ids,
                 &mut cache,
                 AttentionForm::Auto,
@@ -776,8 +777,8 @@ fn calibrate(
         observed += ids.len();
         for _ in 0..generate_tokens {
             let next = kimi_hybrid::generate::argmax(&logits);
-            logits = model.forward_observed(
-                backend.as_ref(),
+            logits = pass.forward_observed(
+                &model,
                 &[next],
                 &mut cache,
                 AttentionForm::Auto,

@@ -315,9 +315,11 @@ fn out_of_vocabulary_token_is_an_error() {
     let ckpt = Checkpoint::open(&fixture("kimi-int4")).unwrap();
     let model = Model::load(&ckpt).unwrap();
     let mut cache = kimi_hybrid::model::KvCache::new(&model.config);
-    let e = model
+    let reference: &dyn kimi_hybrid::resident::Forward =
+        &kimi_hybrid::resident::on_cpu(std::sync::Arc::new(kimi_hybrid::backend::ReferenceBackend));
+    let e = reference
         .forward(
-            &kimi_hybrid::backend::ReferenceBackend,
+            &model,
             &[1, 100_000],
             &mut cache,
             kimi_hybrid::model::AttentionForm::Auto,

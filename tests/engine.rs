@@ -6,7 +6,6 @@
 mod common;
 
 use common::{fixture, golden, greedy, max_abs_diff, FIXTURES};
-use kimi_hybrid::backend::by_name;
 use kimi_hybrid::engine::kv::{KvPool, PagedBatch};
 use kimi_hybrid::engine::{self, EngineConfig, EngineHandle, Event, FinishReason};
 use kimi_hybrid::model::{AttentionForm, BatchEntry, KvCache, Logits, Model};
@@ -34,7 +33,7 @@ fn batched_forward_equals_each_sequence_alone() {
 }
 
 fn batched_equals_alone(backend_name: &str, bound: f32) {
-    let backend = by_name(backend_name).expect("backend");
+    let backend = common::cpu_pass(backend_name);
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
@@ -45,18 +44,18 @@ fn batched_equals_alone(backend_name: &str, bound: f32) {
         // Alone: prefill, then one decode step each.
         let alone = |prompt: &[u32], next: u32| {
             let mut cache = KvCache::new(&model.config);
-            let p = model
+            let p = backend
                 .forward(
-                    backend.as_ref(),
+                    &model,
                     prompt,
                     &mut cache,
                     AttentionForm::Auto,
                     Logits::Last,
                 )
                 .expect("prefill");
-            let d = model
+            let d = backend
                 .forward(
-                    backend.as_ref(),
+                    &model,
                     &[next],
                     &mut cache,
                     AttentionForm::Auto,
@@ -69,12 +68,7 @@ fn batched_equals_alone(backend_name: &str, bound: f32) {
         let (b_prefill, b_decode) = alone(&b, 9);
 
         // Together, in a paged pool with small blocks so tables span several blocks.
-        let mut pool = KvPool::new(
-            16,
-            4,
-            model.config.latent_cache_width(),
-            model.config.num_hidden_layers,
-        );
+        let mut pool = KvPool::new(16, 4);
         let table_a: Vec<u32> = (0..a.len().div_ceil(4) + 1)
             .map(|_| pool.allocate().expect("block"))
             .collect();
@@ -86,9 +80,9 @@ fn batched_equals_alone(backend_name: &str, bound: f32) {
                 pool,
                 tables: vec![&table_a, &table_b],
             };
-            model
+            backend
                 .forward_batch(
-                    backend.as_ref(),
+                    &model,
                     entries,
                     &mut store,
                     AttentionForm::Auto,
@@ -149,7 +143,7 @@ fn start(name: &str, config: EngineConfig) -> EngineHandle {
         .expect("tokenizer");
     engine::start(
         load(name),
-        by_name("cpu").expect("cpu backend"),
+        common::cpu_pass("cpu"),
         Arc::new(tokenizer),
         config,
     )

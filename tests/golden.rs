@@ -5,17 +5,19 @@
 mod common;
 
 use common::{fixture, golden, max_abs_diff, FIXTURES};
-use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::backend::by_name;
 use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
+use kimi_hybrid::resident::{on_cpu, Forward, Resident};
 use kimi_hybrid::weights::Checkpoint;
+use std::sync::Arc;
 
 const FORM_TOLERANCE: f32 = 1e-4;
 
 /// A backend under test and its bounds.
 struct Case {
     name: String,
-    backend: Box<dyn Backend>,
+    backend: Box<dyn Forward>,
     /// Max abs logits difference against transformers.
     tolerance: f32,
     /// Max abs logits difference between attention forms and prefill/decode splits.
@@ -33,7 +35,7 @@ struct Case {
 fn backends() -> Vec<Case> {
     let mut out = vec![Case {
         name: "reference".to_string(),
-        backend: by_name("reference").unwrap(),
+        backend: cpu_pass("reference"),
         tolerance: 2e-3,
         form_tolerance: FORM_TOLERANCE,
     }];
@@ -42,7 +44,7 @@ fn backends() -> Vec<Case> {
     {
         for path in ["", ":scalar", ":avx2", ":avx512-vnni"] {
             let name = format!("{family}{path}");
-            if let Ok(backend) = by_name(&name) {
+            if let Some(backend) = try_cpu_pass(&name) {
                 out.push(Case {
                     name,
                     backend,
@@ -53,20 +55,20 @@ fn backends() -> Vec<Case> {
         }
     }
     // The GPU computes in f32 like the reference, with its own summation order.
-    // `cuda` runs the model's passes resident on the device; `cuda per-op` the same
-    // kernels one backend operation at a time.
-    match by_name("cuda") {
-        Ok(backend) => {
+    // `cuda` runs the pass resident on the device; `cuda per-op` the CPU device's
+    // schedule with the CUDA kernels one backend operation at a time.
+    match kimi_hybrid::backend::CudaBackend::open(0) {
+        Ok(gpu) => {
             out.push(Case {
                 name: "cuda".to_string(),
-                backend,
+                backend: Box::new(Resident::new(Arc::new(gpu), None, None)),
                 tolerance: 2e-3,
                 form_tolerance: 1e-3,
             });
             if let Ok(per_op) = kimi_hybrid::backend::CudaBackend::open(0) {
                 out.push(Case {
                     name: "cuda per-op".to_string(),
-                    backend: Box::new(per_op),
+                    backend: Box::new(on_cpu(Arc::new(per_op))),
                     tolerance: 2e-3,
                     form_tolerance: 1e-3,
                 });
@@ -91,7 +93,7 @@ fn int8_activation_kernels_stay_close_to_transformers() {
         let model = load(name);
         let g = golden(name);
         for backend_name in ["cpu-int8", "cpu-int8:avx2", "cpu-int8:avx512-vnni"] {
-            let Ok(backend) = by_name(backend_name) else {
+            let Some(backend) = try_cpu_pass(backend_name) else {
                 continue;
             };
             let logits = logits_in_chunks(
@@ -126,6 +128,16 @@ fn int8_activation_kernels_stay_close_to_transformers() {
     }
 }
 
+/// The pass on the CPU alone with the kernels `name` names, where this CPU runs them.
+fn try_cpu_pass(name: &str) -> Option<Box<dyn Forward>> {
+    let kernels = by_name(name).ok()?;
+    Some(Box::new(on_cpu(Arc::from(kernels))))
+}
+
+fn cpu_pass(name: &str) -> Box<dyn Forward> {
+    try_cpu_pass(name).unwrap_or_else(|| panic!("backend {name}"))
+}
+
 fn load(name: &str) -> Model {
     let ckpt = Checkpoint::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     Model::load(&ckpt).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -134,7 +146,7 @@ fn load(name: &str) -> Model {
 /// Logits at every position, fed `chunk` tokens at a time with the given form.
 fn logits_in_chunks(
     model: &Model,
-    backend: &dyn Backend,
+    backend: &dyn Forward,
     ids: &[u32],
     chunk: usize,
     form: AttentionForm,
@@ -143,8 +155,8 @@ fn logits_in_chunks(
     let mut out = Vec::new();
     for part in ids.chunks(chunk) {
         out.extend(
-            model
-                .forward(backend, part, &mut cache, form, Logits::All)
+            backend
+                .forward(model, part, &mut cache, form, Logits::All)
                 .unwrap(),
         );
     }
@@ -248,7 +260,7 @@ fn incremental_decode_equals_full_prefill() {
 
 #[test]
 fn absorbed_mla_equals_naive_mla() {
-    let reference = by_name("reference").unwrap();
+    let reference = cpu_pass("reference");
     let b = reference.as_ref();
     for name in FIXTURES {
         let model = load(name);
@@ -307,7 +319,8 @@ fn experts_on_numa_node_pools_give_the_same_logits() {
         memory_bytes: 2 << 30,
     };
     let pools = std::sync::Arc::new(CpuPools::new(&topology).unwrap());
-    let backend = CpuBackend::with_pools(kernels_avx512::Isa::detect(), Activations::Int16, pools);
+    let kernels = CpuBackend::with_pools(kernels_avx512::Isa::detect(), Activations::Int16, pools);
+    let backend = on_cpu(Arc::new(kernels));
     let profile = Profile::resolve("cpu-only").unwrap();
     for name in ["kimi-int4", "deepseek-groups"] {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
@@ -362,13 +375,13 @@ fn many_token_moe_runs_experts_concurrently_with_the_same_results() {
         }],
         memory_bytes: 1 << 30,
     };
-    let single = CpuBackend::with_pools(
+    let single = on_cpu(Arc::new(CpuBackend::with_pools(
         kernels_avx512::Isa::detect(),
         Activations::Int16,
         std::sync::Arc::new(CpuPools::new(&one_thread).unwrap()),
-    );
-    let shared = by_name("cpu").unwrap();
-    let reference = by_name("reference").unwrap();
+    )));
+    let shared = cpu_pass("cpu");
+    let reference = cpu_pass("reference");
     for name in ["kimi-int4", "deepseek-groups"] {
         let model = load(name);
         let g = golden(name);

@@ -76,14 +76,10 @@ fn large_checkpoint_is_mapped_not_copied_and_matches_transformers() {
         (prompt, logits)
     };
     let mut cache = KvCache::new(&model.config);
-    let logits = model
-        .forward(
-            &ReferenceBackend,
-            &g.0,
-            &mut cache,
-            AttentionForm::Naive,
-            Logits::All,
-        )
+    let reference: &dyn kimi_hybrid::resident::Forward =
+        &kimi_hybrid::resident::on_cpu(std::sync::Arc::new(ReferenceBackend));
+    let logits = reference
+        .forward(&model, &g.0, &mut cache, AttentionForm::Naive, Logits::All)
         .unwrap();
     let diff = max_abs_diff(&logits, &g.1);
     println!("large-int4: prefill logits max abs diff vs transformers {diff:.3e}");

@@ -1,9 +1,10 @@
-//! The device-resident forward pass (`kimi_hybrid::resident`) on its CPU twin: every
-//! golden fixture, all-on-device and hybrid with half the experts in host RAM, through
-//! a contiguous cache and through the engine's paged cache with scattered block tables.
-//! The twin computes with the exact f32 CPU kernels, so it is held to the per-operation
-//! path within the attention-form tolerance (it attends in the absorbed form for prefill
-//! too) and to transformers' golden logits within the reference's 2e-3.
+//! The forward pass (`kimi_hybrid::resident`) on stand-in GPUs (CPU twins of the CUDA
+//! device): every golden fixture, all-on-device and hybrid with half the experts in host
+//! RAM, pipelined, data- and tensor-parallel, through a contiguous cache and through the
+//! engine's paged cache with scattered block tables. The stand-ins compute with the exact
+//! f32 CPU kernels, so they are held to the CPU device within the attention-form
+//! tolerance (they attend in the absorbed form for prefill too, the CPU device in the
+//! naive one) and to transformers' golden logits within the reference's 2e-3.
 
 mod common;
 
@@ -11,7 +12,6 @@ use common::{
     fixture, golden, greedy, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps,
     FIXTURES,
 };
-use kimi_hybrid::accel::hybrid::HybridBackend;
 use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::Accelerator;
 use kimi_hybrid::backend::{by_name, Backend};
@@ -19,7 +19,7 @@ use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::resident::twin::TwinOps;
-use kimi_hybrid::resident::{HeadSplit, Resident, ResidentBackend, VocabSplit};
+use kimi_hybrid::resident::{on_cpu, Forward, HeadSplit, Resident, VocabSplit};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -41,10 +41,9 @@ fn exact() -> Arc<dyn Backend> {
 fn resident(
     host: Option<Arc<dyn Backend>>,
     accounting: Option<Arc<dyn Accelerator>>,
-) -> ResidentBackend {
-    let cpu = exact();
-    let twin = Arc::new(TwinOps::new(cpu.clone()));
-    ResidentBackend::new(cpu, Box::new(Resident::new(twin, host, accounting)))
+) -> Resident<TwinOps> {
+    let twin = Arc::new(TwinOps::new(exact()));
+    Resident::new(twin, host, accounting)
 }
 
 #[test]
@@ -53,7 +52,7 @@ fn resident_pass_matches_the_per_operation_path_and_golden_on_every_fixture() {
     for name in FIXTURES {
         let model = load(name);
         let g = golden(name);
-        let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
+        let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);
         let got = prefill_and_three_steps(&model, &resident(None, None), &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
         let prefill = got.len() - 3 * model.config.vocab_size;
@@ -76,7 +75,7 @@ fn hybrid_resident_pass_matches_cpu_and_moves_the_planned_bytes() {
         let p = half_on_gpu(&ckpt);
         let mut model = Model::load(&ckpt).expect("model");
         let g = golden(name);
-        let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
+        let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);
         let (on_gpu, on_host) = model.apply_plan(&p);
         assert!(on_gpu > 0 && on_host > 0, "{name}: {on_gpu} / {on_host}");
         let device = Arc::new(SimDevice::new("sim-gpu0", p.gpus[0].budget_bytes).expect("device"));
@@ -96,27 +95,34 @@ fn hybrid_resident_pass_matches_cpu_and_moves_the_planned_bytes() {
     }
 }
 
-/// Deferral of host experts to the next layer computes the same numbers resident as on
-/// the per-operation hybrid path.
+/// Deferral of host experts to the next layer computes the same numbers on one stand-in
+/// GPU as pipelined over two (the host worker's sums arrive at another device), and
+/// changes them against no deferral.
 #[test]
-fn deferred_host_experts_match_the_per_operation_hybrid() {
+fn deferred_host_experts_agree_between_one_device_and_a_pipeline() {
     let cpu = exact();
     for name in ["kimi-int4", "deepseek-groups"] {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);
         let mut model = Model::load(&ckpt).expect("model");
         model.apply_plan(&p);
-        model.defer_host_experts = 2;
         let g = golden(name);
-        let device = Arc::new(SimDevice::new("sim", p.gpus[0].budget_bytes).expect("device"));
-        let per_op =
-            HybridBackend::new(&model, &p, device, cpu.clone(), cpu.clone()).expect("fits");
-        let want = prefill_and_three_steps(&model, &per_op, &g.prompt_ids);
-        let got =
+        let undeferred =
             prefill_and_three_steps(&model, &resident(Some(cpu.clone()), None), &g.prompt_ids);
-        let diff = max_abs_diff(&got, &want);
-        println!("{name}: deferral, resident vs per-op {diff:.1e}");
+        model.defer_host_experts = 2;
+        let one =
+            prefill_and_three_steps(&model, &resident(Some(cpu.clone()), None), &g.prompt_ids);
+        let layers = model.layers.len();
+        let halves: Vec<usize> = (0..layers).map(|l| usize::from(l >= layers / 2)).collect();
+        let pipeline = Resident::pipeline(twins(2), halves, Some(cpu.clone()), None);
+        let piped = prefill_and_three_steps(&model, &pipeline, &g.prompt_ids);
+        let diff = max_abs_diff(&piped, &one);
+        let moved = max_abs_diff(&one, &undeferred);
+        println!(
+            "{name}: deferral, pipelined vs one device {diff:.1e}; vs no deferral {moved:.1e}"
+        );
         assert!(diff <= FORM_TOLERANCE, "{name}: {diff}");
+        assert!(moved > 0.0, "{name}: deferral changes the numbers");
     }
 }
 
@@ -135,7 +141,7 @@ fn paged_batches_read_the_blocks_their_tables_name() {
     let vocab = model.config.vocab_size;
     let mut resident_f32: Vec<Vec<f32>> = Vec::new();
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
-        let want = paged_pair(&model, cpu.as_ref(), &a, &b, dtype);
+        let want = paged_pair(&model, &on_cpu(cpu.clone()), &a, &b, dtype);
         let got = paged_pair(&model, &resident(None, None), &a, &b, dtype);
         if dtype == KvDtype::Bf16 {
             // The BF16 pool really rounds: its logits move off the f32 ones.
@@ -153,7 +159,7 @@ fn paged_batches_read_the_blocks_their_tables_name() {
         if dtype == KvDtype::F32 {
             // Alone: every prompt position, then three decode steps.
             for (prompt, prefill, step) in [(&a, &got[0], &got[2]), (&b, &got[1], &got[3])] {
-                let alone = prefill_and_three_steps(&model, cpu.as_ref(), prompt);
+                let alone = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), prompt);
                 let at = alone.len() - 4 * vocab;
                 assert!(max_abs_diff(prefill, &alone[at..at + vocab]) <= FORM_TOLERANCE);
                 assert!(max_abs_diff(step, &alone[at + vocab..at + 2 * vocab]) <= FORM_TOLERANCE);
@@ -167,20 +173,13 @@ fn paged_batches_read_the_blocks_their_tables_name() {
 /// greedy step each: [prefill a, prefill b, step a, step b] last-position logits.
 fn paged_pair(
     model: &Model,
-    backend: &dyn Backend,
+    backend: &dyn Forward,
     a: &[u32],
     b: &[u32],
     dtype: KvDtype,
 ) -> Vec<Vec<f32>> {
-    let cfg = &model.config;
     let block = 4;
-    let mut pool = KvPool::with_dtype(
-        64,
-        block,
-        cfg.latent_cache_width(),
-        cfg.num_hidden_layers,
-        dtype,
-    );
+    let mut pool = KvPool::with_dtype(64, block, dtype);
     let blocks =
         |n: usize, first: u32| -> Vec<u32> { (0..n as u32).map(|i| first + 3 * i).collect() };
     let (table_a, table_b) = (
@@ -210,12 +209,12 @@ fn paged_pair(
 /// One forward pass; every entry's logits (each asks for its last position's).
 fn last_logits(
     model: &Model,
-    backend: &dyn Backend,
+    backend: &dyn Forward,
     batch: &[BatchEntry],
     store: &mut PagedBatch,
 ) -> Vec<Vec<f32>> {
-    model
-        .forward_batch(backend, batch, store, AttentionForm::Auto, &mut |_, _| {})
+    backend
+        .forward_batch(model, batch, store, AttentionForm::Auto, &mut |_, _| {})
         .expect("forward")
         .into_iter()
         .map(|l| l.expect("logits"))
@@ -297,7 +296,7 @@ fn three_prompts(name: &str) -> Vec<Vec<u32>> {
 /// `tables`; per sequence, the last logits of each of the three passes.
 fn prefill_and_two_steps(
     model: &Model,
-    backend: &dyn Backend,
+    backend: &dyn Forward,
     prompts: &[Vec<u32>],
     store: &mut PagedBatch,
 ) -> Vec<Vec<Vec<f32>>> {
@@ -333,7 +332,7 @@ fn worst_vs_alone(model: &Model, prompts: &[Vec<u32>], got: &[Vec<Vec<f32>>]) ->
     let cpu = exact();
     let mut worst = 0.0f32;
     for (prompt, got) in prompts.iter().zip(got) {
-        let alone = prefill_and_three_steps(model, cpu.as_ref(), prompt);
+        let alone = prefill_and_three_steps(model, &on_cpu(cpu.clone()), prompt);
         let at = alone.len() - 4 * vocab;
         for (k, l) in got.iter().enumerate() {
             worst = worst.max(max_abs_diff(
@@ -354,7 +353,6 @@ fn worst_vs_alone(model: &Model, prompts: &[Vec<u32>], got: &[Vec<Vec<f32>>]) ->
 /// through `replay`, every layer once per step.
 #[test]
 fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
-    let cpu = exact();
     for (name, recording) in FIXTURES.iter().flat_map(|n| [(*n, false), (*n, true)]) {
         let (model, p) = on_b200x8(name, false);
         let prompts = three_prompts(name);
@@ -365,16 +363,11 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
         // The lm_head split by vocabulary, as the plan budgets it.
         let vocab = VocabSplit::new(&model.lm_head, devices.len()).expect("bands");
         let whole = Resident::on_devices(devices.clone()).with_vocab_split(vocab);
-        let backend = ResidentBackend::new(cpu.clone(), Box::new(whole));
-        assert_eq!(backend.kv_partitions(), 8);
+        let backend = whole;
+        assert_eq!(backend.devices(), 8);
         let cfg = &model.config;
         let block = 4;
-        let mut pool = KvPool::new(
-            8 * 24,
-            block,
-            cfg.latent_cache_width(),
-            cfg.num_hidden_layers,
-        );
+        let mut pool = KvPool::new(8 * 24, block);
         assert!(pool.set_partitions(8));
         // Sequences in partitions 5, 2 and 7.
         let tables: Vec<Vec<u32>> = prompts
@@ -421,7 +414,6 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
 /// decoded to F32, with the same values.
 #[test]
 fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
-    let cpu = exact();
     for name in FIXTURES {
         let (model, p) = on_b200x8(name, true);
         let prompts = three_prompts(name);
@@ -435,11 +427,11 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
             };
             let split = HeadSplit::new(&model, n).expect("head cuts");
             let whole = Resident::tensor_parallel(devices.clone(), split);
-            let backend = ResidentBackend::new(cpu.clone(), Box::new(whole));
-            assert_eq!(backend.kv_partitions(), 1, "latents on every device");
+            let backend = whole;
+            assert_eq!(backend.devices(), 1, "latents on every device");
             let cfg = &model.config;
             let block = 4;
-            let mut pool = KvPool::new(64, block, cfg.latent_cache_width(), cfg.num_hidden_layers);
+            let mut pool = KvPool::new(64, block);
             // Interleaved blocks, so every table is scattered.
             let mut tables: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
             for k in 0..prompts
@@ -510,9 +502,9 @@ fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
     let g = golden(name);
     let a: Vec<u32> = g.prompt_ids.clone();
     let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
-    let backend = CudaBackend::resident(gpu);
+    let backend = Resident::new(gpu, None, None);
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
-        let want = paged_pair(&model, cpu.as_ref(), &a, &b, dtype);
+        let want = paged_pair(&model, &on_cpu(cpu.clone()), &a, &b, dtype);
         let got = paged_pair(&model, &backend, &a, &b, dtype);
         for (i, (x, y)) in got.iter().zip(&want).enumerate() {
             let diff = max_abs_diff(x, y);
@@ -538,7 +530,7 @@ fn engine_over_three_devices_generates_what_one_device_does() {
             p
         })
         .collect();
-    let generate = |backend: Box<dyn Backend>, model: Model| -> (Vec<Vec<u32>>, usize) {
+    let generate = |backend: Box<dyn Forward>, model: Model| -> (Vec<Vec<u32>>, usize) {
         let config = EngineConfig {
             max_num_seqs: 8,
             max_waiting: 16,
@@ -582,9 +574,9 @@ fn engine_over_three_devices_generates_what_one_device_does() {
         )
     };
     let (model, _) = on_b200x8(name, false);
-    let (want, _) = generate(by_name("cpu-f32").expect("cpu"), model);
+    let (want, _) = generate(Box::new(on_cpu(exact())), model);
     let devices = twins(3);
-    let backend = ResidentBackend::new(exact(), Box::new(Resident::on_devices(devices.clone())));
+    let backend = Resident::on_devices(devices.clone());
     let (model, _) = on_b200x8(name, false);
     let (got, blocks) = generate(Box::new(backend), model);
     let attended = devices.iter().filter(|d| d.log().queries > 0).count();
@@ -607,19 +599,16 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
         assert_eq!((p.layout.as_str(), p.gpus.len()), ("hybrid", 2), "{name}");
         let mut model = Model::load(&ckpt).expect("model");
         let g = golden(name);
-        let want = prefill_and_three_steps(&model, cpu.as_ref(), &g.prompt_ids);
+        let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);
         let (on_gpu, on_host) = model.apply_plan(&p);
         let layer_devices = kimi_hybrid::resident::layer_devices(&p, model.layers.len());
         let devices = twins(2);
         let sim = Arc::new(SimDevice::new("sim", u64::MAX).expect("device"));
-        let backend = ResidentBackend::new(
-            cpu.clone(),
-            Box::new(Resident::pipeline(
-                devices.clone(),
-                layer_devices.clone(),
-                Some(cpu.clone()),
-                Some(sim.clone()),
-            )),
+        let backend = Resident::pipeline(
+            devices.clone(),
+            layer_devices.clone(),
+            Some(cpu.clone()),
+            Some(sim.clone()),
         );
         let got = prefill_and_three_steps(&model, &backend, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
@@ -659,9 +648,8 @@ fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
         let g = golden(name);
         let long = g.prompt_ids.clone();
         let short: Vec<u32> = g.prompt_ids.iter().rev().take(3).copied().collect();
-        let run = |backend: &dyn Backend| -> Vec<Vec<f32>> {
-            let cfg = &model.config;
-            let mut pool = KvPool::new(32, 4, cfg.latent_cache_width(), cfg.num_hidden_layers);
+        let run = |backend: &dyn Forward| -> Vec<Vec<f32>> {
+            let mut pool = KvPool::new(32, 4);
             let table_a: Vec<u32> = (0..8).map(|i| 31 - i).collect();
             let table_b: Vec<u32> = (0..8).map(|i| 2 * i).collect();
             let mut store = PagedBatch {
@@ -701,7 +689,7 @@ fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
             }
             rows
         };
-        let want = run(cpu.as_ref());
+        let want = run(&on_cpu(cpu.clone()));
         let got = run(&resident(None, None));
         let worst = got
             .iter()
@@ -720,7 +708,7 @@ fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
 /// two and the pools grow. Every step's logits, in order.
 fn decode_steps(
     model: &Model,
-    backend: &dyn Backend,
+    backend: &dyn Forward,
     prompts: &[Vec<u32>],
     steps: usize,
 ) -> Vec<Vec<f32>> {
@@ -729,13 +717,7 @@ fn decode_steps(
     let seqs = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + steps;
     let per_seq = longest / block + 1;
-    let mut pool = KvPool::with_dtype(
-        seqs * per_seq + 1,
-        block,
-        cfg.latent_cache_width(),
-        cfg.num_hidden_layers,
-        KvDtype::F32,
-    );
+    let mut pool = KvPool::with_dtype(seqs * per_seq + 1, block, KvDtype::F32);
     // Sequence i's j-th block is block i + seqs * j (interleaved, never contiguous).
     let tables: Vec<Vec<u32>> = (0..seqs)
         .map(|i| (0..per_seq).map(|j| (i + seqs * j) as u32).collect())
@@ -787,12 +769,9 @@ fn recorded_decode_steps_match_the_per_operation_path() {
     let model = load(name);
     let prompts = three_prompts(name);
     let steps = 24;
-    let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);
+    let want = decode_steps(&model, &on_cpu(cpu.clone()), &prompts, steps);
     let twin = Arc::new(TwinOps::recording(cpu.clone()));
-    let backend = ResidentBackend::new(
-        cpu.clone(),
-        Box::new(Resident::new(twin.clone(), None, None)),
-    );
+    let backend = Resident::new(twin.clone(), None, None);
     let got = decode_steps(&model, &backend, &prompts, steps);
     for (i, (x, y)) in got.iter().zip(&want).enumerate() {
         let diff = max_abs_diff(x, y);
@@ -851,16 +830,16 @@ fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     let model = load(name);
     let prompts = three_prompts(name);
     let steps = 24;
-    let want = decode_steps(&model, cpu.as_ref(), &prompts, steps);
+    let want = decode_steps(&model, &on_cpu(cpu.clone()), &prompts, steps);
     let by_kernel = decode_steps(
         &model,
-        &CudaBackend::resident(eager.clone()),
+        &Resident::new(eager.clone(), None, None),
         &prompts,
         steps,
     );
     let replayed = decode_steps(
         &model,
-        &CudaBackend::resident(graphs.clone()),
+        &Resident::new(graphs.clone(), None, None),
         &prompts,
         steps,
     );

@@ -1,4 +1,4 @@
-//! Execution on real GPUs: the backend each plan layout runs on, its weights uploaded
+//! Execution on real GPUs: the forward pass each plan layout runs, its weights uploaded
 //! and checked against each GPU's memory first.
 //!
 //! - one GPU, all-GPU plan: [`resident_on_gpu`];
@@ -11,46 +11,44 @@
 //! Each GPU also gets the f32 copies of `kv_b_proj` its absorbed attention reads, made at
 //! start-up so that a GPU without room for them refuses then, naming them.
 //!
-//! The model's passes run resident on the GPUs ([`crate::resident`]); the per-operation
-//! backends serve every other caller. Hand-off bytes are counted on a [`SimDevice`] with
-//! the GPU's free memory as its budget.
+//! The passes run resident on the GPUs ([`crate::resident`]). Hand-off bytes are
+//! counted on a [`SimDevice`] with the GPU's free memory as its budget.
 
-use super::expert_parallel::ExpertParallel;
 use super::hybrid::HybridBackend;
 use super::sim::SimDevice;
 use super::Accelerator;
 use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
 use crate::model::Model;
 use crate::placement::Plan;
-use crate::resident::{HeadSplit, Resident, ResidentBackend, VocabSplit};
+use crate::resident::{HeadSplit, Resident, VocabSplit};
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
-/// The backend a one-GPU plan runs on: what the plan puts on the GPU is checked against
+/// The pass a one-GPU hybrid plan runs: what the plan puts on the GPU is checked against
 /// its memory and uploaded (attention, dense layers, shared experts, router, lm_head and
 /// the routed experts `model.apply_plan` marked for it), the other routed experts run on
 /// `host`. Not fitting is an error naming what did not fit.
 ///
-/// The model's forward passes run resident on the GPU ([`Resident`]): activations and
-/// the latent cache stay there, each MoE layer with host experts hands its hidden states
-/// to `host` through page-locked buffers while the GPU computes its experts and the
-/// shared expert. Other callers get the per-operation hybrid schedule.
+/// The pass runs resident on the GPU ([`Resident`]): activations and the latent cache
+/// stay there, each MoE layer with host experts hands its hidden states to `host`
+/// through page-locked buffers while the GPU computes its experts and the shared expert.
 pub fn hybrid_on_gpu(
     model: &Model,
     plan: &Plan,
     gpu: Arc<CudaBackend>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<ResidentBackend> {
+) -> anyhow::Result<Resident<CudaBackend>> {
     let g = gpu.gpu();
     let accel = Arc::new(SimDevice::new(&g.name, g.free_bytes as u64)?);
     let compute: Arc<dyn Backend> = gpu.clone();
-    let hybrid = HybridBackend::new(model, plan, accel.clone(), compute, host.clone())?;
+    // What the plan puts on the GPU, checked against its free memory (an error names
+    // what does not fit).
+    HybridBackend::new(model, plan, accel.clone(), compute, host.clone())?;
     accel.reserve(
         "f32 copies of kv_b_proj for absorbed attention",
         absorbed_kv_b_bytes(model),
     )?;
     let whole = Resident::new(gpu.clone(), Some(host), Some(accel));
-    let hybrid = ResidentBackend::new(Arc::new(hybrid), Box::new(whole));
     let mut bytes = gpu
         .preload(&device_matrices(model, |e| e.gpu.is_some()))
         .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
@@ -62,12 +60,15 @@ pub fn hybrid_on_gpu(
         bytes as f64 / (1u64 << 30) as f64,
         gpu.gpu().name
     );
-    Ok(hybrid)
+    Ok(whole)
 }
 
-/// The backend an all-GPU plan on one GPU runs on: every weight uploaded (checked
+/// The pass an all-GPU plan on one GPU runs: every weight uploaded (checked
 /// against its memory as it goes), the model's passes resident on the GPU.
-pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<ResidentBackend> {
+pub fn resident_on_gpu(
+    model: &Model,
+    gpu: Arc<CudaBackend>,
+) -> anyhow::Result<Resident<CudaBackend>> {
     let mut bytes = gpu
         .preload(&device_matrices(model, |_| true))
         .map_err(|e| anyhow::anyhow!("uploading the model's weights: {e}"))?;
@@ -79,10 +80,10 @@ pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<R
         bytes as f64 / (1u64 << 30) as f64,
         gpu.gpu().name
     );
-    Ok(CudaBackend::resident(gpu))
+    Ok(Resident::new(gpu, None, None))
 }
 
-/// The backend an all-GPU plan with data-parallel attention over several GPUs runs on
+/// The pass an all-GPU plan with data-parallel attention over several GPUs runs
 /// ([`Resident::on_devices`]): every GPU holds the attention, dense and shared-expert
 /// weights and the routers (it runs its own sequences end to end), its band of lm_head
 /// rows (as the plan budgets it; every GPU computes its band of every sequence's logits)
@@ -91,7 +92,7 @@ pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<R
 pub fn data_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<ResidentBackend> {
+) -> anyhow::Result<Resident<CudaBackend>> {
     let vocab = VocabSplit::new(&model.lm_head, gpus.len())
         .map_err(|e| anyhow::anyhow!("cutting the lm_head by vocabulary: {e}"))?;
     let lm_head = model.lm_head.identity();
@@ -119,7 +120,7 @@ pub fn data_parallel_on_gpus(
     })
 }
 
-/// The backend a hybrid plan over several GPUs runs on ([`Resident::pipeline`]): GPU g
+/// The pass a hybrid plan over several GPUs runs ([`Resident::pipeline`]): GPU g
 /// holds the attention, dense and shared-expert weights and routers of the layers the
 /// plan gives it, and their hot experts (the last also the lm_head); the other routed
 /// experts run on `host`, handed off from the GPU of their layer.
@@ -128,7 +129,7 @@ pub fn pipeline_on_gpus(
     plan: &Plan,
     gpus: Vec<Arc<CudaBackend>>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<ResidentBackend> {
+) -> anyhow::Result<Resident<CudaBackend>> {
     let layer_devices = crate::resident::layer_devices(plan, model.layers.len());
     let last = layer_devices.last().copied().unwrap_or(0);
     for (g, gpu) in gpus.iter().enumerate() {
@@ -162,12 +163,15 @@ pub fn pipeline_on_gpus(
         &first.gpu().name,
         first.gpu().free_bytes as u64,
     )?);
-    let per_op: Arc<dyn Backend> = first.clone();
-    let whole = Resident::pipeline(gpus, layer_devices, Some(host), Some(accel));
-    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+    Ok(Resident::pipeline(
+        gpus,
+        layer_devices,
+        Some(host),
+        Some(accel),
+    ))
 }
 
-/// The backend an all-GPU plan with tensor-parallel attention over several GPUs runs on
+/// The pass an all-GPU plan with tensor-parallel attention over several GPUs runs
 /// ([`Resident::tensor_parallel`]): GPU g holds every layer's `q_a`/`kv_a`, its heads'
 /// cut of `q_b`, `kv_b` and `o_proj` (and their f32 `kv_b` copies), its band of lm_head
 /// rows and the routed experts the plan gave it; the first GPU also holds the routers,
@@ -176,7 +180,7 @@ pub fn pipeline_on_gpus(
 pub fn tensor_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<ResidentBackend> {
+) -> anyhow::Result<Resident<CudaBackend>> {
     use crate::model::{Ffn, QueryProj};
     let split = HeadSplit::new(model, gpus.len())
         .map_err(|e| anyhow::anyhow!("cutting the attention weights by heads: {e}"))?;
@@ -227,16 +231,15 @@ pub fn tensor_parallel_on_gpus(
 }
 
 /// The resident pass `build` makes over `gpus`, moving `what` with NCCL between them
-/// (or through host memory, saying why); the first GPU serves per-operation callers.
+/// (or through host memory, saying why).
 fn over_gpus(
     gpus: Vec<Arc<CudaBackend>>,
     what: &str,
     build: impl FnOnce(Vec<Arc<CudaBackend>>) -> Resident<CudaBackend>,
-) -> anyhow::Result<ResidentBackend> {
-    let per_op: Arc<dyn Backend> = gpus
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
+) -> anyhow::Result<Resident<CudaBackend>> {
+    if gpus.is_empty() {
+        anyhow::bail!("no GPUs to run on");
+    }
     let fabric = match NcclFabric::open(&gpus) {
         Ok(f) => {
             eprintln!("{what}: NCCL between the {} GPUs", gpus.len());
@@ -251,7 +254,7 @@ fn over_gpus(
     if let Some(f) = fabric {
         whole = whole.with_fabric(Arc::new(f));
     }
-    Ok(ResidentBackend::new(per_op, Box::new(whole)))
+    Ok(whole)
 }
 
 fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {
@@ -260,42 +263,6 @@ fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {
         gpu.gpu().name,
         bytes as f64 / (1u64 << 30) as f64
     );
-}
-
-/// The backend an all-GPU plan over `gpus.len()` GPUs runs on (see
-/// [`ExpertParallel`]): each GPU gets the attention, dense and shared-expert weights, its
-/// band of the lm_head and the routed experts `model.apply_plan` gave it, checked against
-/// its memory as they are uploaded.
-pub fn expert_parallel_on_gpus(
-    model: &Model,
-    gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<ExpertParallel> {
-    let lm_head = model.lm_head.identity();
-    let shared: Vec<_> = model
-        .non_expert_matrices()
-        .into_iter()
-        .filter(|w| w.identity() != lm_head)
-        .collect();
-    let vocab = model.lm_head.rows();
-    for (g, gpu) in gpus.iter().enumerate() {
-        let mut bytes = gpu
-            .preload(&shared)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
-        let band = ExpertParallel::lm_head_rows(vocab, gpus.len(), g);
-        bytes += gpu
-            .preload_rows(&model.lm_head, band)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
-        bytes += gpu
-            .preload(&expert_matrices(model, |e| e.gpu == Some(g)))
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
-        eprintln!(
-            "expert-parallel: {:.2} GiB of weights on GPU {g} ({})",
-            bytes as f64 / (1u64 << 30) as f64,
-            gpu.gpu().name
-        );
-    }
-    let devices: Vec<Arc<dyn Backend>> = gpus.into_iter().map(|g| g as Arc<dyn Backend>).collect();
-    ExpertParallel::new(devices, model).ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))
 }
 
 /// The `kv_b_proj` of the layers `on` selects.

@@ -10,7 +10,6 @@
 //! checked on machines without a GPU.
 
 pub mod cuda;
-pub mod expert_parallel;
 pub mod hybrid;
 pub mod sim;
 

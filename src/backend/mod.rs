@@ -12,33 +12,8 @@ pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;
 use std::ops::Range;
-use std::sync::Arc;
 
-/// The three projections of a SiLU-gated feed-forward block (dense MLP, shared expert or
-/// one routed expert): `down(silu(gate x) * up x)`.
-#[derive(Debug, Clone)]
-pub struct FfnWeights {
-    pub gate: LinearWeight,
-    pub up: LinearWeight,
-    pub down: LinearWeight,
-    /// The NUMA node whose threads compute this FFN (routed experts placed by a plan).
-    pub numa_node: Option<usize>,
-    /// (layer, expert) of a routed expert.
-    pub expert: Option<(usize, usize)>,
-    /// The GPU that holds this routed expert, when a plan puts it on one.
-    pub gpu: Option<usize>,
-}
-
-impl FfnWeights {
-    /// Gate, up and down.
-    pub fn matrices(&self) -> [&LinearWeight; 3] {
-        [&self.gate, &self.up, &self.down]
-    }
-
-    pub fn stored_bytes(&self) -> usize {
-        self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
-    }
-}
+pub use crate::model::FfnWeights;
 
 /// A strided view of keys or values: element (token t, head h, dim d) is
 /// `data[t * token_stride + h * head_stride + offset + d]`.
@@ -90,19 +65,6 @@ pub trait Backend: Send + Sync {
         for (ffn, tokens) in work {
             self.ffn_accumulate(ffn, x, tokens, out);
         }
-    }
-
-    /// A forward pass that runs whole on this backend's device (activations and the
-    /// latent cache resident there), when it has one; the model then calls it instead of
-    /// the per-operation methods.
-    fn whole_forward(&self) -> Option<&dyn crate::resident::WholeForward> {
-        None
-    }
-
-    /// Into how many partitions a paged latent store should split its blocks: the
-    /// devices that each keep their own sequences' latents.
-    fn kv_partitions(&self) -> usize {
-        self.whole_forward().map_or(1, |w| w.devices())
     }
 
     /// Causal attention: query i (absolute position `positions[i]`) attends to keys
@@ -281,11 +243,11 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
 
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
-        return Ok(Box::new(on_cpu(Arc::new(ReferenceBackend))));
+        return Ok(Box::new(ReferenceBackend));
     }
     if let Some(ordinal) = cuda_ordinal(name)? {
         return CudaBackend::open(ordinal)
-            .map(|b| Box::new(CudaBackend::resident(Arc::new(b))) as Box<dyn Backend>)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
             .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));
     }
     let (family, isa) = name
@@ -309,17 +271,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
             }
         },
     };
-    Ok(Box::new(on_cpu(Arc::new(CpuBackend::new(
-        isa,
-        activations,
-    )))))
-}
-
-/// The CPU as the forward pass's device, computing with `kernels`.
-fn on_cpu(kernels: Arc<dyn Backend>) -> crate::resident::ResidentBackend {
-    use crate::resident::{twin::TwinOps, Resident, ResidentBackend};
-    let device = Arc::new(TwinOps::cpu(kernels.clone()));
-    ResidentBackend::new(kernels, Box::new(Resident::new(device, None, None)))
+    Ok(Box::new(CpuBackend::new(isa, activations)))
 }
 
 #[cfg(test)]

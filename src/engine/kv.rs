@@ -10,7 +10,6 @@
 
 use crate::model::LatentStore;
 use rustc_hash::FxHashMap;
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 /// What identifies a full block's contents: the chained hash of all earlier blocks and
@@ -64,16 +63,12 @@ impl KvDtype {
     }
 }
 
-/// One layer's latents, `[blocks, block_size, width]`.
-enum LayerStore {
-    F32(Vec<f32>),
-    Bf16(Vec<half::bf16>),
-}
-
+/// The block allocator of the latent cache: which blocks each sequence's positions live
+/// in, shared prefix blocks and their eviction. The latents themselves are in the forward
+/// pass's device pools, numbered by these blocks.
 pub struct KvPool {
     block_size: usize,
-    width: usize,
-    layers: Vec<LayerStore>,
+    dtype: KvDtype,
     meta: Vec<BlockMeta>,
     /// Blocks with no contents worth keeping, per partition (block id mod partitions).
     free: Vec<Vec<u32>>,
@@ -86,28 +81,14 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    pub fn new(blocks: usize, block_size: usize, width: usize, layers: usize) -> Self {
-        Self::with_dtype(blocks, block_size, width, layers, KvDtype::F32)
+    pub fn new(blocks: usize, block_size: usize) -> Self {
+        Self::with_dtype(blocks, block_size, KvDtype::F32)
     }
 
-    pub fn with_dtype(
-        blocks: usize,
-        block_size: usize,
-        width: usize,
-        layers: usize,
-        dtype: KvDtype,
-    ) -> Self {
-        let n = blocks * block_size * width;
+    pub fn with_dtype(blocks: usize, block_size: usize, dtype: KvDtype) -> Self {
         KvPool {
             block_size,
-            width,
-            // Zeroed allocations are mapped lazily, so unused capacity costs no memory.
-            layers: (0..layers)
-                .map(|_| match dtype {
-                    KvDtype::F32 => LayerStore::F32(vec![0.0f32; n]),
-                    KvDtype::Bf16 => LayerStore::Bf16(vec![half::bf16::ZERO; n]),
-                })
-                .collect(),
+            dtype,
             meta: vec![BlockMeta::default(); blocks],
             free: vec![(0..blocks as u32).rev().collect()],
             evictable: BTreeSet::new(),
@@ -289,11 +270,6 @@ impl KvPool {
             self.meta[b as usize].key = Some(key);
         }
     }
-
-    fn slot(&self, table: &[u32], pos: usize) -> usize {
-        let block = table[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.width
-    }
 }
 
 /// The pool seen through the block tables of one batch's sequences.
@@ -303,69 +279,18 @@ pub struct PagedBatch<'a> {
 }
 
 impl LatentStore for PagedBatch<'_> {
-    fn width(&self) -> usize {
-        self.pool.width
-    }
-
-    fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]) {
-        let at = self.pool.slot(self.tables[seq], pos);
-        match &mut self.pool.layers[layer] {
-            LayerStore::F32(d) => d[at..at + latent.len()].copy_from_slice(latent),
-            LayerStore::Bf16(d) => {
-                for (o, v) in d[at..at + latent.len()].iter_mut().zip(latent) {
-                    *o = half::bf16::from_f32(*v);
-                }
-            }
-        }
-    }
-
     fn partitions(&self) -> usize {
         self.pool.partitions()
     }
 
     fn bf16_latents(&self) -> bool {
-        matches!(self.pool.layers.first(), Some(LayerStore::Bf16(_)))
+        self.pool.dtype == KvDtype::Bf16
     }
 
     fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>) {
         let bs = self.pool.block_size;
         let table = self.tables[seq];
         (bs, table[..len.div_ceil(bs).min(table.len())].to_vec())
-    }
-
-    fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
-        let (bs, w) = (self.pool.block_size, self.pool.width);
-        let table = self.tables[seq];
-        // The blocks' rows in position order.
-        let spans = table
-            .iter()
-            .take(len.div_ceil(bs))
-            .enumerate()
-            .map(|(i, &b)| {
-                let at = b as usize * bs * w;
-                at..at + bs.min(len - i * bs) * w
-            });
-        match &self.pool.layers[layer] {
-            // One block: already contiguous.
-            LayerStore::F32(d) if len <= bs => {
-                let at = table[0] as usize * bs * w;
-                Cow::Borrowed(&d[at..at + len * w])
-            }
-            LayerStore::F32(d) => {
-                let mut out = Vec::with_capacity(len * w);
-                for span in spans {
-                    out.extend_from_slice(&d[span]);
-                }
-                Cow::Owned(out)
-            }
-            LayerStore::Bf16(d) => {
-                let mut out = Vec::with_capacity(len * w);
-                for span in spans {
-                    out.extend(d[span].iter().map(|v| v.to_f32()));
-                }
-                Cow::Owned(out)
-            }
-        }
     }
 }
 
@@ -374,28 +299,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bf16_pool_reads_back_rounded_latents_across_blocks() {
-        let mut pool = KvPool::with_dtype(4, 2, 3, 1, KvDtype::Bf16);
-        let table: Vec<u32> = vec![3, 1, 2];
-        let rows: Vec<f32> = (0..5 * 3).map(|i| 1.0 + i as f32 / 3.0).collect();
-        let mut batch = PagedBatch {
-            pool: &mut pool,
-            tables: vec![&table],
-        };
-        for pos in 0..5 {
-            batch.write(0, 0, pos, &rows[pos * 3..(pos + 1) * 3]);
-        }
-        let back = batch.read(0, 0, 5);
-        let want: Vec<f32> = rows
-            .iter()
-            .map(|v| half::bf16::from_f32(*v).to_f32())
-            .collect();
-        assert_eq!(back.as_ref(), want.as_slice());
-    }
-
-    #[test]
     fn prefix_blocks_are_shared_and_evicted_lru() {
-        let mut pool = KvPool::new(4, 2, 1, 1);
+        let mut pool = KvPool::new(4, 2);
         let prompt = [1, 2, 3, 4, 5];
         let table: Vec<u32> = (0..3).map(|_| pool.allocate().unwrap()).collect();
         let mut hashes = Vec::new();
@@ -418,7 +323,7 @@ mod tests {
 
     #[test]
     fn partitions_keep_their_own_blocks_and_evict_within_themselves() {
-        let mut pool = KvPool::new(9, 2, 1, 1);
+        let mut pool = KvPool::new(9, 2);
         assert!(pool.set_partitions(3));
         assert_eq!((pool.partitions(), pool.available_in(1)), (3, 3));
         let a: Vec<u32> = (0..3).map(|_| pool.allocate_in(1).unwrap()).collect();

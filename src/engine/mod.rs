@@ -1,4 +1,4 @@
-//! The engine: one thread that owns the model, the backend and the paged KV cache, fed
+//! The engine: one thread that owns the model, the forward pass and the paged KV cache, fed
 //! by a channel. Every step runs all running sequences together through one batched
 //! forward pass (decode tokens plus chunks of prompts being prefilled), samples each
 //! sequence that reached the end of its input, and streams the results back over each
@@ -9,8 +9,8 @@ pub mod output;
 pub mod sampling;
 mod scheduler;
 
-use crate::backend::Backend;
 use crate::model::Model;
+use crate::resident::Forward;
 use crate::tokenizer::Tokenizer;
 use sampling::{SamplingConfig, TokenLogprob};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -153,7 +153,7 @@ impl EngineHandle {
 /// Starts the engine thread. It ends when every handle is dropped and no work is left.
 pub fn start(
     model: Model,
-    backend: Box<dyn Backend>,
+    pass: Box<dyn Forward>,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
 ) -> std::io::Result<EngineHandle> {
@@ -170,8 +170,6 @@ pub fn start(
     };
     std::thread::Builder::new()
         .name("kimi-engine".into())
-        .spawn(move || {
-            scheduler::Scheduler::new(model, backend, tokenizer, config, stats).run(rx)
-        })?;
+        .spawn(move || scheduler::Scheduler::new(model, pass, tokenizer, config, stats).run(rx))?;
     Ok(handle)
 }

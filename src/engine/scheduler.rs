@@ -9,8 +9,8 @@ use super::kv::{KvPool, PagedBatch};
 use super::output::TextOutput;
 use super::sampling::{self, Sampler, TokenLogprob};
 use super::{EngineConfig, EngineStats, Event, FinishReason, GenRequest, StopReason};
-use crate::backend::Backend;
 use crate::model::{AttentionForm, BatchEntry, Logits, Model};
+use crate::resident::Forward;
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -44,7 +44,7 @@ impl Seq {
 
 pub(super) struct Scheduler {
     model: Model,
-    backend: Box<dyn Backend>,
+    pass: Box<dyn Forward>,
     tokenizer: Arc<Tokenizer>,
     config: Arc<EngineConfig>,
     stats: Arc<EngineStats>,
@@ -58,14 +58,14 @@ pub(super) struct Scheduler {
 impl Scheduler {
     pub(super) fn new(
         model: Model,
-        backend: Box<dyn Backend>,
+        pass: Box<dyn Forward>,
         tokenizer: Arc<Tokenizer>,
         config: Arc<EngineConfig>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        // One partition per device whose latents the backend keeps apart; each holds at
+        // One partition per device whose latents the pass keeps apart; each holds at
         // least one sequence of the longest allowed length.
-        let parts = backend.kv_partitions().max(1);
+        let parts = pass.devices().max(1);
         let blocks = if parts > 1 {
             let longest = config.max_model_len.div_ceil(config.block_size.max(1));
             config
@@ -75,13 +75,7 @@ impl Scheduler {
         } else {
             config.kv_blocks
         };
-        let mut pool = KvPool::with_dtype(
-            blocks,
-            config.block_size,
-            model.config.latent_cache_width(),
-            model.config.num_hidden_layers,
-            config.kv_dtype,
-        );
+        let mut pool = KvPool::with_dtype(blocks, config.block_size, config.kv_dtype);
         pool.set_partitions(parts);
         stats
             .kv_blocks_total
@@ -93,7 +87,7 @@ impl Scheduler {
         Scheduler {
             markers,
             model,
-            backend,
+            pass,
             tokenizer,
             config,
             stats,
@@ -350,8 +344,8 @@ impl Scheduler {
             pool: &mut self.pool,
             tables,
         };
-        let result = self.model.forward_batch(
-            self.backend.as_ref(),
+        let result = self.pass.forward_batch(
+            &self.model,
             &entries,
             &mut store,
             AttentionForm::Auto,

@@ -1,6 +1,7 @@
-//! The DeepSeek-V3 / Kimi K2 text model, written as plain maths against the `Backend`
-//! trait. One token's path: embedding -> per layer [RMSNorm -> MLA -> residual ->
-//! RMSNorm -> dense MLP or MoE -> residual] -> final RMSNorm -> lm_head.
+//! The DeepSeek-V3 / Kimi K2 text model as data and maths rules: its weights, RoPE,
+//! routing, RMSNorm and the MLA dimensions; the forward pass that runs it on devices is
+//! `crate::resident`. One token's path: embedding -> per layer [RMSNorm -> MLA ->
+//! residual -> RMSNorm -> dense MLP or MoE -> residual] -> final RMSNorm -> lm_head.
 //!
 //! MLA keeps a latent cache of `kv_lora_rank + qk_rope_head_dim` values per token per
 //! layer (the normalised `c_kv` and the rotated shared `k_pe`). Two equivalent forms read
@@ -12,11 +13,9 @@
 pub mod rope;
 pub mod router;
 
-use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::{ModelConfig, TopkMethod};
 use crate::weights::{Checkpoint, LinearWeight, WeightLoader, WeightsError};
 pub use rope::Rope;
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::ops::Range;
 
@@ -63,6 +62,32 @@ impl Logits {
             Some(Logits::Last) => first + len - 1..first + len,
             None => first..first,
         }
+    }
+}
+
+/// The three projections of a SiLU-gated feed-forward block (dense MLP, shared expert or
+/// one routed expert): `down(silu(gate x) * up x)`.
+#[derive(Debug, Clone)]
+pub struct FfnWeights {
+    pub gate: LinearWeight,
+    pub up: LinearWeight,
+    pub down: LinearWeight,
+    /// The NUMA node whose threads compute this FFN (routed experts placed by a plan).
+    pub numa_node: Option<usize>,
+    /// (layer, expert) of a routed expert.
+    pub expert: Option<(usize, usize)>,
+    /// The GPU that holds this routed expert, when a plan puts it on one.
+    pub gpu: Option<usize>,
+}
+
+impl FfnWeights {
+    /// Gate, up and down.
+    pub fn matrices(&self) -> [&LinearWeight; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    pub fn stored_bytes(&self) -> usize {
+        self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
     }
 }
 
@@ -122,20 +147,15 @@ pub struct Model {
     pub id: u64,
 }
 
-/// Where the latents of the sequences in a forward pass live. Sequence `seq` is the
-/// index of its entry in the batch; positions are absolute.
+/// Where the latents of the sequences in a forward pass go: each sequence's block table.
+/// Sequence `seq` is the index of its entry in the batch; positions are absolute. The
+/// latents themselves live on the pass's devices, in pools numbered by these blocks (the
+/// engine's block allocator and prefix cache decide which block a position lives in).
 pub trait LatentStore {
-    /// Values per token per layer (`kv_lora_rank + qk_rope_head_dim`).
-    fn width(&self) -> usize;
-    /// Stores the latent of `seq` at `pos` in `layer`. Positions are written in order,
-    /// each once per forward, and every earlier position is already present.
-    fn write(&mut self, seq: usize, layer: usize, pos: usize, latent: &[f32]);
-    /// The latents of positions `0..len` of `seq` in `layer`, `[len, width]`.
-    fn read(&self, seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]>;
     /// The block size and the blocks holding positions `0..len` of `seq`, in position
-    /// order: where a device-resident cache puts the same latents.
+    /// order.
     fn block_table(&self, seq: usize, len: usize) -> (usize, Vec<u32>);
-    /// Whether latents are kept in BF16 (rounded on write), as a device cache should too.
+    /// Whether latents are kept in BF16 (rounded on write) rather than f32.
     fn bf16_latents(&self) -> bool {
         false
     }
@@ -147,23 +167,19 @@ pub trait LatentStore {
     }
 }
 
-/// Block size of a contiguous [`KvCache`] seen as a paged one.
+/// Block size of a [`KvCache`].
 const CONTIGUOUS_BLOCK: usize = 64;
 
-/// The latent KV cache of one sequence, contiguous per layer.
+/// One sequence on its own (`run`, tools, tests): positions `0..len` in blocks `0, 1,
+/// ...` of the pass's latent pools. A pass keeps latents by block number, so one
+/// sequence at a time uses a pass this way (the engine's paged pool serves many).
 pub struct KvCache {
-    width: usize,
-    layers: Vec<Vec<f32>>,
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(config: &ModelConfig) -> Self {
-        KvCache {
-            width: config.latent_cache_width(),
-            layers: vec![Vec::new(); config.num_hidden_layers],
-            len: 0,
-        }
+    pub fn new(_config: &ModelConfig) -> Self {
+        KvCache { len: 0 }
     }
 
     /// Tokens cached.
@@ -174,23 +190,14 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Counts `n` more tokens as cached (after a pass wrote their latents).
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
 }
 
 impl LatentStore for KvCache {
-    fn width(&self) -> usize {
-        self.width
-    }
-
-    fn write(&mut self, _seq: usize, layer: usize, pos: usize, latent: &[f32]) {
-        let rows = &mut self.layers[layer];
-        rows.truncate(pos * self.width);
-        rows.extend_from_slice(latent);
-    }
-
-    fn read(&self, _seq: usize, layer: usize, len: usize) -> Cow<'_, [f32]> {
-        Cow::Borrowed(&self.layers[layer][..len * self.width])
-    }
-
     fn block_table(&self, _seq: usize, len: usize) -> (usize, Vec<u32>) {
         let blocks = len.div_ceil(CONTIGUOUS_BLOCK) as u32;
         (CONTIGUOUS_BLOCK, (0..blocks).collect())
@@ -409,135 +416,6 @@ impl Model {
         counts
     }
 
-    /// Runs `tokens` (positions `cache.len()..`) through the model, appending their
-    /// latents to `cache`. Returns logits `[n, vocab]` (`Logits::All`) or `[vocab]` for
-    /// the last token.
-    pub fn forward(
-        &self,
-        backend: &dyn Backend,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        form: AttentionForm,
-        logits: Logits,
-    ) -> Result<Vec<f32>, ModelError> {
-        self.forward_observed(backend, tokens, cache, form, logits, &mut |_, _| {})
-    }
-
-    /// `forward`, calling `on_route(layer, experts)` with every token's routed experts
-    /// (used to collect activation statistics).
-    pub fn forward_observed(
-        &self,
-        backend: &dyn Backend,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        form: AttentionForm,
-        logits: Logits,
-        on_route: &mut RouteObserver,
-    ) -> Result<Vec<f32>, ModelError> {
-        let entry = BatchEntry {
-            tokens,
-            start: cache.len,
-            logits: Some(logits),
-        };
-        let mut out = self.forward_batch(backend, &[entry], cache, form, on_route)?;
-        cache.len += tokens.len();
-        Ok(out.pop().flatten().unwrap_or_default())
-    }
-
-    /// One forward pass over several sequences at once: every weight is read once for
-    /// all their tokens (each routed expert once for all tokens routed to it), attention
-    /// runs per sequence over its own latents in `store`. Per-token results do not depend
-    /// on what else is in the batch. Returns, per entry, its logits (`[n, vocab]` or
-    /// `[vocab]`) when asked for.
-    pub fn forward_batch(
-        &self,
-        backend: &dyn Backend,
-        batch: &[BatchEntry],
-        store: &mut dyn LatentStore,
-        form: AttentionForm,
-        on_route: &mut RouteObserver,
-    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
-        if let Some(whole) = backend.whole_forward() {
-            if let Some(result) = whole.forward_batch(self, batch, store, form, on_route) {
-                return result;
-            }
-        }
-        self.check_batch(batch)?;
-        let cfg = &self.config;
-        let h = cfg.hidden_size;
-        let seqs: Vec<SeqSpan> = {
-            let mut offset = 0;
-            batch
-                .iter()
-                .map(|e| {
-                    let span = SeqSpan {
-                        first: offset,
-                        start: e.start,
-                        len: e.tokens.len(),
-                        form: match form {
-                            AttentionForm::Auto if e.tokens.len() == 1 => AttentionForm::Absorbed,
-                            AttentionForm::Auto => AttentionForm::Naive,
-                            f => f,
-                        },
-                    };
-                    offset += e.tokens.len();
-                    span
-                })
-                .collect()
-        };
-        let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
-
-        let mut x = vec![0.0f32; n * h];
-        for (t, &id) in batch.iter().flat_map(|e| e.tokens).enumerate() {
-            self.embed
-                .decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
-        }
-        // Outputs of experts deferred by the previous layer.
-        let mut deferred: Option<Vec<f32>> = None;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps);
-            let attn = self.attention(backend, l, &xn, &seqs, store);
-            add_in_place(&mut x, &attn);
-            let xn = rms_norm(&x, &layer.post_attn_norm, cfg.rms_norm_eps);
-            let (ffn, later) = self.ffn(backend, l, &layer.ffn, &xn, on_route);
-            add_in_place(&mut x, &ffn);
-            if let Some(d) = deferred.take() {
-                add_in_place(&mut x, &d);
-            }
-            deferred = later;
-        }
-        if let Some(d) = deferred {
-            add_in_place(&mut x, &d);
-        }
-
-        // lm_head once over every row that needs logits.
-        let mut rows = Vec::new();
-        for (e, s) in batch.iter().zip(&seqs) {
-            rows.extend(Logits::rows(e.logits, s.first, s.len));
-        }
-        let mut picked = Vec::with_capacity(rows.len() * h);
-        for &r in &rows {
-            picked.extend_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        let xn = rms_norm(&picked, &self.norm, cfg.rms_norm_eps);
-        let vocab = cfg.vocab_size;
-        let mut all = vec![0.0f32; rows.len() * vocab];
-        if !rows.is_empty() {
-            backend.linear(&self.lm_head, 0..vocab, &xn, &mut all);
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        let mut next = 0;
-        for (e, s) in batch.iter().zip(&seqs) {
-            let count = Logits::rows(e.logits, 0, s.len).len();
-            out.push(
-                e.logits
-                    .map(|_| all[next * vocab..(next + count) * vocab].to_vec()),
-            );
-            next += count;
-        }
-        Ok(out)
-    }
-
     /// Rejects an empty batch, token ids outside the vocabulary and passes that would
     /// run past the context limit.
     pub fn check_batch(&self, batch: &[BatchEntry]) -> Result<(), ModelError> {
@@ -561,234 +439,6 @@ impl Model {
             }
         }
         Ok(())
-    }
-
-    fn attention(
-        &self,
-        backend: &dyn Backend,
-        layer: usize,
-        x: &[f32],
-        seqs: &[SeqSpan],
-        store: &mut dyn LatentStore,
-    ) -> Vec<f32> {
-        let cfg = &self.config;
-        let a = &self.layers[layer].attn;
-        let n = x.len() / cfg.hidden_size;
-        let heads = cfg.num_attention_heads;
-        let (dn, dr, dv, c) = (
-            cfg.qk_nope_head_dim,
-            cfg.qk_rope_head_dim,
-            cfg.v_head_dim,
-            cfg.kv_lora_rank,
-        );
-        let dq = dn + dr;
-        let positions: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.start + s.len).collect();
-
-        // Queries [n, heads, dn + dr], rope on the last dr of each head.
-        let mut q = vec![0.0f32; n * heads * dq];
-        match &a.q {
-            QueryProj::LowRank { a: qa, norm, b } => {
-                let mut lat = vec![0.0f32; n * qa.rows()];
-                backend.linear(qa, 0..qa.rows(), x, &mut lat);
-                let lat = rms_norm(&lat, norm, cfg.rms_norm_eps);
-                backend.linear(b, 0..b.rows(), &lat, &mut q);
-            }
-            QueryProj::Full(w) => backend.linear(w, 0..w.rows(), x, &mut q),
-        }
-        for (i, &pos) in positions.iter().enumerate() {
-            for hd in 0..heads {
-                let start = (i * heads + hd) * dq + dn;
-                self.rope.apply(&mut q[start..start + dr], pos);
-            }
-        }
-
-        // New latents: normalised c_kv and rotated k_pe, written to the store.
-        let width = store.width();
-        let mut kv = vec![0.0f32; n * width];
-        backend.linear(&a.kv_a, 0..width, x, &mut kv);
-        for (i, &pos) in positions.iter().enumerate() {
-            let row = &mut kv[i * width..(i + 1) * width];
-            let normed = rms_norm(&row[..c], &a.kv_a_norm, cfg.rms_norm_eps);
-            row[..c].copy_from_slice(&normed);
-            self.rope.apply(&mut row[c..], pos);
-        }
-        for (s_idx, s) in seqs.iter().enumerate() {
-            for i in 0..s.len {
-                let t = s.first + i;
-                store.write(s_idx, layer, s.start + i, &kv[t * width..(t + 1) * width]);
-            }
-        }
-
-        let scale = cfg.softmax_scale();
-        let kv_b_rows = dn + dv;
-        let mut heads_out = vec![0.0f32; n * heads * dv];
-
-        // Absorbed sequences: fold W_UK into their queries together (one read of kv_b for
-        // all of them), attend per sequence over the latents, unfold W_UV together.
-        let absorbed: Vec<(usize, &SeqSpan)> = seqs
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.form == AttentionForm::Absorbed)
-            .collect();
-        let m: usize = absorbed.iter().map(|(_, s)| s.len).sum();
-        if m > 0 {
-            let rows: Vec<usize> = absorbed
-                .iter()
-                .flat_map(|(_, s)| s.first..s.first + s.len)
-                .collect();
-            // q~_h = q_nope_h W_UK_h (c values), followed by q_pe_h: one MQA query of
-            // width c + dr against the latent cache; values are the c_kv latents.
-            let dims = MlaDims::of(cfg);
-            let mut q_rows = Vec::with_capacity(m * heads * dq);
-            for &t in &rows {
-                q_rows.extend_from_slice(&q[t * heads * dq..(t + 1) * heads * dq]);
-            }
-            let q_lat = absorb_queries(backend, &a.kv_b, &q_rows, dims, m);
-            let mut o_lat = vec![0.0f32; m * heads * c];
-            let mut done = 0;
-            for &(seq, s) in &absorbed {
-                let latents = store.read(seq, layer, s.start + s.len);
-                let view = KvView {
-                    data: &latents,
-                    token_stride: width,
-                    head_stride: 0,
-                    offset: 0,
-                };
-                backend.attention(
-                    &q_lat[done * heads * width..(done + s.len) * heads * width],
-                    view,
-                    view,
-                    AttentionShape {
-                        heads,
-                        kv_heads: 1,
-                        qk_dim: width,
-                        v_dim: c,
-                    },
-                    &positions[s.first..s.first + s.len],
-                    scale,
-                    &mut o_lat[done * heads * c..(done + s.len) * heads * c],
-                );
-                done += s.len;
-            }
-            // o_h = W_UV_h o_lat_h
-            let v = expand_values(backend, &a.kv_b, &o_lat, dims, m);
-            for (i, &t) in rows.iter().enumerate() {
-                heads_out[t * heads * dv..(t + 1) * heads * dv]
-                    .copy_from_slice(&v[i * heads * dv..(i + 1) * heads * dv]);
-            }
-        }
-
-        // Naive sequences: expand every cached latent into per-head keys [nope | rope]
-        // and values.
-        for (seq, s) in seqs.iter().enumerate() {
-            if s.form == AttentionForm::Absorbed {
-                continue;
-            }
-            let total = s.start + s.len;
-            let latents = store.read(seq, layer, total);
-            let mut c_kv = Vec::with_capacity(total * c);
-            for t in 0..total {
-                c_kv.extend_from_slice(&latents[t * width..t * width + c]);
-            }
-            let mut expanded = vec![0.0f32; total * heads * kv_b_rows];
-            backend.linear(&a.kv_b, 0..heads * kv_b_rows, &c_kv, &mut expanded);
-            let mut keys = vec![0.0f32; total * heads * dq];
-            for t in 0..total {
-                for hd in 0..heads {
-                    let src = (t * heads + hd) * kv_b_rows;
-                    let dst = (t * heads + hd) * dq;
-                    keys[dst..dst + dn].copy_from_slice(&expanded[src..src + dn]);
-                    keys[dst + dn..dst + dq]
-                        .copy_from_slice(&latents[t * width + c..(t + 1) * width]);
-                }
-            }
-            backend.attention(
-                &q[s.first * heads * dq..(s.first + s.len) * heads * dq],
-                KvView {
-                    data: &keys,
-                    token_stride: heads * dq,
-                    head_stride: dq,
-                    offset: 0,
-                },
-                KvView {
-                    data: &expanded,
-                    token_stride: heads * kv_b_rows,
-                    head_stride: kv_b_rows,
-                    offset: dn,
-                },
-                AttentionShape {
-                    heads,
-                    kv_heads: heads,
-                    qk_dim: dq,
-                    v_dim: dv,
-                },
-                &positions[s.first..s.first + s.len],
-                scale,
-                &mut heads_out[s.first * heads * dv..(s.first + s.len) * heads * dv],
-            );
-        }
-        let mut out = vec![0.0f32; n * cfg.hidden_size];
-        backend.linear(&a.o, 0..cfg.hidden_size, &heads_out, &mut out);
-        out
-    }
-
-    fn ffn(
-        &self,
-        backend: &dyn Backend,
-        layer: usize,
-        ffn: &Ffn,
-        x: &[f32],
-        on_route: &mut RouteObserver,
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let cfg = &self.config;
-        let h = cfg.hidden_size;
-        let n = x.len() / h;
-        let mut out = vec![0.0f32; n * h];
-        let mut later = None;
-        match ffn {
-            Ffn::Dense(w) => {
-                let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-                backend.ffn_accumulate(w, x, &all, &mut out);
-            }
-            Ffn::Moe(moe) => {
-                let e = cfg.n_routed_experts;
-                let mut router_logits = vec![0.0f32; n * e];
-                backend.linear(&moe.router, 0..e, x, &mut router_logits);
-                // Group tokens by expert so each expert's weights are read once.
-                let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
-                let mut per_expert_later: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
-                for t in 0..n {
-                    let routes = router::route(
-                        cfg,
-                        &router_logits[t * e..(t + 1) * e],
-                        moe.correction_bias.as_deref(),
-                    );
-                    on_route(layer, &routes);
-                    let deferred = self.deferred_routes(moe, &routes);
-                    for (expert, weight) in routes {
-                        let list = if deferred.contains(&expert) {
-                            &mut per_expert_later
-                        } else {
-                            &mut per_expert
-                        };
-                        list[expert].push((t, weight));
-                    }
-                }
-                let now = expert_work(&moe.experts, &per_expert);
-                backend.moe_accumulate(&now, x, &mut out);
-                let next = expert_work(&moe.experts, &per_expert_later);
-                if !next.is_empty() {
-                    let mut d = vec![0.0f32; n * h];
-                    backend.moe_accumulate(&next, x, &mut d);
-                    later = Some(d);
-                }
-                if let Some(shared) = &moe.shared {
-                    let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-                    backend.ffn_accumulate(shared, x, &all, &mut out);
-                }
-            }
-        }
-        (out, later)
     }
 
     /// The experts of one token's routes whose output waits a layer: its
@@ -855,64 +505,6 @@ impl MlaDims {
     }
 }
 
-/// Absorbed queries `[tokens, heads, latent + rope]` from `q` `[tokens, heads, nope +
-/// rope]`: per head `[q_nope · W_UK_h | q_pe]`, folding every token's head through one
-/// transposed product over that head's band of `kv_b`.
-pub(crate) fn absorb_queries(
-    backend: &dyn Backend,
-    kv_b: &LinearWeight,
-    q: &[f32],
-    d: MlaDims,
-    tokens: usize,
-) -> Vec<f32> {
-    let (width, qk) = (d.width(), d.qk());
-    let mut out = vec![0.0f32; tokens * d.heads * width];
-    let mut nope = vec![0.0f32; tokens * d.nope];
-    let mut folded = vec![0.0f32; tokens * d.latent];
-    for h in 0..d.heads {
-        for t in 0..tokens {
-            let src = (t * d.heads + h) * qk;
-            nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
-        }
-        let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
-        backend.linear_transposed(kv_b, uk, &nope, &mut folded);
-        for t in 0..tokens {
-            let dst = (t * d.heads + h) * width;
-            out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
-            let src = (t * d.heads + h) * qk + d.nope;
-            out[dst + d.latent..dst + width].copy_from_slice(&q[src..src + d.rope]);
-        }
-    }
-    out
-}
-
-/// Per head `W_UV_h · o_h`: values `[tokens, heads, v]` from attended latents `[tokens,
-/// heads, latent]`.
-pub(crate) fn expand_values(
-    backend: &dyn Backend,
-    kv_b: &LinearWeight,
-    o: &[f32],
-    d: MlaDims,
-    tokens: usize,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; tokens * d.heads * d.v];
-    let mut lat = vec![0.0f32; tokens * d.latent];
-    let mut v = vec![0.0f32; tokens * d.v];
-    for h in 0..d.heads {
-        for t in 0..tokens {
-            let src = (t * d.heads + h) * d.latent;
-            lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
-        }
-        let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
-        backend.linear(kv_b, uv, &lat, &mut v);
-        for t in 0..tokens {
-            let dst = (t * d.heads + h) * d.v;
-            out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
-        }
-    }
-    out
-}
-
 /// RMSNorm over rows of `w.len()` values: `x * rsqrt(mean(x^2) + eps) * w`, in f32.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
@@ -938,21 +530,4 @@ pub(crate) fn expert_work<'a>(
         .filter(|(_, tokens)| !tokens.is_empty())
         .map(|(e, tokens)| (&experts[e], tokens.as_slice()))
         .collect()
-}
-
-/// Where one sequence's tokens sit in a batch.
-#[derive(Debug, Clone, Copy)]
-struct SeqSpan {
-    /// Index of its first token among the batch's tokens.
-    first: usize,
-    /// Its position before this pass.
-    start: usize,
-    len: usize,
-    form: AttentionForm,
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
 }

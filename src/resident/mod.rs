@@ -1,23 +1,25 @@
-//! The device-resident forward pass: the residual stream, every activation and the paged
-//! latent KV cache stay in the accelerator's memory for the whole pass. Only the token
-//! ids, positions and block tables go in, the router's choices and the requested logits
-//! come out, and, in hybrid mode, each MoE layer with experts in host RAM hands its
+//! The forward pass, written once over [`DeviceOps`] (the operations a device provides
+//! on its own buffers) and used by every layout: the CPU alone ([`on_cpu`]), one GPU,
+//! hybrid (one GPU or a pipeline over several, experts in host RAM computed by the host),
+//! and all-GPU data- or tensor-parallel. The residual stream, every activation and the
+//! paged latent KV cache stay on the device for the whole pass: only the token ids,
+//! positions and block tables go in, the router's choices and the requested logits come
+//! out, and, in hybrid mode, each MoE layer with experts in host RAM hands its
 //! normalised hidden states to the host and takes the host experts' sum back.
 //!
-//! The pass is written once over [`DeviceOps`], the operations a device provides on its
-//! own buffers. The CUDA backend implements them with its kernels; [`twin::TwinOps`]
-//! implements them on host vectors with the CPU kernels, so the whole schedule (cache
-//! layout, block tables, hand-off, byte counts) is checked against the golden fixtures
-//! on machines without a GPU.
+//! The CUDA backend implements [`DeviceOps`] with its kernels; [`twin::TwinOps`] with the
+//! CPU kernels on host vectors: as the CPU device ([`twin::TwinOps::cpu`]), and as a
+//! stand-in GPU (`--simulate-gpus`, and tests), so the whole schedule (cache layout,
+//! block tables, hand-off, byte counts) is checked against the golden fixtures on
+//! machines without a GPU.
 //!
-//! Attention runs in the absorbed MLA form for every token, prefill included: each new
-//! token is one query over its sequence's latents `0..=position`, read through the block
-//! table, so one kernel serves decode, chunked prefill and mixed batches.
+//! Attention reads the latents through each query's block table in either MLA form (see
+//! [`DeviceOps::mla_attention`]): naive for a sequence's several new tokens, absorbed for
+//! one, so one pass serves decode, chunked prefill and mixed batches.
 //!
-//! The latent cache on the device mirrors the host store's block numbering (the engine's
-//! block allocator and prefix cache decide which block a position lives in; the device
-//! holds that block's latents). The host store itself is not written: every pass of a
-//! store goes through the same resident forward.
+//! The latent cache on a device is numbered by the engine's blocks (the engine's block
+//! allocator and prefix cache decide which block a position lives in; the device holds
+//! that block's latents).
 
 mod exchange;
 mod layout;
@@ -31,10 +33,11 @@ pub use pass::Resident;
 pub use tensor::{HeadShare, HeadSplit};
 pub use vocab::VocabSplit;
 
-use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
+use crate::backend::{Backend, FfnWeights};
 use crate::config::ModelConfig;
 use crate::model::{
-    router, AttentionForm, BatchEntry, LatentStore, Model, ModelError, RouteObserver,
+    router, AttentionForm, BatchEntry, KvCache, LatentStore, Logits, Model, ModelError,
+    RouteObserver,
 };
 use crate::weights::LinearWeight;
 use std::ops::Range;
@@ -333,11 +336,15 @@ impl<O: DeviceOps> Fabric<O> for ThroughHost {
     }
 }
 
-/// A whole forward pass on a device, offered by a backend through
-/// [`Backend::whole_forward`].
-pub trait WholeForward: Send + Sync {
-    /// `Model::forward_batch` on the device; `None` when this pass cannot serve the call
-    /// (it was prepared for another model), and the caller runs the per-operation path.
+/// The forward pass as its callers see it (the engine, `run`, benchmarks, tests): one
+/// implementation, [`Resident`], over whichever devices a layout gives it.
+pub trait Forward: Send + Sync {
+    /// One pass over several sequences at once: every weight is read once for all their
+    /// tokens (each routed expert once for all tokens routed to it), attention runs per
+    /// sequence over its own latents, placed by `store`'s block tables. Per-token results
+    /// do not depend on what else is in the batch. Returns, per entry, its logits
+    /// (`[n, vocab]` or `[vocab]`) when asked for. `on_route(layer, experts)` sees every
+    /// token's routed experts.
     fn forward_batch(
         &self,
         model: &Model,
@@ -345,75 +352,54 @@ pub trait WholeForward: Send + Sync {
         store: &mut dyn LatentStore,
         form: AttentionForm,
         on_route: &mut RouteObserver,
-    ) -> Option<Result<Vec<Option<Vec<f32>>>, ModelError>>;
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError>;
 
-    /// Devices the pass keeps latents on (each sequence on one).
+    /// Devices the pass keeps latents on (each sequence on one): into how many
+    /// partitions a paged latent store should split its blocks.
     fn devices(&self) -> usize {
         1
     }
 }
 
-/// A per-operation backend together with a whole-pass one: the model's forward passes
-/// run resident on the device, every other caller (benchmarks, tools) uses the
-/// per-operation methods.
-pub struct ResidentBackend {
-    per_op: Arc<dyn Backend>,
-    whole: Box<dyn WholeForward>,
+impl dyn Forward + '_ {
+    /// Runs `tokens` (positions `cache.len()..`) of one sequence, extending `cache`.
+    /// Returns logits `[n, vocab]` (`Logits::All`) or `[vocab]` for the last token.
+    pub fn forward(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        form: AttentionForm,
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.forward_observed(model, tokens, cache, form, logits, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward), calling `on_route(layer, experts)` with every token's
+    /// routed experts (used to collect activation statistics).
+    pub fn forward_observed(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        form: AttentionForm,
+        logits: Logits,
+        on_route: &mut RouteObserver,
+    ) -> Result<Vec<f32>, ModelError> {
+        let entry = BatchEntry {
+            tokens,
+            start: cache.len(),
+            logits: Some(logits),
+        };
+        let mut out = self.forward_batch(model, &[entry], cache, form, on_route)?;
+        cache.advance(tokens.len());
+        Ok(out.pop().flatten().unwrap_or_default())
+    }
 }
 
-impl ResidentBackend {
-    pub fn new(per_op: Arc<dyn Backend>, whole: Box<dyn WholeForward>) -> Self {
-        ResidentBackend { per_op, whole }
-    }
-}
-
-impl Backend for ResidentBackend {
-    fn name(&self) -> &'static str {
-        self.per_op.name()
-    }
-
-    fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        self.per_op.linear(w, rows, x, y)
-    }
-
-    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        self.per_op.linear_transposed(w, rows, x, y)
-    }
-
-    fn ffn_accumulate(
-        &self,
-        ffn: &FfnWeights,
-        x: &[f32],
-        tokens: &[(usize, f32)],
-        out: &mut [f32],
-    ) {
-        self.per_op.ffn_accumulate(ffn, x, tokens, out)
-    }
-
-    fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
-        self.per_op.ffn_contributions(ffn, x, tokens)
-    }
-
-    fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
-        self.per_op.moe_accumulate(work, x, out)
-    }
-
-    fn attention(
-        &self,
-        q: &[f32],
-        k: KvView,
-        v: KvView,
-        shape: AttentionShape,
-        positions: &[usize],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        self.per_op.attention(q, k, v, shape, positions, scale, out)
-    }
-
-    fn whole_forward(&self) -> Option<&dyn WholeForward> {
-        Some(self.whole.as_ref())
-    }
+/// The pass on the CPU alone, computing with `kernels` (see [`twin::TwinOps::cpu`]).
+pub fn on_cpu(kernels: Arc<dyn Backend>) -> Resident<twin::TwinOps> {
+    Resident::new(Arc::new(twin::TwinOps::cpu(kernels)), None, None)
 }
 
 /// The device of each decoder layer in a plan that gives GPUs ranges of layers (hybrid

@@ -13,9 +13,7 @@
 use super::exchange::exchange_experts;
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
-use super::{
-    DeviceOps, DeviceRope, Fabric, MlaDims, ReplayKey, RopeLayout, ThroughHost, WholeForward,
-};
+use super::{DeviceOps, DeviceRope, Fabric, Forward, MlaDims, ReplayKey, RopeLayout, ThroughHost};
 use crate::accel::sim::SimDevice;
 use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
@@ -293,7 +291,7 @@ impl<O: DeviceOps> Resident<O> {
     }
 }
 
-impl<O: DeviceOps> WholeForward for Resident<O> {
+impl<O: DeviceOps> Forward for Resident<O> {
     fn forward_batch(
         &self,
         model: &Model,
@@ -301,7 +299,7 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
         store: &mut dyn LatentStore,
         form: AttentionForm,
         on_route: &mut RouteObserver,
-    ) -> Option<Result<Vec<Option<Vec<f32>>>, ModelError>> {
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state
             .as_ref()
@@ -311,9 +309,7 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
             // Another model: what was prepared for the last one goes.
             *state = None;
         }
-        if let Err(e) = model.check_batch(batch) {
-            return Some(Err(e));
-        }
+        model.check_batch(batch)?;
         let prepared = state.get_or_insert_with(|| {
             self.devices
                 .iter()
@@ -327,14 +323,14 @@ impl<O: DeviceOps> WholeForward for Resident<O> {
         let pass = std::panic::AssertUnwindSafe(|| {
             self.run(model, prepared, batch, store, form, on_route)
         });
-        Some(std::panic::catch_unwind(pass).map_err(|payload| {
+        std::panic::catch_unwind(pass).map_err(|payload| {
             let why = payload
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "an unknown failure".into());
             ModelError::Device(why)
-        }))
+        })
     }
 
     fn devices(&self) -> usize {

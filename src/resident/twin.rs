@@ -1,8 +1,7 @@
-//! The resident forward pass's device operations on host vectors, computed by a CPU
-//! backend: the CPU twin of the CUDA implementation. The resident schedule runs on it in
-//! CI against the golden fixtures; every operation is the same maths the per-operation
-//! model path uses (absorbed attention included), so the twin is also the reference the
-//! GPU's resident pass is compared with.
+//! The forward pass's device operations on host vectors, computed by a CPU backend's
+//! kernels: the CPU device ([`TwinOps::cpu`]), and the CPU twin of the CUDA device (a
+//! stand-in GPU that attends as the CUDA device does), which the GPU's pass is compared
+//! with.
 
 use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
@@ -337,7 +336,7 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         tokens: usize,
     ) -> Vec<f32> {
-        crate::model::absorb_queries(self.backend.as_ref(), kv_b, q, d, tokens)
+        absorb_queries(self.backend.as_ref(), kv_b, q, d, tokens)
     }
 
     fn mla(
@@ -391,7 +390,7 @@ impl DeviceOps for TwinOps {
         d: MlaDims,
         tokens: usize,
     ) -> Vec<f32> {
-        crate::model::expand_values(self.backend.as_ref(), kv_b, o, d, tokens)
+        expand_values(self.backend.as_ref(), kv_b, o, d, tokens)
     }
 
     fn mla_attention(
@@ -476,4 +475,62 @@ impl DeviceOps for TwinOps {
         }
         self.backend.ffn_accumulate(ffn, x, tokens, out);
     }
+}
+
+/// Absorbed queries `[tokens, heads, latent + rope]` from `q` `[tokens, heads, nope +
+/// rope]`: per head `[q_nope · W_UK_h | q_pe]`, folding every token's head through one
+/// transposed product over that head's band of `kv_b`.
+fn absorb_queries(
+    backend: &dyn Backend,
+    kv_b: &LinearWeight,
+    q: &[f32],
+    d: MlaDims,
+    tokens: usize,
+) -> Vec<f32> {
+    let (width, qk) = (d.width(), d.qk());
+    let mut out = vec![0.0f32; tokens * d.heads * width];
+    let mut nope = vec![0.0f32; tokens * d.nope];
+    let mut folded = vec![0.0f32; tokens * d.latent];
+    for h in 0..d.heads {
+        for t in 0..tokens {
+            let src = (t * d.heads + h) * qk;
+            nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
+        }
+        let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
+        backend.linear_transposed(kv_b, uk, &nope, &mut folded);
+        for t in 0..tokens {
+            let dst = (t * d.heads + h) * width;
+            out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
+            let src = (t * d.heads + h) * qk + d.nope;
+            out[dst + d.latent..dst + width].copy_from_slice(&q[src..src + d.rope]);
+        }
+    }
+    out
+}
+
+/// Per head `W_UV_h · o_h`: values `[tokens, heads, v]` from attended latents `[tokens,
+/// heads, latent]`.
+fn expand_values(
+    backend: &dyn Backend,
+    kv_b: &LinearWeight,
+    o: &[f32],
+    d: MlaDims,
+    tokens: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; tokens * d.heads * d.v];
+    let mut lat = vec![0.0f32; tokens * d.latent];
+    let mut v = vec![0.0f32; tokens * d.v];
+    for h in 0..d.heads {
+        for t in 0..tokens {
+            let src = (t * d.heads + h) * d.latent;
+            lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
+        }
+        let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
+        backend.linear(kv_b, uv, &lat, &mut v);
+        for t in 0..tokens {
+            let dst = (t * d.heads + h) * d.v;
+            out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
+        }
+    }
+    out
 }

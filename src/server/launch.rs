@@ -13,6 +13,7 @@ use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
 use crate::model::Model;
 use crate::placement::{self, ModelDesc, Plan, Profile};
+use crate::resident::Forward;
 use crate::tokenizer::chat_template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
@@ -134,13 +135,13 @@ impl Placement {
         self
     }
 
-    /// The backend to run on, the model's passes resident on the GPUs: an all-GPU plan
+    /// The forward pass to run, on the CPU or resident on the GPUs: an all-GPU plan
     /// on one GPU runs there whole; over several, with data-parallel attention, each GPU
     /// runs its own sequences and the experts the plan gave it, with tensor-parallel
     /// attention each GPU computes its heads for every sequence; a hybrid plan runs its layers on its
     /// GPU(s), pipelined when there are several, with `host` computing the experts left
-    /// in host RAM. Without a plan or GPUs, `host` alone.
-    pub fn backend(&self, model: &Model, host: &str) -> Result<Box<dyn Backend>> {
+    /// in host RAM. Without a plan or GPUs, the CPU alone with `host`'s kernels.
+    pub fn forward(&self, model: &Model, host: &str) -> Result<Box<dyn Forward>> {
         let name = host;
         let plan = self.plan.as_ref().filter(|_| self.gpus.count() > 0);
         if plan.is_none() {
@@ -152,7 +153,7 @@ impl Placement {
                 })?;
                 gpu.set_recording(!self.enforce_eager);
                 return resident_on_gpu(model, Arc::new(gpu))
-                    .map(|b| Box::new(b) as Box<dyn Backend>)
+                    .map(|b| Box::new(b) as Box<dyn Forward>)
                     .map_err(|e| {
                         e.context(format!(
                             "--backend {name} needs the whole model on the GPU; use a hybrid \
@@ -161,12 +162,12 @@ impl Placement {
                     });
             }
         }
-        let host = crate::backend::by_name(name).map_err(anyhow::Error::msg)?;
+        let host: Arc<dyn Backend> =
+            Arc::from(crate::backend::by_name(name).map_err(anyhow::Error::msg)?);
         let Some(plan) = plan else {
-            return Ok(host);
+            return Ok(Box::new(crate::resident::on_cpu(host)));
         };
         let layout = GpuLayout::of(plan, self.gpus.count());
-        let host: Arc<dyn Backend> = Arc::from(host);
         let gpus = match &self.gpus {
             Gpus::Cuda(gpus) => gpus.clone(),
             Gpus::Simulated(n) => return simulated(model, plan, layout, *n, host),
@@ -188,10 +189,10 @@ fn simulated(
     layout: GpuLayout,
     n: usize,
     host: Arc<dyn Backend>,
-) -> Result<Box<dyn Backend>> {
+) -> Result<Box<dyn Forward>> {
     use crate::accel::sim::SimDevice;
     use crate::resident::twin::TwinOps;
-    use crate::resident::{layer_devices, HeadSplit, Resident, ResidentBackend, VocabSplit};
+    use crate::resident::{layer_devices, HeadSplit, Resident, VocabSplit};
     tracing_line(&format!(
         "simulating the plan's {n} GPU(s) ({layout:?} layout) with the {} backend",
         host.name()
@@ -217,7 +218,7 @@ fn simulated(
             Some(handoff()?),
         ),
     };
-    Ok(Box::new(ResidentBackend::new(host, Box::new(whole))))
+    Ok(Box::new(whole))
 }
 
 fn read_plan(path: &Path) -> Result<Plan> {
@@ -381,13 +382,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         kv_dtype,
         max_model_len
     ));
-    let backend = placement.backend(&model, &opts.backend)?;
+    let pass = placement.forward(&model, &opts.backend)?;
     let served_model_name = opts.served_model_name.clone().unwrap_or_else(|| {
         dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "kimi".into())
     });
-    let handle = engine::start(model, backend, Arc::new(tokenizer), config)
+    let handle = engine::start(model, pass, Arc::new(tokenizer), config)
         .context("cannot start the engine thread")?;
     Ok(Arc::new(AppState {
         engine: handle,

@@ -1,7 +1,16 @@
 //! Shared helpers for the integration tests: fixture paths and golden files.
 #![allow(dead_code)]
 
+use kimi_hybrid::resident::Forward;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The forward pass on the CPU alone with the kernels `backend` names (`cpu`,
+/// `cpu-f32`, `reference`, ...).
+pub fn cpu_pass(backend: &str) -> Box<dyn Forward> {
+    let kernels = kimi_hybrid::backend::by_name(backend).expect("cpu backend");
+    Box::new(kimi_hybrid::resident::on_cpu(Arc::from(kernels)))
+}
 
 pub const FIXTURES: &[&str] = &[
     "kimi-bf16-yarn32",
@@ -62,27 +71,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Prefill logits at every prompt position, then the logits of three greedy decode steps.
 pub fn prefill_and_three_steps(
     model: &kimi_hybrid::model::Model,
-    backend: &dyn kimi_hybrid::backend::Backend,
+    pass: &dyn Forward,
     prompt: &[u32],
 ) -> Vec<f32> {
     use kimi_hybrid::model::{AttentionForm, KvCache, Logits};
     let mut cache = KvCache::new(&model.config);
-    let mut all = model
-        .forward(
-            backend,
-            prompt,
-            &mut cache,
-            AttentionForm::Auto,
-            Logits::All,
-        )
+    let mut all = pass
+        .forward(model, prompt, &mut cache, AttentionForm::Auto, Logits::All)
         .expect("prefill");
     let vocab = model.config.vocab_size;
     let mut last = all[all.len() - vocab..].to_vec();
     for _ in 0..3 {
         let next = kimi_hybrid::generate::argmax(&last);
-        last = model
+        last = pass
             .forward(
-                backend,
+                model,
                 &[next],
                 &mut cache,
                 AttentionForm::Auto,

@@ -98,13 +98,6 @@ impl CudaBackend {
         })
     }
 
-    /// The backend whose model forward passes run resident on this GPU (every expert on
-    /// the device); its other operations are this backend's.
-    pub fn resident(gpu: Arc<CudaBackend>) -> crate::resident::ResidentBackend {
-        let whole = crate::resident::Resident::new(gpu.clone(), None, None);
-        crate::resident::ResidentBackend::new(gpu, Box::new(whole))
-    }
-
     pub fn gpu(&self) -> &GpuDevice {
         &self.gpu
     }
