@@ -13,6 +13,7 @@ use kimi_hybrid::accel::sim::SimDevice;
 use kimi_hybrid::accel::{AccelError, Accelerator};
 use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
+use kimi_hybrid::placement::PlanLayout;
 use kimi_hybrid::resident::{on_cpu, twin::TwinOps, Forward, Resident};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);
         assert!(p.feasible, "{name}: {:?}", p.problems);
-        assert_eq!(p.layout, "hybrid");
+        assert_eq!(p.layout, PlanLayout::Hybrid);
         let (gpu_experts, host_experts) = p
             .per_layer
             .iter()
@@ -109,7 +110,11 @@ fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
         // GPU 0, or twice on GPU 0 where there is one.
         let mut model = Model::load(&ckpt).expect("model");
         let p2 = hybrid_plan(&ckpt, "2xRTX6000Pro+768GB");
-        assert_eq!((p2.layout.as_str(), p2.gpus.len()), ("hybrid", 2), "{name}");
+        assert_eq!(
+            (p2.layout, p2.gpus.len()),
+            (PlanLayout::Hybrid, 2),
+            "{name}"
+        );
         model.apply_plan(&p2);
         let pipeline =
             pipeline_on_gpus(&model, &p2, vec![gpu.clone(), second.clone()], cpu.clone())

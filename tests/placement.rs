@@ -8,6 +8,7 @@ use common::{fixture, FIXTURES};
 use kimi_hybrid::config::ModelConfig;
 use kimi_hybrid::placement::planner::ExpertSets;
 use kimi_hybrid::placement::profile::BUILTIN;
+use kimi_hybrid::placement::PlanLayout;
 use kimi_hybrid::placement::{plan, ExpertStats, ModelDesc, Plan, Profile};
 use kimi_hybrid::weights::Checkpoint;
 use serde_json::Value;
@@ -99,7 +100,7 @@ fn check_invariants(p: &Plan, m: &ModelDesc) {
             .map(|h| h.bytes)
             .sum()
     };
-    if p.layout != "all-gpu" {
+    if p.layout != PlanLayout::AllGpu {
         // Hybrid and CPU: every byte of the text model sits in exactly one place.
         let total: u64 = p.gpus.iter().map(|g| holds_total(&g.holds)).sum::<u64>()
             + p.numa.iter().map(|n| holds_total(&n.holds)).sum::<u64>()
@@ -199,18 +200,54 @@ fn golden_plans_for_every_shipped_profile() {
     }
 }
 
+/// Plans written before holdings had kinds (tests/fixtures/plans/before-kinds/: `what`
+/// only, the layer inside its words) still load for `serve --plan`, and read back as
+/// today's plan for the same profile: each holding's kind and layer recovered.
+#[test]
+fn plans_written_before_holdings_had_kinds_still_load() {
+    use kimi_hybrid::placement::Holding;
+    let m = k26();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plans/before-kinds");
+    for name in ["1xH100+512GB", "b200x8", "cpu-only"] {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        assert!(!text.contains("\"kind\""), "{name}: written before kinds");
+        let old: kimi_hybrid::placement::Plan = serde_json::from_str(&text).unwrap();
+        let profile = Profile::resolve(name).unwrap();
+        let now = plan(&m, &profile, &profile.workload, None);
+        assert_eq!(
+            (old.layout, &old.workload, &old.per_layer),
+            (now.layout, &now.workload, &now.per_layer),
+            "{name}"
+        );
+        let holds = |p: &kimi_hybrid::placement::Plan| -> Vec<kimi_hybrid::placement::Item> {
+            let gpus = p.gpus.iter().flat_map(|g| g.holds.iter().cloned());
+            gpus.chain(p.numa.iter().flat_map(|n| n.holds.iter().cloned()))
+                .collect()
+        };
+        let (old_holds, now_holds) = (holds(&old), holds(&now));
+        assert_eq!(old_holds.len(), now_holds.len(), "{name}");
+        for (a, b) in old_holds.iter().zip(&now_holds) {
+            assert_eq!(a, b, "{name}");
+        }
+        let kinds: Vec<Holding> = now_holds.iter().map(|i| i.kind).collect();
+        for kind in [Holding::Weights, Holding::KvCache, Holding::RoutedExperts] {
+            assert!(kinds.contains(&kind), "{name}: no {kind:?}");
+        }
+    }
+}
+
 #[test]
 fn k26_sizes_and_layouts() {
     let m = k26();
     assert_eq!(m.routed_expert_bytes(), 570_761_994_240);
     let expect = [
-        ("1xH100+512GB", "hybrid"),
-        ("b200x8", "all-gpu"),
-        ("8xH200", "all-gpu"),
-        ("4xH100", "hybrid"),
-        ("1x4090+384GB", "hybrid"),
-        ("2xRTX6000Pro+768GB", "hybrid"),
-        ("cpu-only", "cpu"),
+        ("1xH100+512GB", PlanLayout::Hybrid),
+        ("b200x8", PlanLayout::AllGpu),
+        ("8xH200", PlanLayout::AllGpu),
+        ("4xH100", PlanLayout::Hybrid),
+        ("1x4090+384GB", PlanLayout::Hybrid),
+        ("2xRTX6000Pro+768GB", PlanLayout::Hybrid),
+        ("cpu-only", PlanLayout::Cpu),
     ];
     for (name, layout) in expect {
         let profile = Profile::resolve(name).unwrap();

@@ -18,6 +18,7 @@ use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
+use kimi_hybrid::placement::PlanLayout;
 use kimi_hybrid::resident::twin::TwinOps;
 use kimi_hybrid::resident::{on_cpu, Forward, HeadSplit, Resident, VocabSplit};
 use kimi_hybrid::weights::Checkpoint;
@@ -251,9 +252,13 @@ fn on_b200x8(name: &str, tensor_parallel: bool) -> (Model, kimi_hybrid::placemen
         None,
     );
     assert!(p.feasible, "{name}: {:?}", p.problems);
-    assert_eq!(p.layout, "all-gpu");
-    let want = if tensor_parallel { "tp" } else { "dp" };
-    assert_eq!(p.workload.attention.as_deref(), Some(want));
+    assert_eq!(p.layout, PlanLayout::AllGpu);
+    let want = if tensor_parallel {
+        AttentionParallel::Tp
+    } else {
+        AttentionParallel::Dp
+    };
+    assert_eq!(p.workload.attention, Some(want));
     let mut model = Model::load(&ckpt).expect("model");
     model.apply_plan(&p);
     (model, p)
@@ -596,7 +601,7 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = hybrid_plan(&ckpt, "2xRTX6000Pro+768GB");
         assert!(p.feasible, "{name}: {:?}", p.problems);
-        assert_eq!((p.layout.as_str(), p.gpus.len()), ("hybrid", 2), "{name}");
+        assert_eq!((p.layout, p.gpus.len()), (PlanLayout::Hybrid, 2), "{name}");
         let mut model = Model::load(&ckpt).expect("model");
         let g = golden(name);
         let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);

@@ -8,6 +8,7 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::fixture;
 use http_body_util::BodyExt;
+use kimi_hybrid::placement::PlanLayout;
 use kimi_hybrid::server::launch::{launch, LaunchOptions};
 use kimi_hybrid::server::{router, Shared};
 use serde_json::{json, Value};
@@ -453,7 +454,7 @@ async fn gpu_profiles_serve_on_simulated_gpus() {
     let plan_file = dir.path().join("hybrid.json");
     let ckpt = kimi_hybrid::weights::Checkpoint::open(&fixture("kimi-int4")).expect("fixture");
     let plan = common::half_on_gpu(&ckpt);
-    assert_eq!(plan.layout, "hybrid");
+    assert_eq!(plan.layout, PlanLayout::Hybrid);
     std::fs::write(&plan_file, serde_json::to_string(&plan).expect("json")).expect("write");
     // The b200x8 plan with tensor-parallel attention (as with fewer sequences than GPUs).
     let tp_file = dir.path().join("tensor-parallel.json");
@@ -462,7 +463,10 @@ async fn gpu_profiles_serve_on_simulated_gpus() {
     workload.attention = kimi_hybrid::placement::profile::AttentionParallel::Tp;
     let desc = kimi_hybrid::placement::ModelDesc::from_checkpoint(&ckpt);
     let tp = kimi_hybrid::placement::plan(&desc, &profile, &workload, None);
-    assert_eq!(tp.workload.attention.as_deref(), Some("tp"));
+    assert_eq!(
+        tp.workload.attention,
+        Some(kimi_hybrid::placement::profile::AttentionParallel::Tp)
+    );
     std::fs::write(&tp_file, serde_json::to_string(&tp).expect("json")).expect("write");
     for profile in [
         "1xH100+512GB",

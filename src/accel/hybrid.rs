@@ -57,9 +57,9 @@ impl HybridBackend {
             for item in gpu
                 .holds
                 .iter()
-                .filter(|i| !i.what.starts_with("hot routed experts"))
+                .filter(|i| i.kind != crate::placement::Holding::RoutedExperts)
             {
-                device.reserve(&item.what, item.bytes)?;
+                device.reserve(&item.describe(), item.bytes)?;
             }
         }
         device.reserve("routed experts placed on the device", device_expert_bytes)?;

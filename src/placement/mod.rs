@@ -13,6 +13,6 @@ pub mod report;
 pub mod stats;
 
 pub use model_desc::ModelDesc;
-pub use planner::{plan, Plan};
+pub use planner::{plan, Holding, Item, Plan, PlanLayout};
 pub use profile::{Profile, Workload};
 pub use stats::ExpertStats;

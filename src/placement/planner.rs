@@ -23,7 +23,7 @@
 //! reads from each tier over that tier's bandwidth, prefill by FLOPs over throughput.
 
 use super::model_desc::ModelDesc;
-use super::profile::{AttentionParallel, Layout, Profile, Workload, GIB};
+use super::profile::{AttentionParallel, KvDtype, Layout, Profile, Workload, GIB};
 use super::stats::ExpertStats;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -42,11 +42,121 @@ pub const ALL_TO_ALL_LATENCY_S: f64 = 15e-6;
 /// Tokens per prefill chunk assumed by the prefill estimate.
 pub const PREFILL_CHUNK: u64 = 2048;
 
+/// How a plan runs the model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanLayout {
+    /// Every weight on GPUs.
+    AllGpu,
+    /// GPUs hold attention, dense layers, shared and hot routed experts; the other
+    /// routed experts are in host RAM (or read from disk).
+    Hybrid,
+    /// Everything in host RAM.
+    Cpu,
+}
+
+impl std::fmt::Display for PlanLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlanLayout::AllGpu => "all-gpu",
+            PlanLayout::Hybrid => "hybrid",
+            PlanLayout::Cpu => "cpu",
+        })
+    }
+}
+
+/// What kind of thing a device holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Holding {
+    /// Non-expert weights: attention, norms, routers, shared experts, dense MLPs,
+    /// embeddings, lm_head.
+    Weights,
+    /// The latent KV cache.
+    KvCache,
+    /// Routed experts (on a GPU of a hybrid plan: its hot ones).
+    RoutedExperts,
+}
+
 /// One thing a device holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(from = "StoredItem")]
 pub struct Item {
+    pub kind: Holding,
+    /// The decoder layer it belongs to, for per-layer weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+    /// What it is, in words (without the layer).
     pub what: String,
     pub bytes: u64,
+}
+
+impl Item {
+    fn new(kind: Holding, what: impl Into<String>, bytes: u64) -> Self {
+        Item {
+            kind,
+            layer: None,
+            what: what.into(),
+            bytes,
+        }
+    }
+
+    fn in_layer(layer: usize, what: impl Into<String>, bytes: u64) -> Self {
+        Item {
+            layer: Some(layer),
+            ..Item::new(Holding::Weights, what, bytes)
+        }
+    }
+
+    /// The item in words, its layer first.
+    pub fn describe(&self) -> String {
+        match self.layer {
+            Some(l) => format!("layer {l} {}", self.what),
+            None => self.what.clone(),
+        }
+    }
+}
+
+/// An [`Item`] as a plan file holds it. Plans written before items had kinds say only
+/// `what`; their kind and layer are read from its words.
+#[derive(Deserialize)]
+struct StoredItem {
+    kind: Option<Holding>,
+    layer: Option<usize>,
+    what: String,
+    bytes: u64,
+}
+
+impl From<StoredItem> for Item {
+    fn from(s: StoredItem) -> Self {
+        if let Some(kind) = s.kind {
+            return Item {
+                kind,
+                layer: s.layer,
+                what: s.what,
+                bytes: s.bytes,
+            };
+        }
+        let (layer, what) = s
+            .what
+            .strip_prefix("layer ")
+            .and_then(|rest| rest.split_once(' '))
+            .and_then(|(n, rest)| Some((Some(n.parse().ok()?), rest.to_string())))
+            .unwrap_or((None, s.what.clone()));
+        let kind = if what.contains("KV cache") {
+            Holding::KvCache
+        } else if what.contains("routed experts") {
+            Holding::RoutedExperts
+        } else {
+            Holding::Weights
+        };
+        Item {
+            kind,
+            layer,
+            what,
+            bytes: s.bytes,
+        }
+    }
 }
 
 /// Expert ids per MoE layer, as half-open ranges `[start, end)`.
@@ -149,9 +259,9 @@ pub struct ModelSummary {
 pub struct WorkloadSummary {
     pub context: u64,
     pub concurrency: u64,
-    pub kv_dtype: String,
-    /// all-gpu only: "tp" or "dp".
-    pub attention: Option<String>,
+    pub kv_dtype: KvDtype,
+    /// all-gpu only: tensor- or data-parallel attention.
+    pub attention: Option<AttentionParallel>,
     pub stats: bool,
 }
 
@@ -159,7 +269,7 @@ pub struct WorkloadSummary {
 pub struct Plan {
     pub schema: String,
     pub profile: String,
-    pub layout: String,
+    pub layout: PlanLayout,
     pub model: ModelSummary,
     pub workload: WorkloadSummary,
     pub gpus: Vec<GpuPlan>,
@@ -309,25 +419,28 @@ impl Builder<'_> {
     }
 
     /// Puts an item on GPU g if it fits, else on the NUMA node with most room; says so.
-    fn place_gpu_or_spill(&mut self, g: usize, what: String, bytes: u64) -> bool {
+    fn place_gpu_or_spill(&mut self, g: usize, item: Item) -> bool {
+        let bytes = item.bytes;
         if bytes == 0 {
             return true;
         }
         let gpu = &mut self.gpus[g];
         if gpu.used_bytes + bytes <= gpu.budget_bytes {
             gpu.used_bytes += bytes;
-            gpu.holds.push(Item { what, bytes });
+            gpu.holds.push(item);
             return true;
         }
         self.warnings.push(format!(
-            "{what} ({}) does not fit on GPU {g}; kept in host RAM",
+            "{} ({}) does not fit on GPU {g}; kept in host RAM",
+            item.describe(),
             gb(bytes)
         ));
-        self.place_ram(what, bytes);
+        self.place_ram(item);
         false
     }
 
-    fn place_ram(&mut self, what: String, bytes: u64) {
+    fn place_ram(&mut self, item: Item) {
+        let bytes = item.bytes;
         let node = (0..self.numa.len())
             .max_by_key(|&n| {
                 self.numa[n]
@@ -337,7 +450,7 @@ impl Builder<'_> {
             .unwrap_or(0);
         let n = &mut self.numa[node];
         n.used_bytes += bytes;
-        n.holds.push(Item { what, bytes });
+        n.holds.push(item);
         if n.used_bytes > n.budget_bytes {
             self.problems.push(format!(
                 "host RAM: NUMA node {node} needs {} for non-expert weights but has {}",
@@ -380,11 +493,8 @@ impl Builder<'_> {
             let [a, b] = self.gpus[g].layers;
             for l in a..b {
                 let lb = &m.layers[l];
-                self.place_gpu_or_spill(
-                    g,
-                    format!("layer {l} attention+norms+router"),
-                    lb.attention + lb.norms + lb.router,
-                );
+                let bytes = lb.attention + lb.norms + lb.router;
+                self.place_gpu_or_spill(g, Item::in_layer(l, "attention+norms+router", bytes));
             }
             let kv = kv_per_layer_token * tokens * (b - a) as u64;
             let gpu = &mut self.gpus[g];
@@ -397,22 +507,20 @@ impl Builder<'_> {
             }
             gpu.used_bytes += kv;
             gpu.kv_tokens = tokens;
-            gpu.holds.push(Item {
-                what: format!("latent KV cache, layers {a}..{b}, {tokens} tokens"),
-                bytes: kv,
-            });
+            let what = format!("latent KV cache, layers {a}..{b}, {tokens} tokens");
+            gpu.holds.push(Item::new(Holding::KvCache, what, kv));
             for l in a..b {
                 let lb = m.layers[l].clone();
-                self.place_gpu_or_spill(g, format!("layer {l} shared experts"), lb.shared_experts);
-                self.place_gpu_or_spill(g, format!("layer {l} dense MLP"), lb.dense_mlp);
+                self.place_gpu_or_spill(g, Item::in_layer(l, "shared experts", lb.shared_experts));
+                self.place_gpu_or_spill(g, Item::in_layer(l, "dense MLP", lb.dense_mlp));
             }
         }
+        let head = m.lm_head_bytes + m.final_norm_bytes;
         self.place_gpu_or_spill(
             n_gpu - 1,
-            "lm_head + final norm".into(),
-            m.lm_head_bytes + m.final_norm_bytes,
+            Item::new(Holding::Weights, "lm_head + final norm", head),
         );
-        self.place_gpu_or_spill(0, "embeddings".into(), m.embed_bytes);
+        self.place_gpu_or_spill(0, Item::new(Holding::Weights, "embeddings", m.embed_bytes));
         for g in 0..n_gpu {
             let left = self.gpus[g]
                 .budget_bytes
@@ -441,25 +549,23 @@ impl Builder<'_> {
         let m = self.model;
         for l in 0..m.num_layers {
             let lb = &m.layers[l];
-            self.place_ram(
-                format!("layer {l} attention+norms+router+shared+dense"),
+            self.place_ram(Item::in_layer(
+                l,
+                "attention+norms+router+shared+dense",
                 lb.total(),
-            );
+            ));
         }
-        self.place_ram(
-            "embeddings + lm_head + final norm".into(),
+        self.place_ram(Item::new(
+            Holding::Weights,
+            "embeddings + lm_head + final norm",
             m.embed_bytes + m.lm_head_bytes + m.final_norm_bytes,
-        );
+        ));
         let kv = kv_bytes_per_token(m, self.workload)
             * self.workload.context
             * self.workload.concurrency;
-        self.place_ram(
-            format!(
-                "latent KV cache, {} tokens",
-                self.workload.context * self.workload.concurrency
-            ),
-            kv,
-        );
+        let tokens = self.workload.context * self.workload.concurrency;
+        let what = format!("latent KV cache, {tokens} tokens");
+        self.place_ram(Item::new(Holding::KvCache, what, kv));
         self.experts_to_ram();
     }
 
@@ -518,8 +624,8 @@ impl Builder<'_> {
         }
     }
 
-    /// All-GPU: experts expert-parallel, attention TP or DP. Returns "tp" or "dp".
-    fn all_gpu(&mut self) -> String {
+    /// All-GPU: experts expert-parallel, attention TP or DP (which is returned).
+    fn all_gpu(&mut self) -> AttentionParallel {
         let m = self.model;
         let n = self.profile.gpu.count.max(1);
         let dp = match self.workload.attention {
@@ -558,32 +664,33 @@ impl Builder<'_> {
                     self.tiers[i][e] = Tier::Gpu(g);
                 }
             }
+            let attention = if dp {
+                "attention (data-parallel, full copy)".to_string()
+            } else {
+                format!("attention (tensor-parallel, 1/{n} of heads)")
+            };
             let items = [
-                (
-                    if dp {
-                        "attention (data-parallel, full copy)".to_string()
-                    } else {
-                        format!("attention (tensor-parallel, 1/{n} of heads)")
-                    },
-                    attn_bytes,
-                ),
-                ("norms + routers".into(), norms_router),
-                (
-                    "shared experts + dense MLP (replicated)".into(),
+                Item::new(Holding::Weights, attention, attn_bytes),
+                Item::new(Holding::Weights, "norms + routers", norms_router),
+                Item::new(
+                    Holding::Weights,
+                    "shared experts + dense MLP (replicated)",
                     shared_dense,
                 ),
-                (
+                Item::new(
+                    Holding::Weights,
                     format!("embeddings + lm_head (1/{n} of vocabulary)"),
                     vocab_parallel,
                 ),
-                (
+                Item::new(
+                    Holding::RoutedExperts,
                     format!("routed experts ({per_gpu_experts} per layer)"),
                     expert_bytes,
                 ),
             ];
-            for (what, bytes) in items {
-                gpu.used_bytes += bytes;
-                gpu.holds.push(Item { what, bytes });
+            for item in items {
+                gpu.used_bytes += item.bytes;
+                gpu.holds.push(item);
             }
             // KV: TP replicates every sequence's latents on every GPU; DP splits sequences.
             let kv_token = kv_bytes_per_token(m, self.workload);
@@ -604,10 +711,8 @@ impl Builder<'_> {
             }
             gpu.used_bytes += kv;
             gpu.kv_tokens = kv_tokens;
-            gpu.holds.push(Item {
-                what: format!("latent KV cache, {kv_tokens} tokens"),
-                bytes: kv,
-            });
+            let what = format!("latent KV cache, {kv_tokens} tokens");
+            gpu.holds.push(Item::new(Holding::KvCache, what, kv));
             if gpu.used_bytes > gpu.budget_bytes && kv <= left {
                 self.problems.push(format!(
                     "GPU {g}: weights need {} but the budget is {}",
@@ -617,10 +722,19 @@ impl Builder<'_> {
             }
             self.gpus.push(gpu);
         }
-        if dp { "dp" } else { "tp" }.to_string()
+        if dp {
+            AttentionParallel::Dp
+        } else {
+            AttentionParallel::Tp
+        }
     }
 
-    fn finish(mut self, layout: Layout, attention: Option<String>, has_stats: bool) -> Plan {
+    fn finish(
+        mut self,
+        layout: Layout,
+        attention: Option<AttentionParallel>,
+        has_stats: bool,
+    ) -> Plan {
         let m = self.model;
         let mut disk = DiskPlan {
             experts: BTreeMap::new(),
@@ -658,10 +772,9 @@ impl Builder<'_> {
                     let gpu = &mut self.gpus[g];
                     let bytes = set_bytes(m, &set);
                     if layout == Layout::Hybrid {
-                        gpu.holds.push(Item {
-                            what: format!("hot routed experts ({count})"),
-                            bytes,
-                        });
+                        let what = format!("hot routed experts ({count})");
+                        gpu.holds
+                            .push(Item::new(Holding::RoutedExperts, what, bytes));
                     }
                     gpu.experts = set;
                     gpu.expert_count = count;
@@ -669,10 +782,9 @@ impl Builder<'_> {
                 Tier::Numa(n) => {
                     let node = &mut self.numa[n];
                     let bytes = set_bytes(m, &set);
-                    node.holds.push(Item {
-                        what: format!("routed experts ({count})"),
-                        bytes,
-                    });
+                    let what = format!("routed experts ({count})");
+                    node.holds
+                        .push(Item::new(Holding::RoutedExperts, what, bytes));
                     node.experts = set;
                     node.expert_count = count;
                 }
@@ -722,11 +834,10 @@ impl Builder<'_> {
             schema: SCHEMA.into(),
             profile: self.profile.name.clone(),
             layout: match layout {
-                Layout::AllGpu => "all-gpu",
-                Layout::Hybrid => "hybrid",
-                _ => "cpu",
-            }
-            .into(),
+                Layout::AllGpu => PlanLayout::AllGpu,
+                Layout::Hybrid => PlanLayout::Hybrid,
+                _ => PlanLayout::Cpu,
+            },
             model: ModelSummary {
                 name: m.name.clone(),
                 layers: m.num_layers,
@@ -744,7 +855,7 @@ impl Builder<'_> {
             workload: WorkloadSummary {
                 context: self.workload.context,
                 concurrency: self.workload.concurrency,
-                kv_dtype: format!("{:?}", self.workload.kv_dtype).to_lowercase(),
+                kv_dtype: self.workload.kv_dtype,
                 attention,
                 stats: has_stats,
             },

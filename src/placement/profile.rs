@@ -58,6 +58,27 @@ pub enum KvDtype {
     F32,
 }
 
+impl std::fmt::Display for AttentionParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttentionParallel::Auto => "auto",
+            AttentionParallel::Tp => "tp",
+            AttentionParallel::Dp => "dp",
+        })
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::Bf16 => "bf16",
+            KvDtype::Fp16 => "fp16",
+            KvDtype::Fp8 => "fp8",
+            KvDtype::F32 => "f32",
+        })
+    }
+}
+
 impl KvDtype {
     pub fn bytes(self) -> u64 {
         match self {

@@ -9,7 +9,8 @@
 //! - `workload`: `context`, `concurrency`, `kv_dtype`, `attention` ("tp" | "dp" | null),
 //!   `stats` (whether expert statistics were used)
 //! - `gpus[]`: `index`, `name`, `capacity_bytes`, `budget_bytes`, `layers` ([first, end)),
-//!   `holds[]` (`what`, `bytes`), `kv_tokens`, `kv_capacity_tokens`, `experts`
+//!   `holds[]` (`kind`: "weights" | "kv-cache" | "routed-experts", `layer` for per-layer
+//!   weights, `what`, `bytes`), `kv_tokens`, `kv_capacity_tokens`, `experts`
 //!   (MoE layer -> list of [start, end) expert-id ranges), `expert_count`, `used_bytes`
 //! - `numa[]`: `node`, `capacity_bytes`, `budget_bytes`, `holds[]`, `experts`,
 //!   `expert_count`, `used_bytes`
@@ -20,7 +21,8 @@
 //!   `prefill_per_token` (each step as seconds per tier: `gpu_s`, `cpu_s`, `disk_s`,
 //!   `transfer_s`), `formula`
 
-use super::planner::{ExpertSets, Item, Plan, TierTimes};
+use super::planner::{ExpertSets, Item, Plan, PlanLayout, TierTimes};
+use super::profile::AttentionParallel;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -28,23 +30,14 @@ fn gb(bytes: u64) -> String {
     format!("{:.2}", bytes as f64 / 1e9)
 }
 
-/// Groups per-layer items ("layer 3 shared experts") into one line per kind.
+/// Groups per-layer items ("shared experts" of each layer) into one line per kind.
 fn grouped(holds: &[Item]) -> Vec<(String, u64)> {
     let mut order: Vec<String> = Vec::new();
     let mut sums: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for item in holds {
-        let kind = match item.what.strip_prefix("layer ") {
-            Some(rest) => rest
-                .split_once(' ')
-                .map(|(_, k)| k.to_string())
-                .unwrap_or_else(|| item.what.clone()),
+        let key = match item.layer {
+            Some(_) => format!("{} (# layers)", item.what),
             None => item.what.clone(),
-        };
-        let per_layer = item.what.starts_with("layer ");
-        let key = if per_layer {
-            format!("{kind} (# layers)")
-        } else {
-            kind
         };
         if !sums.contains_key(&key) {
             order.push(key.clone());
@@ -132,7 +125,7 @@ pub fn render(plan: &Plan, detail: bool) -> String {
             .as_ref()
             .map(|a| format!(
                 ", attention {}",
-                if a == "dp" {
+                if *a == AttentionParallel::Dp {
                     "data-parallel"
                 } else {
                     "tensor-parallel"
@@ -239,7 +232,7 @@ pub fn render(plan: &Plan, detail: bool) -> String {
         share(&e.prefill_per_token)
     );
     if let Some(g) = plan.gpus.first() {
-        if plan.layout == "hybrid" {
+        if plan.layout == PlanLayout::Hybrid {
             let _ = writeln!(s, "  latent KV: {} tokens reserved per GPU; up to {} if the GPU held no routed experts", g.kv_tokens, g.kv_capacity_tokens);
         } else {
             let _ = writeln!(
@@ -276,14 +269,14 @@ pub fn render(plan: &Plan, detail: bool) -> String {
 
 /// The equivalent vLLM or SGLang launch command for an all-GPU plan.
 pub fn emit(plan: &Plan, engine: &str, model_path: &str) -> Result<String, String> {
-    if plan.layout != "all-gpu" {
+    if plan.layout != PlanLayout::AllGpu {
         return Err(format!(
             "--emit is for all-GPU plans; this plan's layout is {}",
             plan.layout
         ));
     }
     let n = plan.gpus.len();
-    let dp = plan.workload.attention.as_deref() == Some("dp");
+    let dp = plan.workload.attention == Some(AttentionParallel::Dp);
     let (ctx, seqs) = (plan.workload.context, plan.workload.concurrency);
     match engine {
         "vllm" => {

@@ -104,11 +104,12 @@ enum GpuLayout {
 
 impl GpuLayout {
     fn of(plan: &Plan, gpus: usize) -> Self {
-        let data_parallel = plan.workload.attention.as_deref() == Some("dp");
-        match (plan.layout.as_str(), gpus) {
-            ("all-gpu", 1) => GpuLayout::Whole,
-            ("all-gpu", _) if data_parallel => GpuLayout::DataParallel,
-            ("all-gpu", _) => GpuLayout::TensorParallel,
+        use crate::placement::{profile::AttentionParallel, PlanLayout};
+        let data_parallel = plan.workload.attention == Some(AttentionParallel::Dp);
+        match (plan.layout, gpus) {
+            (PlanLayout::AllGpu, 1) => GpuLayout::Whole,
+            (PlanLayout::AllGpu, _) if data_parallel => GpuLayout::DataParallel,
+            (PlanLayout::AllGpu, _) => GpuLayout::TensorParallel,
             (_, 1) => GpuLayout::Hybrid,
             _ => GpuLayout::Pipeline,
         }
