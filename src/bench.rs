@@ -598,7 +598,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let mut model = crate::model::Model::load(&ckpt)
         .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let placement = crate::server::launch::place(
+    let placement = crate::runtime::place(
         &ckpt,
         &mut model,
         opts.profile.as_deref(),

@@ -3,10 +3,10 @@
 //! Layers, from the bottom: `config` (what the checkpoint says), `weights` (mapped
 //! tensors in their stored formats), `model` (the model as data and maths), `backend`
 //! (the CPU and CUDA kernels), `resident` (the one forward pass over its devices),
+//! `runtime` (a plan made into a running layout),
 //! `generate` (one sequence's decode loop), `engine` (batching and the paged cache),
 //! `server` (the HTTP APIs), `inspect` (what a checkpoint holds).
 
-pub mod accel;
 pub mod backend;
 pub mod bench;
 pub mod config;
@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod model;
 pub mod placement;
 pub mod resident;
+pub mod runtime;
 pub mod server;
 pub mod tokenizer;
 pub mod topology;

@@ -448,7 +448,7 @@ fn run(args: RunArgs) -> Result<()> {
     let ckpt = open(&dir)?;
     let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let placement = kimi_hybrid::server::launch::place(
+    let placement = kimi_hybrid::runtime::place(
         &ckpt,
         &mut model,
         args.profile.as_deref(),
@@ -741,7 +741,7 @@ fn calibrate(
     let ckpt = open(&dir)?;
     let mut model =
         Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let pass = kimi_hybrid::server::launch::place(&ckpt, &mut model, None, None, false)?
+    let pass = kimi_hybrid::runtime::place(&ckpt, &mut model, None, None, false)?
         .forward(&model, backend)?;
     let tok = load_tokenizer(&dir)?;
     let text = std::fs::read_to_string(prompts)

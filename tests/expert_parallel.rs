@@ -16,8 +16,8 @@ use std::sync::Arc;
 /// the CPU run.
 #[test]
 fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::accel::cuda::{data_parallel_on_gpus, tensor_parallel_on_gpus};
     use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::runtime::cuda::{data_parallel_on_gpus, tensor_parallel_on_gpus};
     let first = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {

@@ -8,13 +8,13 @@ mod common;
 use common::{
     fixture, golden, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps, FIXTURES,
 };
-use kimi_hybrid::accel::hybrid::HybridBackend;
-use kimi_hybrid::accel::sim::SimDevice;
-use kimi_hybrid::accel::{AccelError, Accelerator};
 use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
 use kimi_hybrid::placement::PlanLayout;
+use kimi_hybrid::resident::handoff::HandoffCounter;
 use kimi_hybrid::resident::{on_cpu, twin::TwinOps, Forward, Resident};
+use kimi_hybrid::runtime::budget::{reserve_hybrid_share, BudgetError, DeviceBudget};
+use kimi_hybrid::runtime::{assemble, GpuLayout, HostExperts};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -52,16 +52,22 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
         let (on_gpu, on_host) = model.apply_plan(&p);
         assert_eq!(on_gpu, gpu_experts);
         assert_eq!(on_host, host_experts);
-        let device = Arc::new(SimDevice::new("sim-gpu0", p.gpus[0].budget_bytes).expect("device"));
-        // What the plan puts on the device fits its budget; the pass on a stand-in GPU
-        // counts its hand-off bytes on the same device.
-        HybridBackend::new(&model, &p, device.clone(), cpu.clone(), cpu.clone()).expect("fits");
-        assert!(device.used_bytes() <= device.budget_bytes());
-        let stand_in = Arc::new(TwinOps::new(cpu.clone()));
-        let hybrid = Resident::new(stand_in, Some(cpu.clone()), Some(device.clone()));
+        // What the plan puts on the device fits its budget.
+        let budget = DeviceBudget::new("sim-gpu0", p.gpus[0].budget_bytes);
+        reserve_hybrid_share(&model, &p, &budget).expect("fits");
+        assert!(budget.used_bytes() <= budget.budget_bytes());
+        // The hybrid layout on a stand-in GPU, as `--simulate-gpus` builds it.
+        let handoff = Arc::new(HandoffCounter::new());
+        let host = HostExperts {
+            plan: &p,
+            kernels: cpu.clone(),
+            handoff: handoff.clone(),
+        };
+        let stand_in = vec![Arc::new(TwinOps::new(cpu.clone()))];
+        let hybrid = assemble(GpuLayout::Hybrid, &model, stand_in, Some(host)).expect("layout");
         let (got, tokens) = run(&model, &hybrid, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
-        let moved = device.transfers().total();
+        let moved = handoff.transfers().total();
         let per_token = moved / tokens as u64;
         println!(
             "{name}: {gpu_experts} experts on the device, {host_experts} on the host; max abs diff vs CPU {diff:.1e}; {per_token} B/token moved (plan: {})",
@@ -79,8 +85,8 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
 /// transformers' golden. Also a hybrid plan pipelined over two GPUs.
 #[test]
 fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::accel::cuda::{hybrid_on_gpu, pipeline_on_gpus};
     use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::runtime::cuda::{hybrid_on_gpu, pipeline_on_gpus};
     let gpu = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
@@ -137,10 +143,9 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
     let p = half_on_gpu(&ckpt);
     let mut model = Model::load(&ckpt).expect("model");
     model.apply_plan(&p);
-    let device = Arc::new(SimDevice::new("tiny", 1000).expect("device"));
-    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
-    match HybridBackend::new(&model, &p, device, cpu.clone(), cpu) {
-        Err(AccelError::OutOfMemory { what, budget, .. }) => {
+    let device = DeviceBudget::new("tiny", 1000);
+    match reserve_hybrid_share(&model, &p, &device) {
+        Err(BudgetError::OutOfMemory { what, budget, .. }) => {
             assert_eq!(budget, 1000);
             assert!(!what.is_empty());
         }
@@ -222,10 +227,10 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
 /// tokens the same request got before. Skipped with a message anywhere else.
 #[test]
 fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
-    use kimi_hybrid::accel::cuda::resident_on_gpu;
     use kimi_hybrid::backend::CudaBackend;
     use kimi_hybrid::engine::kv::KvDtype;
     use kimi_hybrid::engine::{self, EngineConfig, Event};
+    use kimi_hybrid::runtime::cuda::resident_on_gpu;
     let gpu = match CudaBackend::open(2) {
         Ok(g) if g.gpu().name.starts_with("CUDA emulator") && g.gpu().total_bytes < 8 << 20 => {
             Arc::new(g)

@@ -12,13 +12,12 @@ use common::{
     fixture, golden, greedy, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps,
     FIXTURES,
 };
-use kimi_hybrid::accel::sim::SimDevice;
-use kimi_hybrid::accel::Accelerator;
 use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::placement::PlanLayout;
+use kimi_hybrid::resident::handoff::HandoffCounter;
 use kimi_hybrid::resident::twin::TwinOps;
 use kimi_hybrid::resident::{on_cpu, Forward, HeadSplit, Resident, VocabSplit};
 use kimi_hybrid::weights::Checkpoint;
@@ -41,7 +40,7 @@ fn exact() -> Arc<dyn Backend> {
 /// on `accounting`.
 fn resident(
     host: Option<Arc<dyn Backend>>,
-    accounting: Option<Arc<dyn Accelerator>>,
+    accounting: Option<Arc<HandoffCounter>>,
 ) -> Resident<TwinOps> {
     let twin = Arc::new(TwinOps::new(exact()));
     Resident::new(twin, host, accounting)
@@ -79,7 +78,7 @@ fn hybrid_resident_pass_matches_cpu_and_moves_the_planned_bytes() {
         let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);
         let (on_gpu, on_host) = model.apply_plan(&p);
         assert!(on_gpu > 0 && on_host > 0, "{name}: {on_gpu} / {on_host}");
-        let device = Arc::new(SimDevice::new("sim-gpu0", p.gpus[0].budget_bytes).expect("device"));
+        let device = Arc::new(HandoffCounter::new());
         let backend = resident(Some(cpu.clone()), Some(device.clone()));
         let got = prefill_and_three_steps(&model, &backend, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
@@ -608,7 +607,7 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
         let (on_gpu, on_host) = model.apply_plan(&p);
         let layer_devices = kimi_hybrid::resident::layer_devices(&p, model.layers.len());
         let devices = twins(2);
-        let sim = Arc::new(SimDevice::new("sim", u64::MAX).expect("device"));
+        let sim = Arc::new(HandoffCounter::new());
         let backend = Resident::pipeline(
             devices.clone(),
             layer_devices.clone(),
@@ -856,7 +855,7 @@ fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     assert_eq!(eager.graph_stats(), Default::default());
     replays_match("all-GPU", &replayed, &by_kernel, &want);
     // Hybrid, half the experts in host RAM: the recorded blocks feed the hand-off.
-    use kimi_hybrid::accel::cuda::hybrid_on_gpu;
+    use kimi_hybrid::runtime::cuda::hybrid_on_gpu;
     let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
     let p = half_on_gpu(&ckpt);
     let mut model = Model::load(&ckpt).expect("model");

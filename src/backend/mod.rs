@@ -227,7 +227,7 @@ pub fn ffn_accumulate_with(
 /// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
 /// path. `cuda` (or `cuda:N` for GPU N) runs on a GPU, weights uploaded as they are
 /// first used (`kimi-hybrid run/serve` upload them all at start instead, see
-/// `server::launch`); a machine without one gets an error saying why.
+/// `runtime`); a machine without one gets an error saying why.
 /// The GPU a backend name asks for: `Some(N)` for `cuda:N` (`cuda` is GPU 0), `None` for
 /// every other name, an error for a malformed GPU number.
 pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {

@@ -22,6 +22,7 @@
 //! that block's latents).
 
 mod exchange;
+pub mod handoff;
 mod layout;
 mod pass;
 mod tensor;

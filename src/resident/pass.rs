@@ -11,11 +11,10 @@
 //! gives it, fed by an exchange of hidden states (see [`super::exchange`]).
 
 use super::exchange::exchange_experts;
+use super::handoff::{HandoffCounter, HostWorker, Pending};
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
 use super::{DeviceOps, DeviceRope, Fabric, Forward, MlaDims, ReplayKey, RopeLayout, ThroughHost};
-use crate::accel::sim::SimDevice;
-use crate::accel::{launch, Accelerator, Pending};
 use crate::backend::{Backend, FfnWeights};
 use crate::model::{
     expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj,
@@ -132,9 +131,9 @@ pub struct Resident<O: DeviceOps> {
     devices: Vec<Arc<O>>,
     host: Option<Arc<dyn Backend>>,
     /// Where the hand-off bytes are counted (the planner's `handoff_bytes_per_token`).
-    accounting: Option<Arc<dyn Accelerator>>,
+    accounting: Option<Arc<HandoffCounter>>,
     /// The in-order host thread deferred experts run on (hybrid mode).
-    host_worker: Option<Arc<SimDevice>>,
+    host_worker: Option<HostWorker>,
     /// Pipeline layout: the device of each decoder layer (hybrid plans over several
     /// GPUs give each GPU a contiguous range of layers).
     layer_devices: Option<Vec<usize>>,
@@ -153,7 +152,7 @@ impl<O: DeviceOps> Resident<O> {
     pub fn new(
         ops: Arc<O>,
         host: Option<Arc<dyn Backend>>,
-        accounting: Option<Arc<dyn Accelerator>>,
+        accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         Self::build(vec![ops], None, host, accounting)
     }
@@ -168,13 +167,12 @@ impl<O: DeviceOps> Resident<O> {
         devices: Vec<Arc<O>>,
         layer_devices: Option<Vec<usize>>,
         host: Option<Arc<dyn Backend>>,
-        accounting: Option<Arc<dyn Accelerator>>,
+        accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         // Without a thread for deferred experts they are computed in line (same numbers).
         let host_worker = host
             .as_ref()
-            .and_then(|_| SimDevice::new("deferred-experts", u64::MAX).ok())
-            .map(Arc::new);
+            .and_then(|_| HostWorker::new("deferred-experts").ok());
         Resident {
             devices,
             host,
@@ -210,6 +208,16 @@ impl<O: DeviceOps> Resident<O> {
         self
     }
 
+    /// The heads each device computes (tensor-parallel passes).
+    pub fn head_split(&self) -> Option<&HeadSplit> {
+        self.split.as_ref()
+    }
+
+    /// The lm_head's band on each device (data-parallel passes).
+    pub fn vocab_split(&self) -> Option<&super::VocabSplit> {
+        self.vocab.as_ref()
+    }
+
     pub(super) fn fabric(&self) -> &dyn Fabric<O> {
         self.fabric.as_ref()
     }
@@ -226,7 +234,7 @@ impl<O: DeviceOps> Resident<O> {
         devices: Vec<Arc<O>>,
         layer_devices: Vec<usize>,
         host: Option<Arc<dyn Backend>>,
-        accounting: Option<Arc<dyn Accelerator>>,
+        accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         let d = devices.len().max(1);
         let layer_devices = layer_devices.into_iter().map(|g| g % d).collect();
@@ -712,7 +720,7 @@ impl<O: DeviceOps> Resident<O> {
         }
         let ships = moe.experts.iter().any(|f| self.on_host(f));
         let download = ships.then(|| {
-            self.count(|a| a.copy_to_host((n * h * 4) as u64));
+            self.count(|a| a.copied_to_host((n * h * 4) as u64));
             ops.begin_download(xn)
         });
         // The device's experts and the shared expert, queued while the host works.
@@ -754,7 +762,7 @@ impl<O: DeviceOps> Resident<O> {
                 d
             };
             match &self.host_worker {
-                Some(worker) => launch(worker.as_ref(), compute),
+                Some(worker) => worker.run(compute),
                 None => Pending::ready(compute()),
             }
         });
@@ -769,13 +777,13 @@ impl<O: DeviceOps> Resident<O> {
 
     /// Host results back to a device, counted as hand-off bytes.
     fn upload_handoff(&self, ops: &O, x: &[f32]) -> O::Buf {
-        self.count(|a| a.copy_to_device((x.len() * 4) as u64));
+        self.count(|a| a.copied_to_device((x.len() * 4) as u64));
         ops.upload_staged(x)
     }
 
-    fn count(&self, f: impl FnOnce(&dyn Accelerator)) {
+    fn count(&self, f: impl FnOnce(&HandoffCounter)) {
         if let Some(a) = &self.accounting {
-            f(a.as_ref());
+            f(a);
         }
     }
 }

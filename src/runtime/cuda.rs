@@ -11,16 +11,16 @@
 //! Each GPU also gets the f32 copies of `kv_b_proj` its absorbed attention reads, made at
 //! start-up so that a GPU without room for them refuses then, naming them.
 //!
-//! The passes run resident on the GPUs ([`crate::resident`]). Hand-off bytes are
-//! counted on a [`SimDevice`] with the GPU's free memory as its budget.
+//! Each uploads what its layout puts on each GPU, then builds the pass with
+//! [`assemble`], as stand-in GPUs do.
 
-use super::hybrid::HybridBackend;
-use super::sim::SimDevice;
-use super::Accelerator;
+use super::budget::{reserve_hybrid_share, DeviceBudget};
+use super::{assemble, GpuLayout, HostExperts};
 use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
 use crate::model::Model;
 use crate::placement::Plan;
-use crate::resident::{HeadSplit, Resident, VocabSplit};
+use crate::resident::handoff::HandoffCounter;
+use crate::resident::Resident;
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
@@ -39,16 +39,14 @@ pub fn hybrid_on_gpu(
     host: Arc<dyn Backend>,
 ) -> anyhow::Result<Resident<CudaBackend>> {
     let g = gpu.gpu();
-    let accel = Arc::new(SimDevice::new(&g.name, g.free_bytes as u64)?);
-    let compute: Arc<dyn Backend> = gpu.clone();
     // What the plan puts on the GPU, checked against its free memory (an error names
     // what does not fit).
-    HybridBackend::new(model, plan, accel.clone(), compute, host.clone())?;
-    accel.reserve(
+    let budget = DeviceBudget::new(&g.name, g.free_bytes as u64);
+    reserve_hybrid_share(model, plan, &budget)?;
+    budget.reserve(
         "f32 copies of kv_b_proj for absorbed attention",
         absorbed_kv_b_bytes(model),
     )?;
-    let whole = Resident::new(gpu.clone(), Some(host), Some(accel));
     let mut bytes = gpu
         .preload(&device_matrices(model, |e| e.gpu.is_some()))
         .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
@@ -60,7 +58,12 @@ pub fn hybrid_on_gpu(
         bytes as f64 / (1u64 << 30) as f64,
         gpu.gpu().name
     );
-    Ok(whole)
+    let host = HostExperts {
+        plan,
+        kernels: host,
+        handoff: Arc::new(HandoffCounter::new()),
+    };
+    assemble(GpuLayout::Hybrid, model, vec![gpu], Some(host))
 }
 
 /// The pass an all-GPU plan on one GPU runs: every weight uploaded (checked
@@ -80,7 +83,7 @@ pub fn resident_on_gpu(
         bytes as f64 / (1u64 << 30) as f64,
         gpu.gpu().name
     );
-    Ok(Resident::new(gpu, None, None))
+    assemble(GpuLayout::Whole, model, vec![gpu], None)
 }
 
 /// The pass an all-GPU plan with data-parallel attention over several GPUs runs
@@ -93,8 +96,10 @@ pub fn data_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
 ) -> anyhow::Result<Resident<CudaBackend>> {
-    let vocab = VocabSplit::new(&model.lm_head, gpus.len())
-        .map_err(|e| anyhow::anyhow!("cutting the lm_head by vocabulary: {e}"))?;
+    let pass = assemble(GpuLayout::DataParallel, model, gpus.clone(), None)?;
+    let vocab = pass
+        .vocab_split()
+        .ok_or_else(|| anyhow::anyhow!("a data-parallel pass without a vocabulary split"))?;
     let lm_head = model.lm_head.identity();
     for (g, gpu) in gpus.iter().enumerate() {
         let mut weights: Vec<&LinearWeight> = device_matrices(model, |e| e.gpu == Some(g))
@@ -115,9 +120,7 @@ pub fn data_parallel_on_gpus(
             "data-parallel attention, expert-parallel experts",
         );
     }
-    over_gpus(gpus, "expert exchange", |gpus| {
-        Resident::on_devices(gpus).with_vocab_split(vocab)
-    })
+    Ok(with_nccl(pass, &gpus, "expert exchange"))
 }
 
 /// The pass a hybrid plan over several GPUs runs ([`Resident::pipeline`]): GPU g
@@ -156,19 +159,12 @@ pub fn pipeline_on_gpus(
             "its layers, the other routed experts in host RAM",
         );
     }
-    let first = gpus
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no GPUs to run on"))?;
-    let accel = Arc::new(SimDevice::new(
-        &first.gpu().name,
-        first.gpu().free_bytes as u64,
-    )?);
-    Ok(Resident::pipeline(
-        gpus,
-        layer_devices,
-        Some(host),
-        Some(accel),
-    ))
+    let host = HostExperts {
+        plan,
+        kernels: host,
+        handoff: Arc::new(HandoffCounter::new()),
+    };
+    assemble(GpuLayout::Pipeline, model, gpus, Some(host))
 }
 
 /// The pass an all-GPU plan with tensor-parallel attention over several GPUs runs
@@ -182,8 +178,10 @@ pub fn tensor_parallel_on_gpus(
     gpus: Vec<Arc<CudaBackend>>,
 ) -> anyhow::Result<Resident<CudaBackend>> {
     use crate::model::{Ffn, QueryProj};
-    let split = HeadSplit::new(model, gpus.len())
-        .map_err(|e| anyhow::anyhow!("cutting the attention weights by heads: {e}"))?;
+    let pass = assemble(GpuLayout::TensorParallel, model, gpus.clone(), None)?;
+    let split = pass
+        .head_split()
+        .ok_or_else(|| anyhow::anyhow!("a tensor-parallel pass without a head split"))?;
     for (g, gpu) in gpus.iter().enumerate() {
         let mut weights: Vec<&LinearWeight> = Vec::new();
         for (l, layer) in model.layers.iter().enumerate() {
@@ -225,36 +223,25 @@ pub fn tensor_parallel_on_gpus(
             "tensor-parallel attention, expert-parallel experts",
         );
     }
-    over_gpus(gpus, "attention and expert sums", |gpus| {
-        Resident::tensor_parallel(gpus, split)
-    })
+    Ok(with_nccl(pass, &gpus, "attention and expert sums"))
 }
 
-/// The resident pass `build` makes over `gpus`, moving `what` with NCCL between them
-/// (or through host memory, saying why).
-fn over_gpus(
-    gpus: Vec<Arc<CudaBackend>>,
+/// `pass` moving `what` with NCCL between `gpus`, or through host memory (saying why).
+fn with_nccl(
+    pass: Resident<CudaBackend>,
+    gpus: &[Arc<CudaBackend>],
     what: &str,
-    build: impl FnOnce(Vec<Arc<CudaBackend>>) -> Resident<CudaBackend>,
-) -> anyhow::Result<Resident<CudaBackend>> {
-    if gpus.is_empty() {
-        anyhow::bail!("no GPUs to run on");
-    }
-    let fabric = match NcclFabric::open(&gpus) {
+) -> Resident<CudaBackend> {
+    match NcclFabric::open(gpus) {
         Ok(f) => {
             eprintln!("{what}: NCCL between the {} GPUs", gpus.len());
-            Some(f)
+            pass.with_fabric(Arc::new(f))
         }
         Err(why) => {
             eprintln!("{what}: through host memory ({why})");
-            None
+            pass
         }
-    };
-    let mut whole = build(gpus);
-    if let Some(f) = fabric {
-        whole = whole.with_fabric(Arc::new(f));
     }
-    Ok(whole)
 }
 
 fn report(g: usize, gpu: &CudaBackend, bytes: u64, what: &str) {

@@ -1,0 +1,301 @@
+//! From a plan to a running layout, for `serve`, `run`, `bench` and `calibrate` alike:
+//! [`place`] reads or makes the plan, applies it to the model and opens its GPUs (real,
+//! or stand-ins computing on the host with `--simulate-gpus`); [`Placement::forward`]
+//! builds the forward pass its layout runs. [`assemble`] is the one place a layout's
+//! pass is put together from its devices; on real GPUs [`cuda`] first uploads and checks
+//! what the plan puts on each.
+
+pub mod budget;
+pub mod cuda;
+
+use crate::backend::{Backend, CudaBackend};
+use crate::model::Model;
+use crate::placement::{self, ModelDesc, Plan, Profile};
+use crate::resident::handoff::HandoffCounter;
+use crate::resident::twin::TwinOps;
+use crate::resident::{layer_devices, DeviceOps, Forward, HeadSplit, Resident, VocabSplit};
+use crate::weights::Checkpoint;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opens the GPUs a layout needs (none for CPU-only layouts). A machine without them is
+/// refused with what to do instead.
+fn open_gpus_for(what: &str, gpus: usize) -> Result<Vec<Arc<CudaBackend>>> {
+    (0..gpus)
+        .map(|g| {
+            CudaBackend::open(g).map(Arc::new).map_err(|e| {
+                anyhow::anyhow!(
+                    "{what} places weights on {gpus} GPU(s), which cannot be used here \
+                     (GPU {g}: {e}). Use --profile cpu-only (or --profile auto, which plans \
+                     for this machine) instead, or add --simulate-gpus to run the plan on \
+                     stand-in GPUs that compute on the host."
+                )
+            })
+        })
+        .collect()
+}
+
+/// The GPUs a placement runs on.
+pub enum Gpus {
+    Cuda(Vec<Arc<CudaBackend>>),
+    /// Stand-ins computing with the host's CPU kernels (`--simulate-gpus`): the plan's
+    /// schedule, block layout and hand-offs run exactly as on GPUs, slowly.
+    Simulated(usize),
+}
+
+impl Gpus {
+    pub fn count(&self) -> usize {
+        match self {
+            Gpus::Cuda(g) => g.len(),
+            Gpus::Simulated(n) => *n,
+        }
+    }
+}
+
+/// How a plan runs on its GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuLayout {
+    /// All-GPU on one GPU.
+    Whole,
+    /// All-GPU, data-parallel attention, experts on their GPUs.
+    DataParallel,
+    /// All-GPU, tensor-parallel attention, experts on their GPUs.
+    TensorParallel,
+    /// Hybrid on one GPU.
+    Hybrid,
+    /// Hybrid over several GPUs, each with a range of layers.
+    Pipeline,
+}
+
+impl GpuLayout {
+    pub fn of(plan: &Plan, gpus: usize) -> Self {
+        use crate::placement::{profile::AttentionParallel, PlanLayout};
+        let data_parallel = plan.workload.attention == Some(AttentionParallel::Dp);
+        match (plan.layout, gpus) {
+            (PlanLayout::AllGpu, 1) => GpuLayout::Whole,
+            (PlanLayout::AllGpu, _) if data_parallel => GpuLayout::DataParallel,
+            (PlanLayout::AllGpu, _) => GpuLayout::TensorParallel,
+            (_, 1) => GpuLayout::Hybrid,
+            _ => GpuLayout::Pipeline,
+        }
+    }
+}
+
+/// Where the model runs: the plan (if any) and the GPUs it uses.
+pub struct Placement {
+    pub plan: Option<Plan>,
+    pub gpus: Gpus,
+    /// No CUDA graphs: every kernel launched one by one (`--enforce-eager`).
+    pub enforce_eager: bool,
+}
+
+impl Placement {
+    /// This placement, with CUDA graphs turned off when `enforce_eager`.
+    pub fn eager(mut self, enforce_eager: bool) -> Self {
+        self.enforce_eager = enforce_eager;
+        if let Gpus::Cuda(gpus) = &self.gpus {
+            for g in gpus {
+                g.set_recording(!enforce_eager);
+            }
+        }
+        self
+    }
+
+    /// The forward pass to run, on the CPU or resident on the GPUs: an all-GPU plan
+    /// on one GPU runs there whole; over several, with data-parallel attention, each GPU
+    /// runs its own sequences and the experts the plan gave it, with tensor-parallel
+    /// attention each GPU computes its heads for every sequence; a hybrid plan runs its layers on its
+    /// GPU(s), pipelined when there are several, with `host` computing the experts left
+    /// in host RAM. Without a plan or GPUs, the CPU alone with `host`'s kernels.
+    pub fn forward(&self, model: &Model, host: &str) -> Result<Box<dyn Forward>> {
+        let name = host;
+        let plan = self.plan.as_ref().filter(|_| self.gpus.count() > 0);
+        if plan.is_none() {
+            // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
+            // copies) goes up now, so a GPU too small refuses at start, not mid-request.
+            if let Some(ordinal) = crate::backend::cuda_ordinal(name).map_err(anyhow::Error::msg)? {
+                let gpu = CudaBackend::open(ordinal).map_err(|e| {
+                    anyhow::anyhow!("backend {name} cannot run here ({e}); use --backend cpu")
+                })?;
+                gpu.set_recording(!self.enforce_eager);
+                return cuda::resident_on_gpu(model, Arc::new(gpu))
+                    .map(|b| Box::new(b) as Box<dyn Forward>)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "--backend {name} needs the whole model on the GPU; use a hybrid \
+                             --profile (e.g. 1xH100+512GB) or --backend cpu"
+                        ))
+                    });
+            }
+        }
+        let host: Arc<dyn Backend> =
+            Arc::from(crate::backend::by_name(name).map_err(anyhow::Error::msg)?);
+        let Some(plan) = plan else {
+            return Ok(Box::new(crate::resident::on_cpu(host)));
+        };
+        let layout = GpuLayout::of(plan, self.gpus.count());
+        Ok(match &self.gpus {
+            Gpus::Cuda(gpus) => {
+                let gpus = gpus.clone();
+                match layout {
+                    GpuLayout::Whole => Box::new(cuda::resident_on_gpu(model, gpus[0].clone())?),
+                    GpuLayout::DataParallel => Box::new(cuda::data_parallel_on_gpus(model, gpus)?),
+                    GpuLayout::TensorParallel => {
+                        Box::new(cuda::tensor_parallel_on_gpus(model, gpus)?)
+                    }
+                    GpuLayout::Hybrid => {
+                        Box::new(cuda::hybrid_on_gpu(model, plan, gpus[0].clone(), host)?)
+                    }
+                    GpuLayout::Pipeline => {
+                        Box::new(cuda::pipeline_on_gpus(model, plan, gpus, host)?)
+                    }
+                }
+            }
+            Gpus::Simulated(n) => {
+                eprintln!(
+                    "simulating the plan's {n} GPU(s) ({layout:?} layout) with the {} backend",
+                    host.name()
+                );
+                let stand_ins = (0..*n)
+                    .map(|_| Arc::new(TwinOps::new(host.clone())))
+                    .collect();
+                let host = HostExperts {
+                    plan,
+                    kernels: host,
+                    handoff: Arc::new(HandoffCounter::new()),
+                };
+                Box::new(assemble(layout, model, stand_ins, Some(host))?)
+            }
+        })
+    }
+}
+
+/// What a hybrid layout's host side needs: the plan (which layers each GPU runs), the
+/// kernels the host computes its experts with, and where the hand-off bytes are counted.
+pub struct HostExperts<'a> {
+    pub plan: &'a Plan,
+    pub kernels: Arc<dyn Backend>,
+    pub handoff: Arc<HandoffCounter>,
+}
+
+/// The forward pass of `layout` over `devices` (real or stand-in GPUs): one GPU whole;
+/// data-parallel (each device its own sequences, the lm_head split by vocabulary);
+/// tensor-parallel (each device its heads of every sequence); hybrid on one GPU, or
+/// pipelined over several by the plan's layer ranges, with `host` computing the experts
+/// left in host RAM. Nothing is uploaded here: a device fetches what it computes with.
+pub fn assemble<O: DeviceOps>(
+    layout: GpuLayout,
+    model: &Model,
+    devices: Vec<Arc<O>>,
+    host: Option<HostExperts>,
+) -> Result<Resident<O>> {
+    let n = devices.len();
+    if n == 0 {
+        bail!("no GPUs to run on");
+    }
+    let needs_host = || anyhow::anyhow!("a hybrid layout needs the host's kernels");
+    Ok(match layout {
+        GpuLayout::Whole => Resident::new(devices[0].clone(), None, None),
+        GpuLayout::DataParallel => {
+            let vocab =
+                VocabSplit::new(&model.lm_head, n).context("cutting the lm_head by vocabulary")?;
+            Resident::on_devices(devices).with_vocab_split(vocab)
+        }
+        GpuLayout::TensorParallel => {
+            let split =
+                HeadSplit::new(model, n).context("cutting the attention weights by heads")?;
+            Resident::tensor_parallel(devices, split)
+        }
+        GpuLayout::Hybrid => {
+            let h = host.ok_or_else(needs_host)?;
+            Resident::new(devices[0].clone(), Some(h.kernels), Some(h.handoff))
+        }
+        GpuLayout::Pipeline => {
+            let h = host.ok_or_else(needs_host)?;
+            let layers = layer_devices(h.plan, model.layers.len());
+            Resident::pipeline(devices, layers, Some(h.kernels), Some(h.handoff))
+        }
+    })
+}
+
+fn read_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a plan written by `kimi-hybrid plan --json`",
+            path.display()
+        )
+    })?;
+    if plan.schema != "kimi-hybrid-plan/1" {
+        bail!(
+            "{}: plan schema {:?} is not kimi-hybrid-plan/1",
+            path.display(),
+            plan.schema
+        );
+    }
+    Ok(plan)
+}
+
+/// Places the model as a plan says: the plan file, or one made now for the profile
+/// (`None` when neither is given). A plan that puts weights on GPUs, or cannot run, is
+/// refused with what to do instead.
+///
+/// With `simulate_gpus` the plan's GPUs are stand-ins computing on the host (see
+/// [`Gpus::Simulated`]) and no GPU is opened.
+pub fn place(
+    ckpt: &Checkpoint,
+    model: &mut Model,
+    profile: Option<&str>,
+    plan_file: Option<&Path>,
+    simulate_gpus: bool,
+) -> Result<Placement> {
+    let gpus = |what: String, n: usize| -> Result<Gpus> {
+        if simulate_gpus {
+            Ok(Gpus::Simulated(n))
+        } else {
+            open_gpus_for(&what, n).map(Gpus::Cuda)
+        }
+    };
+    let (plan, gpus) = match (plan_file, profile) {
+        (Some(path), _) => {
+            let plan = read_plan(path)?;
+            let gpus = gpus(format!("plan for {}", plan.profile), plan.gpus.len())?;
+            (plan, gpus)
+        }
+        (None, Some(name)) => {
+            let profile = Profile::resolve(name)?;
+            let gpus = gpus(format!("profile {}", profile.name), profile.gpu.count)?;
+            let desc = ModelDesc::from_checkpoint(ckpt);
+            (
+                placement::plan(&desc, &profile, &profile.workload, None),
+                gpus,
+            )
+        }
+        (None, None) => {
+            return Ok(Placement {
+                plan: None,
+                gpus: Gpus::Cuda(Vec::new()),
+                enforce_eager: false,
+            })
+        }
+    };
+    if !plan.feasible {
+        bail!(
+            "the plan for {} cannot run: {}",
+            plan.profile,
+            plan.problems.join("; ")
+        );
+    }
+    let (on_gpu, on_nodes) = model.apply_plan(&plan);
+    eprintln!(
+        "placement: {on_gpu} routed experts on the GPU, {on_nodes} assigned to NUMA nodes by the plan for {}",
+        plan.profile
+    );
+    Ok(Placement {
+        plan: Some(plan),
+        gpus,
+        enforce_eager: false,
+    })
+}
