@@ -3,8 +3,8 @@
 
 use crate::engine::sampling::Sampler;
 pub use crate::engine::sampling::SamplingConfig;
+use crate::forward::Forward;
 use crate::model::{AttentionForm, KvCache, Logits, Model, ModelError};
-use crate::resident::Forward;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

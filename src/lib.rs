@@ -1,22 +1,24 @@
 //! kimi-hybrid: an inference runtime for the Kimi K2 / DeepSeek-V3 model family.
 //!
 //! Layers, from the bottom: `config` (what the checkpoint says), `weights` (mapped
-//! tensors in their stored formats), `model` (the model as data and maths), `backend`
-//! (the CPU and CUDA kernels), `resident` (the one forward pass over its devices),
-//! `runtime` (a plan made into a running layout),
-//! `generate` (one sequence's decode loop), `engine` (batching and the paged cache),
-//! `server` (the HTTP APIs), `inspect` (what a checkpoint holds).
+//! tensors in their stored formats), `model` (the model as data and maths), `placement`
+//! (the planner), `backend` (CPU kernel sets), `device` (what the pass needs from a
+//! device; the CPU and CUDA devices), `forward` (the one forward pass over its devices),
+//! `runtime` (a plan made into a running layout), `generate` (one sequence's decode
+//! loop), `engine` (batching and the paged cache), `server` (the HTTP APIs), `inspect`
+//! (what a checkpoint holds).
 
 pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod device;
 pub mod engine;
+pub mod forward;
 pub mod generate;
 pub mod inspect;
 pub mod model;
 pub mod placement;
-pub mod resident;
 pub mod runtime;
 pub mod server;
 pub mod tokenizer;

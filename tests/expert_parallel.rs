@@ -1,7 +1,7 @@
 //! All-GPU plans over several real GPUs (skipped with a message where there are none):
 //! every golden fixture with the b200x8 plan folded onto two GPUs, data-parallel and
 //! tensor-parallel, against the CPU; and NCCL against host memory. The same layouts on
-//! stand-in devices are tested in tests/resident.rs.
+//! stand-in devices are tested in tests/forward.rs.
 
 mod common;
 
@@ -99,7 +99,7 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
 #[test]
 fn nccl_moves_what_host_memory_moves() {
     use kimi_hybrid::backend::{CudaBackend, NcclFabric};
-    use kimi_hybrid::resident::{DeviceOps, Fabric, ThroughHost};
+    use kimi_hybrid::device::{DeviceOps, Fabric, ThroughHost};
     let gpus = match (CudaBackend::open(0), CudaBackend::open(1)) {
         (Ok(a), Ok(b)) => vec![Arc::new(a), Arc::new(b)],
         (a, b) => {

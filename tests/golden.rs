@@ -6,9 +6,9 @@ mod common;
 
 use common::{fixture, golden, max_abs_diff, FIXTURES};
 use kimi_hybrid::backend::by_name;
+use kimi_hybrid::forward::{on_cpu, Forward, Pass};
 use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
-use kimi_hybrid::resident::{on_cpu, Forward, Resident};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -61,7 +61,7 @@ fn backends() -> Vec<Case> {
         Ok(gpu) => {
             out.push(Case {
                 name: "cuda".to_string(),
-                backend: Box::new(Resident::new(Arc::new(gpu), None, None)),
+                backend: Box::new(Pass::new(Arc::new(gpu), None, None)),
                 tolerance: 2e-3,
                 form_tolerance: 1e-3,
             });

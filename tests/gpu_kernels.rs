@@ -635,9 +635,10 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
 #[test]
 fn resident_device_ops_match_the_cpu_twin() {
     use kimi_hybrid::backend::{by_name, CudaBackend};
+    use kimi_hybrid::device::cpu::CpuDevice;
+    use kimi_hybrid::device::{DeviceOps, DeviceRope, QueryBlocks, RopeLayout};
+    use kimi_hybrid::model::MlaDims;
     use kimi_hybrid::model::{Ffn, Model};
-    use kimi_hybrid::resident::twin::TwinOps;
-    use kimi_hybrid::resident::{DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
     use kimi_hybrid::weights::Checkpoint;
     use std::sync::Arc;
     let gpu = match CudaBackend::open(0) {
@@ -647,7 +648,7 @@ fn resident_device_ops_match_the_cpu_twin() {
             return;
         }
     };
-    let twin = TwinOps::new(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
+    let twin = CpuDevice::stand_in(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
     let read = |b: &kimi_hybrid::backend::GpuBuf<f32>, n: usize| {
         let mut out = vec![0.0f32; n];
         gpu.finish_download(gpu.begin_download(b), &mut out);
@@ -933,7 +934,7 @@ fn bf16_products_through_cublas_keep_f32_accuracy() {
 #[test]
 fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
     use kimi_hybrid::backend::{by_name, CudaBackend, FfnWeights};
-    use kimi_hybrid::resident::DeviceOps;
+    use kimi_hybrid::device::DeviceOps;
     use kimi_hybrid::weights::{LinearWeight, TensorData};
     let gpu = match CudaBackend::open(0) {
         Ok(g) => g,

@@ -9,10 +9,11 @@ use common::{
     fixture, golden, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps, FIXTURES,
 };
 use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::device::cpu::CpuDevice;
+use kimi_hybrid::forward::handoff::HandoffCounter;
+use kimi_hybrid::forward::{on_cpu, Forward, Pass};
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
 use kimi_hybrid::placement::PlanLayout;
-use kimi_hybrid::resident::handoff::HandoffCounter;
-use kimi_hybrid::resident::{on_cpu, twin::TwinOps, Forward, Resident};
 use kimi_hybrid::runtime::budget::{reserve_hybrid_share, BudgetError, DeviceBudget};
 use kimi_hybrid::runtime::{assemble, GpuLayout, HostExperts};
 use kimi_hybrid::weights::Checkpoint;
@@ -63,7 +64,7 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
             kernels: cpu.clone(),
             handoff: handoff.clone(),
         };
-        let stand_in = vec![Arc::new(TwinOps::new(cpu.clone()))];
+        let stand_in = vec![Arc::new(CpuDevice::stand_in(cpu.clone()))];
         let hybrid = assemble(GpuLayout::Hybrid, &model, stand_in, Some(host)).expect("layout");
         let (got, tokens) = run(&model, &hybrid, &g.prompt_ids);
         let diff = max_abs_diff(&got, &want);
@@ -161,8 +162,8 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
     use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
     // The hybrid layout on a stand-in GPU: the host experts are the ones deferred.
     let host: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
-    let stand_in = Arc::new(TwinOps::new(host.clone()));
-    let cpu: Box<dyn Forward> = Box::new(Resident::new(stand_in, Some(host), None));
+    let stand_in = Arc::new(CpuDevice::stand_in(host.clone()));
+    let cpu: Box<dyn Forward> = Box::new(Pass::new(stand_in, Some(host), None));
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);

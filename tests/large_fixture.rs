@@ -76,8 +76,8 @@ fn large_checkpoint_is_mapped_not_copied_and_matches_transformers() {
         (prompt, logits)
     };
     let mut cache = KvCache::new(&model.config);
-    let reference: &dyn kimi_hybrid::resident::Forward =
-        &kimi_hybrid::resident::on_cpu(std::sync::Arc::new(ReferenceBackend));
+    let reference: &dyn kimi_hybrid::forward::Forward =
+        &kimi_hybrid::forward::on_cpu(std::sync::Arc::new(ReferenceBackend));
     let logits = reference
         .forward(&model, &g.0, &mut cache, AttentionForm::Naive, Logits::All)
         .unwrap();

@@ -2,12 +2,11 @@
 //! model code runs on the scalar reference, the fast CPU kernels and (later) the GPU.
 
 mod cpu;
-mod cuda;
 pub mod pool;
 mod reference;
 
+pub use crate::device::cuda::{CudaBackend, GpuBuf, GraphStats, NcclFabric};
 pub use cpu::{Activations, CpuBackend};
-pub use cuda::{CudaBackend, GpuBuf, GraphStats, NcclFabric};
 pub use reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;

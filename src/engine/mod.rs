@@ -9,8 +9,8 @@ pub mod output;
 pub mod sampling;
 mod scheduler;
 
+use crate::forward::Forward;
 use crate::model::Model;
-use crate::resident::Forward;
 use crate::tokenizer::Tokenizer;
 use sampling::{SamplingConfig, TokenLogprob};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,6 +1,6 @@
 //! The DeepSeek-V3 / Kimi K2 text model as data and maths rules: its weights, RoPE,
 //! routing, RMSNorm and the MLA dimensions; the forward pass that runs it on devices is
-//! `crate::resident`. One token's path: embedding -> per layer [RMSNorm -> MLA ->
+//! `crate::forward`. One token's path: embedding -> per layer [RMSNorm -> MLA ->
 //! residual -> RMSNorm -> dense MLP or MoE -> residual] -> final RMSNorm -> lm_head.
 //!
 //! MLA keeps a latent cache of `kv_lora_rank + qk_rope_head_dim` values per token per

@@ -17,10 +17,10 @@
 use super::budget::{reserve_hybrid_share, DeviceBudget};
 use super::{assemble, GpuLayout, HostExperts};
 use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
+use crate::forward::handoff::HandoffCounter;
+use crate::forward::Pass;
 use crate::model::Model;
 use crate::placement::Plan;
-use crate::resident::handoff::HandoffCounter;
-use crate::resident::Resident;
 use crate::weights::LinearWeight;
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ use std::sync::Arc;
 /// the routed experts `model.apply_plan` marked for it), the other routed experts run on
 /// `host`. Not fitting is an error naming what did not fit.
 ///
-/// The pass runs resident on the GPU ([`Resident`]): activations and the latent cache
+/// The pass runs resident on the GPU ([`Pass`]): activations and the latent cache
 /// stay there, each MoE layer with host experts hands its hidden states to `host`
 /// through page-locked buffers while the GPU computes its experts and the shared expert.
 pub fn hybrid_on_gpu(
@@ -37,7 +37,7 @@ pub fn hybrid_on_gpu(
     plan: &Plan,
     gpu: Arc<CudaBackend>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<Resident<CudaBackend>> {
+) -> anyhow::Result<Pass<CudaBackend>> {
     let g = gpu.gpu();
     // What the plan puts on the GPU, checked against its free memory (an error names
     // what does not fit).
@@ -68,10 +68,7 @@ pub fn hybrid_on_gpu(
 
 /// The pass an all-GPU plan on one GPU runs: every weight uploaded (checked
 /// against its memory as it goes), the model's passes resident on the GPU.
-pub fn resident_on_gpu(
-    model: &Model,
-    gpu: Arc<CudaBackend>,
-) -> anyhow::Result<Resident<CudaBackend>> {
+pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<Pass<CudaBackend>> {
     let mut bytes = gpu
         .preload(&device_matrices(model, |_| true))
         .map_err(|e| anyhow::anyhow!("uploading the model's weights: {e}"))?;
@@ -87,7 +84,7 @@ pub fn resident_on_gpu(
 }
 
 /// The pass an all-GPU plan with data-parallel attention over several GPUs runs
-/// ([`Resident::on_devices`]): every GPU holds the attention, dense and shared-expert
+/// ([`Pass::on_devices`]): every GPU holds the attention, dense and shared-expert
 /// weights and the routers (it runs its own sequences end to end), its band of lm_head
 /// rows (as the plan budgets it; every GPU computes its band of every sequence's logits)
 /// and the routed experts the plan gave it; each MoE layer exchanges hidden states
@@ -95,7 +92,7 @@ pub fn resident_on_gpu(
 pub fn data_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<Resident<CudaBackend>> {
+) -> anyhow::Result<Pass<CudaBackend>> {
     let pass = assemble(GpuLayout::DataParallel, model, gpus.clone(), None)?;
     let vocab = pass
         .vocab_split()
@@ -123,7 +120,7 @@ pub fn data_parallel_on_gpus(
     Ok(with_nccl(pass, &gpus, "expert exchange"))
 }
 
-/// The pass a hybrid plan over several GPUs runs ([`Resident::pipeline`]): GPU g
+/// The pass a hybrid plan over several GPUs runs ([`Pass::pipeline`]): GPU g
 /// holds the attention, dense and shared-expert weights and routers of the layers the
 /// plan gives it, and their hot experts (the last also the lm_head); the other routed
 /// experts run on `host`, handed off from the GPU of their layer.
@@ -132,8 +129,8 @@ pub fn pipeline_on_gpus(
     plan: &Plan,
     gpus: Vec<Arc<CudaBackend>>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<Resident<CudaBackend>> {
-    let layer_devices = crate::resident::layer_devices(plan, model.layers.len());
+) -> anyhow::Result<Pass<CudaBackend>> {
+    let layer_devices = crate::forward::layer_devices(plan, model.layers.len());
     let last = layer_devices.last().copied().unwrap_or(0);
     for (g, gpu) in gpus.iter().enumerate() {
         let mut weights: Vec<&LinearWeight> = layer_devices
@@ -168,7 +165,7 @@ pub fn pipeline_on_gpus(
 }
 
 /// The pass an all-GPU plan with tensor-parallel attention over several GPUs runs
-/// ([`Resident::tensor_parallel`]): GPU g holds every layer's `q_a`/`kv_a`, its heads'
+/// ([`Pass::tensor_parallel`]): GPU g holds every layer's `q_a`/`kv_a`, its heads'
 /// cut of `q_b`, `kv_b` and `o_proj` (and their f32 `kv_b` copies), its band of lm_head
 /// rows and the routed experts the plan gave it; the first GPU also holds the routers,
 /// shared experts and dense MLPs (it routes and adds them for every token). Partial sums meet in an NCCL
@@ -176,7 +173,7 @@ pub fn pipeline_on_gpus(
 pub fn tensor_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<Resident<CudaBackend>> {
+) -> anyhow::Result<Pass<CudaBackend>> {
     use crate::model::{Ffn, QueryProj};
     let pass = assemble(GpuLayout::TensorParallel, model, gpus.clone(), None)?;
     let split = pass
@@ -227,11 +224,7 @@ pub fn tensor_parallel_on_gpus(
 }
 
 /// `pass` moving `what` with NCCL between `gpus`, or through host memory (saying why).
-fn with_nccl(
-    pass: Resident<CudaBackend>,
-    gpus: &[Arc<CudaBackend>],
-    what: &str,
-) -> Resident<CudaBackend> {
+fn with_nccl(pass: Pass<CudaBackend>, gpus: &[Arc<CudaBackend>], what: &str) -> Pass<CudaBackend> {
     match NcclFabric::open(gpus) {
         Ok(f) => {
             eprintln!("{what}: NCCL between the {} GPUs", gpus.len());

@@ -9,11 +9,12 @@ pub mod budget;
 pub mod cuda;
 
 use crate::backend::{Backend, CudaBackend};
+use crate::device::cpu::CpuDevice;
+use crate::device::DeviceOps;
+use crate::forward::handoff::HandoffCounter;
+use crate::forward::{layer_devices, Forward, HeadSplit, Pass, VocabSplit};
 use crate::model::Model;
 use crate::placement::{self, ModelDesc, Plan, Profile};
-use crate::resident::handoff::HandoffCounter;
-use crate::resident::twin::TwinOps;
-use crate::resident::{layer_devices, DeviceOps, Forward, HeadSplit, Resident, VocabSplit};
 use crate::weights::Checkpoint;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -132,7 +133,7 @@ impl Placement {
         let host: Arc<dyn Backend> =
             Arc::from(crate::backend::by_name(name).map_err(anyhow::Error::msg)?);
         let Some(plan) = plan else {
-            return Ok(Box::new(crate::resident::on_cpu(host)));
+            return Ok(Box::new(crate::forward::on_cpu(host)));
         };
         let layout = GpuLayout::of(plan, self.gpus.count());
         Ok(match &self.gpus {
@@ -158,7 +159,7 @@ impl Placement {
                     host.name()
                 );
                 let stand_ins = (0..*n)
-                    .map(|_| Arc::new(TwinOps::new(host.clone())))
+                    .map(|_| Arc::new(CpuDevice::stand_in(host.clone())))
                     .collect();
                 let host = HostExperts {
                     plan,
@@ -189,32 +190,32 @@ pub fn assemble<O: DeviceOps>(
     model: &Model,
     devices: Vec<Arc<O>>,
     host: Option<HostExperts>,
-) -> Result<Resident<O>> {
+) -> Result<Pass<O>> {
     let n = devices.len();
     if n == 0 {
         bail!("no GPUs to run on");
     }
     let needs_host = || anyhow::anyhow!("a hybrid layout needs the host's kernels");
     Ok(match layout {
-        GpuLayout::Whole => Resident::new(devices[0].clone(), None, None),
+        GpuLayout::Whole => Pass::new(devices[0].clone(), None, None),
         GpuLayout::DataParallel => {
             let vocab =
                 VocabSplit::new(&model.lm_head, n).context("cutting the lm_head by vocabulary")?;
-            Resident::on_devices(devices).with_vocab_split(vocab)
+            Pass::on_devices(devices).with_vocab_split(vocab)
         }
         GpuLayout::TensorParallel => {
             let split =
                 HeadSplit::new(model, n).context("cutting the attention weights by heads")?;
-            Resident::tensor_parallel(devices, split)
+            Pass::tensor_parallel(devices, split)
         }
         GpuLayout::Hybrid => {
             let h = host.ok_or_else(needs_host)?;
-            Resident::new(devices[0].clone(), Some(h.kernels), Some(h.handoff))
+            Pass::new(devices[0].clone(), Some(h.kernels), Some(h.handoff))
         }
         GpuLayout::Pipeline => {
             let h = host.ok_or_else(needs_host)?;
             let layers = layer_devices(h.plan, model.layers.len());
-            Resident::pipeline(devices, layers, Some(h.kernels), Some(h.handoff))
+            Pass::pipeline(devices, layers, Some(h.kernels), Some(h.handoff))
         }
     })
 }

@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths and golden files.
 #![allow(dead_code)]
 
-use kimi_hybrid::resident::Forward;
+use kimi_hybrid::forward::Forward;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 /// `cpu-f32`, `reference`, ...).
 pub fn cpu_pass(backend: &str) -> Box<dyn Forward> {
     let kernels = kimi_hybrid::backend::by_name(backend).expect("cpu backend");
-    Box::new(kimi_hybrid::resident::on_cpu(Arc::from(kernels)))
+    Box::new(kimi_hybrid::forward::on_cpu(Arc::from(kernels)))
 }
 
 pub const FIXTURES: &[&str] = &[

@@ -17,7 +17,7 @@ export LD_LIBRARY_PATH="$emulator${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export KIMI_HYBRID_EMULATED_GPUS=3 KIMI_HYBRID_EMULATED_GPU_GIB=16,16,0.002
 export KIMI_HYBRID_REQUIRE_GPU=1 KIMI_HYBRID_REQUIRE_NVRTC=1
 cd "$root"
-cargo test --workspace --lib --test gpu_kernels --test golden --test hybrid --test expert_parallel --test resident
+cargo test --workspace --lib --test gpu_kernels --test golden --test hybrid --test expert_parallel --test forward
 # The kernels again with the threads of every block in a shuffled order: a kernel that
 # reads another thread's writes without a barrier between them gives other numbers.
 KIMI_HYBRID_EMULATOR_SCHEDULE=shuffle cargo test --workspace --test gpu_kernels

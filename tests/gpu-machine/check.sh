@@ -32,7 +32,7 @@ done
 export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
 export KIMI_HYBRID_REQUIRE_GPU=1 KIMI_HYBRID_REQUIRE_NVRTC=1
 status=0
-for t in kernels_cuda gpu_kernels golden hybrid resident expert_parallel kimi_hybrid cli; do
+for t in kernels_cuda gpu_kernels golden hybrid forward expert_parallel kimi_hybrid cli; do
     exe="$(ls "$bin"/deps/"$t"-* 2>/dev/null | head -1)"
     "$exe" >"$logs/$t.log" 2>&1 || status=1
     echo "$t: $(grep -E '^test result' "$logs/$t.log" | tail -1)"

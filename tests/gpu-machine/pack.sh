@@ -12,7 +12,7 @@ stage="$(mktemp -d)"
 cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
-keep = {"gpu_kernels", "golden", "hybrid", "expert_parallel", "resident", "kimi_hybrid", "kernels_cuda", "cli"}
+keep = {"gpu_kernels", "golden", "hybrid", "expert_parallel", "forward", "kimi_hybrid", "kernels_cuda", "cli"}
 for line in sys.stdin:
     try:
         m = json.loads(line)

@@ -1,4 +1,4 @@
-//! The forward pass (`kimi_hybrid::resident`) on stand-in GPUs (CPU twins of the CUDA
+//! The forward pass (`kimi_hybrid::forward`) on stand-in GPUs (CPU twins of the CUDA
 //! device): every golden fixture, all-on-device and hybrid with half the experts in host
 //! RAM, pipelined, data- and tensor-parallel, through a contiguous cache and through the
 //! engine's paged cache with scattered block tables. The stand-ins compute with the exact
@@ -13,13 +13,13 @@ use common::{
     FIXTURES,
 };
 use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::device::cpu::CpuDevice;
 use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
+use kimi_hybrid::forward::handoff::HandoffCounter;
+use kimi_hybrid::forward::{on_cpu, Forward, HeadSplit, Pass, VocabSplit};
 use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::placement::PlanLayout;
-use kimi_hybrid::resident::handoff::HandoffCounter;
-use kimi_hybrid::resident::twin::TwinOps;
-use kimi_hybrid::resident::{on_cpu, Forward, HeadSplit, Resident, VocabSplit};
 use kimi_hybrid::weights::Checkpoint;
 use std::sync::Arc;
 
@@ -41,9 +41,9 @@ fn exact() -> Arc<dyn Backend> {
 fn resident(
     host: Option<Arc<dyn Backend>>,
     accounting: Option<Arc<HandoffCounter>>,
-) -> Resident<TwinOps> {
-    let twin = Arc::new(TwinOps::new(exact()));
-    Resident::new(twin, host, accounting)
+) -> Pass<CpuDevice> {
+    let twin = Arc::new(CpuDevice::stand_in(exact()));
+    Pass::new(twin, host, accounting)
 }
 
 #[test]
@@ -114,7 +114,7 @@ fn deferred_host_experts_agree_between_one_device_and_a_pipeline() {
             prefill_and_three_steps(&model, &resident(Some(cpu.clone()), None), &g.prompt_ids);
         let layers = model.layers.len();
         let halves: Vec<usize> = (0..layers).map(|l| usize::from(l >= layers / 2)).collect();
-        let pipeline = Resident::pipeline(twins(2), halves, Some(cpu.clone()), None);
+        let pipeline = Pass::pipeline(twins(2), halves, Some(cpu.clone()), None);
         let piped = prefill_and_three_steps(&model, &pipeline, &g.prompt_ids);
         let diff = max_abs_diff(&piped, &one);
         let moved = max_abs_diff(&one, &undeferred);
@@ -222,14 +222,16 @@ fn last_logits(
 }
 
 /// `n` stand-in devices, each a twin with its own log.
-fn twins(n: usize) -> Vec<Arc<TwinOps>> {
-    (0..n).map(|_| Arc::new(TwinOps::new(exact()))).collect()
+fn twins(n: usize) -> Vec<Arc<CpuDevice>> {
+    (0..n)
+        .map(|_| Arc::new(CpuDevice::stand_in(exact())))
+        .collect()
 }
 
-/// `n` stand-in devices that record (see `TwinOps::recording`).
-fn recording_twins(n: usize) -> Vec<Arc<TwinOps>> {
+/// `n` stand-in devices that record (see `CpuDevice::recording`).
+fn recording_twins(n: usize) -> Vec<Arc<CpuDevice>> {
     (0..n)
-        .map(|_| Arc::new(TwinOps::recording(exact())))
+        .map(|_| Arc::new(CpuDevice::recording(exact())))
         .collect()
 }
 
@@ -266,7 +268,7 @@ fn on_b200x8(name: &str, tensor_parallel: bool) -> (Model, kimi_hybrid::placemen
 /// Checks that every routed expert a stand-in device computed is one the plan gave it
 /// (the plan's GPU modulo the devices there are); returns how many devices computed
 /// experts.
-fn experts_on_their_devices(name: &str, model: &Model, devices: &[Arc<TwinOps>]) -> usize {
+fn experts_on_their_devices(name: &str, model: &Model, devices: &[Arc<CpuDevice>]) -> usize {
     let mut computed = 0;
     for (index, d) in devices.iter().enumerate() {
         let log = d.log();
@@ -366,7 +368,7 @@ fn data_parallel_pass_over_eight_devices_matches_one_device_on_every_fixture() {
         };
         // The lm_head split by vocabulary, as the plan budgets it.
         let vocab = VocabSplit::new(&model.lm_head, devices.len()).expect("bands");
-        let whole = Resident::on_devices(devices.clone()).with_vocab_split(vocab);
+        let whole = Pass::on_devices(devices.clone()).with_vocab_split(vocab);
         let backend = whole;
         assert_eq!(backend.devices(), 8);
         let cfg = &model.config;
@@ -430,7 +432,7 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
                 true => recording_twins(n),
             };
             let split = HeadSplit::new(&model, n).expect("head cuts");
-            let whole = Resident::tensor_parallel(devices.clone(), split);
+            let whole = Pass::tensor_parallel(devices.clone(), split);
             let backend = whole;
             assert_eq!(backend.devices(), 1, "latents on every device");
             let cfg = &model.config;
@@ -506,7 +508,7 @@ fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
     let g = golden(name);
     let a: Vec<u32> = g.prompt_ids.clone();
     let b: Vec<u32> = g.prompt_ids.iter().rev().copied().collect();
-    let backend = Resident::new(gpu, None, None);
+    let backend = Pass::new(gpu, None, None);
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
         let want = paged_pair(&model, &on_cpu(cpu.clone()), &a, &b, dtype);
         let got = paged_pair(&model, &backend, &a, &b, dtype);
@@ -580,7 +582,7 @@ fn engine_over_three_devices_generates_what_one_device_does() {
     let (model, _) = on_b200x8(name, false);
     let (want, _) = generate(Box::new(on_cpu(exact())), model);
     let devices = twins(3);
-    let backend = Resident::on_devices(devices.clone());
+    let backend = Pass::on_devices(devices.clone());
     let (model, _) = on_b200x8(name, false);
     let (got, blocks) = generate(Box::new(backend), model);
     let attended = devices.iter().filter(|d| d.log().queries > 0).count();
@@ -605,10 +607,10 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
         let g = golden(name);
         let want = prefill_and_three_steps(&model, &on_cpu(cpu.clone()), &g.prompt_ids);
         let (on_gpu, on_host) = model.apply_plan(&p);
-        let layer_devices = kimi_hybrid::resident::layer_devices(&p, model.layers.len());
+        let layer_devices = kimi_hybrid::forward::layer_devices(&p, model.layers.len());
         let devices = twins(2);
         let sim = Arc::new(HandoffCounter::new());
-        let backend = Resident::pipeline(
+        let backend = Pass::pipeline(
             devices.clone(),
             layer_devices.clone(),
             Some(cpu.clone()),
@@ -774,8 +776,8 @@ fn recorded_decode_steps_match_the_per_operation_path() {
     let prompts = three_prompts(name);
     let steps = 24;
     let want = decode_steps(&model, &on_cpu(cpu.clone()), &prompts, steps);
-    let twin = Arc::new(TwinOps::recording(cpu.clone()));
-    let backend = Resident::new(twin.clone(), None, None);
+    let twin = Arc::new(CpuDevice::recording(cpu.clone()));
+    let backend = Pass::new(twin.clone(), None, None);
     let got = decode_steps(&model, &backend, &prompts, steps);
     for (i, (x, y)) in got.iter().zip(&want).enumerate() {
         let diff = max_abs_diff(x, y);
@@ -837,13 +839,13 @@ fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     let want = decode_steps(&model, &on_cpu(cpu.clone()), &prompts, steps);
     let by_kernel = decode_steps(
         &model,
-        &Resident::new(eager.clone(), None, None),
+        &Pass::new(eager.clone(), None, None),
         &prompts,
         steps,
     );
     let replayed = decode_steps(
         &model,
-        &Resident::new(graphs.clone(), None, None),
+        &Pass::new(graphs.clone(), None, None),
         &prompts,
         steps,
     );

@@ -2,7 +2,7 @@
 //!
 //! One device: every token's attention, dense layers, shared experts and the device's
 //! routed experts run there; in hybrid mode the host computes the experts in its RAM
-//! from a hand-off of each MoE layer's hidden states (see [`Resident::moe_one_device`]).
+//! from a hand-off of each MoE layer's hidden states (see [`Pass::moe_one_device`]).
 //!
 //! Several devices (all-GPU plans with data-parallel attention): each sequence lives on
 //! one device, chosen by the partition of the engine's block pool its blocks come from,
@@ -127,7 +127,7 @@ impl<O: DeviceOps> Prepared<O> {
 /// device, or a pipeline), routed experts without a GPU in the plan run on `host` from
 /// host RAM; otherwise every expert runs on a device (the one its plan names, or the
 /// first).
-pub struct Resident<O: DeviceOps> {
+pub struct Pass<O: DeviceOps> {
     devices: Vec<Arc<O>>,
     host: Option<Arc<dyn Backend>>,
     /// Where the hand-off bytes are counted (the planner's `handoff_bytes_per_token`).
@@ -146,7 +146,7 @@ pub struct Resident<O: DeviceOps> {
     state: Mutex<Option<Vec<Prepared<O>>>>,
 }
 
-impl<O: DeviceOps> Resident<O> {
+impl<O: DeviceOps> Pass<O> {
     /// On one device; with `host` (hybrid), the experts the plan leaves in host RAM run
     /// there, their hand-off bytes counted on `accounting`.
     pub fn new(
@@ -173,7 +173,7 @@ impl<O: DeviceOps> Resident<O> {
         let host_worker = host
             .as_ref()
             .and_then(|_| HostWorker::new("deferred-experts").ok());
-        Resident {
+        Pass {
             devices,
             host,
             accounting,
@@ -299,7 +299,7 @@ impl<O: DeviceOps> Resident<O> {
     }
 }
 
-impl<O: DeviceOps> Forward for Resident<O> {
+impl<O: DeviceOps> Forward for Pass<O> {
     fn forward_batch(
         &self,
         model: &Model,
@@ -351,7 +351,7 @@ impl<O: DeviceOps> Forward for Resident<O> {
     }
 }
 
-impl<O: DeviceOps> Resident<O> {
+impl<O: DeviceOps> Pass<O> {
     fn run(
         &self,
         model: &Model,

@@ -15,7 +15,7 @@
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::pass::{
     attention, final_rows, fixed_share, hand_out_logits, keep_decode_io, logit_rows, normed,
-    AttnWeights, Prepared, Recorded, Resident, MAX_RECORDED_TOKENS,
+    AttnWeights, Pass, Prepared, Recorded, MAX_RECORDED_TOKENS,
 };
 use super::{DeviceOps, MlaDims};
 use crate::model::{
@@ -121,7 +121,7 @@ impl HeadSplit {
     }
 }
 
-impl<O: DeviceOps> Resident<O> {
+impl<O: DeviceOps> Pass<O> {
     /// The pass with tensor-parallel attention (see the module comment).
     pub(super) fn run_tensor_parallel(
         &self,
@@ -140,7 +140,7 @@ impl<O: DeviceOps> Resident<O> {
         let layout = Layout::new(batch, &tables, (0..batch.len()).collect(), &|b| b as usize);
         let width = MlaDims::of(cfg).width();
         // A decode step on devices that record: each attending device's heads work in
-        // its fixed buffers (see `Resident::run`).
+        // its fixed buffers (see `Pass::run`).
         let recording = devices.iter().all(|ops| ops.records())
             && batch.iter().all(|e| e.tokens.len() == 1)
             && layout.tokens() <= MAX_RECORDED_TOKENS;

@@ -5,7 +5,7 @@
 
 use super::CudaBackend;
 use super::GpuBuf;
-use crate::resident::Fabric;
+use crate::device::Fabric;
 use kernels_cuda::cudarc::nccl::safe::Comm;
 use kernels_cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
 use std::sync::Arc;
@@ -53,7 +53,7 @@ impl Fabric<CudaBackend> for NcclFabric {
         devices: &[Arc<CudaBackend>],
         moves: Vec<(usize, usize, GpuBuf<f32>)>,
     ) -> Vec<GpuBuf<f32>> {
-        use crate::resident::DeviceOps;
+        use crate::device::DeviceOps;
         // Receive buffers first: allocation is not allowed inside an NCCL group.
         let mut targets: Vec<Option<GpuBuf<f32>>> = moves
             .iter()

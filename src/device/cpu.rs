@@ -1,7 +1,7 @@
-//! The forward pass's device operations on host vectors, computed by a CPU backend's
-//! kernels: the CPU device ([`TwinOps::cpu`]), and the CPU twin of the CUDA device (a
-//! stand-in GPU that attends as the CUDA device does), which the GPU's pass is compared
-//! with.
+//! The CPU as a device: the forward pass's device operations on host vectors, computed
+//! by a CPU backend's kernels ([`CpuDevice::new`]); also a stand-in for a GPU that attends
+//! as the CUDA device does ([`CpuDevice::stand_in`]), which the GPU's pass is compared
+//! with and `--simulate-gpus` runs plans on.
 
 use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex};
 
 /// A latent cache pool on the host: BF16 pools hold values rounded to BF16 (the numbers
 /// a BF16 store reads back).
-pub struct TwinPool {
+pub struct CpuPool {
     pub values: Vec<f32>,
     pub bf16: bool,
 }
 
-pub struct TwinOps {
+pub struct CpuDevice {
     backend: Arc<dyn Backend>,
-    log: Mutex<TwinLog>,
-    /// Whether the pass treats this twin as a device that records (see
+    log: Mutex<DeviceLog>,
+    /// Whether the pass treats this device as one that records (see
     /// [`DeviceOps::records`]): it then runs its fixed-buffer decode schedule here.
     records: bool,
     /// Whether it computes the naive MLA form when asked (the CPU device); a stand-in
@@ -29,9 +29,9 @@ pub struct TwinOps {
     naive: bool,
 }
 
-/// What a twin device computed: tests check that work ran where the plan put it.
+/// What a CPU device computed: tests check that work ran where the plan put it.
 #[derive(Debug, Clone, Default)]
-pub struct TwinLog {
+pub struct DeviceLog {
     /// Attention queries (one per token of a pass on this device).
     pub queries: usize,
     /// Attention heads computed, summed over queries.
@@ -42,44 +42,47 @@ pub struct TwinLog {
     pub replays: Vec<super::ReplayKey>,
 }
 
-impl TwinOps {
+impl CpuDevice {
+    /// The CPU as the pass's device, computing with `backend`'s kernels: the naive MLA
+    /// form for a sequence's several new tokens, absorbed for one (see [`AttentionForm`]).
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        TwinOps {
+        CpuDevice {
+            naive: true,
+            ..CpuDevice::stand_in(backend)
+        }
+    }
+
+    /// A stand-in for a GPU (`--simulate-gpus`, tests): the CPU kernels, attending as the
+    /// CUDA device does (absorbed for every token).
+    pub fn stand_in(backend: Arc<dyn Backend>) -> Self {
+        CpuDevice {
             backend,
-            log: Mutex::new(TwinLog::default()),
+            log: Mutex::new(DeviceLog::default()),
             records: false,
             naive: false,
         }
     }
 
-    /// The CPU as the pass's device, computing with `backend`'s kernels: the naive MLA
-    /// form for prefill, absorbed for decode (see [`AttentionForm`]).
-    pub fn cpu(backend: Arc<dyn Backend>) -> Self {
-        TwinOps {
-            naive: true,
-            ..TwinOps::new(backend)
-        }
-    }
-
-    /// A twin the pass drives as a recording device (fixed decode buffers, each layer's
-    /// attention through [`DeviceOps::replay`]), which runs every piece of work as it is.
+    /// A stand-in the pass drives as a recording device (fixed decode buffers, each
+    /// layer's attention through [`DeviceOps::replay`]), which runs every piece of work as
+    /// it is.
     pub fn recording(backend: Arc<dyn Backend>) -> Self {
-        TwinOps {
+        CpuDevice {
             records: true,
-            ..TwinOps::new(backend)
+            ..CpuDevice::stand_in(backend)
         }
     }
 
-    pub fn log(&self) -> TwinLog {
+    pub fn log(&self) -> DeviceLog {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn record(&self, f: impl FnOnce(&mut TwinLog)) {
+    fn record(&self, f: impl FnOnce(&mut DeviceLog)) {
         f(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
-impl TwinOps {
+impl CpuDevice {
     /// Rows `rows` of a table of `width` ints per row.
     fn take_ints(&self, x: &[i32], rows: &[usize], width: usize) -> Vec<i32> {
         rows.iter()
@@ -90,7 +93,7 @@ impl TwinOps {
     /// The latents of positions `0..len` read through one block table, `[len, width]`.
     fn gather_latents(
         &self,
-        pool: &TwinPool,
+        pool: &CpuPool,
         table: &[i32],
         bs: usize,
         len: usize,
@@ -112,7 +115,7 @@ impl TwinOps {
         &self,
         kv_b: &LinearWeight,
         q: &[f32],
-        pool: &TwinPool,
+        pool: &CpuPool,
         blocks: &QueryBlocks<Vec<i32>>,
         rows: Range<usize>,
         d: MlaDims,
@@ -177,11 +180,11 @@ impl TwinOps {
     }
 }
 
-impl DeviceOps for TwinOps {
+impl DeviceOps for CpuDevice {
     type Buf = Vec<f32>;
     type Ints = Vec<i32>;
     type Download = Vec<f32>;
-    type Pool = TwinPool;
+    type Pool = CpuPool;
 
     fn upload(&self, x: &[f32]) -> Vec<f32> {
         x.to_vec()
@@ -224,17 +227,17 @@ impl DeviceOps for TwinOps {
         work()
     }
 
-    fn pool(&self, len: usize, bf16: bool) -> TwinPool {
-        TwinPool {
+    fn pool(&self, len: usize, bf16: bool) -> CpuPool {
+        CpuPool {
             values: vec![0.0; len],
             bf16,
         }
     }
 
-    fn grow_pool(&self, pool: &TwinPool, len: usize) -> TwinPool {
+    fn grow_pool(&self, pool: &CpuPool, len: usize) -> CpuPool {
         let mut values = pool.values.clone();
         values.resize(len, 0.0);
-        TwinPool {
+        CpuPool {
             values,
             bf16: pool.bf16,
         }
@@ -316,7 +319,7 @@ impl DeviceOps for TwinOps {
         }
     }
 
-    fn write_rows(&self, pool: &mut TwinPool, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
+    fn write_rows(&self, pool: &mut CpuPool, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
         for (row, &slot) in rows.chunks_exact(width).zip(slots) {
             let at = slot as usize * width;
             let dst = &mut pool.values[at..at + width];
@@ -342,7 +345,7 @@ impl DeviceOps for TwinOps {
     fn mla(
         &self,
         q: &Vec<f32>,
-        pool: &TwinPool,
+        pool: &CpuPool,
         blocks: &QueryBlocks<Vec<i32>>,
         d: MlaDims,
         scale: f32,
@@ -397,7 +400,7 @@ impl DeviceOps for TwinOps {
         &self,
         kv_b: &LinearWeight,
         q: &Vec<f32>,
-        pool: &TwinPool,
+        pool: &CpuPool,
         blocks: &QueryBlocks<Vec<i32>>,
         sequences: &[Range<usize>],
         d: MlaDims,

@@ -9,7 +9,7 @@
 //! contiguous buffer, and every owner's work is queued before any result is awaited.
 
 use super::layout::Group;
-use super::pass::{Computed, Prepared, Resident};
+use super::pass::{Computed, Pass, Prepared};
 use super::DeviceOps;
 use crate::model::{expert_work, Ffn, Model, RouteObserver};
 use std::collections::{BTreeMap, HashMap};
@@ -45,7 +45,7 @@ impl Shipment {
 /// its tokens' routed experts, wherever they ran). A group's router logits and shared
 /// expert output already computed (a recorded decode step) are taken from `computed`.
 pub(super) fn exchange_experts<O: DeviceOps>(
-    r: &Resident<O>,
+    r: &Pass<O>,
     model: &Model,
     prepared: &[Prepared<O>],
     l: usize,
@@ -122,7 +122,7 @@ pub(super) fn exchange_experts<O: DeviceOps>(
 /// the rows), computes its experts over them, and cuts the sums per group; each group
 /// joins what comes back and adds it to its tokens' rows.
 fn device_owners<O: DeviceOps>(
-    r: &Resident<O>,
+    r: &Pass<O>,
     moe: &crate::model::Moe,
     groups: &[&Group<O>],
     xns: &[&O::Buf],

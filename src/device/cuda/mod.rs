@@ -23,7 +23,7 @@ pub use buf::GpuBuf;
 pub use nccl::NcclFabric;
 pub use recording::GraphStats;
 
-use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
+use crate::backend::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::MlaPrefillShape;
@@ -381,7 +381,7 @@ impl Backend for CudaBackend {
         tokens: &[(usize, f32)],
         out: &mut [f32],
     ) {
-        super::ffn_accumulate_with(self, ffn, x, tokens, out)
+        crate::backend::ffn_accumulate_with(self, ffn, x, tokens, out)
     }
 
     /// Gate, up, SiLU-mul and down on the device, one upload and one download; weighted
@@ -391,7 +391,7 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
-        let xs = super::gather_rows(x, tokens, hidden);
+        let xs = crate::backend::gather_rows(x, tokens, hidden);
         let mut map = self.lock();
         let (gate, up, down) = (
             self.weight(&mut map, &ffn.gate),
@@ -406,7 +406,7 @@ impl Backend for CudaBackend {
         let d = self.linear_on_device(&down, 0..hidden, &h, m);
         let mut contributions = device("a result download", g.download("ffn", &d));
         drop(map);
-        super::weight_rows(&mut contributions, tokens);
+        crate::backend::weight_rows(&mut contributions, tokens);
         contributions
     }
 

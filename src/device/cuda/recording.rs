@@ -10,7 +10,7 @@
 //! it is, then and every later time, with a warning.
 
 use super::{device, CudaBackend};
-use crate::resident::ReplayKey;
+use crate::device::ReplayKey;
 use kernels_cuda::graph::Recording;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,7 +81,7 @@ impl CudaBackend {
         }
     }
 
-    /// [`DeviceOps::replay`](crate::resident::DeviceOps::replay) on this GPU.
+    /// [`DeviceOps::replay`](crate::device::DeviceOps::replay) on this GPU.
     pub(super) fn replay_work(&self, key: ReplayKey, work: &mut dyn FnMut()) {
         if !self.records_decode() {
             return work();

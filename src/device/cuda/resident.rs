@@ -1,4 +1,4 @@
-//! The resident forward pass's device operations on the GPU (see [`crate::resident`]):
+//! The resident forward pass's device operations on the GPU (see [`crate::forward`]):
 //! buffers are `CudaSlice`s on the backend's stream, weights the backend's device copies,
 //! the hybrid hand-off goes through page-locked staging buffers. Every kernel used here
 //! has a CPU twin its test in `tests/gpu_kernels.rs` compares it with, and the whole pass
@@ -8,7 +8,8 @@ use super::GpuBuf;
 use super::{device, CudaBackend};
 use crate::backend::FfnWeights;
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
-use crate::resident::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
+use crate::device::{route_on_host, DeviceOps, DeviceRope, QueryBlocks, RopeLayout};
+use crate::model::MlaDims;
 use crate::weights::LinearWeight;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::cudarc::driver::{CudaStream, DeviceRepr};
@@ -304,7 +305,7 @@ impl DeviceOps for CudaBackend {
         self.records_decode()
     }
 
-    fn replay(&self, key: crate::resident::ReplayKey, work: &mut dyn FnMut()) {
+    fn replay(&self, key: crate::device::ReplayKey, work: &mut dyn FnMut()) {
         self.enter();
         self.replay_work(key, work)
     }
