@@ -3,18 +3,9 @@
 
 use crate::engine::sampling::Sampler;
 pub use crate::engine::sampling::SamplingConfig;
+pub use crate::engine::FinishReason;
 use crate::forward::Forward;
 use crate::model::{AttentionForm, KvCache, Logits, Model, ModelError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token was produced (it is included in the output).
-    Stop,
-    /// `max_new_tokens` reached.
-    Length,
-    /// The model's context limit was reached.
-    ContextFull,
-}
 
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -62,7 +53,9 @@ pub fn generate(
             break;
         }
         if cache.len() >= limit {
-            finish = FinishReason::ContextFull;
+            // The context limit ends a generation as `max_tokens` does (as the server
+            // reports it).
+            finish = FinishReason::Length;
             break;
         }
         last = pass.forward(
@@ -78,25 +71,4 @@ pub fn generate(
         prompt_logits,
         finish_reason: finish,
     })
-}
-
-/// Index of the largest logit; ties go to the lowest index.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_picks_first_maximum() {
-        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
-    }
 }

@@ -776,7 +776,7 @@ fn calibrate(
             .with_context(|| format!("{} line {}", prompts.display(), n + 1))?;
         observed += ids.len();
         for _ in 0..generate_tokens {
-            let next = kimi_hybrid::generate::argmax(&logits);
+            let next = kimi_hybrid::engine::sampling::argmax(&logits);
             logits = pass.forward_observed(
                 &model,
                 &[next],

@@ -506,7 +506,7 @@ fn backends_are_chosen_by_name() {
 
 #[test]
 fn serve_and_run_with_a_gpu_profile_refuse_to_start_without_that_gpu() {
-    if let Ok(gpu) = kimi_hybrid::backend::CudaBackend::open(0) {
+    if let Ok(gpu) = kimi_hybrid::device::cuda::CudaBackend::open(0) {
         // With a GPU, `serve` would start and keep serving.
         eprintln!("skipping the refusal check: {} is present", gpu.gpu().name);
         return;

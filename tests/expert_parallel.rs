@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// the CPU run.
 #[test]
 fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::runtime::cuda::{data_parallel_on_gpus, tensor_parallel_on_gpus};
     let first = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
@@ -98,7 +98,7 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
 /// message without two GPUs and libnccl).
 #[test]
 fn nccl_moves_what_host_memory_moves() {
-    use kimi_hybrid::backend::{CudaBackend, NcclFabric};
+    use kimi_hybrid::device::cuda::{CudaBackend, NcclFabric};
     use kimi_hybrid::device::{DeviceOps, Fabric, ThroughHost};
     let gpus = match (CudaBackend::open(0), CudaBackend::open(1)) {
         (Ok(a), Ok(b)) => vec![Arc::new(a), Arc::new(b)],

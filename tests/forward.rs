@@ -15,9 +15,9 @@ use common::{
 use kimi_hybrid::backend::{by_name, Backend};
 use kimi_hybrid::device::cpu::CpuDevice;
 use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
+use kimi_hybrid::engine::sampling::argmax;
 use kimi_hybrid::forward::handoff::HandoffCounter;
 use kimi_hybrid::forward::{on_cpu, Forward, HeadSplit, Pass, VocabSplit};
-use kimi_hybrid::generate::argmax;
 use kimi_hybrid::model::{AttentionForm, BatchEntry, Logits, Model};
 use kimi_hybrid::placement::PlanLayout;
 use kimi_hybrid::weights::Checkpoint;
@@ -491,7 +491,7 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
 /// per-operation path on the same kind of pool, within the GPU's 2e-3.
 #[test]
 fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
-    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::device::cuda::CudaBackend;
     let gpu = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
@@ -816,7 +816,7 @@ fn recorded_decode_steps_match_the_per_operation_path() {
 /// per-operation path's.
 #[test]
 fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
-    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::device::cuda::CudaBackend;
     let open = || match CudaBackend::open(0) {
         Ok(g) => Some(Arc::new(g)),
         Err(e) => {

@@ -634,8 +634,9 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
 /// routing, an expert FFN with its scatter-add, and the page-locked hand-off copies.
 #[test]
 fn resident_device_ops_match_the_cpu_twin() {
-    use kimi_hybrid::backend::{by_name, CudaBackend};
+    use kimi_hybrid::backend::by_name;
     use kimi_hybrid::device::cpu::CpuDevice;
+    use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::device::{DeviceOps, DeviceRope, QueryBlocks, RopeLayout};
     use kimi_hybrid::model::MlaDims;
     use kimi_hybrid::model::{Ffn, Model};
@@ -649,7 +650,7 @@ fn resident_device_ops_match_the_cpu_twin() {
         }
     };
     let twin = CpuDevice::stand_in(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
-    let read = |b: &kimi_hybrid::backend::GpuBuf<f32>, n: usize| {
+    let read = |b: &kimi_hybrid::device::cuda::GpuBuf<f32>, n: usize| {
         let mut out = vec![0.0f32; n];
         gpu.finish_download(gpu.begin_download(b), &mut out);
         out
@@ -933,7 +934,8 @@ fn bf16_products_through_cublas_keep_f32_accuracy() {
 /// between experts and an expert with none.
 #[test]
 fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
-    use kimi_hybrid::backend::{by_name, CudaBackend, FfnWeights};
+    use kimi_hybrid::backend::{by_name, FfnWeights};
+    use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::device::DeviceOps;
     use kimi_hybrid::weights::{LinearWeight, TensorData};
     let gpu = match CudaBackend::open(0) {

@@ -86,7 +86,7 @@ fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
 /// transformers' golden. Also a hybrid plan pipelined over two GPUs.
 #[test]
 fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
-    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::runtime::cuda::{hybrid_on_gpu, pipeline_on_gpus};
     let gpu = match CudaBackend::open(0) {
         Ok(g) => Arc::new(g),
@@ -228,7 +228,7 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
 /// tokens the same request got before. Skipped with a message anywhere else.
 #[test]
 fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
-    use kimi_hybrid::backend::CudaBackend;
+    use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::engine::kv::KvDtype;
     use kimi_hybrid::engine::{self, EngineConfig, Event};
     use kimi_hybrid::runtime::cuda::resident_on_gpu;

@@ -1,11 +1,12 @@
-//! The operations the model's maths needs from a device, behind one trait, so the same
-//! model code runs on the scalar reference, the fast CPU kernels and (later) the GPU.
+//! Kernel sets behind one trait: the products, fused feed-forward blocks and attention
+//! the CPU device computes with, and the host's routed experts in hybrid layouts; the
+//! scalar reference (the yardstick) and the fast CPU kernels. The CUDA device implements
+//! it too (`crate::device::cuda`), to compare its kernels one operation at a time.
 
 mod cpu;
 pub mod pool;
 mod reference;
 
-pub use crate::device::cuda::{CudaBackend, GpuBuf, GraphStats, NcclFabric};
 pub use cpu::{Activations, CpuBackend};
 pub use reference::ReferenceBackend;
 
@@ -219,14 +220,6 @@ pub fn ffn_accumulate_with(
     scatter_add(&contributions, tokens, out);
 }
 
-/// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on
-/// the best ISA of this CPU; INT4 weights against int16-quantized activations, within
-/// rounding of the reference), `cpu-f32` (INT4 dequantized to f32 in registers: the
-/// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
-/// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
-/// path. `cuda` (or `cuda:N` for GPU N) runs on a GPU, weights uploaded as they are
-/// first used (`kimi-hybrid run/serve` upload them all at start instead, see
-/// `runtime`); a machine without one gets an error saying why.
 /// The GPU a backend name asks for: `Some(N)` for `cuda:N` (`cuda` is GPU 0), `None` for
 /// every other name, an error for a malformed GPU number.
 pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
@@ -240,14 +233,23 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
     }
 }
 
+/// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on
+/// the best ISA of this CPU; INT4 weights against int16-quantized activations, within
+/// rounding of the reference), `cpu-f32` (INT4 dequantized to f32 in registers: the
+/// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
+/// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
+/// path. `cuda` (or `cuda:N`) is not a kernel set: `run`/`serve --backend cuda` put the
+/// whole model on GPU N (see `runtime`), and with a GPU profile or plan `--backend` names
+/// the host's kernels, so here it is an error saying so.
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
     }
-    if let Some(ordinal) = cuda_ordinal(name)? {
-        return CudaBackend::open(ordinal)
-            .map(|b| Box::new(b) as Box<dyn Backend>)
-            .map_err(|e| format!("backend {name} cannot run here ({e}); use --backend cpu"));
+    if cuda_ordinal(name)?.is_some() {
+        return Err(format!(
+            "backend {name} runs the whole model on a GPU (without --profile or --plan); \
+             as the host's kernels of a GPU plan use cpu, cpu-f32, cpu-int8 or reference"
+        ));
     }
     let (family, isa) = name
         .split_once(':')
@@ -297,11 +299,10 @@ mod tests {
             );
         }
         assert!(error_of("cpu:sse9").contains("unknown kernel path"));
-        if let Err(e) = by_name("cuda:0") {
-            assert!(
-                e.contains("no CUDA device") && e.contains("--backend cpu"),
-                "{e}"
-            );
-        }
+        let e = error_of("cuda:0");
+        assert!(
+            e.contains("whole model on a GPU") && e.contains("cpu-f32"),
+            "{e}"
+        );
     }
 }

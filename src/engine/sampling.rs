@@ -111,7 +111,7 @@ impl Sampler {
         self.apply_penalties(&mut l);
         let c = &self.config;
         if c.temperature < GREEDY_BELOW_TEMPERATURE {
-            return crate::generate::argmax(&l);
+            return argmax(&l);
         }
         let mut candidates: Vec<(u32, f32)> = l
             .iter()
@@ -120,7 +120,7 @@ impl Sampler {
             .map(|(i, &v)| (i as u32, v / c.temperature))
             .collect();
         if candidates.is_empty() {
-            return crate::generate::argmax(logits);
+            return argmax(logits);
         }
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if c.top_k > 0 {
@@ -231,6 +231,17 @@ pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprob {
     }
 }
 
+/// Index of the largest logit; ties go to the lowest index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +252,11 @@ mod tests {
             seed: Some(3),
             ..SamplingConfig::default()
         }
+    }
+
+    #[test]
+    fn greedy_picks_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
     }
 
     #[test]

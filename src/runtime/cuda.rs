@@ -16,7 +16,8 @@
 
 use super::budget::{reserve_hybrid_share, DeviceBudget};
 use super::{assemble, GpuLayout, HostExperts};
-use crate::backend::{Backend, CudaBackend, FfnWeights, NcclFabric};
+use crate::backend::{Backend, FfnWeights};
+use crate::device::cuda::{CudaBackend, NcclFabric};
 use crate::forward::handoff::HandoffCounter;
 use crate::forward::Pass;
 use crate::model::Model;

@@ -8,8 +8,9 @@
 pub mod budget;
 pub mod cuda;
 
-use crate::backend::{Backend, CudaBackend};
+use crate::backend::Backend;
 use crate::device::cpu::CpuDevice;
+use crate::device::cuda::CudaBackend;
 use crate::device::DeviceOps;
 use crate::forward::handoff::HandoffCounter;
 use crate::forward::{layer_devices, Forward, HeadSplit, Pass, VocabSplit};
@@ -299,4 +300,44 @@ pub fn place(
         gpus,
         enforce_eager: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_model() -> Model {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kimi-int4");
+        let ckpt = Checkpoint::open(&dir).expect("fixture");
+        Model::load(&ckpt).expect("model")
+    }
+
+    fn no_plan() -> Placement {
+        Placement {
+            plan: None,
+            gpus: Gpus::Cuda(Vec::new()),
+            enforce_eager: false,
+        }
+    }
+
+    #[test]
+    fn backend_names_become_passes_or_errors_saying_what_to_use() {
+        let model = fixture_model();
+        for name in ["cpu", "cpu-f32", "reference"] {
+            let pass = no_plan().forward(&model, name).expect(name);
+            assert_eq!(pass.devices(), 1, "{name}");
+        }
+        let e = no_plan().forward(&model, "gpu").err().expect("unknown");
+        assert!(e.to_string().contains("unknown backend"), "{e}");
+        // Without a GPU, `--backend cuda` says why and what to use instead (with one,
+        // the whole model goes up, as tests/golden.rs checks).
+        if let Err(e) = no_plan().forward(&model, "cuda:0") {
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("no CUDA device") && e.contains("--backend cpu"),
+                "{e}"
+            );
+        }
+    }
 }

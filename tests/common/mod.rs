@@ -82,7 +82,7 @@ pub fn prefill_and_three_steps(
     let vocab = model.config.vocab_size;
     let mut last = all[all.len() - vocab..].to_vec();
     for _ in 0..3 {
-        let next = kimi_hybrid::generate::argmax(&last);
+        let next = kimi_hybrid::engine::sampling::argmax(&last);
         last = pass
             .forward(
                 model,
