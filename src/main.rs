@@ -716,10 +716,7 @@ fn plan(args: PlanArgs) -> Result<()> {
     }
     let plan = placement::plan(&desc, &profile, &workload, stats.as_ref());
     if let Some(engine) = &args.emit {
-        println!(
-            "{}",
-            placement::report::emit(&plan, engine, &model_path).map_err(anyhow::Error::msg)?
-        );
+        println!("{}", placement::report::emit(&plan, engine, &model_path)?);
     } else if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {

@@ -10,14 +10,12 @@ use crate::device::GpuDevice;
 use crate::ops::{
     GroupedExperts, LatentPool, MlaDecodeShape, INT4_TC_MAX_TOKENS, INT4_TC_MIN_TOKENS,
 };
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::DevicePtr;
 use std::fmt::Write;
 
-fn failed(what: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("{what} failed: {e}"),
-    }
+fn failed(what: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("{what} failed: {e}"))
 }
 
 /// Bytes of inputs a timed kernel cycles through: several times the L2 cache of any
@@ -36,8 +34,8 @@ fn best_seconds(
     d: &GpuDevice,
     repeats: usize,
     copies: usize,
-    mut f: impl FnMut(usize) -> Result<(), NoCuda>,
-) -> Result<f64, NoCuda> {
+    mut f: impl FnMut(usize) -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
     f(0)?; // warm-up: module loading, first-touch allocations
     let launches = copies.max(10);
     let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -80,7 +78,7 @@ fn bf16_bits(v: f32) -> u16 {
 }
 
 /// Runs the GPU benchmark on GPU 0 and returns its report.
-pub fn run(repeats: usize) -> Result<String, NoCuda> {
+pub fn run(repeats: usize) -> Result<String, CudaError> {
     let d = GpuDevice::open(0, 0)?;
     let mut s = String::new();
     let _ = writeln!(
@@ -206,7 +204,7 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
                     .collect();
                 Ok((d.upload("INT4", &packed)?, d.upload("scales", &scales)?))
             })
-            .collect::<Result<Vec<_>, NoCuda>>()?;
+            .collect::<Result<Vec<_>, CudaError>>()?;
         let wbs = (0..bf16_copies)
             .map(|k| {
                 let wb: Vec<u16> = values(rows * cols, 5 + 100 * k as u64)
@@ -215,7 +213,7 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
                     .collect();
                 d.upload("BF16 weights", &wb)
             })
-            .collect::<Result<Vec<_>, NoCuda>>()?;
+            .collect::<Result<Vec<_>, CudaError>>()?;
         for tokens in [1usize, 8, 32, 128, 256, 512, 2048] {
             let xf = values(tokens * cols, 6);
             let x = d.upload("x", &xf)?;
@@ -289,7 +287,12 @@ pub fn run(repeats: usize) -> Result<String, NoCuda> {
 /// A K2 MoE layer's routed experts for decode (hidden 7168, intermediate 2048, INT4 group
 /// 32, 8 experts a token) through the grouped launches: the bytes of the distinct experts
 /// read per call against the copy bandwidth.
-fn grouped_experts(d: &GpuDevice, repeats: usize, bw: f64, s: &mut String) -> Result<(), NoCuda> {
+fn grouped_experts(
+    d: &GpuDevice,
+    repeats: usize,
+    bw: f64,
+    s: &mut String,
+) -> Result<(), CudaError> {
     let (hidden, inter, per_token) = (7168usize, 2048usize, 8usize);
     let _ = writeln!(
         s,

@@ -7,17 +7,15 @@
 
 use crate::device::GpuDevice;
 use crate::ops::{blocks_for, cfg, launch_err};
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 /// Tokens from which a BF16 product goes to cuBLAS (below, the GEMV/GEMM kernels).
 pub const BLAS_MIN_TOKENS: usize = 32;
 
-fn failed(what: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("{what} failed: {e}"),
-    }
+fn failed(what: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("{what} failed: {e}"))
 }
 
 /// `c[t, r] (+)= sum_k w[r, k] x[t, k]`, BF16 `w` `[rows, cols]` and `x`
@@ -32,7 +30,7 @@ pub fn bf16_gemm(
     c: &mut CudaSlice<f32>,
     (rows, cols, tokens): (usize, usize, usize),
     accumulate: bool,
-) -> Result<(), NoCuda> {
+) -> Result<(), CudaError> {
     let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
     let (wp, _w) = w.device_ptr(&d.stream);
     let (xp, _x) = x.device_ptr(&d.stream);
@@ -85,7 +83,7 @@ impl GpuDevice {
         &self,
         x: &CudaSlice<f32>,
         n: usize,
-    ) -> Result<(CudaSlice<u16>, CudaSlice<u16>), NoCuda> {
+    ) -> Result<(CudaSlice<u16>, CudaSlice<u16>), CudaError> {
         // split_bf16 writes every value of both.
         let mut hi = self.scratch::<u16>("BF16 activations", n)?;
         let mut lo = self.scratch::<u16>("BF16 activations", n)?;
@@ -108,7 +106,7 @@ impl GpuDevice {
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         (rows, cols, tokens): (usize, usize, usize),
-    ) -> Result<bool, NoCuda> {
+    ) -> Result<bool, CudaError> {
         let Some(blas) = self.blas() else {
             return Ok(false);
         };
@@ -133,7 +131,7 @@ impl GpuDevice {
         y: &mut CudaSlice<f32>,
         (rows, cols, tokens): (usize, usize, usize),
         group: usize,
-    ) -> Result<bool, NoCuda> {
+    ) -> Result<bool, CudaError> {
         let Some(blas) = self.blas() else {
             return Ok(false);
         };

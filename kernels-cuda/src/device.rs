@@ -3,7 +3,7 @@
 
 use crate::nvrtc::{self, arch_for};
 use crate::sources::MODULES;
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,15 +21,13 @@ pub struct GpuDevice {
     pub(crate) blas: std::sync::OnceLock<Option<cudarc::cublas::CudaBlas>>,
 }
 
-fn no_cuda(reason: impl Into<String>) -> NoCuda {
-    NoCuda {
-        reason: reason.into(),
-    }
+fn no_cuda(reason: impl Into<String>) -> CudaError {
+    CudaError::Unavailable(reason.into())
 }
 
 impl GpuDevice {
     /// Opens device `ordinal`, requiring `min_free_bytes` of free memory.
-    pub fn open(ordinal: usize, min_free_bytes: usize) -> Result<GpuDevice, NoCuda> {
+    pub fn open(ordinal: usize, min_free_bytes: usize) -> Result<GpuDevice, CudaError> {
         crate::driver_library_present()?;
         // SAFETY: only tries to open the library.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -115,7 +113,7 @@ impl GpuDevice {
         })
     }
 
-    pub fn function(&self, name: &str) -> Result<&CudaFunction, NoCuda> {
+    pub fn function(&self, name: &str) -> Result<&CudaFunction, CudaError> {
         self.functions
             .get(name)
             .ok_or_else(|| no_cuda(format!("kernel {name} is not loaded")))

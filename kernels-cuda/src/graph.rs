@@ -5,7 +5,7 @@
 //! allocations made while capturing), which keep their addresses for every launch.
 
 use crate::device::GpuDevice;
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 
@@ -19,10 +19,8 @@ pub struct Recording {
 // call on it, from whichever thread.
 unsafe impl Send for Recording {}
 
-fn failed(what: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("{what} failed: {e}"),
-    }
+fn failed(what: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("{what} failed: {e}"))
 }
 
 impl GpuDevice {
@@ -30,7 +28,7 @@ impl GpuDevice {
     /// recorded, not run, until [`end_recording`](Self::end_recording). Calls that would
     /// wait for the device or allocate synchronously fail while recording (thread-local
     /// capture mode) and spoil the recording.
-    pub fn begin_recording(&self) -> Result<(), NoCuda> {
+    pub fn begin_recording(&self) -> Result<(), CudaError> {
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| failed("starting a CUDA graph capture", e))
@@ -38,7 +36,7 @@ impl GpuDevice {
 
     /// Ends the recording begun by [`begin_recording`](Self::begin_recording); an error
     /// when something spoiled it (the work then has to run as it is, not recorded).
-    pub fn end_recording(&self) -> Result<Recording, NoCuda> {
+    pub fn end_recording(&self) -> Result<Recording, CudaError> {
         let flag = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
         match self.stream.end_capture(flag) {
             Ok(Some(graph)) => Ok(Recording { graph }),
@@ -58,7 +56,7 @@ impl GpuDevice {
     }
 
     /// Queues a replay of `r` on this device's stream.
-    pub fn replay(&self, r: &Recording) -> Result<(), NoCuda> {
+    pub fn replay(&self, r: &Recording) -> Result<(), CudaError> {
         r.graph
             .launch()
             .map_err(|e| failed("launching a CUDA graph", e))

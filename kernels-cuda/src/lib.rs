@@ -4,7 +4,7 @@
 //! the paged latent cache and MLA prefill, INT4 group-32 and FP8-block GEMV/GEMM,
 //! embedding gather) are embedded in the binary and compiled by NVRTC at start-up for the
 //! device's architecture. The driver and NVRTC are reached through cudarc's dynamic
-//! loading, so this crate builds everywhere; a machine without them gets a `NoCuda`
+//! loading, so this crate builds everywhere; a machine without them gets a `CudaError`
 //! error naming what is missing, never a panic.
 
 pub mod bench;
@@ -20,23 +20,33 @@ pub mod weights;
 /// The CUDA driver bindings the wrappers take buffers from.
 pub use cudarc;
 
-/// Why no CUDA device can be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoCuda {
-    pub reason: String,
+/// What went wrong with CUDA: no usable GPU here, a GPU operation that failed, or a
+/// shape a kernel does not support.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// No GPU, driver, NVRTC or cuBLAS can be used on this machine.
+    #[error("no CUDA device: {0}")]
+    Unavailable(String),
+    /// A GPU that is there failed an allocation, copy, launch or compilation.
+    #[error("{0}")]
+    Failed(String),
+    /// A kernel was asked for a shape it does not handle.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-impl std::fmt::Display for NoCuda {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no CUDA device: {}", self.reason)
+impl CudaError {
+    /// What happened, without the kind's prefix.
+    pub fn reason(&self) -> &str {
+        match self {
+            CudaError::Unavailable(r) | CudaError::Failed(r) | CudaError::Unsupported(r) => r,
+        }
     }
 }
 
-impl std::error::Error for NoCuda {}
-
 /// Looks for the CUDA driver library in the usual places and on `LD_LIBRARY_PATH` (no
 /// loading, no panics).
-pub fn driver_library_present() -> Result<std::path::PathBuf, NoCuda> {
+pub fn driver_library_present() -> Result<std::path::PathBuf, CudaError> {
     const CANDIDATES: &[&str] = &[
         "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
         "/usr/lib64/libcuda.so.1",
@@ -53,8 +63,10 @@ pub fn driver_library_present() -> Result<std::path::PathBuf, NoCuda> {
     on_path
         .chain(CANDIDATES.iter().map(std::path::PathBuf::from))
         .find(|p| p.exists())
-        .ok_or_else(|| NoCuda {
-            reason: "libcuda.so.1 not found (no NVIDIA driver installed); use a CPU profile".into(),
+        .ok_or_else(|| {
+            CudaError::Unavailable(
+                "libcuda.so.1 not found (no NVIDIA driver installed); use a CPU profile".into(),
+            )
         })
 }
 

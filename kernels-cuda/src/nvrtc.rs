@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::OnceLock;
 
 use crate::sources::{full_source, Module, MODULES};
-use crate::NoCuda;
+use crate::CudaError;
 
 /// Architectures the kernels are built for, as NVRTC virtual architectures.
 pub const ARCHITECTURES: &[(u32, &str)] = &[
@@ -56,19 +56,17 @@ struct Nvrtc {
 
 const NVRTC_SUCCESS: c_int = 0;
 
-fn not_found(detail: &str) -> NoCuda {
-    NoCuda {
-        reason: format!(
-            "libnvrtc.so (NVIDIA's runtime compiler) could not be loaded ({detail}); install the \
+fn not_found(detail: &str) -> CudaError {
+    CudaError::Unavailable(format!(
+        "libnvrtc.so (NVIDIA's runtime compiler) could not be loaded ({detail}); install the \
              CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` (CUDA 12 drivers) or \
              `pip install nvidia-cuda-nvrtc` (CUDA 13 drivers), and add its lib directory to \
              LD_LIBRARY_PATH"
-        ),
-    }
+    ))
 }
 
 impl Nvrtc {
-    fn open() -> Result<Nvrtc, NoCuda> {
+    fn open() -> Result<Nvrtc, CudaError> {
         let mut tried = Vec::new();
         for name in LIBRARY_NAMES {
             // SAFETY: loading NVRTC runs no initialisation with preconditions of ours.
@@ -80,12 +78,12 @@ impl Nvrtc {
         Err(not_found(&tried.join("; ")))
     }
 
-    fn resolve(library: libloading::Library, name: &str) -> Result<Nvrtc, NoCuda> {
+    fn resolve(library: libloading::Library, name: &str) -> Result<Nvrtc, CudaError> {
         fn symbol<T: Copy>(
             library: &libloading::Library,
             lib: &str,
             sym: &str,
-        ) -> Result<T, NoCuda> {
+        ) -> Result<T, CudaError> {
             // SAFETY: each call below names the C signature NVRTC documents for `sym`.
             unsafe { library.get::<T>(sym.as_bytes()) }
                 .map(|s| *s)
@@ -104,15 +102,21 @@ impl Nvrtc {
     }
 
     /// Compiles `source` to PTX; the error is NVRTC's log (or its failing call).
-    fn compile_ptx(&self, source: &str, name: &str, options: &[String]) -> Result<String, String> {
-        let source =
-            CString::new(source).map_err(|_| "kernel source holds a NUL byte".to_string())?;
-        let name = CString::new(name).map_err(|_| "module name holds a NUL byte".to_string())?;
+    fn compile_ptx(
+        &self,
+        source: &str,
+        name: &str,
+        options: &[String],
+    ) -> Result<String, CudaError> {
+        let source = CString::new(source)
+            .map_err(|_| CudaError::Failed("kernel source holds a NUL byte".into()))?;
+        let name = CString::new(name)
+            .map_err(|_| CudaError::Failed("module name holds a NUL byte".into()))?;
         let options = options
             .iter()
             .map(|o| CString::new(o.as_str()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| "an NVRTC option holds a NUL byte".to_string())?;
+            .map_err(|_| CudaError::Failed("an NVRTC option holds a NUL byte".into()))?;
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
         let mut program: Program = std::ptr::null_mut();
         // SAFETY: NUL-terminated strings that outlive the call; no headers are passed.
@@ -127,7 +131,9 @@ impl Nvrtc {
             )
         };
         if rc != NVRTC_SUCCESS {
-            return Err(format!("nvrtcCreateProgram returned {rc}"));
+            return Err(CudaError::Failed(format!(
+                "nvrtcCreateProgram returned {rc}"
+            )));
         }
         // SAFETY: `program` was created above and is destroyed once, below.
         let result = unsafe { self.compile_created(program, &option_ptrs) };
@@ -142,9 +148,9 @@ impl Nvrtc {
         &self,
         program: Program,
         options: &[*const c_char],
-    ) -> Result<String, String> {
-        let count =
-            c_int::try_from(options.len()).map_err(|_| "too many NVRTC options".to_string())?;
+    ) -> Result<String, CudaError> {
+        let count = c_int::try_from(options.len())
+            .map_err(|_| CudaError::Failed("too many NVRTC options".into()))?;
         let rc = (self.compile)(program, count, options.as_ptr());
         if rc != NVRTC_SUCCESS {
             let mut size = 0usize;
@@ -154,15 +160,17 @@ impl Nvrtc {
             let log = String::from_utf8_lossy(&log)
                 .trim_end_matches('\0')
                 .to_string();
-            return Err(format!("nvrtcCompileProgram returned {rc}:\n{log}"));
+            return Err(CudaError::Failed(format!(
+                "nvrtcCompileProgram returned {rc}:\n{log}"
+            )));
         }
         let mut size = 0usize;
         if (self.ptx_size)(program, &mut size) != NVRTC_SUCCESS {
-            return Err("nvrtcGetPTXSize failed".into());
+            return Err(CudaError::Failed("nvrtcGetPTXSize failed".into()));
         }
         let mut ptx = vec![0u8; size.max(1)];
         if (self.ptx)(program, ptx.as_mut_ptr().cast()) != NVRTC_SUCCESS {
-            return Err("nvrtcGetPTX failed".into());
+            return Err(CudaError::Failed("nvrtcGetPTX failed".into()));
         }
         Ok(String::from_utf8_lossy(&ptx)
             .trim_end_matches('\0')
@@ -171,8 +179,8 @@ impl Nvrtc {
 }
 
 /// NVRTC, opened once per process.
-fn nvrtc() -> Result<&'static Nvrtc, NoCuda> {
-    static NVRTC: OnceLock<Result<Nvrtc, NoCuda>> = OnceLock::new();
+fn nvrtc() -> Result<&'static Nvrtc, CudaError> {
+    static NVRTC: OnceLock<Result<Nvrtc, CudaError>> = OnceLock::new();
     NVRTC
         .get_or_init(Nvrtc::open)
         .as_ref()
@@ -181,14 +189,14 @@ fn nvrtc() -> Result<&'static Nvrtc, NoCuda> {
 
 /// Whether libnvrtc can be loaded (searched by the dynamic loader: `LD_LIBRARY_PATH`), with
 /// every entry point the kernels need.
-pub fn available() -> Result<(), NoCuda> {
+pub fn available() -> Result<(), CudaError> {
     nvrtc().map(|_| ())
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
     #[error(transparent)]
-    NoNvrtc(#[from] NoCuda),
+    NoNvrtc(#[from] CudaError),
     #[error("NVRTC failed to compile module {module} for {arch}:\n{log}")]
     Failed {
         module: String,
@@ -211,10 +219,10 @@ pub fn compile(module: &Module, arch: &'static str) -> Result<cudarc::nvrtc::Ptx
             &options,
         )
         .map(cudarc::nvrtc::Ptx::from_src)
-        .map_err(|log| CompileError::Failed {
+        .map_err(|e| CompileError::Failed {
             module: module.name.into(),
             arch: arch.into(),
-            log,
+            log: e.reason().to_string(),
         })
 }
 

@@ -3,13 +3,11 @@
 //! against.
 
 use crate::device::GpuDevice;
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-pub(crate) fn launch_err(kernel: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("launching {kernel} failed: {e}"),
-    }
+pub(crate) fn launch_err(kernel: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("launching {kernel} failed: {e}"))
 }
 
 pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
@@ -68,7 +66,7 @@ impl GpuDevice {
         head_stride: usize,
         offset: usize,
         half: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let f = self.function("rope_yarn")?;
         let args = [tokens, heads, token_stride, head_stride, offset, half].map(|v| v as i32);
         let mut b = self.stream.launch_builder(f);
@@ -88,7 +86,7 @@ impl GpuDevice {
         gate: &mut CudaSlice<f32>,
         up: &CudaSlice<f32>,
         n: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let f = self.function("silu_mul")?;
         let n_i = n as i32;
         let mut b = self.stream.launch_builder(f);
@@ -106,7 +104,7 @@ impl GpuDevice {
         out: &mut CudaSlice<f32>,
         tokens: usize,
         hidden: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let f = self.function("embedding_bf16")?;
         let h = hidden as i32;
         let mut b = self.stream.launch_builder(f);
@@ -133,7 +131,7 @@ impl GpuDevice {
         scaling: f32,
         ids: &mut CudaSlice<i32>,
         weights: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let f = self.function("route_topk")?;
         let ints = [
             n_experts as i32,
@@ -177,7 +175,7 @@ impl GpuDevice {
         cols: usize,
         group: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if (INT4_TC_MIN_TOKENS..=INT4_TC_MAX_TOKENS).contains(&tokens)
             && rows * cols >= INT4_TC_MIN_WEIGHTS
             && int4_tc_fits(cols, group)
@@ -200,7 +198,7 @@ impl GpuDevice {
         cols: usize,
         group: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let ints = [rows as i32, cols as i32, group as i32, tokens as i32];
         if tokens <= GEMV_MAX_TOKENS {
             let f = self.function(if tokens == 1 {
@@ -239,14 +237,12 @@ impl GpuDevice {
         x: &CudaSlice<f32>,
         tokens: usize,
         cols: usize,
-    ) -> Result<CudaSlice<u32>, NoCuda> {
+    ) -> Result<CudaSlice<u32>, CudaError> {
         if tokens * cols > x.len() {
-            return Err(NoCuda {
-                reason: format!(
-                    "int4_tc_split_x: {tokens} tokens of {cols} values, but x holds {}",
-                    x.len()
-                ),
-            });
+            return Err(CudaError::Unsupported(format!(
+                "int4_tc_split_x: {tokens} tokens of {cols} values, but x holds {}",
+                x.len()
+            )));
         }
         let tiles = tokens.div_ceil(8);
         let entries = tiles * (cols / 32) * 32;
@@ -274,14 +270,12 @@ impl GpuDevice {
         cols: usize,
         group: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if !int4_tc_fits(cols, group) {
-            return Err(NoCuda {
-                reason: format!(
-                    "the INT4 tensor-core product needs columns and group multiples of 32, \
+            return Err(CudaError::Unsupported(format!(
+                "the INT4 tensor-core product needs columns and group multiples of 32, \
                      got {cols} columns in groups of {group}"
-                ),
-            });
+            )));
         }
         if tokens == 0 || rows == 0 {
             return Ok(());
@@ -320,7 +314,7 @@ impl GpuDevice {
         cols: usize,
         block: [usize; 2],
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let ints = [
             rows as i32,
             cols as i32,
@@ -360,12 +354,13 @@ impl GpuDevice {
         max_len: usize,
         shape: MlaDecodeShape,
         out: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let s = shape;
         if s.c > 4 * 128 {
-            return Err(NoCuda {
-                reason: format!("mla_decode supports a latent of at most 512, got {}", s.c),
-            });
+            return Err(CudaError::Unsupported(format!(
+                "mla_decode supports a latent of at most 512, got {}",
+                s.c
+            )));
         }
         let kernel = MlaDecodeKernel::for_shape(matches!(pool, LatentPool::Bf16(_)), &s);
         let head_blocks = s.heads.div_ceil(kernel.heads_per_block());
@@ -541,15 +536,13 @@ impl GpuDevice {
         positions: &CudaSlice<i32>,
         shape: MlaPrefillShape,
         out: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let s = shape;
         if s.dq > 1024 || s.dv > 512 {
-            return Err(NoCuda {
-                reason: format!(
-                    "mla_prefill supports dq <= 1024 and dv <= 512, got {} and {}",
-                    s.dq, s.dv
-                ),
-            });
+            return Err(CudaError::Unsupported(format!(
+                "mla_prefill supports dq <= 1024 and dv <= 512, got {} and {}",
+                s.dq, s.dv
+            )));
         }
         let f = self.function("mla_prefill")?;
         let ints = [
@@ -620,7 +613,7 @@ impl GpuDevice {
         dim: usize,
         stride: usize,
         eps: f32,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
@@ -635,7 +628,12 @@ impl GpuDevice {
     }
 
     /// `x += y` over `n` values.
-    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), NoCuda> {
+    pub fn add(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
@@ -657,7 +655,7 @@ impl GpuDevice {
         slots: &CudaSlice<i32>,
         count: usize,
         width: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         self.write_pool_rows("write_rows", pool, rows, slots, count, width)
     }
 
@@ -669,7 +667,7 @@ impl GpuDevice {
         slots: &CudaSlice<i32>,
         count: usize,
         width: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         self.write_pool_rows("write_rows_bf16", pool, rows, slots, count, width)
     }
 
@@ -681,7 +679,7 @@ impl GpuDevice {
         slots: &CudaSlice<i32>,
         count: usize,
         width: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if count == 0 {
             return Ok(());
         }
@@ -703,7 +701,7 @@ impl GpuDevice {
         out: &mut CudaSlice<f32>,
         count: usize,
         width: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if count == 0 {
             return Ok(());
         }
@@ -724,11 +722,12 @@ impl GpuDevice {
         kv_b: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
         s: AbsorbShape,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if s.nope > 512 {
-            return Err(NoCuda {
-                reason: format!("mla_absorb_queries supports nope <= 512, got {}", s.nope),
-            });
+            return Err(CudaError::Unsupported(format!(
+                "mla_absorb_queries supports nope <= 512, got {}",
+                s.nope
+            )));
         }
         if s.tokens == 0 {
             return Ok(());
@@ -753,7 +752,7 @@ impl GpuDevice {
         kv_b: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
         s: AbsorbShape,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if s.tokens == 0 {
             return Ok(());
         }
@@ -781,7 +780,7 @@ impl GpuDevice {
         (rows, first): (&CudaSlice<i32>, usize),
         count: usize,
         dim: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if count == 0 {
             return Ok(());
         }
@@ -806,7 +805,7 @@ impl GpuDevice {
         (rows, weights, first): (&CudaSlice<i32>, &CudaSlice<f32>, usize),
         count: usize,
         dim: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if count == 0 {
             return Ok(());
         }
@@ -852,7 +851,7 @@ impl GpuDevice {
         g: &GroupedExperts,
         x: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         if g.pairs == 0 {
             return Ok(());
         }

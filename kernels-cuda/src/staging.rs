@@ -9,14 +9,12 @@
 //! with the event of the last copy that touched it and is only reused once that copy is
 //! done.
 
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use std::sync::{Arc, Mutex};
 
-fn err(what: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("{what} failed: {e}"),
-    }
+fn err(what: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("{what} failed: {e}"))
 }
 
 /// One page-locked buffer of f32.
@@ -33,7 +31,7 @@ pub struct Staging {
 unsafe impl Send for Staging {}
 
 impl Staging {
-    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, NoCuda> {
+    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, CudaError> {
         ctx.bind_to_thread()
             .map_err(|e| err("binding the context", e))?;
         // SAFETY: a fresh allocation of `len` f32, freed in Drop.
@@ -56,7 +54,7 @@ impl Staging {
     }
 
     /// Waits for the last copy that used the buffer.
-    fn settle(&mut self) -> Result<(), NoCuda> {
+    fn settle(&mut self) -> Result<(), CudaError> {
         if let Some(e) = self.busy.take() {
             e.synchronize()
                 .map_err(|e| err("waiting for a hand-off copy", e))?;
@@ -65,7 +63,7 @@ impl Staging {
     }
 
     /// The first `n` values, once every copy into the buffer has landed.
-    pub fn read(&mut self, n: usize) -> Result<&[f32], NoCuda> {
+    pub fn read(&mut self, n: usize) -> Result<&[f32], CudaError> {
         self.settle()?;
         // SAFETY: n <= len (callers size the buffer) and no copy is in flight.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr, n.min(self.len)) })
@@ -76,7 +74,7 @@ impl Staging {
         &mut self,
         stream: &Arc<CudaStream>,
         src: &CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         self.settle()?;
         let n = src.len();
         if n > self.len {
@@ -110,7 +108,7 @@ impl Staging {
         stream: &Arc<CudaStream>,
         x: &[f32],
         dst: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         self.settle()?;
         if x.len() > self.len || x.len() > dst.len() {
             return Err(err("a hand-off upload", "the staging buffer is too small"));
@@ -157,7 +155,7 @@ pub struct StagingPool {
 
 impl StagingPool {
     /// Allocates two buffers of `len` values.
-    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, NoCuda> {
+    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, CudaError> {
         let free = vec![Staging::new(ctx, len)?, Staging::new(ctx, len)?];
         Ok(StagingPool {
             ctx: ctx.clone(),
@@ -167,7 +165,7 @@ impl StagingPool {
 
     /// A buffer of at least `len` values: the smallest free one that fits, else a new
     /// one.
-    pub fn take(&self, len: usize) -> Result<Staging, NoCuda> {
+    pub fn take(&self, len: usize) -> Result<Staging, CudaError> {
         let spare = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             // `free` is largest first.

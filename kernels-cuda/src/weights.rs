@@ -5,7 +5,7 @@
 
 use crate::device::GpuDevice;
 use crate::ops::{blocks_for, cfg, launch_err};
-use crate::NoCuda;
+use crate::CudaError;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// A weight `[rows, cols]` on the device.
@@ -45,10 +45,8 @@ impl DeviceWeight {
     }
 }
 
-fn copy_err(what: &str, e: impl std::fmt::Display) -> NoCuda {
-    NoCuda {
-        reason: format!("copying {what} to the GPU failed: {e}"),
-    }
+fn copy_err(what: &str, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Failed(format!("copying {what} to the GPU failed: {e}"))
 }
 
 impl GpuDevice {
@@ -57,7 +55,7 @@ impl GpuDevice {
         &self,
         what: &str,
         host: &[T],
-    ) -> Result<CudaSlice<T>, NoCuda> {
+    ) -> Result<CudaSlice<T>, CudaError> {
         self.stream.memcpy_stod(host).map_err(|e| copy_err(what, e))
     }
 
@@ -66,10 +64,10 @@ impl GpuDevice {
         &self,
         what: &str,
         device: &CudaSlice<T>,
-    ) -> Result<Vec<T>, NoCuda> {
-        self.stream.memcpy_dtov(device).map_err(|e| NoCuda {
-            reason: format!("copying {what} from the GPU failed: {e}"),
-        })
+    ) -> Result<Vec<T>, CudaError> {
+        self.stream
+            .memcpy_dtov(device)
+            .map_err(|e| CudaError::Failed(format!("copying {what} from the GPU failed: {e}")))
     }
 
     /// A device buffer of `n` values with undefined contents, for outputs a kernel writes
@@ -78,11 +76,13 @@ impl GpuDevice {
         &self,
         what: &str,
         n: usize,
-    ) -> Result<CudaSlice<T>, NoCuda> {
+    ) -> Result<CudaSlice<T>, CudaError> {
         // SAFETY: device memory the host never reads before the caller's kernel writes
         // every value of it.
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| NoCuda {
-            reason: format!("allocating {what} ({n} values) on the GPU failed: {e}"),
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| {
+            CudaError::Failed(format!(
+                "allocating {what} ({n} values) on the GPU failed: {e}"
+            ))
         })
     }
 
@@ -91,9 +91,11 @@ impl GpuDevice {
         &self,
         what: &str,
         n: usize,
-    ) -> Result<CudaSlice<T>, NoCuda> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| NoCuda {
-            reason: format!("allocating {what} ({n} values) on the GPU failed: {e}"),
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+            CudaError::Failed(format!(
+                "allocating {what} ({n} values) on the GPU failed: {e}"
+            ))
         })
     }
 
@@ -104,7 +106,7 @@ impl GpuDevice {
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let (rows, cols) = (w.rows, w.cols);
         match &w.data {
             // Products beyond the INT4 tensor-core kernels' token range through cuBLAS
@@ -152,7 +154,7 @@ impl GpuDevice {
         rows: usize,
         cols: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         self.plain_matmul("f32", band, x, y, rows, cols, tokens)
     }
 
@@ -166,7 +168,7 @@ impl GpuDevice {
         rows: usize,
         cols: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let ints = [rows as i32, cols as i32, tokens as i32];
         let (name, grid, block) = if tokens <= crate::ops::GEMV_MAX_TOKENS {
             (
@@ -200,16 +202,14 @@ impl GpuDevice {
         row0: usize,
         n: usize,
         out: &mut CudaSlice<f32>,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let cols = w.cols;
         if row0 + n > w.rows || out.len() < n * cols {
-            return Err(NoCuda {
-                reason: format!(
-                    "rows {row0}..{} of a {}x{cols} weight do not fit its shape or the output",
-                    row0 + n,
-                    w.rows
-                ),
-            });
+            return Err(CudaError::Failed(format!(
+                "rows {row0}..{} of a {}x{cols} weight do not fit its shape or the output",
+                row0 + n,
+                w.rows
+            )));
         }
         let grid = (blocks_for(n * cols, 256), 1, 1);
         let (r0, nn, c) = (row0 as i32, n as i32, cols as i32);
@@ -283,7 +283,7 @@ impl GpuDevice {
         n: usize,
         cols: usize,
         tokens: usize,
-    ) -> Result<(), NoCuda> {
+    ) -> Result<(), CudaError> {
         let f = self.function("f32_matmul_t")?;
         let ints = [n as i32, cols as i32, tokens as i32];
         let mut b = self.stream.launch_builder(f);

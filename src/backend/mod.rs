@@ -220,15 +220,32 @@ pub fn ffn_accumulate_with(
     scatter_add(&contributions, tokens, out);
 }
 
+/// Why a backend name gives no kernels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown backend {0:?}; expected reference, cpu, cpu-f32 or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni), or cuda[:N]")]
+    Unknown(String),
+    #[error("backend {0:?}: expected cuda or cuda:N with N a GPU number")]
+    BadGpuNumber(String),
+    #[error("backend {0} runs the whole model on a GPU (without --profile or --plan); as the host's kernels of a GPU plan use cpu, cpu-f32, cpu-int8 or reference")]
+    NotKernels(String),
+    #[error("unknown kernel path {0:?}; expected scalar, avx2 or avx512-vnni")]
+    UnknownPath(String),
+    #[error("this CPU cannot run the {0} kernels")]
+    PathUnavailable(&'static str),
+    #[error("cannot start the CPU worker threads {name}: {reason}")]
+    Threads { name: String, reason: String },
+}
+
 /// The GPU a backend name asks for: `Some(N)` for `cuda:N` (`cuda` is GPU 0), `None` for
 /// every other name, an error for a malformed GPU number.
-pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
+pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, BackendError> {
     match name.strip_prefix("cuda") {
         Some("") => Ok(Some(0)),
         Some(n) if n.starts_with(':') => n[1..]
             .parse()
             .map(Some)
-            .map_err(|_| format!("backend {name:?}: expected cuda or cuda:N with N a GPU number")),
+            .map_err(|_| BackendError::BadGpuNumber(name.to_string())),
         _ => Ok(None),
     }
 }
@@ -241,15 +258,12 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, String> {
 /// path. `cuda` (or `cuda:N`) is not a kernel set: `run`/`serve --backend cuda` put the
 /// whole model on GPU N (see `runtime`), and with a GPU profile or plan `--backend` names
 /// the host's kernels, so here it is an error saying so.
-pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
+pub fn by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
     }
     if cuda_ordinal(name)?.is_some() {
-        return Err(format!(
-            "backend {name} runs the whole model on a GPU (without --profile or --plan); \
-             as the host's kernels of a GPU plan use cpu, cpu-f32, cpu-int8 or reference"
-        ));
+        return Err(BackendError::NotKernels(name.to_string()));
     }
     let (family, isa) = name
         .split_once(':')
@@ -258,18 +272,14 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, String> {
         "cpu" => Activations::Int16,
         "cpu-f32" => Activations::F32,
         "cpu-int8" => Activations::Int8,
-        _ => return Err(format!("unknown backend {name:?}; expected reference, cpu, cpu-f32 or cpu-int8 (optionally :scalar, :avx2, :avx512-vnni), or cuda[:N]")),
+        _ => return Err(BackendError::Unknown(name.to_string())),
     };
     let isa = match isa {
         None => kernels_avx512::Isa::detect(),
         Some(i) => match kernels_avx512::Isa::from_name(i) {
             Some(isa) if isa.available() => isa,
-            Some(isa) => return Err(format!("this CPU cannot run the {} kernels", isa.name())),
-            None => {
-                return Err(format!(
-                    "unknown kernel path {i:?}; expected scalar, avx2 or avx512-vnni"
-                ))
-            }
+            Some(isa) => return Err(BackendError::PathUnavailable(isa.name())),
+            None => return Err(BackendError::UnknownPath(i.to_string())),
         },
     };
     Ok(Box::new(CpuBackend::new(isa, activations)))
@@ -280,7 +290,10 @@ mod tests {
     use super::by_name;
 
     fn error_of(name: &str) -> String {
-        by_name(name).err().unwrap_or_default()
+        by_name(name)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 
     #[test]

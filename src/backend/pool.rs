@@ -2,6 +2,7 @@
 //! one of the node's CPUs, so an expert assigned to a node is computed by threads that
 //! read that node's local memory. A pool over all CPUs serves work with no node.
 
+use super::BackendError;
 use crate::topology::Topology;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, OnceLock};
@@ -11,7 +12,8 @@ pub struct CpuPools {
     all: ThreadPool,
 }
 
-fn pinned_pool(cpus: Vec<usize>, name: String) -> Result<ThreadPool, String> {
+fn pinned_pool(cpus: Vec<usize>, name: String) -> Result<ThreadPool, BackendError> {
+    let pool_name = name.clone();
     let count = cpus.len().max(1);
     ThreadPoolBuilder::new()
         .num_threads(count)
@@ -24,11 +26,14 @@ fn pinned_pool(cpus: Vec<usize>, name: String) -> Result<ThreadPool, String> {
             }
         })
         .build()
-        .map_err(|e| format!("cannot start CPU worker threads: {e}"))
+        .map_err(|e| BackendError::Threads {
+            name: pool_name,
+            reason: e.to_string(),
+        })
 }
 
 impl CpuPools {
-    pub fn new(topology: &Topology) -> Result<Self, String> {
+    pub fn new(topology: &Topology) -> Result<Self, BackendError> {
         let nodes = topology
             .nodes
             .iter()
@@ -46,8 +51,8 @@ impl CpuPools {
     }
 
     /// Pools for this machine's topology, started once per process.
-    pub fn shared() -> Result<Arc<CpuPools>, String> {
-        static POOLS: OnceLock<Result<Arc<CpuPools>, String>> = OnceLock::new();
+    pub fn shared() -> Result<Arc<CpuPools>, BackendError> {
+        static POOLS: OnceLock<Result<Arc<CpuPools>, BackendError>> = OnceLock::new();
         POOLS
             .get_or_init(|| CpuPools::new(&Topology::detect()).map(Arc::new))
             .clone()

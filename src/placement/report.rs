@@ -267,13 +267,19 @@ pub fn render(plan: &Plan, detail: bool) -> String {
     s
 }
 
+/// Why a plan has no equivalent launch command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmitError {
+    #[error("--emit is for all-GPU plans; this plan's layout is {0}")]
+    NotAllGpu(PlanLayout),
+    #[error("--emit takes vllm or sglang, not {0:?}")]
+    UnknownEngine(String),
+}
+
 /// The equivalent vLLM or SGLang launch command for an all-GPU plan.
-pub fn emit(plan: &Plan, engine: &str, model_path: &str) -> Result<String, String> {
+pub fn emit(plan: &Plan, engine: &str, model_path: &str) -> Result<String, EmitError> {
     if plan.layout != PlanLayout::AllGpu {
-        return Err(format!(
-            "--emit is for all-GPU plans; this plan's layout is {}",
-            plan.layout
-        ));
+        return Err(EmitError::NotAllGpu(plan.layout));
     }
     let n = plan.gpus.len();
     let dp = plan.workload.attention == Some(AttentionParallel::Dp);
@@ -299,6 +305,6 @@ pub fn emit(plan: &Plan, engine: &str, model_path: &str) -> Result<String, Strin
                 "python -m sglang.launch_server --model-path {model_path} --tp {n} --ep {n}{dp_flags} --context-length {ctx} --max-running-requests {seqs} --trust-remote-code --tool-call-parser kimi_k2 --reasoning-parser kimi_k2"
             ))
         }
-        other => Err(format!("--emit takes vllm or sglang, not {other:?}")),
+        other => Err(EmitError::UnknownEngine(other.to_string())),
     }
 }

@@ -116,7 +116,7 @@ impl Placement {
         if plan.is_none() {
             // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
             // copies) goes up now, so a GPU too small refuses at start, not mid-request.
-            if let Some(ordinal) = crate::backend::cuda_ordinal(name).map_err(anyhow::Error::msg)? {
+            if let Some(ordinal) = crate::backend::cuda_ordinal(name)? {
                 let gpu = CudaBackend::open(ordinal).map_err(|e| {
                     anyhow::anyhow!("backend {name} cannot run here ({e}); use --backend cpu")
                 })?;
@@ -131,8 +131,7 @@ impl Placement {
                     });
             }
         }
-        let host: Arc<dyn Backend> =
-            Arc::from(crate::backend::by_name(name).map_err(anyhow::Error::msg)?);
+        let host: Arc<dyn Backend> = Arc::from(crate::backend::by_name(name)?);
         let Some(plan) = plan else {
             return Ok(Box::new(crate::forward::on_cpu(host)));
         };

@@ -28,7 +28,7 @@ use crate::weights::{DenseDtype, LinearWeight};
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::MlaPrefillShape;
 use kernels_cuda::weights::{DeviceData, DeviceWeight};
-use kernels_cuda::NoCuda;
+use kernels_cuda::CudaError;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -73,7 +73,7 @@ impl Drop for CudaBackend {
 /// Stops on a device failure after start-up (see the module comment): one line saying
 /// what failed, then the thread unwinds with that message. The resident pass catches it
 /// and fails its batch (`ModelError::Device`); elsewhere the thread ends.
-fn device<T>(what: &str, r: Result<T, NoCuda>) -> T {
+fn device<T>(what: &str, r: Result<T, CudaError>) -> T {
     match r {
         Ok(v) => v,
         Err(e) => {
@@ -88,7 +88,7 @@ fn device<T>(what: &str, r: Result<T, NoCuda>) -> T {
 impl CudaBackend {
     /// Opens GPU `ordinal`; no driver, no device or an unsupported architecture is an
     /// error naming what is missing.
-    pub fn open(ordinal: usize) -> Result<Self, NoCuda> {
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
         Ok(CudaBackend {
             gpu: Arc::new(GpuDevice::open(ordinal, 0)?),
             weights: Mutex::new(HashMap::new()),
@@ -104,7 +104,7 @@ impl CudaBackend {
 
     /// Copies `weights` to the device (those already there are skipped); returns the
     /// device bytes they hold. Running out of memory is an error naming the weight.
-    pub fn preload(&self, weights: &[&LinearWeight]) -> Result<u64, NoCuda> {
+    pub fn preload(&self, weights: &[&LinearWeight]) -> Result<u64, CudaError> {
         let mut total = 0u64;
         for w in weights {
             total += self.preload_rows(w, 0..w.rows())?;
@@ -115,7 +115,7 @@ impl CudaBackend {
     /// Copies rows `rows` of `w` to the device (this device's share of a matrix split by
     /// rows); a band the format cannot cut (FP8 rows off a scale block) copies the whole
     /// matrix. Returns the device bytes held.
-    pub fn preload_rows(&self, w: &LinearWeight, rows: Range<usize>) -> Result<u64, NoCuda> {
+    pub fn preload_rows(&self, w: &LinearWeight, rows: Range<usize>) -> Result<u64, CudaError> {
         let rows = if band_of(w, &rows).is_some() {
             rows
         } else {
@@ -125,8 +125,8 @@ impl CudaBackend {
         if let Some(dw) = map.get(&key(w, &rows)) {
             return Ok(dw.bytes() as u64);
         }
-        let dw = upload(&self.gpu, w, rows.clone()).map_err(|e| NoCuda {
-            reason: format!(
+        let dw = upload(&self.gpu, w, rows.clone()).map_err(|e| {
+            CudaError::Failed(format!(
                 "rows {}..{} of a {}x{} {} weight could not be placed on {}: {}",
                 rows.start,
                 rows.end,
@@ -134,8 +134,8 @@ impl CudaBackend {
                 w.cols(),
                 w.format_name(),
                 self.gpu.name,
-                e.reason
-            ),
+                e.reason()
+            ))
         })?;
         let bytes = dw.bytes() as u64;
         map.insert(key(w, &rows), Arc::new(dw));
@@ -245,15 +245,17 @@ fn band_of(w: &LinearWeight, rows: &Range<usize>) -> Option<(Range<usize>, Range
 }
 
 /// Copies rows `rows` of one weight to the device in its own format.
-fn upload(gpu: &GpuDevice, w: &LinearWeight, rows: Range<usize>) -> Result<DeviceWeight, NoCuda> {
+fn upload(
+    gpu: &GpuDevice,
+    w: &LinearWeight,
+    rows: Range<usize>,
+) -> Result<DeviceWeight, CudaError> {
     let cols = w.cols();
     let Some((wb, sb)) = band_of(w, &rows) else {
-        return Err(NoCuda {
-            reason: format!(
-                "rows {}..{} cannot be cut from this weight",
-                rows.start, rows.end
-            ),
-        });
+        return Err(CudaError::Failed(format!(
+            "rows {}..{} cannot be cut from this weight",
+            rows.start, rows.end
+        )));
     };
     let data = match w {
         LinearWeight::Int4 {

@@ -8,6 +8,7 @@ use super::GpuBuf;
 use crate::device::Fabric;
 use kernels_cuda::cudarc::nccl::safe::Comm;
 use kernels_cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
+use kernels_cuda::CudaError;
 use std::sync::Arc;
 
 pub struct NcclFabric {
@@ -22,18 +23,18 @@ unsafe impl Sync for NcclFabric {}
 impl NcclFabric {
     /// Communicators over `gpus` (rank i on `gpus[i]`'s stream); an error saying why when
     /// libnccl cannot be loaded or the GPUs cannot form a communicator.
-    pub fn open(gpus: &[Arc<CudaBackend>]) -> Result<Self, String> {
+    pub fn open(gpus: &[Arc<CudaBackend>]) -> Result<Self, CudaError> {
         // SAFETY: only tries to load the library.
         if !unsafe { nccl_sys::is_culib_present() } {
-            return Err(
+            return Err(CudaError::Unavailable(
                 "libnccl cannot be loaded (install NCCL or the nvidia-nccl-cu12 \
-                        wheel and add it to LD_LIBRARY_PATH)"
+                 wheel and add it to LD_LIBRARY_PATH)"
                     .into(),
-            );
+            ));
         }
         let streams = gpus.iter().map(|g| g.gpu().stream.clone()).collect();
         let comms = Comm::from_devices(streams)
-            .map_err(|e| format!("NCCL cannot connect the GPUs: {e:?}"))?;
+            .map_err(|e| CudaError::Failed(format!("NCCL cannot connect the GPUs: {e:?}")))?;
         Ok(NcclFabric { comms })
     }
 }

@@ -12,6 +12,7 @@
 use super::{device, CudaBackend};
 use crate::device::ReplayKey;
 use kernels_cuda::graph::Recording;
+use kernels_cuda::CudaError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -149,18 +150,20 @@ impl CudaBackend {
 
     /// Records `work` (queues nothing: the recording is what runs it). A failure inside
     /// it is caught, the capture ended and the reason returned.
-    fn record(&self, work: &mut dyn FnMut()) -> Result<Recording, String> {
+    fn record(&self, work: &mut dyn FnMut()) -> Result<Recording, CudaError> {
         let g = &self.gpu;
-        g.begin_recording().map_err(|e| e.reason)?;
+        g.begin_recording()?;
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
         let recording = g.end_recording();
         match (ran, recording) {
             (Ok(()), Ok(r)) => Ok(r),
-            (Ok(()), Err(e)) => Err(e.reason),
-            (Err(payload), _) => Err(payload
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| "the work failed while being recorded".into())),
+            (Ok(()), Err(e)) => Err(e),
+            (Err(payload), _) => Err(CudaError::Failed(
+                payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "the work failed while being recorded".into()),
+            )),
         }
     }
 }

@@ -48,7 +48,10 @@ impl CudaBackend {
     /// Makes the f32 `kv_b` copies the absorbed attention reads now, for each of
     /// `kv_bs`, so a GPU without room for them refuses at start-up with an error naming
     /// them. Returns the bytes they hold.
-    pub fn preload_absorbed(&self, kv_bs: &[&LinearWeight]) -> Result<u64, kernels_cuda::NoCuda> {
+    pub fn preload_absorbed(
+        &self,
+        kv_bs: &[&LinearWeight],
+    ) -> Result<u64, kernels_cuda::CudaError> {
         let mut total = 0u64;
         for w in kv_bs {
             total += self.absorbed_copy(w)?.len() as u64 * 4;
@@ -58,7 +61,10 @@ impl CudaBackend {
 
     /// The f32 copy of `kv_b`, made (its weight uploaded first if it is not yet) on first
     /// use; running out of memory is an error naming the copy.
-    fn absorbed_copy(&self, w: &LinearWeight) -> Result<Arc<CudaSlice<f32>>, kernels_cuda::NoCuda> {
+    fn absorbed_copy(
+        &self,
+        w: &LinearWeight,
+    ) -> Result<Arc<CudaSlice<f32>>, kernels_cuda::CudaError> {
         let mut map = self.resident.kv_b.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get(&w.identity()) {
             return Ok(b.clone());
@@ -69,16 +75,16 @@ impl CudaBackend {
             self.weight(&mut weights, w)
         };
         let g = self.gpu();
-        let why = |e: kernels_cuda::NoCuda| kernels_cuda::NoCuda {
-            reason: format!(
+        let why = |e: kernels_cuda::CudaError| {
+            kernels_cuda::CudaError::Failed(format!(
                 "the f32 copy of a {}x{} kv_b_proj for absorbed attention ({:.2} GiB) \
                  could not be placed on {}: {}",
                 w.rows(),
                 w.cols(),
                 (w.rows() * w.cols() * 4) as f64 / (1u64 << 30) as f64,
                 g.name,
-                e.reason
-            ),
+                e.reason()
+            ))
         };
         let mut copy = g
             .zeros::<f32>("kv_b f32", w.rows() * w.cols())
@@ -725,10 +731,8 @@ fn absorb_shape(d: MlaDims, tokens: usize) -> AbsorbShape {
     }
 }
 
-fn copy_err(e: impl std::fmt::Display) -> kernels_cuda::NoCuda {
-    kernels_cuda::NoCuda {
-        reason: format!("a device copy failed: {e}"),
-    }
+fn copy_err(e: impl std::fmt::Display) -> kernels_cuda::CudaError {
+    kernels_cuda::CudaError::Failed(format!("a device copy failed: {e}"))
 }
 
 #[cfg(test)]
