@@ -885,3 +885,46 @@ fn replays_match(what: &str, replayed: &[Vec<f32>], by_kernel: &[Vec<f32>], cpu:
         assert!(vs_cpu <= 2e-3, "{what} {i}: graphs vs cpu {vs_cpu}");
     }
 }
+
+/// Every shipped profile's plan on stand-in GPUs, as `--simulate-gpus` builds it
+/// (`runtime::place` and `Placement::forward`), on every golden fixture: prefill and three
+/// greedy steps against the CPU device with the same exact kernels, and the prefill
+/// against transformers. The CPU alone (`cpu-f32`) and the scalar reference are held to
+/// transformers too. Prints each fixture and layout's largest difference.
+#[test]
+fn every_shipped_profile_on_stand_in_gpus_matches_the_cpu_on_every_fixture() {
+    use kimi_hybrid::placement::profile::BUILTIN;
+    use kimi_hybrid::runtime::place;
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
+        let g = golden(name);
+        let model = Model::load(&ckpt).expect("model");
+        let vocab = model.config.vocab_size;
+        let prefill = |all: &[f32]| all[..all.len() - 3 * vocab].to_vec();
+        let want = prefill_and_three_steps(&model, &on_cpu(exact()), &g.prompt_ids);
+        let reference = common::cpu_pass("reference");
+        let by_reference = prefill_and_three_steps(&model, reference.as_ref(), &g.prompt_ids);
+        let mut line = format!(
+            "{name}: cpu-f32 vs transformers {:.1e}; reference vs transformers {:.1e}",
+            max_abs_diff(&prefill(&want), &g.logits),
+            max_abs_diff(&prefill(&by_reference), &g.logits)
+        );
+        assert!(max_abs_diff(&prefill(&want), &g.logits) <= GOLDEN_TOLERANCE);
+        assert!(max_abs_diff(&prefill(&by_reference), &g.logits) <= GOLDEN_TOLERANCE);
+        for (profile, _) in BUILTIN.iter().filter(|(p, _)| *p != "cpu-only") {
+            let mut model = Model::load(&ckpt).expect("model");
+            let placement = place(&ckpt, &mut model, Some(profile), None, true).expect("plan");
+            let pass = placement.forward(&model, "cpu-f32").expect("layout");
+            let got = prefill_and_three_steps(&model, pass.as_ref(), &g.prompt_ids);
+            let vs_cpu = max_abs_diff(&got, &want);
+            let vs_golden = max_abs_diff(&prefill(&got), &g.logits);
+            line += &format!("; {profile} {vs_cpu:.1e} ({vs_golden:.1e})");
+            assert!(vs_cpu <= FORM_TOLERANCE, "{name} on {profile}: {vs_cpu}");
+            assert!(
+                vs_golden <= GOLDEN_TOLERANCE,
+                "{name} on {profile}: {vs_golden}"
+            );
+        }
+        println!("{line}");
+    }
+}
