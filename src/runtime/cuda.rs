@@ -15,7 +15,7 @@
 //! [`assemble`], as stand-in GPUs do.
 
 use super::budget::{reserve_hybrid_share, DeviceBudget};
-use super::{assemble, GpuLayout, HostExperts};
+use super::{assemble, GpuLayout, HostExperts, RuntimeError};
 use crate::backend::{Backend, FfnWeights};
 use crate::device::cuda::{CudaBackend, NcclFabric};
 use crate::forward::handoff::HandoffCounter;
@@ -38,7 +38,7 @@ pub fn hybrid_on_gpu(
     plan: &Plan,
     gpu: Arc<CudaBackend>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<Pass<CudaBackend>> {
+) -> Result<Pass<CudaBackend>, RuntimeError> {
     let g = gpu.gpu();
     // What the plan puts on the GPU, checked against its free memory (an error names
     // what does not fit).
@@ -50,10 +50,10 @@ pub fn hybrid_on_gpu(
     )?;
     let mut bytes = gpu
         .preload(&device_matrices(model, |e| e.gpu.is_some()))
-        .map_err(|e| anyhow::anyhow!("uploading the plan's GPU weights: {e}"))?;
+        .map_err(|e| gpu_error("uploading the plan's GPU weights", e))?;
     bytes += gpu
         .preload_absorbed(&kv_bs(model, |_| true))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| gpu_error("the f32 copies of kv_b_proj", e))?;
     eprintln!(
         "hybrid: {:.2} GiB of weights on {}, the other routed experts in host RAM",
         bytes as f64 / (1u64 << 30) as f64,
@@ -69,13 +69,16 @@ pub fn hybrid_on_gpu(
 
 /// The pass an all-GPU plan on one GPU runs: every weight uploaded (checked
 /// against its memory as it goes), the model's passes resident on the GPU.
-pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<Pass<CudaBackend>> {
+pub fn resident_on_gpu(
+    model: &Model,
+    gpu: Arc<CudaBackend>,
+) -> Result<Pass<CudaBackend>, RuntimeError> {
     let mut bytes = gpu
         .preload(&device_matrices(model, |_| true))
-        .map_err(|e| anyhow::anyhow!("uploading the model's weights: {e}"))?;
+        .map_err(|e| gpu_error("uploading the model's weights", e))?;
     bytes += gpu
         .preload_absorbed(&kv_bs(model, |_| true))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| gpu_error("the f32 copies of kv_b_proj", e))?;
     eprintln!(
         "resident: {:.2} GiB of weights on {}",
         bytes as f64 / (1u64 << 30) as f64,
@@ -93,11 +96,11 @@ pub fn resident_on_gpu(model: &Model, gpu: Arc<CudaBackend>) -> anyhow::Result<P
 pub fn data_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<Pass<CudaBackend>> {
+) -> Result<Pass<CudaBackend>, RuntimeError> {
     let pass = assemble(GpuLayout::DataParallel, model, gpus.clone(), None)?;
     let vocab = pass
         .vocab_split()
-        .ok_or_else(|| anyhow::anyhow!("a data-parallel pass without a vocabulary split"))?;
+        .ok_or(RuntimeError::Unsplit("data-parallel"))?;
     let lm_head = model.lm_head.identity();
     for (g, gpu) in gpus.iter().enumerate() {
         let mut weights: Vec<&LinearWeight> = device_matrices(model, |e| e.gpu == Some(g))
@@ -107,10 +110,10 @@ pub fn data_parallel_on_gpus(
         weights.extend(vocab.band(g).map(|(_, band)| band));
         let mut bytes = gpu
             .preload(&weights)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         bytes += gpu
             .preload_absorbed(&kv_bs(model, |_| true))
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         report(
             g,
             gpu,
@@ -130,7 +133,7 @@ pub fn pipeline_on_gpus(
     plan: &Plan,
     gpus: Vec<Arc<CudaBackend>>,
     host: Arc<dyn Backend>,
-) -> anyhow::Result<Pass<CudaBackend>> {
+) -> Result<Pass<CudaBackend>, RuntimeError> {
     let layer_devices = crate::forward::layer_devices(plan, model.layers.len());
     let last = layer_devices.last().copied().unwrap_or(0);
     for (g, gpu) in gpus.iter().enumerate() {
@@ -146,10 +149,10 @@ pub fn pipeline_on_gpus(
         weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
         let mut bytes = gpu
             .preload(&weights)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         bytes += gpu
             .preload_absorbed(&kv_bs(model, |l| layer_devices[l] == g))
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         report(
             g,
             gpu,
@@ -174,12 +177,12 @@ pub fn pipeline_on_gpus(
 pub fn tensor_parallel_on_gpus(
     model: &Model,
     gpus: Vec<Arc<CudaBackend>>,
-) -> anyhow::Result<Pass<CudaBackend>> {
+) -> Result<Pass<CudaBackend>, RuntimeError> {
     use crate::model::{Ffn, QueryProj};
     let pass = assemble(GpuLayout::TensorParallel, model, gpus.clone(), None)?;
     let split = pass
         .head_split()
-        .ok_or_else(|| anyhow::anyhow!("a tensor-parallel pass without a head split"))?;
+        .ok_or(RuntimeError::Unsplit("tensor-parallel"))?;
     for (g, gpu) in gpus.iter().enumerate() {
         let mut weights: Vec<&LinearWeight> = Vec::new();
         for (l, layer) in model.layers.iter().enumerate() {
@@ -206,14 +209,14 @@ pub fn tensor_parallel_on_gpus(
         weights.extend(expert_matrices(model, |e| e.gpu == Some(g)));
         let mut bytes = gpu
             .preload(&weights)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         let kv_b: Vec<&LinearWeight> = (0..model.layers.len())
             .filter_map(|l| split.share(g, l))
             .map(|s| s.matrices()[1])
             .collect();
         bytes += gpu
             .preload_absorbed(&kv_b)
-            .map_err(|e| anyhow::anyhow!("GPU {g}: {e}"))?;
+            .map_err(|e| gpu_error(&format!("GPU {g}"), e))?;
         report(
             g,
             gpu,
@@ -282,4 +285,12 @@ fn device_matrices(model: &Model, on: impl Fn(&FfnWeights) -> bool) -> Vec<&Line
     let mut all = model.non_expert_matrices();
     all.extend(expert_matrices(model, on));
     all
+}
+
+/// A GPU's refusal of `what`.
+fn gpu_error(what: &str, cause: kernels_cuda::CudaError) -> RuntimeError {
+    RuntimeError::Gpu {
+        what: what.to_string(),
+        cause,
+    }
 }

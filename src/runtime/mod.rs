@@ -17,23 +17,86 @@ use crate::forward::{layer_devices, Forward, HeadSplit, Pass, VocabSplit};
 use crate::model::Model;
 use crate::placement::{self, ModelDesc, Plan, Profile};
 use crate::weights::Checkpoint;
-use anyhow::{bail, Context, Result};
-use std::path::Path;
+use kernels_cuda::CudaError;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Why a plan cannot be made into a running layout.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "{what} places weights on {gpus} GPU(s), which cannot be used here (GPU {gpu}: \
+         {cause}). Use --profile cpu-only (or --profile auto, which plans for this machine) \
+         instead, or add --simulate-gpus to run the plan on stand-in GPUs that compute on the \
+         host."
+    )]
+    GpusMissing {
+        what: String,
+        gpus: usize,
+        gpu: usize,
+        cause: CudaError,
+    },
+    #[error("backend {name} cannot run here ({cause}); use --backend cpu")]
+    BackendCannotRun { name: String, cause: CudaError },
+    #[error(
+        "--backend {name} needs the whole model on the GPU ({cause}); use a hybrid --profile \
+         (e.g. 1xH100+512GB) or --backend cpu"
+    )]
+    ModelDoesNotFit {
+        name: String,
+        cause: Box<RuntimeError>,
+    },
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Profile(#[from] crate::placement::profile::ProfileError),
+    #[error("cannot read plan {path}: {cause}")]
+    ReadPlan {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{path} is not a plan written by `kimi-hybrid plan --json`: {cause}")]
+    ParsePlan {
+        path: PathBuf,
+        cause: serde_json::Error,
+    },
+    #[error("{path}: plan schema {schema:?} is not kimi-hybrid-plan/1")]
+    PlanSchema { path: PathBuf, schema: String },
+    #[error("the plan for {profile} cannot run: {problems}")]
+    Infeasible { profile: String, problems: String },
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
+    /// A GPU refused what the plan puts on it (an upload or allocation failed).
+    #[error("{what}: {cause}")]
+    Gpu { what: String, cause: CudaError },
+    #[error("{what}: {cause}")]
+    Split {
+        what: &'static str,
+        cause: std::io::Error,
+    },
+    #[error("no GPUs to run on")]
+    NoGpus,
+    #[error("the {0} pass was assembled without its split of the weights")]
+    Unsplit(&'static str),
+    #[error("a hybrid layout needs the host's kernels")]
+    NeedsHost,
+}
+
+type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 
 /// Opens the GPUs a layout needs (none for CPU-only layouts). A machine without them is
 /// refused with what to do instead.
 fn open_gpus_for(what: &str, gpus: usize) -> Result<Vec<Arc<CudaBackend>>> {
     (0..gpus)
         .map(|g| {
-            CudaBackend::open(g).map(Arc::new).map_err(|e| {
-                anyhow::anyhow!(
-                    "{what} places weights on {gpus} GPU(s), which cannot be used here \
-                     (GPU {g}: {e}). Use --profile cpu-only (or --profile auto, which plans \
-                     for this machine) instead, or add --simulate-gpus to run the plan on \
-                     stand-in GPUs that compute on the host."
-                )
-            })
+            CudaBackend::open(g)
+                .map(Arc::new)
+                .map_err(|cause| RuntimeError::GpusMissing {
+                    what: what.to_string(),
+                    gpus,
+                    gpu: g,
+                    cause,
+                })
         })
         .collect()
 }
@@ -117,17 +180,17 @@ impl Placement {
             // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
             // copies) goes up now, so a GPU too small refuses at start, not mid-request.
             if let Some(ordinal) = crate::backend::cuda_ordinal(name)? {
-                let gpu = CudaBackend::open(ordinal).map_err(|e| {
-                    anyhow::anyhow!("backend {name} cannot run here ({e}); use --backend cpu")
-                })?;
+                let gpu =
+                    CudaBackend::open(ordinal).map_err(|cause| RuntimeError::BackendCannotRun {
+                        name: name.to_string(),
+                        cause,
+                    })?;
                 gpu.set_recording(!self.enforce_eager);
                 return cuda::resident_on_gpu(model, Arc::new(gpu))
                     .map(|b| Box::new(b) as Box<dyn Forward>)
-                    .map_err(|e| {
-                        e.context(format!(
-                            "--backend {name} needs the whole model on the GPU; use a hybrid \
-                             --profile (e.g. 1xH100+512GB) or --backend cpu"
-                        ))
+                    .map_err(|e| RuntimeError::ModelDoesNotFit {
+                        name: name.to_string(),
+                        cause: Box::new(e),
                     });
             }
         }
@@ -193,19 +256,24 @@ pub fn assemble<O: DeviceOps>(
 ) -> Result<Pass<O>> {
     let n = devices.len();
     if n == 0 {
-        bail!("no GPUs to run on");
+        return Err(RuntimeError::NoGpus);
     }
-    let needs_host = || anyhow::anyhow!("a hybrid layout needs the host's kernels");
+    let needs_host = || RuntimeError::NeedsHost;
     Ok(match layout {
         GpuLayout::Whole => Pass::new(devices[0].clone(), None, None),
         GpuLayout::DataParallel => {
             let vocab =
-                VocabSplit::new(&model.lm_head, n).context("cutting the lm_head by vocabulary")?;
+                VocabSplit::new(&model.lm_head, n).map_err(|cause| RuntimeError::Split {
+                    what: "cutting the lm_head by vocabulary",
+                    cause,
+                })?;
             Pass::on_devices(devices).with_vocab_split(vocab)
         }
         GpuLayout::TensorParallel => {
-            let split =
-                HeadSplit::new(model, n).context("cutting the attention weights by heads")?;
+            let split = HeadSplit::new(model, n).map_err(|cause| RuntimeError::Split {
+                what: "cutting the attention weights by heads",
+                cause,
+            })?;
             Pass::tensor_parallel(devices, split)
         }
         GpuLayout::Hybrid => {
@@ -221,20 +289,19 @@ pub fn assemble<O: DeviceOps>(
 }
 
 fn read_plan(path: &Path) -> Result<Plan> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read plan {}", path.display()))?;
-    let plan: Plan = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a plan written by `kimi-hybrid plan --json`",
-            path.display()
-        )
+    let text = std::fs::read_to_string(path).map_err(|cause| RuntimeError::ReadPlan {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|cause| RuntimeError::ParsePlan {
+        path: path.to_path_buf(),
+        cause,
     })?;
     if plan.schema != "kimi-hybrid-plan/1" {
-        bail!(
-            "{}: plan schema {:?} is not kimi-hybrid-plan/1",
-            path.display(),
-            plan.schema
-        );
+        return Err(RuntimeError::PlanSchema {
+            path: path.to_path_buf(),
+            schema: plan.schema,
+        });
     }
     Ok(plan)
 }
@@ -283,11 +350,10 @@ pub fn place(
         }
     };
     if !plan.feasible {
-        bail!(
-            "the plan for {} cannot run: {}",
-            plan.profile,
-            plan.problems.join("; ")
-        );
+        return Err(RuntimeError::Infeasible {
+            profile: plan.profile,
+            problems: plan.problems.join("; "),
+        });
     }
     let (on_gpu, on_nodes) = model.apply_plan(&plan);
     eprintln!(
