@@ -522,6 +522,36 @@ fn bench_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Why an engine benchmark cannot run or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Bad `-p`, `-n` or `-c` for the model.
+    #[error("{0}")]
+    Options(String),
+    #[error("cannot load checkpoint {dir}: {cause}")]
+    Checkpoint {
+        dir: std::path::PathBuf,
+        cause: Box<crate::weights::WeightsError>,
+    },
+    #[error("cannot load checkpoint {dir}: {cause}")]
+    Model {
+        dir: std::path::PathBuf,
+        cause: Box<crate::model::ModelError>,
+    },
+    #[error("{dir} has no tokenizer and the demo's cannot be loaded: {cause}")]
+    Tokenizer {
+        dir: std::path::PathBuf,
+        cause: String,
+    },
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("cannot start the engine thread: {0}")]
+    Engine(std::io::Error),
+    /// A request of the benchmark failed or the engine stopped.
+    #[error("{0}")]
+    Request(String),
+}
+
 /// Runs `count` requests at once and returns their timelines.
 fn run_concurrent(
     engine: &crate::engine::EngineHandle,
@@ -529,7 +559,7 @@ fn run_concurrent(
     prompt: usize,
     generate: usize,
     salt: u64,
-) -> anyhow::Result<Vec<Timeline>> {
+) -> Result<Vec<Timeline>, BenchError> {
     use crate::engine::{sampling::SamplingConfig, Event, GenRequest};
     let vocab = engine.model_config.vocab_size;
     let mut receivers = Vec::with_capacity(count);
@@ -552,7 +582,7 @@ fn run_concurrent(
                 forced: None,
                 events: tx,
             })
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| BenchError::Request(e.to_string()))?;
         receivers.push(rx);
     }
     let handles: Vec<_> = receivers
@@ -567,11 +597,11 @@ fn run_concurrent(
                     match ev {
                         Event::Token { .. } => t.tokens.push(Instant::now()),
                         Event::Finished { .. } => return Ok(t),
-                        Event::Error(e) => return Err(anyhow::anyhow!("{e}")),
+                        Event::Error(e) => return Err(BenchError::Request(e)),
                         Event::PromptLogprobs(_) => {}
                     }
                 }
-                Err(anyhow::anyhow!("the engine stopped"))
+                Err(BenchError::Request("the engine stopped".into()))
             })
         })
         .collect();
@@ -579,25 +609,30 @@ fn run_concurrent(
         .into_iter()
         .map(|h| {
             h.join()
-                .map_err(|_| anyhow::anyhow!("a benchmark client thread panicked"))?
+                .map_err(|_| BenchError::Request("a benchmark client thread panicked".into()))?
         })
         .collect()
 }
 
-pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
+pub fn engine(opts: &EngineBenchOptions) -> Result<String, BenchError> {
     use crate::engine::EngineConfig;
-    use anyhow::Context;
     if opts.prompt_tokens == 0 || opts.gen_tokens < 2 {
-        anyhow::bail!("-p must be at least 1 and -n at least 2");
+        return Err(BenchError::Options(
+            "-p must be at least 1 and -n at least 2".into(),
+        ));
     }
     if opts.concurrency.contains(&0) {
-        anyhow::bail!("-c must be at least 1");
+        return Err(BenchError::Options("-c must be at least 1".into()));
     }
     let dir = &opts.model_dir;
-    let ckpt = crate::weights::Checkpoint::open(dir)
-        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let mut model = crate::model::Model::load(&ckpt)
-        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let ckpt = crate::weights::Checkpoint::open(dir).map_err(|cause| BenchError::Checkpoint {
+        dir: dir.clone(),
+        cause: Box::new(cause),
+    })?;
+    let mut model = crate::model::Model::load(&ckpt).map_err(|cause| BenchError::Model {
+        dir: dir.clone(),
+        cause: Box::new(cause),
+    })?;
     let placement = crate::runtime::place(
         &ckpt,
         &mut model,
@@ -610,23 +645,25 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
     // tokenizer files runs with the demo's (its text output is not used).
     let tokenizer = match crate::tokenizer::Tokenizer::from_dir(dir) {
         Ok(t) => t,
-        Err(_) => crate::tokenizer::Tokenizer::from_dir(&crate::demo::demo_checkpoint_dir()?)
-            .with_context(|| {
-                format!(
-                    "{} has no tokenizer and the demo's cannot be loaded",
-                    dir.display()
-                )
+        Err(_) => crate::demo::demo_checkpoint_dir()
+            .map_err(|e| e.to_string())
+            .and_then(|demo| {
+                crate::tokenizer::Tokenizer::from_dir(&demo).map_err(|e| e.to_string())
+            })
+            .map_err(|cause| BenchError::Tokenizer {
+                dir: dir.clone(),
+                cause,
             })?,
     };
     let pass = placement.forward(&model, &opts.backend)?;
     let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
     let len = opts.prompt_tokens + opts.gen_tokens + 1;
     if len > model.config.max_position_embeddings {
-        anyhow::bail!(
+        return Err(BenchError::Options(format!(
             "-p + -n = {} exceeds the model's context of {}",
             len - 1,
             model.config.max_position_embeddings
-        );
+        )));
     }
     let block_size = 16;
     let config = EngineConfig {
@@ -641,7 +678,8 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<String> {
     };
     let name = model.config.model_type.clone();
     let layers = model.config.num_hidden_layers;
-    let engine = crate::engine::start(model, pass, Arc::new(tokenizer), config)?;
+    let engine = crate::engine::start(model, pass, Arc::new(tokenizer), config)
+        .map_err(BenchError::Engine)?;
     let (p, n) = (opts.prompt_tokens, opts.gen_tokens);
 
     // Warm-up: one short request, so first-use costs stay out of the figures.

@@ -8,10 +8,13 @@ use crate::engine::kv::KvDtype;
 use crate::engine::{self, EngineConfig};
 use crate::model::Model;
 use crate::runtime::place;
+use crate::runtime::RuntimeError;
 use crate::tokenizer::chat_template::ChatTemplate;
+use crate::tokenizer::chat_template::TemplateError;
 use crate::tokenizer::Tokenizer;
+use crate::tokenizer::TokenizerError;
 use crate::weights::Checkpoint;
-use anyhow::{bail, Context, Result};
+use crate::weights::WeightsError;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -41,26 +44,62 @@ pub struct LaunchOptions {
     pub allow_forced_output: bool,
     /// Show a progress bar while warming the weights.
     pub progress: bool,
-    /// Run a GPU plan on stand-in GPUs computing on the host (see [`Gpus::Simulated`]).
+    /// Run a GPU plan on stand-in GPUs computing on the host (see [`crate::runtime::Gpus::Simulated`]).
     pub simulate_gpus: bool,
     /// Launch every GPU kernel one by one: no decode steps recorded as CUDA graphs.
     pub enforce_eager: bool,
 }
 
+/// Why `serve` cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot load checkpoint {dir}: {cause}")]
+    Checkpoint {
+        dir: PathBuf,
+        cause: Box<WeightsError>,
+    },
+    #[error("cannot load checkpoint {dir}: {cause}")]
+    Model {
+        dir: PathBuf,
+        cause: Box<crate::model::ModelError>,
+    },
+    #[error("cannot load the tokenizer of {dir}: {cause}")]
+    Tokenizer { dir: PathBuf, cause: TokenizerError },
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("--kv-cache-dtype {0:?} is not one of auto, bf16, f32")]
+    KvDtype(String),
+    /// Flags that contradict each other or the model.
+    #[error("{0}")]
+    Flags(String),
+    #[error("cannot start the engine thread: {0}")]
+    Engine(std::io::Error),
+}
+
+type Result<T, E = LaunchError> = std::result::Result<T, E>;
+
 /// Loads everything and starts the engine; returns the state the routes share.
 pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     let dir = &opts.model_dir;
-    let ckpt = Checkpoint::open(dir)
-        .with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_dir(dir)
-        .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?;
+    let ckpt = Checkpoint::open(dir).map_err(|cause| LaunchError::Checkpoint {
+        dir: dir.clone(),
+        cause: Box::new(cause),
+    })?;
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|cause| LaunchError::Tokenizer {
+        dir: dir.clone(),
+        cause,
+    })?;
     let template = ChatTemplate::for_checkpoint(
         dir,
         tokenizer.bos_token().map(str::to_string),
         tokenizer.eos_token().map(str::to_string),
     )?;
-    let mut model =
-        Model::load(&ckpt).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
+    let mut model = Model::load(&ckpt).map_err(|cause| LaunchError::Model {
+        dir: dir.clone(),
+        cause: Box::new(cause),
+    })?;
 
     let placement = place(
         &ckpt,
@@ -76,12 +115,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     warm(&ckpt, opts.progress);
 
     let cfg = model.config.clone();
-    let kv_dtype = KvDtype::from_name(&opts.kv_cache_dtype).with_context(|| {
-        format!(
-            "--kv-cache-dtype {:?} is not one of auto, bf16, f32",
-            opts.kv_cache_dtype
-        )
-    })?;
+    let kv_dtype = KvDtype::from_name(&opts.kv_cache_dtype)
+        .ok_or_else(|| LaunchError::KvDtype(opts.kv_cache_dtype.clone()))?;
     let bytes_per_token = cfg.latent_cache_width() * cfg.num_hidden_layers * kv_dtype.bytes();
     let kv_tokens = match (opts.kv_cache_tokens, &plan) {
         (Some(t), _) => t,
@@ -92,21 +127,25 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         .max_model_len
         .unwrap_or_else(|| cfg.max_position_embeddings.min(kv_tokens));
     if max_model_len < 2 {
-        bail!("--max-model-len must be at least 2");
+        return Err(LaunchError::Flags(
+            "--max-model-len must be at least 2".into(),
+        ));
     }
     if max_model_len > cfg.max_position_embeddings {
-        bail!(
+        return Err(LaunchError::Flags(format!(
             "--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}",
             cfg.max_position_embeddings
-        );
+        )));
     }
     if kv_tokens < max_model_len {
-        bail!(
+        return Err(LaunchError::Flags(format!(
             "the KV cache holds {kv_tokens} tokens, fewer than --max-model-len {max_model_len}; raise --kv-cache-tokens or lower --max-model-len"
-        );
+        )));
     }
     if opts.max_num_seqs == 0 || opts.block_size == 0 || opts.max_batch_tokens == 0 {
-        bail!("--max-num-seqs, --block-size and --max-batch-tokens must be at least 1");
+        return Err(LaunchError::Flags(
+            "--max-num-seqs, --block-size and --max-batch-tokens must be at least 1".into(),
+        ));
     }
     let config = EngineConfig {
         max_num_seqs: opts.max_num_seqs,
@@ -133,8 +172,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "kimi".into())
     });
-    let handle = engine::start(model, pass, Arc::new(tokenizer), config)
-        .context("cannot start the engine thread")?;
+    let handle =
+        engine::start(model, pass, Arc::new(tokenizer), config).map_err(LaunchError::Engine)?;
     Ok(Arc::new(AppState {
         engine: handle,
         template,
