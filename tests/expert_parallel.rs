@@ -97,7 +97,7 @@ fn expert_parallel_on_real_gpus_matches_cpu_on_every_fixture() {
 /// NCCL moves buffers between two GPUs exactly as host memory does (skipped with a
 /// message without two GPUs and libnccl).
 #[test]
-fn nccl_moves_what_host_memory_moves() {
+fn nccl_moves_what_host_memory_moves() -> Result<(), kimi_hybrid::device::DeviceError> {
     use kimi_hybrid::device::cuda::{CudaBackend, NcclFabric};
     use kimi_hybrid::device::{DeviceOps, Fabric, ThroughHost};
     let gpus = match (CudaBackend::open(0), CudaBackend::open(1)) {
@@ -109,14 +109,14 @@ fn nccl_moves_what_host_memory_moves() {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             eprintln!("skipping nccl_moves_what_host_memory_moves: two GPUs needed ({why})");
-            return;
+            return Ok(());
         }
     };
     let fabric = match NcclFabric::open(&gpus) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("skipping nccl_moves_what_host_memory_moves: {e}");
-            return;
+            return Ok(());
         }
     };
     let data = |n: usize, seed: u32| -> Vec<f32> {
@@ -124,20 +124,21 @@ fn nccl_moves_what_host_memory_moves() {
             .map(|i| ((i as u32 ^ seed) % 1000) as f32 * 0.001 - 0.5)
             .collect()
     };
-    let moves = || {
-        vec![
-            (0, 1, gpus[0].upload(&data(7168 * 3, 1))),
-            (1, 0, gpus[1].upload(&data(7168 * 5, 2))),
-            (0, 0, gpus[0].upload(&data(7168, 3))),
-            (1, 0, gpus[1].upload(&data(11, 4))),
-        ]
+    let moves = || -> Result<_, kimi_hybrid::device::DeviceError> {
+        Ok(vec![
+            (0, 1, gpus[0].upload(&data(7168 * 3, 1))?),
+            (1, 0, gpus[1].upload(&data(7168 * 5, 2))?),
+            (0, 0, gpus[0].upload(&data(7168, 3))?),
+            (1, 0, gpus[1].upload(&data(11, 4))?),
+        ])
     };
-    let via_nccl = fabric.transfer(&gpus, moves());
-    let via_host = ThroughHost.transfer(&gpus, moves());
+    let via_nccl = fabric.transfer(&gpus, moves()?)?;
+    let via_host = ThroughHost.transfer(&gpus, moves()?)?;
     for ((to, a), b) in [1usize, 0, 0, 0].iter().zip(&via_nccl).zip(&via_host) {
         let (mut x, mut y) = (vec![0.0f32; a.len()], vec![0.0f32; b.len()]);
-        gpus[*to].finish_download(gpus[*to].begin_download(a), &mut x);
-        gpus[*to].finish_download(gpus[*to].begin_download(b), &mut y);
+        gpus[*to].finish_download(gpus[*to].begin_download(a)?, &mut x)?;
+        gpus[*to].finish_download(gpus[*to].begin_download(b)?, &mut y)?;
         assert_eq!(x, y);
     }
+    Ok(())
 }

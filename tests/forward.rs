@@ -47,7 +47,7 @@ fn resident(
 }
 
 #[test]
-fn resident_pass_matches_the_per_operation_path_and_golden_on_every_fixture() {
+fn stand_in_pass_matches_the_cpu_device_and_golden_on_every_fixture() {
     let cpu = exact();
     for name in FIXTURES {
         let model = load(name);
@@ -57,7 +57,7 @@ fn resident_pass_matches_the_per_operation_path_and_golden_on_every_fixture() {
         let diff = max_abs_diff(&got, &want);
         let prefill = got.len() - 3 * model.config.vocab_size;
         let vs_golden = max_abs_diff(&got[..prefill], &g.logits);
-        println!("{name}: resident twin vs per-op {diff:.1e}, vs golden {vs_golden:.1e}");
+        println!("{name}: resident twin vs CPU device {diff:.1e}, vs golden {vs_golden:.1e}");
         assert!(diff <= FORM_TOLERANCE, "{name}: {diff}");
         assert!(vs_golden <= GOLDEN_TOLERANCE, "{name}: {vs_golden}");
         let vocab = model.config.vocab_size;
@@ -128,7 +128,7 @@ fn deferred_host_experts_agree_between_one_device_and_a_pipeline() {
 
 /// Two sequences in one pass through the engine's paged cache (f32 and BF16 latents),
 /// their blocks scattered over the pool, then one decode step each: the resident pass
-/// against the per-operation path on the same kind of pool, and the f32 runs against
+/// against the CPU device on the same kind of pool, and the f32 runs against
 /// each sequence run alone.
 #[test]
 fn paged_batches_read_the_blocks_their_tables_name() {
@@ -153,7 +153,7 @@ fn paged_batches_read_the_blocks_their_tables_name() {
         }
         for (i, (x, y)) in got.iter().zip(&want).enumerate() {
             let diff = max_abs_diff(x, y);
-            println!("paged {dtype:?}: output {i} resident vs per-op {diff:.1e}");
+            println!("paged {dtype:?}: output {i} resident vs CPU device {diff:.1e}");
             assert!(diff <= FORM_TOLERANCE, "{dtype:?} output {i}: {diff}");
         }
         if dtype == KvDtype::F32 {
@@ -488,7 +488,7 @@ fn tensor_parallel_pass_matches_one_device_on_every_fixture() {
 
 /// The same paged batches on a real GPU (skipped with a message where none exists): the
 /// CUDA backend's resident pass over scattered f32 and BF16 pools, against the exact
-/// per-operation path on the same kind of pool, within the GPU's 2e-3.
+/// CPU deviceeration path on the same kind of pool, within the GPU's 2e-3.
 #[test]
 fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
     use kimi_hybrid::device::cuda::CudaBackend;
@@ -514,7 +514,7 @@ fn paged_batches_on_a_real_gpu_read_the_blocks_their_tables_name() {
         let got = paged_pair(&model, &backend, &a, &b, dtype);
         for (i, (x, y)) in got.iter().zip(&want).enumerate() {
             let diff = max_abs_diff(x, y);
-            println!("paged {dtype:?} on a GPU: output {i} vs per-op {diff:.1e}");
+            println!("paged {dtype:?} on a GPU: output {i} vs CPU device {diff:.1e}");
             assert!(diff <= 2e-3, "{dtype:?} output {i}: {diff}");
         }
     }
@@ -645,9 +645,9 @@ fn pipelined_hybrid_over_two_devices_matches_cpu_and_the_plan() {
 /// Chunked prefill and mixed batches: one sequence's prompt fed in chunks of three (each
 /// chunk's queries attend to the earlier chunks' latents and causally within the chunk,
 /// every position's logits asked for) while another sequence decodes in the same passes;
-/// every logit row against the per-operation path on the same store.
+/// every logit row against the CPU device on the same store.
 #[test]
-fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
+fn chunked_prefill_beside_decoding_matches_the_cpu_device() {
     let cpu = exact();
     for name in ["kimi-real-heads", "deepseek-groups"] {
         let model = load(name);
@@ -702,7 +702,7 @@ fn chunked_prefill_beside_decoding_matches_the_per_operation_path() {
             .zip(&want)
             .map(|(a, b)| max_abs_diff(a, b))
             .fold(0.0f32, f32::max);
-        println!("{name}: chunked prefill beside decoding, resident vs per-op {worst:.1e}");
+        println!("{name}: chunked prefill beside decoding, resident vs CPU device {worst:.1e}");
         assert!(worst <= FORM_TOLERANCE, "{name}: {worst}");
     }
 }
@@ -766,10 +766,10 @@ fn decode_steps(
 /// Decode steps on a device that records (the pass's fixed-buffer schedule for CUDA
 /// graphs, run on the twin): each layer's attention block of every decode step goes
 /// through `replay`, keyed by its fixed buffers and the pools' generation, and the logits
-/// equal the per-operation path's at every step, while the token count changes, tables
+/// equal the CPU device's at every step, while the token count changes, tables
 /// widen and the pools grow.
 #[test]
-fn recorded_decode_steps_match_the_per_operation_path() {
+fn recorded_decode_steps_match_the_cpu_device() {
     let cpu = exact();
     let name = "kimi-real-heads";
     let model = load(name);
@@ -783,7 +783,7 @@ fn recorded_decode_steps_match_the_per_operation_path() {
         let diff = max_abs_diff(x, y);
         assert!(
             diff <= FORM_TOLERANCE,
-            "output {i}: recorded vs per-op {diff}"
+            "output {i}: recorded vs CPU device {diff}"
         );
     }
     let replays = twin.log().replays;
@@ -813,7 +813,7 @@ fn recorded_decode_steps_match_the_per_operation_path() {
 /// norm, dense MLP or shared expert, router logits) is recorded on its second decode step
 /// and replayed after, all-GPU and hybrid with half the experts in host RAM, and the
 /// logits equal the kernel-by-kernel run's and, within the GPU's 2e-3, the exact
-/// per-operation path's.
+/// CPU deviceeration path's.
 #[test]
 fn decode_steps_replayed_as_cuda_graphs_match_kernel_by_kernel() {
     use kimi_hybrid::device::cuda::CudaBackend;

@@ -55,8 +55,6 @@ fn backends() -> Vec<Case> {
         }
     }
     // The GPU computes in f32 like the reference, with its own summation order.
-    // `cuda` runs the pass resident on the device; `cuda per-op` the CPU device's
-    // schedule with the CUDA kernels one backend operation at a time.
     match kimi_hybrid::device::cuda::CudaBackend::open(0) {
         Ok(gpu) => {
             out.push(Case {
@@ -65,14 +63,6 @@ fn backends() -> Vec<Case> {
                 tolerance: 2e-3,
                 form_tolerance: 1e-3,
             });
-            if let Ok(per_op) = kimi_hybrid::device::cuda::CudaBackend::open(0) {
-                out.push(Case {
-                    name: "cuda per-op".to_string(),
-                    backend: Box::new(on_cpu(Arc::new(per_op))),
-                    tolerance: 2e-3,
-                    form_tolerance: 1e-3,
-                });
-            }
         }
         Err(e) => {
             static SAID: std::sync::Once = std::sync::Once::new();

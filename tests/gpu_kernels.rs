@@ -10,6 +10,7 @@ use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::{MlaDecodeShape, MlaPrefillShape};
 use kimi_hybrid::backend::{AttentionShape, Backend, KvView, ReferenceBackend};
 use kimi_hybrid::config::ModelConfig;
+use kimi_hybrid::device::DeviceError;
 use kimi_hybrid::model::rope::Rope;
 use kimi_hybrid::model::{rms_norm, router};
 
@@ -633,7 +634,7 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
 /// scattered block tables (contexts long enough to split), the absorbed projections,
 /// routing, an expert FFN with its scatter-add, and the page-locked hand-off copies.
 #[test]
-fn resident_device_ops_match_the_cpu_twin() {
+fn resident_device_ops_match_the_cpu_twin() -> Result<(), DeviceError> {
     use kimi_hybrid::backend::by_name;
     use kimi_hybrid::device::cpu::CpuDevice;
     use kimi_hybrid::device::cuda::CudaBackend;
@@ -646,14 +647,14 @@ fn resident_device_ops_match_the_cpu_twin() {
         Ok(g) => g,
         Err(e) => {
             common::no_gpu("resident_device_ops_match_the_cpu_twin", e);
-            return;
+            return Ok(());
         }
     };
     let twin = CpuDevice::stand_in(Arc::from(by_name("cpu-f32").expect("cpu-f32")));
     let read = |b: &kimi_hybrid::device::cuda::GpuBuf<f32>, n: usize| {
         let mut out = vec![0.0f32; n];
-        gpu.finish_download(gpu.begin_download(b), &mut out);
-        out
+        gpu.finish_download(gpu.begin_download(b)?, &mut out)?;
+        Ok::<_, DeviceError>(out)
     };
     let fixture = |name: &str| {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -669,15 +670,15 @@ fn resident_device_ops_match_the_cpu_twin() {
     // Strided norm of the latent part; rope on the query layout.
     let x = values(n * width, 21);
     let w = values(d.latent, 22);
-    let (mut xg, mut xt) = (gpu.upload(&x), twin.upload(&x));
-    gpu.rms_norm(&mut xg, &gpu.upload(&w), n, width, d.latent, 1e-6);
-    twin.rms_norm(&mut xt, &w, n, width, d.latent, 1e-6);
-    assert!(rel_l2(&read(&xg, n * width), &xt) < 1e-5, "rms_norm_rows");
+    let (mut xg, mut xt) = (gpu.upload(&x)?, twin.upload(&x)?);
+    gpu.rms_norm(&mut xg, &gpu.upload(&w)?, n, width, d.latent, 1e-6)?;
+    twin.rms_norm(&mut xt, &w, n, width, d.latent, 1e-6)?;
+    assert!(rel_l2(&read(&xg, n * width)?, &xt) < 1e-5, "rms_norm_rows");
     let positions: Vec<i32> = (0..n as i32).map(|i| 7 + 300 * i).collect();
     let q = values(n * d.heads * d.qk(), 23);
     let rope_g = DeviceRope {
         host: model.rope.clone(),
-        inv_freq: gpu.upload(model.rope.inv_freq()),
+        inv_freq: gpu.upload(model.rope.inv_freq())?,
     };
     let rope_t = DeviceRope {
         host: model.rope.clone(),
@@ -690,24 +691,24 @@ fn resident_device_ops_match_the_cpu_twin() {
         head_stride: d.qk(),
         offset: d.nope,
     };
-    let (mut qg, mut qt) = (gpu.upload(&q), twin.upload(&q));
-    gpu.rope(&mut qg, &rope_g, &gpu.upload_ints(&positions), layout);
-    twin.rope(&mut qt, &rope_t, &positions, layout);
-    assert!(rel_l2(&read(&qg, q.len()), &qt) < 1e-5, "rope");
+    let (mut qg, mut qt) = (gpu.upload(&q)?, twin.upload(&q)?);
+    gpu.rope(&mut qg, &rope_g, &gpu.upload_ints(&positions)?, layout)?;
+    twin.rope(&mut qt, &rope_t, &positions, layout)?;
+    assert!(rel_l2(&read(&qg, q.len())?, &qt) < 1e-5, "rope");
 
     // Absorbed projections with a real kv_b.
     let kv_b = &model.layers[0].attn.kv_b;
-    let ag = gpu.absorb_queries(kv_b, &qg, d, n);
-    let at = twin.absorb_queries(kv_b, &qt, d, n);
+    let ag = gpu.absorb_queries(kv_b, &qg, d, n)?;
+    let at = twin.absorb_queries(kv_b, &qt, d, n)?;
     assert!(
-        rel_l2(&read(&ag, at.len()), &at) < 1e-4,
+        rel_l2(&read(&ag, at.len())?, &at) < 1e-4,
         "mla_absorb_queries"
     );
     let o = values(n * d.heads * d.latent, 24);
-    let vg = gpu.expand_values(kv_b, &gpu.upload(&o), d, n);
-    let vt = twin.expand_values(kv_b, &o, d, n);
+    let vg = gpu.expand_values(kv_b, &gpu.upload(&o)?, d, n)?;
+    let vt = twin.expand_values(kv_b, &o, d, n)?;
     assert!(
-        rel_l2(&read(&vg, vt.len()), &vt) < 1e-4,
+        rel_l2(&read(&vg, vt.len())?, &vt) < 1e-4,
         "mla_expand_values"
     );
 
@@ -716,10 +717,10 @@ fn resident_device_ops_match_the_cpu_twin() {
     let picked = [3usize, 0, 39];
     assert_eq!(
         read(
-            &gpu.take_rows(&gpu.upload(&table), &picked, width),
+            &gpu.take_rows(&gpu.upload(&table)?, &picked, width)?,
             3 * width
-        ),
-        twin.take_rows(&table, &picked, width),
+        )?,
+        twin.take_rows(&table, &picked, width)?,
         "take_rows"
     );
 
@@ -741,54 +742,54 @@ fn resident_device_ops_match_the_cpu_twin() {
     let qa = values(n * d.heads * width, 28);
     let scale = cfg.softmax_scale();
     for bf16 in [false, true] {
-        let mut pool_g = gpu.pool(half * width, bf16);
-        let mut pool_t = twin.pool(half * width, bf16);
+        let mut pool_g = gpu.pool(half * width, bf16)?;
+        let mut pool_t = twin.pool(half * width, bf16)?;
         let (lo, hi) = latents.split_at(half * width);
         gpu.write_rows(
             &mut pool_g,
-            &gpu.upload(lo),
-            &gpu.upload_ints(&first),
+            &gpu.upload(lo)?,
+            &gpu.upload_ints(&first)?,
             width,
-        );
-        twin.write_rows(&mut pool_t, &lo.to_vec(), &first, width);
-        let mut pool_g = gpu.grow_pool(&pool_g, latents.len());
-        let mut pool_t = twin.grow_pool(&pool_t, latents.len());
+        )?;
+        twin.write_rows(&mut pool_t, &lo.to_vec(), &first, width)?;
+        let mut pool_g = gpu.grow_pool(&pool_g, latents.len())?;
+        let mut pool_t = twin.grow_pool(&pool_t, latents.len())?;
         gpu.write_rows(
             &mut pool_g,
-            &gpu.upload(hi),
-            &gpu.upload_ints(&second),
+            &gpu.upload(hi)?,
+            &gpu.upload_ints(&second)?,
             width,
-        );
-        twin.write_rows(&mut pool_t, &hi.to_vec(), &second, width);
+        )?;
+        twin.write_rows(&mut pool_t, &hi.to_vec(), &second, width)?;
         gpu.write_rows(
             &mut pool_g,
-            &gpu.upload(&rows),
-            &gpu.upload_ints(&slots),
+            &gpu.upload(&rows)?,
+            &gpu.upload_ints(&slots)?,
             width,
-        );
-        twin.write_rows(&mut pool_t, &rows, &slots, width);
+        )?;
+        twin.write_rows(&mut pool_t, &rows, &slots, width)?;
         let og = gpu.mla(
-            &gpu.upload(&qa),
+            &gpu.upload(&qa)?,
             &pool_g,
             &blocks_of(
-                gpu.upload_ints(&tables),
-                gpu.upload_ints(&lens),
+                gpu.upload_ints(&tables)?,
+                gpu.upload_ints(&lens)?,
                 n,
                 max_blocks,
                 max_len,
             ),
             d,
             scale,
-        );
+        )?;
         let ot = twin.mla(
             &qa,
             &pool_t,
             &blocks_of(tables.clone(), lens.clone(), n, max_blocks, max_len),
             d,
             scale,
-        );
+        )?;
         assert!(
-            rel_l2(&read(&og, ot.len()), &ot) < 1e-4,
+            rel_l2(&read(&og, ot.len())?, &ot) < 1e-4,
             "mla over block tables, bf16 {bf16}"
         );
     }
@@ -820,13 +821,9 @@ fn resident_device_ops_match_the_cpu_twin() {
     };
     let logits = values(n * cfg.n_routed_experts, 28);
     let bias = moe.correction_bias.clone();
-    let rg = gpu.route(
-        cfg,
-        &gpu.upload(&logits),
-        bias.as_ref().map(|b| gpu.upload(b)).as_ref(),
-        n,
-    );
-    let rt = twin.route(cfg, &logits, bias.as_ref(), n);
+    let bias_g = bias.as_ref().map(|b| gpu.upload(b)).transpose()?;
+    let rg = gpu.route(cfg, &gpu.upload(&logits)?, bias_g.as_ref(), n)?;
+    let rt = twin.route(cfg, &logits, bias.as_ref(), n)?;
     for (a, b) in rg.iter().zip(&rt) {
         let ids = |r: &Vec<(usize, f32)>| r.iter().map(|e| e.0).collect::<Vec<_>>();
         assert_eq!(ids(a), ids(b), "route_topk");
@@ -834,12 +831,18 @@ fn resident_device_ops_match_the_cpu_twin() {
     let h = cfg.hidden_size;
     let xs = values(n * h, 29);
     let tokens = [(0usize, 0.7f32), (2, 0.2), (5, 1.3)];
-    let mut out_g = gpu.upload(&values(n * h, 30));
+    let mut out_g = gpu.upload(&values(n * h, 30))?;
     let mut out_t = values(n * h, 30);
-    DeviceOps::ffn_accumulate(&gpu, &moe.experts[1], &gpu.upload(&xs), &tokens, &mut out_g);
-    twin.ffn_accumulate(&moe.experts[1], &xs, &tokens, &mut out_t);
+    DeviceOps::ffn_accumulate(
+        &gpu,
+        &moe.experts[1],
+        &gpu.upload(&xs)?,
+        &tokens,
+        &mut out_g,
+    )?;
+    twin.ffn_accumulate(&moe.experts[1], &xs, &tokens, &mut out_t)?;
     assert!(
-        rel_l2(&read(&out_g, out_t.len()), &out_t) < 1e-4,
+        rel_l2(&read(&out_g, out_t.len())?, &out_t) < 1e-4,
         "expert ffn"
     );
     // A layer's experts at once: packed indices, each expert's slice by offset.
@@ -855,22 +858,23 @@ fn resident_device_ops_match_the_cpu_twin() {
         .zip(&lists)
         .map(|(f, t)| (f, t.as_slice()))
         .collect();
-    let mut out_g = gpu.upload(&values(n * h, 32));
+    let mut out_g = gpu.upload(&values(n * h, 32))?;
     let mut out_t = values(n * h, 32);
-    gpu.experts_accumulate(&layer, &gpu.upload(&xs), &mut out_g);
-    twin.experts_accumulate(&layer, &xs, &mut out_t);
+    gpu.experts_accumulate(&layer, &gpu.upload(&xs)?, &mut out_g)?;
+    twin.experts_accumulate(&layer, &xs, &mut out_t)?;
     assert!(
-        rel_l2(&read(&out_g, out_t.len()), &out_t) < 1e-4,
+        rel_l2(&read(&out_g, out_t.len())?, &out_t) < 1e-4,
         "a layer's experts"
     );
 
     // The staged hand-off, larger than the initial staging buffers.
     let big = values(300_000, 31);
     assert_eq!(
-        read(&gpu.upload_staged(&big), big.len()),
+        read(&gpu.upload_staged(&big)?, big.len())?,
         big,
         "staged round trip"
     );
+    Ok(())
 }
 
 /// BF16 weights at prefill sizes go through cuBLAS with split activations: as accurate as
@@ -933,7 +937,7 @@ fn bf16_products_through_cublas_keep_f32_accuracy() {
 /// 2048 intermediate, group 32) against the exact f32 CPU backend, with tokens shared
 /// between experts and an expert with none.
 #[test]
-fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
+fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() -> Result<(), DeviceError> {
     use kimi_hybrid::backend::{by_name, FfnWeights};
     use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::device::DeviceOps;
@@ -942,7 +946,7 @@ fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
         Ok(g) => g,
         Err(e) => {
             common::no_gpu("grouped_int4_experts_match_cpu_on_the_k2_expert_shape", e);
-            return;
+            return Ok(());
         }
     };
     let (hidden, inter, group) = (7168usize, 2048usize, 32usize);
@@ -987,11 +991,12 @@ fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() {
     by_name("cpu-f32")
         .expect("cpu")
         .moe_accumulate(&layer, &x, &mut want);
-    let mut out = gpu.upload(&start);
-    gpu.experts_accumulate(&layer, &gpu.upload(&x), &mut out);
+    let mut out = gpu.upload(&start)?;
+    gpu.experts_accumulate(&layer, &gpu.upload(&x)?, &mut out)?;
     let mut got = vec![0.0f32; n * hidden];
-    gpu.finish_download(gpu.begin_download(&out), &mut got);
+    gpu.finish_download(gpu.begin_download(&out)?, &mut got)?;
     let err = rel_l2(&got, &want);
     eprintln!("grouped INT4 experts {hidden}x{inter}, 6 pairs over 3 tokens: rel L2 {err:.2e}");
     assert!(err < 1e-5, "{err}");
+    Ok(())
 }

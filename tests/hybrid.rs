@@ -224,7 +224,8 @@ fn expert_deferral_accuracy_cost_on_every_fixture() {
 /// Running out of GPU memory in the middle of a request (here the CUDA emulator's third
 /// GPU, which `tests/cuda-emulator/test.sh` gives 2 MiB: the model fits, a 600-token
 /// prompt's latents and attention scratch do not) fails that request with an error
-/// naming the device failure, and the engine goes on serving: the next request gets the
+/// naming the GPU, the operation and the reason (a `DeviceError` returned up the pass,
+/// not a panic), and the engine goes on serving: the next request gets the
 /// tokens the same request got before. Skipped with a message anywhere else.
 #[test]
 fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
@@ -283,6 +284,10 @@ fn a_gpu_out_of_memory_mid_request_fails_the_request_not_the_engine() {
     let long: Vec<u32> = (0..600u32).map(|i| i % 1000 + 1).collect();
     let err = ask(&long).expect_err("a 600-token prompt cannot fit in 2 MiB");
     println!("600 tokens on a 2 MiB GPU: {err}");
+    // The message names the device, what it was doing and why, and no panic unwound.
     assert!(err.contains("device failed"), "{err}");
+    assert!(err.contains("GPU 2 (CUDA emulator"), "names the GPU: {err}");
+    assert!(err.contains("failed during "), "names the operation: {err}");
+    assert!(err.contains("out of memory"), "says why: {err}");
     assert_eq!(ask(&short).expect("the engine goes on"), before);
 }

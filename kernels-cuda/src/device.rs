@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// The driver's number for this GPU.
+    pub ordinal: usize,
     pub name: String,
     pub compute_capability: (i32, i32),
     pub arch: &'static str,
@@ -103,6 +105,7 @@ impl GpuDevice {
         Ok(GpuDevice {
             stream,
             ctx,
+            ordinal,
             name,
             compute_capability: cc,
             arch,

@@ -3,7 +3,9 @@
 //! as the CUDA device does ([`CpuDevice::stand_in`]), which the GPU's pass is compared
 //! with and `--simulate-gpus` runs plans on.
 
-use super::{route_on_host, DeviceOps, DeviceRope, MlaDims, QueryBlocks, RopeLayout};
+use super::{
+    route_on_host, DeviceOps, DeviceResult, DeviceRope, MlaDims, QueryBlocks, RopeLayout, Work,
+};
 use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
 use crate::model::AttentionForm;
@@ -186,99 +188,112 @@ impl DeviceOps for CpuDevice {
     type Download = Vec<f32>;
     type Pool = CpuPool;
 
-    fn upload(&self, x: &[f32]) -> Vec<f32> {
-        x.to_vec()
+    fn upload(&self, x: &[f32]) -> DeviceResult<Vec<f32>> {
+        Ok(x.to_vec())
     }
 
-    fn upload_ints(&self, x: &[i32]) -> Vec<i32> {
-        x.to_vec()
+    fn upload_ints(&self, x: &[i32]) -> DeviceResult<Vec<i32>> {
+        Ok(x.to_vec())
     }
 
-    fn zeros(&self, n: usize) -> Vec<f32> {
-        vec![0.0; n]
+    fn zeros(&self, n: usize) -> DeviceResult<Vec<f32>> {
+        Ok(vec![0.0; n])
     }
 
-    fn begin_download(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.clone()
+    fn begin_download(&self, x: &Vec<f32>) -> DeviceResult<Vec<f32>> {
+        Ok(x.clone())
     }
 
-    fn finish_download(&self, d: Vec<f32>, out: &mut [f32]) {
+    fn finish_download(&self, d: Vec<f32>, out: &mut [f32]) -> DeviceResult<()> {
         out.copy_from_slice(&d);
+        Ok(())
     }
 
-    fn copy(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.clone()
+    fn copy(&self, x: &Vec<f32>) -> DeviceResult<Vec<f32>> {
+        Ok(x.clone())
     }
 
-    fn copy_into(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+    fn copy_into(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> DeviceResult<()> {
         dst.copy_from_slice(src);
+        Ok(())
     }
 
-    fn write_ints(&self, dst: &mut Vec<i32>, src: &[i32]) {
+    fn write_ints(&self, dst: &mut Vec<i32>, src: &[i32]) -> DeviceResult<()> {
         dst.copy_from_slice(src);
+        Ok(())
     }
 
     fn records(&self) -> bool {
         self.records
     }
 
-    fn replay(&self, key: super::ReplayKey, work: &mut dyn FnMut()) {
+    fn replay(&self, key: super::ReplayKey, work: &mut Work) -> DeviceResult<()> {
         self.record(|log| log.replays.push(key));
         work()
     }
 
-    fn pool(&self, len: usize, bf16: bool) -> CpuPool {
-        CpuPool {
+    fn pool(&self, len: usize, bf16: bool) -> DeviceResult<CpuPool> {
+        Ok(CpuPool {
             values: vec![0.0; len],
             bf16,
-        }
+        })
     }
 
-    fn grow_pool(&self, pool: &CpuPool, len: usize) -> CpuPool {
+    fn grow_pool(&self, pool: &CpuPool, len: usize) -> DeviceResult<CpuPool> {
         let mut values = pool.values.clone();
         values.resize(len, 0.0);
-        CpuPool {
+        Ok(CpuPool {
             values,
             bf16: pool.bf16,
-        }
+        })
     }
 
-    fn take_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {
-        rows.iter()
+    fn take_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> DeviceResult<Vec<f32>> {
+        Ok(rows
+            .iter()
             .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
-            .collect()
+            .collect())
     }
 
     fn len(&self, x: &Vec<f32>) -> usize {
         x.len()
     }
 
-    fn add_rows(&self, out: &mut Vec<f32>, rows: &[usize], src: &Vec<f32>, width: usize) {
+    fn add_rows(
+        &self,
+        out: &mut Vec<f32>,
+        rows: &[usize],
+        src: &Vec<f32>,
+        width: usize,
+    ) -> DeviceResult<()> {
         for (&r, row) in rows.iter().zip(src.chunks_exact(width)) {
             for (a, b) in out[r * width..(r + 1) * width].iter_mut().zip(row) {
                 *a += b;
             }
         }
+        Ok(())
     }
 
-    fn split(&self, x: &Vec<f32>, lens: &[usize]) -> Vec<Vec<f32>> {
+    fn split(&self, x: &Vec<f32>, lens: &[usize]) -> DeviceResult<Vec<Vec<f32>>> {
         let mut at = 0;
-        lens.iter()
+        Ok(lens
+            .iter()
             .map(|&n| {
                 at += n;
                 x[at - n..at].to_vec()
             })
-            .collect()
+            .collect())
     }
 
-    fn concat(&self, parts: &[Vec<f32>]) -> Vec<f32> {
-        parts.concat()
+    fn concat(&self, parts: &[Vec<f32>]) -> DeviceResult<Vec<f32>> {
+        Ok(parts.concat())
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> DeviceResult<()> {
         for (a, b) in x.iter_mut().zip(y) {
             *a += b;
         }
+        Ok(())
     }
 
     fn rms_norm(
@@ -289,18 +304,19 @@ impl DeviceOps for CpuDevice {
         stride: usize,
         dim: usize,
         eps: f32,
-    ) {
+    ) -> DeviceResult<()> {
         for r in 0..rows {
             let row = &mut x[r * stride..r * stride + dim];
             let normed = crate::model::rms_norm(row, &w[..dim], eps);
             row.copy_from_slice(&normed);
         }
+        Ok(())
     }
 
-    fn linear(&self, w: &LinearWeight, x: &Vec<f32>, tokens: usize) -> Vec<f32> {
+    fn linear(&self, w: &LinearWeight, x: &Vec<f32>, tokens: usize) -> DeviceResult<Vec<f32>> {
         let mut y = vec![0.0f32; tokens * w.rows()];
         self.backend.linear(w, 0..w.rows(), x, &mut y);
-        y
+        Ok(y)
     }
 
     fn rope(
@@ -309,7 +325,7 @@ impl DeviceOps for CpuDevice {
         rope: &DeviceRope<Vec<f32>>,
         positions: &Vec<i32>,
         layout: RopeLayout,
-    ) {
+    ) -> DeviceResult<()> {
         let dim = rope.host.inv_freq().len() * 2;
         for (t, &pos) in positions.iter().enumerate().take(layout.tokens) {
             for h in 0..layout.heads {
@@ -317,9 +333,16 @@ impl DeviceOps for CpuDevice {
                 rope.host.apply(&mut x[at..at + dim], pos as usize);
             }
         }
+        Ok(())
     }
 
-    fn write_rows(&self, pool: &mut CpuPool, rows: &Vec<f32>, slots: &Vec<i32>, width: usize) {
+    fn write_rows(
+        &self,
+        pool: &mut CpuPool,
+        rows: &Vec<f32>,
+        slots: &Vec<i32>,
+        width: usize,
+    ) -> DeviceResult<()> {
         for (row, &slot) in rows.chunks_exact(width).zip(slots) {
             let at = slot as usize * width;
             let dst = &mut pool.values[at..at + width];
@@ -330,6 +353,7 @@ impl DeviceOps for CpuDevice {
                 }
             }
         }
+        Ok(())
     }
 
     fn absorb_queries(
@@ -338,8 +362,8 @@ impl DeviceOps for CpuDevice {
         q: &Vec<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> Vec<f32> {
-        absorb_queries(self.backend.as_ref(), kv_b, q, d, tokens)
+    ) -> DeviceResult<Vec<f32>> {
+        Ok(absorb_queries(self.backend.as_ref(), kv_b, q, d, tokens))
     }
 
     fn mla(
@@ -349,7 +373,7 @@ impl DeviceOps for CpuDevice {
         blocks: &QueryBlocks<Vec<i32>>,
         d: MlaDims,
         scale: f32,
-    ) -> Vec<f32> {
+    ) -> DeviceResult<Vec<f32>> {
         self.record(|l| {
             l.queries += blocks.queries;
             l.query_heads += blocks.queries * d.heads;
@@ -383,7 +407,7 @@ impl DeviceOps for CpuDevice {
                 &mut out[i * outs..(i + 1) * outs],
             );
         }
-        out
+        Ok(out)
     }
 
     fn expand_values(
@@ -392,8 +416,8 @@ impl DeviceOps for CpuDevice {
         o: &Vec<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> Vec<f32> {
-        expand_values(self.backend.as_ref(), kv_b, o, d, tokens)
+    ) -> DeviceResult<Vec<f32>> {
+        Ok(expand_values(self.backend.as_ref(), kv_b, o, d, tokens))
     }
 
     fn mla_attention(
@@ -406,7 +430,7 @@ impl DeviceOps for CpuDevice {
         d: MlaDims,
         scale: f32,
         form: AttentionForm,
-    ) -> Vec<f32> {
+    ) -> DeviceResult<Vec<f32>> {
         // Naive for a sequence with several new queries (its expanded keys and values
         // are shared by all of them), absorbed for one.
         let naive = |s: &Range<usize>| match form {
@@ -426,16 +450,16 @@ impl DeviceOps for CpuDevice {
         if !absorbed.is_empty() {
             let m = absorbed.len();
             let (qk, v) = (d.heads * d.qk(), d.heads * d.v);
-            let rows = self.take_rows(q, &absorbed, qk);
+            let rows = self.take_rows(q, &absorbed, qk)?;
             let picked = QueryBlocks {
                 tables: self.take_ints(&blocks.tables, &absorbed, blocks.max_blocks),
                 lens: self.take_ints(&blocks.lens, &absorbed, 1),
                 queries: m,
                 ..*blocks
             };
-            let q_lat = self.absorb_queries(kv_b, &rows, d, m);
-            let o_lat = self.mla(&q_lat, pool, &picked, d, scale);
-            let values = self.expand_values(kv_b, &o_lat, d, m);
+            let q_lat = self.absorb_queries(kv_b, &rows, d, m)?;
+            let o_lat = self.mla(&q_lat, pool, &picked, d, scale)?;
+            let values = self.expand_values(kv_b, &o_lat, d, m)?;
             for (&t, row) in absorbed.iter().zip(values.chunks_exact(v)) {
                 out[t * v..(t + 1) * v].copy_from_slice(row);
             }
@@ -443,7 +467,7 @@ impl DeviceOps for CpuDevice {
         for s in sequences.iter().filter(|s| naive(s)) {
             self.naive_mla(kv_b, q, pool, blocks, s.clone(), d, scale, &mut out);
         }
-        out
+        Ok(out)
     }
 
     fn experts_accumulate(
@@ -451,9 +475,10 @@ impl DeviceOps for CpuDevice {
         work: &[(&FfnWeights, &[(usize, f32)])],
         x: &Vec<f32>,
         out: &mut Vec<f32>,
-    ) {
+    ) -> DeviceResult<()> {
         self.record(|l| l.experts.extend(work.iter().filter_map(|(f, _)| f.expert)));
         self.backend.moe_accumulate(work, x, out);
+        Ok(())
     }
 
     fn route(
@@ -462,8 +487,8 @@ impl DeviceOps for CpuDevice {
         logits: &Vec<f32>,
         bias: Option<&Vec<f32>>,
         _tokens: usize,
-    ) -> Vec<Vec<(usize, f32)>> {
-        route_on_host(cfg, logits, bias.map(|b| b.as_slice()))
+    ) -> DeviceResult<Vec<Vec<(usize, f32)>>> {
+        Ok(route_on_host(cfg, logits, bias.map(|b| b.as_slice())))
     }
 
     fn ffn_accumulate(
@@ -472,11 +497,12 @@ impl DeviceOps for CpuDevice {
         x: &Vec<f32>,
         tokens: &[(usize, f32)],
         out: &mut Vec<f32>,
-    ) {
+    ) -> DeviceResult<()> {
         if let Some(e) = ffn.expert {
             self.record(|l| l.experts.push(e));
         }
         self.backend.ffn_accumulate(ffn, x, tokens, out);
+        Ok(())
     }
 }
 

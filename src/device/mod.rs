@@ -12,6 +12,25 @@ use crate::weights::LinearWeight;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// A device operation that failed after start-up (out of memory while buffers or the
+/// latent pools grow, a failed launch or copy, a lost GPU): it fails the step it happened
+/// in, whose requests end with this message; the pass and the engine go on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{device} failed during {operation}: {reason}")]
+pub struct DeviceError {
+    /// The device, as the logs name it (`GPU 0 (NVIDIA H200)`).
+    pub device: String,
+    /// What it was doing (`an upload`, `mla_decode`, `an NCCL all-reduce`).
+    pub operation: String,
+    pub reason: String,
+}
+
+pub type DeviceResult<T> = Result<T, DeviceError>;
+
+/// Recordable work handed to [`DeviceOps::replay`]: it queues device operations and
+/// stops at the first that fails.
+pub type Work<'a> = dyn FnMut() -> DeviceResult<()> + 'a;
+
 /// Where the queries of one pass read their keys: per query, its sequence's block table
 /// (padded to `max_blocks`) and how many latents it attends to (its position + 1).
 pub struct QueryBlocks<I> {
@@ -57,25 +76,25 @@ pub trait DeviceOps: Send + Sync {
     /// One layer's latent cache, `[blocks, block_size, width]`, f32 or BF16.
     type Pool: Send;
 
-    fn upload(&self, x: &[f32]) -> Self::Buf;
-    fn upload_ints(&self, x: &[i32]) -> Self::Ints;
-    fn zeros(&self, n: usize) -> Self::Buf;
+    fn upload(&self, x: &[f32]) -> DeviceResult<Self::Buf>;
+    fn upload_ints(&self, x: &[i32]) -> DeviceResult<Self::Ints>;
+    fn zeros(&self, n: usize) -> DeviceResult<Self::Buf>;
     /// Values in `x`.
     fn len(&self, x: &Self::Buf) -> usize;
     /// Starts copying `x` to host memory (staged through pinned buffers on a GPU) and
     /// returns at once; the device goes on with later work.
-    fn begin_download(&self, x: &Self::Buf) -> Self::Download;
+    fn begin_download(&self, x: &Self::Buf) -> DeviceResult<Self::Download>;
     /// Waits for a copy and puts the values in `out`.
-    fn finish_download(&self, d: Self::Download, out: &mut [f32]);
+    fn finish_download(&self, d: Self::Download, out: &mut [f32]) -> DeviceResult<()>;
     /// An upload of host results in the hand-off (through pinned staging on a GPU).
-    fn upload_staged(&self, x: &[f32]) -> Self::Buf {
+    fn upload_staged(&self, x: &[f32]) -> DeviceResult<Self::Buf> {
         self.upload(x)
     }
-    fn copy(&self, x: &Self::Buf) -> Self::Buf;
+    fn copy(&self, x: &Self::Buf) -> DeviceResult<Self::Buf>;
     /// `dst = src`, in place (`dst` keeps its address).
-    fn copy_into(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    fn copy_into(&self, dst: &mut Self::Buf, src: &Self::Buf) -> DeviceResult<()>;
     /// Overwrites `dst` (as long as `src`) with `src`, in place.
-    fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]);
+    fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]) -> DeviceResult<()>;
     /// Whether this device records repeated work and replays the recording (CUDA graphs).
     /// The pass then keeps each decode step's inputs in fixed buffers and hands each
     /// layer's attention block to [`replay`](Self::replay).
@@ -86,25 +105,31 @@ pub trait DeviceOps: Send + Sync {
     /// every time it is called with `key` and reads nothing from the host. A device that
     /// records may instead record it and replay the recording for later calls with the
     /// same key. By default it simply runs.
-    fn replay(&self, key: ReplayKey, work: &mut dyn FnMut()) {
+    fn replay(&self, key: ReplayKey, work: &mut Work) -> DeviceResult<()> {
         let _ = key;
         work()
     }
     /// A zeroed latent cache pool of `len` values, stored in BF16 (rounded on write)
     /// when `bf16`, else f32.
-    fn pool(&self, len: usize, bf16: bool) -> Self::Pool;
+    fn pool(&self, len: usize, bf16: bool) -> DeviceResult<Self::Pool>;
     /// A pool of `len` values holding `pool`'s values followed by zeros.
-    fn grow_pool(&self, pool: &Self::Pool, len: usize) -> Self::Pool;
+    fn grow_pool(&self, pool: &Self::Pool, len: usize) -> DeviceResult<Self::Pool>;
     /// Rows `rows` of `x` (rows of `width` values), in that order.
-    fn take_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;
+    fn take_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> DeviceResult<Self::Buf>;
     /// `out[rows[i]] += src[i]` for rows of `width` values (`rows` distinct).
-    fn add_rows(&self, out: &mut Self::Buf, rows: &[usize], src: &Self::Buf, width: usize);
+    fn add_rows(
+        &self,
+        out: &mut Self::Buf,
+        rows: &[usize],
+        src: &Self::Buf,
+        width: usize,
+    ) -> DeviceResult<()>;
     /// `x` cut into consecutive pieces of `lens` values.
-    fn split(&self, x: &Self::Buf, lens: &[usize]) -> Vec<Self::Buf>;
+    fn split(&self, x: &Self::Buf, lens: &[usize]) -> DeviceResult<Vec<Self::Buf>>;
     /// The pieces one after another.
-    fn concat(&self, parts: &[Self::Buf]) -> Self::Buf;
+    fn concat(&self, parts: &[Self::Buf]) -> DeviceResult<Self::Buf>;
     /// `x += y`.
-    fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> DeviceResult<()>;
     /// In place, for `rows` rows at `stride`: the first `dim` values become
     /// `x * rsqrt(mean(x²) + eps) * w`.
     fn rms_norm(
@@ -115,14 +140,14 @@ pub trait DeviceOps: Send + Sync {
         stride: usize,
         dim: usize,
         eps: f32,
-    );
+    ) -> DeviceResult<()>;
     /// Token embeddings: rows `ids` of the table, decoded on the host (n x hidden values
     /// go up, where keeping the table on a device would cost its whole size there).
-    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> Self::Buf {
+    fn embed(&self, table: &LinearWeight, ids: &[u32]) -> DeviceResult<Self::Buf> {
         self.upload(&embedding_rows(table, ids))
     }
     /// `y = x Wᵀ` over all rows of `w`, `x` holding `tokens` rows.
-    fn linear(&self, w: &LinearWeight, x: &Self::Buf, tokens: usize) -> Self::Buf;
+    fn linear(&self, w: &LinearWeight, x: &Self::Buf, tokens: usize) -> DeviceResult<Self::Buf>;
     /// Rotary embedding (the model's YaRN tables) at `positions`, in place.
     fn rope(
         &self,
@@ -130,9 +155,15 @@ pub trait DeviceOps: Send + Sync {
         rope: &DeviceRope<Self::Buf>,
         positions: &Self::Ints,
         layout: RopeLayout,
-    );
+    ) -> DeviceResult<()>;
     /// `pool[slots[i]] = rows[i]` for rows of `width` values.
-    fn write_rows(&self, pool: &mut Self::Pool, rows: &Self::Buf, slots: &Self::Ints, width: usize);
+    fn write_rows(
+        &self,
+        pool: &mut Self::Pool,
+        rows: &Self::Buf,
+        slots: &Self::Ints,
+        width: usize,
+    ) -> DeviceResult<()>;
     /// Absorbed queries `[tokens, heads, latent + rope]`: per head
     /// `[q_nope · W_UK_h | q_pe]` from `q` `[tokens, heads, nope + rope]`.
     fn absorb_queries(
@@ -141,7 +172,7 @@ pub trait DeviceOps: Send + Sync {
         q: &Self::Buf,
         dims: MlaDims,
         tokens: usize,
-    ) -> Self::Buf;
+    ) -> DeviceResult<Self::Buf>;
     /// Attention of absorbed queries over the cached latents (values: the first `latent`
     /// of each): `[queries, heads, latent]`.
     fn mla(
@@ -151,7 +182,7 @@ pub trait DeviceOps: Send + Sync {
         blocks: &QueryBlocks<Self::Ints>,
         dims: MlaDims,
         scale: f32,
-    ) -> Self::Buf;
+    ) -> DeviceResult<Self::Buf>;
     /// Per head `W_UV_h · o_h`: `[tokens, heads, v]` from `[tokens, heads, latent]`.
     fn expand_values(
         &self,
@@ -159,7 +190,7 @@ pub trait DeviceOps: Send + Sync {
         o: &Self::Buf,
         dims: MlaDims,
         tokens: usize,
-    ) -> Self::Buf;
+    ) -> DeviceResult<Self::Buf>;
     /// MLA attention of the rotated queries `q` `[tokens, heads, nope + rope]` over the
     /// cached latents, in `form`: `[tokens, heads, v]`. `sequences` holds each sequence's
     /// query rows (consecutive positions reading one block table).
@@ -181,10 +212,10 @@ pub trait DeviceOps: Send + Sync {
         dims: MlaDims,
         scale: f32,
         form: AttentionForm,
-    ) -> Self::Buf {
+    ) -> DeviceResult<Self::Buf> {
         let _ = (sequences, form);
-        let q_lat = self.absorb_queries(kv_b, q, dims, blocks.queries);
-        let o_lat = self.mla(&q_lat, pool, blocks, dims, scale);
+        let q_lat = self.absorb_queries(kv_b, q, dims, blocks.queries)?;
+        let o_lat = self.mla(&q_lat, pool, blocks, dims, scale)?;
         self.expand_values(kv_b, &o_lat, dims, blocks.queries)
     }
     /// Each token's routed experts, best first (see [`router::route`]).
@@ -194,7 +225,7 @@ pub trait DeviceOps: Send + Sync {
         logits: &Self::Buf,
         bias: Option<&Self::Buf>,
         tokens: usize,
-    ) -> Vec<Vec<(usize, f32)>>;
+    ) -> DeviceResult<Vec<Vec<(usize, f32)>>>;
     /// [`ffn_accumulate`](Self::ffn_accumulate) for each `(expert, tokens)` of a layer's
     /// work, in order. A device may prepare the whole list at once (one upload of every
     /// expert's token indices, so the host is not held up between experts).
@@ -203,19 +234,20 @@ pub trait DeviceOps: Send + Sync {
         work: &[(&FfnWeights, &[(usize, f32)])],
         x: &Self::Buf,
         out: &mut Self::Buf,
-    ) {
+    ) -> DeviceResult<()> {
         for (f, tokens) in work {
-            self.ffn_accumulate(f, x, tokens, out);
+            self.ffn_accumulate(f, x, tokens, out)?;
         }
+        Ok(())
     }
     /// `ffn(x[t])` for every one of `tokens` rows (a dense layer's MLP or a shared
     /// expert): the values [`ffn_accumulate`](Self::ffn_accumulate) adds with weight 1
     /// to zeros, without index uploads (so it can be recorded).
-    fn ffn_all(&self, ffn: &FfnWeights, x: &Self::Buf, tokens: usize) -> Self::Buf {
-        let mut out = self.zeros(tokens * ffn.down.rows());
+    fn ffn_all(&self, ffn: &FfnWeights, x: &Self::Buf, tokens: usize) -> DeviceResult<Self::Buf> {
+        let mut out = self.zeros(tokens * ffn.down.rows())?;
         let all: Vec<(usize, f32)> = (0..tokens).map(|t| (t, 1.0)).collect();
-        self.ffn_accumulate(ffn, x, &all, &mut out);
-        out
+        self.ffn_accumulate(ffn, x, &all, &mut out)?;
+        Ok(out)
     }
     /// For every `(t, weight)` of `tokens`: `out[t] += weight * ffn(x[t])`.
     fn ffn_accumulate(
@@ -224,7 +256,7 @@ pub trait DeviceOps: Send + Sync {
         x: &Self::Buf,
         tokens: &[(usize, f32)],
         out: &mut Self::Buf,
-    );
+    ) -> DeviceResult<()>;
 }
 
 /// Rows `ids` of an embedding table, decoded on the host.
@@ -248,15 +280,19 @@ pub struct DeviceRope<B> {
 pub trait Fabric<O: DeviceOps>: Send + Sync {
     /// Each `(from, to, buffer)` moved from device `from` to device `to`; the buffers on
     /// their new devices, in order. Moves within one device keep their buffer.
-    fn transfer(&self, devices: &[Arc<O>], moves: Vec<(usize, usize, O::Buf)>) -> Vec<O::Buf>;
+    fn transfer(
+        &self,
+        devices: &[Arc<O>],
+        moves: Vec<(usize, usize, O::Buf)>,
+    ) -> DeviceResult<Vec<O::Buf>>;
 
     /// `parts[d]` on device `d`, for every device: their sum, on every device. By
     /// default gathered to the first device, added there and sent back, so every device
     /// holds the same values.
-    fn all_reduce(&self, devices: &[Arc<O>], mut parts: Vec<O::Buf>) -> Vec<O::Buf> {
+    fn all_reduce(&self, devices: &[Arc<O>], mut parts: Vec<O::Buf>) -> DeviceResult<Vec<O::Buf>> {
         let n = parts.len();
         if n < 2 {
-            return parts;
+            return Ok(parts);
         }
         let mut sum = parts.remove(0);
         let others = parts
@@ -265,13 +301,15 @@ pub trait Fabric<O: DeviceOps>: Send + Sync {
             .map(|(i, b)| (i + 1, 0, b))
             .collect();
         let first = &devices[0];
-        for b in self.transfer(devices, others) {
-            first.add(&mut sum, &b);
+        for b in self.transfer(devices, others)? {
+            first.add(&mut sum, &b)?;
         }
-        let back = (1..n).map(|d| (0, d, first.copy(&sum))).collect();
+        let back = (1..n)
+            .map(|d| Ok((0, d, first.copy(&sum)?)))
+            .collect::<DeviceResult<_>>()?;
         let mut all = vec![sum];
-        all.extend(self.transfer(devices, back));
-        all
+        all.extend(self.transfer(devices, back)?);
+        Ok(all)
     }
 }
 
@@ -279,25 +317,27 @@ pub trait Fabric<O: DeviceOps>: Send + Sync {
 pub struct ThroughHost;
 
 impl<O: DeviceOps> Fabric<O> for ThroughHost {
-    fn transfer(&self, devices: &[Arc<O>], moves: Vec<(usize, usize, O::Buf)>) -> Vec<O::Buf> {
-        let started: Vec<_> = moves
-            .into_iter()
-            .map(|(from, to, b)| {
-                if from == to {
-                    (to, Err(b))
-                } else {
-                    let n = devices[from].len(&b);
-                    (to, Ok((from, n, devices[from].begin_download(&b))))
-                }
-            })
-            .collect();
+    fn transfer(
+        &self,
+        devices: &[Arc<O>],
+        moves: Vec<(usize, usize, O::Buf)>,
+    ) -> DeviceResult<Vec<O::Buf>> {
+        let mut started = Vec::with_capacity(moves.len());
+        for (from, to, b) in moves {
+            started.push(if from == to {
+                (to, Err(b))
+            } else {
+                let n = devices[from].len(&b);
+                (to, Ok((from, n, devices[from].begin_download(&b)?)))
+            });
+        }
         started
             .into_iter()
             .map(|(to, m)| match m {
-                Err(local) => local,
+                Err(local) => Ok(local),
                 Ok((from, n, d)) => {
                     let mut host = vec![0.0f32; n];
-                    devices[from].finish_download(d, &mut host);
+                    devices[from].finish_download(d, &mut host)?;
                     devices[to].upload_staged(&host)
                 }
             })

@@ -11,6 +11,7 @@
 use super::layout::Group;
 use super::pass::{Computed, Pass, Prepared};
 use super::DeviceOps;
+use crate::device::DeviceResult;
 use crate::model::{expert_work, Ffn, Model, RouteObserver};
 use std::collections::{BTreeMap, HashMap};
 
@@ -52,7 +53,7 @@ pub(super) fn exchange_experts<O: DeviceOps>(
     groups: &[&Group<O>],
     (xns, computed): (&[&O::Buf], &[Computed<O::Buf>]),
     on_route: &mut RouteObserver,
-) -> Vec<O::Buf> {
+) -> DeviceResult<Vec<O::Buf>> {
     let cfg = &model.config;
     let h = cfg.hidden_size;
     let Ffn::Moe(moe) = &model.layers[l].ffn else {
@@ -69,32 +70,32 @@ pub(super) fn exchange_experts<O: DeviceOps>(
             let logits = match c.logits {
                 Some(logits) => logits,
                 None => {
-                    own = ops.linear(&moe.router, xn, g.tokens);
+                    own = ops.linear(&moe.router, xn, g.tokens)?;
                     &own
                 }
             };
             let bias = prepared[g.device].correction_bias(l);
             ops.route(cfg, logits, bias, g.tokens)
         })
-        .collect();
+        .collect::<DeviceResult<_>>()?;
     let mut outs: Vec<O::Buf> = groups
         .iter()
         .zip(xns)
         .zip(computed)
         .map(|((g, xn), c)| {
             let ops = r.device(g.device);
-            let mut out = ops.zeros(g.tokens * h);
+            let mut out = ops.zeros(g.tokens * h)?;
             match (&moe.shared, c.ffn) {
-                (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out),
+                (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out)?,
                 (Some(shared), None) => {
                     let all: Vec<(usize, f32)> = (0..g.tokens).map(|t| (t, 1.0)).collect();
-                    ops.ffn_accumulate(shared, xn, &all, &mut out);
+                    ops.ffn_accumulate(shared, xn, &all, &mut out)?;
                 }
                 (None, _) => {}
             }
-            out
+            Ok(out)
         })
-        .collect();
+        .collect::<DeviceResult<_>>()?;
 
     // Who computes what: shipments per owning device, in device order.
     let mut shipments: BTreeMap<usize, Shipment> = BTreeMap::new();
@@ -112,8 +113,8 @@ pub(super) fn exchange_experts<O: DeviceOps>(
             }
         }
     }
-    device_owners(r, moe, groups, xns, &shipments, &mut outs, h);
-    outs
+    device_owners(r, moe, groups, xns, &shipments, &mut outs, h)?;
+    Ok(outs)
 }
 
 /// The routed experts on devices, exchanged device to device through the resident pass's
@@ -129,7 +130,7 @@ fn device_owners<O: DeviceOps>(
     shipments: &BTreeMap<usize, Shipment>,
     outs: &mut [O::Buf],
     h: usize,
-) {
+) -> DeviceResult<()> {
     let owners: Vec<(usize, &Shipment)> = shipments.iter().map(|(&d, s)| (d, s)).collect();
     // tokens[gi][k]: group gi's tokens sent to owners[k], in the owner's row order.
     let tokens: Vec<Vec<Vec<usize>>> = (0..groups.len())
@@ -147,10 +148,10 @@ fn device_owners<O: DeviceOps>(
         if sent.is_empty() {
             continue;
         }
-        let gathered = ops.take_rows(xn, &sent, h);
+        let gathered = ops.take_rows(xn, &sent, h)?;
         let lens: Vec<usize> = tokens[gi].iter().map(|t| t.len() * h).collect();
         let nonempty: Vec<usize> = lens.iter().copied().filter(|&n| n > 0).collect();
-        let mut pieces = ops.split(&gathered, &nonempty).into_iter();
+        let mut pieces = ops.split(&gathered, &nonempty)?.into_iter();
         for (k, &n) in lens.iter().enumerate() {
             if n == 0 {
                 continue;
@@ -160,7 +161,7 @@ fn device_owners<O: DeviceOps>(
             }
         }
     }
-    let mut arrived = r.fabric().transfer(r.devices(), moves).into_iter();
+    let mut arrived = r.fabric().transfer(r.devices(), moves)?.into_iter();
     // Owners in order; each receives from the groups in order (as `moves` was built:
     // group-major, so regroup per owner).
     let mut inbox: Vec<Vec<O::Buf>> = owners.iter().map(|_| Vec::new()).collect();
@@ -176,9 +177,9 @@ fn device_owners<O: DeviceOps>(
     let mut back = Vec::new();
     for (k, ((d, s), parts)) in owners.iter().zip(inbox).enumerate() {
         let ops = r.device(*d);
-        let x = ops.concat(&parts);
-        let mut y = ops.zeros(s.rows.len() * h);
-        ops.experts_accumulate(&expert_work(&moe.experts, &s.per_expert), &x, &mut y);
+        let x = ops.concat(&parts)?;
+        let mut y = ops.zeros(s.rows.len() * h)?;
+        ops.experts_accumulate(&expert_work(&moe.experts, &s.per_expert), &x, &mut y)?;
         let lens: Vec<usize> = (0..groups.len())
             .map(|gi| tokens[gi][k].len() * h)
             .filter(|&n| n > 0)
@@ -186,7 +187,7 @@ fn device_owners<O: DeviceOps>(
         let senders: Vec<usize> = (0..groups.len())
             .filter(|&gi| !tokens[gi][k].is_empty())
             .collect();
-        for (gi, piece) in senders.into_iter().zip(ops.split(&y, &lens)) {
+        for (gi, piece) in senders.into_iter().zip(ops.split(&y, &lens)?) {
             back.push((gi, *d, groups[gi].device, piece));
         }
     }
@@ -195,7 +196,7 @@ fn device_owners<O: DeviceOps>(
         .into_iter()
         .map(|(_, from, to, b)| (from, to, b))
         .collect();
-    let returned = r.fabric().transfer(r.devices(), moves);
+    let returned = r.fabric().transfer(r.devices(), moves)?;
     // Per group, the pieces in owner order, added to the rows they came from.
     let mut mail: Vec<Vec<O::Buf>> = groups.iter().map(|_| Vec::new()).collect();
     for (gi, b) in senders.into_iter().zip(returned) {
@@ -208,7 +209,8 @@ fn device_owners<O: DeviceOps>(
         let ops = r.device(g.device);
         // Pieces arrive in owner order, one per owner this group sent to.
         let rows: Vec<usize> = tokens[gi].iter().flatten().copied().collect();
-        let joined = ops.concat(&pieces);
-        ops.add_rows(&mut outs[gi], &rows, &joined, h);
+        let joined = ops.concat(&pieces)?;
+        ops.add_rows(&mut outs[gi], &rows, &joined, h)?;
     }
+    Ok(())
 }

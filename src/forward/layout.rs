@@ -4,6 +4,7 @@
 
 use super::pass::Prepared;
 use super::{DeviceOps, QueryBlocks};
+use crate::device::DeviceResult;
 use crate::model::{BatchEntry, LatentStore};
 
 /// One entry's tokens within its device's share of the pass.
@@ -33,25 +34,37 @@ pub(super) fn ensure_pools<O: DeviceOps>(
     blocks: usize,
     width: usize,
     layers: impl Iterator<Item = usize>,
-) {
+) -> DeviceResult<()> {
     if p.block_size != block_size || p.pool_bf16 != bf16 {
         // A store with another layout: start over (its blocks are all new).
-        p.pools = p.pools.iter().map(|_| ops.pool(0, bf16)).collect();
+        p.pools = p
+            .pools
+            .iter()
+            .map(|_| ops.pool(0, bf16))
+            .collect::<DeviceResult<_>>()?;
         p.pool_blocks = 0;
         p.pool_generation += 1;
         p.block_size = block_size;
         p.pool_bf16 = bf16;
     }
     if blocks <= p.pool_blocks {
-        return;
+        return Ok(());
     }
     let grown = blocks.max(p.pool_blocks * 2);
-    for l in layers {
-        p.pools[l] = ops.grow_pool(&p.pools[l], grown * block_size * width);
+    // Every pool is grown before any is replaced, so a failure (out of device memory)
+    // leaves them all as they were.
+    let layers: Vec<usize> = layers.collect();
+    let bigger = layers
+        .iter()
+        .map(|&l| ops.grow_pool(&p.pools[l], grown * block_size * width))
+        .collect::<DeviceResult<Vec<_>>>()?;
+    for (l, pool) in layers.into_iter().zip(bigger) {
+        p.pools[l] = pool;
     }
     p.pool_blocks = grown;
     // The pools moved: recordings of work that writes them are stale.
     p.pool_generation += 1;
+    Ok(())
 }
 
 /// Each batch entry's (block size, block table) for the positions it reaches.
@@ -141,23 +154,23 @@ impl Layout {
     }
 
     /// This layout's indices uploaded to `device`.
-    pub(super) fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> Group<O> {
-        Group {
+    pub(super) fn place<O: DeviceOps>(&self, ops: &O, device: usize) -> DeviceResult<Group<O>> {
+        Ok(Group {
             device,
             entries: self.entries.clone(),
             spans: self.spans.clone(),
             tokens: self.tokens,
-            positions: ops.upload_ints(&self.positions),
-            slots: ops.upload_ints(&self.slots),
+            positions: ops.upload_ints(&self.positions)?,
+            slots: ops.upload_ints(&self.slots)?,
             blocks: QueryBlocks {
-                tables: ops.upload_ints(&self.query_tables),
-                lens: ops.upload_ints(&self.lens),
+                tables: ops.upload_ints(&self.query_tables)?,
+                lens: ops.upload_ints(&self.lens)?,
                 queries: self.tokens,
                 max_blocks: self.max_blocks,
                 block_size: self.block_size,
                 max_len: self.lens.iter().map(|&l| l as usize).max().unwrap_or(0),
             },
-        }
+        })
     }
 
     /// The block-table width of a recorded decode step of this layout: its widest table
@@ -184,23 +197,28 @@ impl Layout {
         ops: &O,
         device: usize,
         width: usize,
-    ) -> Group<O> {
-        let mut g = self.place(ops, device);
-        g.blocks.tables = ops.upload_ints(&self.tables_at(width));
+    ) -> DeviceResult<Group<O>> {
+        let mut g = self.place(ops, device)?;
+        g.blocks.tables = ops.upload_ints(&self.tables_at(width))?;
         g.blocks.max_blocks = width;
         g.blocks.max_len = width * self.block_size;
-        g
+        Ok(g)
     }
 
     /// Writes this layout's indices into `fixed` (made by [`place_recorded`] for a layout
     /// with as many tokens, the same block size and `width`), which keeps its buffers.
-    pub(super) fn write_recorded<O: DeviceOps>(&self, ops: &O, fixed: &mut Group<O>) {
+    pub(super) fn write_recorded<O: DeviceOps>(
+        &self,
+        ops: &O,
+        fixed: &mut Group<O>,
+    ) -> DeviceResult<()> {
         let width = fixed.blocks.max_blocks;
-        ops.write_ints(&mut fixed.positions, &self.positions);
-        ops.write_ints(&mut fixed.slots, &self.slots);
-        ops.write_ints(&mut fixed.blocks.tables, &self.tables_at(width));
-        ops.write_ints(&mut fixed.blocks.lens, &self.lens);
+        ops.write_ints(&mut fixed.positions, &self.positions)?;
+        ops.write_ints(&mut fixed.slots, &self.slots)?;
+        ops.write_ints(&mut fixed.blocks.tables, &self.tables_at(width))?;
+        ops.write_ints(&mut fixed.blocks.lens, &self.lens)?;
         fixed.entries.clone_from(&self.entries);
         fixed.spans.clone_from(&self.spans);
+        Ok(())
     }
 }

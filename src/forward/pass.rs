@@ -16,11 +16,15 @@ use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
 use super::{DeviceOps, DeviceRope, Fabric, Forward, MlaDims, ReplayKey, RopeLayout, ThroughHost};
 use crate::backend::{Backend, FfnWeights};
+use crate::device::DeviceResult;
 use crate::model::{
     expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj,
     RouteObserver,
 };
 use std::sync::{Arc, Mutex};
+
+/// Host experts' sums still being computed (deferred to the next layer).
+type HostSums = Pending<Vec<f32>>;
 
 /// The small per-layer tensors, uploaded once per model.
 pub(super) struct LayerTensors<B> {
@@ -249,39 +253,48 @@ impl<O: DeviceOps> Pass<O> {
         }
     }
 
-    fn prepare(&self, ops: &O, model: &Model) -> Prepared<O> {
+    fn prepare(&self, ops: &O, model: &Model) -> DeviceResult<Prepared<O>> {
         let layers = model
             .layers
             .iter()
-            .map(|l| LayerTensors {
-                input_norm: ops.upload(&l.input_norm),
-                post_attn_norm: ops.upload(&l.post_attn_norm),
-                q_a_norm: match &l.attn.q {
-                    QueryProj::LowRank { norm, .. } => Some(ops.upload(norm)),
-                    QueryProj::Full(_) => None,
-                },
-                kv_a_norm: ops.upload(&l.attn.kv_a_norm),
-                correction_bias: match &l.ffn {
-                    Ffn::Moe(m) => m.correction_bias.as_deref().map(|b| ops.upload(b)),
-                    Ffn::Dense(_) => None,
-                },
+            .map(|l| {
+                Ok(LayerTensors {
+                    input_norm: ops.upload(&l.input_norm)?,
+                    post_attn_norm: ops.upload(&l.post_attn_norm)?,
+                    q_a_norm: match &l.attn.q {
+                        QueryProj::LowRank { norm, .. } => Some(ops.upload(norm)?),
+                        QueryProj::Full(_) => None,
+                    },
+                    kv_a_norm: ops.upload(&l.attn.kv_a_norm)?,
+                    correction_bias: match &l.ffn {
+                        Ffn::Moe(m) => match m.correction_bias.as_deref() {
+                            Some(b) => Some(ops.upload(b)?),
+                            None => None,
+                        },
+                        Ffn::Dense(_) => None,
+                    },
+                })
             })
-            .collect();
-        Prepared {
+            .collect::<DeviceResult<_>>()?;
+        Ok(Prepared {
             model_id: model.id,
             layers,
-            final_norm: ops.upload(&model.norm),
+            final_norm: ops.upload(&model.norm)?,
             rope: DeviceRope {
                 host: model.rope.clone(),
-                inv_freq: ops.upload(model.rope.inv_freq()),
+                inv_freq: ops.upload(model.rope.inv_freq())?,
             },
-            pools: model.layers.iter().map(|_| ops.pool(0, false)).collect(),
+            pools: model
+                .layers
+                .iter()
+                .map(|_| ops.pool(0, false))
+                .collect::<DeviceResult<_>>()?,
             pool_blocks: 0,
             block_size: 0,
             pool_bf16: false,
             pool_generation: 0,
             decode_io: Vec::new(),
-        }
+        })
     }
 
     /// Whether routed expert `f` runs on the host (hybrid mode, no GPU in the plan).
@@ -318,27 +331,28 @@ impl<O: DeviceOps> Forward for Pass<O> {
             *state = None;
         }
         model.check_batch(batch)?;
-        let prepared = state.get_or_insert_with(|| {
-            self.devices
+        let failed = |e: crate::device::DeviceError| {
+            eprintln!("error: {e}");
+            ModelError::Device(e.to_string())
+        };
+        if state.is_none() {
+            let prepared = self
+                .devices
                 .iter()
                 .map(|ops| self.prepare(ops, model))
-                .collect()
-        });
+                .collect::<DeviceResult<_>>()
+                .map_err(failed)?;
+            *state = Some(prepared);
+        }
+        let Some(prepared) = state.as_mut() else {
+            unreachable!("prepared just above")
+        };
         // A device failure mid-pass (out of memory while the latent pools grow for a long
-        // batch, a lost GPU) panics inside the device's operations; it fails this batch,
-        // not the process. Device buffers of the failed pass are freed as it unwinds, and
-        // the pools keep their layout (a pool that grew keeps its old blocks).
-        let pass = std::panic::AssertUnwindSafe(|| {
-            self.run(model, prepared, batch, store, form, on_route)
-        });
-        std::panic::catch_unwind(pass).map_err(|payload| {
-            let why = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "an unknown failure".into());
-            ModelError::Device(why)
-        })
+        // batch, a lost GPU) fails this batch, not the process: the pass's buffers are
+        // freed as it returns, and the pools keep their layout (they are replaced only
+        // once every layer's bigger pool exists).
+        self.run(model, prepared, batch, store, form, on_route)
+            .map_err(failed)
     }
 
     fn devices(&self) -> usize {
@@ -360,7 +374,7 @@ impl<O: DeviceOps> Pass<O> {
         store: &mut dyn LatentStore,
         form: AttentionForm,
         on_route: &mut RouteObserver,
-    ) -> Vec<Option<Vec<f32>>> {
+    ) -> DeviceResult<Vec<Option<Vec<f32>>>> {
         if let Some(split) = &self.split {
             let io = (batch, store, form);
             return self.run_tensor_parallel(split, model, prepared, io, on_route);
@@ -369,31 +383,31 @@ impl<O: DeviceOps> Pass<O> {
         let h = cfg.hidden_size;
         // Per share of the batch, its placements (one per device it visits); a decode step
         // on recording devices works in each device's fixed buffers.
-        let layouts = self.layouts(model, prepared, batch, store);
-        let (shares, mut recorded): (_, Option<Vec<Recorded<O>>>) =
-            if self.recordable(batch, &layouts) {
-                let (shares, recorded) = layouts
-                    .iter()
-                    .map(|(layout, devices)| {
-                        let d = devices[0];
-                        let (group, r) =
-                            fixed_share(self.device(d), &mut prepared[d], model, layout, d);
-                        (vec![group], r)
-                    })
-                    .unzip();
-                (shares, Some(recorded))
-            } else {
-                let shares: Vec<Vec<Group<O>>> = layouts
-                    .iter()
-                    .map(|(layout, devices)| {
-                        devices
-                            .iter()
-                            .map(|&d| layout.place(self.device(d), d))
-                            .collect()
-                    })
-                    .collect();
-                (shares, None)
-            };
+        let layouts = self.layouts(model, prepared, batch, store)?;
+        let (shares, mut recorded): (_, Option<Vec<Recorded<O>>>) = if self
+            .recordable(batch, &layouts)
+        {
+            let mut shares = Vec::with_capacity(layouts.len());
+            let mut recorded = Vec::with_capacity(layouts.len());
+            for (layout, devices) in &layouts {
+                let d = devices[0];
+                let (group, r) = fixed_share(self.device(d), &mut prepared[d], model, layout, d)?;
+                shares.push(vec![group]);
+                recorded.push(r);
+            }
+            (shares, Some(recorded))
+        } else {
+            let shares: Vec<Vec<Group<O>>> = layouts
+                .iter()
+                .map(|(layout, devices)| {
+                    devices
+                        .iter()
+                        .map(|&d| layout.place(self.device(d), d))
+                        .collect()
+                })
+                .collect::<DeviceResult<_>>()?;
+            (shares, None)
+        };
         let mut xs: Vec<(usize, O::Buf)> = shares
             .iter()
             .map(|placed| {
@@ -403,11 +417,11 @@ impl<O: DeviceOps> Pass<O> {
                     .iter()
                     .flat_map(|&e| batch[e].tokens.iter().copied())
                     .collect();
-                (g.device, self.devices[g.device].embed(&model.embed, &ids))
+                Ok((g.device, self.devices[g.device].embed(&model.embed, &ids)?))
             })
-            .collect();
+            .collect::<DeviceResult<_>>()?;
         for (r, (at, x)) in recorded.iter_mut().flatten().zip(xs.iter_mut()) {
-            r.hold_residual(self.device(*at), x);
+            r.hold_residual(self.device(*at), x)?;
         }
         let one_device_moe =
             shares.len() == 1 && (self.devices.len() == 1 || self.layer_devices.is_some());
@@ -418,21 +432,21 @@ impl<O: DeviceOps> Pass<O> {
             let mut normed_here = Vec::with_capacity(groups.len());
             for (share, (g, (at, x))) in groups.iter().zip(xs.iter_mut()).enumerate() {
                 if *at != g.device {
-                    *x = self.move_rows(x, *at, g.device, g.tokens * h);
+                    *x = self.move_rows(x, *at, g.device, g.tokens * h)?;
                     *at = g.device;
                 }
                 let (ops, p) = (self.devices[g.device].as_ref(), &mut prepared[g.device]);
                 if let Some(r) = recorded.as_mut().and_then(|r| r.get_mut(share)) {
-                    recorded_attention(ops, model, p, l, x, g, r);
+                    recorded_attention(ops, model, p, l, x, g, r)?;
                     continue;
                 }
                 let n = g.tokens;
-                let xn = normed(ops, x, &p.layers[l].input_norm, n, h, cfg.rms_norm_eps);
+                let xn = normed(ops, x, &p.layers[l].input_norm, n, h, cfg.rms_norm_eps)?;
                 let w = AttnWeights::whole(model, l);
-                let attn = attention(ops, model, p, l, &xn, g, &w, form);
-                ops.add(x, &attn);
+                let attn = attention(ops, model, p, l, &xn, g, &w, form)?;
+                ops.add(x, &attn)?;
                 let post = &p.layers[l].post_attn_norm;
-                normed_here.push(normed(ops, x, post, n, h, cfg.rms_norm_eps));
+                normed_here.push(normed(ops, x, post, n, h, cfg.rms_norm_eps)?);
             }
             // Each group's post-attention norm: a recorded step's stays in its fixed buffer.
             let xns: Vec<&O::Buf> = match &recorded {
@@ -450,18 +464,18 @@ impl<O: DeviceOps> Pass<O> {
                     .iter()
                     .zip(&computed)
                     .filter_map(|(g, c)| c.ffn.map(|f| self.device(g.device).copy(f)))
-                    .collect(),
+                    .collect::<DeviceResult<_>>()?,
                 Ffn::Dense(w) => groups
                     .iter()
                     .zip(&xns)
                     .map(|(g, xn)| {
                         let ops = self.devices[g.device].as_ref();
-                        let mut out = ops.zeros(g.tokens * h);
+                        let mut out = ops.zeros(g.tokens * h)?;
                         let all: Vec<(usize, f32)> = (0..g.tokens).map(|t| (t, 1.0)).collect();
-                        ops.ffn_accumulate(w, xn, &all, &mut out);
-                        out
+                        ops.ffn_accumulate(w, xn, &all, &mut out)?;
+                        Ok(out)
                     })
-                    .collect(),
+                    .collect::<DeviceResult<_>>()?,
                 Ffn::Moe(_) if one_device_moe => {
                     let g = groups[0];
                     let p = &prepared[g.device];
@@ -473,37 +487,37 @@ impl<O: DeviceOps> Pass<O> {
                         g,
                         &mut deferred,
                         on_route,
-                    );
+                    )?;
                     later = after;
                     vec![out]
                 }
                 Ffn::Moe(_) => {
                     let inputs = (&xns[..], &computed[..]);
-                    exchange_experts(self, model, prepared, l, &groups, inputs, on_route)
+                    exchange_experts(self, model, prepared, l, &groups, inputs, on_route)?
                 }
             };
-            self.add_outputs(&groups, &mut xs, &outs);
+            self.add_outputs(&groups, &mut xs, &outs)?;
             if let Some(d) = deferred.take().and_then(Pending::wait) {
                 // The previous layer's deferred outputs, when this layer did not ship.
                 let (at, x) = &mut xs[0];
                 let ops = self.device(*at);
-                ops.add(x, &self.upload_handoff(ops, &d));
+                ops.add(x, &self.upload_handoff(ops, &d)?)?;
             }
             deferred = later;
         }
         if let Some(d) = deferred.and_then(Pending::wait) {
             let (at, x) = &mut xs[0];
             let ops = self.device(*at);
-            ops.add(x, &self.upload_handoff(ops, &d));
+            ops.add(x, &self.upload_handoff(ops, &d)?)?;
         }
-        let logits = self.logits(model, prepared, batch, &shares, &xs);
+        let logits = self.logits(model, prepared, batch, &shares, &xs)?;
         // A recorded step's buffers go back to their devices for the next step.
         for ((r, mut placed), (device, x)) in recorded.into_iter().flatten().zip(shares).zip(xs) {
             if let Some(group) = placed.pop() {
                 keep_decode_io(&mut prepared[device], r.into_io(group, x));
             }
         }
-        logits
+        Ok(logits)
     }
 
     /// Whether a pass with these layouts runs as a recorded decode step: every device
@@ -530,17 +544,23 @@ impl<O: DeviceOps> Pass<O> {
     }
 
     /// `n` values of `x` from device `from` to device `to` (through host memory).
-    fn move_rows(&self, x: &O::Buf, from: usize, to: usize, n: usize) -> O::Buf {
+    fn move_rows(&self, x: &O::Buf, from: usize, to: usize, n: usize) -> DeviceResult<O::Buf> {
         let mut host = vec![0.0f32; n];
         let src = self.device(from);
-        src.finish_download(src.begin_download(x), &mut host);
+        src.finish_download(src.begin_download(x)?, &mut host)?;
         self.device(to).upload_staged(&host)
     }
 
-    fn add_outputs(&self, groups: &[&Group<O>], xs: &mut [(usize, O::Buf)], outs: &[O::Buf]) {
+    fn add_outputs(
+        &self,
+        groups: &[&Group<O>],
+        xs: &mut [(usize, O::Buf)],
+        outs: &[O::Buf],
+    ) -> DeviceResult<()> {
         for ((g, (_, x)), out) in groups.iter().zip(xs.iter_mut()).zip(outs) {
-            self.devices[g.device].add(x, out);
+            self.devices[g.device].add(x, out)?;
         }
+        Ok(())
     }
 
     /// Splits the batch into shares and says which devices each runs on: with
@@ -555,7 +575,7 @@ impl<O: DeviceOps> Pass<O> {
         prepared: &mut [Prepared<O>],
         batch: &[BatchEntry],
         store: &mut dyn LatentStore,
-    ) -> Vec<(Layout, Vec<usize>)> {
+    ) -> DeviceResult<Vec<(Layout, Vec<usize>)>> {
         let d = self.devices.len();
         // A store split into one partition per device keeps each sequence's blocks in
         // one partition (block id mod d): data-parallel. Other stores, and pipelines,
@@ -599,11 +619,11 @@ impl<O: DeviceOps> Pass<O> {
                     layout.needed_blocks,
                     width,
                     (0..layers).filter(|&l| owned(l)),
-                );
+                )?;
             }
             shares.push((layout, devices));
         }
-        shares
+        Ok(shares)
     }
 
     /// The lm_head over the rows that need logits, on each device for its entries;
@@ -615,7 +635,7 @@ impl<O: DeviceOps> Pass<O> {
         batch: &[BatchEntry],
         shares: &[Vec<Group<O>>],
         xs: &[(usize, O::Buf)],
-    ) -> Vec<Option<Vec<f32>>> {
+    ) -> DeviceResult<Vec<Option<Vec<f32>>>> {
         let cfg = &model.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let mut out: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
@@ -630,12 +650,12 @@ impl<O: DeviceOps> Pass<O> {
                 if !rows.is_empty() {
                     let ops = self.devices[g.device].as_ref();
                     let p = &prepared[g.device];
-                    let x = final_rows(ops, p, x, &rows, h, cfg.rms_norm_eps);
+                    let x = final_rows(ops, p, x, &rows, h, cfg.rms_norm_eps)?;
                     picked.push((g.device, x, rows.len()));
                 }
                 counted.push((g, rows.len()));
             }
-            let all = split.logits(&self.devices, self.fabric(), picked, vocab);
+            let all = split.logits(&self.devices, self.fabric(), picked, vocab)?;
             let mut at = 0;
             for (g, n) in counted {
                 hand_out_logits(
@@ -647,7 +667,7 @@ impl<O: DeviceOps> Pass<O> {
                 );
                 at += n;
             }
-            return out;
+            return Ok(out);
         }
         for (placed, (device, x)) in shares.iter().zip(xs) {
             let g = last_placement(placed, *device);
@@ -655,13 +675,13 @@ impl<O: DeviceOps> Pass<O> {
             let rows = logit_rows(batch, g);
             let mut all = vec![0.0f32; rows.len() * vocab];
             if !rows.is_empty() {
-                let picked = final_rows(ops, &prepared[g.device], x, &rows, h, cfg.rms_norm_eps);
-                let logits = ops.linear(&model.lm_head, &picked, rows.len());
-                ops.finish_download(ops.begin_download(&logits), &mut all);
+                let picked = final_rows(ops, &prepared[g.device], x, &rows, h, cfg.rms_norm_eps)?;
+                let logits = ops.linear(&model.lm_head, &picked, rows.len())?;
+                ops.finish_download(ops.begin_download(&logits)?, &mut all)?;
             }
             hand_out_logits(batch, g, &all, vocab, &mut out);
         }
-        out
+        Ok(out)
     }
 
     /// One MoE layer on one device: the router there; in hybrid mode with host experts
@@ -681,7 +701,7 @@ impl<O: DeviceOps> Pass<O> {
         group: &Group<O>,
         previous: &mut Option<Pending<Vec<f32>>>,
         on_route: &mut RouteObserver,
-    ) -> (O::Buf, Option<Pending<Vec<f32>>>) {
+    ) -> DeviceResult<(O::Buf, Option<HostSums>)> {
         let ops = self.device(group.device);
         let cfg = &model.config;
         let (h, n) = (cfg.hidden_size, group.tokens);
@@ -692,11 +712,11 @@ impl<O: DeviceOps> Pass<O> {
         let logits = match computed.logits {
             Some(logits) => logits,
             None => {
-                own = ops.linear(&moe.router, xn, n);
+                own = ops.linear(&moe.router, xn, n)?;
                 &own
             }
         };
-        let routes = ops.route(cfg, logits, p.correction_bias(l), n);
+        let routes = ops.route(cfg, logits, p.correction_bias(l), n)?;
         let e = moe.experts.len();
         let mut device_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         let mut host_tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
@@ -719,26 +739,28 @@ impl<O: DeviceOps> Pass<O> {
             }
         }
         let ships = moe.experts.iter().any(|f| self.on_host(f));
-        let download = ships.then(|| {
+        let download = if ships {
             self.count(|a| a.copied_to_host((n * h * 4) as u64));
-            ops.begin_download(xn)
-        });
+            Some(ops.begin_download(xn)?)
+        } else {
+            None
+        };
         // The device's experts and the shared expert, queued while the host works.
-        let mut out = ops.zeros(n * h);
-        ops.experts_accumulate(&expert_work(&moe.experts, &device_tokens), xn, &mut out);
+        let mut out = ops.zeros(n * h)?;
+        ops.experts_accumulate(&expert_work(&moe.experts, &device_tokens), xn, &mut out)?;
         match (&moe.shared, computed.ffn) {
-            (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out),
+            (Some(_), Some(shared_out)) => ops.add(&mut out, shared_out)?,
             (Some(shared), None) => {
                 let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-                ops.ffn_accumulate(shared, xn, &all, &mut out);
+                ops.ffn_accumulate(shared, xn, &all, &mut out)?;
             }
             (None, _) => {}
         }
         let (Some(download), Some(host)) = (download, &self.host) else {
-            return (out, None);
+            return Ok((out, None));
         };
         let mut host_x = vec![0.0f32; n * h];
-        ops.finish_download(download, &mut host_x);
+        ops.finish_download(download, &mut host_x)?;
         let mut host_out = vec![0.0f32; n * h];
         host.moe_accumulate(
             &expert_work(&moe.experts, &host_tokens),
@@ -771,12 +793,12 @@ impl<O: DeviceOps> Pass<O> {
                 *a += b;
             }
         }
-        ops.add(&mut out, &self.upload_handoff(ops, &host_out));
-        (out, later)
+        ops.add(&mut out, &self.upload_handoff(ops, &host_out)?)?;
+        Ok((out, later))
     }
 
     /// Host results back to a device, counted as hand-off bytes.
-    fn upload_handoff(&self, ops: &O, x: &[f32]) -> O::Buf {
+    fn upload_handoff(&self, ops: &O, x: &[f32]) -> DeviceResult<O::Buf> {
         self.count(|a| a.copied_to_device((x.len() * 4) as u64));
         ops.upload_staged(x)
     }
@@ -796,10 +818,10 @@ pub(super) fn normed<O: DeviceOps>(
     n: usize,
     h: usize,
     eps: f32,
-) -> O::Buf {
-    let mut xn = ops.copy(x);
-    ops.rms_norm(&mut xn, w, n, h, h, eps);
-    xn
+) -> DeviceResult<O::Buf> {
+    let mut xn = ops.copy(x)?;
+    ops.rms_norm(&mut xn, w, n, h, h, eps)?;
+    Ok(xn)
 }
 
 impl<O: DeviceOps> Recorded<O> {
@@ -820,11 +842,12 @@ impl<O: DeviceOps> Recorded<O> {
 
     /// Moves the step's input into the fixed residual buffer, which takes its place in
     /// `x` (once per step).
-    pub(super) fn hold_residual(&mut self, ops: &O, x: &mut O::Buf) {
+    pub(super) fn hold_residual(&mut self, ops: &O, x: &mut O::Buf) -> DeviceResult<()> {
         if let Some(mut fixed) = self.x.take() {
-            ops.copy_into(&mut fixed, x);
+            ops.copy_into(&mut fixed, x)?;
             *x = fixed;
         }
+        Ok(())
     }
 
     /// What [`recorded_attention`] computed for a layer with this FFN.
@@ -851,25 +874,25 @@ pub(super) fn fixed_share<O: DeviceOps>(
     model: &Model,
     layout: &Layout,
     device: usize,
-) -> (Group<O>, Recorded<O>) {
+) -> DeviceResult<(Group<O>, Recorded<O>)> {
     let n = layout.tokens() * model.config.hidden_size;
     let width = layout.recorded_width();
     let mut io = match p.decode_io.iter().position(|io| io.fits(layout)) {
         Some(i) => p.decode_io.remove(i),
         None => DecodeIo {
-            group: layout.place_recorded(ops, device, width),
+            group: layout.place_recorded(ops, device, width)?,
             bufs: Recorded {
                 id: next_io_id(),
                 width,
-                x: Some(ops.zeros(n)),
-                xn: ops.zeros(n),
-                ffn: ops.zeros(n),
-                logits: ops.zeros(layout.tokens() * model.config.n_routed_experts),
+                x: Some(ops.zeros(n)?),
+                xn: ops.zeros(n)?,
+                ffn: ops.zeros(n)?,
+                logits: ops.zeros(layout.tokens() * model.config.n_routed_experts)?,
             },
         },
     };
-    layout.write_recorded(ops, &mut io.group);
-    (io.group, io.bufs)
+    layout.write_recorded(ops, &mut io.group)?;
+    Ok((io.group, io.bufs))
 }
 
 /// Layer `l`'s attention block of a recorded decode step and what of its FFN needs no
@@ -885,29 +908,30 @@ fn recorded_attention<O: DeviceOps>(
     x: &mut O::Buf,
     g: &Group<O>,
     r: &mut Recorded<O>,
-) {
+) -> DeviceResult<()> {
     let cfg = &model.config;
     let (n, h, eps) = (g.tokens, cfg.hidden_size, cfg.rms_norm_eps);
     let key = r.key(p.pool_generation, l);
     let (xn_out, ffn_out, logits_out) = (&mut r.xn, &mut r.ffn, &mut r.logits);
     ops.replay(key, &mut || {
-        let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps);
+        let xn = normed(ops, x, &p.layers[l].input_norm, n, h, eps)?;
         let w = AttnWeights::whole(model, l);
-        let attn = attention(ops, model, p, l, &xn, g, &w, AttentionForm::Auto);
-        ops.add(x, &attn);
-        let post = normed(ops, x, &p.layers[l].post_attn_norm, n, h, eps);
-        ops.copy_into(xn_out, &post);
+        let attn = attention(ops, model, p, l, &xn, g, &w, AttentionForm::Auto)?;
+        ops.add(x, &attn)?;
+        let post = normed(ops, x, &p.layers[l].post_attn_norm, n, h, eps)?;
+        ops.copy_into(xn_out, &post)?;
         let (ffn, router) = match &model.layers[l].ffn {
             Ffn::Dense(w) => (Some(w), None),
             Ffn::Moe(m) => (m.shared.as_ref(), Some(&m.router)),
         };
         if let Some(w) = ffn {
-            ops.copy_into(ffn_out, &ops.ffn_all(w, &post, n));
+            ops.copy_into(ffn_out, &ops.ffn_all(w, &post, n)?)?;
         }
         if let Some(router) = router {
-            ops.copy_into(logits_out, &ops.linear(router, &post, n));
+            ops.copy_into(logits_out, &ops.linear(router, &post, n)?)?;
         }
-    });
+        Ok(())
+    })
 }
 
 /// A share's placement on `device`, where its final hidden states are (the device of
@@ -936,10 +960,10 @@ pub(super) fn final_rows<O: DeviceOps>(
     rows: &[usize],
     h: usize,
     eps: f32,
-) -> O::Buf {
-    let mut picked = ops.take_rows(x, rows, h);
-    ops.rms_norm(&mut picked, &p.final_norm, rows.len(), h, h, eps);
-    picked
+) -> DeviceResult<O::Buf> {
+    let mut picked = ops.take_rows(x, rows, h)?;
+    ops.rms_norm(&mut picked, &p.final_norm, rows.len(), h, h, eps)?;
+    Ok(picked)
 }
 
 /// Gives each entry of `g` its rows of `all` (the logits of [`logit_rows`], `vocab`
@@ -1001,7 +1025,7 @@ pub(super) fn attention<O: DeviceOps>(
     g: &Group<O>,
     w: &AttnWeights,
     form: AttentionForm,
-) -> O::Buf {
+) -> DeviceResult<O::Buf> {
     let cfg = &model.config;
     let a = &model.layers[l].attn;
     let t = &p.layers[l];
@@ -1009,14 +1033,14 @@ pub(super) fn attention<O: DeviceOps>(
     let (n, heads, width) = (g.tokens, dims.heads, dims.width());
     let mut q = match &a.q {
         QueryProj::LowRank { a: qa, .. } => {
-            let mut lat = ops.linear(qa, x, n);
+            let mut lat = ops.linear(qa, x, n)?;
             if let Some(norm) = &t.q_a_norm {
                 let r = qa.rows();
-                ops.rms_norm(&mut lat, norm, n, r, r, cfg.rms_norm_eps);
+                ops.rms_norm(&mut lat, norm, n, r, r, cfg.rms_norm_eps)?;
             }
-            ops.linear(w.q, &lat, n)
+            ops.linear(w.q, &lat, n)?
         }
-        QueryProj::Full(_) => ops.linear(w.q, x, n),
+        QueryProj::Full(_) => ops.linear(w.q, x, n)?,
     };
     let qk = dims.qk();
     let layout = |heads, token_stride, head_stride, offset| RopeLayout {
@@ -1031,8 +1055,8 @@ pub(super) fn attention<O: DeviceOps>(
         &p.rope,
         &g.positions,
         layout(heads, heads * qk, qk, dims.nope),
-    );
-    let mut kv = ops.linear(&a.kv_a, x, n);
+    )?;
+    let mut kv = ops.linear(&a.kv_a, x, n)?;
     ops.rms_norm(
         &mut kv,
         &t.kv_a_norm,
@@ -1040,18 +1064,18 @@ pub(super) fn attention<O: DeviceOps>(
         width,
         dims.latent,
         cfg.rms_norm_eps,
-    );
+    )?;
     ops.rope(
         &mut kv,
         &p.rope,
         &g.positions,
         layout(1, width, 0, dims.latent),
-    );
-    ops.write_rows(&mut p.pools[l], &kv, &g.slots, width);
+    )?;
+    ops.write_rows(&mut p.pools[l], &kv, &g.slots, width)?;
     let sequences: Vec<std::ops::Range<usize>> =
         g.spans.iter().map(|s| s.first..s.first + s.len).collect();
     let pool = &p.pools[l];
     let scale = cfg.softmax_scale();
-    let v = ops.mla_attention(w.kv_b, &q, pool, &g.blocks, &sequences, dims, scale, form);
+    let v = ops.mla_attention(w.kv_b, &q, pool, &g.blocks, &sequences, dims, scale, form)?;
     ops.linear(w.o, &v, n)
 }

@@ -18,6 +18,7 @@ use super::pass::{
     AttnWeights, Pass, Prepared, Recorded, MAX_RECORDED_TOKENS,
 };
 use super::{DeviceOps, MlaDims};
+use crate::device::DeviceResult;
 use crate::model::{
     expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Model, QueryProj, RouteObserver,
 };
@@ -130,7 +131,7 @@ impl<O: DeviceOps> Pass<O> {
         prepared: &mut [Prepared<O>],
         (batch, store, form): (&[BatchEntry], &mut dyn LatentStore, AttentionForm),
         on_route: &mut RouteObserver,
-    ) -> Vec<Option<Vec<f32>>> {
+    ) -> DeviceResult<Vec<Option<Vec<f32>>>> {
         let cfg = &model.config;
         let h = cfg.hidden_size;
         let devices = self.devices();
@@ -149,7 +150,7 @@ impl<O: DeviceOps> Pass<O> {
         for (d, ops) in devices.iter().enumerate() {
             let ops = ops.as_ref();
             if !split.attends(d) {
-                groups.push(layout.place(ops, d));
+                groups.push(layout.place(ops, d)?);
                 recorded.push(None);
                 continue;
             }
@@ -162,13 +163,13 @@ impl<O: DeviceOps> Pass<O> {
                 layout.needed_blocks,
                 width,
                 0..model.layers.len(),
-            );
+            )?;
             if recording {
-                let (group, r) = fixed_share(ops, p, model, &layout, d);
+                let (group, r) = fixed_share(ops, p, model, &layout, d)?;
                 groups.push(group);
                 recorded.push(Some(r));
             } else {
-                groups.push(layout.place(ops, d));
+                groups.push(layout.place(ops, d)?);
                 recorded.push(None);
             }
         }
@@ -178,10 +179,13 @@ impl<O: DeviceOps> Pass<O> {
             .flat_map(|e| e.tokens.iter().copied())
             .collect();
         let embedded = super::embedding_rows(&model.embed, &ids);
-        let mut xs: Vec<O::Buf> = devices.iter().map(|ops| ops.upload(&embedded)).collect();
+        let mut xs: Vec<O::Buf> = devices
+            .iter()
+            .map(|ops| ops.upload(&embedded))
+            .collect::<DeviceResult<_>>()?;
         for ((ops, r), x) in devices.iter().zip(&mut recorded).zip(&mut xs) {
             if let Some(r) = r {
-                r.hold_residual(ops.as_ref(), x);
+                r.hold_residual(ops.as_ref(), x)?;
             }
         }
         for (l, layer) in model.layers.iter().enumerate() {
@@ -196,7 +200,7 @@ impl<O: DeviceOps> Pass<O> {
                     let eps = cfg.rms_norm_eps;
                     let (x, generation) = (&xs[d], p.pool_generation);
                     let mut heads = || {
-                        let xn = normed(ops, x, &p.layer(l).input_norm, n, h, eps);
+                        let xn = normed(ops, x, &p.layer(l).input_norm, n, h, eps)?;
                         attention(ops, model, p, l, &xn, g, &share.weights(), form)
                     };
                     let Some(r) = recorded[d].as_mut() else {
@@ -205,14 +209,11 @@ impl<O: DeviceOps> Pass<O> {
                     // Recorded: the heads' partial sum lands in the fixed `xn` buffer.
                     let key = r.key(generation, l);
                     let out = &mut r.xn;
-                    ops.replay(key, &mut || {
-                        let partial = heads();
-                        ops.copy_into(out, &partial);
-                    });
+                    ops.replay(key, &mut || ops.copy_into(out, &heads()?))?;
                     ops.copy(&r.xn)
                 })
-                .collect();
-            self.add_all_reduced(&mut xs, partials);
+                .collect::<DeviceResult<_>>()?;
+            self.add_all_reduced(&mut xs, partials)?;
             let xns: Vec<O::Buf> = devices
                 .iter()
                 .zip(&xs)
@@ -221,15 +222,18 @@ impl<O: DeviceOps> Pass<O> {
                     let norm = &p.layer(l).post_attn_norm;
                     normed(ops.as_ref(), x, norm, n, h, cfg.rms_norm_eps)
                 })
-                .collect();
+                .collect::<DeviceResult<_>>()?;
             let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-            let mut outs: Vec<O::Buf> = devices.iter().map(|ops| ops.zeros(n * h)).collect();
+            let mut outs: Vec<O::Buf> = devices
+                .iter()
+                .map(|ops| ops.zeros(n * h))
+                .collect::<DeviceResult<_>>()?;
             match &layer.ffn {
-                Ffn::Dense(w) => devices[0].ffn_accumulate(w, &xns[0], &all, &mut outs[0]),
+                Ffn::Dense(w) => devices[0].ffn_accumulate(w, &xns[0], &all, &mut outs[0])?,
                 Ffn::Moe(moe) => {
                     let ops = devices[0].as_ref();
-                    let logits = ops.linear(&moe.router, &xns[0], n);
-                    let routes = ops.route(cfg, &logits, prepared[0].correction_bias(l), n);
+                    let logits = ops.linear(&moe.router, &xns[0], n)?;
+                    let routes = ops.route(cfg, &logits, prepared[0].correction_bias(l), n)?;
                     let e = moe.experts.len();
                     let mut tokens = vec![vec![Vec::new(); e]; devices.len()];
                     for (t, r) in routes.iter().enumerate() {
@@ -242,22 +246,22 @@ impl<O: DeviceOps> Pass<O> {
                     }
                     for (d, ops) in devices.iter().enumerate() {
                         let work = expert_work(&moe.experts, &tokens[d]);
-                        ops.experts_accumulate(&work, &xns[d], &mut outs[d]);
+                        ops.experts_accumulate(&work, &xns[d], &mut outs[d])?;
                     }
                     if let Some(shared) = &moe.shared {
-                        devices[0].ffn_accumulate(shared, &xns[0], &all, &mut outs[0]);
+                        devices[0].ffn_accumulate(shared, &xns[0], &all, &mut outs[0])?;
                     }
                 }
             }
-            self.add_all_reduced(&mut xs, outs);
+            self.add_all_reduced(&mut xs, outs)?;
         }
-        let logits = self.vocab_parallel_logits(split, model, prepared, batch, &groups[0], &xs);
+        let logits = self.vocab_parallel_logits(split, model, prepared, batch, &groups[0], &xs)?;
         for (d, ((r, group), x)) in recorded.into_iter().zip(groups).zip(xs).enumerate() {
             if let Some(r) = r {
                 keep_decode_io(&mut prepared[d], r.into_io(group, x));
             }
         }
-        logits
+        Ok(logits)
     }
 
     /// The logits with the lm_head split by vocabulary: every device multiplies the
@@ -271,7 +275,7 @@ impl<O: DeviceOps> Pass<O> {
         batch: &[BatchEntry],
         g: &Group<O>,
         xs: &[O::Buf],
-    ) -> Vec<Option<Vec<f32>>> {
+    ) -> DeviceResult<Vec<Option<Vec<f32>>>> {
         let cfg = &model.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let rows = logit_rows(batch, g);
@@ -285,26 +289,25 @@ impl<O: DeviceOps> Pass<O> {
                 .filter(|(d, _)| split.lm_head(*d).is_some_and(|(b, _)| !b.is_empty()))
                 .map(|(d, ops)| {
                     let p = &prepared[d];
-                    (
-                        d,
-                        final_rows(ops.as_ref(), p, &xs[d], &rows, h, cfg.rms_norm_eps),
-                    )
+                    let x = final_rows(ops.as_ref(), p, &xs[d], &rows, h, cfg.rms_norm_eps)?;
+                    Ok((d, x))
                 })
-                .collect();
+                .collect::<DeviceResult<_>>()?;
             all = split
                 .vocab()
-                .bands(self.devices(), on_devices, rows.len(), vocab);
+                .bands(self.devices(), on_devices, rows.len(), vocab)?;
         }
         let mut out = vec![None; batch.len()];
         hand_out_logits(batch, g, &all, vocab, &mut out);
-        out
+        Ok(out)
     }
 
     /// `xs[d] += Σ parts` on every device `d`.
-    fn add_all_reduced(&self, xs: &mut [O::Buf], parts: Vec<O::Buf>) {
-        let sums = self.fabric().all_reduce(self.devices(), parts);
+    fn add_all_reduced(&self, xs: &mut [O::Buf], parts: Vec<O::Buf>) -> DeviceResult<()> {
+        let sums = self.fabric().all_reduce(self.devices(), parts)?;
         for ((ops, x), sum) in self.devices().iter().zip(xs.iter_mut()).zip(&sums) {
-            ops.add(x, sum);
+            ops.add(x, sum)?;
         }
+        Ok(())
     }
 }

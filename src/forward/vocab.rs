@@ -3,6 +3,7 @@
 //! that needs them, and the bands come down and are laid side by side.
 
 use super::{DeviceOps, Fabric};
+use crate::device::DeviceResult;
 use crate::weights::LinearWeight;
 use std::ops::Range;
 use std::sync::Arc;
@@ -43,13 +44,13 @@ impl VocabSplit {
         fabric: &dyn Fabric<O>,
         picked: Vec<(usize, O::Buf, usize)>,
         vocab: usize,
-    ) -> Vec<f32> {
+    ) -> DeviceResult<Vec<f32>> {
         let rows: usize = picked.iter().map(|(_, _, n)| n).sum();
         let targets: Vec<usize> = (0..devices.len())
             .filter(|&d| self.band(d).is_some_and(|(b, _)| !b.is_empty()))
             .collect();
         if rows == 0 || targets.is_empty() {
-            return vec![0.0f32; rows * vocab];
+            return Ok(vec![0.0f32; rows * vocab]);
         }
         // Each piece to every target device: copies to the others, the buffer itself to
         // its own device. Each target receives the pieces in the order of `picked`.
@@ -58,7 +59,7 @@ impl VocabSplit {
         for (from, buf, _) in picked {
             for (t, &to) in targets.iter().enumerate() {
                 if to != from {
-                    moves.push((from, to, devices[from].copy(&buf)));
+                    moves.push((from, to, devices[from].copy(&buf)?));
                     target_of.push(t);
                 }
             }
@@ -68,7 +69,7 @@ impl VocabSplit {
             }
         }
         let mut arrived: Vec<Vec<O::Buf>> = targets.iter().map(|_| Vec::new()).collect();
-        for (b, t) in fabric.transfer(devices, moves).into_iter().zip(target_of) {
+        for (b, t) in fabric.transfer(devices, moves)?.into_iter().zip(target_of) {
             arrived[t].push(b);
         }
         let on_targets = targets
@@ -77,11 +78,11 @@ impl VocabSplit {
             .map(|(&d, parts)| {
                 let x = match <[O::Buf; 1]>::try_from(parts) {
                     Ok([x]) => x,
-                    Err(parts) => devices[d].concat(&parts),
+                    Err(parts) => devices[d].concat(&parts)?,
                 };
-                (d, x)
+                Ok((d, x))
             })
-            .collect();
+            .collect::<DeviceResult<_>>()?;
         self.bands(devices, on_targets, rows, vocab)
     }
 
@@ -94,24 +95,24 @@ impl VocabSplit {
         on_devices: Vec<(usize, O::Buf)>,
         rows: usize,
         vocab: usize,
-    ) -> Vec<f32> {
+    ) -> DeviceResult<Vec<f32>> {
         let mut all = vec![0.0f32; rows * vocab];
-        let pending: Vec<_> = on_devices
-            .into_iter()
-            .filter_map(|(d, x)| {
-                let (band, w) = self.band(d).filter(|(b, _)| !b.is_empty())?;
-                let ops = devices[d].as_ref();
-                let logits = ops.linear(w, &x, rows);
-                Some((d, band.clone(), ops.begin_download(&logits)))
-            })
-            .collect();
+        let mut pending = Vec::with_capacity(on_devices.len());
+        for (d, x) in on_devices {
+            let Some((band, w)) = self.band(d).filter(|(b, _)| !b.is_empty()) else {
+                continue;
+            };
+            let ops = devices[d].as_ref();
+            let logits = ops.linear(w, &x, rows)?;
+            pending.push((d, band.clone(), ops.begin_download(&logits)?));
+        }
         for (d, band, download) in pending {
             let mut part = vec![0.0f32; rows * band.len()];
-            devices[d].finish_download(download, &mut part);
+            devices[d].finish_download(download, &mut part)?;
             for (r, values) in part.chunks_exact(band.len()).enumerate() {
                 all[r * vocab + band.start..r * vocab + band.end].copy_from_slice(values);
             }
         }
-        all
+        Ok(all)
     }
 }

@@ -1,18 +1,13 @@
-//! The CUDA backend: matrix products, feed-forward blocks and attention on one GPU through
-//! the `kernels-cuda` kernels, weights resident on the device in the checkpoint's own
-//! formats (INT4, FP8-block and BF16 read as stored; F16/F32 widened once).
+//! A CUDA GPU as the forward pass's device: the [`DeviceOps`](crate::device::DeviceOps)
+//! operations on the device's buffers through the `kernels-cuda` kernels ([`resident`]),
+//! weights resident on the device in the checkpoint's own formats (INT4, FP8-block and
+//! BF16 read as stored; F16/F32 widened once). Weights are uploaded once
+//! ([`CudaBackend::preload`] at start-up, where running out of device memory is an error
+//! value naming the weight), keyed by where their bytes live in the host's mapping.
 //!
-//! It computes at the granularity of the [`Backend`] trait: each call copies its
-//! activations to the device, runs the kernels on the device's stream and copies the
-//! result back, so the model code, the engine and the hybrid schedule are the same ones
-//! every other backend runs and are checked against the same golden fixtures. Weights are
-//! uploaded once ([`CudaBackend::preload`] at start-up, where running out of device
-//! memory is an error value naming the weight), keyed by where their bytes live in the
-//! host's mapping.
-//!
-//! The trait's methods cannot return errors. A device failure after start-up (a lost GPU,
-//! a kernel fault) is not an input problem and there is no sensible partial result, so it
-//! stops the computation with a message naming the operation.
+//! A device failure after start-up (out of memory while buffers grow, a failed launch or
+//! copy, a lost GPU) is a [`DeviceError`] naming the GPU and the operation; it fails the
+//! step it happened in.
 
 mod buf;
 mod nccl;
@@ -23,10 +18,9 @@ pub use buf::GpuBuf;
 pub use nccl::NcclFabric;
 pub use recording::GraphStats;
 
-use crate::backend::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
+use crate::device::{DeviceError, DeviceResult};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_cuda::device::GpuDevice;
-use kernels_cuda::ops::MlaPrefillShape;
 use kernels_cuda::weights::{DeviceData, DeviceWeight};
 use kernels_cuda::CudaError;
 use std::collections::HashMap;
@@ -40,11 +34,6 @@ type WeightKey = ((usize, usize), usize, usize);
 fn key(w: &LinearWeight, rows: &Range<usize>) -> WeightKey {
     (w.identity(), rows.start, rows.end)
 }
-
-/// The largest query and value widths `mla_prefill` takes (its shared-memory query and
-/// per-thread accumulators); wider heads run on the host.
-const MAX_QK_DIM: usize = 1024;
-const MAX_V_DIM: usize = 512;
 
 pub struct CudaBackend {
     gpu: Arc<GpuDevice>,
@@ -70,18 +59,13 @@ impl Drop for CudaBackend {
     }
 }
 
-/// Stops on a device failure after start-up (see the module comment): one line saying
-/// what failed, then the thread unwinds with that message. The resident pass catches it
-/// and fails its batch (`ModelError::Device`); elsewhere the thread ends.
-fn device<T>(what: &str, r: Result<T, CudaError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let message = format!("GPU failure during {what}: {e}");
-            eprintln!("error: {message}");
-            // Not `panic!`: a contained failure should not print a panic report.
-            std::panic::resume_unwind(Box::new(message))
-        }
+/// A device failure after start-up as the pass's error, naming the GPU and what it was
+/// doing (see the module comment).
+fn failed(gpu: &GpuDevice, operation: &str, e: CudaError) -> DeviceError {
+    DeviceError {
+        device: format!("GPU {} ({})", gpu.ordinal, gpu.name),
+        operation: operation.to_string(),
+        reason: e.reason().to_string(),
     }
 }
 
@@ -100,6 +84,11 @@ impl CudaBackend {
 
     pub fn gpu(&self) -> &GpuDevice {
         &self.gpu
+    }
+
+    /// `r`, or its failure as a [`DeviceError`] naming this GPU and `operation`.
+    fn check<T>(&self, operation: &str, r: Result<T, CudaError>) -> DeviceResult<T> {
+        r.map_err(|e| failed(&self.gpu, operation, e))
     }
 
     /// Copies `weights` to the device (those already there are skipped); returns the
@@ -153,14 +142,15 @@ impl CudaBackend {
         &self,
         map: &mut HashMap<WeightKey, Arc<DeviceWeight>>,
         w: &LinearWeight,
-    ) -> Arc<DeviceWeight> {
+    ) -> DeviceResult<Arc<DeviceWeight>> {
         let all = 0..w.rows();
-        map.entry(key(w, &all))
-            .or_insert_with(|| {
-                self.hold(w);
-                Arc::new(device("a weight upload", upload(&self.gpu, w, all)))
-            })
-            .clone()
+        if let Some(dw) = map.get(&key(w, &all)) {
+            return Ok(dw.clone());
+        }
+        let dw = Arc::new(self.check("a weight upload", upload(&self.gpu, w, all.clone()))?);
+        self.hold(w);
+        map.insert(key(w, &all), dw.clone());
+        Ok(dw)
     }
 
     /// Keeps `w`'s host bytes mapped while this device holds a copy of it.
@@ -169,41 +159,17 @@ impl CudaBackend {
         hosts.entry(w.identity()).or_insert_with(|| w.clone());
     }
 
-    /// `y = x W[rows]ᵀ` on the device, `x` already there.
+    /// `y = x Wᵀ` on the device, `x` already there.
     fn linear_on_device(
         &self,
         w: &DeviceWeight,
-        rows: Range<usize>,
         x: &kernels_cuda::cudarc::driver::CudaSlice<f32>,
         tokens: usize,
-    ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
+    ) -> DeviceResult<kernels_cuda::cudarc::driver::CudaSlice<f32>> {
         let g = &self.gpu;
-        let mut y = device("an output buffer", g.zeros::<f32>("y", tokens * rows.len()));
-        if rows == (0..w.rows) {
-            device("a matrix product", g.matmul(w, x, &mut y, tokens));
-        } else {
-            let band = self.band(w, &rows);
-            device(
-                "a band product",
-                g.f32_matmul(&band, x, &mut y, rows.len(), w.cols, tokens),
-            );
-        }
-        y
-    }
-
-    /// Rows `rows` of `w` decoded to f32 on the device.
-    fn band(
-        &self,
-        w: &DeviceWeight,
-        rows: &Range<usize>,
-    ) -> kernels_cuda::cudarc::driver::CudaSlice<f32> {
-        let g = &self.gpu;
-        let mut band = device("a band buffer", g.zeros::<f32>("band", rows.len() * w.cols));
-        device(
-            "a band decode",
-            g.dequant_rows(w, rows.start, rows.len(), &mut band),
-        );
-        band
+        let mut y = self.check("an output buffer", g.zeros::<f32>("y", tokens * w.rows))?;
+        self.check("a matrix product", g.matmul(w, x, &mut y, tokens))?;
+        Ok(y)
     }
 }
 
@@ -327,142 +293,6 @@ impl FromLe for u32 {
     }
 }
 
-/// Elements `(t, h, 0..dim)` of a strided view for `tokens` tokens and `heads` heads,
-/// packed `[tokens][heads][dim]`.
-fn pack_view(view: &KvView, tokens: usize, heads: usize, dim: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(tokens * heads * dim);
-    for t in 0..tokens {
-        for h in 0..heads {
-            let at = t * view.token_stride + h * view.head_stride + view.offset;
-            out.extend_from_slice(&view.data[at..at + dim]);
-        }
-    }
-    out
-}
-
-impl Backend for CudaBackend {
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn linear(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        let n = x.len() / w.cols().max(1);
-        let mut map = self.lock();
-        let xd = device("an activation upload", self.gpu.upload("x", x));
-        // A band preloaded as this device's share is multiplied whole; other bands are
-        // cut from the full copy.
-        let yd = match map.get(&key(w, &rows)).cloned() {
-            Some(band) => self.linear_on_device(&band, 0..band.rows, &xd, n),
-            None => {
-                let dw = self.weight(&mut map, w);
-                self.linear_on_device(&dw, rows, &xd, n)
-            }
-        };
-        y.copy_from_slice(&device("a result download", self.gpu.download("y", &yd)));
-    }
-
-    fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        let (n, cols) = (x.len() / rows.len().max(1), w.cols());
-        let mut map = self.lock();
-        let dw = self.weight(&mut map, w);
-        let band = self.band(&dw, &rows);
-        let g = &self.gpu;
-        let xd = device("an activation upload", g.upload("x", x));
-        let mut yd = device("an output buffer", g.zeros::<f32>("y", n * cols));
-        device(
-            "a transposed product",
-            g.f32_matmul_transposed(&band, &xd, &mut yd, rows.len(), cols, n),
-        );
-        y.copy_from_slice(&device("a result download", g.download("y", &yd)));
-    }
-
-    fn ffn_accumulate(
-        &self,
-        ffn: &FfnWeights,
-        x: &[f32],
-        tokens: &[(usize, f32)],
-        out: &mut [f32],
-    ) {
-        crate::backend::ffn_accumulate_with(self, ffn, x, tokens, out)
-    }
-
-    /// Gate, up, SiLU-mul and down on the device, one upload and one download; weighted
-    /// on the host in the order the CPU backends use.
-    fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
-        if tokens.is_empty() {
-            return Vec::new();
-        }
-        let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
-        let xs = crate::backend::gather_rows(x, tokens, hidden);
-        let mut map = self.lock();
-        let (gate, up, down) = (
-            self.weight(&mut map, &ffn.gate),
-            self.weight(&mut map, &ffn.up),
-            self.weight(&mut map, &ffn.down),
-        );
-        let g = &self.gpu;
-        let xd = device("an activation upload", g.upload("x", &xs));
-        let mut h = self.linear_on_device(&gate, 0..inter, &xd, m);
-        let u = self.linear_on_device(&up, 0..inter, &xd, m);
-        device("silu_mul", g.silu_mul(&mut h, &u, m * inter));
-        let d = self.linear_on_device(&down, 0..hidden, &h, m);
-        let mut contributions = device("a result download", g.download("ffn", &d));
-        drop(map);
-        crate::backend::weight_rows(&mut contributions, tokens);
-        contributions
-    }
-
-    fn attention(
-        &self,
-        q: &[f32],
-        k: KvView,
-        v: KvView,
-        shape: AttentionShape,
-        positions: &[usize],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let AttentionShape {
-            heads,
-            kv_heads,
-            qk_dim,
-            v_dim,
-        } = shape;
-        if positions.is_empty() {
-            return;
-        }
-        if qk_dim > MAX_QK_DIM || v_dim > MAX_V_DIM {
-            return ReferenceBackend.attention(q, k, v, shape, positions, scale, out);
-        }
-        let kv_heads = kv_heads.max(1);
-        let keys = positions.iter().max().map_or(0, |p| p + 1);
-        let kp = pack_view(&k, keys, kv_heads, qk_dim);
-        let vp = pack_view(&v, keys, kv_heads, v_dim);
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let _map = self.lock();
-        let g = &self.gpu;
-        let up = |what, data: &[f32]| device("an attention upload", g.upload(what, data));
-        let (qd, kd, vd) = (up("q", q), up("k", &kp), up("v", &vp));
-        let posd = device("an attention upload", g.upload("positions", &pos));
-        let mut od = device("an output buffer", g.zeros::<f32>("out", out.len()));
-        let s = MlaPrefillShape {
-            queries: positions.len(),
-            heads,
-            group: heads / kv_heads,
-            dq: qk_dim,
-            dv: v_dim,
-            k_token_stride: kv_heads * qk_dim,
-            k_head_stride: qk_dim,
-            v_token_stride: kv_heads * v_dim,
-            v_head_stride: v_dim,
-            v_offset: 0,
-            scale,
-        };
-        device("attention", g.mla_prefill(&qd, &kd, &vd, &posd, s, &mut od));
-        out.copy_from_slice(&device("a result download", g.download("out", &od)));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,22 +304,6 @@ mod tests {
             vec![0x1234, 0x5678]
         );
         assert_eq!(words::<u32>(&[1, 0, 0, 0x80]), vec![0x8000_0001]);
-    }
-
-    #[test]
-    fn packed_views_follow_the_strides() {
-        // 2 tokens x 2 heads x 3 values at token stride 8, head stride 4, offset 1.
-        let data: Vec<f32> = (0..16).map(|i| i as f32).collect();
-        let view = KvView {
-            data: &data,
-            token_stride: 8,
-            head_stride: 4,
-            offset: 1,
-        };
-        assert_eq!(
-            pack_view(&view, 2, 2, 3),
-            vec![1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 10.0, 11.0, 13.0, 14.0, 15.0]
-        );
     }
 
     fn data(len: usize) -> crate::weights::TensorData {

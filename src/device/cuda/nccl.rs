@@ -5,7 +5,7 @@
 
 use super::CudaBackend;
 use super::GpuBuf;
-use crate::device::Fabric;
+use crate::device::{DeviceError, DeviceResult, Fabric};
 use kernels_cuda::cudarc::nccl::safe::Comm;
 use kernels_cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
 use kernels_cuda::CudaError;
@@ -39,13 +39,14 @@ impl NcclFabric {
     }
 }
 
-/// Stops on an NCCL failure after start-up (as every device failure does, see the CUDA
-/// backend's module comment).
-fn nccl<T>(what: &str, r: Result<T, nccl::NcclError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("NCCL failure during {what}: {e:?}"),
-    }
+/// An NCCL failure after start-up as the pass's error (it fails the step, as every
+/// device failure does).
+fn nccl<T>(what: &str, r: Result<T, nccl::NcclError>) -> DeviceResult<T> {
+    r.map_err(|e| DeviceError {
+        device: "the GPUs' NCCL communicators".into(),
+        operation: what.to_string(),
+        reason: format!("{e:?}"),
+    })
 }
 
 impl Fabric<CudaBackend> for NcclFabric {
@@ -53,26 +54,38 @@ impl Fabric<CudaBackend> for NcclFabric {
         &self,
         devices: &[Arc<CudaBackend>],
         moves: Vec<(usize, usize, GpuBuf<f32>)>,
-    ) -> Vec<GpuBuf<f32>> {
+    ) -> DeviceResult<Vec<GpuBuf<f32>>> {
         use crate::device::DeviceOps;
         // Receive buffers first: allocation is not allowed inside an NCCL group.
-        let mut targets: Vec<Option<GpuBuf<f32>>> = moves
-            .iter()
-            .map(|(from, to, b)| (from != to).then(|| devices[*to].zeros(b.len())))
-            .collect();
-        nccl("an exchange", nccl::group_start());
+        let mut targets: Vec<Option<GpuBuf<f32>>> = Vec::with_capacity(moves.len());
+        for (from, to, b) in &moves {
+            targets.push(if from != to {
+                Some(devices[*to].zeros(b.len())?)
+            } else {
+                None
+            });
+        }
+        nccl("an exchange", nccl::group_start())?;
+        let mut queued = Ok(());
         for ((from, to, b), target) in moves.iter().zip(targets.iter_mut()) {
             if let Some(dst) = target {
-                nccl("a send", self.comms[*from].send(&**b, *to as i32));
-                nccl("a receive", self.comms[*to].recv(&mut **dst, *from as i32));
+                queued = nccl("a send", self.comms[*from].send(&**b, *to as i32))
+                    .and_then(|_| nccl("a receive", self.comms[*to].recv(&mut **dst, *from as i32)))
+                    .map(|_| ());
+                if queued.is_err() {
+                    break;
+                }
             }
         }
-        nccl("an exchange", nccl::group_end());
-        moves
+        // The group is closed even when a send failed, so later groups start clean.
+        let ended = nccl("an exchange", nccl::group_end());
+        queued?;
+        ended?;
+        Ok(moves
             .into_iter()
             .zip(targets)
             .map(|((_, _, b), target)| target.unwrap_or(b))
-            .collect()
+            .collect())
     }
 
     /// One NCCL all-reduce over the GPUs, in place.
@@ -80,19 +93,26 @@ impl Fabric<CudaBackend> for NcclFabric {
         &self,
         _devices: &[Arc<CudaBackend>],
         mut parts: Vec<GpuBuf<f32>>,
-    ) -> Vec<GpuBuf<f32>> {
+    ) -> DeviceResult<Vec<GpuBuf<f32>>> {
         use kernels_cuda::cudarc::nccl::safe::ReduceOp;
         if parts.len() < 2 {
-            return parts;
+            return Ok(parts);
         }
-        nccl("an all-reduce", nccl::group_start());
+        nccl("an all-reduce", nccl::group_start())?;
+        let mut queued = Ok(());
         for (comm, part) in self.comms.iter().zip(parts.iter_mut()) {
-            nccl(
+            queued = nccl(
                 "an all-reduce",
                 comm.all_reduce_in_place(&mut **part, &ReduceOp::Sum),
-            );
+            )
+            .map(|_| ());
+            if queued.is_err() {
+                break;
+            }
         }
-        nccl("an all-reduce", nccl::group_end());
-        parts
+        let ended = nccl("an all-reduce", nccl::group_end());
+        queued?;
+        ended?;
+        Ok(parts)
     }
 }

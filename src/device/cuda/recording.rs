@@ -9,8 +9,8 @@
 //! uploads or waits for the device; the driver refuses and the capture is spoilt) runs as
 //! it is, then and every later time, with a warning.
 
-use super::{device, CudaBackend};
-use crate::device::ReplayKey;
+use super::CudaBackend;
+use crate::device::{DeviceResult, ReplayKey, Work};
 use kernels_cuda::graph::Recording;
 use kernels_cuda::CudaError;
 use std::collections::HashMap;
@@ -83,7 +83,7 @@ impl CudaBackend {
     }
 
     /// [`DeviceOps::replay`](crate::device::DeviceOps::replay) on this GPU.
-    pub(super) fn replay_work(&self, key: ReplayKey, work: &mut dyn FnMut()) {
+    pub(super) fn replay_work(&self, key: ReplayKey, work: &mut Work) -> DeviceResult<()> {
         if !self.records_decode() {
             return work();
         }
@@ -117,17 +117,17 @@ impl CudaBackend {
         match io.steps.get(&key.step) {
             None => {
                 io.steps.insert(key.step, Step::Warm);
-                work();
+                work()?;
             }
-            Some(Step::Unrecordable) => work(),
+            Some(Step::Unrecordable) => work()?,
             Some(Step::Recorded(r)) => {
-                device("replaying a decode step's CUDA graph", self.gpu.replay(r));
+                self.check("replaying a decode step's CUDA graph", self.gpu.replay(r))?;
                 self.recordings.replayed.fetch_add(1, Ordering::Relaxed);
             }
             Some(Step::Warm) => {
                 let step = match self.record(work) {
                     Ok(r) => {
-                        device("replaying a decode step's CUDA graph", self.gpu.replay(&r));
+                        self.check("replaying a decode step's CUDA graph", self.gpu.replay(&r))?;
                         self.recordings.recorded.fetch_add(1, Ordering::Relaxed);
                         self.recordings.replayed.fetch_add(1, Ordering::Relaxed);
                         Step::Recorded(r)
@@ -139,31 +139,27 @@ impl CudaBackend {
                                  and runs kernel by kernel: {why}"
                             );
                         }
-                        work();
+                        work()?;
                         Step::Unrecordable
                     }
                 };
                 io.steps.insert(key.step, step);
             }
         }
+        Ok(())
     }
 
     /// Records `work` (queues nothing: the recording is what runs it). A failure inside
-    /// it is caught, the capture ended and the reason returned.
-    fn record(&self, work: &mut dyn FnMut()) -> Result<Recording, CudaError> {
+    /// it ends the capture and is returned.
+    fn record(&self, work: &mut Work) -> Result<Recording, CudaError> {
         let g = &self.gpu;
         g.begin_recording()?;
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+        let ran = work();
         let recording = g.end_recording();
         match (ran, recording) {
             (Ok(()), Ok(r)) => Ok(r),
             (Ok(()), Err(e)) => Err(e),
-            (Err(payload), _) => Err(CudaError::Failed(
-                payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| "the work failed while being recorded".into()),
-            )),
+            (Err(e), _) => Err(CudaError::Failed(e.to_string())),
         }
     }
 }

@@ -4,11 +4,13 @@
 //! has a CPU twin its test in `tests/gpu_kernels.rs` compares it with, and the whole pass
 //! is compared with the CPU twin pass in `tests/golden.rs` when a GPU is present.
 
+use super::CudaBackend;
 use super::GpuBuf;
-use super::{device, CudaBackend};
 use crate::backend::FfnWeights;
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
-use crate::device::{route_on_host, DeviceOps, DeviceRope, QueryBlocks, RopeLayout};
+use crate::device::{
+    route_on_host, DeviceOps, DeviceResult, DeviceRope, QueryBlocks, RopeLayout, Work,
+};
 use crate::model::MlaDims;
 use crate::weights::LinearWeight;
 use kernels_cuda::cudarc::driver::CudaSlice;
@@ -41,8 +43,8 @@ pub(super) struct ResidentState {
 impl CudaBackend {
     /// `kv_b` decoded to f32 on the device, once (made at start-up by
     /// [`preload_absorbed`](Self::preload_absorbed) in every plan layout).
-    fn kv_b_f32(&self, w: &LinearWeight) -> Arc<CudaSlice<f32>> {
-        device("an absorbed kv_b copy", self.absorbed_copy(w))
+    fn kv_b_f32(&self, w: &LinearWeight) -> DeviceResult<Arc<CudaSlice<f32>>> {
+        self.check("an absorbed kv_b copy", self.absorbed_copy(w))
     }
 
     /// Makes the f32 `kv_b` copies the absorbed attention reads now, for each of
@@ -73,6 +75,7 @@ impl CudaBackend {
         let dw = {
             let mut weights = self.lock();
             self.weight(&mut weights, w)
+                .map_err(|e| kernels_cuda::CudaError::Failed(e.to_string()))?
         };
         let g = self.gpu();
         let why = |e: kernels_cuda::CudaError| {
@@ -105,7 +108,7 @@ impl CudaBackend {
         work: &[(&FfnWeights, &[(usize, f32)])],
         x: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-    ) -> bool {
+    ) -> DeviceResult<bool> {
         use kernels_cuda::cudarc::driver::DevicePtr;
         use kernels_cuda::weights::DeviceData;
         let work: Vec<_> = work.iter().filter(|(_, t)| !t.is_empty()).collect();
@@ -114,7 +117,7 @@ impl CudaBackend {
             || pairs > GROUPED_MAX_PAIRS
             || work.iter().any(|(_, t)| t.len() > GROUPED_MAX_TOKENS)
         {
-            return false;
+            return Ok(false);
         }
         let (hidden, inter) = (work[0].0.gate.cols(), work[0].0.gate.rows());
         let shaped = |w: &LinearWeight, rows, cols| {
@@ -125,13 +128,20 @@ impl CudaBackend {
                 && shaped(&f.up, inter, hidden)
                 && shaped(&f.down, hidden, inter)
         }) {
-            return false;
+            return Ok(false);
         }
         let copies: Vec<[Arc<kernels_cuda::weights::DeviceWeight>; 3]> = {
             let mut map = self.lock();
-            work.iter()
-                .map(|(f, _)| f.matrices().map(|w| self.weight(&mut map, w)))
-                .collect()
+            let mut copies = Vec::with_capacity(work.len());
+            for (f, _) in &work {
+                let [gate, up, down] = f.matrices();
+                copies.push([
+                    self.weight(&mut map, gate)?,
+                    self.weight(&mut map, up)?,
+                    self.weight(&mut map, down)?,
+                ]);
+            }
+            copies
         };
         // Per matrix kind (gate, up, down), per slot: packed then scales addresses.
         let s = &self.gpu.stream;
@@ -145,10 +155,10 @@ impl CudaBackend {
                     group: g,
                 } = &m.data
                 else {
-                    return false;
+                    return Ok(false);
                 };
                 if *group.get_or_insert(*g) != *g {
-                    return false;
+                    return Ok(false);
                 }
                 addresses[2 * kind * copies.len() + slot] = packed.device_ptr(s).0;
                 addresses[(2 * kind + 1) * copies.len() + slot] = scales.device_ptr(s).0;
@@ -172,11 +182,11 @@ impl CudaBackend {
             starts.push(weights.len() as i32);
         }
         index.extend(starts);
-        let experts = device(
+        let experts = self.check(
             "an expert table upload",
             self.gpu.upload("experts", &addresses),
-        );
-        let (index, weights) = (self.ints(&index), self.upload(&weights));
+        )?;
+        let (index, weights) = (self.ints(&index)?, self.upload(&weights)?);
         let grouped = kernels_cuda::ops::GroupedExperts {
             experts: &experts,
             slots: copies.len(),
@@ -188,26 +198,28 @@ impl CudaBackend {
             inter,
             group: group.unwrap_or(32),
         };
-        device(
+        self.check(
             "grouped experts",
             self.gpu.grouped_int4_experts(&grouped, x, out),
-        );
-        true
+        )?;
+        Ok(true)
     }
 
-    fn staging(&self) -> Arc<StagingPool> {
+    fn staging(&self) -> DeviceResult<Arc<StagingPool>> {
         let mut s = self
             .resident
             .staging
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        s.get_or_insert_with(|| {
-            Arc::new(device(
-                "allocating the hand-off buffers",
-                StagingPool::new(&self.gpu.ctx, 1 << 16),
-            ))
-        })
-        .clone()
+        if let Some(pool) = s.as_ref() {
+            return Ok(pool.clone());
+        }
+        let pool = Arc::new(self.check(
+            "allocating the hand-off buffers",
+            StagingPool::new(&self.gpu.ctx, 1 << 16),
+        )?);
+        *s = Some(pool.clone());
+        Ok(pool)
     }
 
     /// Makes this GPU's context current: cudarc's copies and frees run in the current
@@ -216,8 +228,8 @@ impl CudaBackend {
         let _ = self.gpu.ctx.bind_to_thread();
     }
 
-    fn ints(&self, x: &[i32]) -> CudaSlice<i32> {
-        device("an index upload", self.gpu.upload("indices", x))
+    fn ints(&self, x: &[i32]) -> DeviceResult<CudaSlice<i32>> {
+        self.check("an index upload", self.gpu.upload("indices", x))
     }
 }
 
@@ -236,189 +248,208 @@ impl DeviceOps for CudaBackend {
     type Download = (Staging, usize);
     type Pool = DevicePool;
 
-    fn upload(&self, x: &[f32]) -> GpuBuf<f32> {
+    fn upload(&self, x: &[f32]) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        GpuBuf::new(device("an upload", self.gpu.upload("values", x)))
+        Ok(GpuBuf::new(
+            self.check("an upload", self.gpu.upload("values", x))?,
+        ))
     }
 
-    fn upload_ints(&self, x: &[i32]) -> GpuBuf<i32> {
+    fn upload_ints(&self, x: &[i32]) -> DeviceResult<GpuBuf<i32>> {
         self.enter();
-        GpuBuf::new(self.ints(x))
+        Ok(GpuBuf::new(self.ints(x)?))
     }
 
-    fn zeros(&self, n: usize) -> GpuBuf<f32> {
+    fn zeros(&self, n: usize) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        GpuBuf::new(device("a buffer", self.gpu.zeros::<f32>("buffer", n)))
+        Ok(GpuBuf::new(
+            self.check("a buffer", self.gpu.zeros::<f32>("buffer", n))?,
+        ))
     }
 
-    fn begin_download(&self, x: &GpuBuf<f32>) -> (Staging, usize) {
+    fn begin_download(&self, x: &GpuBuf<f32>) -> DeviceResult<(Staging, usize)> {
         self.enter();
-        let mut s = device("a hand-off buffer", self.staging().take(x.len()));
-        device("a hand-off download", s.download(&self.gpu.stream, x));
-        (s, x.len())
+        let mut s = self.check("a hand-off buffer", self.staging()?.take(x.len()))?;
+        self.check("a hand-off download", s.download(&self.gpu.stream, x))?;
+        Ok((s, x.len()))
     }
 
-    fn finish_download(&self, d: (Staging, usize), out: &mut [f32]) {
+    fn finish_download(&self, d: (Staging, usize), out: &mut [f32]) -> DeviceResult<()> {
         self.enter();
         let (mut s, n) = d;
-        let values = device("a hand-off download", s.read(n));
+        let values = self.check("a hand-off download", s.read(n))?;
         let n = out.len().min(values.len());
         out[..n].copy_from_slice(&values[..n]);
-        self.staging().give(s);
+        self.staging()?.give(s);
+        Ok(())
     }
 
-    fn upload_staged(&self, x: &[f32]) -> GpuBuf<f32> {
+    fn upload_staged(&self, x: &[f32]) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        let pool = self.staging();
-        let mut s = device("a hand-off buffer", pool.take(x.len()));
-        let mut dst = self.zeros(x.len());
-        device("a hand-off upload", s.upload(&self.gpu.stream, x, &mut dst));
+        let pool = self.staging()?;
+        let mut s = self.check("a hand-off buffer", pool.take(x.len()))?;
+        let mut dst = self.zeros(x.len())?;
+        self.check("a hand-off upload", s.upload(&self.gpu.stream, x, &mut dst))?;
         pool.give(s);
-        dst
+        Ok(dst)
     }
 
-    fn copy(&self, x: &GpuBuf<f32>) -> GpuBuf<f32> {
+    fn copy(&self, x: &GpuBuf<f32>) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
         let copy = self.gpu.stream.clone_dtod(&**x).map_err(copy_err);
-        GpuBuf::new(device("a copy", copy))
+        Ok(GpuBuf::new(self.check("a copy", copy)?))
     }
 
-    fn copy_into(&self, dst: &mut GpuBuf<f32>, src: &GpuBuf<f32>) {
+    fn copy_into(&self, dst: &mut GpuBuf<f32>, src: &GpuBuf<f32>) -> DeviceResult<()> {
         self.enter();
         let n = dst.len().min(src.len());
-        device(
+        self.check(
             "a copy",
             self.gpu
                 .stream
                 .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))
                 .map_err(copy_err),
-        );
+        )
     }
 
-    fn write_ints(&self, dst: &mut GpuBuf<i32>, src: &[i32]) {
+    fn write_ints(&self, dst: &mut GpuBuf<i32>, src: &[i32]) -> DeviceResult<()> {
         self.enter();
         let n = dst.len().min(src.len());
-        device(
+        self.check(
             "an index upload",
             self.gpu
                 .stream
                 .memcpy_htod(&src[..n], &mut dst.slice_mut(0..n))
                 .map_err(copy_err),
-        );
+        )
     }
 
     fn records(&self) -> bool {
         self.records_decode()
     }
 
-    fn replay(&self, key: crate::device::ReplayKey, work: &mut dyn FnMut()) {
+    fn replay(&self, key: crate::device::ReplayKey, work: &mut Work) -> DeviceResult<()> {
         self.enter();
         self.replay_work(key, work)
     }
 
-    fn pool(&self, len: usize, bf16: bool) -> DevicePool {
+    fn pool(&self, len: usize, bf16: bool) -> DeviceResult<DevicePool> {
         self.enter();
-        if bf16 {
-            let pool = device("a latent pool", self.gpu.zeros::<u16>("pool", len));
+        Ok(if bf16 {
+            let pool = self.check("a latent pool", self.gpu.zeros::<u16>("pool", len))?;
             DevicePool::Bf16(GpuBuf::new(pool))
         } else {
-            DevicePool::F32(self.zeros(len))
-        }
+            DevicePool::F32(self.zeros(len)?)
+        })
     }
 
-    fn grow_pool(&self, pool: &DevicePool, len: usize) -> DevicePool {
+    fn grow_pool(&self, pool: &DevicePool, len: usize) -> DeviceResult<DevicePool> {
         self.enter();
         let s = &self.gpu.stream;
-        match pool {
+        let keep = |r| self.check("growing the latent cache", r);
+        Ok(match pool {
             DevicePool::F32(x) => {
-                let mut g = self.zeros(len);
-                keep_prefix(s, x, &mut g);
+                let mut g = self.zeros(len)?;
+                keep(keep_prefix(s, x, &mut g))?;
                 DevicePool::F32(g)
             }
             DevicePool::Bf16(x) => {
-                let mut g = device("a latent pool", self.gpu.zeros::<u16>("pool", len));
-                keep_prefix(s, x, &mut g);
+                let mut g = self.check("a latent pool", self.gpu.zeros::<u16>("pool", len))?;
+                keep(keep_prefix(s, x, &mut g))?;
                 DevicePool::Bf16(GpuBuf::new(g))
             }
-        }
+        })
     }
 
-    fn take_rows(&self, x: &GpuBuf<f32>, rows: &[usize], width: usize) -> GpuBuf<f32> {
+    fn take_rows(
+        &self,
+        x: &GpuBuf<f32>,
+        rows: &[usize],
+        width: usize,
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let mut out = self.zeros(rows.len() * width);
-        device(
+        let mut out = self.zeros(rows.len() * width)?;
+        let idx = self.ints(&idx)?;
+        self.check(
             "take_rows",
             self.gpu
-                .take_rows(x, (&self.ints(&idx), 0), &mut out, rows.len(), width),
-        );
-        out
+                .take_rows(x, (&idx, 0), &mut out, rows.len(), width),
+        )?;
+        Ok(out)
     }
 
     fn len(&self, x: &GpuBuf<f32>) -> usize {
         x.len()
     }
 
-    fn add_rows(&self, out: &mut GpuBuf<f32>, rows: &[usize], src: &GpuBuf<f32>, width: usize) {
+    fn add_rows(
+        &self,
+        out: &mut GpuBuf<f32>,
+        rows: &[usize],
+        src: &GpuBuf<f32>,
+        width: usize,
+    ) -> DeviceResult<()> {
         self.enter();
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let idx_dev = self.ints(&idx);
+        let idx_dev = self.ints(&idx)?;
         // Each block of the kernel adds one row; a row named twice in one launch would be
         // added by two blocks at once and one sum lost. Runs of distinct rows go in
         // separate launches, which the stream orders.
         for run in distinct_runs(rows) {
             let src = src.slice(run.start * width..run.end * width);
-            device(
+            self.check(
                 "add_rows",
                 self.gpu
                     .add_rows(out, &src, (&idx_dev, run.start), run.len(), width),
-            );
+            )?;
         }
+        Ok(())
     }
 
-    fn split(&self, x: &GpuBuf<f32>, lens: &[usize]) -> Vec<GpuBuf<f32>> {
+    fn split(&self, x: &GpuBuf<f32>, lens: &[usize]) -> DeviceResult<Vec<GpuBuf<f32>>> {
         self.enter();
         let mut at = 0;
-        lens.iter()
-            .map(|&n| {
-                let mut part = self.zeros(n);
-                if n > 0 {
-                    device(
-                        "splitting a buffer",
-                        self.gpu
-                            .stream
-                            .memcpy_dtod(&x.slice(at..at + n), &mut part.slice_mut(0..n))
-                            .map_err(copy_err),
-                    );
-                }
-                at += n;
-                part
-            })
-            .collect()
+        let mut parts = Vec::with_capacity(lens.len());
+        for &n in lens {
+            let mut part = self.zeros(n)?;
+            if n > 0 {
+                self.check(
+                    "splitting a buffer",
+                    self.gpu
+                        .stream
+                        .memcpy_dtod(&x.slice(at..at + n), &mut part.slice_mut(0..n))
+                        .map_err(copy_err),
+                )?;
+            }
+            at += n;
+            parts.push(part);
+        }
+        Ok(parts)
     }
 
-    fn concat(&self, parts: &[GpuBuf<f32>]) -> GpuBuf<f32> {
+    fn concat(&self, parts: &[GpuBuf<f32>]) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
         let total = parts.iter().map(|p| p.len()).sum();
-        let mut out = self.zeros(total);
+        let mut out = self.zeros(total)?;
         let mut at = 0;
         for p in parts {
-            device(
+            self.check(
                 "joining buffers",
                 self.gpu
                     .stream
                     .memcpy_dtod(&**p, &mut out.slice_mut(at..at + p.len()))
                     .map_err(copy_err),
-            );
+            )?;
             at += p.len();
         }
-        out
+        Ok(out)
     }
 
-    fn add(&self, x: &mut GpuBuf<f32>, y: &GpuBuf<f32>) {
+    fn add(&self, x: &mut GpuBuf<f32>, y: &GpuBuf<f32>) -> DeviceResult<()> {
         self.enter();
         let n = x.len().min(y.len());
-        device("add", self.gpu.add(x, y, n));
+        self.check("add", self.gpu.add(x, y, n))
     }
 
     fn rms_norm(
@@ -429,21 +460,26 @@ impl DeviceOps for CudaBackend {
         stride: usize,
         dim: usize,
         eps: f32,
-    ) {
+    ) -> DeviceResult<()> {
         self.enter();
-        device(
+        self.check(
             "rms_norm",
             self.gpu.rms_norm_rows(x, w, rows, dim, stride, eps),
-        );
+        )
     }
 
-    fn linear(&self, w: &LinearWeight, x: &GpuBuf<f32>, tokens: usize) -> GpuBuf<f32> {
+    fn linear(
+        &self,
+        w: &LinearWeight,
+        x: &GpuBuf<f32>,
+        tokens: usize,
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
         let dw = {
             let mut map = self.lock();
-            self.weight(&mut map, w)
+            self.weight(&mut map, w)?
         };
-        GpuBuf::new(self.linear_on_device(&dw, 0..dw.rows, x, tokens))
+        Ok(GpuBuf::new(self.linear_on_device(&dw, x, tokens)?))
     }
 
     fn rope(
@@ -452,9 +488,9 @@ impl DeviceOps for CudaBackend {
         rope: &DeviceRope<GpuBuf<f32>>,
         positions: &GpuBuf<i32>,
         l: RopeLayout,
-    ) {
+    ) -> DeviceResult<()> {
         self.enter();
-        device(
+        self.check(
             "rope_yarn",
             self.gpu.rope_yarn(
                 x,
@@ -468,7 +504,7 @@ impl DeviceOps for CudaBackend {
                 l.offset,
                 rope.host.inv_freq().len(),
             ),
-        );
+        )
     }
 
     fn write_rows(
@@ -477,17 +513,17 @@ impl DeviceOps for CudaBackend {
         rows: &GpuBuf<f32>,
         slots: &GpuBuf<i32>,
         width: usize,
-    ) {
+    ) -> DeviceResult<()> {
         self.enter();
         let count = slots.len();
         let g = &self.gpu;
-        device(
+        self.check(
             "writing the latent cache",
             match pool {
                 DevicePool::F32(p) => g.write_rows(p, rows, slots, count, width),
                 DevicePool::Bf16(p) => g.write_rows_bf16(p, rows, slots, count, width),
             },
-        );
+        )
     }
 
     fn absorb_queries(
@@ -496,16 +532,16 @@ impl DeviceOps for CudaBackend {
         q: &GpuBuf<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> GpuBuf<f32> {
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        let w = self.kv_b_f32(kv_b);
-        let mut out = self.zeros(tokens * d.heads * d.width());
-        device(
+        let w = self.kv_b_f32(kv_b)?;
+        let mut out = self.zeros(tokens * d.heads * d.width())?;
+        self.check(
             "mla_absorb_queries",
             self.gpu
                 .mla_absorb_queries(q, &w, &mut out, absorb_shape(d, tokens)),
-        );
-        out
+        )?;
+        Ok(out)
     }
 
     fn mla(
@@ -515,11 +551,11 @@ impl DeviceOps for CudaBackend {
         b: &QueryBlocks<GpuBuf<i32>>,
         d: MlaDims,
         scale: f32,
-    ) -> GpuBuf<f32> {
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        let mut out = self.zeros(b.queries * d.heads * d.latent);
+        let mut out = self.zeros(b.queries * d.heads * d.latent)?;
         if b.queries == 0 {
-            return out;
+            return Ok(out);
         }
         let shape = MlaDecodeShape {
             seqs: b.queries,
@@ -534,12 +570,12 @@ impl DeviceOps for CudaBackend {
             DevicePool::F32(p) => LatentPool::F32(p),
             DevicePool::Bf16(p) => LatentPool::Bf16(p),
         };
-        device(
+        self.check(
             "mla_decode",
             self.gpu
                 .mla_decode(q, pool, &b.tables, &b.lens, b.max_len, shape, &mut out),
-        );
-        out
+        )?;
+        Ok(out)
     }
 
     fn expand_values(
@@ -548,16 +584,16 @@ impl DeviceOps for CudaBackend {
         o: &GpuBuf<f32>,
         d: MlaDims,
         tokens: usize,
-    ) -> GpuBuf<f32> {
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        let w = self.kv_b_f32(kv_b);
-        let mut out = self.zeros(tokens * d.heads * d.v);
-        device(
+        let w = self.kv_b_f32(kv_b)?;
+        let mut out = self.zeros(tokens * d.heads * d.v)?;
+        self.check(
             "mla_expand_values",
             self.gpu
                 .mla_expand_values(o, &w, &mut out, absorb_shape(d, tokens)),
-        );
-        out
+        )?;
+        Ok(out)
     }
 
     fn route(
@@ -566,17 +602,20 @@ impl DeviceOps for CudaBackend {
         logits: &GpuBuf<f32>,
         bias: Option<&GpuBuf<f32>>,
         tokens: usize,
-    ) -> Vec<Vec<(usize, f32)>> {
+    ) -> DeviceResult<Vec<Vec<(usize, f32)>>> {
         self.enter();
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
         if e > MAX_ROUTED_EXPERTS || cfg.n_group > MAX_GROUPS || tokens == 0 {
-            let host = device("router logits", self.gpu.download("logits", logits));
-            let bias = bias.map(|b| device("router bias", self.gpu.download("bias", b)));
-            return route_on_host(cfg, &host[..tokens * e], bias.as_deref());
+            let host = self.check("router logits", self.gpu.download("logits", logits))?;
+            let bias = match bias {
+                Some(b) => Some(self.check("router bias", self.gpu.download("bias", b))?),
+                None => None,
+            };
+            return Ok(route_on_host(cfg, &host[..tokens * e], bias.as_deref()));
         }
-        let mut ids = device("router output", self.gpu.zeros::<i32>("ids", tokens * k));
-        let mut w = self.zeros(tokens * k);
-        device(
+        let mut ids = self.check("router output", self.gpu.zeros::<i32>("ids", tokens * k))?;
+        let mut w = self.zeros(tokens * k)?;
+        self.check(
             "route_topk",
             self.gpu.route_topk(
                 logits,
@@ -592,25 +631,30 @@ impl DeviceOps for CudaBackend {
                 &mut ids,
                 &mut w,
             ),
-        );
-        let ids = device("router output", self.gpu.download("ids", &ids));
-        let w = device("router output", self.gpu.download("weights", &w));
-        (0..tokens)
+        )?;
+        let ids = self.check("router output", self.gpu.download("ids", &ids))?;
+        let w = self.check("router output", self.gpu.download("weights", &w))?;
+        Ok((0..tokens)
             .map(|t| {
                 (t * k..(t + 1) * k)
                     .map(|i| (ids[i].max(0) as usize, w[i]))
                     .collect()
             })
-            .collect()
+            .collect())
     }
 
     /// Gate and up, SiLU-mul, down over every row: four launches, nothing uploaded.
-    fn ffn_all(&self, ffn: &FfnWeights, x: &GpuBuf<f32>, tokens: usize) -> GpuBuf<f32> {
+    fn ffn_all(
+        &self,
+        ffn: &FfnWeights,
+        x: &GpuBuf<f32>,
+        tokens: usize,
+    ) -> DeviceResult<GpuBuf<f32>> {
         self.enter();
-        let mut h = DeviceOps::linear(self, &ffn.gate, x, tokens);
-        let u = DeviceOps::linear(self, &ffn.up, x, tokens);
+        let mut h = DeviceOps::linear(self, &ffn.gate, x, tokens)?;
+        let u = DeviceOps::linear(self, &ffn.up, x, tokens)?;
         let n = tokens * ffn.gate.rows();
-        device("silu_mul", self.gpu.silu_mul(&mut h, &u, n));
+        self.check("silu_mul", self.gpu.silu_mul(&mut h, &u, n))?;
         DeviceOps::linear(self, &ffn.down, &h, tokens)
     }
 
@@ -620,9 +664,9 @@ impl DeviceOps for CudaBackend {
         x: &GpuBuf<f32>,
         tokens: &[(usize, f32)],
         out: &mut GpuBuf<f32>,
-    ) {
+    ) -> DeviceResult<()> {
         self.enter();
-        self.experts_accumulate(&[(ffn, tokens)], x, out);
+        self.experts_accumulate(&[(ffn, tokens)], x, out)
     }
 
     /// A few tokens over INT4 experts of one shape (decode) run grouped: three launches
@@ -635,11 +679,11 @@ impl DeviceOps for CudaBackend {
         work: &[(&FfnWeights, &[(usize, f32)])],
         x: &GpuBuf<f32>,
         out: &mut GpuBuf<f32>,
-    ) {
+    ) -> DeviceResult<()> {
         self.enter();
         let entries: usize = work.iter().map(|(_, t)| t.len()).sum();
-        if entries == 0 || self.grouped_experts(work, x, out) {
-            return;
+        if entries == 0 || self.grouped_experts(work, x, out)? {
+            return Ok(());
         }
         let rows: Vec<i32> = work
             .iter()
@@ -649,7 +693,7 @@ impl DeviceOps for CudaBackend {
             .iter()
             .flat_map(|(_, t)| t.iter().map(|&(_, w)| w))
             .collect();
-        let (rows, weights) = (self.ints(&rows), self.upload(&weights));
+        let (rows, weights) = (self.ints(&rows)?, self.upload(&weights)?);
         let mut first = 0;
         for (ffn, tokens) in work {
             let (hidden, inter, m) = (ffn.gate.cols(), ffn.gate.rows(), tokens.len());
@@ -659,27 +703,28 @@ impl DeviceOps for CudaBackend {
             let (gate, up, down) = {
                 let mut map = self.lock();
                 (
-                    self.weight(&mut map, &ffn.gate),
-                    self.weight(&mut map, &ffn.up),
-                    self.weight(&mut map, &ffn.down),
+                    self.weight(&mut map, &ffn.gate)?,
+                    self.weight(&mut map, &ffn.up)?,
+                    self.weight(&mut map, &ffn.down)?,
                 )
             };
-            let mut xs = self.zeros(m * hidden);
-            device(
+            let mut xs = self.zeros(m * hidden)?;
+            self.check(
                 "take_rows",
                 self.gpu.take_rows(x, (&rows, first), &mut xs, m, hidden),
-            );
-            let mut h = self.linear_on_device(&gate, 0..inter, &xs, m);
-            let u = self.linear_on_device(&up, 0..inter, &xs, m);
-            device("silu_mul", self.gpu.silu_mul(&mut h, &u, m * inter));
-            let d = self.linear_on_device(&down, 0..hidden, &h, m);
-            device(
+            )?;
+            let mut h = self.linear_on_device(&gate, &xs, m)?;
+            let u = self.linear_on_device(&up, &xs, m)?;
+            self.check("silu_mul", self.gpu.silu_mul(&mut h, &u, m * inter))?;
+            let d = self.linear_on_device(&down, &h, m)?;
+            self.check(
                 "scatter_add_rows",
                 self.gpu
                     .scatter_add_rows(out, &d, (&rows, &weights, first), m, hidden),
-            );
+            )?;
             first += m;
         }
+        Ok(())
     }
 }
 
@@ -709,15 +754,17 @@ pub enum DevicePool {
 }
 
 /// Copies `from` into the start of `to` (a grown pool keeps what it held).
-fn keep_prefix<T: DeviceRepr>(s: &Arc<CudaStream>, from: &CudaSlice<T>, to: &mut CudaSlice<T>) {
+fn keep_prefix<T: DeviceRepr>(
+    s: &Arc<CudaStream>,
+    from: &CudaSlice<T>,
+    to: &mut CudaSlice<T>,
+) -> Result<(), kernels_cuda::CudaError> {
     let keep = from.len().min(to.len());
     if keep > 0 {
-        device(
-            "growing the latent cache",
-            s.memcpy_dtod(&from.slice(0..keep), &mut to.slice_mut(0..keep))
-                .map_err(copy_err),
-        );
+        s.memcpy_dtod(&from.slice(0..keep), &mut to.slice_mut(0..keep))
+            .map_err(copy_err)?;
     }
+    Ok(())
 }
 
 fn absorb_shape(d: MlaDims, tokens: usize) -> AbsorbShape {
