@@ -6,7 +6,7 @@
 //! the same bytes (interleaved with the kernels, best of each), the scalar path, and the
 //! `vpdpwssd` peak of all threads issuing it at once (the prefill GEMM's instruction).
 
-use crate::backend::{Activations, Backend, CpuBackend, FfnWeights};
+use crate::device::cpu::kernels::{Activations, CpuBackend, CpuKernels, FfnWeights};
 use crate::weights::{DenseDtype, LinearWeight, TensorData};
 use kernels_avx512::Isa;
 use memmap2::MmapMut;
@@ -183,7 +183,7 @@ fn read_once(buf: &[u8]) -> f64 {
 
 /// One token through each expert in turn (gate, up, SiLU, down), as decode streams every
 /// expert's weights once; returns seconds.
-fn experts_once(backend: &dyn Backend, experts: &[FfnWeights]) -> f64 {
+fn experts_once(backend: &dyn CpuKernels, experts: &[FfnWeights]) -> f64 {
     let x = probe_activations(HIDDEN, 1);
     let t = Instant::now();
     let mut out = vec![0.0f32; HIDDEN];
@@ -195,7 +195,7 @@ fn experts_once(backend: &dyn Backend, experts: &[FfnWeights]) -> f64 {
 }
 
 /// One token through each matrix; returns seconds.
-fn matrices_once(backend: &dyn Backend, matrices: &[LinearWeight]) -> f64 {
+fn matrices_once(backend: &dyn CpuKernels, matrices: &[LinearWeight]) -> f64 {
     let x = probe_activations(HIDDEN, 1);
     let mut y = vec![0.0f32; INTER];
     let t = Instant::now();

@@ -2,13 +2,12 @@
 //!
 //! Layers, from the bottom: `config` (what the checkpoint says), `weights` (mapped
 //! tensors in their stored formats), `model` (the model as data and maths), `placement`
-//! (the planner), `backend` (CPU kernel sets), `device` (what the pass needs from a
-//! device; the CPU and CUDA devices), `forward` (the one forward pass over its devices),
+//! (the planner), `device` (what the pass needs from a device; the CPU device with its
+//! kernel sets, and the CUDA devices), `forward` (the one forward pass over its devices),
 //! `runtime` (a plan made into a running layout), `generate` (one sequence's decode
 //! loop), `engine` (batching and the paged cache), `server` (the HTTP APIs), `inspect`
 //! (what a checkpoint holds).
 
-pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod demo;

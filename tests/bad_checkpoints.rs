@@ -315,8 +315,9 @@ fn out_of_vocabulary_token_is_an_error() {
     let ckpt = Checkpoint::open(&fixture("kimi-int4")).unwrap();
     let model = Model::load(&ckpt).unwrap();
     let mut cache = kimi_hybrid::model::KvCache::new(&model.config);
-    let reference: &dyn kimi_hybrid::forward::Forward =
-        &kimi_hybrid::forward::on_cpu(std::sync::Arc::new(kimi_hybrid::backend::ReferenceBackend));
+    let reference: &dyn kimi_hybrid::forward::Forward = &kimi_hybrid::forward::on_cpu(
+        std::sync::Arc::new(kimi_hybrid::device::cpu::kernels::ReferenceBackend),
+    );
     let e = reference
         .forward(
             &model,

@@ -12,7 +12,7 @@ use common::{
     fixture, golden, greedy, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps,
     FIXTURES,
 };
-use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::device::cpu::kernels::{by_name, CpuKernels};
 use kimi_hybrid::device::cpu::CpuDevice;
 use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
 use kimi_hybrid::engine::sampling::argmax;
@@ -32,14 +32,14 @@ fn load(name: &str) -> Model {
     Model::load(&Checkpoint::open(&fixture(name)).expect("fixture")).expect("model")
 }
 
-fn exact() -> Arc<dyn Backend> {
+fn exact() -> Arc<dyn CpuKernels> {
     Arc::from(by_name("cpu-f32").expect("cpu-f32 backend"))
 }
 
 /// The resident pass on the twin; `host` set makes it hybrid, counting hand-off bytes
 /// on `accounting`.
 fn resident(
-    host: Option<Arc<dyn Backend>>,
+    host: Option<Arc<dyn CpuKernels>>,
     accounting: Option<Arc<HandoffCounter>>,
 ) -> Pass<CpuDevice> {
     let twin = Arc::new(CpuDevice::stand_in(exact()));

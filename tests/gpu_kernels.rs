@@ -8,8 +8,8 @@ use kernels_avx512::scalar::{decode_fp8_row, decode_int4_row};
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::device::GpuDevice;
 use kernels_cuda::ops::{MlaDecodeShape, MlaPrefillShape};
-use kimi_hybrid::backend::{AttentionShape, Backend, KvView, ReferenceBackend};
 use kimi_hybrid::config::ModelConfig;
+use kimi_hybrid::device::cpu::kernels::{AttentionShape, CpuKernels, KvView, ReferenceBackend};
 use kimi_hybrid::device::DeviceError;
 use kimi_hybrid::model::rope::Rope;
 use kimi_hybrid::model::{rms_norm, router};
@@ -635,7 +635,7 @@ fn bf16_f32_band_and_transposed_products_match_cpu() {
 /// routing, an expert FFN with its scatter-add, and the page-locked hand-off copies.
 #[test]
 fn resident_device_ops_match_the_cpu_twin() -> Result<(), DeviceError> {
-    use kimi_hybrid::backend::by_name;
+    use kimi_hybrid::device::cpu::kernels::by_name;
     use kimi_hybrid::device::cpu::CpuDevice;
     use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::device::{DeviceOps, DeviceRope, QueryBlocks, RopeLayout};
@@ -852,7 +852,10 @@ fn resident_device_ops_match_the_cpu_twin() -> Result<(), DeviceError> {
         vec![(0, 0.5), (1, 0.25), (2, 1.0), (5, 0.1)],
         vec![(3, 2.0)],
     ];
-    let layer: Vec<(&kimi_hybrid::backend::FfnWeights, &[(usize, f32)])> = moe
+    let layer: Vec<(
+        &kimi_hybrid::device::cpu::kernels::FfnWeights,
+        &[(usize, f32)],
+    )> = moe
         .experts
         .iter()
         .zip(&lists)
@@ -938,7 +941,7 @@ fn bf16_products_through_cublas_keep_f32_accuracy() {
 /// between experts and an expert with none.
 #[test]
 fn grouped_int4_experts_match_cpu_on_the_k2_expert_shape() -> Result<(), DeviceError> {
-    use kimi_hybrid::backend::{by_name, FfnWeights};
+    use kimi_hybrid::device::cpu::kernels::{by_name, FfnWeights};
     use kimi_hybrid::device::cuda::CudaBackend;
     use kimi_hybrid::device::DeviceOps;
     use kimi_hybrid::weights::{LinearWeight, TensorData};

@@ -8,7 +8,7 @@ mod common;
 use common::{
     fixture, golden, half_on_gpu, hybrid_plan, max_abs_diff, prefill_and_three_steps, FIXTURES,
 };
-use kimi_hybrid::backend::{by_name, Backend};
+use kimi_hybrid::device::cpu::kernels::{by_name, CpuKernels};
 use kimi_hybrid::device::cpu::CpuDevice;
 use kimi_hybrid::forward::handoff::HandoffCounter;
 use kimi_hybrid::forward::{on_cpu, Forward, Pass};
@@ -31,7 +31,7 @@ fn run(model: &Model, backend: &dyn Forward, prompt: &[u32]) -> (Vec<f32>, usize
 fn hybrid_on_the_simulated_accelerator_matches_cpu_and_the_plan() {
     // Exact f32 kernels: the stand-in GPU attends in the absorbed form, the CPU device in
     // the naive one for prefill, and only f32 rounding may separate them.
-    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
+    let cpu: Arc<dyn CpuKernels> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);
@@ -100,7 +100,7 @@ fn hybrid_on_a_real_gpu_matches_cpu_on_every_fixture() {
             .or_else(|_| CudaBackend::open(0))
             .expect("a second context"),
     );
-    let cpu: Arc<dyn Backend> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
+    let cpu: Arc<dyn CpuKernels> = Arc::from(by_name("cpu-f32").expect("cpu backend"));
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).expect("fixture");
         let p = half_on_gpu(&ckpt);
@@ -161,7 +161,7 @@ fn a_device_too_small_for_the_plan_is_an_error_naming_what_did_not_fit() {
 fn expert_deferral_accuracy_cost_on_every_fixture() {
     use kimi_hybrid::generate::{generate, GenerateRequest, SamplingConfig};
     // The hybrid layout on a stand-in GPU: the host experts are the ones deferred.
-    let host: Arc<dyn Backend> = Arc::from(by_name("cpu").expect("cpu backend"));
+    let host: Arc<dyn CpuKernels> = Arc::from(by_name("cpu").expect("cpu backend"));
     let stand_in = Arc::new(CpuDevice::stand_in(host.clone()));
     let cpu: Box<dyn Forward> = Box::new(Pass::new(stand_in, Some(host), None));
     for name in FIXTURES {

@@ -8,7 +8,7 @@
 mod common;
 
 use common::max_abs_diff;
-use kimi_hybrid::backend::ReferenceBackend;
+use kimi_hybrid::device::cpu::kernels::ReferenceBackend;
 use kimi_hybrid::model::{AttentionForm, KvCache, Logits, Model};
 use kimi_hybrid::weights::Checkpoint;
 use std::path::PathBuf;

@@ -5,8 +5,8 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::backend::FfnWeights;
 use crate::config::ModelConfig;
+use crate::device::cpu::kernels::FfnWeights;
 use crate::model::{router, AttentionForm, MlaDims};
 use crate::weights::LinearWeight;
 use std::ops::Range;

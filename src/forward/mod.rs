@@ -33,7 +33,7 @@ pub use pass::Pass;
 pub use tensor::{HeadShare, HeadSplit};
 pub use vocab::VocabSplit;
 
-use crate::backend::Backend;
+use crate::device::cpu::kernels::CpuKernels;
 use crate::device::cpu::CpuDevice;
 use crate::device::{
     embedding_rows, DeviceOps, DeviceRope, Fabric, QueryBlocks, ReplayKey, RopeLayout, ThroughHost,
@@ -105,7 +105,7 @@ impl dyn Forward + '_ {
 }
 
 /// The pass on the CPU alone, computing with `kernels` (see [`CpuDevice::new`]).
-pub fn on_cpu(kernels: Arc<dyn Backend>) -> Pass<CpuDevice> {
+pub fn on_cpu(kernels: Arc<dyn CpuKernels>) -> Pass<CpuDevice> {
     Pass::new(Arc::new(CpuDevice::new(kernels)), None, None)
 }
 

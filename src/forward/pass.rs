@@ -15,7 +15,7 @@ use super::handoff::{HandoffCounter, HostWorker, Pending};
 use super::layout::{block_tables, ensure_pools, Group, Layout};
 use super::tensor::HeadSplit;
 use super::{DeviceOps, DeviceRope, Fabric, Forward, MlaDims, ReplayKey, RopeLayout, ThroughHost};
-use crate::backend::{Backend, FfnWeights};
+use crate::device::cpu::kernels::{CpuKernels, FfnWeights};
 use crate::device::DeviceResult;
 use crate::model::{
     expert_work, AttentionForm, BatchEntry, Ffn, LatentStore, Logits, Model, ModelError, QueryProj,
@@ -133,7 +133,7 @@ impl<O: DeviceOps> Prepared<O> {
 /// first).
 pub struct Pass<O: DeviceOps> {
     devices: Vec<Arc<O>>,
-    host: Option<Arc<dyn Backend>>,
+    host: Option<Arc<dyn CpuKernels>>,
     /// Where the hand-off bytes are counted (the planner's `handoff_bytes_per_token`).
     accounting: Option<Arc<HandoffCounter>>,
     /// The in-order host thread deferred experts run on (hybrid mode).
@@ -155,7 +155,7 @@ impl<O: DeviceOps> Pass<O> {
     /// there, their hand-off bytes counted on `accounting`.
     pub fn new(
         ops: Arc<O>,
-        host: Option<Arc<dyn Backend>>,
+        host: Option<Arc<dyn CpuKernels>>,
         accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         Self::build(vec![ops], None, host, accounting)
@@ -170,7 +170,7 @@ impl<O: DeviceOps> Pass<O> {
     fn build(
         devices: Vec<Arc<O>>,
         layer_devices: Option<Vec<usize>>,
-        host: Option<Arc<dyn Backend>>,
+        host: Option<Arc<dyn CpuKernels>>,
         accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         // Without a thread for deferred experts they are computed in line (same numbers).
@@ -237,7 +237,7 @@ impl<O: DeviceOps> Pass<O> {
     pub fn pipeline(
         devices: Vec<Arc<O>>,
         layer_devices: Vec<usize>,
-        host: Option<Arc<dyn Backend>>,
+        host: Option<Arc<dyn CpuKernels>>,
         accounting: Option<Arc<HandoffCounter>>,
     ) -> Self {
         let d = devices.len().max(1);

@@ -16,7 +16,7 @@
 
 use super::budget::{reserve_hybrid_share, DeviceBudget};
 use super::{assemble, GpuLayout, HostExperts, RuntimeError};
-use crate::backend::{Backend, FfnWeights};
+use crate::device::cpu::kernels::{CpuKernels, FfnWeights};
 use crate::device::cuda::{CudaBackend, NcclFabric};
 use crate::forward::handoff::HandoffCounter;
 use crate::forward::Pass;
@@ -37,7 +37,7 @@ pub fn hybrid_on_gpu(
     model: &Model,
     plan: &Plan,
     gpu: Arc<CudaBackend>,
-    host: Arc<dyn Backend>,
+    host: Arc<dyn CpuKernels>,
 ) -> Result<Pass<CudaBackend>, RuntimeError> {
     let g = gpu.gpu();
     // What the plan puts on the GPU, checked against its free memory (an error names
@@ -132,7 +132,7 @@ pub fn pipeline_on_gpus(
     model: &Model,
     plan: &Plan,
     gpus: Vec<Arc<CudaBackend>>,
-    host: Arc<dyn Backend>,
+    host: Arc<dyn CpuKernels>,
 ) -> Result<Pass<CudaBackend>, RuntimeError> {
     let layer_devices = crate::forward::layer_devices(plan, model.layers.len());
     let last = layer_devices.last().copied().unwrap_or(0);
@@ -261,7 +261,7 @@ fn kv_bs(model: &Model, on: impl Fn(usize) -> bool) -> Vec<&LinearWeight> {
 }
 
 /// Device bytes of the f32 `kv_b_proj` copies the resident pass's absorbed attention
-/// reads (see `backend::cuda::resident`).
+/// reads (see `device::cuda::resident`).
 fn absorbed_kv_b_bytes(model: &Model) -> u64 {
     model
         .layers

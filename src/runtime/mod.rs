@@ -8,7 +8,7 @@
 pub mod budget;
 pub mod cuda;
 
-use crate::backend::Backend;
+use crate::device::cpu::kernels::CpuKernels;
 use crate::device::cpu::CpuDevice;
 use crate::device::cuda::CudaBackend;
 use crate::device::DeviceOps;
@@ -47,7 +47,7 @@ pub enum RuntimeError {
         cause: Box<RuntimeError>,
     },
     #[error(transparent)]
-    Backend(#[from] crate::backend::BackendError),
+    CpuKernels(#[from] crate::device::cpu::kernels::BackendError),
     #[error(transparent)]
     Profile(#[from] crate::placement::profile::ProfileError),
     #[error("cannot read plan {path}: {cause}")]
@@ -179,7 +179,7 @@ impl Placement {
         if plan.is_none() {
             // `--backend cuda[:N]`: every weight (and the absorbed attention's f32 kv_b
             // copies) goes up now, so a GPU too small refuses at start, not mid-request.
-            if let Some(ordinal) = crate::backend::cuda_ordinal(name)? {
+            if let Some(ordinal) = crate::device::cpu::kernels::cuda_ordinal(name)? {
                 let gpu =
                     CudaBackend::open(ordinal).map_err(|cause| RuntimeError::BackendCannotRun {
                         name: name.to_string(),
@@ -194,7 +194,7 @@ impl Placement {
                     });
             }
         }
-        let host: Arc<dyn Backend> = Arc::from(crate::backend::by_name(name)?);
+        let host: Arc<dyn CpuKernels> = Arc::from(crate::device::cpu::kernels::by_name(name)?);
         let Some(plan) = plan else {
             return Ok(Box::new(crate::forward::on_cpu(host)));
         };
@@ -239,7 +239,7 @@ impl Placement {
 /// kernels the host computes its experts with, and where the hand-off bytes are counted.
 pub struct HostExperts<'a> {
     pub plan: &'a Plan,
-    pub kernels: Arc<dyn Backend>,
+    pub kernels: Arc<dyn CpuKernels>,
     pub handoff: Arc<HandoffCounter>,
 }
 

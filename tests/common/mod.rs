@@ -8,7 +8,7 @@ use std::sync::Arc;
 /// The forward pass on the CPU alone with the kernels `backend` names (`cpu`,
 /// `cpu-f32`, `reference`, ...).
 pub fn cpu_pass(backend: &str) -> Box<dyn Forward> {
-    let kernels = kimi_hybrid::backend::by_name(backend).expect("cpu backend");
+    let kernels = kimi_hybrid::device::cpu::kernels::by_name(backend).expect("cpu backend");
     Box::new(kimi_hybrid::forward::on_cpu(Arc::from(kernels)))
 }
 

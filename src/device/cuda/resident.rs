@@ -6,8 +6,8 @@
 
 use super::CudaBackend;
 use super::GpuBuf;
-use crate::backend::FfnWeights;
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::device::cpu::kernels::FfnWeights;
 use crate::device::{
     route_on_host, DeviceOps, DeviceResult, DeviceRope, QueryBlocks, RopeLayout, Work,
 };

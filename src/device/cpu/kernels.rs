@@ -1,14 +1,10 @@
-//! Kernel sets behind one trait: the products, fused feed-forward blocks and attention
-//! the CPU device computes with, and the host's routed experts in hybrid layouts; the
-//! scalar reference (the yardstick) and the fast CPU kernels. The CUDA device implements
-//! it too (`crate::device::cuda`), to compare its kernels one operation at a time.
+//! The CPU's kernel sets behind one trait ([`CpuKernels`]): the products, fused
+//! feed-forward blocks and attention the CPU device computes with, and the host's routed
+//! experts in hybrid layouts (the seam a hybrid pass hands a layer's host experts to);
+//! the scalar reference (the yardstick) and the fast kernels of `kernels-avx512`.
 
-mod cpu;
-pub mod pool;
-mod reference;
-
-pub use cpu::{Activations, CpuBackend};
-pub use reference::ReferenceBackend;
+pub use super::fast::{Activations, CpuBackend};
+pub use super::reference::ReferenceBackend;
 
 use crate::weights::LinearWeight;
 use std::ops::Range;
@@ -35,7 +31,7 @@ pub struct AttentionShape {
     pub v_dim: usize,
 }
 
-pub trait Backend: Send + Sync {
+pub trait CpuKernels: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// `y[t, i] = sum_k x[t, k] * W[rows.start + i, k]` for the `n = x.len() / cols`
@@ -157,7 +153,7 @@ pub fn weight_rows(rows: &mut [f32], tokens: &[(usize, f32)]) {
 /// The SiLU-gated FFN written once over any backend's `linear`: gather the tokens' rows,
 /// gate and up projections, `silu(gate) * up`, down projection; returns each token's
 /// weighted contribution, [tokens.len(), hidden].
-pub fn ffn_composed<B: Backend + ?Sized>(
+pub fn ffn_composed<B: CpuKernels + ?Sized>(
     backend: &B,
     ffn: &FfnWeights,
     x: &[f32],
@@ -210,7 +206,7 @@ pub fn add_in_order<C: AsRef<[f32]>>(
 
 /// `out[t] += weight * ffn(x[t])` for every `(t, weight)` in `tokens`.
 pub fn ffn_accumulate_with(
-    backend: &dyn Backend,
+    backend: &dyn CpuKernels,
     ffn: &FfnWeights,
     x: &[f32],
     tokens: &[(usize, f32)],
@@ -258,7 +254,7 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, BackendError> {
 /// path. `cuda` (or `cuda:N`) is not a kernel set: `run`/`serve --backend cuda` put the
 /// whole model on GPU N (see `runtime`), and with a GPU profile or plan `--backend` names
 /// the host's kernels, so here it is an error saying so.
-pub fn by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
+pub fn by_name(name: &str) -> Result<Box<dyn CpuKernels>, BackendError> {
     if name == "reference" {
         return Ok(Box::new(ReferenceBackend));
     }

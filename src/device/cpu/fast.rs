@@ -4,8 +4,8 @@
 //! vector kernels. Other formats (F16, F32) use the reference code. Each output row is
 //! computed by one task in a fixed order, so results do not depend on the thread count.
 
+use super::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView, ReferenceBackend};
 use super::pool::CpuPools;
-use super::{AttentionShape, Backend, FfnWeights, KvView, ReferenceBackend};
 use crate::weights::{DenseDtype, LinearWeight};
 use kernels_avx512::int4::Q8Activations;
 use kernels_avx512::int4_i16::Q16Activations;
@@ -234,7 +234,7 @@ fn int4_gemm(rows: Range<usize>, m: &Int4Matrix, x: &[f32], y: &mut [f32]) {
     });
 }
 
-impl Backend for CpuBackend {
+impl CpuKernels for CpuBackend {
     fn name(&self) -> &'static str {
         match self.activations {
             Activations::F32 => "cpu-f32",
@@ -254,7 +254,7 @@ impl Backend for CpuBackend {
     fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
         match self.ffn_fused(ffn, x, tokens) {
             Some(c) => c,
-            None => super::ffn_composed(self, ffn, x, tokens),
+            None => super::kernels::ffn_composed(self, ffn, x, tokens),
         }
     }
 
@@ -266,7 +266,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) {
         self.on_node(ffn.numa_node, || {
-            super::ffn_accumulate_with(self, ffn, x, tokens, out)
+            super::kernels::ffn_accumulate_with(self, ffn, x, tokens, out)
         })
     }
 
@@ -281,7 +281,7 @@ impl Backend for CpuBackend {
             let node = work.first().and_then(|(f, _)| f.numa_node);
             if work.iter().all(|(f, _)| f.numa_node == node) {
                 if let Some(parts) = self.on_node(node, || self.experts_fused(work, x)) {
-                    super::add_in_order(work, parts.into_iter().map(Some), out);
+                    super::kernels::add_in_order(work, parts.into_iter().map(Some), out);
                     return;
                 }
             }
@@ -297,7 +297,7 @@ impl Backend for CpuBackend {
                 })
                 .collect()
         });
-        super::add_in_order(work, parts.into_iter().map(Some), out);
+        super::kernels::add_in_order(work, parts.into_iter().map(Some), out);
     }
 
     fn attention(
@@ -313,7 +313,7 @@ impl Backend for CpuBackend {
         // The reference's algorithm with vector dot products and weighted sums.
         let isa = self.isa;
         self.on_pool(|| {
-            super::attention_with(
+            super::kernels::attention_with(
                 q,
                 k,
                 v,
@@ -467,7 +467,7 @@ impl CpuBackend {
                 up,
                 down,
                 tokens,
-                xs: super::gather_rows(x, tokens, hidden),
+                xs: super::kernels::gather_rows(x, tokens, hidden),
             });
         }
         let (isa, act) = (self.isa, self.activations);
@@ -484,7 +484,7 @@ impl CpuBackend {
                 prepared[e].dot(isa, jobs[e].gate.row(row), t.clone(), out);
                 prepared[e].dot(isa, jobs[e].up.row(row), t, u);
                 for (g, u) in out.iter_mut().zip(u.iter()) {
-                    *g = super::silu(*g) * u;
+                    *g = super::kernels::silu(*g) * u;
                 }
             });
             let h: Vec<Vec<f32>> = h_by_row
@@ -512,7 +512,7 @@ impl CpuBackend {
                     let (r, n) = (j.down.rows, j.tokens.len());
                     let mut d = vec![0.0f32; r * n];
                     token_major(b, r, n, &mut d);
-                    super::weight_rows(&mut d, j.tokens);
+                    super::kernels::weight_rows(&mut d, j.tokens);
                     d
                 })
                 .collect()
@@ -731,7 +731,7 @@ mod tests {
                     vec![(0, 0.5), (9, 0.25), (4, 2.0)],
                     (0..9).map(|t| (t, 0.1 * t as f32)).collect(),
                 ] {
-                    let composed = super::super::ffn_composed(&b, &ffn, &x, &tokens);
+                    let composed = super::super::kernels::ffn_composed(&b, &ffn, &x, &tokens);
                     match b.ffn_fused(&ffn, &x, &tokens) {
                         Some(fused) => {
                             assert_eq!(fused, composed, "{isa:?} {act:?} {}", tokens.len())
@@ -757,8 +757,8 @@ mod tests {
                 let work: Vec<(&FfnWeights, &[(usize, f32)])> = vec![(&ffn, &t1), (&second, &t2)];
                 let mut want = vec![0.0f32; 10 * hidden];
                 for (f, t) in &work {
-                    let c = super::super::ffn_composed(&b, f, &x, t);
-                    super::super::scatter_add(&c, t, &mut want);
+                    let c = super::super::kernels::ffn_composed(&b, f, &x, t);
+                    super::super::kernels::scatter_add(&c, t, &mut want);
                 }
                 let mut got = vec![0.0f32; 10 * hidden];
                 b.moe_accumulate(&work, &x, &mut got);

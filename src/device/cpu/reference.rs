@@ -2,7 +2,7 @@
 //! decoders, dot it with each token, rayon across rows. Slow and obviously correct; the
 //! yardstick the fast kernels are measured against.
 
-use super::{AttentionShape, Backend, FfnWeights, KvView};
+use super::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView};
 use crate::weights::LinearWeight;
 use kernels_avx512::scalar::dot;
 use rayon::prelude::*;
@@ -11,7 +11,7 @@ use std::ops::Range;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReferenceBackend;
 
-impl Backend for ReferenceBackend {
+impl CpuKernels for ReferenceBackend {
     fn name(&self) -> &'static str {
         "reference"
     }
@@ -66,7 +66,7 @@ impl Backend for ReferenceBackend {
         tokens: &[(usize, f32)],
         out: &mut [f32],
     ) {
-        super::ffn_accumulate_with(self, ffn, x, tokens, out);
+        super::kernels::ffn_accumulate_with(self, ffn, x, tokens, out);
     }
 
     fn attention(
@@ -79,7 +79,7 @@ impl Backend for ReferenceBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        super::attention_with(q, k, v, shape, positions, scale, out, dot, |a, x, y| {
+        super::kernels::attention_with(q, k, v, shape, positions, scale, out, dot, |a, x, y| {
             for (o, v) in y.iter_mut().zip(x) {
                 *o += a * v;
             }

@@ -2,7 +2,7 @@
 //! one of the node's CPUs, so an expert assigned to a node is computed by threads that
 //! read that node's local memory. A pool over all CPUs serves work with no node.
 
-use super::BackendError;
+use super::kernels::BackendError;
 use crate::topology::Topology;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, OnceLock};

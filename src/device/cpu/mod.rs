@@ -1,13 +1,20 @@
 //! The CPU as a device: the forward pass's device operations on host vectors, computed
 //! by a CPU backend's kernels ([`CpuDevice::new`]); also a stand-in for a GPU that attends
 //! as the CUDA device does ([`CpuDevice::stand_in`]), which the GPU's pass is compared
-//! with and `--simulate-gpus` runs plans on.
+//! with and `--simulate-gpus` runs plans on. Its kernel sets ([`kernels::CpuKernels`]:
+//! the fast ones in `fast`, the scalar reference in `reference`) and their thread pools
+//! ([`pool`]) live beside it.
+
+mod fast;
+pub mod kernels;
+pub mod pool;
+mod reference;
 
 use super::{
     route_on_host, DeviceOps, DeviceResult, DeviceRope, MlaDims, QueryBlocks, RopeLayout, Work,
 };
-use crate::backend::{AttentionShape, Backend, FfnWeights, KvView};
 use crate::config::ModelConfig;
+use crate::device::cpu::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView};
 use crate::model::AttentionForm;
 use crate::weights::LinearWeight;
 use std::ops::Range;
@@ -21,7 +28,7 @@ pub struct CpuPool {
 }
 
 pub struct CpuDevice {
-    backend: Arc<dyn Backend>,
+    backend: Arc<dyn CpuKernels>,
     log: Mutex<DeviceLog>,
     /// Whether the pass treats this device as one that records (see
     /// [`DeviceOps::records`]): it then runs its fixed-buffer decode schedule here.
@@ -47,7 +54,7 @@ pub struct DeviceLog {
 impl CpuDevice {
     /// The CPU as the pass's device, computing with `backend`'s kernels: the naive MLA
     /// form for a sequence's several new tokens, absorbed for one (see [`AttentionForm`]).
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
+    pub fn new(backend: Arc<dyn CpuKernels>) -> Self {
         CpuDevice {
             naive: true,
             ..CpuDevice::stand_in(backend)
@@ -56,7 +63,7 @@ impl CpuDevice {
 
     /// A stand-in for a GPU (`--simulate-gpus`, tests): the CPU kernels, attending as the
     /// CUDA device does (absorbed for every token).
-    pub fn stand_in(backend: Arc<dyn Backend>) -> Self {
+    pub fn stand_in(backend: Arc<dyn CpuKernels>) -> Self {
         CpuDevice {
             backend,
             log: Mutex::new(DeviceLog::default()),
@@ -68,7 +75,7 @@ impl CpuDevice {
     /// A stand-in the pass drives as a recording device (fixed decode buffers, each
     /// layer's attention through [`DeviceOps::replay`]), which runs every piece of work as
     /// it is.
-    pub fn recording(backend: Arc<dyn Backend>) -> Self {
+    pub fn recording(backend: Arc<dyn CpuKernels>) -> Self {
         CpuDevice {
             records: true,
             ..CpuDevice::stand_in(backend)
@@ -510,7 +517,7 @@ impl DeviceOps for CpuDevice {
 /// rope]`: per head `[q_nope · W_UK_h | q_pe]`, folding every token's head through one
 /// transposed product over that head's band of `kv_b`.
 fn absorb_queries(
-    backend: &dyn Backend,
+    backend: &dyn CpuKernels,
     kv_b: &LinearWeight,
     q: &[f32],
     d: MlaDims,
@@ -540,7 +547,7 @@ fn absorb_queries(
 /// Per head `W_UV_h · o_h`: values `[tokens, heads, v]` from attended latents `[tokens,
 /// heads, latent]`.
 fn expand_values(
-    backend: &dyn Backend,
+    backend: &dyn CpuKernels,
     kv_b: &LinearWeight,
     o: &[f32],
     d: MlaDims,
