@@ -284,8 +284,8 @@ fn absorbed_mla_equals_naive_mla() {
 
 #[test]
 fn experts_on_numa_node_pools_give_the_same_logits() {
-    use kimi_hybrid::device::cpu::pool::CpuPools;
     use kimi_hybrid::device::cpu::kernels::{Activations, CpuBackend};
+    use kimi_hybrid::device::cpu::pool::CpuPools;
     use kimi_hybrid::placement::{plan, ModelDesc, Profile};
     use kimi_hybrid::topology::{NumaNode, Topology};
     // Two "nodes" over this machine's CPUs (a one-node VM still gets two pinned pools).
@@ -354,8 +354,8 @@ fn experts_on_numa_node_pools_give_the_same_logits() {
 
 #[test]
 fn many_token_moe_runs_experts_concurrently_with_the_same_results() {
-    use kimi_hybrid::device::cpu::pool::CpuPools;
     use kimi_hybrid::device::cpu::kernels::{Activations, CpuBackend};
+    use kimi_hybrid::device::cpu::pool::CpuPools;
     use kimi_hybrid::topology::{NumaNode, Topology};
     let one_thread = Topology {
         nodes: vec![NumaNode {

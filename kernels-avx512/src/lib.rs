@@ -6,6 +6,7 @@
 //! `target-cpu=native`; tests and benches force each path by name.
 
 pub mod aligned;
+pub mod attention;
 pub mod bf16;
 pub mod f32ops;
 pub mod formats;

@@ -273,6 +273,14 @@ impl CpuKernels for CpuBackend {
     /// Few tokens: experts one after another, each split by rows over all threads (every
     /// expert's weights are read once, by all cores). Many tokens: experts concurrently,
     /// each on its node's pool, outputs added in expert order.
+    fn tiled_attention(&self) -> Option<Isa> {
+        Some(self.isa)
+    }
+
+    fn install(&self, work: &mut (dyn FnMut() + Send)) {
+        self.on_pool(work)
+    }
+
     fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
         let visits: usize = work.iter().map(|(_, t)| t.len()).sum();
         if visits < PARALLEL_EXPERTS_MIN_VISITS || work.len() < 2 {

@@ -77,6 +77,18 @@ pub trait CpuKernels: Send + Sync {
         scale: f32,
         out: &mut [f32],
     );
+
+    /// The instruction set MLA attention runs tiled with on this kernel set's threads
+    /// (see `device::cpu::attention`), or `None` for attention one (query, head) at a
+    /// time through [`attention`](Self::attention) (the scalar reference).
+    fn tiled_attention(&self) -> Option<kernels_avx512::Isa> {
+        None
+    }
+
+    /// Runs `work` on this kernel set's threads (where its parallel loops run).
+    fn install(&self, work: &mut (dyn FnMut() + Send)) {
+        work()
+    }
 }
 
 /// Causal attention written once, parameterised by the dot product and the weighted sum

@@ -5,6 +5,7 @@
 //! the fast ones in `fast`, the scalar reference in `reference`) and their thread pools
 //! ([`pool`]) live beside it.
 
+pub mod attention;
 mod fast;
 pub mod kernels;
 pub mod pool;
@@ -144,6 +145,22 @@ impl CpuDevice {
         let total = blocks.lens[rows.end - 1] as usize;
         let table =
             &blocks.tables[rows.start * blocks.max_blocks..(rows.start + 1) * blocks.max_blocks];
+        let positions: Vec<usize> = rows.clone().map(|i| blocks.lens[i] as usize - 1).collect();
+        if let Some(isa) = self.backend.tiled_attention() {
+            let latents = attention::Latents {
+                pool: &pool.values,
+                table,
+                block_size: blocks.block_size,
+                width,
+            };
+            let q = &q[rows.start * heads * dq..rows.end * heads * dq];
+            let out = &mut out[rows.start * heads * d.v..rows.end * heads * d.v];
+            let backend = self.backend.as_ref();
+            self.backend.install(&mut || {
+                attention::naive(backend, isa, kv_b, q, &positions, latents, d, scale, out)
+            });
+            return;
+        }
         let latents = self.gather_latents(pool, table, blocks.block_size, total, width);
         let mut c_kv = Vec::with_capacity(total * c);
         for t in 0..total {
@@ -161,7 +178,6 @@ impl CpuDevice {
                 keys[dst + dn..dst + dq].copy_from_slice(&latents[t * width + c..(t + 1) * width]);
             }
         }
-        let positions: Vec<usize> = rows.clone().map(|i| blocks.lens[i] as usize - 1).collect();
         self.backend.attention(
             &q[rows.start * heads * dq..rows.end * heads * dq],
             KvView {
@@ -387,6 +403,31 @@ impl DeviceOps for CpuDevice {
         });
         let (width, bs) = (d.width(), blocks.block_size);
         let mut out = vec![0.0f32; blocks.queries * d.heads * d.latent];
+        if let Some(isa) = self.backend.tiled_attention() {
+            let rows = d.heads * width;
+            let positions: Vec<usize> = (0..blocks.queries)
+                .map(|i| (blocks.lens[i] as usize).saturating_sub(1))
+                .collect();
+            let seqs: Vec<attention::AbsorbedQueries> = (0..blocks.queries)
+                .map(|i| attention::AbsorbedQueries {
+                    q: &q[i * rows..(i + 1) * rows],
+                    positions: &positions[i..i + 1],
+                    latents: attention::Latents {
+                        pool: &pool.values,
+                        table: &blocks.tables[i * blocks.max_blocks..(i + 1) * blocks.max_blocks],
+                        block_size: bs,
+                        width,
+                    },
+                })
+                .collect();
+            let mut parts = Vec::new();
+            self.backend
+                .install(&mut || parts = attention::absorbed(isa, &seqs, d, scale));
+            for (o, part) in out.chunks_exact_mut(d.heads * d.latent).zip(parts) {
+                o.copy_from_slice(&part);
+            }
+            return Ok(out);
+        }
         for i in 0..blocks.queries {
             let len = blocks.lens[i] as usize;
             let table = &blocks.tables[i * blocks.max_blocks..(i + 1) * blocks.max_blocks];
@@ -438,11 +479,18 @@ impl DeviceOps for CpuDevice {
         scale: f32,
         form: AttentionForm,
     ) -> DeviceResult<Vec<f32>> {
-        // Naive for a sequence with several new queries (its expanded keys and values
-        // are shared by all of them), absorbed for one.
+        // Auto: each sequence's queries in the form that needs fewer multiply-adds for
+        // them (see `attention::naive_is_cheaper`): naive for a prefill chunk, whose
+        // expanded keys and values all of its queries share; absorbed for one query, or a
+        // few over a long context.
         let naive = |s: &Range<usize>| match form {
             _ if !self.naive => false,
-            AttentionForm::Auto => s.len() > 1,
+            AttentionForm::Auto => {
+                let lens = &blocks.lens[s.clone()];
+                let keys = lens.iter().max().map_or(0, |&l| l as usize);
+                let visible = lens.iter().map(|&l| l as usize).sum();
+                s.len() > 1 && attention::naive_is_cheaper(d, s.len(), keys, visible)
+            }
             AttentionForm::Naive => true,
             AttentionForm::Absorbed => false,
         };
