@@ -25,6 +25,10 @@ use std::sync::Arc;
 
 /// Between attention forms and summation orders of the exact f32 kernels.
 const FORM_TOLERANCE: f32 = 1e-4;
+/// The same through a BF16 latent cache: two summation orders can leave a latent on either
+/// side of a BF16 rounding boundary (one ulp, 2⁻⁸ relative), which moves logits by more
+/// than the f32 differences themselves.
+const BF16_FORM_TOLERANCE: f32 = 5e-4;
 /// Against transformers.
 const GOLDEN_TOLERANCE: f32 = 2e-3;
 
@@ -151,10 +155,14 @@ fn paged_batches_read_the_blocks_their_tables_name() {
                 "bf16 latents not rounded: {moved}"
             );
         }
+        let tolerance = match dtype {
+            KvDtype::Bf16 => BF16_FORM_TOLERANCE,
+            _ => FORM_TOLERANCE,
+        };
         for (i, (x, y)) in got.iter().zip(&want).enumerate() {
             let diff = max_abs_diff(x, y);
             println!("paged {dtype:?}: output {i} resident vs CPU device {diff:.1e}");
-            assert!(diff <= FORM_TOLERANCE, "{dtype:?} output {i}: {diff}");
+            assert!(diff <= tolerance, "{dtype:?} output {i}: {diff}");
         }
         if dtype == KvDtype::F32 {
             // Alone: every prompt position, then three decode steps.

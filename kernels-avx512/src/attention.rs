@@ -87,8 +87,10 @@ impl Default for RowState {
 /// (causal attention: keys after the query's position). The scores become the
 /// probabilities to multiply the tile's values by, and each row of the output `o`
 /// (`dv` values, rows `ldo` apart) and its state are rescaled to the new maximum.
+/// `scale` must be positive (it is attention's softmax scale).
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_step(
+    isa: Isa,
     (m, n): (usize, usize),
     s: &mut [f32],
     lds: usize,
@@ -102,9 +104,7 @@ pub fn softmax_step(
         let row = &mut s[i * lds..i * lds + n];
         let seen = visible[i].min(n);
         let st = &mut state[i];
-        let tile_max = row[..seen]
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &x| a.max(x * scale));
+        let tile_max = row_max(isa, &row[..seen]) * scale;
         let max = st.max.max(tile_max);
         if max == f32::NEG_INFINITY {
             // Nothing visible yet: the row contributes nothing from this tile.
@@ -112,11 +112,7 @@ pub fn softmax_step(
             continue;
         }
         let rescale = (st.max - max).exp();
-        let mut sum = 0.0f32;
-        for x in row[..seen].iter_mut() {
-            *x = (*x * scale - max).exp();
-            sum += *x;
-        }
+        let sum = exp_scaled(isa, &mut row[..seen], scale, max);
         row[seen..].fill(0.0);
         if rescale != 1.0 {
             for v in &mut o[i * ldo..i * ldo + dv] {
@@ -125,6 +121,34 @@ pub fn softmax_step(
         }
         st.sum = st.sum * rescale + sum;
         st.max = max;
+    }
+}
+
+/// The largest of `xs` (−∞ for none). A positive `scale` keeps the maximum's place, so
+/// the row is scaled once, after.
+fn row_max(isa: Isa, xs: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe { avx512::row_max(xs) },
+        _ => xs.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
+    }
+}
+
+/// `x ← exp(x · scale − max)` over `xs`, returning the sum of the new values.
+fn exp_scaled(isa: Isa, xs: &mut [f32], scale: f32, max: f32) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe {
+            avx512::exp_scaled(xs, scale, max)
+        },
+        _ => {
+            let mut sum = 0.0f32;
+            for x in xs.iter_mut() {
+                *x = (*x * scale - max).exp();
+                sum += *x;
+            }
+            sum
+        }
     }
 }
 
@@ -245,6 +269,60 @@ mod avx512 {
             _mm512_mask_storeu_ps(at, m0, row[0]);
             _mm512_mask_storeu_ps(at.add(16), m1, row[1]);
         }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn row_max(xs: &[f32]) -> f32 {
+        let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+        for chunk in xs.chunks(16) {
+            let mask = ((1u32 << chunk.len()) - 1) as __mmask16;
+            let x = _mm512_mask_loadu_ps(best, mask, chunk.as_ptr());
+            best = _mm512_max_ps(best, x);
+        }
+        _mm512_reduce_max_ps(best)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_scaled(xs: &mut [f32], scale: f32, max: f32) -> f32 {
+        let (scale, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        for chunk in xs.chunks_mut(16) {
+            let mask = ((1u32 << chunk.len()) - 1) as __mmask16;
+            let x = _mm512_maskz_loadu_ps(mask, chunk.as_ptr());
+            let e = exp(_mm512_fmsub_ps(x, scale, max));
+            _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, e);
+            sum = _mm512_mask_add_ps(sum, mask, sum, e);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// `exp(x)` for `x ≤ 0` (scores less their maximum), within a few ulp of libm's:
+    /// `x = n·ln2 + r` with `|r| ≤ ln2/2`, `exp(r)` by its degree-7 Taylor polynomial
+    /// (truncation below 1e-8 there), times `2ⁿ` exactly by `vscalefps`. Inputs below
+    /// −87.3 give 0, as the f32 result would underflow anyway.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.33));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln2 split in two so that n·ln2_hi is exact.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
     }
 }
 
@@ -399,13 +477,14 @@ mod tests {
                 want[d] += p / total * v[t * dv + d];
             }
         }
-        let run = |tiles: &[std::ops::Range<usize>]| {
+        let run = |isa: Isa, tiles: &[std::ops::Range<usize>]| {
             let mut st = [RowState::default()];
             let mut o = vec![0.0f32; dv];
             for t in tiles {
                 let mut s = scores[t.clone()].to_vec();
                 let seen = [visible.saturating_sub(t.start)];
                 softmax_step(
+                    isa,
                     (1, t.len()),
                     &mut s,
                     t.len(),
@@ -427,13 +506,40 @@ mod tests {
             }
             (st, o)
         };
-        let (st, mut o) = run(&[0..16, 16..32, 32..48, 48..50]);
-        finish_rows(&st, &mut o, (dv, dv));
-        assert!(rel_l2(&o, &want) < 1e-6, "{o:?} vs {want:?}");
-        let (mut sa, mut oa) = run(&[0..16, 16..20]);
-        let (sb, ob) = run(&[20..40, 40..50]);
-        merge_rows(&mut sa, &mut oa, &sb, &ob, (dv, dv));
-        finish_rows(&sa, &mut oa, (dv, dv));
-        assert!(rel_l2(&oa, &want) < 1e-6, "{oa:?} vs {want:?}");
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            let (st, mut o) = run(isa, &[0..16, 16..32, 32..48, 48..50]);
+            finish_rows(&st, &mut o, (dv, dv));
+            assert!(rel_l2(&o, &want) < 1e-6, "{isa:?}: {o:?} vs {want:?}");
+            let (mut sa, mut oa) = run(isa, &[0..16, 16..20]);
+            let (sb, ob) = run(isa, &[20..40, 40..50]);
+            merge_rows(&mut sa, &mut oa, &sb, &ob, (dv, dv));
+            finish_rows(&sa, &mut oa, (dv, dv));
+            assert!(rel_l2(&oa, &want) < 1e-6, "{isa:?}: {oa:?} vs {want:?}");
+        }
+    }
+
+    /// The vector exponential against libm's over the range softmax feeds it (scores less
+    /// their maximum, down to underflow), and the row sum it returns.
+    #[test]
+    fn vector_exp_matches_libm() {
+        let xs: Vec<f32> = (0..20_000).map(|i| -(i as f32) * 0.0045).collect();
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            let mut got = xs.clone();
+            let sum = exp_scaled(isa, &mut got[..19_999], 1.0, 0.0);
+            let mut want_sum = 0.0f64;
+            for (x, g) in xs.iter().zip(&got).take(19_999) {
+                let w = x.exp();
+                want_sum += w as f64;
+                assert!(
+                    (g - w).abs() <= 4.0 * f32::EPSILON * w + f32::MIN_POSITIVE,
+                    "{isa:?} exp({x}) = {g}, libm {w}"
+                );
+            }
+            assert_eq!(got[19_999], xs[19_999], "{isa:?} wrote past the slice");
+            assert!(
+                ((sum as f64 - want_sum) / want_sum).abs() < 1e-5,
+                "{isa:?} sum"
+            );
+        }
     }
 }

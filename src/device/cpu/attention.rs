@@ -187,6 +187,7 @@ pub fn naive(
                 .map(|i| (positions[i] + 1).saturating_sub(t0))
                 .collect();
             softmax_step(
+                isa,
                 (m, tile),
                 &mut s,
                 tile_pad,
@@ -325,6 +326,7 @@ fn absorbed_part(
         );
         let visible: Vec<usize> = visible_end.iter().map(|v| v.saturating_sub(t0)).collect();
         softmax_step(
+            isa,
             (m, tile),
             &mut s,
             tile_pad,

@@ -1,8 +1,9 @@
 //! The fast CPU backend: INT4, BF16 and FP8-block weights through the `kernels-avx512` row
 //! kernels (read in place from the mmap), rayon across rows; batches of tokens times INT4
-//! weights through the tiled GEMM, rayon across 32-row panels; attention through the f32
-//! vector kernels. Other formats (F16, F32) use the reference code. Each output row is
-//! computed by one task in a fixed order, so results do not depend on the thread count.
+//! weights through the tiled GEMM, rayon across 32-row panels, and times BF16 weights
+//! through the f32 block product on tiles unpacked once; attention through the tiled
+//! kernels. Other formats (F16, F32) use the reference code. Each output row is computed
+//! by one task in a fixed order, so results do not depend on the thread count.
 
 use super::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView, ReferenceBackend};
 use super::pool::CpuPools;
@@ -146,6 +147,55 @@ fn token_major(by_row: &[f32], rows: usize, n: usize, y: &mut [f32]) {
     }
 }
 
+/// Output rows per BF16 GEMM tile (its weights unpacked to f32, transposed, once).
+const BF16_TILE_ROWS: usize = 64;
+/// Tokens per BF16 GEMM task.
+const BF16_TILE_TOKENS: usize = 128;
+
+/// `y[t, i] = row(rows.start + i) · x[t]` for BF16 rows (`cols` wide, in `bytes`) and a
+/// batch of tokens: each tile of rows is unpacked once to f32 as columns and multiplied
+/// with blocks of tokens through the register-blocked f32 product, which reads every
+/// weight once per block of tokens instead of once per few tokens. The products are
+/// exact in f32 and summed in column order.
+fn bf16_gemm(isa: Isa, rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32], y: &mut [f32]) {
+    use kernels_avx512::attention::gemm_acc;
+    let n = x.len() / cols;
+    let r = rows.len();
+    let tiles: Vec<(usize, Vec<f32>)> = (rows.start..rows.end)
+        .step_by(BF16_TILE_ROWS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|first| {
+            let w = (rows.end - first).min(BF16_TILE_ROWS);
+            // [cols][w]: column j holds weight row first + j.
+            let mut packed = vec![0.0f32; cols * w];
+            for j in 0..w {
+                let row = &bytes[(first + j) * cols * 2..(first + j + 1) * cols * 2];
+                for (p, b) in row.chunks_exact(2).enumerate() {
+                    packed[p * w + j] =
+                        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            let mut out = vec![0.0f32; n * w];
+            out.par_chunks_mut(BF16_TILE_TOKENS * w)
+                .zip(x.par_chunks(BF16_TILE_TOKENS * cols))
+                .for_each(|(o, xs)| {
+                    gemm_acc(isa, (xs.len() / cols, w, cols), xs, cols, &packed, w, o, w);
+                });
+            (first - rows.start, out)
+        })
+        .collect();
+    y[..n * r]
+        .par_chunks_mut(r)
+        .enumerate()
+        .for_each(|(t, y_row)| {
+            for (at, out) in &tiles {
+                let w = out.len() / n.max(1);
+                y_row[*at..at + w].copy_from_slice(&out[t * w..(t + 1) * w]);
+            }
+        });
+}
+
 thread_local! {
     /// The unpacked weight panel of the INT4 GEMM, kept per worker thread.
     static PANEL: std::cell::RefCell<Option<kernels_avx512::int4_gemm::Panel>> =
@@ -270,9 +320,6 @@ impl CpuKernels for CpuBackend {
         })
     }
 
-    /// Few tokens: experts one after another, each split by rows over all threads (every
-    /// expert's weights are read once, by all cores). Many tokens: experts concurrently,
-    /// each on its node's pool, outputs added in expert order.
     fn tiled_attention(&self) -> Option<Isa> {
         Some(self.isa)
     }
@@ -281,6 +328,9 @@ impl CpuKernels for CpuBackend {
         self.on_pool(work)
     }
 
+    /// Few tokens: experts one after another, each split by rows over all threads (every
+    /// expert's weights are read once, by all cores). Many tokens: experts concurrently,
+    /// each on its node's pool, outputs added in expert order.
     fn moe_accumulate(&self, work: &[(&FfnWeights, &[(usize, f32)])], x: &[f32], out: &mut [f32]) {
         let visits: usize = work.iter().map(|(_, t)| t.len()).sum();
         if visits < PARALLEL_EXPERTS_MIN_VISITS || work.len() < 2 {
@@ -553,6 +603,10 @@ impl CpuBackend {
             } => {
                 let n = x.len() / cols;
                 let bytes = data.bytes();
+                if n >= GEMM_MIN_TOKENS {
+                    bf16_gemm(self.isa, rows, bytes, *cols, x, y);
+                    return;
+                }
                 let width = cols * 2;
                 let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
                 rows_parallel(rows, n, y, |row, tokens, out| {
