@@ -672,7 +672,7 @@ pub fn engine(opts: &EngineBenchOptions) -> Result<String, BenchError> {
         max_model_len: len,
         block_size,
         kv_blocks: max_c * len.div_ceil(block_size) + 1,
-        max_batch_tokens: 512,
+        max_batch_tokens: crate::placement::planner::PREFILL_CHUNK as usize,
         prefix_caching: false,
         kv_dtype: crate::engine::kv::KvDtype::Bf16,
     };

@@ -188,8 +188,10 @@ struct ServeArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// Tokens per engine step (decode tokens plus prompt chunks).
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per engine step (decode tokens plus prompt chunks; the chunk placement plans
+    /// reserve GPU memory for). Deep in a long context a step also stays within the work
+    /// of this many tokens at 16K of context, so chunks shrink as attention grows.
+    #[arg(long, default_value_t = 2048)]
     max_batch_tokens: usize,
     /// Turn off reuse of cached prompt prefixes.
     #[arg(long)]

@@ -299,6 +299,62 @@ fn dropped_requests_free_their_blocks_and_a_full_queue_refuses() {
     wait_idle(&h);
 }
 
+/// While a long prompt is prefilled in chunks, a short request that arrives gets its
+/// answer within a few steps (its whole prompt goes first), and a long prompt whose
+/// client goes away stops within a step: no more chunks for it, its blocks freed.
+#[test]
+fn long_prefills_let_short_requests_through_and_stop_when_their_client_goes() {
+    let long: Vec<u32> = (0..4096).map(|i| (3 + i * 7 % 500) as u32).collect();
+    let mut cfg = config(600, 16, 64);
+    cfg.max_model_len = 4200;
+    let h = start("kimi-real-heads", cfg);
+    let steps = || h.stats.steps.load(Ordering::SeqCst);
+    let wait_for_steps = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while steps() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the engine made no progress: {} steps, {} in flight, {} running",
+                steps(),
+                h.in_flight(),
+                h.stats.running.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    let (req, mut long_rx) = greedy(&long, 1);
+    h.submit(req).expect("submitted");
+    wait_for_steps(3);
+    let (req, short_rx) = greedy(&[5, 6, 7, 8], 1);
+    let submitted_at = steps();
+    h.submit(req).expect("submitted");
+    let short = collect(short_rx);
+    let took = steps() - submitted_at;
+    assert_eq!(short.ids.len(), 1);
+    // 64 tokens per step: the long prompt needs 64 steps, the short one at most the
+    // step running when it came, its own, and one of slack.
+    assert!(took <= 3, "the short request took {took} steps");
+    assert!(
+        long_rx.try_recv().is_err(),
+        "the long prompt finished before the short request"
+    );
+    assert_eq!(collect(long_rx).ids.len(), 1);
+    wait_idle(&h);
+
+    // Another prompt (this one's blocks are cached now).
+    let other: Vec<u32> = long.iter().map(|t| t + 1).collect();
+    let (req, rx) = greedy(&other, 1);
+    let started = steps();
+    h.submit(req).expect("submitted");
+    wait_for_steps(started + 3);
+    drop(rx);
+    let dropped_at = steps();
+    wait_idle(&h);
+    let after = steps() - dropped_at;
+    assert!(after <= 1, "{after} steps ran after the client went");
+}
+
 #[test]
 fn stop_strings_and_forced_output() {
     let dir = fixture("kimi-int4");

@@ -9,12 +9,97 @@ use super::kv::{KvPool, PagedBatch};
 use super::output::TextOutput;
 use super::sampling::{self, Sampler, TokenLogprob};
 use super::{EngineConfig, EngineStats, Event, FinishReason, GenRequest, StopReason};
+use crate::config::ModelConfig;
 use crate::forward::Forward;
-use crate::model::{AttentionForm, BatchEntry, Logits, Model};
+use crate::model::{AttentionForm, BatchEntry, Logits, MlaDims, Model};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+
+/// What a step's work costs, in multiply-adds, so that the step budget bounds a step's
+/// time whatever the contexts are: a token costs the weights it goes through (every
+/// projection and the active experts, once per token) plus its attention, which grows
+/// with the context (tokens x context). A step takes at most `--max-batch-tokens`
+/// tokens and at most the work of that many prompt tokens at [`BUDGET_CONTEXT`] tokens
+/// of context: below it chunks are limited by tokens, beyond it by work, so a chunk of a
+/// prompt 64K tokens deep gets about a sixth of the tokens one at its start gets (K2's
+/// weights per token outweigh its attention up to about 25K tokens of context).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StepCost {
+    per_token: f64,
+    layers: f64,
+    dims: MlaDims,
+}
+
+impl StepCost {
+    pub(super) fn of(c: &ModelConfig) -> Self {
+        let d = MlaDims::of(c);
+        let h = c.hidden_size;
+        let q = match c.q_lora_rank {
+            Some(r) => h * r + r * d.heads * d.qk(),
+            None => h * d.heads * d.qk(),
+        };
+        // kv_b is counted with attention (its work depends on the form).
+        let attention = q + h * d.width() + d.heads * d.v * h;
+        let dense_layers = c.first_k_dense_replace.min(c.num_hidden_layers);
+        let dense = 3 * h * c.intermediate_size;
+        let moe = 3 * h * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+            + h * c.n_routed_experts;
+        let per_token = c.num_hidden_layers * attention
+            + dense_layers * dense
+            + (c.num_hidden_layers - dense_layers) * moe;
+        StepCost {
+            per_token: per_token.max(1) as f64,
+            layers: c.num_hidden_layers as f64,
+            dims: d,
+        }
+    }
+
+    /// The step budget for `tokens` tokens per step.
+    pub(super) fn budget(&self, tokens: usize) -> f64 {
+        self.chunk(BUDGET_CONTEXT, tokens)
+    }
+
+    /// `n` tokens of one sequence whose first `start` tokens are cached, attention in
+    /// the cheaper form (as the devices choose it).
+    pub(super) fn chunk(&self, start: usize, n: usize) -> f64 {
+        if n == 0 {
+            return 0.0;
+        }
+        let keys = start + n;
+        let visible = n * start + n * (n + 1) / 2;
+        let d = &self.dims;
+        let attention = if n == 1 {
+            d.absorbed_work(1, visible)
+        } else {
+            d.naive_work(keys, visible).min(d.absorbed_work(n, visible))
+        };
+        n as f64 * self.per_token + self.layers * attention as f64
+    }
+
+    /// The longest chunk, at most `remaining` tokens from `start`, that costs at most
+    /// `budget` (0 when not even one token fits). Cost grows with the chunk.
+    pub(super) fn longest_chunk(&self, start: usize, remaining: usize, budget: f64) -> usize {
+        let (mut lo, mut hi) = (0, remaining);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.chunk(start, mid) <= budget {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+}
+
+/// The context at which a step's work budget is `--max-batch-tokens` prompt tokens.
+const BUDGET_CONTEXT: usize = 16_384;
+
+/// Prompt tokens a chunk gets even when the budget is spent (by decode tokens over long
+/// contexts): prefills always move, and in chunks big enough to run efficiently.
+const MIN_PREFILL_CHUNK: usize = 64;
 
 struct Seq {
     req: GenRequest,
@@ -53,6 +138,7 @@ pub(super) struct Scheduler {
     running: Vec<Seq>,
     /// Ids of the output grammar's markers, kept when special tokens are skipped.
     markers: Vec<u32>,
+    cost: StepCost,
 }
 
 impl Scheduler {
@@ -86,6 +172,7 @@ impl Scheduler {
             .collect();
         Scheduler {
             markers,
+            cost: StepCost::of(&model.config),
             model,
             pass,
             tokenizer,
@@ -243,30 +330,64 @@ impl Scheduler {
         }
     }
 
+    /// Each running sequence's token count for the next step, within the step budget
+    /// (see [`StepCost`]): every decode token first, so streams keep flowing during long
+    /// prefills; then prompt chunks, shortest remaining prompt first, so a short request
+    /// that arrives while a long prompt is prefilled gets its first chunk (usually its
+    /// whole prompt) in the next step, and the long prompt takes what the budget leaves
+    /// (at least [`MIN_PREFILL_CHUNK`] tokens when nothing else prefills). A prompt alone
+    /// in the step takes the whole token limit.
+    fn step_counts(&self) -> Vec<usize> {
+        let cost = &self.cost;
+        let mut tokens = self.config.max_batch_tokens.max(1);
+        let mut budget = cost.budget(tokens);
+        let mut counts = vec![0; self.running.len()];
+        let mut prefills = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            match s.tokens.len() - s.computed {
+                1 => {
+                    counts[i] = 1;
+                    tokens = tokens.saturating_sub(1);
+                    budget -= cost.chunk(s.computed, 1);
+                }
+                0 => {}
+                remaining => prefills.push((remaining, i)),
+            }
+        }
+        prefills.sort();
+        if let [(remaining, i)] = prefills[..] {
+            if counts.iter().all(|&c| c == 0) {
+                // Alone in the step there is nobody to be fair to, and small chunks would
+                // cost more: each one re-reads (and in the naive form re-expands) the
+                // whole context. A request that arrives meanwhile waits one step.
+                counts[i] = remaining.min(tokens);
+                return counts;
+            }
+        }
+        let mut any_prefill = false;
+        for (remaining, i) in prefills {
+            let start = self.running[i].computed;
+            let mut n = cost.longest_chunk(start, remaining.min(tokens), budget.max(0.0));
+            if !any_prefill {
+                n = n.max(remaining.min(MIN_PREFILL_CHUNK));
+            }
+            if n == 0 {
+                break;
+            }
+            counts[i] = n;
+            tokens = tokens.saturating_sub(n);
+            budget -= cost.chunk(start, n);
+            any_prefill = true;
+        }
+        counts
+    }
+
     /// Makes sure every sequence in the batch has blocks for its next tokens, preempting
     /// the newest sequences when the pool is exhausted. Returns each running sequence's
     /// token count for this step.
     fn plan_step(&mut self) -> Vec<usize> {
         loop {
-            let mut budget = self.config.max_batch_tokens.max(1);
-            let mut counts = Vec::with_capacity(self.running.len());
-            // Decode tokens first, so running streams keep flowing during long prefills.
-            for s in &self.running {
-                let remaining = s.tokens.len() - s.computed;
-                counts.push(if remaining == 1 {
-                    budget = budget.saturating_sub(1);
-                    1
-                } else {
-                    0
-                });
-            }
-            for (s, c) in self.running.iter().zip(counts.iter_mut()) {
-                let remaining = s.tokens.len() - s.computed;
-                if remaining > 1 && budget > 0 {
-                    *c = remaining.min(budget);
-                    budget -= *c;
-                }
-            }
+            let counts = self.step_counts();
             // Blocks for decode tokens crossing into a new block.
             let mut short = false;
             for (s, &c) in self.running.iter_mut().zip(&counts) {
@@ -502,5 +623,40 @@ fn collect_prompt_logprobs(s: &mut Seq, start: usize, count: usize, rows: &[f32]
         let row = &rows[j * vocab..(j + 1) * vocab];
         s.prompt_logprobs
             .push(Some(sampling::logprobs(row, s.tokens[next], top)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest chunk fits the budget and one more token would not; chunks shrink as
+    /// the context grows, in proportion once attention dominates.
+    #[test]
+    fn chunks_fit_the_work_budget_and_shrink_with_context() {
+        let cost = StepCost::of(&ModelConfig::kimi_k26());
+        let budget = cost.budget(512);
+        let mut last = usize::MAX;
+        for start in [0, 8_192, 16_384, 32_768, 65_536, 131_072, 250_000] {
+            let n = cost.longest_chunk(start, 100_000, budget);
+            assert!(cost.chunk(start, n) <= budget, "{start}");
+            assert!(cost.chunk(start, n + 1) > budget, "{start}");
+            assert!(n <= last, "{start}: {n} after {last}");
+            last = n;
+            println!("K2.6 chunk at {start}: {n} tokens");
+        }
+        // Up to the budget's context a chunk is limited by tokens, not work.
+        assert!(cost.longest_chunk(0, 100_000, budget) > 512);
+        assert!(cost.longest_chunk(16_384, 512, budget) == 512);
+        // Far beyond it, by work: four times the context, about a quarter of the tokens
+        // (attention then dominates K2's cost).
+        let (a, b) = (
+            cost.longest_chunk(131_072, 100_000, budget),
+            cost.longest_chunk(262_144 - 512, 100_000, budget),
+        );
+        assert!(a > 0 && b > 0 && b < a, "{a} {b}");
+        // Nothing fits an empty budget; a decode token costs more deep in its context.
+        assert_eq!(cost.longest_chunk(0, 10, 0.0), 0);
+        assert!(cost.chunk(100_000, 1) > cost.chunk(10, 1));
     }
 }

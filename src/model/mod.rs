@@ -503,6 +503,21 @@ impl MlaDims {
     pub fn kv_b_rows(&self) -> usize {
         self.nope + self.v
     }
+
+    /// Multiply-adds of one layer's attention in the naive form over `keys` cached
+    /// tokens, `visible` (query, key) pairs in all: every key through kv_b once (all
+    /// heads), then `qk + v` per pair and head.
+    pub fn naive_work(&self, keys: usize, visible: usize) -> usize {
+        let h = self.heads;
+        keys * h * self.kv_b_rows() * self.latent + visible * h * (self.qk() + self.v)
+    }
+
+    /// The same in the absorbed form for `queries` queries: every query folded through
+    /// W_UK and its output through W_UV once, then `width + latent` per pair and head.
+    pub fn absorbed_work(&self, queries: usize, visible: usize) -> usize {
+        let h = self.heads;
+        queries * h * self.kv_b_rows() * self.latent + visible * h * (self.width() + self.latent)
+    }
 }
 
 /// RMSNorm over rows of `w.len()` values: `x * rsqrt(mean(x^2) + eps) * w`, in f32.

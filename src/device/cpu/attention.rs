@@ -67,10 +67,7 @@ impl<'a> Latents<'a> {
 /// is absorbed; a chunk of more than ~`kv_b_rows · latent / (width + latent - qk - v)`
 /// queries (about 170 for K2) over a long context is naive.
 pub fn naive_is_cheaper(d: MlaDims, queries: usize, keys: usize, visible: usize) -> bool {
-    let h = d.heads;
-    let naive = keys * h * d.kv_b_rows() * d.latent + visible * h * (d.qk() + d.v);
-    let absorbed = queries * h * d.kv_b_rows() * d.latent + visible * h * (d.width() + d.latent);
-    naive < absorbed
+    d.naive_work(keys, visible) < d.absorbed_work(queries, visible)
 }
 
 /// One thread's share of the naive form: one head over one block of queries, with
