@@ -397,3 +397,127 @@ fn many_token_moe_runs_experts_concurrently_with_the_same_results() {
         assert!(d <= 5e-3, "{name}: concurrent experts vs reference {d}");
     }
 }
+
+/// The long-context golden of `name` (tests/reference/make_fixtures.py): a prompt and
+/// transformers' logits at its last positions.
+fn golden_long(name: &str) -> (Vec<u32>, Vec<f32>) {
+    let bytes =
+        std::fs::read(fixture(name).join("golden-long.safetensors")).expect("long golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("long golden parses");
+    let ids = st.tensor("prompt_ids").expect("prompt_ids");
+    let ids = ids
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
+        .collect();
+    let logits = st.tensor("logits").expect("logits");
+    let logits = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    (ids, logits)
+}
+
+/// Tolerance of the BF16 latent cache against transformers' f32: every cached latent
+/// rounded to 8 bits of mantissa. The fixtures' short prompts through a BF16 cache differ
+/// by 3e-2 to 8e-2 (kimi-real-heads: 3.6e-2); the long prompt stays within the same.
+const BF16_CACHE_TOLERANCE: f32 = 5e-2;
+
+/// A prompt of 8,192 tokens, twice YaRN's original context (4,096) on K2's head
+/// dimensions: the logits at its last 16 positions against transformers, fed whole,
+/// in chunks over a contiguous f32 cache (the tiled naive form over cached keys), and in
+/// chunks through the engine's paged cache in f32 and BF16 (blocks scattered over the
+/// pool), on the exact and the default kernels.
+#[test]
+fn a_long_prompt_past_the_original_context_matches_transformers() {
+    use kimi_hybrid::engine::kv::{KvDtype, KvPool, PagedBatch};
+    use kimi_hybrid::model::BatchEntry;
+    let name = "kimi-real-heads";
+    let model = load(name);
+    assert!(
+        model
+            .config
+            .rope_scaling
+            .as_ref()
+            .is_some_and(|y| y.original_max_position_embeddings < 8192),
+        "the fixture must put the prompt past YaRN's original context"
+    );
+    let (ids, want) = golden_long(name);
+    let vocab = model.config.vocab_size;
+    let rows = want.len() / vocab;
+    let tail = ids.len() - rows;
+    for (backend_name, tolerance) in [("cpu-f32", 2e-3f32), ("cpu", 5e-3)] {
+        let backend = cpu_pass(backend_name);
+        let whole = backend
+            .forward(
+                &model,
+                &ids,
+                &mut KvCache::new(&model.config),
+                AttentionForm::Auto,
+                Logits::All,
+            )
+            .expect("forward");
+        let diff = max_abs_diff(&whole[tail * vocab..], &want);
+        println!("{name} long [{backend_name}] whole prompt: {diff:.3e}");
+        assert!(diff <= tolerance, "{backend_name} whole: {diff}");
+
+        let mut cache = KvCache::new(&model.config);
+        for part in ids[..tail].chunks(3000) {
+            backend
+                .forward(&model, part, &mut cache, AttentionForm::Auto, Logits::Last)
+                .expect("forward");
+        }
+        let chunked = backend
+            .forward(
+                &model,
+                &ids[tail..],
+                &mut cache,
+                AttentionForm::Auto,
+                Logits::All,
+            )
+            .expect("forward");
+        let diff = max_abs_diff(&chunked, &want);
+        println!("{name} long [{backend_name}] in chunks: {diff:.3e}");
+        assert!(diff <= tolerance, "{backend_name} chunks: {diff}");
+
+        for (dtype, bound) in [
+            (KvDtype::F32, tolerance),
+            (KvDtype::Bf16, BF16_CACHE_TOLERANCE),
+        ] {
+            let block = 16;
+            let blocks = ids.len().div_ceil(block);
+            let mut pool = KvPool::with_dtype(2 * blocks + 1, block, dtype);
+            // Every other block, backwards: no two neighbours in the pool are neighbours
+            // in the sequence.
+            let table: Vec<u32> = (0..blocks as u32).rev().map(|i| 2 * i + 1).collect();
+            let mut store = PagedBatch {
+                pool: &mut pool,
+                tables: vec![&table],
+            };
+            let mut start = 0;
+            let mut got = Vec::new();
+            for part in [&ids[..2048], &ids[2048..tail], &ids[tail..]] {
+                let entry = BatchEntry {
+                    tokens: part,
+                    start,
+                    logits: Some(Logits::All),
+                };
+                let out = backend
+                    .forward_batch(
+                        &model,
+                        &[entry],
+                        &mut store,
+                        AttentionForm::Auto,
+                        &mut |_, _| {},
+                    )
+                    .expect("forward");
+                start += part.len();
+                got = out.into_iter().next().flatten().expect("logits");
+            }
+            let diff = max_abs_diff(&got, &want);
+            println!("{name} long [{backend_name}] paged {dtype:?}: {diff:.3e}");
+            assert!(diff <= bound, "{backend_name} paged {dtype:?}: {diff}");
+        }
+    }
+}

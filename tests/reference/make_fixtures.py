@@ -9,6 +9,12 @@ pack-quantized or FP8 128x128 block weights) plus `golden.safetensors`:
   logits      F32 [T, V]   logits at every prompt position, computed in f32
   greedy_ids  I64 [G]      greedy continuation (temperature 0)
 
+and, for the fixture with K2's head dimensions, `golden-long.safetensors`: a prompt twice
+as long as `original_max_position_embeddings` (YaRN's long-context range):
+
+  prompt_ids  I64 [N]      the prompt (N = 8192)
+  logits      F32 [16, V]  logits at its last 16 positions
+
 The maths is transformers' own DeepseekV3ForCausalLM (eager attention, f32). INT4 weights
 are quantized and packed by compressed-tensors' PackedQuantizationCompressor and the model
 is run on exactly the values that compressor decompresses; FP8 weights are quantized to
@@ -201,9 +207,12 @@ FIXTURES = {
             rope_scaling=yarn(64, 32, 1),
             quantization_config=INT4_QUANT,
         ),
-        dict(seed=16),
+        dict(seed=16, long_prompt=8192),
     ),
 }
+
+# Rows of logits kept from the long prompt (its last positions).
+LONG_POSITIONS = 16
 
 LARGE = (
     dict(
@@ -456,6 +465,19 @@ def make(name, overrides, opts, out_dir):
         os.path.join(path, "golden.safetensors"),
         metadata={"min_greedy_margin": f"{margin:.6f}", "generator": "transformers DeepseekV3ForCausalLM f32 eager"},
     )
+    if opts.get("long_prompt"):
+        # Its own generator, so the short golden above stays as it was.
+        long_gen = torch.Generator().manual_seed(opts["seed"] + 1000)
+        long_prompt = torch.randint(3, text_cfg["vocab_size"], (opts["long_prompt"],), generator=long_gen)
+        with torch.no_grad():
+            long_logits = model(long_prompt[None]).logits[0, -LONG_POSITIONS:].to(torch.float32)
+        save_file(
+            {"prompt_ids": long_prompt.to(torch.int64), "logits": long_logits.contiguous()},
+            os.path.join(path, "golden-long.safetensors"),
+            metadata={"generator": "transformers DeepseekV3ForCausalLM f32 eager",
+                      "positions": f"last {LONG_POSITIONS} of {opts['long_prompt']}"},
+        )
+        print(f"{name}: long prompt of {opts['long_prompt']} tokens, logits std {float(long_logits.std()):.3f}")
     spread = float(logits.std())
     print(f"{name}: logits std {spread:.3f}, min greedy margin {margin:.4f}, greedy {greedy.tolist()}")
 
