@@ -678,6 +678,10 @@ pub fn engine(opts: &EngineBenchOptions) -> Result<String, BenchError> {
     };
     let name = model.config.model_type.clone();
     let layers = model.config.num_hidden_layers;
+    let (cost, chunk) = (
+        crate::engine::cost::StepCost::of(&model.config),
+        config.max_batch_tokens,
+    );
     let engine = crate::engine::start(model, pass, Arc::new(tokenizer), config)
         .map_err(BenchError::Engine)?;
     let (p, n) = (opts.prompt_tokens, opts.gen_tokens);
@@ -693,11 +697,26 @@ pub fn engine(opts: &EngineBenchOptions) -> Result<String, BenchError> {
         opts.backend,
         rayon::current_num_threads()
     );
+    let attention_before = crate::device::cpu::attention_time();
     let pp = run_concurrent(&engine, 1, p, 1, 1)?;
     let pp_secs = (pp[0].tokens[0] - pp[0].submitted).as_secs_f64();
+    let attention_secs = (crate::device::cpu::attention_time() - attention_before).as_secs_f64();
+    // Attention measured where it runs on the CPU; on a GPU its work is asynchronous and
+    // the share given is the arithmetic's (attention's multiply-adds of all of them).
+    let share = if attention_secs > 0.0 {
+        format!(
+            "attention {:.0}% of the time",
+            100.0 * (attention_secs / pp_secs).min(1.0)
+        )
+    } else {
+        format!(
+            "attention {:.0}% of the arithmetic",
+            100.0 * cost.prefill_attention_share(p, chunk)
+        )
+    };
     let _ = writeln!(
         out,
-        "pp{p}: {:.1} tokens/s (prompt of {p} tokens in {:.3} s)",
+        "pp{p}: {:.1} tokens/s (prompt of {p} tokens in {:.3} s; {share})",
         p as f64 / pp_secs,
         pp_secs
     );

@@ -4,6 +4,7 @@
 //! sequence that reached the end of its input, and streams the results back over each
 //! request's own channel. A request whose receiver is gone is dropped within one step.
 
+pub mod cost;
 pub mod kv;
 pub mod output;
 pub mod sampling;

@@ -19,7 +19,17 @@ use crate::device::cpu::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView
 use crate::model::AttentionForm;
 use crate::weights::LinearWeight;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Time every CPU device of this process has spent in attention (`mla_attention`, all
+/// forms, kv_b's expansions included), for `bench`'s attention share.
+static ATTENTION_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// See [`ATTENTION_NANOS`].
+pub fn attention_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(ATTENTION_NANOS.load(Ordering::Relaxed))
+}
 
 /// A latent cache pool on the host: BF16 pools hold values rounded to BF16 (the numbers
 /// a BF16 store reads back).
@@ -479,6 +489,7 @@ impl DeviceOps for CpuDevice {
         scale: f32,
         form: AttentionForm,
     ) -> DeviceResult<Vec<f32>> {
+        let started = std::time::Instant::now();
         // Auto: each sequence's queries in the form that needs fewer multiply-adds for
         // them (see `attention::naive_is_cheaper`): naive for a prefill chunk, whose
         // expanded keys and values all of its queries share; absorbed for one query, or a
@@ -522,6 +533,7 @@ impl DeviceOps for CpuDevice {
         for s in sequences.iter().filter(|s| naive(s)) {
             self.naive_mla(kv_b, q, pool, blocks, s.clone(), d, scale, &mut out);
         }
+        ATTENTION_NANOS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(out)
     }
 
