@@ -604,7 +604,7 @@ async fn stream_message(
         tool_use |= matches!(e, ParseEvent::ToolCallStart { .. });
         w.apply(e);
     }
-    while let Some((_, ev)) = rx.recv().await {
+    while let Some((_, ev)) = super::next_for_stream(&mut rx, &w.tx).await {
         tracker.on_event(&ev);
         let (text, end) = match ev {
             Event::Token { text, .. } => (text, None),

@@ -233,6 +233,20 @@ pub(crate) fn submit(
     Ok(merged_rx)
 }
 
+/// The next engine event for a stream, or `None` once the events end or the stream's
+/// body (the receiver of `out`) is gone, which happens as soon as the client hangs up:
+/// the engine's requests are then dropped within one step, a long prompt's prefill
+/// included, without waiting for its first token to fail to send.
+pub(crate) async fn next_for_stream<T>(
+    rx: &mut UnboundedReceiver<(usize, Event)>,
+    out: &tokio::sync::mpsc::UnboundedSender<T>,
+) -> Option<(usize, Event)> {
+    tokio::select! {
+        ev = rx.recv() => ev,
+        _ = out.closed() => None,
+    }
+}
+
 /// Records latency metrics from the events of one request.
 pub(crate) struct Tracker {
     started: Instant,

@@ -521,7 +521,7 @@ async fn stream_chat(
     let mut had_calls = vec![false; n];
     let mut usage = Usage::default();
     let mut ended = 0;
-    while let Some((i, ev)) = rx.recv().await {
+    while let Some((i, ev)) = super::next_for_stream(&mut rx, &tx).await {
         tracker.on_event(&ev);
         let (text, logprob, end) = match ev {
             Event::Token { text, logprob, .. } => (text, logprob, None),
@@ -875,7 +875,7 @@ async fn stream_completion(
     let mut usage = Usage::default();
     let mut prompt_total = 0;
     let mut ended = 0;
-    while let Some((i, ev)) = rx.recv().await {
+    while let Some((i, ev)) = super::next_for_stream(&mut rx, &tx).await {
         tracker.on_event(&ev);
         let mut text = String::new();
         if !echoed[i] {

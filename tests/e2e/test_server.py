@@ -384,3 +384,78 @@ def test_queue_full_then_graceful_shutdown():
         assert s.proc.wait(timeout=30) == 0
     finally:
         s.stop()
+
+
+# --- long prompts ---------------------------------------------------------------------
+
+LONG_PROMPT = [3 + i * 7 % 1000 for i in range(8192)]
+
+
+@pytest.fixture(scope="module")
+def long_server():
+    # 256 tokens per step: an 8,192-token prompt alone takes 32 steps.
+    s = Server("--max-model-len", "9000", "--max-batch-tokens", "256", "--no-prefix-caching")
+    yield s
+    s.stop()
+
+
+def wait_for_steps(server, at_least, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = server.metrics()["kimi_hybrid_engine_steps_total"]
+        if steps >= at_least:
+            return steps
+        time.sleep(0.02)
+    raise AssertionError("the engine made no progress")
+
+
+def test_a_short_request_overtakes_a_long_prefill(long_server):
+    c = openai.OpenAI(base_url=long_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    base = long_server.metrics()["kimi_hybrid_engine_steps_total"]
+    done = {}
+
+    def long_request():
+        t = time.time()
+        c.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1)
+        done["long"] = time.time() - t
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    wait_for_steps(long_server, base + 3)
+    t = time.time()
+    short = c.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=1)
+    short_secs = time.time() - t
+    long_running = "long" not in done
+    worker.join(timeout=120)
+    print(f"short request {short_secs:.2f} s during a long prefill of {done.get('long', 0):.2f} s")
+    assert short.choices[0].finish_reason == "length"
+    assert long_running, "the long prompt finished before the short request"
+    assert "long" in done
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_gone_mid_prefill_stops_its_prefill(long_server, stream):
+    base = long_server.metrics()["kimi_hybrid_engine_steps_total"]
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1, "stream": stream}
+    if stream:
+        # The headers come at once; the client hangs up while the prompt is prefilled.
+        with httpx.stream("POST", long_server.base + "/v1/completions", json=body, timeout=120):
+            wait_for_steps(long_server, base + 3)
+    else:
+        # A client that gives up (its read timeout) while the prompt is prefilled.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(long_server.base + "/v1/completions", json=body,
+                       timeout=httpx.Timeout(120, read=0.3))
+    gone_at = long_server.metrics()["kimi_hybrid_engine_steps_total"]
+    t = time.time()
+    while time.time() < t + 5:
+        m = long_server.metrics()
+        if m["kimi_hybrid_num_requests_running"] == 0 and m["kimi_hybrid_num_requests_waiting"] == 0:
+            break
+        time.sleep(0.02)
+    print(f"stream={stream}: running 0 after {time.time() - t:.2f} s, "
+          f"{m['kimi_hybrid_engine_steps_total'] - gone_at:.0f} steps after the client went")
+    assert m["kimi_hybrid_num_requests_running"] == 0
+    assert m["kimi_hybrid_kv_blocks_used"] == 0
+    # The prompt needs 32 steps; it must have stopped well before.
+    assert m["kimi_hybrid_engine_steps_total"] - base < 28
