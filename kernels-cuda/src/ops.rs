@@ -508,68 +508,6 @@ pub fn decode_splits_for(
     (splits, max_len.div_ceil(splits).max(1))
 }
 
-/// Shapes and strides of one naive MLA prefill call (see `mla_prefill` in mla.cu).
-#[derive(Debug, Clone, Copy)]
-pub struct MlaPrefillShape {
-    pub queries: usize,
-    pub heads: usize,
-    /// Query heads per key/value head (query head h reads kv head h / group).
-    pub group: usize,
-    pub dq: usize,
-    pub dv: usize,
-    pub k_token_stride: usize,
-    pub k_head_stride: usize,
-    pub v_token_stride: usize,
-    pub v_head_stride: usize,
-    pub v_offset: usize,
-    pub scale: f32,
-}
-
-impl GpuDevice {
-    /// Causal attention of `queries` new tokens (absolute positions) over expanded keys
-    /// and values.
-    pub fn mla_prefill(
-        &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        positions: &CudaSlice<i32>,
-        shape: MlaPrefillShape,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        let s = shape;
-        if s.dq > 1024 || s.dv > 512 {
-            return Err(CudaError::Unsupported(format!(
-                "mla_prefill supports dq <= 1024 and dv <= 512, got {} and {}",
-                s.dq, s.dv
-            )));
-        }
-        let f = self.function("mla_prefill")?;
-        let ints = [
-            s.heads,
-            s.group.max(1),
-            s.dq,
-            s.dv,
-            s.k_token_stride,
-            s.k_head_stride,
-            s.v_token_stride,
-            s.v_head_stride,
-            s.v_offset,
-        ]
-        .map(|v| v as i32);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(q).arg(k).arg(v).arg(positions);
-        for a in &ints {
-            b.arg(a);
-        }
-        b.arg(&s.scale).arg(out);
-        // SAFETY: keys and values cover positions 0..=max(positions).
-        unsafe { b.launch(cfg((s.queries as u32, s.heads as u32, 1), (128, 1, 1))) }
-            .map(|_| ())
-            .map_err(|e| launch_err("mla_prefill", e))
-    }
-}
-
 /// Shapes of one absorbed MLA decode call.
 #[derive(Debug, Clone, Copy)]
 pub struct MlaDecodeShape {

@@ -68,7 +68,6 @@ pub const MODULES: &[Module] = &[
             "mla_decode_partial_bf16",
             "mla_decode_tc_bf16",
             "mla_decode_combine",
-            "mla_prefill",
             "mla_absorb_queries",
             "mla_expand_values",
         ],

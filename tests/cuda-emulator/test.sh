@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the tests that need a GPU on the CUDA emulator (two emulated GPUs): the kernels
 # against their CPU twins on the real K2 shapes, every golden fixture on the CUDA
-# backend (resident and per operation), hybrid execution (one GPU, and pipelined over
+# backend (the resident pass), hybrid execution (one GPU, and pipelined over
 # two), the paged resident pass, and the expert-, data- and tensor-parallel passes over
 # two GPUs. They must not skip here (KIMI_HYBRID_REQUIRE_GPU).
 # NVRTC (the nvidia-cuda-nvrtc-cu12 wheel, or a CUDA toolkit on LD_LIBRARY_PATH) compiles

@@ -8,10 +8,9 @@
 // `mla_decode_tc_bf16`, 16 heads per block on the tensor cores), merged by
 // `mla_decode_combine`;
 // the host picks the split count so the grid fills the GPU without the partial sums
-// outgrowing memory.
-//
-// Prefill (naive form): q [n, heads, dq], keys/values expanded per head, causal by
-// absolute position, online softmax over key chunks, one block per (query, head).
+// outgrowing memory. A prefill chunk runs the same kernels, one "sequence" per query
+// (its length its position + 1): latents are read in place tile by tile, never expanded,
+// and the partial sums stay the size of the output.
 
 #define MAX_CHUNK 256
 
@@ -385,61 +384,6 @@ extern "C" __global__ void mla_decode_combine(const float* part_out, const float
     for (int j = 0; j < 4; j++) {
         int d = threadIdx.x + j * blockDim.x;
         if (d < c) o[d] = acc[j] / denom;
-    }
-}
-
-// Causal attention for prefill: query i (position positions[i]) over keys 0..=positions[i].
-// Query head h reads kv head g = h / group; element (t, g, d) of k is
-// k[t * k_token_stride + g * k_head_stride + d]; v likewise with v_offset. One block (128
-// threads) per (query, head); out [n, heads, dv].
-extern "C" __global__ void mla_prefill(const float* q, const float* k, const float* v,
-                                       const int* positions, int heads, int group, int dq, int dv,
-                                       int k_token_stride, int k_head_stride,
-                                       int v_token_stride, int v_head_stride, int v_offset,
-                                       float scale, float* out) {
-    __shared__ float p[128];
-    __shared__ float scratch[32];
-    __shared__ float qs[1024];
-    int i = blockIdx.x, h = blockIdx.y, g = h / group;
-    int last = positions[i];
-    const float* qh = q + ((size_t)i * heads + h) * dq;
-    for (int d = threadIdx.x; d < dq; d += blockDim.x) qs[d] = qh[d];
-    __syncthreads();
-    float m = -INFINITY, l = 0.0f;
-    // Each thread owns output dims d = threadIdx.x + j * blockDim.x (dv <= 512).
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int t0 = 0; t0 <= last; t0 += blockDim.x) {
-        int t = t0 + threadIdx.x;
-        float sc = -INFINITY;
-        if (t <= last) {
-            const float* kt = k + (size_t)t * k_token_stride + (size_t)g * k_head_stride;
-            float a = 0.0f;
-            for (int d = 0; d < dq; d++) a += qs[d] * kt[d];
-            sc = a * scale;
-        }
-        float cm = block_max(sc, scratch);
-        float nm = fmaxf(m, cm);
-        float pe = (t <= last) ? expf(sc - nm) : 0.0f;
-        p[threadIdx.x] = pe;
-        float ps = block_sum(pe, scratch);
-        float rescale = expf(m - nm);
-        l = l * rescale + ps;
-        int n = min((int)blockDim.x, last + 1 - t0);
-        for (int j = 0; j < 4; j++) {
-            int d = threadIdx.x + j * blockDim.x;
-            if (d >= dv) break;
-            float a = acc[j] * rescale;
-            for (int u = 0; u < n; u++)
-                a += p[u] * v[(size_t)(t0 + u) * v_token_stride + (size_t)g * v_head_stride + v_offset + d];
-            acc[j] = a;
-        }
-        m = nm;
-        __syncthreads();
-    }
-    float* o = out + ((size_t)i * heads + h) * dv;
-    for (int j = 0; j < 4; j++) {
-        int d = threadIdx.x + j * blockDim.x;
-        if (d < dv) o[d] = acc[j] / l;
     }
 }
 
