@@ -26,8 +26,9 @@ const NAIVE_KEY_TILE: usize = 256;
 const NAIVE_QUERY_BLOCK: usize = 64;
 /// Keys per tile of the absorbed form (latent rows of `latent + rope` values).
 const ABSORBED_KEY_TILE: usize = 64;
-/// The fewest keys one thread takes of an absorbed context before it is split further.
-const ABSORBED_MIN_KEYS_PER_PART: usize = 512;
+/// The fewest keys one thread takes of an absorbed context (two tiles): below it the
+/// merge and a second tile's packing cost more than the thread saves.
+const ABSORBED_MIN_KEYS_PER_PART: usize = 2 * ABSORBED_KEY_TILE;
 
 /// One sequence's cached latents in the pool: row `pos` of its context is at
 /// `pool[(table[pos / block] * block + pos % block) * width..]`.
@@ -56,6 +57,28 @@ impl<'a> Latents<'a> {
             at = end;
             Some((start, run))
         })
+    }
+
+    /// The rows `keys`, one slice of `width` values each, read where they lie.
+    fn rows(&self, keys: Range<usize>) -> impl Iterator<Item = &'a [f32]> + '_ {
+        let width = self.width;
+        self.runs(keys)
+            .flat_map(move |(_, run)| run.chunks_exact(width))
+    }
+}
+
+/// `dst[k * ld + t] = rows[t][k]`: rows packed as columns for a block product. Column
+/// by column, so the writes run in order and the rows being read (a tile's worth) stay
+/// in the L1 cache; row by row, every write would touch another line of a buffer larger
+/// than L1.
+fn pack_columns(rows: &[&[f32]], dst: &mut [f32], ld: usize) {
+    let Some(width) = rows.first().map(|r| r.len()) else {
+        return;
+    };
+    for (k, column) in dst.chunks_mut(ld).take(width).enumerate() {
+        for (x, row) in column.iter_mut().zip(rows) {
+            *x = row[k];
+        }
     }
 }
 
@@ -138,20 +161,13 @@ pub fn naive(
             .into_par_iter()
             .map(|h| {
                 let mut kt = vec![0.0f32; dq * tile_pad];
-                for (t, row) in expanded.chunks_exact(expanded_width).enumerate() {
-                    for (k, &x) in row[h * per_head..h * per_head + d.nope].iter().enumerate() {
-                        kt[k * tile_pad + t] = x;
-                    }
-                }
-                let mut t = 0;
-                for (_, run) in latents.runs(t0..t1) {
-                    for row in run.chunks_exact(latents.width) {
-                        for (k, &x) in row[d.latent..].iter().enumerate() {
-                            kt[(d.nope + k) * tile_pad + t] = x;
-                        }
-                        t += 1;
-                    }
-                }
+                let nope: Vec<&[f32]> = expanded
+                    .chunks_exact(expanded_width)
+                    .map(|row| &row[h * per_head..h * per_head + d.nope])
+                    .collect();
+                pack_columns(&nope, &mut kt, tile_pad);
+                let rope: Vec<&[f32]> = latents.rows(t0..t1).map(|r| &r[d.latent..]).collect();
+                pack_columns(&rope, &mut kt[d.nope * tile_pad..], tile_pad);
                 kt
             })
             .collect();
@@ -234,12 +250,13 @@ pub struct AbsorbedQueries<'a> {
 /// (for long contexts) ranges of their keys run on separate threads.
 pub fn absorbed(isa: Isa, seqs: &[AbsorbedQueries], d: MlaDims, scale: f32) -> Vec<Vec<f32>> {
     let threads = rayon::current_num_threads().max(1);
-    // Work items: (sequence, key range), each long context cut into up to `threads`
-    // ranges of whole tiles.
+    // Work items: (sequence, key range). With fewer sequences than threads (one decode
+    // stream), each context is cut into ranges of whole tiles so every thread has one.
+    let parts_per_seq = threads.div_ceil(seqs.len().max(1));
     let mut items = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
         let keys = seq.positions.iter().max().map_or(0, |p| p + 1);
-        let parts = (keys / ABSORBED_MIN_KEYS_PER_PART).clamp(1, threads);
+        let parts = (keys / ABSORBED_MIN_KEYS_PER_PART).clamp(1, parts_per_seq);
         let per = keys
             .div_ceil(parts)
             .next_multiple_of(ABSORBED_KEY_TILE)
@@ -292,6 +309,7 @@ fn absorbed_part(
     let mut o = vec![0.0f32; m * c];
     let visible_end: Vec<usize> = (0..m).map(|r| seq.positions[r / heads] + 1).collect();
     let mut kt = Vec::new();
+    let mut rows = Vec::new();
     let mut s = Vec::new();
     let mut t0 = keys.start;
     while t0 < keys.end {
@@ -301,14 +319,9 @@ fn absorbed_part(
         // The tile's latent rows packed as columns for the score product.
         kt.clear();
         kt.resize(width * tile_pad, 0.0);
-        for (first, run) in seq.latents.runs(t0..t1) {
-            for (r, row) in run.chunks_exact(width).enumerate() {
-                let t = first - t0 + r;
-                for (k, &x) in row.iter().enumerate() {
-                    kt[k * tile_pad + t] = x;
-                }
-            }
-        }
+        rows.clear();
+        rows.extend(seq.latents.rows(t0..t1));
+        pack_columns(&rows, &mut kt, tile_pad);
         s.clear();
         s.resize(m * tile_pad, 0.0);
         gemm_acc(
