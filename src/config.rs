@@ -169,7 +169,7 @@ impl ModelConfig {
     /// Reads `config.json` from a checkpoint directory.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+        let text = crate::files::read_to_string(&path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod engine;
+pub mod files;
 pub mod forward;
 pub mod generate;
 pub mod inspect;

@@ -533,7 +533,7 @@ fn run(args: RunArgs) -> Result<()> {
 /// End-of-sequence ids from config.json and generation_config.json.
 fn stop_ids(dir: &Path, model: &Model) -> Vec<u32> {
     let mut ids = model.config.eos_token_ids.clone();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+    if let Ok(text) = kimi_hybrid::files::read_to_string(&dir.join("generation_config.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
             match v.get("eos_token_id") {
                 Some(serde_json::Value::Array(items)) => {
@@ -591,8 +591,8 @@ fn parse_kwargs(text: Option<&str>) -> Result<serde_json::Map<String, serde_json
 }
 
 fn read_json_file(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = kimi_hybrid::files::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -624,9 +624,8 @@ fn tokenize(
     let tok = load_tokenizer(&dir)?;
     let text = match (text, file) {
         (Some(t), _) => t,
-        (None, Some(f)) => {
-            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
-        }
+        (None, Some(f)) => kimi_hybrid::files::read_to_string(&f)
+            .with_context(|| format!("cannot read {}", f.display()))?,
         (None, None) => bail!("give --text or --file"),
     };
     let ids = tok.encode(
@@ -743,7 +742,7 @@ fn calibrate(
     let pass = kimi_hybrid::runtime::place(&ckpt, &mut model, None, None, false)?
         .forward(&model, backend)?;
     let tok = load_tokenizer(&dir)?;
-    let text = std::fs::read_to_string(prompts)
+    let text = kimi_hybrid::files::read_to_string(prompts)
         .with_context(|| format!("cannot read {}", prompts.display()))?;
     let experts = model.config.n_routed_experts;
     let mut stats = ExpertStats::new(&dir.display().to_string(), model.config.num_experts_per_tok);

@@ -358,3 +358,37 @@ fn inspect_separates_mtp_layers_from_unrecognised_tensors() {
     assert_eq!((report.mtp_tensors, report.mtp_bytes), (1, 8));
     assert_eq!(report.unrecognised, vec!["something.else".to_string()]);
 }
+
+/// A named pipe in place of a checkpoint's or tokenizer's file is refused at once, naming
+/// the file (opening it for reading would wait for a writer forever).
+#[test]
+fn a_named_pipe_in_place_of_a_file_is_refused_at_once() {
+    use kimi_hybrid::tokenizer::Tokenizer;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    for victim in ["config.json", "model.safetensors", "tiktoken.model"] {
+        let (_tmp, dir) = copy_fixture("kimi-int4");
+        let path = dir.join(victim);
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let (tx, rx) = mpsc::channel();
+        let d = dir.clone();
+        std::thread::spawn(move || {
+            let e = match victim {
+                "tiktoken.model" => Tokenizer::from_dir(&d).err().map(|e| e.to_string()),
+                _ => Some(load_error(&d)),
+            };
+            let _ = tx.send(e);
+        });
+        let e = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{victim}: loading hangs on a named pipe"))
+            .unwrap_or_else(|| panic!("{victim}: a named pipe was accepted"));
+        assert!(
+            e.contains(victim) && e.contains("named pipe"),
+            "{victim}: {e}"
+        );
+    }
+}

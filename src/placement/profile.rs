@@ -215,7 +215,7 @@ impl Profile {
         }
         let path = Path::new(name_or_path);
         if path.exists() || name_or_path.ends_with(".toml") {
-            let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            let text = crate::files::read_to_string(path).map_err(|source| ProfileError::Io {
                 path: name_or_path.to_string(),
                 source,
             })?;

@@ -61,7 +61,7 @@ impl ExpertStats {
     }
 
     pub fn load(path: &Path) -> Result<Self, StatsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| StatsError::Io {
+        let text = crate::files::read_to_string(path).map_err(|source| StatsError::Io {
             path: path.display().to_string(),
             source,
         })?;

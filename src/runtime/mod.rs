@@ -289,7 +289,7 @@ pub fn assemble<O: DeviceOps>(
 }
 
 fn read_plan(path: &Path) -> Result<Plan> {
-    let text = std::fs::read_to_string(path).map_err(|cause| RuntimeError::ReadPlan {
+    let text = crate::files::read_to_string(path).map_err(|cause| RuntimeError::ReadPlan {
         path: path.to_path_buf(),
         cause,
     })?;

@@ -50,7 +50,7 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self, TemplateError> {
         let file = dir.join("chat_template.jinja");
         let config_path = dir.join("tokenizer_config.json");
-        let config: Option<Json> = match std::fs::read_to_string(&config_path) {
+        let config: Option<Json> = match crate::files::read_to_string(&config_path) {
             Ok(text) => Some(
                 serde_json::from_str(&text).map_err(|e| TemplateError::Invalid {
                     source_name: config_path.display().to_string(),
@@ -68,10 +68,11 @@ impl ChatTemplate {
         };
         let (bos, eos) = (token("bos_token"), token("eos_token"));
         if file.exists() {
-            let source = std::fs::read_to_string(&file).map_err(|source| TemplateError::Io {
-                path: file.display().to_string(),
-                source,
-            })?;
+            let source =
+                crate::files::read_to_string(&file).map_err(|source| TemplateError::Io {
+                    path: file.display().to_string(),
+                    source,
+                })?;
             return Self::new(source, &file.display().to_string(), bos, eos);
         }
         if let Some(t) = config.as_ref().and_then(|c| c.get("chat_template")) {

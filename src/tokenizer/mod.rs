@@ -38,7 +38,14 @@ fn invalid(path: &Path, reason: impl Into<String>) -> TokenizerError {
 }
 
 fn read_text(path: &Path) -> Result<String, TokenizerError> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+    crate::files::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    crate::files::read(path).map_err(|source| TokenizerError::Io {
         path: path.display().to_string(),
         source,
     })
@@ -98,7 +105,7 @@ impl Tokenizer {
             (Engine::Tiktoken(Box::new(bpe)), specials)
         } else if dir.join("tokenizer.json").exists() {
             let path = dir.join("tokenizer.json");
-            let normal = tokenizers::Tokenizer::from_file(&path)
+            let normal = tokenizers::Tokenizer::from_bytes(read_bytes(&path)?)
                 .map_err(|e| invalid(&path, e.to_string()))?;
             let mut plain = normal.clone();
             plain.set_encode_special_tokens(true);

@@ -16,7 +16,6 @@ pub use loader::WeightLoader;
 use crate::config::{ConfigError, ModelConfig};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -280,7 +279,7 @@ impl Checkpoint {
             path: path.display().to_string(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
+        let file = crate::files::open_regular(path).map_err(io)?;
         // SAFETY: the map is read-only. As with every mmap-based loader, the checkpoint
         // files must not be modified while the process runs.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -494,7 +493,7 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
         path: path.display().to_string(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| WeightsError::Io {
+    let text = crate::files::read_to_string(path).map_err(|source| WeightsError::Io {
         path: path.display().to_string(),
         source,
     })?;
