@@ -464,14 +464,19 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let prompt_ids = match (&args.prompt, &tokenizer) {
         (Some(text), Some(tok)) => {
-            let text = if args.chat {
+            if args.chat {
+                // The message is user text: special-token strings in it stay text.
                 let messages = serde_json::json!([{"role": "user", "content": text}]);
                 let kwargs = parse_kwargs(args.chat_kwargs.as_deref())?;
-                render_chat(&dir, tok, &messages, None, true, &kwargs)?
+                let template = ChatTemplate::for_checkpoint(
+                    &dir,
+                    tok.bos_token().map(str::to_string),
+                    tok.eos_token().map(str::to_string),
+                )?;
+                tok.encode_rendered(&template.render_prompt(tok, &messages, None, true, &kwargs)?)
             } else {
-                text.clone()
-            };
-            tok.encode(&text, Specials::Recognise)
+                tok.encode(text, Specials::Recognise)
+            }
         }
         _ => args.prompt_ids.clone(),
     };

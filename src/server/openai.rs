@@ -965,13 +965,19 @@ pub async fn tokenize(
                 _ => Map::new(),
             };
             let add = opt_bool(&body, "add_generation_prompt")?.unwrap_or(true);
-            let text = state
+            let rendered = state
                 .template
-                .render(&Value::Array(messages), field(&body, "tools"), add, &kwargs)
+                .render_prompt(
+                    &state.engine.tokenizer,
+                    &Value::Array(messages),
+                    field(&body, "tools"),
+                    add,
+                    &kwargs,
+                )
                 .map_err(|e| {
                     ApiError::bad_request(format!("cannot render the chat template: {e}"))
                 })?;
-            state.engine.tokenizer.encode(&text, Specials::Recognise)
+            state.engine.tokenizer.encode_rendered(&rendered)
         } else {
             let prompt = opt_str(&body, "prompt")?
                 .ok_or_else(|| ApiError::param("prompt", "give prompt or messages"))?;

@@ -4,7 +4,6 @@
 
 use super::error::ApiError;
 use super::AppState;
-use crate::tokenizer::Specials;
 use serde_json::{json, Map, Value};
 
 /// What the model is asked for.
@@ -199,10 +198,17 @@ pub fn render(
     tool_choice: &ToolChoice,
     kwargs: &Map<String, Value>,
 ) -> Result<ChatPrompt, ApiError> {
-    let mut text = state
+    let mut rendered = state
         .template
-        .render(&Value::Array(messages.to_vec()), tools, true, kwargs)
+        .render_prompt(
+            &state.engine.tokenizer,
+            &Value::Array(messages.to_vec()),
+            tools,
+            true,
+            kwargs,
+        )
         .map_err(|e| ApiError::bad_request(format!("cannot render the chat template: {e}")))?;
+    let text = &mut rendered.text;
     let thinking = state.template.supports_thinking()
         && kwargs.get("thinking") != Some(&Value::Bool(false))
         && !text.ends_with("</think>");
@@ -219,8 +225,9 @@ pub fn render(
         ),
         _ => String::new(),
     };
+    // The prefill is the server's own markup: its special tokens are real.
     text.push_str(&prefill);
-    let ids = state.engine.tokenizer.encode(&text, Specials::Recognise);
+    let ids = state.engine.tokenizer.encode_rendered(&rendered);
     Ok(ChatPrompt {
         ids,
         thinking,

@@ -5,6 +5,8 @@
 //! `.append`/`.pop`, Python string and dict methods, and Python's spelling of `None`,
 //! `True` and `False` in output. Messages get transformers' reasoning-field aliases.
 
+use super::quote::Rendered;
+use super::Tokenizer;
 use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr};
 use minijinja::{Environment, Error, ErrorKind, State, Value};
 use serde_json::{Map, Value as Json};
@@ -171,6 +173,33 @@ impl ChatTemplate {
 
     pub fn source_name(&self) -> &str {
         &self.source_name
+    }
+
+    /// Renders a request's conversation into a prompt for `tokenizer`: as [`Self::render`],
+    /// with every special-token string inside the request's own strings kept as text
+    /// (see [`super::quote`]); encode it with [`Tokenizer::encode_rendered`].
+    pub fn render_prompt(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+    ) -> Result<Rendered, TemplateError> {
+        let quoting = tokenizer.quoting();
+        let mut messages = messages.clone();
+        quoting.quote(&mut messages);
+        let mut tools = tools.cloned();
+        if let Some(t) = &mut tools {
+            quoting.quote(t);
+        }
+        let mut kwargs = Json::Object(kwargs.clone());
+        quoting.quote(&mut kwargs);
+        let Json::Object(kwargs) = kwargs else {
+            unreachable!("an object stays an object")
+        };
+        let text = self.render(&messages, tools.as_ref(), add_generation_prompt, &kwargs)?;
+        Ok(quoting.restore(&text))
     }
 
     /// Renders `messages` (a JSON array of message objects). `kwargs` are extra template

@@ -7,6 +7,7 @@
 pub mod chat_template;
 pub mod incremental;
 pub mod parser;
+pub mod quote;
 mod tiktoken;
 
 pub use incremental::IncrementalDecoder;
