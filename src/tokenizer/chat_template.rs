@@ -143,6 +143,7 @@ impl ChatTemplate {
         eos_token: Option<String>,
     ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
@@ -245,9 +246,20 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| err(describe(&e)))?;
-        template
-            .render(Value::from_serialize(&ctx))
-            .map_err(|e| err(describe(&e)))
+        let mut out = CappedOutput::default();
+        match template.render_captured_to(Value::from_serialize(&ctx), &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| err("the template wrote text that is not UTF-8".into())),
+            Err(_) if out.overflowed => Err(err(format!(
+                "the rendered prompt exceeds {} MiB",
+                TEMPLATE_MAX_OUTPUT >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(err(format!(
+                "rendering took more than {TEMPLATE_FUEL} template instructions (a runaway \
+                 loop in the template?)"
+            ))),
+            Err(e) => Err(err(describe(&e))),
+        }
     }
 }
 
@@ -424,6 +436,39 @@ fn python_formatter(
 
 /// The widest `tojson` indent a template may ask for (real templates use 2 or 4).
 const TOJSON_MAX_INDENT: usize = 64;
+
+/// Template instructions one render may run. The published K2 and DeepSeek V3.1
+/// templates spend about 100 per message (400 messages and 25 tools: 27,000 to 39,000,
+/// see the test), so this leaves room for conversations fifty times that long, and a loop
+/// that runs away stops here in tens of milliseconds instead of holding a server thread
+/// for minutes.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Bytes one render may write: far above any context the model takes (256K tokens are
+/// about 1 MiB of text), far below what would strain the server.
+const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// The render's output, refusing to grow past [`TEMPLATE_MAX_OUTPUT`].
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("template output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`.
@@ -793,5 +838,77 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("broken.jinja"), "{e}");
+    }
+
+    /// Runaway templates stop at the instruction or output limit with an error naming
+    /// the template, quickly; the published templates render a large agent conversation
+    /// (400 messages, 25 tools) within a small part of the instruction budget.
+    #[test]
+    fn template_limits_stop_runaways_and_leave_real_templates_room() {
+        let hi = serde_json::json!([{"role": "user", "content": "hi"}]);
+        for (source, what) in [
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                "instructions",
+            ),
+            (
+                "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+                "MiB",
+            ),
+        ] {
+            let t = ChatTemplate::new(source.into(), "hostile", None, None).unwrap();
+            let started = std::time::Instant::now();
+            let e = t
+                .render(&hi, None, false, &Map::new())
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("hostile") && e.contains(what), "{e}");
+            println!("{what}: refused in {:?}", started.elapsed());
+        }
+        let tools: Vec<Json> = (0..25)
+            .map(|i| {
+                serde_json::json!({"type": "function", "function": {
+                    "name": format!("tool_{i}"), "description": "d".repeat(2000),
+                    "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}})
+            })
+            .collect();
+        let messages: Vec<Json> = (0..400)
+            .map(|i| match i % 4 {
+                0 => serde_json::json!({"role": "user", "content": "u".repeat(400)}),
+                1 => serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
+                    {"id": format!("c{i}"), "type": "function",
+                     "function": {"name": "tool_1", "arguments": "{\"a\": \"b\"}"}}]}),
+                2 => serde_json::json!({"role": "tool", "tool_call_id": format!("c{}", i - 1),
+                    "content": "r".repeat(2000)}),
+                _ => serde_json::json!({"role": "assistant", "content": "a".repeat(400)}),
+            })
+            .collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/templates");
+        for name in [
+            "Kimi-K2-Instruct.jinja",
+            "Kimi-K2-Thinking.jinja",
+            "deepseek-ai-DeepSeek-V3.1.jinja",
+        ] {
+            let source = std::fs::read_to_string(dir.join(name)).unwrap();
+            let t = ChatTemplate::new(source, name, None, None).unwrap();
+            let tmpl = t.env.get_template(TEMPLATE_NAME).unwrap();
+            let ctx = serde_json::json!({
+                "messages": messages, "tools": tools, "add_generation_prompt": true,
+            });
+            let (_, state) = tmpl
+                .render_and_return_state(Value::from_serialize(&ctx))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let (used, _) = state.fuel_levels().expect("fuel is on");
+            println!("{name}: {used} instructions");
+            assert!(used < TEMPLATE_FUEL / 20, "{name}: {used}");
+        }
+        let t = ChatTemplate::builtin(None, None).unwrap();
+        t.render(
+            &Json::Array(messages),
+            Some(&Json::Array(tools)),
+            true,
+            &Map::new(),
+        )
+        .expect("the built-in template renders");
     }
 }
