@@ -895,10 +895,10 @@ mod tests {
             let ctx = serde_json::json!({
                 "messages": messages, "tools": tools, "add_generation_prompt": true,
             });
-            let (_, state) = tmpl
-                .render_and_return_state(Value::from_serialize(&ctx))
+            let captured = tmpl
+                .render_captured(Value::from_serialize(&ctx))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let (used, _) = state.fuel_levels().expect("fuel is on");
+            let (used, _) = captured.state().fuel_levels().expect("fuel is on");
             println!("{name}: {used} instructions");
             assert!(used < TEMPLATE_FUEL / 20, "{name}: {used}");
         }
