@@ -709,16 +709,13 @@ fn plan(args: PlanArgs) -> Result<()> {
     };
     let mut workload = profile.workload.clone();
     if let Some(c) = args.context {
-        if c == 0 {
-            bail!("--context must be at least 1");
-        }
         workload.context = c;
     }
     if let Some(c) = args.concurrency {
-        if c == 0 {
-            bail!("--concurrency must be at least 1");
-        }
         workload.concurrency = c;
+    }
+    if let Err((field, reason)) = workload.check() {
+        bail!("--{field}: {reason}");
     }
     let plan = placement::plan(&desc, &profile, &workload, stats.as_ref());
     if let Some(engine) = &args.emit {

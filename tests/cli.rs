@@ -235,6 +235,21 @@ fn bad_input_exits_with_a_message_not_a_panic() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
+
+    // Workload sizes whose KV bytes would overflow (a plan once came out "feasible").
+    for (flag, value) in [
+        ("--context", "18446744073709551615"),
+        ("--context", "0"),
+        ("--concurrency", "18446744073709551615"),
+    ] {
+        let out = bin()
+            .args(["plan", "--profile", "1xH100+512GB", flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value} planned");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && !err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]

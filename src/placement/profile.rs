@@ -152,6 +152,37 @@ pub struct Workload {
     pub attention: AttentionParallel,
 }
 
+/// The longest context a workload may ask for: 64 times the 262,144 tokens of the
+/// longest-context K2 and DeepSeek models, and small enough that every size computed from
+/// it (KV bytes for every sequence) stays far inside 64 bits.
+pub const MAX_CONTEXT: u64 = 1 << 24;
+/// The most sequences a workload may run at once.
+pub const MAX_CONCURRENCY: u64 = 1 << 16;
+/// The most GPUs a profile may have.
+pub const MAX_GPUS: usize = 1024;
+
+impl Workload {
+    /// Whether the context and concurrency are within sense: `(field, reason)` if not.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=MAX_CONTEXT).contains(&self.context) {
+            return Err((
+                "context",
+                format!("{} is outside 1..={MAX_CONTEXT} tokens", self.context),
+            ));
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err((
+                "concurrency",
+                format!(
+                    "{} is outside 1..={MAX_CONCURRENCY} sequences",
+                    self.concurrency
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_attention() -> AttentionParallel {
     AttentionParallel::Auto
 }
@@ -318,13 +349,15 @@ impl Profile {
                 "GPU reserves exceed the GPU's memory".into(),
             ));
         }
-        if self.workload.context == 0 {
-            return Err(bad("workload.context", "must be at least 1".into()));
+        if self.gpu.count > MAX_GPUS {
+            return Err(bad(
+                "gpu.count",
+                format!("{} is more than {MAX_GPUS} GPUs", self.gpu.count),
+            ));
         }
-        if self.workload.concurrency == 0 {
-            return Err(bad("workload.concurrency", "must be at least 1".into()));
-        }
-        Ok(())
+        self.workload
+            .check()
+            .map_err(|(field, reason)| bad(&format!("workload.{field}"), reason))
     }
 
     /// Usable bytes per GPU after the context and workspace reserves.
@@ -387,5 +420,25 @@ mod tests {
         assert!(e.contains("host.numa"), "{e}");
         let e = Profile::resolve("no-such-profile").unwrap_err().to_string();
         assert!(e.contains("b200x8"), "{e}");
+        // Sizes that would overflow the planner's arithmetic or its memory.
+        for (from, to, field) in [
+            ("count = 1", "count = 18446744073709551615", "gpu.count"),
+            (
+                "context = ",
+                "context = 18446744073709551615 #",
+                "workload.context",
+            ),
+            (
+                "concurrency = ",
+                "concurrency = 4294967296 #",
+                "workload.concurrency",
+            ),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let e = Profile::from_toml(&text.replacen(from, to, 1), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("x.toml"), "{e}");
+        }
     }
 }
