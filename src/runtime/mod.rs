@@ -62,6 +62,12 @@ pub enum RuntimeError {
     },
     #[error("{path}: plan schema {schema:?} is not kimi-hybrid-plan/1")]
     PlanSchema { path: PathBuf, schema: String },
+    #[error("{path}: {what} does not fit this model: {reason}")]
+    PlanExperts {
+        path: PathBuf,
+        what: String,
+        reason: String,
+    },
     #[error("the plan for {profile} cannot run: {problems}")]
     Infeasible { profile: String, problems: String },
     #[error(transparent)]
@@ -306,6 +312,46 @@ fn read_plan(path: &Path) -> Result<Plan> {
     Ok(plan)
 }
 
+/// Every expert range of a plan file names a MoE layer of `model` and experts it has,
+/// in order: a hand-edited range of `[0, 2^64 - 1]` would otherwise be walked id by id.
+fn check_plan_experts(plan: &Plan, model: &Model, path: &Path) -> Result<()> {
+    let cfg = &model.config;
+    let holders = plan
+        .gpus
+        .iter()
+        .map(|g| (format!("GPU {}", g.index), &g.experts))
+        .chain(
+            plan.numa
+                .iter()
+                .map(|n| (format!("NUMA node {}", n.node), &n.experts)),
+        )
+        .chain(std::iter::once(("disk".to_string(), &plan.disk.experts)));
+    for (holder, sets) in holders {
+        for (&layer, ranges) in sets {
+            let bad = |reason: String| RuntimeError::PlanExperts {
+                path: path.to_path_buf(),
+                what: format!("{holder}'s experts of layer {layer}"),
+                reason,
+            };
+            if layer >= cfg.num_hidden_layers {
+                return Err(bad(format!(
+                    "the model has {} layers",
+                    cfg.num_hidden_layers
+                )));
+            }
+            for r in ranges {
+                if r[0] > r[1] || r[1] > cfg.n_routed_experts {
+                    return Err(bad(format!(
+                        "range [{}, {}) is not within the {} routed experts",
+                        r[0], r[1], cfg.n_routed_experts
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Places the model as a plan says: the plan file, or one made now for the profile
 /// (`None` when neither is given). A plan that puts weights on GPUs, or cannot run, is
 /// refused with what to do instead.
@@ -329,6 +375,7 @@ pub fn place(
     let (plan, gpus) = match (plan_file, profile) {
         (Some(path), _) => {
             let plan = read_plan(path)?;
+            check_plan_experts(&plan, model, path)?;
             let gpus = gpus(format!("plan for {}", plan.profile), plan.gpus.len())?;
             (plan, gpus)
         }
@@ -403,6 +450,44 @@ mod tests {
                 e.contains("no CUDA device") && e.contains("--backend cpu"),
                 "{e}"
             );
+        }
+    }
+
+    /// A plan file whose expert range reaches past the model (a hand-edited
+    /// `[0, 2^64 - 1]`) is refused, naming the file, the holder and the layer, instead of
+    /// being walked id by id.
+    #[test]
+    fn a_plan_file_with_experts_the_model_lacks_is_refused() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kimi-int4");
+        let ckpt = Checkpoint::open(&dir).expect("fixture");
+        let mut model = Model::load(&ckpt).expect("model");
+        let profile = Profile::resolve("cpu-only").expect("profile");
+        let plan = placement::plan(
+            &ModelDesc::from_checkpoint(&ckpt),
+            &profile,
+            &profile.workload,
+            None,
+        );
+        let layer = *plan.numa[0].experts.keys().next().expect("a layer");
+        let tmp = tempfile::tempdir().expect("tmp");
+        for (edit, layer_shown) in [([0, usize::MAX], layer), ([5, 2], layer), ([0, 1], 1000)] {
+            let mut bad = plan.clone();
+            bad.numa[0].experts.insert(layer_shown, vec![edit]);
+            let path = tmp.path().join("plan.json");
+            std::fs::write(&path, serde_json::to_string(&bad).expect("json")).expect("write");
+            let started = std::time::Instant::now();
+            let e = match place(&ckpt, &mut model, None, Some(&path), true) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{edit:?} in layer {layer_shown} was accepted"),
+            };
+            assert!(
+                e.contains("plan.json")
+                    && e.contains("NUMA node 0")
+                    && e.contains(&format!("layer {layer_shown}")),
+                "{e}"
+            );
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
         }
     }
 }
