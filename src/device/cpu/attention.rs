@@ -26,6 +26,9 @@ const NAIVE_KEY_TILE: usize = 256;
 const NAIVE_QUERY_BLOCK: usize = 64;
 /// Keys per tile of the absorbed form (latent rows of `latent + rope` values).
 const ABSORBED_KEY_TILE: usize = 64;
+/// Query rows up to which the absorbed form reads latents in place for the scores too
+/// (a decode query's heads: 64 for K2) rather than packing each tile.
+const ABSORBED_FEW_ROWS: usize = 64;
 /// The fewest keys one thread takes of an absorbed context (two tiles): below it the
 /// merge and a second tile's packing cost more than the thread saves.
 const ABSORBED_MIN_KEYS_PER_PART: usize = 2 * ABSORBED_KEY_TILE;
@@ -308,7 +311,20 @@ fn absorbed_part(
     let mut state = vec![RowState::default(); m];
     let mut o = vec![0.0f32; m * c];
     let visible_end: Vec<usize> = (0..m).map(|r| seq.positions[r / heads] + 1).collect();
+    // Few rows (one decode query's heads): the queries are packed as columns once and
+    // each run of latents, read in place, is the left operand (scores come out key by
+    // key and are turned round, a tile of keys x rows). Many rows: each tile of latents
+    // is packed as columns once for all of them.
+    let few_rows = m <= ABSORBED_FEW_ROWS;
+    let m_pad = m.next_multiple_of(16);
+    let mut qt = Vec::new();
+    if few_rows {
+        qt.resize(width * m_pad, 0.0);
+        let q_rows: Vec<&[f32]> = seq.q.chunks_exact(width).take(m).collect();
+        pack_columns(&q_rows, &mut qt, m_pad);
+    }
     let mut kt = Vec::new();
+    let mut st = Vec::new();
     let mut rows = Vec::new();
     let mut s = Vec::new();
     let mut t0 = keys.start;
@@ -316,24 +332,48 @@ fn absorbed_part(
         let t1 = (t0 + ABSORBED_KEY_TILE).min(keys.end);
         let tile = t1 - t0;
         let tile_pad = tile.next_multiple_of(16);
-        // The tile's latent rows packed as columns for the score product.
-        kt.clear();
-        kt.resize(width * tile_pad, 0.0);
-        rows.clear();
-        rows.extend(seq.latents.rows(t0..t1));
-        pack_columns(&rows, &mut kt, tile_pad);
         s.clear();
         s.resize(m * tile_pad, 0.0);
-        gemm_acc(
-            isa,
-            (m, tile, width),
-            seq.q,
-            width,
-            &kt,
-            tile_pad,
-            &mut s,
-            tile_pad,
-        );
+        if few_rows {
+            st.clear();
+            st.resize(tile * m_pad, 0.0);
+            for (first, run) in seq.latents.runs(t0..t1) {
+                let len = run.len() / width;
+                let at = (first - t0) * m_pad;
+                gemm_acc(
+                    isa,
+                    (len, m, width),
+                    run,
+                    width,
+                    &qt,
+                    m_pad,
+                    &mut st[at..],
+                    m_pad,
+                );
+            }
+            for (t, key) in st.chunks_exact(m_pad).enumerate() {
+                for (r, &x) in key[..m].iter().enumerate() {
+                    s[r * tile_pad + t] = x;
+                }
+            }
+        } else {
+            // The tile's latent rows packed as columns for the score product.
+            kt.clear();
+            kt.resize(width * tile_pad, 0.0);
+            rows.clear();
+            rows.extend(seq.latents.rows(t0..t1));
+            pack_columns(&rows, &mut kt, tile_pad);
+            gemm_acc(
+                isa,
+                (m, tile, width),
+                seq.q,
+                width,
+                &kt,
+                tile_pad,
+                &mut s,
+                tile_pad,
+            );
+        }
         let visible: Vec<usize> = visible_end.iter().map(|v| v.saturating_sub(t0)).collect();
         softmax_step(
             isa,
@@ -588,6 +628,21 @@ mod tests {
             let got = absorbed(isa, &chunk, d, 0.125).concat();
             let err = rel_l2(&got, &want);
             assert!(err < 1e-5, "{isa:?} as one sequence: {err}");
+        }
+        // More query rows than ABSORBED_FEW_ROWS: tiles packed once for all of them.
+        let many: Vec<usize> = (0..30).map(|i| i * 70).collect();
+        assert!(many.len() * d.heads > ABSORBED_FEW_ROWS);
+        let q = values(many.len() * rows, 5);
+        let want = case.reference_absorbed(&q, &many);
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            let chunk = [AbsorbedQueries {
+                q: &q,
+                positions: &many,
+                latents: case.latents(),
+            }];
+            let got = absorbed(isa, &chunk, d, 0.125).concat();
+            let err = rel_l2(&got, &want);
+            assert!(err < 1e-5, "{isa:?} with many rows: {err}");
         }
     }
 
