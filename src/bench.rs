@@ -580,6 +580,7 @@ fn run_concurrent(
                 skip_special_tokens: true,
                 prompt_logprobs: None,
                 forced: None,
+                constraints: Vec::new(),
                 events: tx,
             })
             .map_err(|e| BenchError::Request(e.to_string()))?;

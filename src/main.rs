@@ -167,9 +167,17 @@ struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Model name clients use (default: the checkpoint directory's name).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// Model names clients may use; the first is the one responses report (default:
+    /// the checkpoint directory's name).
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
+    /// Let browsers on these origins call the API (`*` for any); off by default.
+    #[arg(long, num_args = 1..)]
+    cors_allow_origin: Vec<String>,
+    /// Request log format on stderr: `text` or `json` (one object per line).
+    /// RUST_LOG filters it (default: info).
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
     /// Require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`).
     #[arg(long, env = "KIMI_HYBRID_API_KEY")]
     api_key: Option<String>,
@@ -383,17 +391,59 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The request log: one line per request through `tracing`, on stderr.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+fn cors_origins(origins: &[String]) -> Result<kimi_hybrid::server::Cors> {
+    use kimi_hybrid::server::Cors;
+    if origins.is_empty() {
+        return Ok(Cors::Off);
+    }
+    if origins.iter().any(|o| o == "*") {
+        return Ok(Cors::AnyOrigin);
+    }
+    let parsed = origins
+        .iter()
+        .map(|o| {
+            o.parse::<axum::http::HeaderValue>()
+                .map_err(|_| anyhow::anyhow!("--cors-allow-origin {o:?} is not a valid origin"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Cors::Origins(parsed))
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     use kimi_hybrid::server::{self, launch};
-    let served_model_name = args
-        .served_model_name
-        .or_else(|| args.model.is_none().then(|| "kimi-hybrid-demo".to_string()));
+    init_logging(args.log_format);
+    let cors = cors_origins(&args.cors_allow_origin)?;
+    let served_model_names = if args.served_model_name.is_empty() && args.model.is_none() {
+        vec!["kimi-hybrid-demo".to_string()]
+    } else {
+        args.served_model_name
+    };
     let opts = launch::LaunchOptions {
         model_dir: model_dir(args.model)?,
         profile: args.profile,
         plan: args.plan,
         backend: args.backend,
-        served_model_name,
+        served_model_names,
         api_key: args.api_key,
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
@@ -422,6 +472,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             port: args.port,
             body_limit: args.max_body_mib.saturating_mul(1 << 20),
             drain_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
+            cors,
         },
     ))?;
     Ok(())

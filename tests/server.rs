@@ -23,7 +23,7 @@ fn options() -> LaunchOptions {
         profile: None,
         plan: None,
         backend: "cpu".into(),
-        served_model_name: Some("m".into()),
+        served_model_names: vec!["m".into(), "m-alias".into()],
         api_key: Some(KEY.into()),
         max_model_len: Some(256),
         max_num_seqs: 4,
@@ -215,17 +215,57 @@ async fn anthropic_errors_use_anthropic_shape() {
         .as_str()
         .unwrap_or("")
         .contains("max_tokens"));
-    let bad_role =
-        json!({"model": "m", "max_tokens": 4, "messages": [{"role": "system", "content": "hi"}]});
-    let (s, _) = call(
+    // A system turn inside `messages` is what Claude Code >= 2.1 sends.
+    let system_turn = json!({"model": "m", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": "again"}]});
+    let (s, v) = call(
         &app,
         "POST",
         "/v1/messages",
         Some(KEY),
-        &bad_role.to_string(),
+        &system_turn.to_string(),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Errors name the field as Anthropic does.
+    for (body, wanted) in [
+        (
+            json!({"model": "m", "max_tokens": 4, "messages": [{"role": "robot", "content": "hi"}]}),
+            "messages.0.role: unknown variant `robot`",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video"}]}]}),
+            "messages.0.content.1.type: unknown variant `video`",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}),
+            "messages.0.content.0: missing field `tool_use_id`",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 4}),
+            "messages: Field required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 4, "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            "temperature: Input should be between 0 and 2",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 10}, "messages": [{"role": "user", "content": "hi"}]}),
+            "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1500, "thinking": {"type": "enabled", "budget_tokens": 2000}, "messages": [{"role": "user", "content": "hi"}]}),
+            "`max_tokens` must be greater than `thinking.budget_tokens`",
+        ),
+    ] {
+        let (s, v) = call(&app, "POST", "/v1/messages", Some(KEY), &body.to_string()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let message = v["error"]["message"].as_str().unwrap_or("");
+        assert!(message.starts_with(wanted), "{body}: {message}");
+    }
     let (s, v) = call(
         &app,
         "POST",
@@ -562,4 +602,101 @@ async fn gpu_profiles_serve_on_simulated_gpus() {
         assert_eq!(s, StatusCode::OK, "{profile}: {got}");
         assert_eq!(text(&got), text(&want), "{profile}");
     }
+}
+
+#[tokio::test]
+async fn unknown_routes_models_by_id_and_reasoning_fields() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    // 404 and 405 answer with a JSON body in the route's dialect.
+    let (s, v) = call(&app, "POST", "/v1/nope", Some(KEY), "{}").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/v1/nope"),
+        "{v}"
+    );
+    let (s, v) = call(&app, "POST", "/v1/v1/messages", Some(KEY), "{}").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("without /v1"),
+        "{v}"
+    );
+    let (s, v) = call(&app, "GET", "/v1/messages", Some(KEY), "").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["type"], "error", "{v}");
+    // Every served name is listed and can be retrieved; others are 404.
+    let (s, v) = call(&app, "GET", "/v1/models", Some(KEY), "").await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, ["m", "m-alias"]);
+    let (s, v) = call(&app, "GET", "/v1/models/m-alias", Some(KEY), "").await;
+    assert_eq!((s, v["id"].as_str()), (StatusCode::OK, Some("m-alias")));
+    let (s, _) = call(&app, "GET", "/v1/models/other", Some(KEY), "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Reasoning under both names, and counted in usage.
+    let body = chat(json!({
+        "model": "m-alias",
+        "max_tokens": 32,
+        "forced_output": "Let me think.</think>Four."
+    }));
+    let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning"], "Let me think.");
+    assert_eq!(message["reasoning_content"], "Let me think.");
+    assert_eq!(message["content"], "Four.");
+    let reasoning_tokens = v["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!(
+        reasoning_tokens >= 3 && reasoning_tokens < completion,
+        "{}",
+        v["usage"]
+    );
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_asked_for() {
+    let state = launch(&options()).expect("server state");
+    let preflight = || {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/chat/completions")
+            .header("origin", "http://localhost:3000")
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let allowed = |app: Router| async move {
+        let r = app.oneshot(preflight()).await.expect("response");
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+    };
+    use kimi_hybrid::server::{router_with, Cors};
+    assert_eq!(
+        allowed(router_with(state.clone(), 1 << 20, &Cors::Off)).await,
+        None
+    );
+    assert_eq!(
+        allowed(router_with(state.clone(), 1 << 20, &Cors::AnyOrigin))
+            .await
+            .as_deref(),
+        Some("*")
+    );
+    let only = Cors::Origins(vec!["http://localhost:3000".parse().expect("origin")]);
+    assert_eq!(
+        allowed(router_with(state, 1 << 20, &only)).await.as_deref(),
+        Some("http://localhost:3000")
+    );
 }

@@ -4,6 +4,7 @@
 //! sequence that reached the end of its input, and streams the results back over each
 //! request's own channel. A request whose receiver is gone is dropped within one step.
 
+pub mod constraint;
 pub mod cost;
 pub mod kv;
 pub mod output;
@@ -55,6 +56,8 @@ pub struct GenRequest {
     /// Test hook: emit these tokens instead of sampling (the forward pass still runs),
     /// then end the sequence as the model's end marker would.
     pub forced: Option<Vec<u32>>,
+    /// Rules on the output (a reasoning budget, a grammar), applied where it samples.
+    pub constraints: Vec<Box<dyn constraint::OutputConstraint>>,
     pub events: UnboundedSender<Event>,
 }
 

@@ -5,6 +5,7 @@
 //! preempted: its blocks are released (its full blocks stay in the prefix cache) and it
 //! is queued again at the front, to be recomputed from its tokens.
 
+use super::constraint;
 use super::cost::StepCost;
 use super::kv::{KvPool, PagedBatch};
 use super::output::TextOutput;
@@ -455,15 +456,25 @@ impl Scheduler {
             s.prompt_logprobs_sent = true;
             let _ = s.req.events.send(Event::PromptLogprobs(lps));
         }
-        let token = match &s.req.forced {
-            Some(forced) => match forced.get(s.generated()) {
+        // A rule that requires a token (a spent reasoning budget) decides before the
+        // model does, and before the test hook that stands in for the model.
+        let required = s.req.constraints.iter_mut().find_map(|r| r.force());
+        let token = match (required, &s.req.forced) {
+            (Some(t), _) => t,
+            (None, Some(forced)) => match forced.get(s.generated()) {
                 Some(&t) => t,
                 // Forced text exhausted: end as the model's end marker would.
                 None => return Some((FinishReason::Stop, None)),
             },
-            None => s.sampler.sample(logits),
+            (None, None) => {
+                let sampler = &mut s.sampler;
+                constraint::next_token(&mut s.req.constraints, logits, |l| sampler.sample(l))
+            }
         };
         s.sampler.observe(token);
+        for rule in &mut s.req.constraints {
+            rule.observe(token);
+        }
         s.tokens.push(token);
         let logprob = s
             .sampler

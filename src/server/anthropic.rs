@@ -1,13 +1,15 @@
 //! Anthropic-compatible `/v1/messages` and `/v1/messages/count_tokens`: the request is
-//! turned into the same chat messages the OpenAI route renders (system text, tool
-//! results as tool turns, assistant thinking / text / tool_use blocks), and the output
-//! comes back as Anthropic content blocks or its streaming event sequence.
+//! read into typed structs (errors name the field as Anthropic does, e.g.
+//! `messages.1.content.0.type`), turned into the chat messages the OpenAI route renders
+//! (system turns anywhere, tool results as tool turns, assistant thinking / text /
+//! tool_use blocks), and the output comes back as Anthropic content blocks or its
+//! streaming event sequence, with `ping` events while a request waits or is prefilled.
 
 use super::error::{ApiError, Dialect};
-use super::openai::{mode_defaults, pending, request_id, Common};
-use super::params::{self, field, opt_bool, opt_f32, opt_i64, opt_u64, Body};
+use super::openai::{mode_defaults, pending, request_id, Common, RuleMaker};
 use super::prompt::{self, ChatPrompt, ToolChoice};
-use super::{request_body, submit, Shared, Tracker};
+use super::{body_bytes, check_model, submit, Shared, Tracker};
+use crate::engine::constraint::{OutputConstraint, ReasoningBudget, SingleToolCall};
 use crate::engine::sampling::SamplingConfig;
 use crate::engine::{Event, FinishReason, StopReason};
 use crate::tokenizer::parser::{OutputParser, ParseEvent};
@@ -15,117 +17,309 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+
+/// A stream that has sent nothing for this long sends a `ping` event. Claude Code gives
+/// up on a stream that stays silent for minutes, and a long prompt's prefill can.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// What stands in for an image or a binary document: this model reads text only.
+const IMAGE_OMITTED: &str = "[image omitted: this model reads text only]";
+const DOCUMENT_OMITTED: &str = "[document omitted: only text documents can be read]";
 
 fn fail(state: &Shared, e: ApiError) -> Response {
     state.metrics.error();
     e.in_dialect(Dialect::Anthropic).into_response()
 }
 
-/// Text of a `system` field or a content list's text blocks.
-fn text_of(v: &Value, at: &str) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(blocks) => {
-            let mut out = Vec::new();
-            for b in blocks {
-                match b.get("type").and_then(Value::as_str) {
-                    Some("text") => out.push(
-                        b.get("text")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                    ),
-                    other => {
-                        return Err(ApiError::param(
-                            at,
-                            format!("{at} holds a {other:?} block where text is expected"),
-                        ))
-                    }
-                }
+/// The request as Anthropic defines it; fields this server has no use for
+/// (`metadata`, `context_management`, `output_config`, `cache_control`, ...) are
+/// accepted and ignored.
+#[derive(Deserialize)]
+struct MessagesRequest {
+    model: Option<String>,
+    messages: Vec<InputMessage>,
+    system: Option<Content>,
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    stop_sequences: Option<Vec<String>>,
+    tools: Option<Vec<ToolDefinition>>,
+    tool_choice: Option<AnthropicToolChoice>,
+    thinking: Option<Thinking>,
+    /// Not Anthropic's; kept for reproducible sampling as on the OpenAI routes.
+    seed: Option<i64>,
+    /// Test hook (`--allow-forced-output`).
+    forced_output: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    User,
+    Assistant,
+    /// Claude Code >= 2.1 puts system turns inside `messages`
+    /// (beta `mid-conversation-system-2026-04-07`).
+    System,
+}
+
+#[derive(Deserialize)]
+struct InputMessage {
+    role: Role,
+    content: Content,
+}
+
+/// A string, or a list of content blocks.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Blocks(Vec<Value>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        text: String,
+    },
+    Image {},
+    Document {
+        source: Option<Value>,
+        title: Option<String>,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: String,
+        content: Option<Content>,
+        #[serde(default)]
+        is_error: bool,
+    },
+    Thinking {
+        thinking: String,
+    },
+    RedactedThinking {},
+}
+
+#[derive(Deserialize)]
+struct ToolDefinition {
+    name: String,
+    description: Option<String>,
+    input_schema: Option<Value>,
+    /// Absent or "custom" for the client's own tools; Anthropic's server tools
+    /// (`web_search_...`) name a versioned type.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicToolChoice {
+    #[serde(rename = "type")]
+    kind: ToolChoiceKind,
+    name: Option<String>,
+    #[serde(default)]
+    disable_parallel_tool_use: bool,
+}
+
+#[derive(Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum ToolChoiceKind {
+    Auto,
+    Any,
+    Tool,
+    None,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Thinking {
+    Enabled {
+        budget_tokens: u64,
+    },
+    Disabled {},
+    /// What Claude Code's main loop sends: the model decides how long to think.
+    Adaptive {},
+}
+
+/// `messages[1].content[0]` as Anthropic writes paths: `messages.1.content.0`.
+fn anthropic_path(path: &str) -> String {
+    path.replace('[', ".").replace(']', "")
+}
+
+/// Parses the body, naming the field at fault the way Anthropic's errors do.
+fn parse_request(bytes: &[u8]) -> Result<MessagesRequest, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = anthropic_path(&e.path().to_string());
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("The request body is not valid JSON: {inner}")
+        } else if path == "." || path.is_empty() {
+            // A missing top-level field: serde names it in its own message.
+            match inner.to_string().strip_prefix("missing field `") {
+                Some(rest) => format!("{}: Field required", rest.split('`').next().unwrap_or("")),
+                None => inner.to_string(),
             }
-            Ok(out.join("\n"))
-        }
-        _ => Err(ApiError::param(
-            at,
-            format!("{at} must be a string or a list of text blocks"),
-        )),
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::bad_request(message)
+    })
+}
+
+/// One content block, read from a list: errors name `at` (e.g. `messages.0.content.2`).
+fn block(v: &Value, at: &str) -> Result<Block, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." {
+            at.to_string()
+        } else {
+            format!("{at}.{}", anthropic_path(&inner))
+        };
+        ApiError::bad_request(format!("{path}: {}", e.into_inner()))
+    })
+}
+
+/// What a client sent that this text-only model cannot read: logged, and replaced in
+/// the prompt by a note saying so, never refused (an agent that reads a PNG would lose
+/// its whole session to a 400).
+fn omitted(kind: &str, at: &str) -> String {
+    tracing::warn!(
+        block = at,
+        "{kind} block replaced by a placeholder (text-only model)"
+    );
+    if kind == "image" {
+        IMAGE_OMITTED.to_string()
+    } else {
+        DOCUMENT_OMITTED.to_string()
     }
 }
 
-/// Anthropic messages as OpenAI-style chat messages for the template.
-fn to_chat_messages(body: &Body) -> Result<Vec<Value>, ApiError> {
+/// A document's text: plain-text and content-list sources are read; PDFs and URLs are
+/// omitted.
+fn document_text(source: Option<&Value>, title: Option<&str>, at: &str) -> String {
+    let text = match source.and_then(|s| s.get("type")).and_then(Value::as_str) {
+        Some("text") => source
+            .and_then(|s| s.get("data"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        Some("content") => match source.and_then(|s| s.get("content")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(parts)) => Some(
+                parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            _ => None,
+        },
+        _ => None,
+    };
+    match (text, title) {
+        (Some(t), Some(title)) => format!("{title}\n{t}"),
+        (Some(t), None) => t,
+        (None, _) => omitted("document", at),
+    }
+}
+
+/// The text of a `system` field, a system turn or a tool result: text blocks joined,
+/// images and documents as placeholders.
+fn plain_text(content: &Content, at: &str) -> Result<String, ApiError> {
+    let blocks = match content {
+        Content::Text(s) => return Ok(s.clone()),
+        Content::Blocks(b) => b,
+    };
     let mut out = Vec::new();
-    if let Some(system) = field(body, "system") {
-        out.push(json!({ "role": "system", "content": text_of(system, "system")? }));
-    }
-    let messages = field(body, "messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::param("messages", "messages must be a list"))?;
-    if messages.is_empty() {
-        return Err(ApiError::param("messages", "messages must not be empty"));
-    }
-    for (i, m) in messages.iter().enumerate() {
-        let at = format!("messages[{i}]");
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        let content = m.get("content").unwrap_or(&Value::Null);
-        let blocks: Vec<Value> = match content {
-            Value::String(s) => vec![json!({ "type": "text", "text": s })],
-            Value::Array(b) => b.clone(),
-            _ => {
-                return Err(ApiError::param(
-                    "messages",
-                    format!("{at}.content must be a string or a list of blocks"),
-                ))
+    for (j, b) in blocks.iter().enumerate() {
+        let at = format!("{at}.{j}");
+        match block(b, &at)? {
+            Block::Text { text } => out.push(text),
+            Block::Image {} => out.push(omitted("image", &at)),
+            Block::Document { source, title } => {
+                out.push(document_text(source.as_ref(), title.as_deref(), &at))
             }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{at}.type: only text, image and document blocks may appear here"
+                )))
+            }
+        }
+    }
+    Ok(out.join("\n"))
+}
+
+/// Anthropic messages as OpenAI-style chat messages for the template.
+fn to_chat_messages(req: &MessagesRequest) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::new();
+    if let Some(system) = &req.system {
+        out.push(json!({ "role": "system", "content": plain_text(system, "system")? }));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages: at least one message is required",
+        ));
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        let at = format!("messages.{i}.content");
+        let blocks = match &m.content {
+            Content::Text(s) => vec![Block::Text { text: s.clone() }],
+            Content::Blocks(b) => b
+                .iter()
+                .enumerate()
+                .map(|(j, b)| block(b, &format!("{at}.{j}")))
+                .collect::<Result<_, _>>()?,
         };
-        match role {
-            "user" => {
+        match m.role {
+            Role::System => {
+                out.push(json!({ "role": "system", "content": plain_text(&m.content, &at)? }))
+            }
+            Role::User => {
                 let mut texts = Vec::new();
-                for (j, b) in blocks.iter().enumerate() {
-                    match b.get("type").and_then(Value::as_str) {
-                        Some("text") => texts.push(
-                            b.get("text")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_string(),
-                        ),
-                        Some("tool_result") => {
-                            let id =
-                                b.get("tool_use_id")
-                                    .and_then(Value::as_str)
-                                    .ok_or_else(|| {
-                                        ApiError::param(
-                                            "messages",
-                                            format!("{at}.content[{j}] needs tool_use_id"),
-                                        )
-                                    })?;
-                            let result = match b.get("content") {
-                                None | Some(Value::Null) => String::new(),
-                                Some(c) => text_of(c, "messages")?,
+                for (j, b) in blocks.into_iter().enumerate() {
+                    let at = format!("{at}.{j}");
+                    match b {
+                        Block::Text { text } => texts.push(text),
+                        Block::Image {} => texts.push(omitted("image", &at)),
+                        Block::Document { source, title } => {
+                            texts.push(document_text(source.as_ref(), title.as_deref(), &at))
+                        }
+                        Block::ToolResult {
+                            tool_use_id,
+                            content,
+                            is_error,
+                        } => {
+                            let mut result = match &content {
+                                None => String::new(),
+                                Some(c) => plain_text(c, &format!("{at}.content"))?,
                             };
-                            out.push(
-                                json!({ "role": "tool", "tool_call_id": id, "content": result }),
-                            );
+                            if is_error {
+                                result = format!("Error: {result}");
+                            }
+                            out.push(json!({ "role": "tool", "tool_call_id": tool_use_id, "content": result }));
                         }
-                        Some("image") | Some("document") => {
-                            return Err(ApiError::param(
-                                "messages",
-                                "image and document blocks are not supported (text-only model)",
-                            ))
-                        }
-                        other => {
-                            return Err(ApiError::param(
-                                "messages",
-                                format!("{at}.content[{j}] has unsupported type {other:?}"),
-                            ))
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "{at}.type: a user turn holds text, image, document and tool_result blocks"
+                            )))
                         }
                     }
                 }
@@ -133,31 +327,23 @@ fn to_chat_messages(body: &Body) -> Result<Vec<Value>, ApiError> {
                     out.push(json!({ "role": "user", "content": texts.join("\n") }));
                 }
             }
-            "assistant" => {
+            Role::Assistant => {
                 let mut text = String::new();
                 let mut reasoning = String::new();
                 let mut calls = Vec::new();
-                for (j, b) in blocks.iter().enumerate() {
-                    match b.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            text.push_str(b.get("text").and_then(Value::as_str).unwrap_or(""))
-                        }
-                        Some("thinking") => reasoning
-                            .push_str(b.get("thinking").and_then(Value::as_str).unwrap_or("")),
-                        Some("redacted_thinking") => {}
-                        Some("tool_use") => {
-                            let name = b.get("name").and_then(Value::as_str).ok_or_else(|| {
-                                ApiError::param("messages", format!("{at}.content[{j}] needs name"))
-                            })?;
-                            let id = b.get("id").and_then(Value::as_str).unwrap_or("");
-                            let input = b.get("input").cloned().unwrap_or(json!({}));
+                for (j, b) in blocks.into_iter().enumerate() {
+                    match b {
+                        Block::Text { text: t } => text.push_str(&t),
+                        Block::Thinking { thinking } => reasoning.push_str(&thinking),
+                        Block::RedactedThinking {} => {}
+                        Block::ToolUse { id, name, input } => {
+                            let input = if input.is_null() { json!({}) } else { input };
                             calls.push(json!({ "id": id, "type": "function", "function": { "name": name, "arguments": input.to_string() } }));
                         }
-                        other => {
-                            return Err(ApiError::param(
-                                "messages",
-                                format!("{at}.content[{j}] has unsupported type {other:?}"),
-                            ))
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "{at}.{j}.type: an assistant turn holds text, thinking and tool_use blocks"
+                            )))
                         }
                     }
                 }
@@ -170,108 +356,136 @@ fn to_chat_messages(body: &Body) -> Result<Vec<Value>, ApiError> {
                 }
                 out.push(msg);
             }
-            other => {
-                return Err(ApiError::param(
-                    "messages",
-                    format!("{at}.role must be user or assistant, not {other:?}"),
-                ))
-            }
         }
     }
     Ok(out)
 }
 
 /// Anthropic tools (`{name, description, input_schema}`) as OpenAI function tools.
-fn to_openai_tools(body: &Body) -> Result<Option<Value>, ApiError> {
-    let Some(tools) = field(body, "tools") else {
+fn to_openai_tools(req: &MessagesRequest) -> Result<Option<Value>, ApiError> {
+    let Some(tools) = req.tools.as_ref().filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    let list = tools
-        .as_array()
-        .ok_or_else(|| ApiError::param("tools", "tools must be a list"))?;
-    if list.is_empty() {
-        return Ok(None);
-    }
-    let converted = list
+    let converted = tools
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::param("tools", format!("tools[{i}].name is missing"))
-            })?;
-            Ok(json!({
+        .map(|(i, t)| match t.kind.as_deref() {
+            None | Some("custom") => Ok(json!({
                 "type": "function",
                 "function": {
-                    "name": name,
-                    "description": t.get("description").cloned().unwrap_or(json!("")),
-                    "parameters": t.get("input_schema").cloned().unwrap_or(json!({"type": "object"})),
+                    "name": t.name,
+                    "description": t.description.clone().unwrap_or_default(),
+                    "parameters": t.input_schema.clone().unwrap_or(json!({"type": "object"})),
                 },
-            }))
+            })),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "tools.{i}.type: {other:?} is one of Anthropic's server tools, which this \
+                 server does not run; declare it as a custom tool with an input_schema"
+            ))),
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Some(Value::Array(converted)))
 }
 
-fn tool_choice(body: &Body, names: &[String]) -> Result<ToolChoice, ApiError> {
-    let Some(tc) = field(body, "tool_choice") else {
+fn tool_choice(req: &MessagesRequest, names: &[String]) -> Result<ToolChoice, ApiError> {
+    let Some(tc) = &req.tool_choice else {
         return Ok(ToolChoice::Auto);
     };
-    let kind = tc.get("type").and_then(Value::as_str).unwrap_or("");
-    let choice = match kind {
-        "auto" => ToolChoice::Auto,
-        "none" => ToolChoice::None,
-        "any" => ToolChoice::Required,
-        "tool" => ToolChoice::Named(
-            tc.get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    ApiError::param("tool_choice", "tool_choice of type tool needs a name")
-                })?
-                .to_string(),
-        ),
-        other => {
-            return Err(ApiError::param(
-                "tool_choice",
-                format!("tool_choice type {other:?} is not auto, any, tool or none"),
-            ))
+    let as_openai = match tc.kind {
+        ToolChoiceKind::Auto => json!("auto"),
+        ToolChoiceKind::None => json!("none"),
+        ToolChoiceKind::Any => json!("required"),
+        ToolChoiceKind::Tool => {
+            let name = tc
+                .name
+                .as_deref()
+                .ok_or_else(|| ApiError::bad_request("tool_choice.tool.name: Field required"))?;
+            json!({ "type": "function", "function": { "name": name } })
         }
-    };
-    let as_openai = match &choice {
-        ToolChoice::Auto => json!("auto"),
-        ToolChoice::None => json!("none"),
-        ToolChoice::Required => json!("required"),
-        ToolChoice::Named(n) => json!({ "type": "function", "function": { "name": n } }),
     };
     prompt::parse_tool_choice(Some(&as_openai), names)
 }
 
+/// The reasoning mode a request asks for: no `thinking` field means off, as on
+/// Anthropic's API (Claude Code's side requests send none).
+struct ThinkingMode {
+    on: bool,
+    budget: Option<usize>,
+}
+
+fn thinking_mode(req: &MessagesRequest) -> Result<ThinkingMode, ApiError> {
+    let mode = match &req.thinking {
+        None | Some(Thinking::Disabled {}) => ThinkingMode {
+            on: false,
+            budget: None,
+        },
+        Some(Thinking::Adaptive {}) => ThinkingMode {
+            on: true,
+            budget: None,
+        },
+        Some(Thinking::Enabled { budget_tokens }) => {
+            if *budget_tokens < 1024 {
+                return Err(ApiError::bad_request(
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
+                ));
+            }
+            if let Some(max) = req.max_tokens {
+                if max <= *budget_tokens {
+                    return Err(ApiError::bad_request(
+                        "`max_tokens` must be greater than `thinking.budget_tokens`",
+                    ));
+                }
+            }
+            ThinkingMode {
+                on: true,
+                budget: Some(*budget_tokens as usize),
+            }
+        }
+    };
+    let forces_tool = matches!(
+        req.tool_choice.as_ref().map(|t| &t.kind),
+        Some(ToolChoiceKind::Any | ToolChoiceKind::Tool)
+    );
+    if mode.on && forces_tool {
+        return Err(ApiError::bad_request(
+            "Thinking may not be enabled when tool_choice forces tool use.",
+        ));
+    }
+    Ok(mode)
+}
+
 /// The conversation rendered, from an Anthropic request.
-fn build_prompt(state: &Shared, body: &Body) -> Result<ChatPrompt, ApiError> {
-    let messages = prompt::normalise_messages(&Value::Array(to_chat_messages(body)?))?;
-    let tools = to_openai_tools(body)?;
+fn build_prompt(
+    state: &Shared,
+    req: &MessagesRequest,
+) -> Result<(ChatPrompt, ThinkingMode), ApiError> {
+    let messages = prompt::normalise_messages(&Value::Array(to_chat_messages(req)?))?;
+    let tools = to_openai_tools(req)?;
     let names = match &tools {
         Some(t) => prompt::check_tools(t)?,
         None => Vec::new(),
     };
-    let choice = tool_choice(body, &names)?;
+    let choice = tool_choice(req, &names)?;
+    let mode = thinking_mode(req)?;
     let mut kwargs = Map::new();
-    if let Some(thinking) = field(body, "thinking") {
-        match thinking.get("type").and_then(Value::as_str) {
-            Some("enabled") | Some("adaptive") => {
-                kwargs.insert("thinking".into(), json!(true));
-            }
-            Some("disabled") => {
-                kwargs.insert("thinking".into(), json!(false));
-            }
-            _ => {
-                return Err(ApiError::param(
-                    "thinking",
-                    "thinking.type must be enabled or disabled",
-                ))
-            }
-        }
+    kwargs.insert("thinking".into(), json!(mode.on));
+    Ok((
+        prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)?,
+        mode,
+    ))
+}
+
+/// A request's body, checked for size, syntax, fields and model.
+fn read_request(
+    state: &Shared,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<MessagesRequest, ApiError> {
+    let req = parse_request(&body_bytes(body)?)?;
+    if let Some(m) = &req.model {
+        check_model(state, Some(m))
+            .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("model: {m}")))?;
     }
-    prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)
+    Ok(req)
 }
 
 pub async fn count_tokens(
@@ -279,8 +493,8 @@ pub async fn count_tokens(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = request_body(&state, body)?;
-        let p = build_prompt(&state, &body)?;
+        let req = read_request(&state, body)?;
+        let (p, _) = build_prompt(&state, &req)?;
         Ok(Json(json!({ "input_tokens": p.ids.len() })).into_response())
     };
     run().unwrap_or_else(|e| fail(&state, e))
@@ -291,74 +505,125 @@ pub async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match message(&state, body).await {
-        Ok(r) => r,
+        Ok(r) => super::tracked(r),
         Err(e) => fail(&state, e),
     }
+}
+
+/// A number field inside `[min, max]`, named as Anthropic names it.
+fn in_range(value: Option<f64>, name: &str, min: f64, max: f64) -> Result<Option<f32>, ApiError> {
+    match value {
+        Some(x) if !(min..=max).contains(&x) => Err(ApiError::bad_request(format!(
+            "{name}: Input should be between {min} and {max}"
+        ))),
+        v => Ok(v.map(|x| x as f32)),
+    }
+}
+
+/// The reasoning budget and `disable_parallel_tool_use` as output rules.
+fn output_rules(state: &Shared, budget: Option<usize>, one_call: bool) -> Option<RuleMaker> {
+    let tokenizer = &state.engine.tokenizer;
+    let id = |t: &str| tokenizer.token_id(t);
+    let budget = budget.and_then(|b| {
+        let section: Vec<u32> = id("<|tool_calls_section_begin|>").into_iter().collect();
+        Some((b, id("</think>")?, section))
+    });
+    let one_call = if one_call {
+        Some((id("<|tool_call_end|>")?, id("<|tool_calls_section_end|>")?))
+    } else {
+        None
+    };
+    if budget.is_none() && one_call.is_none() {
+        return None;
+    }
+    Some(Arc::new(move || {
+        let mut rules: Vec<Box<dyn OutputConstraint>> = Vec::new();
+        if let Some((b, close, section)) = &budget {
+            rules.push(Box::new(ReasoningBudget::new(*b, *close, section)));
+        }
+        if let Some((call_end, section_end)) = one_call {
+            rules.push(Box::new(SingleToolCall::new(call_end, section_end)));
+        }
+        rules
+    }))
 }
 
 async fn message(
     state: &Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = request_body(state, body)?;
-    let p = build_prompt(state, &body)?;
-    let max_tokens = opt_u64(&body, "max_tokens")?
-        .ok_or_else(|| ApiError::param("max_tokens", "max_tokens is required"))?;
-    let limit = state.engine.config.max_model_len;
+    let req = read_request(state, body)?;
+    let max_tokens = req
+        .max_tokens
+        .ok_or_else(|| ApiError::bad_request("max_tokens: Field required"))?;
     if max_tokens == 0 {
-        return Err(ApiError::param(
-            "max_tokens",
-            "max_tokens must be at least 1",
+        return Err(ApiError::bad_request(
+            "max_tokens: Input should be greater than or equal to 1",
         ));
     }
+    let (p, mode) = build_prompt(state, &req)?;
+    let limit = state.engine.config.max_model_len;
     if p.ids.len() >= limit {
-        return Err(ApiError::param(
-            "messages",
-            format!(
-                "prompt is too long: {} tokens > {} maximum",
-                p.ids.len(),
-                limit - 1
-            ),
-        ));
+        return Err(ApiError::bad_request(format!(
+            "prompt is too long: {} tokens > {} maximum",
+            p.ids.len(),
+            limit - 1
+        )));
     }
     let defaults = mode_defaults(p.thinking);
     let mut sampling = SamplingConfig {
-        temperature: opt_f32(&body, "temperature", 0.0, 2.0)?.unwrap_or(defaults.temperature),
-        top_p: opt_f32(&body, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p),
+        temperature: in_range(req.temperature, "temperature", 0.0, 2.0)?
+            .unwrap_or(defaults.temperature),
+        top_p: in_range(req.top_p, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p),
         ..SamplingConfig::default()
     };
-    if let Some(k) = opt_i64(&body, "top_k")? {
+    if let Some(k) = req.top_k {
         if k < 0 {
-            return Err(ApiError::param("top_k", "top_k must not be negative"));
+            return Err(ApiError::bad_request(
+                "top_k: Input should be greater than or equal to 0",
+            ));
         }
         sampling.top_k = k as usize;
     }
-    sampling.seed = opt_i64(&body, "seed")?.map(|s| s as u64);
-    let forced = match field(&body, "forced_output") {
+    sampling.seed = req.seed.map(|s| s as u64);
+    let forced = match &req.forced_output {
         None => None,
-        Some(Value::String(s)) if state.allow_forced_output => {
-            Some(state.engine.tokenizer.encode(s, crate::tokenizer::Specials::Recognise))
-        }
+        Some(s) if state.allow_forced_output => Some(
+            state
+                .engine
+                .tokenizer
+                .encode(s, crate::tokenizer::Specials::Recognise),
+        ),
         Some(_) => {
-            return Err(ApiError::param(
-                "forced_output",
-                "forced_output is a test option (a string); start the server with --allow-forced-output",
+            return Err(ApiError::bad_request(
+                "forced_output: a test option; start the server with --allow-forced-output",
             ))
         }
     };
+    let stop = req.stop_sequences.clone().unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(ApiError::bad_request(
+            "stop_sequences: at most 16 stop sequences",
+        ));
+    }
+    let one_call = req
+        .tool_choice
+        .as_ref()
+        .is_some_and(|t| t.disable_parallel_tool_use);
     let c = Common {
         sampling,
         // The context bounds the output even when max_tokens asks for more.
         max_tokens: (max_tokens as usize).min(limit - p.ids.len()),
         n: 1,
-        stream: opt_bool(&body, "stream")?.unwrap_or(false),
+        stream: req.stream,
         include_usage: true,
-        stop: params::stop_strings(&body, "stop_sequences")?,
+        stop,
         stop_token_ids: Vec::new(),
         ignore_eos: false,
         skip_special_tokens: true,
         forced,
         tokens_as_ids: false,
+        rules: output_rules(state, mode.budget, one_call && p.parse_tools),
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     // Anthropic message ids read `msg_...`.
@@ -367,9 +632,7 @@ async fn message(
         let (tx, out) = unbounded_channel();
         tokio::spawn(stream_message(state.clone(), rx, tx, id, p));
         let stream = UnboundedReceiverStream::new(out).map(Ok::<_, Infallible>);
-        Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        Ok(Sse::new(stream).into_response())
     } else {
         collect_message(state, rx, id, &p).await
     }
@@ -404,7 +667,7 @@ async fn collect_message(
     id: String,
     p: &ChatPrompt,
 ) -> Result<Response, ApiError> {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/messages");
     let mut parser = OutputParser::new(p.thinking, p.parse_tools);
     let mut out = crate::tokenizer::parser::ParsedOutput::default();
     for e in parser.push(&p.prefill) {
@@ -495,14 +758,20 @@ struct BlockWriter {
     open: Open,
     index: i64,
     alive: bool,
+    last_sent: Instant,
 }
 
 impl BlockWriter {
     fn send(&mut self, kind: &str, data: Value) {
         let ev = SseEvent::default().event(kind).data(data.to_string());
+        self.last_sent = Instant::now();
         if self.tx.send(ev).is_err() {
             self.alive = false;
         }
+    }
+
+    fn ping(&mut self) {
+        self.send("ping", json!({ "type": "ping" }));
     }
 
     fn close(&mut self) {
@@ -579,12 +848,13 @@ async fn stream_message(
     id: String,
     p: ChatPrompt,
 ) {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/messages");
     let mut w = BlockWriter {
         tx,
         open: Open::None,
         index: -1,
         alive: true,
+        last_sent: Instant::now(),
     };
     w.send(
         "message_start",
@@ -593,10 +863,14 @@ async fn stream_message(
             "message": {
                 "id": id, "type": "message", "role": "assistant", "model": state.served_model_name,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": { "input_tokens": p.ids.len(), "output_tokens": 0 },
+                "usage": {
+                    "input_tokens": p.ids.len(), "output_tokens": 0,
+                    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                },
             },
         }),
     );
+    w.ping();
     let mut parser = OutputParser::new(p.thinking, p.parse_tools);
     let mut tool_use = false;
     let first = parser.push(&p.prefill);
@@ -604,7 +878,20 @@ async fn stream_message(
         tool_use |= matches!(e, ParseEvent::ToolCallStart { .. });
         w.apply(e);
     }
-    while let Some((_, ev)) = super::next_for_stream(&mut rx, &w.tx).await {
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    loop {
+        let ev = tokio::select! {
+            ev = super::next_for_stream(&mut rx, &w.tx) => ev,
+            _ = pings.tick() => {
+                if w.last_sent.elapsed() >= PING_EVERY {
+                    w.ping();
+                }
+                continue;
+            }
+        };
+        let Some((_, ev)) = ev else {
+            return;
+        };
         tracker.on_event(&ev);
         let (text, end) = match ev {
             Event::Token { text, .. } => (text, None),
@@ -612,9 +899,19 @@ async fn stream_message(
                 tail,
                 reason,
                 stop,
+                prompt_tokens,
                 completion_tokens,
-                ..
-            } => (tail, Some((reason, stop, completion_tokens))),
+                cached_tokens,
+            } => (
+                tail,
+                Some((
+                    reason,
+                    stop,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                )),
+            ),
             Event::Error(message) => {
                 w.send("error", json!({ "type": "error", "error": { "type": "api_error", "message": message } }));
                 return;
@@ -632,7 +929,7 @@ async fn stream_message(
         if !w.alive {
             return;
         }
-        if let Some((reason, stop, output_tokens)) = end {
+        if let Some((reason, stop, prompt_tokens, output_tokens, cached)) = end {
             w.close();
             let (stop_reason, stop_sequence) = stop_reason(reason, &stop, tool_use);
             w.send(
@@ -640,7 +937,12 @@ async fn stream_message(
                 json!({
                     "type": "message_delta",
                     "delta": { "stop_reason": stop_reason, "stop_sequence": stop_sequence },
-                    "usage": { "output_tokens": output_tokens },
+                    "usage": {
+                        "input_tokens": prompt_tokens - cached,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": cached,
+                        "output_tokens": output_tokens,
+                    },
                 }),
             );
             w.send("message_stop", json!({ "type": "message_stop" }));

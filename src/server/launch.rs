@@ -28,7 +28,9 @@ pub struct LaunchOptions {
     pub profile: Option<String>,
     pub plan: Option<PathBuf>,
     pub backend: String,
-    pub served_model_name: Option<String>,
+    /// Names clients may use for the model; the first is reported (empty: the
+    /// checkpoint directory's name).
+    pub served_model_names: Vec<String>,
     pub api_key: Option<String>,
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
@@ -96,6 +98,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         tokenizer.bos_token().map(str::to_string),
         tokenizer.eos_token().map(str::to_string),
     )?;
+    if template.source_name().starts_with("built-in") {
+        tracing::warn!(
+            checkpoint = %dir.display(),
+            "the checkpoint ships no chat template (chat_template.jinja or tokenizer_config.json); \
+             using the built-in K2.6 template"
+        );
+    }
     let mut model = Model::load(&ckpt).map_err(|cause| LaunchError::Model {
         dir: dir.clone(),
         cause: Box::new(cause),
@@ -167,17 +176,22 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         max_model_len
     ));
     let pass = placement.forward(&model, &opts.backend)?;
-    let served_model_name = opts.served_model_name.clone().unwrap_or_else(|| {
-        dir.file_name()
+    let model_names = if opts.served_model_names.is_empty() {
+        vec![dir
+            .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "kimi".into())
-    });
+            .unwrap_or_else(|| "kimi".into())]
+    } else {
+        opts.served_model_names.clone()
+    };
+    let served_model_name = model_names[0].clone();
     let handle =
         engine::start(model, pass, Arc::new(tokenizer), config).map_err(LaunchError::Engine)?;
     Ok(Arc::new(AppState {
         engine: handle,
         template,
         served_model_name,
+        model_names,
         api_key: opts.api_key.clone(),
         metrics: Metrics::default(),
         shutting_down: AtomicBool::new(false),

@@ -12,7 +12,7 @@ mod openai;
 mod params;
 mod prompt;
 
-use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
+use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, SubmitError};
 use crate::tokenizer::chat_template::ChatTemplate;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -33,7 +33,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 pub struct AppState {
     pub engine: EngineHandle,
     pub template: ChatTemplate,
+    /// The name responses report: the first of `--served-model-name`.
     pub served_model_name: String,
+    /// Every name a request may use for the model (the first is `served_model_name`).
+    pub model_names: Vec<String>,
     pub api_key: Option<String>,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
@@ -47,20 +50,78 @@ pub type Shared = Arc<AppState>;
 /// Default cap on a request body (prompts of a full 256K context fit well within it).
 pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
+/// Where browsers may call from (`--cors-allow-origin`): none, any, or a list.
+#[derive(Debug, Clone, Default)]
+pub enum Cors {
+    #[default]
+    Off,
+    AnyOrigin,
+    Origins(Vec<axum::http::HeaderValue>),
+}
+
 pub fn router(state: Shared, body_limit: usize) -> Router {
-    Router::new()
+    router_with(state, body_limit, &Cors::Off)
+}
+
+pub fn router_with(state: Shared, body_limit: usize, cors: &Cors) -> Router {
+    let app = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .layer(axum::middleware::from_fn(access_log))
+        .with_state(state);
+    match cors {
+        Cors::Off => app,
+        Cors::AnyOrigin => app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any),
+        ),
+        Cors::Origins(origins) => app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins.clone())
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any),
+        ),
+    }
+}
+
+/// 404 with a body in the route's dialect, naming the path.
+async fn unknown_route(req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let hint = if path.starts_with("/v1/v1/") {
+        " (the base URL ends in /v1 twice: Anthropic clients take the server's address without /v1)"
+    } else {
+        ""
+    };
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {} {path}{hint}", req.method()),
+    )
+    .in_dialect(dialect_of(&path))
+    .into_response()
+}
+
+async fn wrong_method(req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{path} does not take {}", req.method()),
+    )
+    .in_dialect(dialect_of(&path))
+    .into_response()
 }
 
 pub fn now_secs() -> u64 {
@@ -166,7 +227,7 @@ pub(crate) fn request_body(
 /// Checks the requested model name against the served one.
 pub(crate) fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     match model {
-        Some(m) if m != state.served_model_name => Err(ApiError::new(
+        Some(m) if !state.model_names.iter().any(|n| n == m) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("The model `{m}` does not exist."),
         )),
@@ -247,20 +308,35 @@ pub(crate) async fn next_for_stream<T>(
     }
 }
 
-/// Records latency metrics from the events of one request.
+/// Records latency metrics from the events of one generation request, and writes its
+/// log line when it ends (finished, failed, or dropped because the client went).
 pub(crate) struct Tracker {
     started: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
     state: Shared,
+    route: &'static str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    cached_tokens: usize,
+    finish_reason: Option<FinishReason>,
+    error: Option<String>,
     finished: bool,
 }
 
 impl Tracker {
-    pub fn new(state: Shared) -> Self {
+    pub fn new(state: Shared, route: &'static str) -> Self {
         Tracker {
             started: Instant::now(),
+            first_token: None,
             last_token: None,
             state,
+            route,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            finish_reason: None,
+            error: None,
             finished: false,
         }
     }
@@ -270,10 +346,12 @@ impl Tracker {
         match ev {
             Event::Token { .. } => {
                 match self.last_token {
-                    None => self
-                        .state
-                        .metrics
-                        .time_to_first_token((now - self.started).as_secs_f64()),
+                    None => {
+                        self.first_token = Some(now);
+                        self.state
+                            .metrics
+                            .time_to_first_token((now - self.started).as_secs_f64())
+                    }
                     Some(t) => self.state.metrics.inter_token((now - t).as_secs_f64()),
                 }
                 self.last_token = Some(now);
@@ -281,14 +359,23 @@ impl Tracker {
             Event::Finished {
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
+                reason,
                 ..
-            } => self.state.metrics.finished(
-                (now - self.started).as_secs_f64(),
-                *prompt_tokens,
-                *completion_tokens,
-            ),
-            Event::Error(_) => {
+            } => {
+                self.prompt_tokens += prompt_tokens;
+                self.completion_tokens += completion_tokens;
+                self.cached_tokens += cached_tokens;
+                self.finish_reason = Some(*reason);
+                self.state.metrics.finished(
+                    (now - self.started).as_secs_f64(),
+                    *prompt_tokens,
+                    *completion_tokens,
+                )
+            }
+            Event::Error(message) => {
                 self.state.metrics.error();
+                self.error = Some(message.clone());
                 self.finished = true;
             }
             Event::PromptLogprobs(_) => {}
@@ -306,7 +393,98 @@ impl Drop for Tracker {
         if !self.finished {
             self.state.metrics.aborted();
         }
+        let ttft_ms = self
+            .first_token
+            .map(|t| (t - self.started).as_secs_f64() * 1e3);
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let finish = match (&self.error, self.finished, self.finish_reason) {
+            (Some(_), _, _) => "error",
+            (None, false, _) => "client_gone",
+            (None, true, Some(FinishReason::Length)) => "length",
+            (None, true, _) => "stop",
+        };
+        let model = self.state.served_model_name.as_str();
+        match &self.error {
+            Some(error) => tracing::error!(
+                route = self.route,
+                model,
+                status = 500,
+                prompt_tokens = self.prompt_tokens,
+                completion_tokens = self.completion_tokens,
+                cached_tokens = self.cached_tokens,
+                ttft_ms,
+                duration_ms,
+                finish,
+                error = error.as_str(),
+                "request failed"
+            ),
+            None => tracing::info!(
+                route = self.route,
+                model,
+                status = 200,
+                prompt_tokens = self.prompt_tokens,
+                completion_tokens = self.completion_tokens,
+                cached_tokens = self.cached_tokens,
+                ttft_ms,
+                duration_ms,
+                finish,
+                "request"
+            ),
+        }
     }
+}
+
+/// Marks a response whose request a [`Tracker`] logs when it ends, so the access log
+/// does not log it again.
+#[derive(Clone, Copy)]
+pub(crate) struct LoggedByTracker;
+
+/// A generation route's response, whose request its tracker logs.
+pub(crate) fn tracked(mut response: Response) -> Response {
+    response.extensions_mut().insert(LoggedByTracker);
+    response
+}
+
+/// The request log for everything a tracker does not cover: errors (with their
+/// message), model lists, tokenizer routes, unknown paths.
+async fn access_log(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    if response.extensions().get::<LoggedByTracker>().is_some() {
+        return response;
+    }
+    let status = response.status().as_u16();
+    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    let method = method.as_str();
+    match response.extensions().get::<error::ErrorMessage>() {
+        Some(error::ErrorMessage(message)) => tracing::warn!(
+            method,
+            route = path.as_str(),
+            status,
+            duration_ms,
+            error = message.as_str(),
+            "request refused"
+        ),
+        None if path == "/health" || path == "/metrics" => {
+            tracing::debug!(
+                method,
+                route = path.as_str(),
+                status,
+                duration_ms,
+                "request"
+            )
+        }
+        None => tracing::info!(
+            method,
+            route = path.as_str(),
+            status,
+            duration_ms,
+            "request"
+        ),
+    }
+    response
 }
 
 /// How `serve` runs.
@@ -316,6 +494,7 @@ pub struct ServeOptions {
     pub body_limit: usize,
     /// How long running streams may take to finish after SIGTERM.
     pub drain_timeout: Duration,
+    pub cors: Cors,
 }
 
 /// Serves until SIGTERM or Ctrl-C: then new requests get 503 while running ones finish
@@ -323,11 +502,8 @@ pub struct ServeOptions {
 pub async fn serve(state: Shared, opts: ServeOptions) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
     let addr = listener.local_addr()?;
-    let app = router(state.clone(), opts.body_limit);
-    eprintln!(
-        "kimi-hybrid serving {} at http://{addr}/v1 (OpenAI and Anthropic APIs)",
-        state.served_model_name
-    );
+    let app = router_with(state.clone(), opts.body_limit, &opts.cors);
+    eprintln!("{}", banner(&state, addr));
     let drain = opts.drain_timeout;
     let shutdown_state = state.clone();
     let drained = Arc::new(tokio::sync::Notify::new());
@@ -351,6 +527,31 @@ pub async fn serve(state: Shared, opts: ServeOptions) -> std::io::Result<()> {
         r = server => r,
         _ = cut_off => Ok(()),
     }
+}
+
+/// What a user needs to point clients at the server: both API bases (Anthropic
+/// clients add `/v1` themselves) and the variables Claude Code and Codex read.
+fn banner(state: &AppState, addr: std::net::SocketAddr) -> String {
+    let base = format!("http://{addr}");
+    let model = &state.served_model_name;
+    let key = if state.api_key.is_some() {
+        "<your --api-key>"
+    } else {
+        "none"
+    };
+    format!(
+        "kimi-hybrid serving {model} (also as: {others})\n  \
+         OpenAI API:    {base}/v1\n  \
+         Anthropic API: {base}\n  \
+         Claude Code:   export ANTHROPIC_BASE_URL={base} ANTHROPIC_API_KEY={key} ANTHROPIC_MODEL={model}\n  \
+         Codex:         export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}  \
+         (a provider with wire_api = \"responses\")",
+        others = if state.model_names.len() > 1 {
+            state.model_names[1..].join(", ")
+        } else {
+            "-".to_string()
+        },
+    )
 }
 
 async fn wait_for_signal() {

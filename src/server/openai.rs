@@ -6,13 +6,14 @@ use super::error::ApiError;
 use super::params::{self, field, opt_bool, opt_str, opt_u64, Body, SamplingDefaults};
 use super::prompt::{self, ChatPrompt};
 use super::{now_secs, request_body, submit, Pending, Shared, Tracker};
+use crate::engine::constraint::OutputConstraint;
 use crate::engine::sampling::{SamplingConfig, TokenLogprob};
 use crate::engine::{Event, FinishReason, GenRequest, StopReason};
 use crate::tokenizer::parser::{OutputParser, ParseEvent, ParsedOutput};
 use crate::tokenizer::Specials;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
@@ -48,7 +50,12 @@ pub(crate) struct Common {
     pub forced: Option<Vec<u32>>,
     /// vLLM's `return_tokens_as_token_ids`: log-probability tokens as `token_id:N`.
     pub tokens_as_ids: bool,
+    /// Makes each choice's output rules (fresh state per choice).
+    pub rules: Option<RuleMaker>,
 }
+
+/// Builds one sequence's output rules.
+pub(crate) type RuleMaker = Arc<dyn Fn() -> Vec<Box<dyn OutputConstraint>> + Send + Sync>;
 
 /// Reads the shared fields; `max_tokens` defaults to what the context leaves.
 pub(crate) fn common(
@@ -148,6 +155,7 @@ pub(crate) fn common(
         skip_special_tokens: opt_bool(body, "skip_special_tokens")?.unwrap_or(true),
         forced,
         tokens_as_ids: opt_bool(body, "return_tokens_as_token_ids")?.unwrap_or(false),
+        rules: None,
     })
 }
 
@@ -166,6 +174,7 @@ pub(crate) fn pending(
             let stop = c.stop.clone();
             let stop_token_ids = c.stop_token_ids.clone();
             let (max_tokens, ignore_eos, forced) = (c.max_tokens, c.ignore_eos, c.forced.clone());
+            let rules = c.rules.clone();
             Pending {
                 req: Box::new(move |events| GenRequest {
                     prompt,
@@ -177,6 +186,7 @@ pub(crate) fn pending(
                     skip_special_tokens,
                     prompt_logprobs,
                     forced,
+                    constraints: rules.map(|make| make()).unwrap_or_default(),
                     events,
                 }),
             }
@@ -243,6 +253,13 @@ fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
+/// Chat usage also counts the completion's reasoning tokens.
+fn chat_usage_json(usage: &Usage) -> Value {
+    let mut v = usage_json(usage.prompt, usage.completion, usage.cached);
+    v["completion_tokens_details"] = json!({ "reasoning_tokens": usage.reasoning });
+    v
+}
+
 fn sse_json(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
@@ -254,19 +271,32 @@ fn sse_response(rx: UnboundedReceiver<SseEvent>) -> Response {
         .into_response()
 }
 
+fn model_card(state: &Shared, name: &str) -> Value {
+    json!({
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "kimi-hybrid",
+        "root": state.served_model_name,
+        "max_model_len": state.engine.config.max_model_len,
+    })
+}
+
 pub async fn models(State(state): State<Shared>) -> Response {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "kimi-hybrid",
-            "root": state.served_model_name,
-            "max_model_len": state.engine.config.max_model_len,
-        }],
-    }))
-    .into_response()
+    let data: Vec<Value> = state
+        .model_names
+        .iter()
+        .map(|n| model_card(&state, n))
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /v1/models/{id}`: the model under any of its served names.
+pub async fn model(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    match super::check_model(&state, Some(&id)) {
+        Ok(()) => Json(model_card(&state, &id)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn fail(state: &Shared, e: ApiError) -> Response {
@@ -287,7 +317,7 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match chat(&state, body).await {
-        Ok(r) => r,
+        Ok(r) => super::tracked(r),
         Err(e) => fail(&state, e),
     }
 }
@@ -362,14 +392,23 @@ struct ChatMeta {
 }
 
 #[derive(Default)]
-struct Usage {
-    prompt: usize,
-    completion: usize,
-    cached: usize,
+pub(crate) struct Usage {
+    pub prompt: usize,
+    pub completion: usize,
+    pub cached: usize,
+    /// Tokens generated inside a reasoning block.
+    pub reasoning: usize,
 }
 
 impl Usage {
-    fn add(&mut self, ev: &Event) {
+    /// Counts a generated token that `parser` is about to read as reasoning.
+    pub fn count_token(&mut self, parser: &OutputParser) {
+        if parser.in_reasoning() {
+            self.reasoning += 1;
+        }
+    }
+
+    pub fn add(&mut self, ev: &Event) {
         if let Event::Finished {
             prompt_tokens,
             completion_tokens,
@@ -399,7 +438,7 @@ async fn collect_chat(
     n: usize,
     (want_logprobs, as_ids): (bool, bool),
 ) -> Result<Response, ApiError> {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/chat/completions");
     let mut parsed: Vec<ParsedOutput> = vec![ParsedOutput::default(); n];
     let mut parsers = Vec::with_capacity(n);
     for out in parsed.iter_mut() {
@@ -417,6 +456,7 @@ async fn collect_chat(
         tracker.on_event(&ev);
         match ev {
             Event::Token { text, logprob, .. } => {
+                usage.count_token(&parsers[i]);
                 for e in parsers[i].push(&text) {
                     parsed[i].apply(e);
                 }
@@ -461,11 +501,14 @@ async fn collect_chat(
                     "function": { "name": c.name, "arguments": c.arguments },
                 })).collect::<Vec<_>>(),
             });
-            message["reasoning_content"] = if p.thinking && !out.reasoning.is_empty() {
+            // vLLM's current name and its earlier one, for clients that read either.
+            let reasoning = if p.thinking && !out.reasoning.is_empty() {
                 json!(out.reasoning)
             } else {
                 Value::Null
             };
+            message["reasoning"] = reasoning.clone();
+            message["reasoning_content"] = reasoning;
             json!({
                 "index": i,
                 "message": message,
@@ -481,7 +524,7 @@ async fn collect_chat(
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
-        "usage": usage_json(usage.prompt, usage.completion, usage.cached),
+        "usage": chat_usage_json(&usage),
     }))
     .into_response())
 }
@@ -495,7 +538,7 @@ async fn stream_chat(
     n: usize,
     (include_usage, want_logprobs, as_ids): (bool, bool, bool),
 ) {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/chat/completions");
     let chunk = |choices: Value| {
         json!({
             "id": meta.id,
@@ -524,7 +567,10 @@ async fn stream_chat(
     while let Some((i, ev)) = super::next_for_stream(&mut rx, &tx).await {
         tracker.on_event(&ev);
         let (text, logprob, end) = match ev {
-            Event::Token { text, logprob, .. } => (text, logprob, None),
+            Event::Token { text, logprob, .. } => {
+                usage.count_token(&parsers[i]);
+                (text, logprob, None)
+            }
             Event::Finished {
                 ref tail,
                 reason,
@@ -548,7 +594,7 @@ async fn stream_chat(
         let mut lp = logprob.map(|lp| json!({ "content": [chat_logprob(&state, &lp, as_ids)] }));
         for e in events {
             let delta = match e {
-                ParseEvent::Reasoning(s) => json!({ "reasoning_content": s }),
+                ParseEvent::Reasoning(s) => json!({ "reasoning": s, "reasoning_content": s }),
                 ParseEvent::Content(s) => json!({ "content": s }),
                 ParseEvent::ToolCallStart { index, id, name } => {
                     had_calls[i] = true;
@@ -597,7 +643,7 @@ async fn stream_chat(
     tracker.done();
     if include_usage {
         let mut c = chunk(json!([]));
-        c["usage"] = usage_json(usage.prompt, usage.completion, usage.cached);
+        c["usage"] = chat_usage_json(&usage);
         let _ = tx.send(sse_json(&c));
     }
     let _ = tx.send(SseEvent::default().data("[DONE]"));
@@ -634,7 +680,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match completion(&state, body).await {
-        Ok(r) => r,
+        Ok(r) => super::tracked(r),
         Err(e) => fail(&state, e),
     }
 }
@@ -781,7 +827,7 @@ async fn collect_completion(
     mut rx: UnboundedReceiver<(usize, Event)>,
     ctx: CompletionCtx,
 ) -> Result<Response, ApiError> {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/completions");
     let mut texts: Vec<String> = (0..ctx.total)
         .map(|i| ctx.echo_texts[i / ctx.n].clone())
         .collect();
@@ -861,7 +907,7 @@ async fn stream_completion(
     ctx: CompletionCtx,
     include_usage: bool,
 ) {
-    let mut tracker = Tracker::new(state.clone());
+    let mut tracker = Tracker::new(state.clone(), "/v1/completions");
     let chunk = |choices: Value| {
         json!({
             "id": ctx.meta.id,

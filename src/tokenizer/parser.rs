@@ -146,6 +146,12 @@ impl OutputParser {
     }
 
     /// Parses a complete output.
+    /// Whether the next text pushed continues a reasoning block (for counting
+    /// reasoning tokens).
+    pub fn in_reasoning(&self) -> bool {
+        self.state == State::Reasoning
+    }
+
     pub fn parse(text: &str, thinking: bool, tools: bool) -> ParsedOutput {
         let mut p = OutputParser::new(thinking, tools);
         let mut out = ParsedOutput::default();

@@ -152,6 +152,7 @@ pub fn greedy(
             skip_special_tokens: false,
             prompt_logprobs: None,
             forced: None,
+            constraints: Vec::new(),
             events: tx,
         },
         rx,

@@ -218,7 +218,7 @@ def test_anthropic_plain_and_tool_use(claude):
     assert msg.stop_reason in ("end_turn", "max_tokens")
     assert msg.usage.output_tokens >= 1
     msg = claude.messages.create(
-        model=MODEL, max_tokens=200, messages=USER,
+        model=MODEL, max_tokens=200, messages=USER, thinking={"type": "adaptive"},
         tools=[{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
         extra_body={"forced_output": TOOL_OUTPUT},
     )
@@ -234,7 +234,7 @@ def test_anthropic_plain_and_tool_use(claude):
 def test_anthropic_stream_event_sequence(claude):
     events = []
     with claude.messages.stream(
-        model=MODEL, max_tokens=200, messages=USER,
+        model=MODEL, max_tokens=200, messages=USER, thinking={"type": "adaptive"},
         tools=[{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
         extra_body={"forced_output": TOOL_OUTPUT},
     ) as stream:
@@ -263,10 +263,58 @@ def test_anthropic_tool_result_round_trip_and_count_tokens(claude):
     ]
     count = claude.messages.count_tokens(model=MODEL, messages=messages)
     assert count.input_tokens > 10
-    msg = claude.messages.create(model=MODEL, max_tokens=64, messages=messages,
+    msg = claude.messages.create(model=MODEL, max_tokens=1100, messages=messages,
+                                 thinking={"type": "enabled", "budget_tokens": 1024},
                                  extra_body={"forced_output": "Sunny.</think>It is sunny."})
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert msg.content[1].text == "It is sunny."
+
+
+def test_anthropic_without_thinking_answers_in_text(claude):
+    # No `thinking` field means thinking off, as on Anthropic's API: the first block is
+    # text, and the SDK's text helpers see it.
+    msg = claude.messages.create(model=MODEL, max_tokens=16, messages=USER,
+                                 extra_body={"forced_output": "Hello there."})
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].text == "Hello there."
+    with claude.messages.stream(model=MODEL, max_tokens=16, messages=USER,
+                                extra_body={"forced_output": "Hello there."}) as stream:
+        assert "".join(stream.text_stream) == "Hello there."
+        final = stream.get_final_message()
+    # Streamed usage carries the cache fields.
+    assert final.usage.cache_read_input_tokens is not None
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens > 5
+
+
+def test_anthropic_images_and_documents_become_placeholders(server, claude):
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Read the file."}, image,
+                                     {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain notes"}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "a.png"}}]},
+        # Claude Code's Read of a PNG answers with an image inside the tool result.
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]},
+    ]
+    tools = [{"name": "Read", "description": "Read a file", "input_schema": {"type": "object"}}]
+    msg = claude.messages.create(model=MODEL, max_tokens=4, messages=messages, tools=tools)
+    assert msg.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # The placeholder stands where the image was (counted as text), and the log says so.
+    with_image = claude.messages.count_tokens(model=MODEL, messages=messages, tools=tools)
+    messages[2]["content"][0]["content"] = []
+    without = claude.messages.count_tokens(model=MODEL, messages=messages, tools=tools)
+    assert with_image.input_tokens > without.input_tokens
+    assert "image block replaced by a placeholder" in server.read_log()
+
+
+def test_anthropic_stream_pings_while_it_waits(server):
+    with httpx.stream("POST", server.base + "/v1/messages",
+                      headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
+                      json={"model": MODEL, "max_tokens": 2, "stream": True, "messages": USER},
+                      timeout=30) as r:
+        names = [line[len("event: "):] for line in r.iter_lines() if line.startswith("event: ")]
+    assert names[:2] == ["message_start", "ping"], names
+    assert names[-1] == "message_stop"
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -397,6 +445,18 @@ def long_server():
     s = Server("--max-model-len", "9000", "--max-batch-tokens", "256", "--no-prefix-caching")
     yield s
     s.stop()
+
+
+def test_anthropic_reasoning_budget_closes_thinking(long_server):
+    claude = anthropic.Anthropic(base_url=long_server.base, api_key="unused", max_retries=0)
+    # Output that would think on (the test hook stands in for the model) is cut at the
+    # budget: the reasoning block closes and the rest is the answer.
+    msg = claude.messages.create(model=MODEL, max_tokens=1200, messages=USER,
+                                 thinking={"type": "enabled", "budget_tokens": 1024},
+                                 extra_body={"forced_output": " a" * 1100})
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking == " a" * 1024
+    assert msg.content[1].text == " a" * 75
 
 
 def wait_for_steps(server, at_least, timeout=60):
