@@ -6,10 +6,9 @@
 //! streaming event sequence, with `ping` events while a request waits or is prefilled.
 
 use super::error::{ApiError, Dialect};
-use super::openai::{mode_defaults, pending, request_id, Common, RuleMaker};
+use super::openai::{mode_defaults, pending, request_id, Common};
 use super::prompt::{self, ChatPrompt, ToolChoice};
 use super::{body_bytes, check_model, submit, Shared, Tracker};
-use crate::engine::constraint::{OutputConstraint, ReasoningBudget, SingleToolCall};
 use crate::engine::sampling::SamplingConfig;
 use crate::engine::{Event, FinishReason, StopReason};
 use crate::tokenizer::parser::{OutputParser, ParseEvent};
@@ -23,7 +22,6 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -520,34 +518,6 @@ fn in_range(value: Option<f64>, name: &str, min: f64, max: f64) -> Result<Option
     }
 }
 
-/// The reasoning budget and `disable_parallel_tool_use` as output rules.
-fn output_rules(state: &Shared, budget: Option<usize>, one_call: bool) -> Option<RuleMaker> {
-    let tokenizer = &state.engine.tokenizer;
-    let id = |t: &str| tokenizer.token_id(t);
-    let budget = budget.and_then(|b| {
-        let section: Vec<u32> = id("<|tool_calls_section_begin|>").into_iter().collect();
-        Some((b, id("</think>")?, section))
-    });
-    let one_call = if one_call {
-        Some((id("<|tool_call_end|>")?, id("<|tool_calls_section_end|>")?))
-    } else {
-        None
-    };
-    if budget.is_none() && one_call.is_none() {
-        return None;
-    }
-    Some(Arc::new(move || {
-        let mut rules: Vec<Box<dyn OutputConstraint>> = Vec::new();
-        if let Some((b, close, section)) = &budget {
-            rules.push(Box::new(ReasoningBudget::new(*b, *close, section)));
-        }
-        if let Some((call_end, section_end)) = one_call {
-            rules.push(Box::new(SingleToolCall::new(call_end, section_end)));
-        }
-        rules
-    }))
-}
-
 async fn message(
     state: &Shared,
     body: Result<Bytes, BytesRejection>,
@@ -623,7 +593,7 @@ async fn message(
         skip_special_tokens: true,
         forced,
         tokens_as_ids: false,
-        rules: output_rules(state, mode.budget, one_call && p.parse_tools),
+        rules: prompt::output_rules(state, mode.budget, one_call && p.parse_tools),
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     // Anthropic message ids read `msg_...`.

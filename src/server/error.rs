@@ -40,6 +40,12 @@ impl ApiError {
         }
     }
 
+    /// Names the request parameter at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }

@@ -197,6 +197,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         shutting_down: AtomicBool::new(false),
         allow_forced_output: opts.allow_forced_output,
         created: super::now_secs(),
+        responses: Default::default(),
     }))
 }
 

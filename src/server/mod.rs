@@ -11,6 +11,7 @@ pub mod metrics;
 mod openai;
 mod params;
 mod prompt;
+mod responses;
 
 use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, SubmitError};
 use crate::tokenizer::chat_template::ChatTemplate;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Accept the test-only `forced_output` request field.
     pub allow_forced_output: bool,
     pub created: u64,
+    /// Conversations kept for the Responses API's `previous_response_id`.
+    pub responses: responses::ResponseStore,
 }
 
 pub type Shared = Arc<AppState>;
@@ -69,6 +72,7 @@ pub fn router_with(state: Shared, body_limit: usize, cors: &Cors) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(openai::tokenize))

@@ -347,13 +347,15 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
     };
     let chat_prompt = prompt::render(state, &messages, tools, &tool_choice, &kwargs)?;
     let fields = ["max_completion_tokens", "max_tokens"];
-    let c = common(
+    let mut c = common(
         state,
         &body,
         chat_prompt.ids.len(),
         mode_defaults(chat_prompt.thinking),
         &fields,
     )?;
+    let one_call = opt_bool(&body, "parallel_tool_calls")? == Some(false);
+    c.rules = prompt::output_rules(state, None, one_call && chat_prompt.parse_tools);
     // Reasoning and tool-call markers stay in the text for the parser either way.
     let choices = pending(&chat_prompt.ids, &c, c.skip_special_tokens, None);
     let rx = submit(state, choices)?;

@@ -3,7 +3,10 @@
 //! rendered, and the reasoning mode worked out for the output parser.
 
 use super::error::ApiError;
+use super::openai::RuleMaker;
 use super::AppState;
+use crate::engine::constraint::{OutputConstraint, ReasoningBudget, SingleToolCall};
+use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 /// What the model is asked for.
@@ -234,4 +237,33 @@ pub fn render(
         parse_tools: tools.is_some() && *tool_choice != ToolChoice::None,
         prefill,
     })
+}
+
+/// The reasoning budget and `disable_parallel_tool_use` as output rules.
+pub(crate) fn output_rules(
+    state: &AppState, budget: Option<usize>, one_call: bool) -> Option<RuleMaker> {
+    let tokenizer = &state.engine.tokenizer;
+    let id = |t: &str| tokenizer.token_id(t);
+    let budget = budget.and_then(|b| {
+        let section: Vec<u32> = id("<|tool_calls_section_begin|>").into_iter().collect();
+        Some((b, id("</think>")?, section))
+    });
+    let one_call = if one_call {
+        Some((id("<|tool_call_end|>")?, id("<|tool_calls_section_end|>")?))
+    } else {
+        None
+    };
+    if budget.is_none() && one_call.is_none() {
+        return None;
+    }
+    Some(Arc::new(move || {
+        let mut rules: Vec<Box<dyn OutputConstraint>> = Vec::new();
+        if let Some((b, close, section)) = &budget {
+            rules.push(Box::new(ReasoningBudget::new(*b, *close, section)));
+        }
+        if let Some((call_end, section_end)) = one_call {
+            rules.push(Box::new(SingleToolCall::new(call_end, section_end)));
+        }
+        rules
+    }))
 }

@@ -317,6 +317,78 @@ def test_anthropic_stream_pings_while_it_waits(server):
     assert names[-1] == "message_stop"
 
 
+# --- Responses API (what Codex speaks) ------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_responses_plain_and_streamed(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=32,
+                                reasoning={"effort": "none"},
+                                extra_body={"forced_output": "Hello there."})
+    assert r.status == "completed"
+    assert r.output_text == "Hello there."
+    assert r.usage.output_tokens >= 2 and r.usage.input_tokens > 5
+    # Streamed: the SDK's helper assembles the same response from the events.
+    with client.responses.stream(model=MODEL, input="Say hello.", max_output_tokens=32,
+                                 extra_body={"forced_output": "Let me see.</think>Hello there."}) as stream:
+        kinds = [ev.type for ev in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.reasoning_text.delta" in kinds and "response.output_text.delta" in kinds
+    assert final.output_text == "Hello there."
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.usage.output_tokens_details.reasoning_tokens >= 3
+    # Running out of tokens is an incomplete response.
+    r = client.responses.create(model=MODEL, input="Count.", max_output_tokens=2)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_function_call_round_trip(client):
+    call = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+    r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER_TOOL],
+                                instructions="Use tools.", reasoning={"effort": "none"},
+                                extra_body={"forced_output": call})
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+    # Its output fed back as an item, with the earlier items: the conversation goes on.
+    follow = client.responses.create(
+        model=MODEL, tools=[WEATHER_TOOL], reasoning={"effort": "none"},
+        input=[{"role": "user", "content": "Weather in Paris?"}, calls[0].model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny"}],
+        extra_body={"forced_output": "It is sunny."})
+    assert follow.output_text == "It is sunny."
+    # Or through previous_response_id, the server holding the conversation.
+    chained = client.responses.create(
+        model=MODEL, tools=[WEATHER_TOOL], previous_response_id=r.id, reasoning={"effort": "none"},
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny"}],
+        extra_body={"forced_output": "It is sunny."})
+    assert chained.output_text == "It is sunny."
+    # The stored turn renders exactly as the one the client sent back.
+    assert chained.usage.input_tokens == follow.usage.input_tokens
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="x", previous_response_id="resp_nope")
+    # A streamed call comes as function_call_arguments deltas.
+    with client.responses.stream(model=MODEL, input="Weather?", tools=[WEATHER_TOOL],
+                                 extra_body={"forced_output": call}) as stream:
+        kinds = [ev.type for ev in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    assert [o.type for o in final.output][-1] == "function_call"
+
+
+def test_models_retrieve_and_json_404(server, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    r = httpx.get(server.base + "/v1/nothing-here", headers={"authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 404 and "nothing-here" in r.json()["error"]["message"]
+
+
 # --- errors ---------------------------------------------------------------------------
 
 def test_bad_json_and_bad_parameters(server, client):
