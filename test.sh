@@ -2,8 +2,8 @@
 # The whole test suite, installing what it needs on first use:
 #  - the Rust workspace's tests (`cargo test --workspace`);
 #  - the end-to-end tests (tests/e2e: a real `serve` driven by the openai and anthropic
-#    SDKs), whose Python packages go into the project's own environment under
-#    target/test-env, never into the user's Python;
+#    SDKs and by the real Claude Code and Codex CLIs), whose Python and npm packages go
+#    into the project's own environment under target/test-env, never into the user's;
 #  - the GPU tests on the CUDA emulator (tests/cuda-emulator/test.sh), which need NVRTC
 #    (the nvidia-cuda-nvrtc-cu12 wheel, into the same environment) and g++.
 # A second run installs nothing: the environment remembers what it was made from.
@@ -47,6 +47,22 @@ if [ -x "$env_dir/bin/python" ]; then
 else
     export PYTHONPATH="$env_dir/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+# The real agent clients for tests/e2e/test_agents.py (Claude Code and Codex, pinned),
+# from npm into target/test-env/agents.
+agents_dir="$root/target/test-env/agents"
+agents="@anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0"
+command -v npm >/dev/null 2>&1 || missing "npm is required for the agent-client tests (install Node.js)"
+if [ "$(cat "$agents_dir/installed" 2>/dev/null)" != "$agents" ]; then
+    echo "test.sh: installing the agent clients ($agents) into target/test-env/agents" >&2
+    rm -rf "$agents_dir"
+    mkdir -p "$agents_dir"
+    # shellcheck disable=SC2086
+    npm install --prefix "$agents_dir" --no-audit --no-fund --loglevel=error $agents >&2
+    echo "$agents" >"$agents_dir/installed"
+fi
+export KIMI_HYBRID_AGENTS_BIN="$agents_dir/node_modules/.bin"
+export KIMI_HYBRID_REQUIRE_AGENTS=1
 
 # NVRTC compiles the CUDA kernels without a GPU: the kernels-cuda tests compile every
 # kernel for sm_90 and sm_100 and must not skip.

@@ -15,7 +15,7 @@ use crate::tokenizer::parser::{OutputParser, ParseEvent};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -34,6 +34,31 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// What stands in for an image or a binary document: this model reads text only.
 const IMAGE_OMITTED: &str = "[image omitted: this model reads text only]";
 const DOCUMENT_OMITTED: &str = "[document omitted: only text documents can be read]";
+
+/// Test hook for clients that cannot add body fields (Claude Code): with
+/// `--allow-forced-output`, the header `x-forced-outputs` holds a JSON list of outputs,
+/// and a request whose conversation has N assistant turns gets the Nth (the last one
+/// once the list runs out), so a scripted agent session can run a tool and go on.
+fn forced_for_turn(
+    state: &Shared,
+    headers: &HeaderMap,
+    turn: usize,
+) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("x-forced-outputs") else {
+        return Ok(None);
+    };
+    if !state.allow_forced_output {
+        return Err(ApiError::bad_request(
+            "x-forced-outputs: a test option; start the server with --allow-forced-output",
+        ));
+    }
+    let outputs: Vec<String> = value
+        .to_str()
+        .ok()
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| ApiError::bad_request("x-forced-outputs: must be a JSON list of strings"))?;
+    Ok(outputs.get(turn).or(outputs.last()).cloned())
+}
 
 fn fail(state: &Shared, e: ApiError) -> Response {
     state.metrics.error();
@@ -500,9 +525,10 @@ pub async fn count_tokens(
 
 pub async fn messages(
     State(state): State<Shared>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match message(&state, body).await {
+    match message(&state, &headers, body).await {
         Ok(r) => super::tracked(r),
         Err(e) => fail(&state, e),
     }
@@ -520,9 +546,18 @@ fn in_range(value: Option<f64>, name: &str, min: f64, max: f64) -> Result<Option
 
 async fn message(
     state: &Shared,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = read_request(state, body)?;
+    let mut req = read_request(state, body)?;
+    if req.forced_output.is_none() {
+        let turn = req
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        req.forced_output = forced_for_turn(state, headers, turn)?;
+    }
     let max_tokens = req
         .max_tokens
         .ok_or_else(|| ApiError::bad_request("max_tokens: Field required"))?;

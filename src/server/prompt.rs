@@ -6,8 +6,8 @@ use super::error::ApiError;
 use super::openai::RuleMaker;
 use super::AppState;
 use crate::engine::constraint::{OutputConstraint, ReasoningBudget, SingleToolCall};
-use std::sync::Arc;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 /// What the model is asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -241,7 +241,10 @@ pub fn render(
 
 /// The reasoning budget and `disable_parallel_tool_use` as output rules.
 pub(crate) fn output_rules(
-    state: &AppState, budget: Option<usize>, one_call: bool) -> Option<RuleMaker> {
+    state: &AppState,
+    budget: Option<usize>,
+    one_call: bool,
+) -> Option<RuleMaker> {
     let tokenizer = &state.engine.tokenizer;
     let id = |t: &str| tokenizer.token_id(t);
     let budget = budget.and_then(|b| {

@@ -196,11 +196,19 @@ fn content_text(content: &Value, at: &str) -> Result<String, ApiError> {
             let mut out = Vec::new();
             for (j, part) in parts.iter().enumerate() {
                 match part.get("type").and_then(Value::as_str) {
-                    Some("input_text" | "output_text" | "text" | "summary_text" | "reasoning_text") => {
-                        out.push(part.get("text").and_then(Value::as_str).unwrap_or("").to_string())
-                    }
+                    Some(
+                        "input_text" | "output_text" | "text" | "summary_text" | "reasoning_text",
+                    ) => out.push(
+                        part.get("text")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
                     Some("refusal") => out.push(
-                        part.get("refusal").and_then(Value::as_str).unwrap_or("").to_string(),
+                        part.get("refusal")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
                     ),
                     Some("input_image") => {
                         tracing::warn!(part = %format!("{at}[{j}]"), "image replaced by a placeholder (text-only model)");
@@ -213,7 +221,9 @@ fn content_text(content: &Value, at: &str) -> Result<String, ApiError> {
                     other => {
                         return Err(ApiError::param(
                             "input",
-                            format!("{at}[{j}].type {other:?} is not a content part this server reads"),
+                            format!(
+                                "{at}[{j}].type {other:?} is not a content part this server reads"
+                            ),
                         ))
                     }
                 }
@@ -297,7 +307,11 @@ fn to_chat_tools(tools: &[ToolDefinition], out: &mut Vec<Value>) {
             })),
             ("namespace", _, Some(inner)) => to_chat_tools(inner, out),
             (kind, name, _) => {
-                tracing::debug!(kind, name = name.as_deref().unwrap_or(""), "tool left out: not a function tool")
+                tracing::debug!(
+                    kind,
+                    name = name.as_deref().unwrap_or(""),
+                    "tool left out: not a function tool"
+                )
             }
         }
     }
@@ -413,7 +427,10 @@ fn in_range(v: Option<f64>, name: &str, min: f64, max: f64) -> Result<Option<f32
     }
 }
 
-async fn respond(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn respond(
+    state: &Shared,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req = parse_request(&body_bytes(body)?)?;
     check_model(state, req.model.as_deref())?;
     // The conversation so far: a stored one, then this request's input.
@@ -478,9 +495,12 @@ async fn respond(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<
     };
     let forced = match &req.forced_output {
         None => None,
-        Some(s) if state.allow_forced_output => {
-            Some(state.engine.tokenizer.encode(s, crate::tokenizer::Specials::Recognise))
-        }
+        Some(s) if state.allow_forced_output => Some(
+            state
+                .engine
+                .tokenizer
+                .encode(s, crate::tokenizer::Specials::Recognise),
+        ),
         Some(_) => {
             return Err(ApiError::param(
                 "forced_output",
@@ -508,13 +528,27 @@ async fn respond(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<
     echo.insert("instructions".into(), json!(req.instructions));
     echo.insert("max_output_tokens".into(), json!(req.max_output_tokens));
     echo.insert("parallel_tool_calls".into(), json!(!one_call));
-    echo.insert("previous_response_id".into(), json!(req.previous_response_id));
-    echo.insert("reasoning".into(), json!({ "effort": req.reasoning.as_ref().and_then(|r| r.effort.clone()), "summary": null }));
+    echo.insert(
+        "previous_response_id".into(),
+        json!(req.previous_response_id),
+    );
+    echo.insert(
+        "reasoning".into(),
+        json!({ "effort": req.reasoning.as_ref().and_then(|r| r.effort.clone()), "summary": null }),
+    );
     echo.insert("store".into(), json!(req.store.unwrap_or(true)));
     echo.insert("temperature".into(), json!(c.sampling.temperature));
     echo.insert("top_p".into(), json!(c.sampling.top_p));
-    echo.insert("text".into(), req.text.clone().unwrap_or(json!({ "format": { "type": "text" } })));
-    echo.insert("tool_choice".into(), req.tool_choice.clone().unwrap_or(json!("auto")));
+    echo.insert(
+        "text".into(),
+        req.text
+            .clone()
+            .unwrap_or(json!({ "format": { "type": "text" } })),
+    );
+    echo.insert(
+        "tool_choice".into(),
+        req.tool_choice.clone().unwrap_or(json!("auto")),
+    );
     echo.insert("tools".into(), json!([]));
     echo.insert("truncation".into(), json!("disabled"));
     echo.insert("metadata".into(), req.metadata.clone().unwrap_or(json!({})));
@@ -628,9 +662,21 @@ impl EventWriter {
 /// The output item being streamed.
 enum Open {
     None,
-    Reasoning { index: usize, text: String },
-    Message { index: usize, text: String },
-    Call { index: usize, id: String, call_id: String, name: String, arguments: String },
+    Reasoning {
+        index: usize,
+        text: String,
+    },
+    Message {
+        index: usize,
+        text: String,
+    },
+    Call {
+        index: usize,
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 struct Items {
@@ -661,13 +707,22 @@ impl Items {
                 self.w.send("response.content_part.done", json!({ "item_id": id, "output_index": index, "content_index": 0, "part": part }));
                 json!({ "type": "message", "id": id, "status": "completed", "role": "assistant", "content": [part] })
             }
-            Open::Call { index, id, call_id, name, arguments } => {
+            Open::Call {
+                index,
+                id,
+                call_id,
+                name,
+                arguments,
+            } => {
                 self.w.send("response.function_call_arguments.done", json!({ "item_id": id, "output_index": index, "name": name, "arguments": arguments }));
                 json!({ "type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": arguments, "status": "completed" })
             }
         };
         let index = self.done.len();
-        self.w.send("response.output_item.done", json!({ "output_index": index, "item": item }));
+        self.w.send(
+            "response.output_item.done",
+            json!({ "output_index": index, "item": item }),
+        );
         self.done.push(item);
     }
 
@@ -679,7 +734,10 @@ impl Items {
                     let index = self.done.len();
                     let id = self.item_id("rs");
                     self.w.send("response.output_item.added", json!({ "output_index": index, "item": { "type": "reasoning", "id": id, "summary": [], "content": [] } }));
-                    self.open = Open::Reasoning { index, text: String::new() };
+                    self.open = Open::Reasoning {
+                        index,
+                        text: String::new(),
+                    };
                 }
                 let id = self.item_id("rs");
                 let index = self.done.len();
@@ -695,7 +753,10 @@ impl Items {
                     let id = self.item_id("msg");
                     self.w.send("response.output_item.added", json!({ "output_index": index, "item": { "type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": [] } }));
                     self.w.send("response.content_part.added", json!({ "item_id": id, "output_index": index, "content_index": 0, "part": { "type": "output_text", "text": "", "annotations": [] } }));
-                    self.open = Open::Message { index, text: String::new() };
+                    self.open = Open::Message {
+                        index,
+                        text: String::new(),
+                    };
                 }
                 let id = self.item_id("msg");
                 let index = self.done.len();
@@ -704,18 +765,35 @@ impl Items {
                 }
                 self.w.send("response.output_text.delta", json!({ "item_id": id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": [] }));
             }
-            ParseEvent::ToolCallStart { id: call_id, name, .. } => {
+            ParseEvent::ToolCallStart {
+                id: call_id, name, ..
+            } => {
                 self.close();
                 let index = self.done.len();
                 let id = self.item_id("fc");
                 self.w.send("response.output_item.added", json!({ "output_index": index, "item": { "type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": "", "status": "in_progress" } }));
-                self.open = Open::Call { index, id, call_id, name, arguments: String::new() };
+                self.open = Open::Call {
+                    index,
+                    id,
+                    call_id,
+                    name,
+                    arguments: String::new(),
+                };
             }
             ParseEvent::ToolCallArgs { delta, .. } => {
-                if let Open::Call { index, id, arguments, .. } = &mut self.open {
+                if let Open::Call {
+                    index,
+                    id,
+                    arguments,
+                    ..
+                } = &mut self.open
+                {
                     arguments.push_str(&delta);
                     let (index, id) = (*index, id.clone());
-                    self.w.send("response.function_call_arguments.delta", json!({ "item_id": id, "output_index": index, "delta": delta }));
+                    self.w.send(
+                        "response.function_call_arguments.delta",
+                        json!({ "item_id": id, "output_index": index, "delta": delta }),
+                    );
                 }
             }
         }
@@ -732,14 +810,22 @@ async fn stream_response(
 ) {
     let mut tracker = Tracker::new(state.clone(), "/v1/responses");
     let mut items = Items {
-        w: EventWriter { tx, sequence: 0, alive: true },
+        w: EventWriter {
+            tx,
+            sequence: 0,
+            alive: true,
+        },
         open: Open::None,
         done: Vec::new(),
         response_id: meta.id.clone(),
     };
     let started = meta.response("in_progress", Vec::new(), None);
-    items.w.send("response.created", json!({ "response": started }));
-    items.w.send("response.in_progress", json!({ "response": started }));
+    items
+        .w
+        .send("response.created", json!({ "response": started }));
+    items
+        .w
+        .send("response.in_progress", json!({ "response": started }));
     let (mut parser, first) = parser_for(&p);
     let mut out = ParsedOutput::default();
     for e in first {
@@ -754,14 +840,21 @@ async fn stream_response(
                 usage.count_token(&parser);
                 (text.clone(), None)
             }
-            Event::Finished { ref tail, reason, .. } => {
+            Event::Finished {
+                ref tail, reason, ..
+            } => {
                 usage.add(&ev);
                 (tail.clone(), Some(reason))
             }
             Event::Error(message) => {
                 let failed = meta.response("failed", std::mem::take(&mut items.done), None);
-                items.w.send("error", json!({ "code": "server_error", "message": message, "param": null }));
-                items.w.send("response.failed", json!({ "response": failed }));
+                items.w.send(
+                    "error",
+                    json!({ "code": "server_error", "message": message, "param": null }),
+                );
+                items
+                    .w
+                    .send("response.failed", json!({ "response": failed }));
                 return;
             }
             Event::PromptLogprobs(_) => continue,
@@ -824,10 +917,16 @@ mod tests {
     #[test]
     fn bad_items_name_their_place() {
         let input = Input::Items(vec![json!({"type": "function_call", "name": "x"})]);
-        let e = to_chat_messages(&input).err().map(|e| e.message).unwrap_or_default();
+        let e = to_chat_messages(&input)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
         assert!(e.starts_with("input[0]: missing field `call_id`"), "{e}");
         let input = Input::Items(vec![json!({"type": "teleport"})]);
-        let e = to_chat_messages(&input).err().map(|e| e.message).unwrap_or_default();
+        let e = to_chat_messages(&input)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
         assert!(e.contains("input[0]") && e.contains("teleport"), "{e}");
     }
 
@@ -835,12 +934,18 @@ mod tests {
     fn the_store_forgets_the_least_recently_used() {
         let store = ResponseStore::default();
         for i in 0..STORED_RESPONSES {
-            store.put(format!("r{i}"), vec![json!({"role": "user", "content": "x"})]);
+            store.put(
+                format!("r{i}"),
+                vec![json!({"role": "user", "content": "x"})],
+            );
         }
         // Touch r0 so that r1 and r2 go first.
         assert!(store.get("r0").is_some());
         for i in STORED_RESPONSES..STORED_RESPONSES + 2 {
-            store.put(format!("r{i}"), vec![json!({"role": "user", "content": "x"})]);
+            store.put(
+                format!("r{i}"),
+                vec![json!({"role": "user", "content": "x"})],
+            );
         }
         assert!(store.get("r0").is_some());
         assert!(store.get("r1").is_none());
