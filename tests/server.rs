@@ -700,3 +700,101 @@ async fn cors_is_off_unless_asked_for() {
         Some("http://localhost:3000")
     );
 }
+
+/// A bounded schema: every value is finite, so random weights must finish it.
+fn bounded_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 9},
+            "metric": {"type": "boolean"}
+        },
+        "required": ["city", "days", "metric"],
+        "additionalProperties": false
+    })
+}
+
+fn matches_bounded_schema(v: &Value) -> bool {
+    let Some(o) = v.as_object() else {
+        return false;
+    };
+    o.len() == 3
+        && ["Paris", "Oslo", "Lima"].contains(&o["city"].as_str().unwrap_or(""))
+        && (1..=9).contains(&o["days"].as_i64().unwrap_or(0))
+        && o["metric"].is_boolean()
+}
+
+#[tokio::test]
+async fn structured_output_holds_random_weights_to_the_schema() {
+    let mut opts = options();
+    opts.max_model_len = Some(1024);
+    opts.kv_cache_tokens = Some(8192);
+    let (_, app) = make_app(&opts, 1 << 20);
+    let tool = json!({"type": "function", "function": {
+        "name": "get_weather", "parameters": bounded_schema()}});
+    let other = json!({"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}});
+    for seed in 0..3 {
+        // response_format json_schema, thinking off: the content is the JSON.
+        let body = chat(json!({
+            "max_tokens": 200, "seed": seed, "temperature": 1.0,
+            "chat_template_kwargs": {"thinking": false},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": bounded_schema()}}
+        }));
+        let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+        let parsed: Value = serde_json::from_str(content).unwrap_or(Value::Null);
+        assert!(matches_bounded_schema(&parsed), "seed {seed}: {content:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
+        // tool_choice required: one of the tools, arguments valid for it, and the
+        // parser's tool_calls (the kimi_k2 markup underneath).
+        let body = chat(json!({
+            "max_tokens": 200, "seed": seed, "temperature": 1.0,
+            "tools": [tool, other], "tool_choice": "required", "parallel_tool_calls": false
+        }));
+        let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let calls = v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(calls.len(), 1, "seed {seed}: {v}");
+        let name = calls[0]["function"]["name"].as_str().unwrap_or("");
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""))
+                .unwrap_or(Value::Null);
+        match name {
+            "get_weather" => assert!(matches_bounded_schema(&args), "{args}"),
+            "get_time" => assert_eq!(args, json!({})),
+            other => panic!("seed {seed}: called {other:?}"),
+        }
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+
+        // Anthropic `tool` choice names the function.
+        let body = json!({
+            "model": "m", "max_tokens": 200, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"name": "get_weather", "input_schema": bounded_schema()}],
+            "tool_choice": {"type": "tool", "name": "get_weather"}
+        });
+        let (s, v) = call(&app, "POST", "/v1/messages", Some(KEY), &body.to_string()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let uses: Vec<&Value> = v["content"]
+            .as_array()
+            .map(|c| c.iter().filter(|b| b["type"] == "tool_use").collect())
+            .unwrap_or_default();
+        assert_eq!(uses.len(), 1, "{v}");
+        assert!(matches_bounded_schema(&uses[0]["input"]), "{v}");
+        assert_eq!(v["stop_reason"], "tool_use");
+    }
+    // A schema llguidance cannot compile is the request's error, named.
+    let body = chat(json!({
+        "response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}}}
+    }));
+    let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "response_format", "{v}");
+}

@@ -6,6 +6,7 @@
 
 pub mod constraint;
 pub mod cost;
+pub mod grammar;
 pub mod kv;
 pub mod output;
 pub mod sampling;

@@ -8,6 +8,7 @@
 use super::error::{ApiError, Dialect};
 use super::openai::{mode_defaults, pending, request_id, Common};
 use super::prompt::{self, ChatPrompt, ToolChoice};
+use super::structured;
 use super::{body_bytes, check_model, submit, Shared, Tracker};
 use crate::engine::sampling::SamplingConfig;
 use crate::engine::{Event, FinishReason, StopReason};
@@ -477,11 +478,16 @@ fn thinking_mode(req: &MessagesRequest) -> Result<ThinkingMode, ApiError> {
     Ok(mode)
 }
 
-/// The conversation rendered, from an Anthropic request.
-fn build_prompt(
-    state: &Shared,
-    req: &MessagesRequest,
-) -> Result<(ChatPrompt, ThinkingMode), ApiError> {
+/// An Anthropic request rendered: the prompt, its reasoning mode, and the tools and
+/// tool choice (as chat's) its output rules need.
+struct Built {
+    prompt: ChatPrompt,
+    mode: ThinkingMode,
+    tools: Option<Value>,
+    choice: ToolChoice,
+}
+
+fn build_prompt(state: &Shared, req: &MessagesRequest) -> Result<Built, ApiError> {
     let messages = prompt::normalise_messages(&Value::Array(to_chat_messages(req)?))?;
     let tools = to_openai_tools(req)?;
     let names = match &tools {
@@ -492,10 +498,12 @@ fn build_prompt(
     let mode = thinking_mode(req)?;
     let mut kwargs = Map::new();
     kwargs.insert("thinking".into(), json!(mode.on));
-    Ok((
-        prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)?,
+    Ok(Built {
+        prompt: prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)?,
         mode,
-    ))
+        tools,
+        choice,
+    })
 }
 
 /// A request's body, checked for size, syntax, fields and model.
@@ -517,7 +525,7 @@ pub async fn count_tokens(
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
         let req = read_request(&state, body)?;
-        let (p, _) = build_prompt(&state, &req)?;
+        let p = build_prompt(&state, &req)?.prompt;
         Ok(Json(json!({ "input_tokens": p.ids.len() })).into_response())
     };
     run().unwrap_or_else(|e| fail(&state, e))
@@ -566,7 +574,12 @@ async fn message(
             "max_tokens: Input should be greater than or equal to 1",
         ));
     }
-    let (p, mode) = build_prompt(state, &req)?;
+    let Built {
+        prompt: p,
+        mode,
+        tools,
+        choice,
+    } = build_prompt(state, &req)?;
     let limit = state.engine.config.max_model_len;
     if p.ids.len() >= limit {
         return Err(ApiError::bad_request(format!(
@@ -615,6 +628,12 @@ async fn message(
         .tool_choice
         .as_ref()
         .is_some_and(|t| t.disable_parallel_tool_use);
+    let spec = prompt::OutputSpec {
+        budget: mode.budget,
+        one_call,
+        shape: structured::tool_shape(tools.as_ref(), &choice, !one_call),
+    };
+    let rules = prompt::output_rules(state, spec, &p)?;
     let c = Common {
         sampling,
         // The context bounds the output even when max_tokens asks for more.
@@ -628,7 +647,7 @@ async fn message(
         skip_special_tokens: true,
         forced,
         tokens_as_ids: false,
-        rules: prompt::output_rules(state, mode.budget, one_call && p.parse_tools),
+        rules,
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     // Anthropic message ids read `msg_...`.

@@ -198,6 +198,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         allow_forced_output: opts.allow_forced_output,
         created: super::now_secs(),
         responses: Default::default(),
+        grammar: Default::default(),
     }))
 }
 

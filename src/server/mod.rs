@@ -12,6 +12,7 @@ mod openai;
 mod params;
 mod prompt;
 mod responses;
+mod structured;
 
 use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, SubmitError};
 use crate::tokenizer::chat_template::ChatTemplate;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub created: u64,
     /// Conversations kept for the Responses API's `previous_response_id`.
     pub responses: responses::ResponseStore,
+    /// The vocabulary for constrained decoding, built on first use.
+    pub grammar: std::sync::OnceLock<Result<Arc<crate::engine::grammar::GrammarVocab>, String>>,
 }
 
 pub type Shared = Arc<AppState>;

@@ -5,6 +5,7 @@
 use super::error::ApiError;
 use super::params::{self, field, opt_bool, opt_str, opt_u64, Body, SamplingDefaults};
 use super::prompt::{self, ChatPrompt};
+use super::structured;
 use super::{now_secs, request_body, submit, Pending, Shared, Tracker};
 use crate::engine::constraint::OutputConstraint;
 use crate::engine::sampling::{SamplingConfig, TokenLogprob};
@@ -354,8 +355,17 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
         mode_defaults(chat_prompt.thinking),
         &fields,
     )?;
-    let one_call = opt_bool(&body, "parallel_tool_calls")? == Some(false);
-    c.rules = prompt::output_rules(state, None, one_call && chat_prompt.parse_tools);
+    let parallel = opt_bool(&body, "parallel_tool_calls")? != Some(false);
+    let shape = match structured::tool_shape(tools, &tool_choice, parallel) {
+        Some(shape) => Some(shape),
+        None => structured::json_shape(field(&body, "response_format"), "response_format")?,
+    };
+    let spec = prompt::OutputSpec {
+        budget: None,
+        one_call: !parallel,
+        shape,
+    };
+    c.rules = prompt::output_rules(state, spec, &chat_prompt)?;
     // Reasoning and tool-call markers stay in the text for the parser either way.
     let choices = pending(&chat_prompt.ids, &c, c.skip_special_tokens, None);
     let rx = submit(state, choices)?;

@@ -4,6 +4,7 @@
 
 use super::error::ApiError;
 use super::openai::RuleMaker;
+use super::structured::{self, Shape};
 use super::AppState;
 use crate::engine::constraint::{OutputConstraint, ReasoningBudget, SingleToolCall};
 use serde_json::{json, Map, Value};
@@ -239,27 +240,49 @@ pub fn render(
     })
 }
 
-/// The reasoning budget and `disable_parallel_tool_use` as output rules.
+/// What a request asks of its output beyond sampling.
+#[derive(Default)]
+pub(crate) struct OutputSpec {
+    /// Tokens of reasoning before `</think>` is written for the model.
+    pub budget: Option<usize>,
+    /// At most one tool call when the model calls tools of its own accord.
+    pub one_call: bool,
+    /// A grammar the output must follow (JSON, forced tool calls).
+    pub shape: Option<Shape>,
+}
+
+/// A request's output rules, made fresh for each of its sequences. The grammar is
+/// compiled here, so a schema it cannot take is the request's error.
 pub(crate) fn output_rules(
     state: &AppState,
-    budget: Option<usize>,
-    one_call: bool,
-) -> Option<RuleMaker> {
+    spec: OutputSpec,
+    prompt: &ChatPrompt,
+) -> Result<Option<RuleMaker>, ApiError> {
     let tokenizer = &state.engine.tokenizer;
     let id = |t: &str| tokenizer.token_id(t);
-    let budget = budget.and_then(|b| {
+    let budget = spec.budget.and_then(|b| {
         let section: Vec<u32> = id("<|tool_calls_section_begin|>").into_iter().collect();
         Some((b, id("</think>")?, section))
     });
-    let one_call = if one_call {
-        Some((id("<|tool_call_end|>")?, id("<|tool_calls_section_end|>")?))
+    // A forced call's grammar already bounds the number of calls.
+    let one_call = if spec.one_call && prompt.parse_tools && spec.shape.is_none() {
+        id("<|tool_call_end|>").zip(id("<|tool_calls_section_end|>"))
     } else {
         None
     };
-    if budget.is_none() && one_call.is_none() {
-        return None;
+    let after_reasoning = if prompt.thinking {
+        id("</think>")
+    } else {
+        None
+    };
+    let grammar = match &spec.shape {
+        Some(shape) => Some(structured::rule(state, shape, after_reasoning)?),
+        None => None,
+    };
+    if budget.is_none() && one_call.is_none() && grammar.is_none() {
+        return Ok(None);
     }
-    Some(Arc::new(move || {
+    Ok(Some(Arc::new(move || {
         let mut rules: Vec<Box<dyn OutputConstraint>> = Vec::new();
         if let Some((b, close, section)) = &budget {
             rules.push(Box::new(ReasoningBudget::new(*b, *close, section)));
@@ -267,6 +290,9 @@ pub(crate) fn output_rules(
         if let Some((call_end, section_end)) = one_call {
             rules.push(Box::new(SingleToolCall::new(call_end, section_end)));
         }
+        if let Some(g) = &grammar {
+            rules.push(Box::new(g.fork()));
+        }
         rules
-    }))
+    })))
 }

@@ -9,6 +9,7 @@ use super::error::ApiError;
 use super::openai::{mode_defaults, pending, request_id, Common, Usage};
 use super::params::SamplingDefaults;
 use super::prompt::{self, ChatPrompt, ToolChoice};
+use super::structured;
 use super::{body_bytes, check_model, now_secs, submit, Shared, Tracker};
 use crate::engine::sampling::SamplingConfig;
 use crate::engine::{Event, FinishReason};
@@ -509,6 +510,19 @@ async fn respond(
         }
     };
     let one_call = req.parallel_tool_calls == Some(false);
+    let shape = match structured::tool_shape(tools.as_ref(), &choice, !one_call) {
+        Some(shape) => Some(shape),
+        None => structured::json_shape(
+            req.text.as_ref().and_then(|t| t.get("format")),
+            "text.format",
+        )?,
+    };
+    let spec = prompt::OutputSpec {
+        budget: None,
+        one_call,
+        shape,
+    };
+    let rules = prompt::output_rules(state, spec, &p)?;
     let c = Common {
         sampling,
         max_tokens,
@@ -521,7 +535,7 @@ async fn respond(
         skip_special_tokens: true,
         forced,
         tokens_as_ids: false,
-        rules: prompt::output_rules(state, None, one_call && p.parse_tools),
+        rules,
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     let mut echo = Map::new();

@@ -12,7 +12,9 @@ import time
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
+import typing
 
 from conftest import API_KEY, MODEL, Server
 
@@ -140,7 +142,7 @@ def test_tool_call_and_reasoning_through_openai(client):
 
 
 def test_tool_call_and_reasoning_streamed_through_openai(client):
-    reasoning, content, calls, finish = "", "", {}, None
+    reasoning, reasoning_new_name, content, calls, finish = "", "", "", {}, None
     for chunk in client.chat.completions.create(
         model=MODEL, messages=USER, tools=TOOLS, max_tokens=200, stream=True,
         extra_body={"forced_output": TOOL_OUTPUT},
@@ -148,6 +150,8 @@ def test_tool_call_and_reasoning_streamed_through_openai(client):
         for c in chunk.choices:
             d = c.delta
             reasoning += getattr(d, "reasoning_content", None) or ""
+            # vLLM's current field, which `vllm bench serve` and LiteLLM read.
+            reasoning_new_name += getattr(d, "reasoning", None) or ""
             content += d.content or ""
             for tc in d.tool_calls or []:
                 entry = calls.setdefault(tc.index, {"id": None, "name": None, "args": ""})
@@ -158,7 +162,7 @@ def test_tool_call_and_reasoning_streamed_through_openai(client):
                 if tc.function and tc.function.arguments:
                     entry["args"] += tc.function.arguments
             finish = c.finish_reason or finish
-    assert reasoning == REASONING
+    assert reasoning == REASONING and reasoning_new_name == REASONING
     assert content == CONTENT
     assert finish == "tool_calls"
     assert calls[0]["id"] == "functions.get_weather:0"
@@ -387,6 +391,50 @@ def test_models_retrieve_and_json_404(server, client):
         client.models.retrieve("no-such-model")
     r = httpx.get(server.base + "/v1/nothing-here", headers={"authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 404 and "nothing-here" in r.json()["error"]["message"]
+
+
+# --- structured output with random weights ---------------------------------------------
+
+class Forecast(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: typing.Literal["Paris", "Oslo", "Lima"]
+    days: typing.Annotated[int, pydantic.Field(ge=1, le=9)]
+    metric: bool
+
+
+FORECAST_TOOL = {"type": "function", "function": {
+    "name": "forecast", "strict": True, "parameters": Forecast.model_json_schema()}}
+
+
+def test_chat_completions_parse_returns_the_pydantic_object(client):
+    for seed in range(3):
+        out = client.chat.completions.parse(
+            model=MODEL, messages=USER, response_format=Forecast, max_tokens=200, seed=seed,
+            temperature=1.0, extra_body={"chat_template_kwargs": {"thinking": False}})
+        assert isinstance(out.choices[0].message.parsed, Forecast), out
+
+
+def test_required_tool_choice_returns_schema_valid_arguments(client, claude):
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=MODEL, messages=USER, tools=[FORECAST_TOOL], tool_choice="required",
+            max_tokens=120, seed=seed, temperature=1.0)
+        calls = out.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "forecast"
+        Forecast.model_validate_json(calls[0].function.arguments)
+        assert "<|tool_call" not in (out.choices[0].message.content or "")
+    msg = claude.messages.create(
+        model=MODEL, max_tokens=120, messages=USER, tool_choice={"type": "any"},
+        tools=[{"name": "forecast", "input_schema": Forecast.model_json_schema()}])
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert len(uses) >= 1 and msg.stop_reason == "tool_use"
+    Forecast.model_validate(uses[0].input)
+
+
+def test_responses_text_format_json_schema(client):
+    r = client.responses.parse(model=MODEL, input="Forecast?", text_format=Forecast,
+                               max_output_tokens=200, reasoning={"effort": "none"})
+    assert isinstance(r.output_parsed, Forecast)
 
 
 # --- errors ---------------------------------------------------------------------------
