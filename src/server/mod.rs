@@ -202,7 +202,10 @@ async fn health(State(state): State<Shared>) -> Response {
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
     (
-        [("content-type", "text/plain; version=0.0.4")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(&state.engine.stats),
     )
         .into_response()

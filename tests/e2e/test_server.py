@@ -437,6 +437,29 @@ def test_responses_text_format_json_schema(client):
     assert isinstance(r.output_parsed, Forecast)
 
 
+def test_request_log_is_one_json_line_per_request():
+    s = Server("--log-format", "json", "--cors-allow-origin", "*")
+    try:
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=9)
+        r = httpx.options(s.base + "/v1/chat/completions",
+                          headers={"origin": "http://x.test", "access-control-request-method": "POST"})
+        assert r.headers.get("access-control-allow-origin") == "*"
+        time.sleep(0.2)
+        lines = [json.loads(l) for l in s.read_log().splitlines() if l.startswith("{")]
+    finally:
+        s.stop()
+    done = [l for l in lines if l.get("route") == "/v1/chat/completions" and l.get("status") == 200]
+    assert len(done) == 1, lines
+    line = done[0]
+    assert line["model"] == MODEL and line["completion_tokens"] == 3 and line["prompt_tokens"] > 3
+    assert line["finish"] == "length" and line["ttft_ms"] > 0 and line["duration_ms"] >= line["ttft_ms"]
+    refused = [l for l in lines if l.get("status") == 400]
+    assert len(refused) == 1 and "temperature" in refused[0]["error"], lines
+
+
 # --- errors ---------------------------------------------------------------------------
 
 def test_bad_json_and_bad_parameters(server, client):
