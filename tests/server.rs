@@ -798,3 +798,30 @@ async fn structured_output_holds_random_weights_to_the_schema() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["param"], "response_format", "{v}");
 }
+
+#[tokio::test]
+async fn images_in_chat_messages_become_placeholders() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    let body = chat(json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    ]}]}));
+    let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/tokenize",
+        Some(KEY),
+        &json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, plain) = call(&app, "POST", "/tokenize", Some(KEY), &json!({"model": "m", "messages": [{"role": "user", "content": "[image omitted: this model reads text only]"}]}).to_string()).await;
+    assert_eq!(
+        v["tokens"], plain["tokens"],
+        "the placeholder is what the model reads"
+    );
+}

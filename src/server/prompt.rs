@@ -50,11 +50,15 @@ fn content_text(content: &Value, at: &str) -> Result<Value, ApiError> {
                             .ok_or_else(|| ApiError::param(at, format!("{at}[{j}] has no text")))?
                             .to_string(),
                     ),
+                    // A text-only model: the image is named, not refused, so an agent's
+                    // session survives a screenshot.
                     "image_url" | "input_image" | "image" => {
-                        return Err(ApiError::param(
-                            at,
-                            "image content is not supported by this server (text-only model)",
-                        ))
+                        tracing::warn!(part = %format!("{at}[{j}]"), "image replaced by a placeholder (text-only model)");
+                        texts.push("[image omitted: this model reads text only]".to_string())
+                    }
+                    "file" | "input_file" | "input_audio" => {
+                        tracing::warn!(part = %format!("{at}[{j}]"), "{kind} replaced by a placeholder (text-only model)");
+                        texts.push(format!("[{kind} omitted: this model reads text only]"))
                     }
                     other => {
                         return Err(ApiError::param(
