@@ -104,6 +104,14 @@ async fn openai_errors_name_the_problem() {
 
     for (extra, param) in [
         (json!({"temperature": 3}), "temperature"),
+        // Wrong types are named by the typed body (serde_path_to_error).
+        (json!({"temperature": "hot"}), "temperature"),
+        (
+            json!({"stream_options": {"include_usage": 3}}),
+            "stream_options",
+        ),
+        (json!({"logprobs": "x"}), "logprobs"),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
         (json!({"top_p": 0}), "top_p"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"n": 0}), "n"),

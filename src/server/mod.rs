@@ -224,14 +224,14 @@ pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
     })
 }
 
-/// A request's JSON object, once its size, syntax and `model` are checked.
+/// An OpenAI-style request, once its size, syntax, field types and `model` are checked.
 pub(crate) fn request_body(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
-) -> Result<params::Body, ApiError> {
-    let body = params::parse_body(&body_bytes(body)?)?;
-    check_model(state, params::opt_str(&body, "model")?)?;
-    Ok(body)
+) -> Result<params::OpenAiRequest, ApiError> {
+    let req = params::parse_request(&body_bytes(body)?)?;
+    check_model(state, req.model.as_deref())?;
+    Ok(req)
 }
 
 /// Checks the requested model name against the served one.

@@ -3,7 +3,7 @@
 //! shapes with `--tool-call-parser kimi_k2 --reasoning-parser kimi_k2`.
 
 use super::error::ApiError;
-use super::params::{self, field, opt_bool, opt_str, opt_u64, Body, SamplingDefaults};
+use super::params::{self, Logprobs, OpenAiRequest, SamplingDefaults};
 use super::prompt::{self, ChatPrompt};
 use super::structured;
 use super::{now_secs, request_body, submit, Pending, Shared, Tracker};
@@ -61,10 +61,10 @@ pub(crate) type RuleMaker = Arc<dyn Fn() -> Vec<Box<dyn OutputConstraint>> + Sen
 /// Reads the shared fields; `max_tokens` defaults to what the context leaves.
 pub(crate) fn common(
     state: &Shared,
-    body: &Body,
+    req: &OpenAiRequest,
     prompt_len: usize,
     defaults: SamplingDefaults,
-    max_token_fields: &[&str],
+    max_token_fields: &[(&str, Option<u64>)],
 ) -> Result<Common, ApiError> {
     let vocab = state.engine.model_config.vocab_size;
     let limit = state.engine.config.max_model_len;
@@ -77,8 +77,8 @@ pub(crate) fn common(
         ));
     }
     let mut max_tokens = None;
-    for name in max_token_fields {
-        if let Some(v) = opt_u64(body, name)? {
+    for &(name, value) in max_token_fields {
+        if let Some(v) = value {
             if v == 0 {
                 return Err(ApiError::param(name, format!("{name} must be at least 1")));
             }
@@ -96,19 +96,16 @@ pub(crate) fn common(
             break;
         }
     }
-    let n = opt_u64(body, "n")?.unwrap_or(1);
+    let n = req.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(ApiError::param("n", "n must be between 1 and 16"));
     }
-    let mut sampling = params::sampling(body, defaults, vocab)?;
-    let logprobs = match field(body, "logprobs") {
-        None => None,
-        Some(Value::Bool(false)) => None,
-        Some(Value::Bool(true)) => Some(opt_u64(body, "top_logprobs")?.unwrap_or(0) as usize),
+    let mut sampling = params::sampling(req, defaults, vocab)?;
+    let logprobs = match req.logprobs {
+        None | Some(Logprobs::Flag(false)) => None,
+        Some(Logprobs::Flag(true)) => Some(req.top_logprobs.unwrap_or(0) as usize),
         // Text completions give the count itself.
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            ApiError::param("logprobs", "logprobs must be true/false or an integer")
-        })? as usize),
+        Some(Logprobs::Count(k)) => Some(k as usize),
     };
     if logprobs.is_some_and(|k| k > 20) {
         return Err(ApiError::param(
@@ -117,18 +114,16 @@ pub(crate) fn common(
         ));
     }
     sampling.logprobs = logprobs;
-    let include_usage = match field(body, "stream_options") {
-        Some(o) => o
-            .get("include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        None => false,
-    };
-    let stop_token_ids = match field(body, "stop_token_ids") {
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let stop_token_ids = match &req.stop_token_ids {
         Some(v) => params::token_ids(v, "stop_token_ids", vocab)?,
         None => Vec::new(),
     };
-    let forced = match field(body, "forced_output") {
+    let forced = match &req.forced_output {
         None => None,
         Some(_) if !state.allow_forced_output => {
             return Err(ApiError::param(
@@ -148,14 +143,14 @@ pub(crate) fn common(
         sampling,
         max_tokens: max_tokens.unwrap_or(limit - prompt_len),
         n: n as usize,
-        stream: opt_bool(body, "stream")?.unwrap_or(false),
+        stream: req.stream.unwrap_or(false),
         include_usage,
-        stop: params::stop_strings(body, "stop")?,
+        stop: params::stop_strings(&req.stop)?,
         stop_token_ids,
-        ignore_eos: opt_bool(body, "ignore_eos")?.unwrap_or(false),
-        skip_special_tokens: opt_bool(body, "skip_special_tokens")?.unwrap_or(true),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
         forced,
-        tokens_as_ids: opt_bool(body, "return_tokens_as_token_ids")?.unwrap_or(false),
+        tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
         rules: None,
     })
 }
@@ -324,41 +319,36 @@ pub async fn chat_completions(
 }
 
 async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = request_body(state, body)?;
+    let req = request_body(state, body)?;
     let messages = prompt::normalise_messages(
-        field(&body, "messages")
+        req.messages
+            .as_ref()
             .ok_or_else(|| ApiError::param("messages", "messages is required"))?,
     )?;
-    let tools = field(&body, "tools");
+    let tools = req.tools.as_ref();
     let tool_names = match tools {
         Some(t) => prompt::check_tools(t)?,
         None => Vec::new(),
     };
-    let tool_choice = prompt::parse_tool_choice(field(&body, "tool_choice"), &tool_names)?;
+    let tool_choice = prompt::parse_tool_choice(req.tool_choice.as_ref(), &tool_names)?;
     let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
-    let kwargs: Map<String, Value> = match field(&body, "chat_template_kwargs") {
-        None => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => {
-            return Err(ApiError::param(
-                "chat_template_kwargs",
-                "chat_template_kwargs must be an object",
-            ))
-        }
-    };
+    let kwargs: Map<String, Value> = req.chat_template_kwargs.clone().unwrap_or_default();
     let chat_prompt = prompt::render(state, &messages, tools, &tool_choice, &kwargs)?;
-    let fields = ["max_completion_tokens", "max_tokens"];
+    let fields = [
+        ("max_completion_tokens", req.max_completion_tokens),
+        ("max_tokens", req.max_tokens),
+    ];
     let mut c = common(
         state,
-        &body,
+        &req,
         chat_prompt.ids.len(),
         mode_defaults(chat_prompt.thinking),
         &fields,
     )?;
-    let parallel = opt_bool(&body, "parallel_tool_calls")? != Some(false);
+    let parallel = req.parallel_tool_calls != Some(false);
     let shape = match structured::tool_shape(tools, &tool_choice, parallel) {
         Some(shape) => Some(shape),
-        None => structured::json_shape(field(&body, "response_format"), "response_format")?,
+        None => structured::json_shape(req.response_format.as_ref(), "response_format")?,
     };
     let spec = prompt::OutputSpec {
         budget: None,
@@ -701,12 +691,14 @@ async fn completion(
     state: &Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = request_body(state, body)?;
+    let req = request_body(state, body)?;
     let prompts = completion_prompts(
         state,
-        field(&body, "prompt").ok_or_else(|| ApiError::param("prompt", "prompt is required"))?,
+        req.prompt
+            .as_ref()
+            .ok_or_else(|| ApiError::param("prompt", "prompt is required"))?,
     )?;
-    let echo = opt_bool(&body, "echo")?.unwrap_or(false);
+    let echo = req.echo.unwrap_or(false);
     // Plain completions default to the engine's neutral sampling (temperature 1).
     let defaults = SamplingDefaults {
         temperature: 1.0,
@@ -714,10 +706,16 @@ async fn completion(
     };
     let mut commons = Vec::new();
     for p in &prompts {
-        commons.push(common(state, &body, p.len(), defaults, &["max_tokens"])?);
+        commons.push(common(
+            state,
+            &req,
+            p.len(),
+            defaults,
+            &[("max_tokens", req.max_tokens)],
+        )?);
     }
     // OpenAI's text-completion default is 16 tokens.
-    let explicit_max = field(&body, "max_tokens").is_some();
+    let explicit_max = req.max_tokens.is_some();
     let mut all = Vec::new();
     for (p, c) in prompts.iter().zip(commons.iter_mut()) {
         if !explicit_max {
@@ -1015,20 +1013,17 @@ pub async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = request_body(&state, body)?;
-        let ids = if let Some(messages) = field(&body, "messages") {
+        let req = request_body(&state, body)?;
+        let ids = if let Some(messages) = &req.messages {
             let messages = prompt::normalise_messages(messages)?;
-            let kwargs = match field(&body, "chat_template_kwargs") {
-                Some(Value::Object(m)) => m.clone(),
-                _ => Map::new(),
-            };
-            let add = opt_bool(&body, "add_generation_prompt")?.unwrap_or(true);
+            let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+            let add = req.add_generation_prompt.unwrap_or(true);
             let rendered = state
                 .template
                 .render_prompt(
                     &state.engine.tokenizer,
                     &Value::Array(messages),
-                    field(&body, "tools"),
+                    req.tools.as_ref(),
                     add,
                     &kwargs,
                 )
@@ -1037,8 +1032,11 @@ pub async fn tokenize(
                 })?;
             state.engine.tokenizer.encode_rendered(&rendered)
         } else {
-            let prompt = opt_str(&body, "prompt")?
-                .ok_or_else(|| ApiError::param("prompt", "give prompt or messages"))?;
+            let prompt = match &req.prompt {
+                Some(Value::String(s)) => s,
+                Some(_) => return Err(ApiError::param("prompt", "prompt must be a string")),
+                None => return Err(ApiError::param("prompt", "give prompt or messages")),
+            };
             state.engine.tokenizer.encode(prompt, Specials::Recognise)
         };
         Ok(Json(json!({
@@ -1056,8 +1054,10 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Response, ApiError> {
-        let body = request_body(&state, body)?;
-        let tokens = field(&body, "tokens")
+        let req = request_body(&state, body)?;
+        let tokens = req
+            .tokens
+            .as_ref()
             .ok_or_else(|| ApiError::param("tokens", "tokens is required"))?;
         let ids = params::token_ids(tokens, "tokens", state.engine.tokenizer.vocab_size())?;
         let text = state
