@@ -581,6 +581,7 @@ fn run_concurrent(
                 prompt_logprobs: None,
                 forced: None,
                 constraints: Vec::new(),
+                client_backed_up: None,
                 events: tx,
             })
             .map_err(|e| BenchError::Request(e.to_string()))?;

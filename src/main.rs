@@ -174,6 +174,18 @@ struct ServeArgs {
     /// Let browsers on these origins call the API (`*` for any); off by default.
     #[arg(long, num_args = 1..)]
     cors_allow_origin: Vec<String>,
+    /// Seconds a stream may sit unread before it is dropped; its generation pauses as
+    /// soon as the client falls behind (its KV blocks stay held until then).
+    #[arg(long, default_value_t = 60)]
+    stream_stall_timeout: u64,
+    /// Open connections served at once; further connections only get `/health` and
+    /// 503 (load balancers and probes keep an answer).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers, and between the chunks of
+    /// its body, before the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    request_read_timeout: u64,
     /// Request log format on stderr: `text` or `json` (one object per line).
     /// RUST_LOG filters it (default: info).
     #[arg(long, default_value = "text")]
@@ -459,6 +471,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         simulate_gpus: args.simulate_gpus,
         enforce_eager: args.enforce_eager,
+        stream_stall_timeout: std::time::Duration::from_secs(args.stream_stall_timeout.max(1)),
     };
     let state = launch::launch(&opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -474,6 +487,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             body_limit: args.max_body_mib.saturating_mul(1 << 20),
             drain_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
             cors,
+            max_connections: args.max_connections.max(1),
+            read_timeout: std::time::Duration::from_secs(args.request_read_timeout.max(1)),
         },
     ))?;
     Ok(())

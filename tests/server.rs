@@ -38,6 +38,7 @@ fn options() -> LaunchOptions {
         progress: false,
         simulate_gpus: false,
         enforce_eager: false,
+        stream_stall_timeout: std::time::Duration::from_secs(60),
     }
 }
 

@@ -59,6 +59,9 @@ pub struct GenRequest {
     pub forced: Option<Vec<u32>>,
     /// Rules on the output (a reasoning budget, a grammar), applied where it samples.
     pub constraints: Vec<Box<dyn constraint::OutputConstraint>>,
+    /// Set while the client leaves too much of the stream unread: the sequence is not
+    /// decoded (it keeps its KV blocks) until the client catches up.
+    pub client_backed_up: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub events: UnboundedSender<Event>,
 }
 

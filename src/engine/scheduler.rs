@@ -129,8 +129,18 @@ impl Scheduler {
             // A bug in one step must not take every other request (or the server) down:
             // the sequences in that step fail with an error and the engine goes on.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
-            if stepped.is_err() {
-                self.fail_running("internal error during a forward step; see the server log");
+            match stepped {
+                Err(_) => {
+                    self.fail_running("internal error during a forward step; see the server log")
+                }
+                // Every running sequence waits for its client to read: wait for news
+                // rather than spin.
+                Ok(false) => match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+                    Ok(req) => self.enqueue(req),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+                },
+                Ok(true) => {}
             }
             self.publish();
         }
@@ -265,7 +275,13 @@ impl Scheduler {
         let mut counts = vec![0; self.running.len()];
         let mut prefills = Vec::new();
         for (i, s) in self.running.iter().enumerate() {
+            let backed_up = s
+                .req
+                .client_backed_up
+                .as_ref()
+                .is_some_and(|b| b.load(Ordering::SeqCst));
             match s.tokens.len() - s.computed {
+                1 if backed_up => {}
                 1 => {
                     counts[i] = 1;
                     tokens = tokens.saturating_sub(1);
@@ -349,13 +365,14 @@ impl Scheduler {
         }
     }
 
-    fn step(&mut self) {
+    /// Runs one batched forward step; false when no sequence could run.
+    fn step(&mut self) -> bool {
         if self.running.is_empty() {
-            return;
+            return true;
         }
         let counts = self.plan_step();
         if counts.iter().all(|&c| c == 0) {
-            return;
+            return false;
         }
         let active: Vec<usize> = (0..self.running.len()).filter(|&i| counts[i] > 0).collect();
         let entries: Vec<BatchEntry> = active
@@ -406,7 +423,7 @@ impl Scheduler {
                     self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
                     let _ = seq.req.events.send(Event::Error(message.clone()));
                 }
-                return;
+                return true;
             }
         };
         let vocab = self.model.config.vocab_size;
@@ -441,6 +458,7 @@ impl Scheduler {
             let mut seq = self.running.remove(i);
             self.finish(&mut seq, reason, stop);
         }
+        true
     }
 
     /// Samples (or takes the forced) next token, streams it, and says whether the

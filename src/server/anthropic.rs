@@ -6,6 +6,7 @@
 //! streaming event sequence, with `ping` events while a request waits or is prefilled.
 
 use super::error::{ApiError, Dialect};
+use super::flow::{self, FlowSender};
 use super::openai::{mode_defaults, pending, request_id, Common};
 use super::prompt::{self, ChatPrompt, ToolChoice};
 use super::structured;
@@ -22,11 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A stream that has sent nothing for this long sends a `ping` event. Claude Code gives
 /// up on a stream that stays silent for minutes, and a long prompt's prefill can.
@@ -634,6 +632,9 @@ async fn message(
         shape: structured::tool_shape(tools.as_ref(), &choice, !one_call),
     };
     let rules = prompt::output_rules(state, spec, &p)?;
+    let flow = req
+        .stream
+        .then(|| flow::channel(state.stream_stall_timeout));
     let c = Common {
         sampling,
         // The context bounds the output even when max_tokens asks for more.
@@ -648,15 +649,14 @@ async fn message(
         forced,
         tokens_as_ids: false,
         rules,
+        backed_up: flow.as_ref().map(|(_, _, flag)| flag.clone()),
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     // Anthropic message ids read `msg_...`.
     let id = request_id("msg").replacen('-', "_", 1);
-    if c.stream {
-        let (tx, out) = unbounded_channel();
+    if let Some((tx, body, _)) = flow {
         tokio::spawn(stream_message(state.clone(), rx, tx, id, p));
-        let stream = UnboundedReceiverStream::new(out).map(Ok::<_, Infallible>);
-        Ok(Sse::new(stream).into_response())
+        Ok(Sse::new(body).into_response())
     } else {
         collect_message(state, rx, id, &p).await
     }
@@ -778,7 +778,7 @@ enum Open {
 }
 
 struct BlockWriter {
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     open: Open,
     index: i64,
     alive: bool,
@@ -868,7 +868,7 @@ impl BlockWriter {
 async fn stream_message(
     state: Shared,
     mut rx: UnboundedReceiver<(usize, Event)>,
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     id: String,
     p: ChatPrompt,
 ) {

@@ -50,6 +50,9 @@ pub struct LaunchOptions {
     pub simulate_gpus: bool,
     /// Launch every GPU kernel one by one: no decode steps recorded as CUDA graphs.
     pub enforce_eager: bool,
+    /// How long a stream may sit unread before it is dropped (its generation pauses
+    /// as soon as it falls behind).
+    pub stream_stall_timeout: std::time::Duration,
 }
 
 /// Why `serve` cannot start.
@@ -199,6 +202,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
         created: super::now_secs(),
         responses: Default::default(),
         grammar: Default::default(),
+        stream_stall_timeout: opts.stream_stall_timeout,
     }))
 }
 

@@ -6,6 +6,7 @@
 
 mod anthropic;
 pub mod error;
+mod flow;
 pub mod launch;
 pub mod metrics;
 mod openai;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub created: u64,
     /// Conversations kept for the Responses API's `previous_response_id`.
     pub responses: responses::ResponseStore,
+    /// How long a stream may sit unread (its generation paused) before it is dropped.
+    pub stream_stall_timeout: Duration,
     /// The vocabulary for constrained decoding, built on first use.
     pub grammar: std::sync::OnceLock<Result<Arc<crate::engine::grammar::GrammarVocab>, String>>,
 }
@@ -304,17 +307,21 @@ pub(crate) fn submit(
     Ok(merged_rx)
 }
 
-/// The next engine event for a stream, or `None` once the events end or the stream's
-/// body (the receiver of `out`) is gone, which happens as soon as the client hangs up:
-/// the engine's requests are then dropped within one step, a long prompt's prefill
-/// included, without waiting for its first token to fail to send.
-pub(crate) async fn next_for_stream<T>(
+/// The next engine event for a stream, or `None` once the events end, the stream's
+/// body is gone (the client hung up), or the client has read nothing for the stall
+/// timeout. The engine's requests are then dropped within one step, a long prompt's
+/// prefill included, without waiting for a token to fail to send.
+pub(crate) async fn next_for_stream(
     rx: &mut UnboundedReceiver<(usize, Event)>,
-    out: &tokio::sync::mpsc::UnboundedSender<T>,
+    out: &flow::FlowSender,
 ) -> Option<(usize, Event)> {
     tokio::select! {
         ev = rx.recv() => ev,
         _ = out.closed() => None,
+        _ = out.stalled() => {
+            tracing::warn!("a client left its stream unread past the stall timeout; dropping it");
+            None
+        }
     }
 }
 
@@ -505,38 +512,116 @@ pub struct ServeOptions {
     /// How long running streams may take to finish after SIGTERM.
     pub drain_timeout: Duration,
     pub cors: Cors,
+    /// Connections served at once (more only get `/health`).
+    pub max_connections: usize,
+    /// Header read timeout, and the longest wait between a request body's chunks.
+    pub read_timeout: Duration,
 }
 
 /// Serves until SIGTERM or Ctrl-C: then new requests get 503 while running ones finish
 /// (up to `drain_timeout`), and the process returns.
+///
+/// Connections are served by hyper directly so that each has a header read timeout and
+/// the server a connection limit: a client that opens connections and sends nothing
+/// (or a body a byte a minute) is cut off after `read_timeout`, and connections beyond
+/// `max_connections` only get `/health` (and 503 elsewhere), one request each.
 pub async fn serve(state: Shared, opts: ServeOptions) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
     let addr = listener.local_addr()?;
-    let app = router_with(state.clone(), opts.body_limit, &opts.cors);
+    let app = router_with(state.clone(), opts.body_limit, &opts.cors).layer(
+        tower_http::timeout::RequestBodyTimeoutLayer::new(opts.read_timeout),
+    );
+    let overflow = Router::new()
+        .route("/health", get(health))
+        .fallback(too_many_connections)
+        .with_state(state.clone());
     eprintln!("{}", banner(&state, addr));
-    let drain = opts.drain_timeout;
-    let shutdown_state = state.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let drained = Arc::new(tokio::sync::Notify::new());
-    let drained_signal = drained.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        wait_for_signal().await;
-        shutdown_state.shutting_down.store(true, Ordering::SeqCst);
-        eprintln!("shutting down: refusing new requests, finishing running ones");
-        let deadline = Instant::now() + drain;
-        while shutdown_state.engine.in_flight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let signal = {
+        let state = state.clone();
+        let drained = drained.clone();
+        let drain = opts.drain_timeout;
+        async move {
+            wait_for_signal().await;
+            state.shutting_down.store(true, Ordering::SeqCst);
+            eprintln!("shutting down: refusing new requests, finishing running ones");
+            let deadline = Instant::now() + drain;
+            while state.engine.in_flight() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drained.notify_one();
         }
-        drained_signal.notify_one();
-    });
-    // Streams still open after the drain deadline are cut when the runtime stops.
-    let cut_off = async move {
-        drained.notified().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    tokio::select! {
-        r = server => r,
-        _ = cut_off => Ok(()),
+    tokio::spawn(signal);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait for connections to close.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drained.notified() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        // A bounded send buffer: a client that stops reading is noticed after about
+        // this much rather than after the kernel's autotuned megabytes (streamed tokens
+        // are small; this is still ample for any response at LAN speed).
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
+        let permit = slots.clone().try_acquire_owned().ok();
+        let mut builder = Builder::new(TokioExecutor::new());
+        let (service, header_timeout) = match &permit {
+            Some(_) => (app.clone(), opts.read_timeout),
+            None => {
+                builder.http1().keep_alive(false);
+                (
+                    overflow.clone(),
+                    opts.read_timeout.min(Duration::from_secs(2)),
+                )
+            }
+        };
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(HTTP1_BUFFER_BYTES);
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
     }
+    drop(listener);
+    // Streams still open after the drain deadline are cut.
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// The kernel send buffer of each connection.
+const SEND_BUFFER_BYTES: usize = 128 << 10;
+/// hyper's HTTP/1 buffer per connection (request headers and queued response bytes).
+const HTTP1_BUFFER_BYTES: usize = 64 << 10;
+
+/// What connections beyond `--max-connections` get for anything but `/health`.
+async fn too_many_connections(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server has as many connections open as --max-connections allows; retry later",
+    )
+    .in_dialect(dialect_of(req.uri().path()))
+    .into_response()
 }
 
 /// What a user needs to point clients at the server: both API bases (Anthropic

@@ -3,6 +3,7 @@
 //! shapes with `--tool-call-parser kimi_k2 --reasoning-parser kimi_k2`.
 
 use super::error::ApiError;
+use super::flow::{self, FlowSender};
 use super::params::{self, Logprobs, OpenAiRequest, SamplingDefaults};
 use super::prompt::{self, ChatPrompt};
 use super::structured;
@@ -23,9 +24,7 @@ use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -53,6 +52,8 @@ pub(crate) struct Common {
     pub tokens_as_ids: bool,
     /// Makes each choice's output rules (fresh state per choice).
     pub rules: Option<RuleMaker>,
+    /// A stream's backpressure flag (see `flow`), shared by its choices.
+    pub backed_up: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Builds one sequence's output rules.
@@ -152,6 +153,7 @@ pub(crate) fn common(
         forced,
         tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
         rules: None,
+        backed_up: None,
     })
 }
 
@@ -171,6 +173,7 @@ pub(crate) fn pending(
             let stop_token_ids = c.stop_token_ids.clone();
             let (max_tokens, ignore_eos, forced) = (c.max_tokens, c.ignore_eos, c.forced.clone());
             let rules = c.rules.clone();
+            let backed_up = c.backed_up.clone();
             Pending {
                 req: Box::new(move |events| GenRequest {
                     prompt,
@@ -183,6 +186,7 @@ pub(crate) fn pending(
                     prompt_logprobs,
                     forced,
                     constraints: rules.map(|make| make()).unwrap_or_default(),
+                    client_backed_up: backed_up,
                     events,
                 }),
             }
@@ -260,9 +264,10 @@ fn sse_json(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
-fn sse_response(rx: UnboundedReceiver<SseEvent>) -> Response {
-    let stream = UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    Sse::new(stream)
+fn sse_response(
+    body: impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
@@ -356,6 +361,11 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
         shape,
     };
     c.rules = prompt::output_rules(state, spec, &chat_prompt)?;
+    let flow = c.stream.then(|| {
+        let (tx, body, backed_up) = flow::channel(state.stream_stall_timeout);
+        c.backed_up = Some(backed_up);
+        (tx, body)
+    });
     // Reasoning and tool-call markers stay in the text for the parser either way.
     let choices = pending(&chat_prompt.ids, &c, c.skip_special_tokens, None);
     let rx = submit(state, choices)?;
@@ -364,8 +374,7 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
         created: now_secs(),
         model: state.served_model_name.clone(),
     };
-    if c.stream {
-        let (tx, out) = unbounded_channel();
+    if let Some((tx, body)) = flow {
         let state = state.clone();
         let flags = (
             c.include_usage,
@@ -373,7 +382,7 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
             c.tokens_as_ids,
         );
         tokio::spawn(stream_chat(state, rx, tx, meta, chat_prompt, c.n, flags));
-        Ok(sse_response(out))
+        Ok(sse_response(body))
     } else {
         collect_chat(
             state,
@@ -534,7 +543,7 @@ async fn collect_chat(
 async fn stream_chat(
     state: Shared,
     mut rx: UnboundedReceiver<(usize, Event)>,
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     meta: ChatMeta,
     p: ChatPrompt,
     n: usize,
@@ -716,6 +725,13 @@ async fn completion(
     }
     // OpenAI's text-completion default is 16 tokens.
     let explicit_max = req.max_tokens.is_some();
+    let flow = req.stream.unwrap_or(false).then(|| {
+        let (tx, body, backed_up) = flow::channel(state.stream_stall_timeout);
+        for c in commons.iter_mut() {
+            c.backed_up = Some(backed_up.clone());
+        }
+        (tx, body)
+    });
     let mut all = Vec::new();
     for (p, c) in prompts.iter().zip(commons.iter_mut()) {
         if !explicit_max {
@@ -753,8 +769,7 @@ async fn completion(
         logprobs: c.sampling.logprobs,
         as_ids: c.tokens_as_ids,
     };
-    if c.stream {
-        let (tx, out) = unbounded_channel();
+    if let Some((tx, body)) = flow {
         tokio::spawn(stream_completion(
             state.clone(),
             rx,
@@ -762,7 +777,7 @@ async fn completion(
             ctx,
             c.include_usage,
         ));
-        Ok(sse_response(out))
+        Ok(sse_response(body))
     } else {
         collect_completion(state, rx, ctx).await
     }
@@ -913,7 +928,7 @@ async fn collect_completion(
 async fn stream_completion(
     state: Shared,
     mut rx: UnboundedReceiver<(usize, Event)>,
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     ctx: CompletionCtx,
     include_usage: bool,
 ) {

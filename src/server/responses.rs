@@ -6,6 +6,7 @@
 //! parsed exactly as chat completions are; streams follow the Responses event sequence.
 
 use super::error::ApiError;
+use super::flow::{self, FlowSender};
 use super::openai::{mode_defaults, pending, request_id, Common, Usage};
 use super::params::SamplingDefaults;
 use super::prompt::{self, ChatPrompt, ToolChoice};
@@ -24,11 +25,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::Mutex;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Conversations kept for `previous_response_id`.
 const STORED_RESPONSES: usize = 1024;
@@ -523,6 +521,9 @@ async fn respond(
         shape,
     };
     let rules = prompt::output_rules(state, spec, &p)?;
+    let flow = req
+        .stream
+        .then(|| flow::channel(state.stream_stall_timeout));
     let c = Common {
         sampling,
         max_tokens,
@@ -536,6 +537,7 @@ async fn respond(
         forced,
         tokens_as_ids: false,
         rules,
+        backed_up: flow.as_ref().map(|(_, _, flag)| flag.clone()),
     };
     let rx = submit(state, pending(&p.ids, &c, true, None))?;
     let mut echo = Map::new();
@@ -575,11 +577,9 @@ async fn respond(
     // Kept for `previous_response_id` once the output is known (`store: false` keeps
     // nothing, as OpenAI's API does).
     let keep = req.store.unwrap_or(true).then_some(history);
-    if c.stream {
-        let (tx, out) = unbounded_channel();
+    if let Some((tx, body, _)) = flow {
         tokio::spawn(stream_response(state.clone(), rx, tx, meta, p, keep));
-        let stream = UnboundedReceiverStream::new(out).map(Ok::<_, Infallible>);
-        Ok(Sse::new(stream)
+        Ok(Sse::new(body)
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
@@ -656,7 +656,7 @@ async fn collect_response(
 
 /// Writes the Responses event sequence, numbering events as OpenAI does.
 struct EventWriter {
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     sequence: u64,
     alive: bool,
 }
@@ -817,7 +817,7 @@ impl Items {
 async fn stream_response(
     state: Shared,
     mut rx: UnboundedReceiver<(usize, Event)>,
-    tx: UnboundedSender<SseEvent>,
+    tx: FlowSender,
     meta: Meta,
     p: ChatPrompt,
     keep: Option<Vec<Value>>,

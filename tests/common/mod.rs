@@ -153,6 +153,7 @@ pub fn greedy(
             prompt_logprobs: None,
             forced: None,
             constraints: Vec::new(),
+            client_backed_up: None,
             events: tx,
         },
         rx,

@@ -6,6 +6,7 @@ Tool-call and reasoning plumbing is driven by the test-only `forced_output` fiel
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -662,3 +663,91 @@ def test_a_client_gone_mid_prefill_stops_its_prefill(long_server, stream):
     assert m["kimi_hybrid_kv_blocks_used"] == 0
     # The prompt needs 32 steps; it must have stopped well before.
     assert m["kimi_hybrid_engine_steps_total"] - base < 28
+
+
+# --- slow and silent clients ---------------------------------------------------------
+
+def _unread_stream(server, max_tokens):
+    """A streaming request whose client then reads nothing (a small receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_clients_that_stop_reading_are_paused_then_dropped():
+    s = Server("--max-model-len", "9000", "--stream-stall-timeout", "4")
+    try:
+        silent = [_unread_stream(s, 8000) for _ in range(4)]
+        # Their generation stops once their backlog is unread: the engine's step count
+        # stands still while all four still hold their places.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            before = s.metrics()["kimi_hybrid_engine_steps_total"]
+            time.sleep(0.5)
+            m = s.metrics()
+            if m["kimi_hybrid_engine_steps_total"] == before and m["kimi_hybrid_num_requests_running"] == 4:
+                break
+        else:
+            raise AssertionError(f"generation did not pause: {s.metrics()}")
+        # Everyone else is served at once.
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0)
+        started = time.time()
+        out = client.completions.create(model=MODEL, prompt="hi", max_tokens=8)
+        assert out.usage.completion_tokens == 8 and time.time() - started < 5
+        # After the stall timeout the silent streams are dropped and their blocks freed.
+        deadline = time.time() + 15
+        while time.time() < deadline and s.metrics()["kimi_hybrid_num_requests_running"] > 0:
+            time.sleep(0.25)
+        m = s.metrics()
+        assert m["kimi_hybrid_num_requests_running"] == 0 and m["kimi_hybrid_kv_blocks_used"] == 0, m
+        assert "left its stream unread" in s.read_log()
+        for sock in silent:
+            sock.close()
+    finally:
+        s.stop()
+
+
+def test_half_sent_requests_are_cut_off_and_health_always_answers():
+    s = Server("--request-read-timeout", "1", "--max-connections", "4")
+    try:
+        # Partial headers on more connections than the server serves at once.
+        hanging = []
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            hanging.append(sock)
+        # Beyond the limit, /health still answers (and nothing else does).
+        assert httpx.get(s.base + "/health", timeout=5).status_code == 200
+        r = httpx.post(s.base + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                       timeout=5)
+        assert r.status_code in (200, 503)
+        if r.status_code == 503:
+            assert "max-connections" in r.json()["error"]["message"]
+        # The half-sent requests are closed by the server after the read timeout.
+        time.sleep(2.5)
+        for sock in hanging:
+            sock.settimeout(2)
+            try:
+                assert sock.recv(4096) is not None  # an error response or EOF
+            except (ConnectionResetError, socket.timeout) as e:
+                raise AssertionError(f"connection still open: {e!r}")
+            sock.close()
+        # With the slots free again, requests are served.
+        r = httpx.post(s.base + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                       timeout=10)
+        assert r.status_code == 200, r.text
+        # A body sent too slowly is cut off too.
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\"")
+        sock.settimeout(5)
+        reply = sock.recv(4096)
+        assert reply == b"" or b" 400 " in reply.split(b"\r\n")[0] or b" 408 " in reply.split(b"\r\n")[0], reply
+        sock.close()
+    finally:
+        s.stop()
