@@ -834,3 +834,44 @@ async fn images_in_chat_messages_become_placeholders() {
         "the placeholder is what the model reads"
     );
 }
+
+#[tokio::test]
+async fn strict_tools_hold_calls_the_model_makes_of_its_own_accord() {
+    let mut opts = options();
+    opts.max_model_len = Some(1024);
+    opts.kv_cache_tokens = Some(8192);
+    let (_, app) = make_app(&opts, 1 << 20);
+    let (_, v) = call(
+        &app,
+        "POST",
+        "/tokenize",
+        Some(KEY),
+        &json!({"model": "m", "prompt": "<|tool_calls_section_begin|>"}).to_string(),
+    )
+    .await;
+    let section = v["tokens"][0].as_u64().unwrap_or(0);
+    assert!(section > 0, "{v}");
+    let tool = json!({"type": "function", "function": {
+        "name": "get_weather", "strict": true, "parameters": bounded_schema()}});
+    for seed in 0..3 {
+        // tool_choice auto: the bias makes random weights open a section, and the
+        // grammar makes the call inside it valid.
+        let body = chat(json!({
+            "max_tokens": 200, "seed": seed, "temperature": 1.0,
+            "chat_template_kwargs": {"thinking": false},
+            "tools": [tool], "parallel_tool_calls": false,
+            "logit_bias": {section.to_string(): 100}
+        }));
+        let (s, v) = call(&app, "POST", "/v1/chat/completions", Some(KEY), &body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let calls = v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(calls.len(), 1, "seed {seed}: {v}");
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""))
+                .unwrap_or(Value::Null);
+        assert!(matches_bounded_schema(&args), "seed {seed}: {args}");
+    }
+}

@@ -150,6 +150,9 @@ struct ToolDefinition {
     /// (`web_search_...`) name a versioned type.
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// Calls must follow `input_schema` exactly.
+    #[serde(default)]
+    strict: bool,
 }
 
 #[derive(Deserialize)]
@@ -398,6 +401,7 @@ fn to_openai_tools(req: &MessagesRequest) -> Result<Option<Value>, ApiError> {
                     "name": t.name,
                     "description": t.description.clone().unwrap_or_default(),
                     "parameters": t.input_schema.clone().unwrap_or(json!({"type": "object"})),
+                    "strict": t.strict,
                 },
             })),
             Some(other) => Err(ApiError::bad_request(format!(

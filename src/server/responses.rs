@@ -118,6 +118,8 @@ struct ToolDefinition {
     parameters: Option<Value>,
     /// A namespace's own tools (Codex groups its sub-agent tools so).
     tools: Option<Vec<ToolDefinition>>,
+    #[serde(default)]
+    strict: bool,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +304,7 @@ fn to_chat_tools(tools: &[ToolDefinition], out: &mut Vec<Value>) {
                     "name": name,
                     "description": t.description.clone().unwrap_or_default(),
                     "parameters": t.parameters.clone().unwrap_or(json!({"type": "object"})),
+                    "strict": t.strict,
                 },
             })),
             ("namespace", _, Some(inner)) => to_chat_tools(inner, out),

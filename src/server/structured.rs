@@ -23,6 +23,13 @@ pub(crate) enum Shape {
         choice: ToolChoice,
         parallel: bool,
     },
+    /// Free text with calls the model may make (`tool_choice` auto) when a tool is
+    /// `strict`: text and reasoning stay free, a call's arguments follow its schema
+    /// (any JSON object for tools that are not strict).
+    ToolCallsAuto {
+        tools: Vec<(String, Value)>,
+        parallel: bool,
+    },
 }
 
 /// The shared grammar vocabulary, built on the first structured request.
@@ -109,6 +116,41 @@ fn tool_grammar(tools: &[(String, Value)], choice: &ToolChoice, parallel: bool) 
     g
 }
 
+/// The grammar of an answer that may call tools: reasoning (when the output starts in
+/// it) up to `</think>` or a tool-call section, free text, then at most one section.
+/// Text is any run of ordinary tokens: special tokens match only where named, so the
+/// model cannot open a section except through the grammar.
+fn auto_tool_grammar(tools: &[(String, Value)], parallel: bool, reasoning: bool) -> String {
+    let mut g = String::new();
+    if reasoning {
+        g.push_str("start: <think>? TEXT? (</think> TEXT? section? | section)\n");
+    } else {
+        g.push_str("start: TEXT? section?\n");
+    }
+    g.push_str(if parallel {
+        "section: <|tool_calls_section_begin|> call+ <|tool_calls_section_end|>\n"
+    } else {
+        "section: <|tool_calls_section_begin|> call <|tool_calls_section_end|>\n"
+    });
+    let alternatives: Vec<String> = (0..tools.len())
+        .map(|i| {
+            format!(
+                "{} IDX <|tool_call_argument_begin|> args{i} <|tool_call_end|>",
+                literal(&format!("functions.{}:", tools[i].0))
+            )
+        })
+        .collect();
+    g.push_str(&format!(
+        "call: <|tool_call_begin|> ({})\n",
+        alternatives.join(" | ")
+    ));
+    g.push_str("IDX: /[0-9]+/\nTEXT: /(?s:.+)/\n");
+    for (i, (_, schema)) in tools.iter().enumerate() {
+        g.push_str(&format!("args{i}: %json {}\n", lenient(schema)));
+    }
+    g
+}
+
 /// The rule that holds one request's output to `shape`; `after_reasoning` is the
 /// `</think>` token when the output starts in reasoning, which stays free.
 pub(crate) fn rule(
@@ -129,10 +171,19 @@ pub(crate) fn rule(
             TopLevelGrammar::from_lark(tool_grammar(tools, choice, *parallel)),
             "tools",
         ),
+        Shape::ToolCallsAuto { tools, parallel } => (
+            TopLevelGrammar::from_lark(auto_tool_grammar(
+                tools,
+                *parallel,
+                after_reasoning.is_some(),
+            )),
+            "tools",
+        ),
     };
     let after = match shape {
         // A forced call opens right after the prompt; reasoning does not come first.
-        Shape::ToolCalls { .. } => None,
+        // The auto grammar spells out the reasoning itself.
+        Shape::ToolCalls { .. } | Shape::ToolCallsAuto { .. } => None,
         Shape::Json(_) => after_reasoning,
     };
     vocab(state)?
@@ -140,23 +191,32 @@ pub(crate) fn rule(
         .map_err(|e| ApiError::param(what, format!("{what} cannot be enforced: {e}")))
 }
 
-/// Function names and parameter schemas of chat-style tools.
-pub(crate) fn tool_schemas(tools: &Value) -> Vec<(String, Value)> {
+/// Function names and parameter schemas of chat-style tools; with `only_strict`, a
+/// tool that is not `strict` gets any JSON object.
+pub(crate) fn tool_schemas(tools: &Value, only_strict: bool) -> Vec<(String, Value)> {
     tools
         .as_array()
         .map(|list| {
             list.iter()
                 .filter_map(|t| {
                     let name = t.pointer("/function/name")?.as_str()?.to_string();
-                    let params = t
-                        .pointer("/function/parameters")
-                        .cloned()
-                        .unwrap_or(json!({"type": "object"}));
+                    let strict = t.pointer("/function/strict") == Some(&Value::Bool(true));
+                    let params = match t.pointer("/function/parameters") {
+                        Some(p) if strict || !only_strict => p.clone(),
+                        _ => json!({"type": "object"}),
+                    };
                     Some((name, params))
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn any_strict(tools: &Value) -> bool {
+    tools.as_array().is_some_and(|list| {
+        list.iter()
+            .any(|t| t.pointer("/function/strict") == Some(&Value::Bool(true)))
+    })
 }
 
 /// Chat's `response_format` (`{"type": "json_schema", "json_schema": {"schema": ...}}`,
@@ -185,7 +245,8 @@ pub(crate) fn json_shape(format: Option<&Value>, field: &str) -> Result<Option<S
     }
 }
 
-/// The shape a forced tool choice gives the output, if it forces one.
+/// The shape the tools give the output: a forced call's, or (with `auto` and a
+/// `strict` tool) free text whose calls follow their schemas.
 pub(crate) fn tool_shape(
     tools: Option<&Value>,
     choice: &ToolChoice,
@@ -193,8 +254,12 @@ pub(crate) fn tool_shape(
 ) -> Option<Shape> {
     match (tools, choice) {
         (Some(tools), ToolChoice::Required | ToolChoice::Named(_)) => Some(Shape::ToolCalls {
-            tools: tool_schemas(tools),
+            tools: tool_schemas(tools, false),
             choice: choice.clone(),
+            parallel,
+        }),
+        (Some(tools), ToolChoice::Auto) if any_strict(tools) => Some(Shape::ToolCallsAuto {
+            tools: tool_schemas(tools, true),
             parallel,
         }),
         _ => None,
