@@ -98,6 +98,10 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Read every tensor and report non-finite values and unusable scales, per
+        /// tensor (exit status 1 when any is found).
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -328,7 +332,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Inspect { model, json } => inspect(model, json),
+        Command::Inspect {
+            model,
+            json,
+            verify,
+        } => inspect(model, json, verify),
         Command::Plan(args) => plan(args),
         Command::Bench(args) => bench(args),
         Command::Serve(args) => serve(*args),
@@ -631,9 +639,37 @@ fn write_logits(path: &Path, logits: &[f32], rows: usize, vocab: usize) -> Resul
     Ok(())
 }
 
-fn inspect(model: Option<PathBuf>, json: bool) -> Result<()> {
+fn inspect(model: Option<PathBuf>, json: bool, verify: bool) -> Result<()> {
     let dir = model_dir(model)?;
     let ckpt = open(&dir)?;
+    if verify {
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressBar::new(ckpt.file_bytes() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "verifying {bar:40} {bytes}/{total_bytes} ({binary_bytes_per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let checked = kimi_hybrid::inspect::verify(&ckpt, &|done| bar.set_position(done));
+        bar.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&checked)?);
+        } else {
+            print!("{checked}");
+        }
+        if !checked.bad.is_empty() {
+            bail!(
+                "checkpoint {}: {} tensors hold non-finite values or unusable scales",
+                dir.display(),
+                checked.bad.len()
+            );
+        }
+        return Ok(());
+    }
     let report = kimi_hybrid::inspect::inspect(&ckpt);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -392,3 +392,58 @@ fn a_named_pipe_in_place_of_a_file_is_refused_at_once() {
         );
     }
 }
+
+/// Overwrites the first bytes of a tensor's data in place.
+fn poke(path: &Path, tensor: &str, bytes: &[u8]) {
+    let mut data = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    data[start..start + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn verify_names_tensors_with_non_finite_values_and_unusable_scales() {
+    let (_tmp, dir) = copy_fixture("kimi-int4");
+    let clean = kimi_hybrid::inspect::verify(&Checkpoint::open(&dir).unwrap(), &|_| {});
+    assert!(clean.bad.is_empty(), "{clean}");
+    assert!(clean.tensors > 100);
+    let shard = dir.join("model.safetensors");
+    // BF16 NaN and +inf in the embeddings, a zero scale in one expert's down_proj.
+    poke(
+        &shard,
+        "model.embed_tokens.weight",
+        &[0xc0, 0x7f, 0x80, 0x7f],
+    );
+    poke(
+        &shard,
+        "model.layers.1.mlp.experts.0.down_proj.weight_scale",
+        &[0, 0],
+    );
+    // It still loads: these are values, not format errors. --verify is what finds them.
+    assert!(Model::load(&Checkpoint::open(&dir).unwrap()).is_ok());
+    let checked = kimi_hybrid::inspect::verify(&Checkpoint::open(&dir).unwrap(), &|_| {});
+    let text = checked.to_string();
+    assert_eq!(checked.bad.len(), 2, "{text}");
+    assert_eq!(checked.bad[0].tensor, "model.embed_tokens.weight");
+    assert_eq!(checked.bad[0].non_finite, 2);
+    assert_eq!(
+        checked.bad[1].tensor,
+        "model.layers.1.mlp.experts.0.down_proj.weight_scale"
+    );
+    assert_eq!(checked.bad[1].non_positive_scales, 1);
+    assert!(text.contains("model.safetensors"), "{text}");
+    // The command exits with an error naming the count.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kimi-hybrid"))
+        .args(["inspect", "--verify", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 of"),
+        "{out:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 tensors hold non-finite values"));
+}
