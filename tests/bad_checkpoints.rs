@@ -185,6 +185,18 @@ fn a_header_entry_the_format_refuses_is_named() {
     for (what, change) in [
         ("needs", serde_json::json!({"shape": [3, 1000]})),
         ("unknown dtype", serde_json::json!({"dtype": "Q9"})),
+        (
+            "of U64 needs 512 bytes",
+            serde_json::json!({"dtype": "U64"}),
+        ),
+        (
+            "of F8_E8M0 needs 64 bytes",
+            serde_json::json!({"dtype": "F8_E8M0"}),
+        ),
+        (
+            "10000 dimensions",
+            serde_json::json!({"shape": vec![1; 10000]}),
+        ),
     ] {
         let (_tmp, dir) = copy_fixture("kimi-int4");
         edit_header(&dir.join("model.safetensors"), |h| {

@@ -431,6 +431,9 @@ fn first_tensor_past_end(
 
 /// The first header entry whose dtype is unknown or whose shape does not match its
 /// `data_offsets`, with what is wrong with it.
+/// More dimensions than any weight tensor has; such a shape is named, not printed.
+const MAX_DIMS: usize = 8;
+
 fn first_bad_entry(header: &[u8]) -> Option<(String, String)> {
     let value: serde_json::Value = serde_json::from_slice(header).ok()?;
     value.as_object()?.iter().find_map(|(name, info)| {
@@ -448,6 +451,15 @@ fn first_bad_entry(header: &[u8]) -> Option<(String, String)> {
         let Some(dims) = dims else {
             return Some((name.clone(), "shape is not a list of sizes".into()));
         };
+        if dims.len() > MAX_DIMS {
+            return Some((
+                name.clone(),
+                format!(
+                    "shape has {} dimensions (a checkpoint's tensors have at most {MAX_DIMS})",
+                    dims.len()
+                ),
+            ));
+        }
         let bytes = dims
             .iter()
             .try_fold(1u64, |n, d| n.checked_mul(*d))
