@@ -44,7 +44,20 @@ fn options() -> LaunchOptions {
 
 fn make_app(opts: &LaunchOptions, body_limit: usize) -> (Shared, Router) {
     let state = launch(opts).expect("server state");
+    wait_ready(&state);
     (state.clone(), router(state, body_limit))
+}
+
+/// The engine allocates its KV cache before it is ready; `/health` is 503 until then.
+fn wait_ready(state: &Shared) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !state.engine.stats.ready.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 async fn call(
@@ -677,6 +690,7 @@ async fn unknown_routes_models_by_id_and_reasoning_fields() {
 #[tokio::test]
 async fn cors_is_off_unless_asked_for() {
     let state = launch(&options()).expect("server state");
+    wait_ready(&state);
     let preflight = || {
         Request::builder()
             .method("OPTIONS")

@@ -114,6 +114,10 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     pub prefix_cached_tokens: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Set once the KV cache is allocated and a forward step has run: `/health` says
+    /// 503 until then. A start-up that fails leaves the reason in `startup_error`.
+    pub ready: std::sync::atomic::AtomicBool,
+    pub startup_error: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

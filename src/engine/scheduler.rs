@@ -106,6 +106,16 @@ impl Scheduler {
     }
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<GenRequest>) {
+        match self.reserve_cache() {
+            Ok(()) => self.stats.ready.store(true, Ordering::SeqCst),
+            Err(e) => {
+                // Requests still get an error each rather than hanging.
+                if let Ok(mut slot) = self.stats.startup_error.lock() {
+                    *slot = Some(e.clone());
+                }
+                eprintln!("the engine cannot serve: {e}");
+            }
+        }
         let mut open = true;
         while open || !self.waiting.is_empty() || !self.running.is_empty() {
             if self.waiting.is_empty() && self.running.is_empty() {
@@ -144,6 +154,51 @@ impl Scheduler {
             }
             self.publish();
         }
+    }
+
+    /// Allocates the whole KV cache now, before the server reports ready, rather than
+    /// when the first long request reaches its last blocks: one single-token forward
+    /// per partition writes that partition's last block, so every device pool grows
+    /// to its full size (or start-up fails here, saying why). The written block is
+    /// free and is overwritten by whichever sequence gets it.
+    fn reserve_cache(&mut self) -> Result<(), String> {
+        let total = self.pool.total_blocks();
+        let parts = self.pool.partitions();
+        let last_blocks: Vec<[u32; 1]> = (0..parts)
+            .filter_map(|p| (0..total).rev().find(|b| b % parts == p))
+            .map(|b| [b as u32])
+            .collect();
+        if last_blocks.is_empty() {
+            return Ok(());
+        }
+        let token = [self
+            .tokenizer
+            .bos_id()
+            .filter(|&id| (id as usize) < self.model.config.vocab_size)
+            .unwrap_or(0)];
+        let entries: Vec<BatchEntry> = last_blocks
+            .iter()
+            .map(|_| BatchEntry {
+                tokens: &token,
+                start: 0,
+                logits: None,
+            })
+            .collect();
+        let tables: Vec<&[u32]> = last_blocks.iter().map(|b| b.as_slice()).collect();
+        let mut store = PagedBatch {
+            pool: &mut self.pool,
+            tables,
+        };
+        self.pass
+            .forward_batch(
+                &self.model,
+                &entries,
+                &mut store,
+                AttentionForm::Auto,
+                &mut |_, _| {},
+            )
+            .map(|_| ())
+            .map_err(|e| format!("cannot allocate the KV cache ({total} blocks): {e}"))
     }
 
     fn fail_running(&mut self, message: &str) {

@@ -133,7 +133,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Shared> {
     let kv_tokens = match (opts.kv_cache_tokens, &plan) {
         (Some(t), _) => t,
         (None, Some(p)) => (p.workload.context * p.workload.concurrency) as usize,
-        (None, None) => DEFAULT_KV_BYTES / bytes_per_token.max(1),
+        // Without a plan: what the configured sequences can use at full length, at
+        // most DEFAULT_KV_BYTES (a small model gets a small cache).
+        (None, None) => {
+            let full_length = opts.max_model_len.unwrap_or(cfg.max_position_embeddings);
+            (DEFAULT_KV_BYTES / bytes_per_token.max(1))
+                .min(full_length.saturating_mul(opts.max_num_seqs.max(1)))
+        }
     };
     let max_model_len = opts
         .max_model_len

@@ -195,8 +195,11 @@ fn key_matches(headers: &HeaderMap, key: &str) -> bool {
     bearer == Some(key) || x_api_key == Some(key)
 }
 
+/// 200 once the engine can serve (its KV cache allocated), 503 before that and while
+/// shutting down.
 async fn health(State(state): State<Shared>) -> Response {
-    if state.shutting_down.load(Ordering::SeqCst) {
+    let ready = state.engine.stats.ready.load(Ordering::SeqCst);
+    if state.shutting_down.load(Ordering::SeqCst) || !ready {
         StatusCode::SERVICE_UNAVAILABLE.into_response()
     } else {
         StatusCode::OK.into_response()

@@ -273,8 +273,15 @@ impl DeviceOps for CpuDevice {
     }
 
     fn grow_pool(&self, pool: &CpuPool, len: usize) -> DeviceResult<CpuPool> {
-        let mut values = pool.values.clone();
-        values.resize(len, 0.0);
+        // From empty (the engine sizes the whole cache at start-up) the zeroed memory
+        // comes from the allocator untouched: host pages are committed as blocks fill.
+        let values = if pool.values.is_empty() {
+            vec![0.0; len]
+        } else {
+            let mut v = pool.values.clone();
+            v.resize(len, 0.0);
+            v
+        };
         Ok(CpuPool {
             values,
             bf16: pool.bf16,
