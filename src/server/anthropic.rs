@@ -489,7 +489,7 @@ struct Built {
     choice: ToolChoice,
 }
 
-fn build_prompt(state: &Shared, req: &MessagesRequest) -> Result<Built, ApiError> {
+async fn build_prompt(state: &Shared, req: &MessagesRequest) -> Result<Built, ApiError> {
     let messages = prompt::normalise_messages(&Value::Array(to_chat_messages(req)?))?;
     let tools = to_openai_tools(req)?;
     let names = match &tools {
@@ -501,7 +501,8 @@ fn build_prompt(state: &Shared, req: &MessagesRequest) -> Result<Built, ApiError
     let mut kwargs = Map::new();
     kwargs.insert("thinking".into(), json!(mode.on));
     Ok(Built {
-        prompt: prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)?,
+        prompt: prompt::render_off_thread(state, messages, tools.clone(), choice.clone(), kwargs)
+            .await?,
         mode,
         tools,
         choice,
@@ -525,12 +526,12 @@ pub async fn count_tokens(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> Result<Response, ApiError> {
+    let run = async {
         let req = read_request(&state, body)?;
-        let p = build_prompt(&state, &req)?.prompt;
-        Ok(Json(json!({ "input_tokens": p.ids.len() })).into_response())
+        let p = build_prompt(&state, &req).await?.prompt;
+        Ok::<_, ApiError>(Json(json!({ "input_tokens": p.ids.len() })).into_response())
     };
-    run().unwrap_or_else(|e| fail(&state, e))
+    run.await.unwrap_or_else(|e| fail(&state, e))
 }
 
 pub async fn messages(
@@ -581,7 +582,7 @@ async fn message(
         mode,
         tools,
         choice,
-    } = build_prompt(state, &req)?;
+    } = build_prompt(state, &req).await?;
     let limit = state.engine.config.max_model_len;
     if p.ids.len() >= limit {
         return Err(ApiError::bad_request(format!(

@@ -338,7 +338,9 @@ async fn chat(state: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Res
     let tool_choice = prompt::parse_tool_choice(req.tool_choice.as_ref(), &tool_names)?;
     let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     let kwargs: Map<String, Value> = req.chat_template_kwargs.clone().unwrap_or_default();
-    let chat_prompt = prompt::render(state, &messages, tools, &tool_choice, &kwargs)?;
+    let chat_prompt =
+        prompt::render_off_thread(state, messages, tools.cloned(), tool_choice.clone(), kwargs)
+            .await?;
     let fields = [
         ("max_completion_tokens", req.max_completion_tokens),
         ("max_tokens", req.max_tokens),

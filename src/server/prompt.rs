@@ -198,6 +198,29 @@ pub fn parse_tool_choice(v: Option<&Value>, tool_names: &[String]) -> Result<Too
     }
 }
 
+/// Renders the conversation and encodes it on tokio's blocking pool: a template runs
+/// up to its instruction budget (tens of milliseconds) and a long prompt takes as long
+/// to encode, which must not hold up the workers that serve other requests' streams.
+pub async fn render_off_thread(
+    state: &super::Shared,
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    tool_choice: ToolChoice,
+    kwargs: Map<String, Value>,
+) -> Result<ChatPrompt, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        render(&state, &messages, tools.as_ref(), &tool_choice, &kwargs)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering the prompt failed: {e}"),
+        )
+    })?
+}
+
 /// Renders the conversation and encodes it.
 pub fn render(
     state: &AppState,

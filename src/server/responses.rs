@@ -467,7 +467,8 @@ async fn respond(
     );
     let mut kwargs = Map::new();
     kwargs.insert("thinking".into(), json!(thinking));
-    let p = prompt::render(state, &messages, tools.as_ref(), &choice, &kwargs)?;
+    let p =
+        prompt::render_off_thread(state, messages, tools.clone(), choice.clone(), kwargs).await?;
     let limit = state.engine.config.max_model_len;
     if p.ids.len() >= limit {
         return Err(ApiError::param(
