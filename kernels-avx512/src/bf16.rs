@@ -16,6 +16,26 @@ pub fn dot_row(isa: Isa, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
+/// `y += a * row` for one BF16 row (`2 * y.len()` bytes): the transposed product's step,
+/// which folds absorbed MLA queries into the latent space one weight row at a time.
+pub fn axpy_row(isa: Isa, row: &[u8], a: f32, y: &mut [f32]) {
+    debug_assert_eq!(row.len(), 2 * y.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.available() => unsafe { avx512::axpy_row(row, a, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.available() => unsafe { avx2::axpy_row(row, a, y) },
+        _ => axpy_portable(row, a, y, 0),
+    }
+}
+
+/// Columns `from..` of [`axpy_row`].
+fn axpy_portable(row: &[u8], a: f32, y: &mut [f32], from: usize) {
+    for (k, o) in y.iter_mut().enumerate().skip(from) {
+        *o += a * crate::bf16_to_f32(u16::from_le_bytes([row[2 * k], row[2 * k + 1]]));
+    }
+}
+
 /// Columns `from..` of the dot products, added to `out`.
 fn portable(row: &[u8], xs: &[&[f32]], out: &mut [f32], from: usize) {
     let cols = row.len() / 2;
@@ -52,6 +72,19 @@ mod avx512 {
         }
         super::portable(row, xs, out, steps * 16);
     }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn axpy_row(row: &[u8], a: f32, y: &mut [f32]) {
+        let steps = y.len() / 16;
+        let av = _mm512_set1_ps(a);
+        for s in 0..steps {
+            let raw = _mm256_loadu_si256(row.as_ptr().add(s * 32) as *const _);
+            let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            let at = y.as_mut_ptr().add(s * 16);
+            _mm512_storeu_ps(at, _mm512_fmadd_ps(w, av, _mm512_loadu_ps(at)));
+        }
+        super::axpy_portable(row, a, y, steps * 16);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -74,6 +107,19 @@ mod avx2 {
             out[t] = crate::hsum256(acc[t]);
         }
         super::portable(row, xs, out, steps * 8);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_row(row: &[u8], a: f32, y: &mut [f32]) {
+        let steps = y.len() / 8;
+        let av = _mm256_set1_ps(a);
+        for s in 0..steps {
+            let raw = _mm_loadu_si128(row.as_ptr().add(s * 16) as *const _);
+            let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            let at = y.as_mut_ptr().add(s * 8);
+            _mm256_storeu_ps(at, _mm256_fmadd_ps(w, av, _mm256_loadu_ps(at)));
+        }
+        super::axpy_portable(row, a, y, steps * 8);
     }
 }
 
@@ -98,6 +144,20 @@ mod tests {
             let xr: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
             let mut want = vec![0.0; 3];
             dot_row(Isa::Scalar, &row, &xr, &mut want);
+            // y += a * row: every path computes each element with one f32 multiply-add,
+            // so all agree with the scalar path to the last bit but for fused rounding.
+            let mut want_axpy = xs[0].clone();
+            axpy_row(Isa::Scalar, &row, 0.37, &mut want_axpy);
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                let mut got = xs[0].clone();
+                axpy_row(isa, &row, 0.37, &mut got);
+                for (g, w) in got.iter().zip(&want_axpy) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "{isa:?} axpy cols {cols}: {g} vs {w}"
+                    );
+                }
+            }
             for isa in [Isa::Avx2, Isa::Avx512Vnni] {
                 let mut got = vec![0.0; 3];
                 dot_row(isa, &row, &xr, &mut got);

@@ -297,8 +297,27 @@ impl CpuKernels for CpuBackend {
         self.on_pool(|| self.linear_here(w, rows, x, y))
     }
 
+    /// BF16 rows are folded into the output in place, a weight row at a time (one vector
+    /// multiply-add per 16 values, no decoded copy); on the calling thread, since absorbed
+    /// MLA calls it once per head from a region that is already parallel over heads.
     fn linear_transposed(&self, w: &LinearWeight, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
-        ReferenceBackend.linear_transposed(w, rows, x, y)
+        let LinearWeight::Dense {
+            dtype: DenseDtype::Bf16,
+            data,
+            cols,
+            ..
+        } = w
+        else {
+            return ReferenceBackend.linear_transposed(w, rows, x, y);
+        };
+        let (bytes, cols, r) = (data.bytes(), *cols, rows.len());
+        y.fill(0.0);
+        for (xt, yt) in x.chunks_exact(r.max(1)).zip(y.chunks_exact_mut(cols)) {
+            for (i, row) in rows.clone().enumerate() {
+                let weight = &bytes[row * cols * 2..(row + 1) * cols * 2];
+                kernels_avx512::bf16::axpy_row(self.isa, weight, xt[i], yt);
+            }
+        }
     }
 
     fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {

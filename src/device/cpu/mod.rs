@@ -591,16 +591,21 @@ fn absorb_queries(
     tokens: usize,
 ) -> Vec<f32> {
     let (width, qk) = (d.width(), d.qk());
-    let mut out = vec![0.0f32; tokens * d.heads * width];
-    let mut nope = vec![0.0f32; tokens * d.nope];
-    let mut folded = vec![0.0f32; tokens * d.latent];
-    for h in 0..d.heads {
+    // Heads in one parallel region: each head's band of kv_b is small (128 rows at K2's
+    // sizes), too small to split by rows without the split costing more than the rows.
+    let folded = per_head(backend, d.heads, |h| {
+        let mut nope = vec![0.0f32; tokens * d.nope];
         for t in 0..tokens {
             let src = (t * d.heads + h) * qk;
             nope[t * d.nope..(t + 1) * d.nope].copy_from_slice(&q[src..src + d.nope]);
         }
         let uk = h * d.kv_b_rows()..h * d.kv_b_rows() + d.nope;
+        let mut folded = vec![0.0f32; tokens * d.latent];
         backend.linear_transposed(kv_b, uk, &nope, &mut folded);
+        folded
+    });
+    let mut out = vec![0.0f32; tokens * d.heads * width];
+    for (h, folded) in folded.iter().enumerate() {
         for t in 0..tokens {
             let dst = (t * d.heads + h) * width;
             out[dst..dst + d.latent].copy_from_slice(&folded[t * d.latent..(t + 1) * d.latent]);
@@ -609,6 +614,18 @@ fn absorb_queries(
         }
     }
     out
+}
+
+/// `work(h)` for every head, in one parallel region on the backend's threads; results in
+/// head order (each head computed by one call whatever the thread count).
+fn per_head<F>(backend: &dyn CpuKernels, heads: usize, work: F) -> Vec<Vec<f32>>
+where
+    F: Fn(usize) -> Vec<f32> + Sync,
+{
+    use rayon::prelude::*;
+    let mut parts = Vec::new();
+    backend.install(&mut || parts = (0..heads).into_par_iter().map(&work).collect());
+    parts
 }
 
 /// Per head `W_UV_h · o_h`: values `[tokens, heads, v]` from attended latents `[tokens,
@@ -620,16 +637,19 @@ fn expand_values(
     d: MlaDims,
     tokens: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; tokens * d.heads * d.v];
-    let mut lat = vec![0.0f32; tokens * d.latent];
-    let mut v = vec![0.0f32; tokens * d.v];
-    for h in 0..d.heads {
+    let values = per_head(backend, d.heads, |h| {
+        let mut lat = vec![0.0f32; tokens * d.latent];
         for t in 0..tokens {
             let src = (t * d.heads + h) * d.latent;
             lat[t * d.latent..(t + 1) * d.latent].copy_from_slice(&o[src..src + d.latent]);
         }
         let uv = h * d.kv_b_rows() + d.nope..(h + 1) * d.kv_b_rows();
+        let mut v = vec![0.0f32; tokens * d.v];
         backend.linear(kv_b, uv, &lat, &mut v);
+        v
+    });
+    let mut out = vec![0.0f32; tokens * d.heads * d.v];
+    for (h, v) in values.iter().enumerate() {
         for t in 0..tokens {
             let dst = (t * d.heads + h) * d.v;
             out[dst..dst + d.v].copy_from_slice(&v[t * d.v..(t + 1) * d.v]);
