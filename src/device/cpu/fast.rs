@@ -761,6 +761,25 @@ mod tests {
                         }
                     }
                 }
+                // The transposed product over a band of BF16 rows (absorbed MLA's query
+                // fold), `n` inputs of the band's width, on every path.
+                let band = rows / 3..rows - rows / 4;
+                let xb: Vec<f32> = x[..n * band.len()].to_vec();
+                let mut want = vec![0.0; n * cols];
+                ReferenceBackend.linear_transposed(&bf16, band.clone(), &xb, &mut want);
+                for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                    let mut got = vec![1.0; n * cols];
+                    CpuBackend::new(isa, Activations::Int16).linear_transposed(
+                        &bf16,
+                        band.clone(),
+                        &xb,
+                        &mut got,
+                    );
+                    assert!(
+                        rel_l2(&got, &want) <= 1e-6,
+                        "transposed BF16 {isa:?} rows {rows} cols {cols} tokens {n}"
+                    );
+                }
                 // A band of rows in the middle (as absorbed MLA asks for).
                 let band = rows / 3..rows - rows / 4;
                 let mut want = vec![0.0; n * band.len()];
