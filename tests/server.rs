@@ -311,6 +311,30 @@ async fn anthropic_errors_use_anthropic_shape() {
     assert!(v["input_tokens"].as_u64().unwrap_or(0) > 3);
 }
 
+/// A length stop says which limit it met, as Anthropic does: the request's `max_tokens`, or
+/// the context window (here 256 tokens) filling first.
+#[tokio::test]
+async fn anthropic_length_stops_name_the_limit_they_met() {
+    let (_, app) = make_app(&options(), 1 << 20);
+    // Longer than the whole context, so only a limit can end it.
+    let forced = "word ".repeat(400);
+    for (max_tokens, wanted) in [(8, "max_tokens"), (4000, "model_context_window_exceeded")] {
+        let body = json!({"model": "m", "max_tokens": max_tokens, "forced_output": forced,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let (s, v) = call(&app, "POST", "/v1/messages", Some(KEY), &body.to_string()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["stop_reason"], wanted, "{v}");
+        let used = v["usage"]["input_tokens"].as_u64().unwrap_or(0)
+            + v["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0)
+            + v["usage"]["output_tokens"].as_u64().unwrap_or(0);
+        if wanted == "max_tokens" {
+            assert_eq!(v["usage"]["output_tokens"], max_tokens, "{v}");
+        } else {
+            assert_eq!(used, 256, "{v}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn body_limit_queue_limit_and_shutdown() {
     let (state, app) = make_app(&options(), 1024);
