@@ -53,9 +53,7 @@ pub fn generate(
             break;
         }
         if cache.len() >= limit {
-            // The context limit ends a generation as `max_tokens` does (as the server
-            // reports it).
-            finish = FinishReason::Length;
+            finish = FinishReason::ContextFull;
             break;
         }
         last = pass.forward(

@@ -594,7 +594,7 @@ fn run(args: RunArgs) -> Result<()> {
     if args.json {
         let mut value = serde_json::json!({
             "generated_ids": out.generated_ids,
-            "finish_reason": format!("{:?}", out.finish_reason).to_lowercase(),
+            "finish_reason": out.finish_reason.as_str(),
         });
         if let Some(text) = &text {
             value["prompt_ids"] = serde_json::json!(prompt_ids);

@@ -69,8 +69,21 @@ pub struct GenRequest {
 pub enum FinishReason {
     /// An end marker, stop token or stop string.
     Stop,
-    /// `max_tokens` or the context length.
+    /// The request's `max_tokens`.
     Length,
+    /// The context window before `max_tokens`: the model's length limit, or a KV cache
+    /// with no room left for the sequence.
+    ContextFull,
+}
+
+impl FinishReason {
+    /// The OpenAI name (`finish_reason`), which does not tell the two length stops apart.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::ContextFull => "length",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -405,7 +405,7 @@ impl Scheduler {
             if self.running.len() == 1 {
                 // Alone and still out of room: the cache is full for this sequence.
                 let mut seq = self.running.remove(0);
-                self.finish(&mut seq, FinishReason::Length, None);
+                self.finish(&mut seq, FinishReason::ContextFull, None);
                 return Vec::new();
             }
             // Preempt the newest sequence (possibly the one that ran short).
@@ -573,8 +573,11 @@ impl Scheduler {
         if let Some(stop) = stop {
             return Some((FinishReason::Stop, Some(StopReason::Text(stop))));
         }
-        if s.generated() >= s.req.max_tokens || s.tokens.len() >= self.config.max_model_len {
+        if s.generated() >= s.req.max_tokens {
             return Some((FinishReason::Length, None));
+        }
+        if s.tokens.len() >= self.config.max_model_len {
+            return Some((FinishReason::ContextFull, None));
         }
         None
     }

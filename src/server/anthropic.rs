@@ -642,8 +642,9 @@ async fn message(
         .then(|| flow::channel(state.stream_stall_timeout));
     let c = Common {
         sampling,
-        // The context bounds the output even when max_tokens asks for more.
-        max_tokens: (max_tokens as usize).min(limit - p.ids.len()),
+        // A max_tokens beyond the context is not cut here: the engine ends the output
+        // when the context fills, and says so (model_context_window_exceeded).
+        max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
         n: 1,
         stream: req.stream,
         include_usage: true,
@@ -667,18 +668,15 @@ async fn message(
     }
 }
 
-/// Anthropic's `stop_reason` and `stop_sequence`. A length stop is `max_tokens` when the
-/// request's budget ran out and `model_context_window_exceeded` when the context filled
-/// first (`context_full`): Anthropic tells the two apart, and Claude Code words its error
-/// after which one it was.
+/// Anthropic's `stop_reason` and `stop_sequence`. Anthropic tells the two length stops
+/// apart, and Claude Code words its error after which one it was.
 fn stop_reason(
     reason: FinishReason,
     stop: &Option<StopReason>,
     tool_use: bool,
-    context_full: bool,
 ) -> (&'static str, Value) {
     match (reason, stop) {
-        (FinishReason::Length, _) if context_full => ("model_context_window_exceeded", Value::Null),
+        (FinishReason::ContextFull, _) => ("model_context_window_exceeded", Value::Null),
         (FinishReason::Length, _) => ("max_tokens", Value::Null),
         (_, Some(StopReason::Text(s))) => ("stop_sequence", json!(s)),
         _ if tool_use => ("tool_use", Value::Null),
@@ -760,9 +758,7 @@ async fn collect_message(
     for call in &out.tool_calls {
         content.push(json!({ "type": "tool_use", "id": call.id, "name": call.name, "input": tool_input(&call.arguments) }));
     }
-    let context_full = prompt_tokens + completion_tokens >= state.engine.config.max_model_len;
-    let (stop_reason, stop_sequence) =
-        stop_reason(reason, &stop, !out.tool_calls.is_empty(), context_full);
+    let (stop_reason, stop_sequence) = stop_reason(reason, &stop, !out.tool_calls.is_empty());
     Ok(Json(json!({
         "id": id,
         "type": "message",
@@ -968,8 +964,7 @@ async fn stream_message(
         }
         if let Some((reason, stop, prompt_tokens, output_tokens, cached)) = end {
             w.close();
-            let context_full = prompt_tokens + output_tokens >= state.engine.config.max_model_len;
-            let (stop_reason, stop_sequence) = stop_reason(reason, &stop, tool_use, context_full);
+            let (stop_reason, stop_sequence) = stop_reason(reason, &stop, tool_use);
             w.send(
                 "message_delta",
                 json!({

@@ -420,8 +420,8 @@ impl Drop for Tracker {
         let finish = match (&self.error, self.finished, self.finish_reason) {
             (Some(_), _, _) => "error",
             (None, false, _) => "client_gone",
-            (None, true, Some(FinishReason::Length)) => "length",
-            (None, true, _) => "stop",
+            (None, true, Some(reason)) => reason.as_str(),
+            (None, true, None) => "stop",
         };
         let model = self.state.served_model_name.as_str();
         match &self.error {

@@ -229,13 +229,6 @@ fn finite(x: f32) -> f32 {
     }
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
 fn stop_reason_json(stop: &Option<StopReason>) -> Value {
     match stop {
         Some(StopReason::Text(s)) => json!(s),
@@ -526,7 +519,7 @@ async fn collect_chat(
                 "index": i,
                 "message": message,
                 "logprobs": if want_logprobs { json!({ "content": logprobs[i] }) } else { Value::Null },
-                "finish_reason": if has_calls && reason == FinishReason::Stop { "tool_calls" } else { finish_reason(reason) },
+                "finish_reason": if has_calls && reason == FinishReason::Stop { "tool_calls" } else { reason.as_str() },
                 "stop_reason": stop_reason_json(&stop),
             })
         })
@@ -636,7 +629,7 @@ async fn stream_chat(
             let reason = if had_calls[i] && reason == FinishReason::Stop {
                 "tool_calls"
             } else {
-                finish_reason(reason)
+                reason.as_str()
             };
             let c = chunk(
                 json!([{ "index": i, "delta": {}, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason_json(&stop) }]),
@@ -911,7 +904,7 @@ async fn collect_completion(
                 "index": i,
                 "text": texts[i],
                 "logprobs": if ctx.logprobs.is_some() { lps[i].json() } else { Value::Null },
-                "finish_reason": finish_reason(reason),
+                "finish_reason": reason.as_str(),
                 "stop_reason": stop_reason_json(&stop),
             })
         })
@@ -996,7 +989,7 @@ async fn stream_completion(
             }
         };
         let (reason, stop) = match &end {
-            Some((r, s)) => (json!(finish_reason(*r)), stop_reason_json(s)),
+            Some((r, s)) => (json!(r.as_str()), stop_reason_json(s)),
             None => (Value::Null, Value::Null),
         };
         let c = chunk(

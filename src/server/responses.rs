@@ -650,7 +650,7 @@ async fn collect_response(
         history.push(assistant_message(&out));
         state.responses.put(meta.id.clone(), history);
     }
-    let status = if reason == FinishReason::Length {
+    let status = if reason != FinishReason::Stop {
         "incomplete"
     } else {
         "completed"
@@ -895,7 +895,7 @@ async fn stream_response(
                 history.push(assistant_message(&out));
                 state.responses.put(meta.id.clone(), history);
             }
-            let (status, kind) = if reason == FinishReason::Length {
+            let (status, kind) = if reason != FinishReason::Stop {
                 ("incomplete", "response.incomplete")
             } else {
                 ("completed", "response.completed")
