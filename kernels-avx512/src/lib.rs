@@ -13,6 +13,7 @@ pub mod formats;
 pub mod fp8;
 pub mod int4;
 pub mod int4_gemm;
+pub mod int4_gemm8;
 pub mod int4_i16;
 pub mod scalar;
 pub mod stream;

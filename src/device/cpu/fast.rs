@@ -37,8 +37,9 @@ pub enum Activations {
     /// Activations quantized to int16 per 32 values (`vpdpwssd`): within rounding of the
     /// reference (relative error ~1e-5) at integer speed. The default.
     Int16,
-    /// Activations quantized to int8 per 32 values (`vpdpbusd`) in the row kernels:
-    /// fastest decode, approximate. Batches of tokens take the int16 GEMM.
+    /// Activations quantized to int8 per 32 values (`vpdpbusd`, twice the multiply rate
+    /// of int16) in the row kernels and the GEMM: fastest, approximate (the peers'
+    /// numbers: llama.cpp and ik_llama.cpp quantize activations to 8 bits too).
     Int8,
 }
 
@@ -197,8 +198,11 @@ fn bf16_gemm(isa: Isa, rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32],
 }
 
 thread_local! {
-    /// The unpacked weight panel of the INT4 GEMM, kept per worker thread.
+    /// The unpacked weight panels of the INT4 GEMMs (int16 and int8 activations), kept
+    /// per worker thread.
     static PANEL: std::cell::RefCell<Option<kernels_avx512::int4_gemm::Panel>> =
+        const { std::cell::RefCell::new(None) };
+    static PANEL8: std::cell::RefCell<Option<kernels_avx512::int4_gemm8::Panel8>> =
         const { std::cell::RefCell::new(None) };
     /// The GEMM's quantized activations and output tiles, kept by the thread that calls
     /// it: at 512 tokens they are 11 MiB, whose fresh pages cost several percent of the
@@ -209,17 +213,69 @@ thread_local! {
 
 #[derive(Default)]
 struct GemmScratch {
-    tokens: Option<kernels_avx512::int4_gemm::Q16Tokens>,
+    tokens16: Option<kernels_avx512::int4_gemm::Q16Tokens>,
+    tokens8: Option<kernels_avx512::int4_gemm8::Q8Tokens>,
     tiles: Vec<f32>,
 }
 
-/// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM: one 32-row panel
-/// per task, unpacked once and used for every token.
-fn int4_gemm(rows: Range<usize>, m: &Int4Matrix, x: &[f32], y: &mut [f32]) {
-    use kernels_avx512::int4_gemm::{
-        panel_times_tokens, quantize_token, Panel, Q16Tokens, PANEL_ROWS,
-    };
-    let (packed, scales, cols) = (m.packed, m.scales, m.cols);
+/// A batch of tokens quantized for one of the two INT4 GEMMs.
+enum GemmTokens<'a> {
+    /// int16 per 32 values (`cpu`): within rounding of the reference.
+    Int16(&'a kernels_avx512::int4_gemm::Q16Tokens),
+    /// int8 per 32 values (`cpu-int8`): twice the multiply rate, approximate.
+    Int8(&'a kernels_avx512::int4_gemm8::Q8Tokens),
+}
+
+impl GemmTokens<'_> {
+    fn padded_tokens(&self) -> usize {
+        match self {
+            GemmTokens::Int16(q) => q.padded_tokens,
+            GemmTokens::Int8(q) => q.padded_tokens,
+        }
+    }
+
+    /// Unpacks rows `first..first + count` of `m` into this worker's panel and writes
+    /// their products with every token to `tile` (`[padded tokens][32]`).
+    fn panel_product(&self, m: &Int4Matrix, first: usize, count: usize, tile: &mut [f32]) {
+        use kernels_avx512::{int4_gemm, int4_gemm8};
+        let (packed, scales, cols) = (m.packed, m.scales, m.cols);
+        // Each worker keeps its panel between calls (half a MiB at K2's widths).
+        match self {
+            GemmTokens::Int16(q) => PANEL.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let panel = match slot.as_mut() {
+                    Some(p) if p.cols() == cols => p,
+                    _ => slot.insert(int4_gemm::Panel::new(cols)),
+                };
+                panel.fill(packed, scales, cols, first, count);
+                int4_gemm::panel_times_tokens(panel, q, tile);
+            }),
+            GemmTokens::Int8(q) => PANEL8.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let panel = match slot.as_mut() {
+                    Some(p) if p.cols() == cols => p,
+                    _ => slot.insert(int4_gemm8::Panel8::new(cols)),
+                };
+                panel.fill(packed, scales, cols, first, count);
+                int4_gemm8::panel8_times_tokens(panel, q, tile);
+            }),
+        }
+    }
+}
+
+/// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM of `activations`
+/// (int16 unless `Int8`): one 32-row panel per task, unpacked once and used for every
+/// token.
+fn int4_gemm(
+    activations: Activations,
+    rows: Range<usize>,
+    m: &Int4Matrix,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    use kernels_avx512::int4_gemm::{quantize_token, Q16Tokens, PANEL_ROWS};
+    use kernels_avx512::int4_gemm8::{quantize_token8, Q8Tokens};
+    let cols = m.cols;
     let n = x.len() / cols;
     let r = rows.len();
     GEMM_SCRATCH.with(|cell| {
@@ -231,22 +287,41 @@ fn int4_gemm(rows: Range<usize>, m: &Int4Matrix, x: &[f32], y: &mut [f32]) {
             Ok(s) => &mut **s,
             Err(_) => &mut own,
         };
-        let q = match &mut scratch.tokens {
-            Some(q) => {
-                q.reshape(n, cols);
-                q
-            }
-            None => scratch.tokens.insert(Q16Tokens::zeroed(n, cols)),
+        let q = if activations == Activations::Int8 {
+            let q = match &mut scratch.tokens8 {
+                Some(q) => {
+                    q.reshape(n, cols);
+                    q
+                }
+                None => scratch.tokens8.insert(Q8Tokens::zeroed(n, cols)),
+            };
+            q.values
+                .par_chunks_mut(cols)
+                .zip(q.scales.par_chunks_mut(cols / 32))
+                .zip(q.offsets.par_chunks_mut(cols / 32))
+                .zip(x.par_chunks(cols))
+                .for_each(|(((values, scales), offsets), row)| {
+                    quantize_token8(row, values, scales, offsets)
+                });
+            GemmTokens::Int8(&*q)
+        } else {
+            let q = match &mut scratch.tokens16 {
+                Some(q) => {
+                    q.reshape(n, cols);
+                    q
+                }
+                None => scratch.tokens16.insert(Q16Tokens::zeroed(n, cols)),
+            };
+            q.values
+                .par_chunks_mut(cols)
+                .zip(q.scales.par_chunks_mut(cols / 32))
+                .zip(x.par_chunks(cols))
+                .for_each(|((values, scales), row)| quantize_token(row, values, scales));
+            GemmTokens::Int16(&*q)
         };
-        q.values
-            .par_chunks_mut(cols)
-            .zip(q.scales.par_chunks_mut(cols / 32))
-            .zip(x.par_chunks(cols))
-            .for_each(|((values, scales), row)| quantize_token(row, values, scales));
-        let q = &*q;
         // One output tile per panel, [panel][padded tokens][32 rows], written in parallel
         // (each tile is overwritten whole, so the reused buffer needs no clearing).
-        let tile_len = q.padded_tokens * PANEL_ROWS;
+        let tile_len = q.padded_tokens() * PANEL_ROWS;
         let need = r.div_ceil(PANEL_ROWS) * tile_len;
         if scratch.tiles.len() < need {
             scratch.tiles.resize(need, 0.0);
@@ -258,16 +333,7 @@ fn int4_gemm(rows: Range<usize>, m: &Int4Matrix, x: &[f32], y: &mut [f32]) {
             .for_each(|(i, tile)| {
                 let first = rows.start + i * PANEL_ROWS;
                 let count = (rows.end - first).min(PANEL_ROWS);
-                // Each worker keeps its panel between calls (half a MiB at K2's widths).
-                PANEL.with(|cell| {
-                    let mut slot = cell.borrow_mut();
-                    let panel = match slot.as_mut() {
-                        Some(p) if p.cols() == cols => p,
-                        _ => slot.insert(Panel::new(cols)),
-                    };
-                    panel.fill(packed, scales, cols, first, count);
-                    panel_times_tokens(panel, q, tile);
-                });
+                q.panel_product(m, first, count, tile);
             });
         // Gathered into token-major order, tokens in parallel.
         let tiles = &*tiles;
@@ -601,10 +667,9 @@ impl CpuBackend {
         if let Some(m) = Int4Matrix::of(w) {
             let n = x.len() / m.cols;
             if self.batched(n) {
-                // Batches of tokens take the tiled GEMM on both quantized backends: it is
-                // several times faster than the row kernels there, int8 ones included, and
-                // more accurate than int8.
-                int4_gemm(rows, &m, x, y);
+                // Batches of tokens take the tiled GEMM of the backend's activations: it
+                // is several times faster than the row kernels there.
+                int4_gemm(self.activations, rows, &m, x, y);
             } else {
                 let prepared = Prepared::new(self.activations, x, m.cols);
                 rows_parallel(rows, n, y, |row, tokens, out| {
