@@ -215,7 +215,10 @@ fn probe_activations(cols: usize, tokens: usize) -> Vec<f32> {
 
 /// Per-instruction peak of all threads at once: each runs the one-core probe
 /// concurrently; the sum, in operations (2 per multiply-accumulate) per second.
-fn peak_all_threads(probe: fn(u64) -> Option<f64>) -> Option<f64> {
+/// A one-core instruction-peak probe: multiply-adds per second for a number of rounds.
+type PeakProbe = fn(u64) -> Option<f64>;
+
+fn peak_all_threads(probe: PeakProbe) -> Option<f64> {
     let per_thread: Vec<Option<f64>> = rayon::broadcast(|_| probe(4_000_000));
     per_thread
         .into_iter()
@@ -348,31 +351,65 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         4.0 * matrix / scalar_fp8,
     );
 
-    // Prefill: one gate matrix (2048 x 7168) times T tokens; ops = 2 x rows x cols x T.
-    // Both quantized backends (cpu, cpu-int8) take the int16 GEMM for batches. The
-    // `vpdpwssd` peak of all threads is measured in every round next to the GEMM, and the
-    // best of each kept.
+    // Prefill: one 2048 x 7168 matrix (an expert's INT4 gate, a BF16 matrix) times T
+    // tokens through each backend's GEMM; ops = 2 x rows x cols x T. Each is a share of
+    // the peak of the instruction it is built on, the peaks measured in every round next
+    // to the GEMMs (best of each kept); the int16 GEMM is also given as a share of the
+    // int8 peak, the rate the `cpu-int8` GEMM runs at.
+    use kernels_avx512::stream::{
+        bf16_macs_per_s_one_core, f32_macs_per_s_one_core, vnni16_macs_per_s_one_core,
+        vnni8_macs_per_s_one_core,
+    };
+    let probes: [(&str, PeakProbe); 4] = [
+        ("vpdpbusd (int8)", vnni8_macs_per_s_one_core),
+        ("vpdpwssd (int16)", vnni16_macs_per_s_one_core),
+        ("vdpbf16ps (BF16)", bf16_macs_per_s_one_core),
+        ("FMA (f32)", f32_macs_per_s_one_core),
+    ];
+    let (int8_peak, int16_peak, bf16_peak, f32_peak) = (0, 1, 2, 3);
     let gate = &experts[0].gate;
+    let dense = &bf16[0];
+    // (name, backend, matrix, peaks it is a share of)
+    let gemms: [(&str, &CpuBackend, &LinearWeight, &[usize]); 4] = [
+        (
+            "INT4, int16 GEMM (cpu)",
+            &default,
+            gate,
+            &[int16_peak, int8_peak],
+        ),
+        ("INT4, int8 GEMM (cpu-int8)", &int8, gate, &[int8_peak]),
+        ("BF16, f32 GEMM (cpu)", &default, dense, &[f32_peak]),
+        ("BF16, BF16 GEMM (cpu-int8)", &int8, dense, &[bf16_peak]),
+    ];
     let token_counts = [128usize, 512, 2048];
     let inputs: Vec<Vec<f32>> = token_counts
         .iter()
         .map(|&t| probe_activations(HIDDEN, t))
         .collect();
     let mut y = vec![0.0f32; 2048 * INTER];
-    for x in &inputs {
-        // Once first, so buffers of each size are mapped before timing.
-        default.linear(gate, 0..INTER, x, &mut y[..x.len() / HIDDEN * INTER]);
-    }
-    let mut gemm: Vec<Best> = token_counts.iter().map(|_| Best::new()).collect();
-    let mut peak16: Option<f64> = None;
-    for _ in 0..repeats {
-        if let Some(p) = peak_all_threads(kernels_avx512::stream::vnni16_macs_per_s_one_core) {
-            peak16 = Some(peak16.map_or(p, |best| best.max(p)));
+    for (_, backend, w, _) in &gemms {
+        for x in &inputs {
+            // Once first, so buffers of each size are mapped before timing.
+            backend.linear(w, 0..INTER, x, &mut y[..x.len() / HIDDEN * INTER]);
         }
-        for (x, best) in inputs.iter().zip(gemm.iter_mut()) {
-            let t = Instant::now();
-            default.linear(gate, 0..INTER, x, &mut y[..x.len() / HIDDEN * INTER]);
-            best.add(t.elapsed().as_secs_f64());
+    }
+    let mut timings: Vec<Vec<Best>> = gemms
+        .iter()
+        .map(|_| token_counts.iter().map(|_| Best::new()).collect())
+        .collect();
+    let mut peaks: Vec<Option<f64>> = vec![None; probes.len()];
+    for _ in 0..repeats {
+        for ((_, probe), best) in probes.iter().zip(peaks.iter_mut()) {
+            if let Some(p) = peak_all_threads(*probe) {
+                *best = Some(best.map_or(p, |b| b.max(p)));
+            }
+        }
+        for ((_, backend, w, _), bests) in gemms.iter().zip(timings.iter_mut()) {
+            for (x, best) in inputs.iter().zip(bests.iter_mut()) {
+                let t = Instant::now();
+                backend.linear(w, 0..INTER, x, &mut y[..x.len() / HIDDEN * INTER]);
+                best.add(t.elapsed().as_secs_f64());
+            }
         }
     }
     // The scalar reference on 64 rows x 128 tokens, scaled per operation.
@@ -386,22 +423,39 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
     };
     let _ = writeln!(
         s,
-        "\nprefill GEMM, INT4 2048x7168, all threads            Tops/s  of peak   vs scalar"
+        "\nprefill GEMM, 2048x7168, all threads                 Tops/s   share of peak"
     );
-    if let Some(p) = peak16 {
-        let _ = writeln!(
-            s,
-            "  vpdpwssd peak (measured, all threads)          {:>8.3}",
-            p / 1e12
-        );
-    }
-    for (tokens, best) in token_counts.iter().zip(&gemm) {
-        let rate = best.rate(2.0 * (INTER * HIDDEN * tokens) as f64);
-        let of_peak = peak16.map_or("     -".to_string(), |p| {
-            format!("{:>5.1}%", rate / p * 100.0)
+    for ((name, _), peak) in probes.iter().zip(&peaks) {
+        let figure = peak.map_or("not on this CPU".to_string(), |p| {
+            format!("{:>8.3}", p / 1e12)
         });
-        let _ = writeln!(s, "  {tokens:>4} tokens, int16 GEMM (cpu, cpu-int8)        {:>8.3}    {of_peak}   {:>6.1}x", rate / 1e12, rate / scalar_ops);
+        let _ = writeln!(s, "  {:<50} {figure}", format!("{name} peak (measured)"));
     }
+    for ((name, _, _, shares), bests) in gemms.iter().zip(&timings) {
+        for (tokens, best) in token_counts.iter().zip(bests) {
+            let rate = best.rate(2.0 * (INTER * HIDDEN * tokens) as f64);
+            let of_peaks: Vec<String> = shares
+                .iter()
+                .map(|&i| match peaks[i] {
+                    Some(p) => format!("{:.1}% of {}", rate / p * 100.0, probes[i].0),
+                    None => format!("{} not measured", probes[i].0),
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<50} {:>8.3}   {}",
+                format!("{tokens:>4} tokens, {name}"),
+                rate / 1e12,
+                of_peaks.join(", ")
+            );
+        }
+    }
+    let int16_512 = timings[0][1].rate(2.0 * (INTER * HIDDEN * 512) as f64);
+    let _ = writeln!(
+        s,
+        "  (the int16 GEMM at 512 tokens is {:.1}x the scalar INT4 reference)",
+        int16_512 / scalar_ops
+    );
 
     // A whole MoE layer at K2 routing over up to 384 distinct experts, through the
     // backend's MoE operator as the model calls it.

@@ -308,8 +308,9 @@ struct RunArgs {
     #[arg(long)]
     json: bool,
     /// Compute backend: cpu (fast kernels; int16 activations for INT4 weights, within
-    /// rounding of the reference), cpu-f32 (f32 activations), cpu-int8 (int8 activations,
-    /// approximate), reference (scalar); cpu* take :scalar, :avx2 or :avx512-vnni.
+    /// rounding of the reference), cpu-f32 (f32 activations), cpu-int8 (int8 activations
+    /// for INT4, BF16 for BF16 batches: fastest, approximate), reference (scalar); cpu*
+    /// take :scalar, :avx2 or :avx512-vnni.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Place experts for a hardware profile (see `plan`); GPU profiles need a GPU.

@@ -252,8 +252,11 @@ fn portable(panel: &Panel8, x: &Q8Tokens, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{Panel8, Q8Tokens, LINES_PER_BLOCK, PANEL_ROWS, QMAX8, TOKEN_TILE};
+
+    /// Lines of each row the fill asks for ahead of its reads (16 blocks).
+    const PREFETCH_LINES: usize = 4;
     use crate::vnni::dpbusd;
     use std::arch::x86_64::*;
 
@@ -314,17 +317,30 @@ mod avx512 {
     ) {
         let (row_bytes, blocks) = (cols / 2, cols / 32);
         let nibble = _mm_set1_epi8(0x0f);
-        for r in 0..PANEL_ROWS {
-            for b in 0..blocks {
-                panel.scales[b * PANEL_ROWS + r] = if r < count {
-                    crate::formats::bf16_at(scales, (first + r) * blocks + b)
-                } else {
-                    0.0
-                };
+        // The rows come from DRAM and are read 16 bytes per row per block across 32 rows:
+        // more streams than the hardware prefetchers follow, so every line was a demand
+        // miss (the fill took as long as the product at 64 tokens per expert). Hints ask
+        // for each row's lines PREFETCH_LINES ahead, and for the scales before they are
+        // converted at the end.
+        let row_at = |r: usize| packed.as_ptr().wrapping_add((first + r) * row_bytes);
+        let scale_bytes = blocks * 2;
+        for r in 0..count {
+            let scale_row = scales.as_ptr().wrapping_add((first + r) * scale_bytes);
+            for at in (0..scale_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(scale_row.wrapping_add(at) as *const i8);
+            }
+            for line in 0..PREFETCH_LINES {
+                _mm_prefetch::<_MM_HINT_T0>(row_at(r).wrapping_add(64 * line) as *const i8);
             }
         }
         let lines = panel.lines.as_mut_ptr() as *mut u8;
         for b in 0..blocks {
+            if b % 4 == 0 {
+                let ahead = b * 16 + 64 * PREFETCH_LINES;
+                for r in 0..count {
+                    _mm_prefetch::<_MM_HINT_T0>(row_at(r).wrapping_add(ahead) as *const i8);
+                }
+            }
             for half in 0..PANEL_ROWS / 16 {
                 // Two groups of 8 rows, each transposed 8 x 8 (dwords).
                 let mut groups = [[_mm256_setzero_si256(); 8]; 2];
@@ -350,12 +366,21 @@ mod avx512 {
                 }
             }
         }
+        for r in 0..PANEL_ROWS {
+            for b in 0..blocks {
+                panel.scales[b * PANEL_ROWS + r] = if r < count {
+                    crate::formats::bf16_at(scales, (first + r) * blocks + b)
+                } else {
+                    0.0
+                };
+            }
+        }
     }
 
     /// Transposes an 8 x 8 matrix of dwords held one row per register. (Loops, not
     /// closures: a closure would not inherit the target features.)
     #[inline(always)]
-    unsafe fn transpose8x8_epi32(r: [__m256i; 8]) -> [__m256i; 8] {
+    pub(crate) unsafe fn transpose8x8_epi32(r: [__m256i; 8]) -> [__m256i; 8] {
         let mut t = [_mm256_setzero_si256(); 8];
         for i in 0..4 {
             t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);

@@ -8,6 +8,7 @@
 pub mod aligned;
 pub mod attention;
 pub mod bf16;
+pub mod bf16_gemm;
 pub mod f32ops;
 pub mod formats;
 pub mod fp8;

@@ -38,8 +38,9 @@ pub enum Activations {
     /// reference (relative error ~1e-5) at integer speed. The default.
     Int16,
     /// Activations quantized to int8 per 32 values (`vpdpbusd`, twice the multiply rate
-    /// of int16) in the row kernels and the GEMM: fastest, approximate (the peers'
-    /// numbers: llama.cpp and ik_llama.cpp quantize activations to 8 bits too).
+    /// of int16) in the INT4 row kernels and GEMM, and rounded to BF16 for the BF16 GEMM
+    /// (`vdpbf16ps`, twice the f32 rate) where the CPU has it: fastest, approximate (the
+    /// peers' numbers: llama.cpp and ik_llama.cpp quantize activations the same way).
     Int8,
 }
 
@@ -204,6 +205,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static PANEL8: std::cell::RefCell<Option<kernels_avx512::int4_gemm8::Panel8>> =
         const { std::cell::RefCell::new(None) };
+    /// The BF16 GEMM's panel (`cpu-int8`), kept per worker thread.
+    static BF16_PANEL: std::cell::RefCell<Option<kernels_avx512::bf16_gemm::Bf16Panel>> =
+        const { std::cell::RefCell::new(None) };
     /// The GEMM's quantized activations and output tiles, kept by the thread that calls
     /// it: at 512 tokens they are 11 MiB, whose fresh pages cost several percent of the
     /// product when allocated per call.
@@ -215,7 +219,85 @@ thread_local! {
 struct GemmScratch {
     tokens16: Option<kernels_avx512::int4_gemm::Q16Tokens>,
     tokens8: Option<kernels_avx512::int4_gemm8::Q8Tokens>,
+    bf16_tokens: Option<kernels_avx512::bf16_gemm::Bf16Tokens>,
     tiles: Vec<f32>,
+}
+
+/// Runs `f` on the calling thread's GEMM scratch (a fresh one when a nested call on the
+/// same thread holds it: rayon lets a waiting thread steal a task that calls the GEMM).
+fn with_gemm_scratch<R>(f: impl FnOnce(&mut GemmScratch) -> R) -> R {
+    GEMM_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut GemmScratch::default()),
+    })
+}
+
+/// `tiles` (`[panel][tokens][ROWS]`, the panels in row order) gathered into `y`'s
+/// token-major `[n][r]` order, tokens in parallel.
+fn gather_panel_tiles<const ROWS: usize>(
+    tiles: &[f32],
+    tile_len: usize,
+    n: usize,
+    r: usize,
+    y: &mut [f32],
+) {
+    y[..n * r]
+        .par_chunks_mut(r)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                let (first, count) = (i * ROWS, (r - i * ROWS).min(ROWS));
+                out[first..first + count].copy_from_slice(&tile[t * ROWS..t * ROWS + count]);
+            }
+        });
+}
+
+/// `y[t, i] = row(rows.start + i) . x[t]` for BF16 rows with the tokens rounded to BF16
+/// (`vdpbf16ps`, `cpu-int8` on CPUs with AVX-512 BF16): one 32-row panel per task,
+/// copied pair-major once and used for every token.
+fn bf16_dot_gemm(rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32], y: &mut [f32]) {
+    use kernels_avx512::bf16_gemm::{
+        bf16_panel_times_tokens, round_token, Bf16Panel, Bf16Tokens, PANEL_ROWS,
+    };
+    let n = x.len() / cols;
+    let r = rows.len();
+    with_gemm_scratch(|scratch| {
+        let q = match &mut scratch.bf16_tokens {
+            Some(q) => {
+                q.reshape(n, cols);
+                q
+            }
+            None => scratch.bf16_tokens.insert(Bf16Tokens::zeroed(n, cols)),
+        };
+        q.pairs
+            .par_chunks_mut(cols / 2)
+            .zip(x.par_chunks(cols))
+            .for_each(|(pairs, row)| round_token(row, pairs));
+        let q = &*q;
+        let tile_len = q.padded_tokens * PANEL_ROWS;
+        let need = r.div_ceil(PANEL_ROWS) * tile_len;
+        if scratch.tiles.len() < need {
+            scratch.tiles.resize(need, 0.0);
+        }
+        let tiles = &mut scratch.tiles[..need];
+        tiles
+            .par_chunks_mut(tile_len)
+            .enumerate()
+            .for_each(|(i, tile)| {
+                let first = rows.start + i * PANEL_ROWS;
+                let count = (rows.end - first).min(PANEL_ROWS);
+                BF16_PANEL.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    let panel = match slot.as_mut() {
+                        Some(p) if p.cols() == cols => p,
+                        _ => slot.insert(Bf16Panel::new(cols)),
+                    };
+                    panel.fill(bytes, first, count);
+                    bf16_panel_times_tokens(panel, q, tile);
+                });
+            });
+        gather_panel_tiles::<PANEL_ROWS>(tiles, tile_len, n, r, y);
+    });
 }
 
 /// A batch of tokens quantized for one of the two INT4 GEMMs.
@@ -278,15 +360,7 @@ fn int4_gemm(
     let cols = m.cols;
     let n = x.len() / cols;
     let r = rows.len();
-    GEMM_SCRATCH.with(|cell| {
-        // A thread that steals a task while it waits (rayon) may call the GEMM again with
-        // the scratch still borrowed: that call gets its own.
-        let mut own = GemmScratch::default();
-        let mut guard = cell.try_borrow_mut();
-        let scratch = match guard.as_mut() {
-            Ok(s) => &mut **s,
-            Err(_) => &mut own,
-        };
+    with_gemm_scratch(|scratch| {
         let q = if activations == Activations::Int8 {
             let q = match &mut scratch.tokens8 {
                 Some(q) => {
@@ -335,18 +409,7 @@ fn int4_gemm(
                 let count = (rows.end - first).min(PANEL_ROWS);
                 q.panel_product(m, first, count, tile);
             });
-        // Gathered into token-major order, tokens in parallel.
-        let tiles = &*tiles;
-        y[..n * r]
-            .par_chunks_mut(r)
-            .enumerate()
-            .for_each(|(t, out)| {
-                for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-                    let (first, count) = (i * PANEL_ROWS, (r - i * PANEL_ROWS).min(PANEL_ROWS));
-                    out[first..first + count]
-                        .copy_from_slice(&tile[t * PANEL_ROWS..t * PANEL_ROWS + count]);
-                }
-            });
+        gather_panel_tiles::<PANEL_ROWS>(tiles, tile_len, n, r, y);
     });
 }
 
@@ -688,7 +751,15 @@ impl CpuBackend {
                 let n = x.len() / cols;
                 let bytes = data.bytes();
                 if n >= GEMM_MIN_TOKENS {
-                    bf16_gemm(self.isa, rows, bytes, *cols, x, y);
+                    if self.activations == Activations::Int8
+                        && self.isa == Isa::Avx512Vnni
+                        && cols.is_multiple_of(2)
+                        && kernels_avx512::bf16_gemm::fast_path_available()
+                    {
+                        bf16_dot_gemm(rows, bytes, *cols, x, y);
+                    } else {
+                        bf16_gemm(self.isa, rows, bytes, *cols, x, y);
+                    }
                     return;
                 }
                 let width = cols * 2;

@@ -261,8 +261,8 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, BackendError> {
 /// A backend by name: `reference` (scalar decode, the yardstick), `cpu` (fast kernels on
 /// the best ISA of this CPU; INT4 weights against int16-quantized activations, within
 /// rounding of the reference), `cpu-f32` (INT4 dequantized to f32 in registers: the
-/// reference's numbers, slower) or `cpu-int8` (int8-quantized activations: fastest,
-/// approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
+/// reference's numbers, slower) or `cpu-int8` (int8-quantized activations for INT4 and
+/// BF16-rounded ones for BF16 batches: fastest, approximate). `:scalar`, `:avx2` or `:avx512-vnni` after any `cpu*` forces a kernel
 /// path. `cuda` (or `cuda:N`) is not a kernel set: `run`/`serve --backend cuda` put the
 /// whole model on GPU N (see `runtime`), and with a GPU profile or plan `--backend` names
 /// the host's kernels, so here it is an error saying so.
