@@ -339,7 +339,14 @@ impl GemmTokens<'_> {
                     _ => slot.insert(int4_gemm8::Panel8::new(cols)),
                 };
                 panel.fill(packed, scales, cols, first, count);
-                int4_gemm8::panel8_times_tokens(panel, q, tile);
+                // This worker's next panel is most often the following rows.
+                let next = (first + count).min(m.rows)..(first + count + 32).min(m.rows);
+                let (row_bytes, scale_bytes) = (cols / 2, cols / 16);
+                let upcoming = [
+                    &packed[next.start * row_bytes..next.end * row_bytes],
+                    &scales[next.start * scale_bytes..next.end * scale_bytes],
+                ];
+                int4_gemm8::panel8_times_tokens(panel, q, tile, &upcoming);
             }),
         }
     }
