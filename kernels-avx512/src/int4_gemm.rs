@@ -207,16 +207,19 @@ impl Panel {
 
 /// `out[t][r] = panel row r . x[t]` for every token of `x`, padding tokens included:
 /// `out` holds `[x.padded_tokens][32]` and is overwritten (so callers can reuse it).
-pub fn panel_times_tokens(panel: &Panel, x: &Q16Tokens, out: &mut [f32]) {
+/// `upcoming`: the byte ranges the caller fills next, asked into L2 meanwhile (see
+/// [`crate::int4_gemm8::panel8_times_tokens`]).
+pub fn panel_times_tokens(panel: &Panel, x: &Q16Tokens, out: &mut [f32], upcoming: &[&[u8]]) {
     assert!(
         out.len() >= x.padded_tokens * PANEL_ROWS,
         "panel output needs room for the padded tokens"
     );
     #[cfg(target_arch = "x86_64")]
     if crate::Isa::Avx512Vnni.available() {
-        unsafe { avx512::panel_times_tokens(panel, x, out) };
+        unsafe { avx512::panel_times_tokens(panel, x, out, upcoming) };
         return;
     }
+    let _ = upcoming;
     portable(panel, x, out);
 }
 
@@ -360,13 +363,19 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn panel_times_tokens(panel: &Panel, x: &Q16Tokens, out: &mut [f32]) {
+    pub unsafe fn panel_times_tokens(
+        panel: &Panel,
+        x: &Q16Tokens,
+        out: &mut [f32],
+        upcoming: &[&[u8]],
+    ) {
         let tiles = x.padded_tokens / TOKEN_TILE;
         // Each token tile runs over the whole row: the panel (at most 2 KiB per block)
         // streams from L2 in one long sequential pass that the prefetchers keep ahead of,
         // and the tile's activations pass once. (Blocking K into L1-sized chunks measured
         // slower: every chunk restarts the streams and reloads the f32 sums.)
         for tile in 0..tiles {
+            crate::prefetch_share_l2(upcoming, tile, tiles);
             let t0 = tile * TOKEN_TILE;
             let sum = out.as_mut_ptr().add(t0 * PANEL_ROWS);
             tile_kernel(panel, x, t0, sum);
@@ -519,7 +528,7 @@ mod tests {
             for first in (0..rows).step_by(PANEL_ROWS) {
                 let count = (rows - first).min(PANEL_ROWS);
                 panel.fill(&packed, &scales, cols, first, count);
-                panel_times_tokens(&panel, &q, &mut fast);
+                panel_times_tokens(&panel, &q, &mut fast, &[&packed[..64]]);
                 portable(&panel, &q, &mut plain);
                 for t in 0..tokens {
                     let (mut num, mut den, mut spread) = (0.0f64, 0.0f64, 0.0f64);

@@ -419,14 +419,7 @@ pub(crate) mod avx512 {
     ) {
         let tiles = x.padded_tokens / TOKEN_TILE;
         for tile in 0..tiles {
-            for range in upcoming {
-                // This tile's share of the range's lines, into L2.
-                let lines = range.len().div_ceil(64);
-                let (from, to) = (lines * tile / tiles, lines * (tile + 1) / tiles);
-                for line in from..to {
-                    _mm_prefetch::<_MM_HINT_T1>(range.as_ptr().wrapping_add(64 * line) as *const i8);
-                }
-            }
+            crate::prefetch_share_l2(upcoming, tile, tiles);
             let t0 = tile * TOKEN_TILE;
             tile_kernel(panel, x, t0, out.as_mut_ptr().add(t0 * PANEL_ROWS));
         }

@@ -208,6 +208,25 @@ pub(crate) fn prefetch_stream(at: *const u8) {
     }
 }
 
+/// Asks for share `part` of `parts` of each range's cache lines into L2: a GEMM spreads
+/// the next panel's weights over its token tiles this way, so the panel's fill finds them
+/// in cache (see `int4_gemm8::panel8_times_tokens`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_share_l2(ranges: &[&[u8]], part: usize, parts: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    for range in ranges {
+        let lines = range.len().div_ceil(64);
+        let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
+        for line in from..to {
+            // SAFETY: a prefetch is a hint that never faults, and the address is in the range.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(range.as_ptr().wrapping_add(64 * line) as *const i8)
+            };
+        }
+    }
+}
+
 /// Horizontal sum of 8 f32 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]

@@ -321,6 +321,14 @@ impl GemmTokens<'_> {
     fn panel_product(&self, m: &Int4Matrix, first: usize, count: usize, tile: &mut [f32]) {
         use kernels_avx512::{int4_gemm, int4_gemm8};
         let (packed, scales, cols) = (m.packed, m.scales, m.cols);
+        // This worker's next panel is most often the following rows: asked into L2
+        // while this one computes.
+        let next = (first + count).min(m.rows)..(first + count + 32).min(m.rows);
+        let (row_bytes, scale_bytes) = (cols / 2, cols / 16);
+        let upcoming = [
+            &packed[next.start * row_bytes..next.end * row_bytes],
+            &scales[next.start * scale_bytes..next.end * scale_bytes],
+        ];
         // Each worker keeps its panel between calls (half a MiB at K2's widths).
         match self {
             GemmTokens::Int16(q) => PANEL.with(|cell| {
@@ -330,7 +338,7 @@ impl GemmTokens<'_> {
                     _ => slot.insert(int4_gemm::Panel::new(cols)),
                 };
                 panel.fill(packed, scales, cols, first, count);
-                int4_gemm::panel_times_tokens(panel, q, tile);
+                int4_gemm::panel_times_tokens(panel, q, tile, &upcoming);
             }),
             GemmTokens::Int8(q) => PANEL8.with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -339,13 +347,6 @@ impl GemmTokens<'_> {
                     _ => slot.insert(int4_gemm8::Panel8::new(cols)),
                 };
                 panel.fill(packed, scales, cols, first, count);
-                // This worker's next panel is most often the following rows.
-                let next = (first + count).min(m.rows)..(first + count + 32).min(m.rows);
-                let (row_bytes, scale_bytes) = (cols / 2, cols / 16);
-                let upcoming = [
-                    &packed[next.start * row_bytes..next.end * row_bytes],
-                    &scales[next.start * scale_bytes..next.end * scale_bytes],
-                ];
                 int4_gemm8::panel8_times_tokens(panel, q, tile, &upcoming);
             }),
         }
