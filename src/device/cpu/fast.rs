@@ -317,18 +317,18 @@ impl GemmTokens<'_> {
     }
 
     /// Unpacks rows `first..first + count` of `m` into this worker's panel and writes
-    /// their products with every token to `tile` (`[padded tokens][32]`).
-    fn panel_product(&self, m: &Int4Matrix, first: usize, count: usize, tile: &mut [f32]) {
+    /// their products with every token to `tile` (`[padded tokens][32]`); `upcoming`
+    /// (the bytes this worker unpacks next) is asked into L2 meanwhile.
+    fn panel_product(
+        &self,
+        m: &Int4Matrix,
+        first: usize,
+        count: usize,
+        tile: &mut [f32],
+        upcoming: &[&[u8]],
+    ) {
         use kernels_avx512::{int4_gemm, int4_gemm8};
         let (packed, scales, cols) = (m.packed, m.scales, m.cols);
-        // This worker's next panel is most often the following rows: asked into L2
-        // while this one computes.
-        let next = (first + count).min(m.rows)..(first + count + 32).min(m.rows);
-        let (row_bytes, scale_bytes) = (cols / 2, cols / 16);
-        let upcoming = [
-            &packed[next.start * row_bytes..next.end * row_bytes],
-            &scales[next.start * scale_bytes..next.end * scale_bytes],
-        ];
         // Each worker keeps its panel between calls (half a MiB at K2's widths).
         match self {
             GemmTokens::Int16(q) => PANEL.with(|cell| {
@@ -338,7 +338,7 @@ impl GemmTokens<'_> {
                     _ => slot.insert(int4_gemm::Panel::new(cols)),
                 };
                 panel.fill(packed, scales, cols, first, count);
-                int4_gemm::panel_times_tokens(panel, q, tile, &upcoming);
+                int4_gemm::panel_times_tokens(panel, q, tile, upcoming);
             }),
             GemmTokens::Int8(q) => PANEL8.with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -347,9 +347,55 @@ impl GemmTokens<'_> {
                     _ => slot.insert(int4_gemm8::Panel8::new(cols)),
                 };
                 panel.fill(packed, scales, cols, first, count);
-                int4_gemm8::panel8_times_tokens(panel, q, tile, &upcoming);
+                int4_gemm8::panel8_times_tokens(panel, q, tile, upcoming);
             }),
         }
+    }
+}
+
+/// `x` (`[n][cols]`) quantized for the INT4 GEMM of `activations` (int8 for `Int8`, else
+/// int16) into the caller's reusable buffers, tokens in parallel.
+fn quantize_for_gemm<'s>(
+    activations: Activations,
+    x: &[f32],
+    cols: usize,
+    tokens16: &'s mut Option<kernels_avx512::int4_gemm::Q16Tokens>,
+    tokens8: &'s mut Option<kernels_avx512::int4_gemm8::Q8Tokens>,
+) -> GemmTokens<'s> {
+    use kernels_avx512::int4_gemm::{quantize_token, Q16Tokens};
+    use kernels_avx512::int4_gemm8::{quantize_token8, Q8Tokens};
+    let n = x.len() / cols;
+    if activations == Activations::Int8 {
+        let q = match tokens8 {
+            Some(q) => {
+                q.reshape(n, cols);
+                q
+            }
+            None => tokens8.insert(Q8Tokens::zeroed(n, cols)),
+        };
+        q.values
+            .par_chunks_mut(cols)
+            .zip(q.scales.par_chunks_mut(cols / 32))
+            .zip(q.offsets.par_chunks_mut(cols / 32))
+            .zip(x.par_chunks(cols))
+            .for_each(|(((values, scales), offsets), row)| {
+                quantize_token8(row, values, scales, offsets)
+            });
+        GemmTokens::Int8(&*q)
+    } else {
+        let q = match tokens16 {
+            Some(q) => {
+                q.reshape(n, cols);
+                q
+            }
+            None => tokens16.insert(Q16Tokens::zeroed(n, cols)),
+        };
+        q.values
+            .par_chunks_mut(cols)
+            .zip(q.scales.par_chunks_mut(cols / 32))
+            .zip(x.par_chunks(cols))
+            .for_each(|((values, scales), row)| quantize_token(row, values, scales));
+        GemmTokens::Int16(&*q)
     }
 }
 
@@ -363,62 +409,92 @@ fn int4_gemm(
     x: &[f32],
     y: &mut [f32],
 ) {
-    use kernels_avx512::int4_gemm::{quantize_token, Q16Tokens, PANEL_ROWS};
-    use kernels_avx512::int4_gemm8::{quantize_token8, Q8Tokens};
-    let cols = m.cols;
-    let n = x.len() / cols;
+    use kernels_avx512::int4_gemm::PANEL_ROWS;
+    let n = x.len() / m.cols;
     let r = rows.len();
     with_gemm_scratch(|scratch| {
-        let q = if activations == Activations::Int8 {
-            let q = match &mut scratch.tokens8 {
-                Some(q) => {
-                    q.reshape(n, cols);
-                    q
-                }
-                None => scratch.tokens8.insert(Q8Tokens::zeroed(n, cols)),
-            };
-            q.values
-                .par_chunks_mut(cols)
-                .zip(q.scales.par_chunks_mut(cols / 32))
-                .zip(q.offsets.par_chunks_mut(cols / 32))
-                .zip(x.par_chunks(cols))
-                .for_each(|(((values, scales), offsets), row)| {
-                    quantize_token8(row, values, scales, offsets)
-                });
-            GemmTokens::Int8(&*q)
-        } else {
-            let q = match &mut scratch.tokens16 {
-                Some(q) => {
-                    q.reshape(n, cols);
-                    q
-                }
-                None => scratch.tokens16.insert(Q16Tokens::zeroed(n, cols)),
-            };
-            q.values
-                .par_chunks_mut(cols)
-                .zip(q.scales.par_chunks_mut(cols / 32))
-                .zip(x.par_chunks(cols))
-                .for_each(|((values, scales), row)| quantize_token(row, values, scales));
-            GemmTokens::Int16(&*q)
-        };
+        let GemmScratch {
+            tokens16,
+            tokens8,
+            tiles,
+            ..
+        } = scratch;
+        let q = quantize_for_gemm(activations, x, m.cols, tokens16, tokens8);
         // One output tile per panel, [panel][padded tokens][32 rows], written in parallel
         // (each tile is overwritten whole, so the reused buffer needs no clearing).
         let tile_len = q.padded_tokens() * PANEL_ROWS;
         let need = r.div_ceil(PANEL_ROWS) * tile_len;
-        if scratch.tiles.len() < need {
-            scratch.tiles.resize(need, 0.0);
+        if tiles.len() < need {
+            tiles.resize(need, 0.0);
         }
-        let tiles = &mut scratch.tiles[..need];
+        let tiles = &mut tiles[..need];
         tiles
             .par_chunks_mut(tile_len)
             .enumerate()
             .for_each(|(i, tile)| {
                 let first = rows.start + i * PANEL_ROWS;
                 let count = (rows.end - first).min(PANEL_ROWS);
-                q.panel_product(m, first, count, tile);
+                // This worker's next panel is most often the following rows.
+                let upcoming = m.panel_bytes(first + count, PANEL_ROWS);
+                q.panel_product(m, first, count, tile, &upcoming);
             });
         gather_panel_tiles::<PANEL_ROWS>(tiles, tile_len, n, r, y);
     });
+}
+
+/// The expert's `silu(gate . x) * (up . x)` for a GEMM-sized batch (`x` is `[n][hidden]`),
+/// token-major `[n][inter]`: the tokens are quantized once for both matrices, and each
+/// task unpacks the same 32 rows of gate and of up and multiplies both with every token,
+/// applying the activation to its own tile (one pass over the activations and one
+/// parallel region, where gate and up composed take two of each and write both products
+/// out). The same integers and f32 operations as the composed form, so the same numbers.
+fn gate_up_gemm(
+    activations: Activations,
+    gate: &Int4Matrix,
+    up: &Int4Matrix,
+    x: &[f32],
+) -> Vec<f32> {
+    use kernels_avx512::int4_gemm::PANEL_ROWS;
+    let (n, inter) = (x.len() / gate.cols, gate.rows);
+    let mut h = vec![0.0f32; n * inter];
+    with_gemm_scratch(|scratch| {
+        let GemmScratch {
+            tokens16,
+            tokens8,
+            tiles,
+            ..
+        } = scratch;
+        let q = quantize_for_gemm(activations, x, gate.cols, tokens16, tokens8);
+        let tile_len = q.padded_tokens() * PANEL_ROWS;
+        let need = inter.div_ceil(PANEL_ROWS) * tile_len;
+        if tiles.len() < 2 * need {
+            tiles.resize(2 * need, 0.0);
+        }
+        let (gate_tiles, up_tiles) = tiles[..2 * need].split_at_mut(need);
+        gate_tiles
+            .par_chunks_mut(tile_len)
+            .zip(up_tiles.par_chunks_mut(tile_len))
+            .enumerate()
+            .for_each(|(i, (g, u))| {
+                let first = i * PANEL_ROWS;
+                let count = (inter - first).min(PANEL_ROWS);
+                // While gate computes, up's same rows are fetched; while up computes,
+                // gate's next rows.
+                q.panel_product(gate, first, count, g, &up.panel_bytes(first, count));
+                q.panel_product(
+                    up,
+                    first,
+                    count,
+                    u,
+                    &gate.panel_bytes(first + count, PANEL_ROWS),
+                );
+                for (g, u) in g.iter_mut().zip(u.iter()) {
+                    *g = super::kernels::silu(*g) * u;
+                }
+            });
+        gather_panel_tiles::<PANEL_ROWS>(gate_tiles, tile_len, n, inter, &mut h);
+    });
+    h
 }
 
 impl CpuKernels for CpuBackend {
@@ -458,10 +534,13 @@ impl CpuKernels for CpuBackend {
     }
 
     fn ffn_contributions(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Vec<f32> {
-        match self.ffn_fused(ffn, x, tokens) {
-            Some(c) => c,
-            None => super::kernels::ffn_composed(self, ffn, x, tokens),
+        if let Some(c) = self.ffn_fused(ffn, x, tokens) {
+            return c;
         }
+        if let Some(c) = self.on_pool(|| self.ffn_gemm(ffn, x, tokens)) {
+            return c;
+        }
+        super::kernels::ffn_composed(self, ffn, x, tokens)
     }
 
     fn ffn_accumulate(
@@ -567,6 +646,17 @@ impl<'a> Int4Matrix<'a> {
             }),
             _ => None,
         }
+    }
+
+    /// The packed values and scales of rows `first..first + count` (clipped to the
+    /// matrix; empty past its end): two contiguous ranges.
+    fn panel_bytes(&self, first: usize, count: usize) -> [&'a [u8]; 2] {
+        let rows = first.min(self.rows)..(first + count).min(self.rows);
+        let (pw, sw) = (self.cols / 2, self.cols / 32 * 2);
+        [
+            &self.packed[rows.start * pw..rows.end * pw],
+            &self.scales[rows.start * sw..rows.end * sw],
+        ]
     }
 
     /// Row `r`'s packed values and BF16 scales.
@@ -731,6 +821,30 @@ impl CpuBackend {
                 })
                 .collect()
         }))
+    }
+
+    /// The INT4 expert FFN for GEMM-sized batches: gate and up fused
+    /// ([`gate_up_gemm`]), then down through the GEMM; the composed form's numbers.
+    /// `None` where it does not apply (other formats, mismatched shapes, batches for the
+    /// row kernels).
+    fn ffn_gemm(&self, ffn: &FfnWeights, x: &[f32], tokens: &[(usize, f32)]) -> Option<Vec<f32>> {
+        let (gate, up, down) = (
+            Int4Matrix::of(&ffn.gate)?,
+            Int4Matrix::of(&ffn.up)?,
+            Int4Matrix::of(&ffn.down)?,
+        );
+        let (hidden, inter) = (gate.cols, gate.rows);
+        let shapes_agree =
+            up.rows == inter && up.cols == hidden && down.rows == hidden && down.cols == inter;
+        if !self.batched(tokens.len()) || !shapes_agree {
+            return None;
+        }
+        let xs = super::kernels::gather_rows(x, tokens, hidden);
+        let h = gate_up_gemm(self.activations, &gate, &up, &xs);
+        let mut d = vec![0.0f32; tokens.len() * hidden];
+        int4_gemm(self.activations, 0..hidden, &down, &h, &mut d);
+        super::kernels::weight_rows(&mut d, tokens);
+        Some(d)
     }
 
     /// `linear` on the current thread pool.
@@ -976,16 +1090,22 @@ mod tests {
                     (0..9).map(|t| (t, 0.1 * t as f32)).collect(),
                 ] {
                     let composed = super::super::kernels::ffn_composed(&b, &ffn, &x, &tokens);
-                    match b.ffn_fused(&ffn, &x, &tokens) {
-                        Some(fused) => {
+                    let gemm_sized = tokens.len() >= GEMM_MIN_TOKENS
+                        && isa == Isa::Avx512Vnni
+                        && act != Activations::F32;
+                    // Row-kernel batches take the fused row form, GEMM batches the fused
+                    // gate-up GEMM: exactly one applies, with the composed numbers.
+                    match (
+                        b.ffn_fused(&ffn, &x, &tokens),
+                        b.ffn_gemm(&ffn, &x, &tokens),
+                    ) {
+                        (Some(fused), None) if !gemm_sized => {
                             assert_eq!(fused, composed, "{isa:?} {act:?} {}", tokens.len())
                         }
-                        // Only batches the GEMM takes are left to the composed form.
-                        None => assert!(
-                            tokens.len() >= GEMM_MIN_TOKENS
-                                && isa == Isa::Avx512Vnni
-                                && act != Activations::F32
-                        ),
+                        (None, Some(fused)) if gemm_sized => {
+                            assert_eq!(fused, composed, "{isa:?} {act:?} {}", tokens.len())
+                        }
+                        _ => panic!("{isa:?} {act:?} {}: wrong form", tokens.len()),
                     }
                     assert_eq!(b.ffn_contributions(&ffn, &x, &tokens), composed);
                 }
