@@ -232,11 +232,11 @@ fn with_gemm_scratch<R>(f: impl FnOnce(&mut GemmScratch) -> R) -> R {
     })
 }
 
-/// `tiles` (`[panel][tokens][ROWS]`, the panels in row order) gathered into `y`'s
+/// `tiles` (`[panel][tokens][panel_rows]`, the panels in row order) gathered into `y`'s
 /// token-major `[n][r]` order, tokens in parallel.
-fn gather_panel_tiles<const ROWS: usize>(
+fn gather_panel_tiles(
     tiles: &[f32],
-    tile_len: usize,
+    (tile_len, panel_rows): (usize, usize),
     n: usize,
     r: usize,
     y: &mut [f32],
@@ -246,8 +246,10 @@ fn gather_panel_tiles<const ROWS: usize>(
         .enumerate()
         .for_each(|(t, out)| {
             for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-                let (first, count) = (i * ROWS, (r - i * ROWS).min(ROWS));
-                out[first..first + count].copy_from_slice(&tile[t * ROWS..t * ROWS + count]);
+                let first = i * panel_rows;
+                let count = (r - first).min(panel_rows);
+                out[first..first + count]
+                    .copy_from_slice(&tile[t * panel_rows..t * panel_rows + count]);
             }
         });
 }
@@ -296,7 +298,7 @@ fn bf16_dot_gemm(rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32], y: &m
                     bf16_panel_times_tokens(panel, q, tile);
                 });
             });
-        gather_panel_tiles::<PANEL_ROWS>(tiles, tile_len, n, r, y);
+        gather_panel_tiles(tiles, (tile_len, PANEL_ROWS), n, r, y);
     });
 }
 
@@ -316,8 +318,16 @@ impl GemmTokens<'_> {
         }
     }
 
+    /// Rows per panel of this GEMM.
+    fn panel_rows(&self) -> usize {
+        match self {
+            GemmTokens::Int16(_) => kernels_avx512::int4_gemm::PANEL_ROWS,
+            GemmTokens::Int8(_) => kernels_avx512::int4_gemm8::PANEL_ROWS,
+        }
+    }
+
     /// Unpacks rows `first..first + count` of `m` into this worker's panel and writes
-    /// their products with every token to `tile` (`[padded tokens][32]`); `upcoming`
+    /// their products with every token to `tile` (`[padded tokens][panel rows]`); `upcoming`
     /// (the bytes this worker unpacks next) is asked into L2 meanwhile.
     fn panel_product(
         &self,
@@ -409,7 +419,6 @@ fn int4_gemm(
     x: &[f32],
     y: &mut [f32],
 ) {
-    use kernels_avx512::int4_gemm::PANEL_ROWS;
     let n = x.len() / m.cols;
     let r = rows.len();
     with_gemm_scratch(|scratch| {
@@ -420,10 +429,11 @@ fn int4_gemm(
             ..
         } = scratch;
         let q = quantize_for_gemm(activations, x, m.cols, tokens16, tokens8);
-        // One output tile per panel, [panel][padded tokens][32 rows], written in parallel
-        // (each tile is overwritten whole, so the reused buffer needs no clearing).
-        let tile_len = q.padded_tokens() * PANEL_ROWS;
-        let need = r.div_ceil(PANEL_ROWS) * tile_len;
+        // One output tile per panel, [panel][padded tokens][panel rows], written in
+        // parallel (each tile is overwritten whole, so the reused buffer needs no clearing).
+        let panel_rows = q.panel_rows();
+        let tile_len = q.padded_tokens() * panel_rows;
+        let need = r.div_ceil(panel_rows) * tile_len;
         if tiles.len() < need {
             tiles.resize(need, 0.0);
         }
@@ -432,13 +442,13 @@ fn int4_gemm(
             .par_chunks_mut(tile_len)
             .enumerate()
             .for_each(|(i, tile)| {
-                let first = rows.start + i * PANEL_ROWS;
-                let count = (rows.end - first).min(PANEL_ROWS);
+                let first = rows.start + i * panel_rows;
+                let count = (rows.end - first).min(panel_rows);
                 // This worker's next panel is most often the following rows.
-                let upcoming = m.panel_bytes(first + count, PANEL_ROWS);
+                let upcoming = m.panel_bytes(first + count, panel_rows);
                 q.panel_product(m, first, count, tile, &upcoming);
             });
-        gather_panel_tiles::<PANEL_ROWS>(tiles, tile_len, n, r, y);
+        gather_panel_tiles(tiles, (tile_len, panel_rows), n, r, y);
     });
 }
 
@@ -454,7 +464,6 @@ fn gate_up_gemm(
     up: &Int4Matrix,
     x: &[f32],
 ) -> Vec<f32> {
-    use kernels_avx512::int4_gemm::PANEL_ROWS;
     let (n, inter) = (x.len() / gate.cols, gate.rows);
     let mut h = vec![0.0f32; n * inter];
     with_gemm_scratch(|scratch| {
@@ -465,8 +474,9 @@ fn gate_up_gemm(
             ..
         } = scratch;
         let q = quantize_for_gemm(activations, x, gate.cols, tokens16, tokens8);
-        let tile_len = q.padded_tokens() * PANEL_ROWS;
-        let need = inter.div_ceil(PANEL_ROWS) * tile_len;
+        let panel_rows = q.panel_rows();
+        let tile_len = q.padded_tokens() * panel_rows;
+        let need = inter.div_ceil(panel_rows) * tile_len;
         if tiles.len() < 2 * need {
             tiles.resize(2 * need, 0.0);
         }
@@ -476,23 +486,18 @@ fn gate_up_gemm(
             .zip(up_tiles.par_chunks_mut(tile_len))
             .enumerate()
             .for_each(|(i, (g, u))| {
-                let first = i * PANEL_ROWS;
-                let count = (inter - first).min(PANEL_ROWS);
+                let first = i * panel_rows;
+                let count = (inter - first).min(panel_rows);
                 // While gate computes, up's same rows are fetched; while up computes,
                 // gate's next rows.
                 q.panel_product(gate, first, count, g, &up.panel_bytes(first, count));
-                q.panel_product(
-                    up,
-                    first,
-                    count,
-                    u,
-                    &gate.panel_bytes(first + count, PANEL_ROWS),
-                );
+                let next = gate.panel_bytes(first + count, panel_rows);
+                q.panel_product(up, first, count, u, &next);
                 for (g, u) in g.iter_mut().zip(u.iter()) {
                     *g = super::kernels::silu(*g) * u;
                 }
             });
-        gather_panel_tiles::<PANEL_ROWS>(gate_tiles, tile_len, n, inter, &mut h);
+        gather_panel_tiles(gate_tiles, (tile_len, panel_rows), n, inter, &mut h);
     });
     h
 }
