@@ -28,6 +28,14 @@ const TOKENS_PER_CALL: usize = 8;
 /// Tokens from which INT4 products unpack 32-row panels and run the tiled GEMM instead
 /// of the row kernels: below it, unpacking costs more than it saves.
 const GEMM_MIN_TOKENS: usize = 8;
+/// Tokens from which BF16 products take the f32 GEMM (`cpu`, `cpu-f32`) instead of the
+/// row kernels: its tiles are widened to f32 and transposed once per call, which costs
+/// about as much as the product itself below ~32 tokens. Measured on the K2-geometry kit
+/// checkpoint: with the row kernels below 32, a 16-token prompt 27 -> 46 tok/s and 8
+/// concurrent decodes 24 -> 44 tok/s aggregate; with the GEMM from 32, a 32-token prompt
+/// 37 -> 47 tok/s. (The BF16-pair GEMM of `cpu-int8` copies its panels without
+/// widening and pays off from [`GEMM_MIN_TOKENS`].)
+const F32_BF16_GEMM_MIN_TOKENS: usize = 32;
 
 /// How INT4 kernels take their activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -877,16 +885,16 @@ impl CpuBackend {
             } => {
                 let n = x.len() / cols;
                 let bytes = data.bytes();
-                if n >= GEMM_MIN_TOKENS {
-                    if self.activations == Activations::Int8
-                        && self.isa == Isa::Avx512Vnni
-                        && cols.is_multiple_of(2)
-                        && kernels_avx512::bf16_gemm::fast_path_available()
-                    {
-                        bf16_dot_gemm(rows, bytes, *cols, x, y);
-                    } else {
-                        bf16_gemm(self.isa, rows, bytes, *cols, x, y);
-                    }
+                let pairs_gemm = self.activations == Activations::Int8
+                    && self.isa == Isa::Avx512Vnni
+                    && cols.is_multiple_of(2)
+                    && kernels_avx512::bf16_gemm::fast_path_available();
+                if pairs_gemm && n >= GEMM_MIN_TOKENS {
+                    bf16_dot_gemm(rows, bytes, *cols, x, y);
+                    return;
+                }
+                if !pairs_gemm && n >= F32_BF16_GEMM_MIN_TOKENS {
+                    bf16_gemm(self.isa, rows, bytes, *cols, x, y);
                     return;
                 }
                 let width = cols * 2;
@@ -994,7 +1002,7 @@ mod tests {
                 cols,
                 block: [16, 32],
             };
-            for n in [1, 8, 9, 20] {
+            for n in [1, 8, 9, 20, 33] {
                 let x: Vec<f32> = pseudo(n * cols, 3)
                     .iter()
                     .map(|&b| b as f32 / 128.0 - 1.0)
