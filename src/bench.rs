@@ -351,7 +351,7 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         4.0 * matrix / scalar_fp8,
     );
 
-    // Prefill: one 2048 x 7168 matrix (an expert's INT4 gate, a BF16 matrix) times T
+    // Prefill: one 2048 x 7168 matrix (an expert's INT4 gate, a BF16 or FP8 matrix) times T
     // tokens through each backend's GEMM; ops = 2 x rows x cols x T. Each is a share of
     // the peak of the instruction it is built on, the peaks measured in every round next
     // to the GEMMs (best of each kept); the int16 GEMM is also given as a share of the
@@ -369,8 +369,9 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
     let (int8_peak, int16_peak, bf16_peak, f32_peak) = (0, 1, 2, 3);
     let gate = &experts[0].gate;
     let dense = &bf16[0];
+    let block_fp8 = &fp8[0];
     // (name, backend, matrix, peaks it is a share of)
-    let gemms: [(&str, &CpuBackend, &LinearWeight, &[usize]); 4] = [
+    let gemms: [(&str, &CpuBackend, &LinearWeight, &[usize]); 5] = [
         (
             "INT4, int16 GEMM (cpu)",
             &default,
@@ -380,6 +381,12 @@ pub fn kernels(opts: &KernelBenchOptions) -> std::io::Result<String> {
         ("INT4, int8 GEMM (cpu-int8)", &int8, gate, &[int8_peak]),
         ("BF16, f32 GEMM (cpu)", &default, dense, &[f32_peak]),
         ("BF16, BF16 GEMM (cpu-int8)", &int8, dense, &[bf16_peak]),
+        (
+            "FP8-block, f32 GEMM (every backend)",
+            &default,
+            block_fp8,
+            &[f32_peak],
+        ),
     ];
     let token_counts = [128usize, 512, 2048];
     let inputs: Vec<Vec<f32>> = token_counts

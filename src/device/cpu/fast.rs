@@ -1,8 +1,9 @@
 //! The fast CPU backend: INT4, BF16 and FP8-block weights through the `kernels-avx512` row
 //! kernels (read in place from the mmap), rayon across rows; batches of tokens times INT4
-//! weights through the tiled GEMM, rayon across 32-row panels, and times BF16 weights
-//! through the f32 block product on tiles unpacked once; attention through the tiled
-//! kernels. Other formats (F16, F32) use the reference code. Each output row is computed
+//! weights through the tiled GEMMs (int16 or int8 activations), rayon across panels, with
+//! an expert's gate and up fused; times BF16 weights through the BF16-pair GEMM
+//! (`cpu-int8`) or the f32 block product on tiles decoded once, as FP8-block weights;
+//! attention through the tiled kernels. Other formats (F16, F32) use the reference code. Each output row is computed
 //! by one task in a fixed order, so results do not depend on the thread count.
 
 use super::kernels::{AttentionShape, CpuKernels, FfnWeights, KvView, ReferenceBackend};
@@ -28,14 +29,15 @@ const TOKENS_PER_CALL: usize = 8;
 /// Tokens from which INT4 products unpack 32-row panels and run the tiled GEMM instead
 /// of the row kernels: below it, unpacking costs more than it saves.
 const GEMM_MIN_TOKENS: usize = 8;
-/// Tokens from which BF16 products take the f32 GEMM (`cpu`, `cpu-f32`) instead of the
-/// row kernels: its tiles are widened to f32 and transposed once per call, which costs
-/// about as much as the product itself below ~32 tokens. Measured on the K2-geometry kit
-/// checkpoint: with the row kernels below 32, a 16-token prompt 27 -> 46 tok/s and 8
-/// concurrent decodes 24 -> 44 tok/s aggregate; with the GEMM from 32, a 32-token prompt
-/// 37 -> 47 tok/s. (The BF16-pair GEMM of `cpu-int8` copies its panels without
-/// widening and pays off from [`GEMM_MIN_TOKENS`].)
-const F32_BF16_GEMM_MIN_TOKENS: usize = 32;
+/// Tokens from which BF16 and FP8-block products take the f32 GEMM (`cpu`, `cpu-f32`;
+/// FP8 on every backend) instead of the row kernels: its tiles are decoded to f32 and
+/// transposed once per call, which costs about as much as the product itself below ~32
+/// tokens. Measured on the K2-geometry kit checkpoint (BF16): with the row kernels below
+/// 32, a 16-token prompt 27 -> 46 tok/s and 8 concurrent decodes 24 -> 44 tok/s
+/// aggregate; with the GEMM from 32, a 32-token prompt 37 -> 47 tok/s. For FP8 the GEMM
+/// runs at 3x the row kernels from 128 tokens (`bench kernels`). (The BF16-pair GEMM of
+/// `cpu-int8` copies its panels without widening and pays off from [`GEMM_MIN_TOKENS`].)
+const F32_GEMM_MIN_TOKENS: usize = 32;
 
 /// How INT4 kernels take their activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,38 +159,46 @@ fn token_major(by_row: &[f32], rows: usize, n: usize, y: &mut [f32]) {
     }
 }
 
-/// Output rows per BF16 GEMM tile (its weights unpacked to f32, transposed, once).
-const BF16_TILE_ROWS: usize = 64;
-/// Tokens per BF16 GEMM task.
-const BF16_TILE_TOKENS: usize = 128;
+/// Output rows per f32 GEMM tile (its weights decoded to f32, transposed, once).
+const DENSE_TILE_ROWS: usize = 64;
+/// Tokens per f32 GEMM task.
+const DENSE_TILE_TOKENS: usize = 128;
 
-/// `y[t, i] = row(rows.start + i) · x[t]` for BF16 rows (`cols` wide, in `bytes`) and a
-/// batch of tokens: each tile of rows is unpacked once to f32 as columns and multiplied
-/// with blocks of tokens through the register-blocked f32 product, which reads every
-/// weight once per block of tokens instead of once per few tokens. The products are
-/// exact in f32 and summed in column order.
-fn bf16_gemm(isa: Isa, rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32], y: &mut [f32]) {
+/// `y[t, i] = row(rows.start + i) · x[t]` for dense rows (BF16, FP8-block) and a batch of
+/// tokens: each tile of rows is decoded once to f32 (`decode_row(row, out)` writes one
+/// row of `cols` values) as columns and multiplied with blocks of tokens through the
+/// register-blocked f32 product, which reads every weight once per block of tokens
+/// instead of once per few tokens. The products are exact in f32 and summed in column
+/// order.
+fn dense_gemm(
+    isa: Isa,
+    rows: Range<usize>,
+    cols: usize,
+    decode_row: impl Fn(usize, &mut [f32]) + Sync,
+    x: &[f32],
+    y: &mut [f32],
+) {
     use kernels_avx512::attention::gemm_acc;
     let n = x.len() / cols;
     let r = rows.len();
     let tiles: Vec<(usize, Vec<f32>)> = (rows.start..rows.end)
-        .step_by(BF16_TILE_ROWS)
+        .step_by(DENSE_TILE_ROWS)
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|first| {
-            let w = (rows.end - first).min(BF16_TILE_ROWS);
+            let w = (rows.end - first).min(DENSE_TILE_ROWS);
             // [cols][w]: column j holds weight row first + j.
             let mut packed = vec![0.0f32; cols * w];
+            let mut row = vec![0.0f32; cols];
             for j in 0..w {
-                let row = &bytes[(first + j) * cols * 2..(first + j + 1) * cols * 2];
-                for (p, b) in row.chunks_exact(2).enumerate() {
-                    packed[p * w + j] =
-                        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                decode_row(first + j, &mut row);
+                for (p, &v) in row.iter().enumerate() {
+                    packed[p * w + j] = v;
                 }
             }
             let mut out = vec![0.0f32; n * w];
-            out.par_chunks_mut(BF16_TILE_TOKENS * w)
-                .zip(x.par_chunks(BF16_TILE_TOKENS * cols))
+            out.par_chunks_mut(DENSE_TILE_TOKENS * w)
+                .zip(x.par_chunks(DENSE_TILE_TOKENS * cols))
                 .for_each(|(o, xs)| {
                     gemm_acc(isa, (xs.len() / cols, w, cols), xs, cols, &packed, w, o, w);
                 });
@@ -893,8 +903,15 @@ impl CpuBackend {
                     bf16_dot_gemm(rows, bytes, *cols, x, y);
                     return;
                 }
-                if !pairs_gemm && n >= F32_BF16_GEMM_MIN_TOKENS {
-                    bf16_gemm(self.isa, rows, bytes, *cols, x, y);
+                if !pairs_gemm && n >= F32_GEMM_MIN_TOKENS {
+                    let width = cols * 2;
+                    let decode = |row: usize, out: &mut [f32]| {
+                        kernels_avx512::scalar::decode_bf16(
+                            &bytes[row * width..(row + 1) * width],
+                            out,
+                        )
+                    };
+                    dense_gemm(self.isa, rows, *cols, decode, x, y);
                     return;
                 }
                 let width = cols * 2;
@@ -910,6 +927,22 @@ impl CpuBackend {
             }
             LinearWeight::Fp8 { cols, .. } => {
                 let n = x.len() / cols;
+                if n >= F32_GEMM_MIN_TOKENS {
+                    let decode = |row: usize, out: &mut [f32]| match w.fp8_row(row) {
+                        Some((bytes, scale_inv_row, block_cols)) => {
+                            kernels_avx512::fp8::decode_row(
+                                self.isa,
+                                bytes,
+                                scale_inv_row,
+                                block_cols,
+                                out,
+                            )
+                        }
+                        None => out.fill(0.0),
+                    };
+                    dense_gemm(self.isa, rows, *cols, decode, x, y);
+                    return;
+                }
                 let xs: Vec<&[f32]> = x.chunks_exact(*cols).collect();
                 rows_parallel(rows, n, y, |row, tokens, out| {
                     if let Some((bytes, scale_inv_row, block_cols)) = w.fp8_row(row) {
