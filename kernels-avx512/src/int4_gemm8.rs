@@ -229,7 +229,7 @@ impl Panel8 {
 ///
 /// `upcoming` names the bytes the caller fills next (the following panel's packed rows
 /// and scales, each one contiguous range): they are asked into L2 a share per token tile
-/// while this panel computes, so that fill finds them in cache instead of waiting on 32
+/// while this panel computes, so that fill finds them in cache instead of waiting on its
 /// DRAM streams at once (the fill took a quarter of the product's time at 64 tokens per
 /// expert without it).
 pub fn panel8_times_tokens(panel: &Panel8, x: &Q8Tokens, out: &mut [f32], upcoming: &[&[u8]]) {
@@ -335,7 +335,7 @@ pub(crate) mod avx512 {
     ) {
         let (row_bytes, blocks) = (cols / 2, cols / 32);
         let nibble = _mm_set1_epi8(0x0f);
-        // The rows come from DRAM and are read 16 bytes per row per block across 32 rows:
+        // The rows come from DRAM and are read 16 bytes per row per block across 64 rows:
         // more streams than the hardware prefetchers follow, so every line was a demand
         // miss (the fill took as long as the product at 64 tokens per expert). Hints ask
         // for each row's lines PREFETCH_LINES ahead, and for the scales before they are

@@ -428,8 +428,8 @@ fn quantize_for_gemm<'s>(
 }
 
 /// `y[t, i] = row(rows.start + i) . x[t]` through the tiled INT4 GEMM of `activations`
-/// (int16 unless `Int8`): one 32-row panel per task, unpacked once and used for every
-/// token.
+/// (int16 unless `Int8`): one panel of rows (32 for int16, 64 for int8) per task,
+/// unpacked once and used for every token.
 fn int4_gemm(
     activations: Activations,
     rows: Range<usize>,
@@ -472,7 +472,7 @@ fn int4_gemm(
 
 /// The expert's `silu(gate . x) * (up . x)` for a GEMM-sized batch (`x` is `[n][hidden]`),
 /// token-major `[n][inter]`: the tokens are quantized once for both matrices, and each
-/// task unpacks the same 32 rows of gate and of up and multiplies both with every token,
+/// task unpacks the same panel of rows of gate and of up and multiplies both with every token,
 /// applying the activation to its own tile (one pass over the activations and one
 /// parallel region, where gate and up composed take two of each and write both products
 /// out). The same integers and f32 operations as the composed form, so the same numbers.
