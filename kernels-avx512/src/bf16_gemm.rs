@@ -326,12 +326,7 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (*seed >> 33) as u32
-    }
+    use crate::test_support::lcg_u32 as lcg;
 
     #[test]
     fn rounding_is_to_nearest_even_and_fast_equals_portable() {

@@ -450,12 +450,7 @@ mod tests {
     use super::*;
     use crate::scalar::{decode_int4_row, dot};
 
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (*seed >> 33) as u32
-    }
+    use crate::test_support::lcg_u32 as lcg;
 
     #[test]
     fn fast_quantization_equals_portable() {

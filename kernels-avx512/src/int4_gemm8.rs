@@ -187,31 +187,41 @@ impl Panel8 {
         #[cfg(target_arch = "x86_64")]
         if crate::Isa::Avx512Vnni.available() {
             unsafe { avx512::fill(self, packed, scales, cols, first, count) };
-            return;
+        } else {
+            self.fill_portable(packed, cols, first, count);
         }
-        self.fill_portable(packed, scales, cols, first, count);
+        #[cfg(not(target_arch = "x86_64"))]
+        self.fill_portable(packed, cols, first, count);
+        self.fill_scales(scales, cols, first, count);
     }
 
-    fn fill_portable(
-        &mut self,
-        packed: &[u8],
-        scales: &[u8],
-        cols: usize,
-        first: usize,
-        count: usize,
-    ) {
+    /// The f32 weight scales of rows `first..first + count` (missing rows zero), converted
+    /// after the weights so the fast fill's prefetches of them have landed.
+    fn fill_scales(&mut self, scales: &[u8], cols: usize, first: usize, count: usize) {
+        let blocks = cols / 32;
+        for r in 0..PANEL_ROWS {
+            for b in 0..blocks {
+                self.scales[b * PANEL_ROWS + r] = if r < count {
+                    crate::formats::bf16_at(scales, (first + r) * blocks + b)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
+    /// The weights of [`Panel8::fill`] in plain code.
+    fn fill_portable(&mut self, packed: &[u8], cols: usize, first: usize, count: usize) {
         let (row_bytes, blocks) = (cols / 2, cols / 32);
         for r in 0..PANEL_ROWS {
             for b in 0..blocks {
                 if r >= count {
-                    self.scales[b * PANEL_ROWS + r] = 0.0;
                     for k in 0..8 {
                         self.set_quad(b, k, r, [0; 4]);
                     }
                     continue;
                 }
                 let row = first + r;
-                self.scales[b * PANEL_ROWS + r] = crate::formats::bf16_at(scales, row * blocks + b);
                 let bytes = &packed[row * row_bytes + b * 16..row * row_bytes + b * 16 + 16];
                 for k in 0..8 {
                     let shift = if k < 4 { 0 } else { 4 };
@@ -321,9 +331,9 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// [`Panel8::fill`]: each row's 16 bytes of a block become 8 dwords (low nibbles of
-    /// bytes 0..16, then high nibbles); 8 rows at a time are transposed so each quad's
-    /// dwords of 16 rows form one line.
+    /// The weights of [`Panel8::fill`] (`scales` only prefetched): each row's 16 bytes of
+    /// a block become 8 dwords (low nibbles of bytes 0..16, then high nibbles); 8 rows at a
+    /// time are transposed so each quad's dwords of 16 rows form one line.
     #[target_feature(enable = "avx512f,avx512bw,avx2")]
     pub unsafe fn fill(
         panel: &mut Panel8,
@@ -382,15 +392,6 @@ pub(crate) mod avx512 {
                     let at = lines.add((b * LINES_PER_BLOCK + VECS * k + half) * 64);
                     _mm512_store_si512(at as *mut _, line);
                 }
-            }
-        }
-        for r in 0..PANEL_ROWS {
-            for b in 0..blocks {
-                panel.scales[b * PANEL_ROWS + r] = if r < count {
-                    crate::formats::bf16_at(scales, (first + r) * blocks + b)
-                } else {
-                    0.0
-                };
             }
         }
     }
@@ -507,12 +508,7 @@ mod tests {
     use super::*;
     use crate::scalar::{decode_int4_row, dot};
 
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (*seed >> 33) as u32
-    }
+    use crate::test_support::lcg_u32 as lcg;
 
     #[test]
     fn fast_quantization_equals_portable() {
@@ -556,7 +552,8 @@ mod tests {
             a.lines.fill(Line([7; 64]));
             b.lines.fill(Line([9; 64]));
             a.fill(&packed, &scales, cols, first, count);
-            b.fill_portable(&packed, &scales, cols, first, count);
+            b.fill_portable(&packed, cols, first, count);
+            b.fill_scales(&scales, cols, first, count);
             assert_eq!(a.lines, b.lines);
             let bits = |p: &Panel8| p.scales.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b));

@@ -24,6 +24,14 @@ pub use formats::{bf16_to_f32, f16_to_f32, fp8_e4m3_to_f32};
 /// Helpers shared by the kernel tests: a seeded generator, INT4 rows, relative L2 error.
 #[cfg(test)]
 pub(crate) mod test_support {
+    /// Pseudo-random u32 (the high bits of one LCG step).
+    pub fn lcg_u32(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
     /// Pseudo-random f32 in [-1, 1).
     pub fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

@@ -282,13 +282,10 @@ fn bf16_dot_gemm(rows: Range<usize>, bytes: &[u8], cols: usize, x: &[f32], y: &m
     let n = x.len() / cols;
     let r = rows.len();
     with_gemm_scratch(|scratch| {
-        let q = match &mut scratch.bf16_tokens {
-            Some(q) => {
-                q.reshape(n, cols);
-                q
-            }
-            None => scratch.bf16_tokens.insert(Bf16Tokens::zeroed(n, cols)),
-        };
+        let q = scratch
+            .bf16_tokens
+            .get_or_insert_with(|| Bf16Tokens::zeroed(n, cols));
+        q.reshape(n, cols);
         q.pairs
             .par_chunks_mut(cols / 2)
             .zip(x.par_chunks(cols))
@@ -394,13 +391,8 @@ fn quantize_for_gemm<'s>(
     use kernels_avx512::int4_gemm8::{quantize_token8, Q8Tokens};
     let n = x.len() / cols;
     if activations == Activations::Int8 {
-        let q = match tokens8 {
-            Some(q) => {
-                q.reshape(n, cols);
-                q
-            }
-            None => tokens8.insert(Q8Tokens::zeroed(n, cols)),
-        };
+        let q = tokens8.get_or_insert_with(|| Q8Tokens::zeroed(n, cols));
+        q.reshape(n, cols);
         q.values
             .par_chunks_mut(cols)
             .zip(q.scales.par_chunks_mut(cols / 32))
@@ -411,13 +403,8 @@ fn quantize_for_gemm<'s>(
             });
         GemmTokens::Int8(&*q)
     } else {
-        let q = match tokens16 {
-            Some(q) => {
-                q.reshape(n, cols);
-                q
-            }
-            None => tokens16.insert(Q16Tokens::zeroed(n, cols)),
-        };
+        let q = tokens16.get_or_insert_with(|| Q16Tokens::zeroed(n, cols));
+        q.reshape(n, cols);
         q.values
             .par_chunks_mut(cols)
             .zip(q.scales.par_chunks_mut(cols / 32))
